@@ -1,0 +1,347 @@
+"""Stage 2, check: a parsed spec -> a `Network` whose every size is derived and checked.
+
+All problems are collected (not only the first) and raised together as `SpecErrors`,
+each pointing at the line and column of the offending layer or option.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import Diagnostic, SpecErrors
+from .layers import COMMON_OPTIONS, REGISTRY, Layer, Shape, did_you_mean, fmt_shape
+from .spec import Node, parse_text, read_spec_text
+
+IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+MAX_NAME = 48
+MAX_ELEMENTS = 2**31 - 1  # no tensor may hold more (C indexes within a sample with int)
+DEFAULT_MEMORY_BUDGET = 16 * 2**30  # bytes of training memory at batch size 1
+LOSSES = ("cross_entropy", "mse")
+TOP_KEYS = ("name", "input", "layers", "loss", "train")
+# Defaults for `netc train`; the spec's optional `train:` section may override them.
+TRAIN_KEYS: dict[str, tuple[str, Any]] = {
+    "epochs": ("int", 10),
+    "batch_size": ("int", 64),
+    "optimizer": ("choice", "adam"),
+    "lr": ("float", 1e-3),
+    "momentum": ("float", 0.9),
+    "weight_decay": ("float", 0.0),
+    "seed": ("int", 0),
+    "val_split": ("float", 0.0),
+    "mean": ("float", None),
+    "std": ("float", None),
+}
+OPTIMIZERS = ("sgd", "momentum", "adam")
+C_RESERVED = set(
+    """auto break case char const continue default do double else enum extern float for goto if
+    inline int long register restrict return short signed sizeof static struct switch typedef union
+    unsigned void volatile while _Bool _Complex _Imaginary main real_t size_t int32_t int64_t uint32_t
+    uint64_t float_t double_t errno""".split()
+)
+
+
+@dataclass
+class Network:
+    """A checked network: everything later stages need, nothing they must recompute."""
+
+    name: str
+    file: str
+    source: str  # the spec text, for the hash
+    input_shape: Shape
+    layers: list[Layer]
+    loss: str
+    train: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output_shape(self) -> Shape:
+        return self.layers[-1].out_shape
+
+    @property
+    def num_classes(self) -> int:
+        return math.prod(self.output_shape)
+
+    @property
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+
+    def param_shapes(self) -> dict[str, Shape]:
+        """`layer.param` -> shape, in layer order (PyTorch names and layouts)."""
+        return {f"{l.name}.{k}": s for l in self.layers for k, s in l.param_shapes().items()}
+
+    def buffer_shapes(self) -> dict[str, Shape]:
+        return {f"{l.name}.{k}": s for l in self.layers for k, s in l.buffer_shapes().items()}
+
+    @property
+    def total_params(self) -> int:
+        return sum(l.params for l in self.layers)
+
+
+class _Checker:
+    def __init__(self, file: str):
+        self.file = file
+        self.diags: list[Diagnostic] = []
+
+    def error(self, node: Node, message: str, at_key: bool = False) -> None:
+        line, col = (node.key_line, node.key_col) if at_key and node.key_line else (node.line, node.col)
+        self.diags.append(Diagnostic(self.file, line, col, message))
+
+    # ---- top level --------------------------------------------------------------------
+    def run(self, root: Node, source: str, memory_budget: int) -> Network:
+        if not isinstance(root.value, dict):
+            self.error(root, "a spec is a mapping with 'input', 'layers' and 'loss'")
+            raise SpecErrors(self.diags)
+        top = root.value
+        for key, node in top.items():
+            if key not in TOP_KEYS:
+                self.error(node, f"unknown key '{key}'{did_you_mean(key, list(TOP_KEYS))}; "
+                                 f"expected one of {', '.join(TOP_KEYS)}", at_key=True)
+        name = self.net_name(top.get("name"))
+        input_shape = self.input_shape(root, top.get("input"))
+        loss = self.loss(root, top.get("loss"))
+        train = self.train_section(top.get("train"))
+        layers = self.layers(root, top.get("layers"), input_shape, name)
+        if layers and all(l.out_shape is not None for l in layers):
+            self.check_loss_output(top.get("loss") or root, loss, layers[-1])
+            self.check_budget(root, name, layers, memory_budget)
+        if self.diags:
+            raise SpecErrors(self.diags)
+        return Network(name, self.file, source, input_shape, layers, loss, train)
+
+    def net_name(self, node: Node | None) -> str:
+        if node is None:
+            stem = re.sub(r"[^A-Za-z0-9_]", "_", Path(self.file).stem) or "net"
+            return stem if IDENT.match(stem) else "net_" + stem
+        if not isinstance(node.value, str) or not IDENT.match(node.value):
+            self.error(node, f"name {_show(node.value)} is not a C identifier ([A-Za-z_][A-Za-z0-9_]*)")
+        elif node.value in C_RESERVED or len(node.value) > MAX_NAME:
+            self.error(node, f"name '{node.value}' is reserved in C or longer than {MAX_NAME} characters")
+        return node.value if isinstance(node.value, str) else "net"
+
+    def input_shape(self, root: Node, node: Node | None) -> Shape | None:
+        if node is None:
+            self.error(root, "missing 'input': the shape of one sample, e.g. input: [1, 28, 28] (channels, "
+                             "height, width) or input: [784]")
+            return None
+        dims = node.value
+        if not isinstance(dims, list) or len(dims) not in (1, 3):
+            self.error(node, f"'input' must be [channels, height, width] or [features], got {_show(node.plain())}")
+            return None
+        out = []
+        for d in dims:
+            if isinstance(d.value, bool) or not isinstance(d.value, int):
+                self.error(d, f"input size must be an integer, got {_show(d.value)}")
+                return None
+            if d.value <= 0:
+                self.error(d, f"input size must be positive, got {d.value}")
+                return None
+            out.append(d.value)
+        if math.prod(out) > MAX_ELEMENTS:
+            self.error(node, f"input {fmt_shape(tuple(out))} has {math.prod(out):,} elements; at most "
+                             f"{MAX_ELEMENTS:,} per tensor")
+            return None
+        return tuple(out)
+
+    def loss(self, root: Node, node: Node | None) -> str:
+        if node is None:
+            self.error(root, f"missing 'loss': one of {', '.join(LOSSES)}")
+            return "cross_entropy"
+        if node.value not in LOSSES:
+            hint = did_you_mean(node.value, list(LOSSES)) if isinstance(node.value, str) else ""
+            self.error(node, f"unknown loss {_show(node.value)}{hint}; expected one of {', '.join(LOSSES)}")
+            return "cross_entropy"
+        return node.value
+
+    def check_loss_output(self, node: Node, loss: str, last: Layer) -> None:
+        if loss == "cross_entropy" and len(last.out_shape) != 1:
+            self.error(node, f"loss cross_entropy needs 1-D logits, but the last layer {last.where()} outputs "
+                             f"{fmt_shape(last.out_shape)}: add flatten and/or linear layers")
+        elif loss == "cross_entropy" and last.out_shape[0] < 2:
+            self.error(node, "loss cross_entropy needs at least 2 classes, the last layer outputs 1")
+
+    def train_section(self, node: Node | None) -> dict[str, Any]:
+        if node is None:
+            return {}
+        if not isinstance(node.value, dict):
+            self.error(node, "'train' must be a mapping, e.g. train: {epochs: 10, lr: 0.001}")
+            return {}
+        out: dict[str, Any] = {}
+        for key, v in node.value.items():
+            if key not in TRAIN_KEYS:
+                self.error(v, f"unknown train option '{key}'{did_you_mean(key, list(TRAIN_KEYS))}; expected one of "
+                              f"{', '.join(TRAIN_KEYS)}", at_key=True)
+                continue
+            kind = TRAIN_KEYS[key][0]
+            val = v.value
+            if kind == "int" and (isinstance(val, bool) or not isinstance(val, int) or val < (0 if key == "seed" else 1)):
+                self.error(v, f"train option '{key}' must be a positive integer, got {_show(val)}")
+            elif kind == "float" and (isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val)
+                                      or val < 0):
+                self.error(v, f"train option '{key}' must be a non-negative number, got {_show(val)}")
+            elif kind == "choice" and val not in OPTIMIZERS:
+                hint = did_you_mean(val, list(OPTIMIZERS)) if isinstance(val, str) else ""
+                self.error(v, f"train option 'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {_show(val)}{hint}")
+            else:
+                out[key] = float(val) if kind == "float" else val
+        if "val_split" in out and not out["val_split"] < 1:
+            self.error(node.value["val_split"], "train option 'val_split' must be below 1")
+        return out
+
+    # ---- layers -----------------------------------------------------------------------
+    def layers(self, root: Node, node: Node | None, input_shape: Shape | None, net_name: str) -> list[Layer]:
+        if node is None:
+            self.error(root, "missing 'layers': a list of layers, e.g. - conv2d: {out_channels: 6, kernel_size: 5}")
+            return []
+        if not isinstance(node.value, list) or not node.value:
+            self.error(node, "'layers' must be a non-empty list")
+            return []
+        layers: list[Layer] = []
+        counts: dict[str, int] = {}
+        for i, entry in enumerate(node.value):
+            layer = self.layer(i, entry, counts)
+            if layer is not None:
+                layers.append(layer)
+        if len(layers) != len(node.value):
+            return layers  # a malformed entry: shapes after it would be guesses
+        self.names(layers, net_name)
+        shape = input_shape
+        for layer in layers:
+            if shape is None:
+                break
+            layer.in_shape = shape
+            shape = self.infer(layer, shape)
+        return layers
+
+    def layer(self, index: int, entry: Node, counts: dict[str, int]) -> Layer | None:
+        if isinstance(entry.value, str):
+            kind_name, opts_node = entry.value, Node({}, entry.line, entry.col)
+        elif isinstance(entry.value, dict) and len(entry.value) == 1:
+            kind_name, opts_node = next(iter(entry.value.items()))
+            if opts_node.value is None:
+                opts_node = Node({}, opts_node.line, opts_node.col)
+            elif not isinstance(opts_node.value, dict):
+                self.error(opts_node, f"options of '{kind_name}' must be a mapping, e.g. "
+                                      f"{kind_name}: {{...}}, got {_show(opts_node.plain())}")
+                return None
+        else:
+            self.error(entry, "a layer is a kind (e.g. '- relu') or a one-key mapping "
+                              "(e.g. '- conv2d: {out_channels: 6, kernel_size: 5}')")
+            return None
+        kind = REGISTRY.get(kind_name)
+        if kind is None:
+            self.error(entry, f"unknown layer kind {_show(kind_name)}{did_you_mean(str(kind_name), list(REGISTRY))}")
+            return None
+        counts[kind.prefix] = counts.get(kind.prefix, 0) + 1
+        known = [o.name for o in kind.options] + [o.name for o in COMMON_OPTIONS]
+        opts: dict[str, Any] = {}
+        ok = True
+        for key, vnode in opts_node.value.items():
+            if key not in known:
+                self.error(vnode, f"{kind_name}: unknown option '{key}'{did_you_mean(key, known)}; "
+                                  f"options are {', '.join(known)}", at_key=True)
+                ok = False
+        for opt in kind.options:
+            vnode = opts_node.value.get(opt.name)
+            if vnode is None:
+                if opt.required:
+                    self.error(entry, f"{kind_name}: missing required option '{opt.name}' ({opt.doc})")
+                    ok = False
+                opts[opt.name] = None if opt.required or opt.default is None else opt.parse(opt.default)
+                continue
+            try:
+                opts[opt.name] = opt.parse(vnode.value if not isinstance(vnode.value, list) else vnode.plain())
+            except Exception as exc:  # OptionError
+                self.error(vnode, f"{kind_name}: {exc}")
+                ok = False
+        name_node = opts_node.value.get("name")
+        name = f"{kind.prefix}{counts[kind.prefix]}"
+        if name_node is not None:
+            name = name_node.value
+            if not isinstance(name, str) or not IDENT.match(name):
+                self.error(name_node, f"{kind_name}: layer name {_show(name)} is not a C identifier "
+                                      f"([A-Za-z_][A-Za-z0-9_]*)")
+                ok = False
+            elif name in C_RESERVED or len(name) > MAX_NAME:
+                self.error(name_node, f"{kind_name}: layer name '{name}' is reserved in C or longer than "
+                                      f"{MAX_NAME} characters")
+                ok = False
+        expect_node = opts_node.value.get("expect")
+        layer = Layer(index, kind, str(name), opts, entry, dict(opts_node.value))
+        if expect_node is not None:
+            try:
+                layer.derived["expect"] = COMMON_OPTIONS[1].parse(expect_node.plain())
+            except Exception as exc:
+                self.error(expect_node, f"{kind_name}: {exc}")
+                ok = False
+        return layer if ok else None
+
+    def names(self, layers: list[Layer], net_name: str) -> None:
+        seen: dict[str, Layer] = {}
+        for layer in layers:
+            node = layer.option_nodes.get("name", layer.node)
+            if layer.name in seen:
+                first = seen[layer.name]
+                self.error(node, f"duplicate layer name '{layer.name}' (also layer {first.index + 1}, "
+                                 f"line {first.line})")
+            elif layer.name == net_name:
+                self.error(node, f"layer name '{layer.name}' is the network's name; choose another")
+            seen.setdefault(layer.name, layer)
+
+    def infer(self, layer: Layer, shape: Shape) -> Shape | None:
+        failed = False
+
+        def error(message: str, option: str | None) -> None:
+            nonlocal failed
+            failed = True
+            self.error(layer.option_nodes.get(option, layer.node) if option else layer.node, message)
+
+        out = layer.kind.infer(layer, shape, error)
+        if failed or out is None:
+            return None
+        layer.out_shape = out
+        expect = layer.derived.get("expect")
+        if expect is not None and tuple(expect) != out:
+            self.error(layer.option_nodes["expect"], f"{layer.where()}: expected output {fmt_shape(expect)}, "
+                                                     f"but it is {fmt_shape(out)} ({_explain(layer)})")
+        for what, size in [("output", math.prod(out))] + [(f"parameter '{k}'", math.prod(s))
+                                                           for k, s in layer.param_shapes().items()]:
+            if size > MAX_ELEMENTS:
+                self.error(layer.node, f"{layer.where()}: {what} has {size:,} elements; at most "
+                                       f"{MAX_ELEMENTS:,} per tensor")
+                layer.out_shape = None
+                return None
+        return out
+
+    def check_budget(self, root: Node, name: str, layers: list[Layer], budget: int) -> None:
+        from .report import training_memory
+
+        need = training_memory(layers, batch_size=1)["total_bytes"]
+        if need > budget:
+            self.error(root, f"network '{name}' needs {need / 2**30:.1f} GiB to train one sample, over the "
+                             f"memory budget of {budget / 2**30:.1f} GiB (--memory-budget)")
+
+
+def _explain(layer: Layer) -> str:
+    return f"from input {fmt_shape(layer.in_shape)}"
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, str):
+        return f"'{v}'"
+    if v is None:
+        return "nothing"
+    return repr(v)
+
+
+def check_text(text: str, file: str = "<spec>", memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Network:
+    """Parse and check spec text; raise `SpecErrors` listing every problem."""
+    root = parse_text(text, file)
+    return _Checker(file).run(root, text, memory_budget)
+
+
+def load(path: str | Path, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Network:
+    """Parse and check a spec file; raise `SpecErrors` listing every problem."""
+    return check_text(read_spec_text(path), str(path), memory_budget)

@@ -1,0 +1,45 @@
+"""Error types shared by every stage of the pipeline.
+
+`NetcError` is what the CLI catches and prints as `error: ...` (exit status 1, no
+traceback).  `SpecErrors` carries the compiler-style diagnostics of a spec file, all of
+them, each with file, line and column.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class NetcError(Exception):
+    """A user-facing error: its message is printed as is, without a traceback."""
+
+
+class DataError(NetcError, ValueError):
+    """A data file (IDX, npz, image) is missing, malformed or does not fit the spec."""
+
+
+class WeightsError(NetcError, ValueError):
+    """A weights or checkpoint file is corrupt or does not fit the spec."""
+
+
+class BuildError(NetcError):
+    """The C compiler failed on generated code."""
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    file: str
+    line: int  # 1-based
+    col: int  # 1-based
+    message: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}: {self.severity}: {self.message}"
+
+
+class SpecErrors(NetcError):
+    """One or more diagnostics for a spec file."""
+
+    def __init__(self, diagnostics: list[Diagnostic]):
+        self.diagnostics = list(diagnostics)
+        super().__init__("\n".join(str(d) for d in self.diagnostics))

@@ -1,0 +1,254 @@
+"""The layer interface and the declarative option parser every layer kind shares.
+
+A layer kind is one class (one module under `netcompiler/layers/`) that declares
+- its options (name, type, PyTorch default, doc),
+- its shape rule, parameter and buffer shapes, MACs and FLOPs,
+- the template that renders its C, and the numbers that template needs,
+- the equivalent PyTorch module (for tests and `netc verify`).
+The registry in `netcompiler/layers/__init__.py` collects the kinds; nothing else in the
+compiler switches on a kind's name.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from ..spec import Node
+
+Shape = tuple[int, ...]
+REQUIRED = object()
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def fmt_shape(shape: Shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+class OptionError(Exception):
+    """Raised by an option parser; the checker turns it into a located diagnostic."""
+
+
+def _int(v: Any, what: str, minimum: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise OptionError(f"{what} must be an integer, got {_show(v)}")
+    if v < minimum:
+        raise OptionError(f"{what} must be >= {minimum}, got {v}")
+    return v
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, str):
+        return f"'{v}'"
+    if v is None:
+        return "nothing"
+    return repr(v)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a layer kind: its parser, PyTorch default and documentation."""
+
+    name: str
+    kind: str  # int | pair | bool | float | choice | padding | shape
+    default: Any = REQUIRED
+    doc: str = ""
+    minimum: float = 1
+    maximum: float = math.inf
+    choices: tuple[str, ...] = ()
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def parse(self, v: Any) -> Any:
+        what = f"'{self.name}'"
+        if self.kind == "int":
+            return _int(v, what, int(self.minimum))
+        if self.kind == "pair":
+            if isinstance(v, list):
+                if len(v) != 2:
+                    raise OptionError(f"{what} must be an integer or a pair [h, w], got a list of {len(v)}")
+                return (_int(v[0], what, int(self.minimum)), _int(v[1], what, int(self.minimum)))
+            n = _int(v, what, int(self.minimum))
+            return (n, n)
+        if self.kind == "padding":  # conv padding: int, pair, 'same' or 'valid'
+            if isinstance(v, str):
+                if v in ("same", "valid"):
+                    return v
+                raise OptionError(f"{what} must be an integer, a pair, 'same' or 'valid', got '{v}'"
+                                  + did_you_mean(v, ["same", "valid"]))
+            return Option(self.name, "pair", minimum=0).parse(v)
+        if self.kind == "bool":
+            if not isinstance(v, bool):
+                raise OptionError(f"{what} must be true or false, got {_show(v)}")
+            return v
+        if self.kind == "float":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise OptionError(f"{what} must be a number, got {_show(v)}")
+            if not (self.minimum <= v <= self.maximum):
+                raise OptionError(f"{what} must be in [{self.minimum}, {self.maximum}], got {v}")
+            return float(v)
+        if self.kind == "choice":
+            if v not in self.choices:
+                hint = did_you_mean(v, list(self.choices)) if isinstance(v, str) else ""
+                raise OptionError(f"{what} must be one of {', '.join(self.choices)}; got {_show(v)}{hint}")
+            return v
+        if self.kind == "shape":
+            if not isinstance(v, list) or not v:
+                raise OptionError(f"{what} must be a list of sizes, e.g. [16, 10, 10], got {_show(v)}")
+            return tuple(_int(x, what, 1) for x in v)
+        raise AssertionError(self.kind)
+
+
+# Options every layer accepts.
+COMMON_OPTIONS = (
+    Option("name", "choice", None, "layer name: a C identifier, unique in the network"),
+    Option("expect", "shape", None, "expected output shape; a mismatch is an error"),
+)
+
+
+@dataclass
+class Layer:
+    """One checked layer: resolved options and derived shapes."""
+
+    index: int
+    kind: "LayerKind"
+    name: str
+    opts: dict[str, Any]
+    node: Node  # where the layer stands in the spec
+    option_nodes: dict[str, Node] = field(default_factory=dict)
+    in_shape: Shape | None = None
+    out_shape: Shape | None = None
+    derived: dict[str, Any] = field(default_factory=dict)  # kind-specific numbers (padding...)
+
+    @property
+    def line(self) -> int:
+        return self.node.line
+
+    def param_shapes(self) -> dict[str, Shape]:
+        return self.kind.param_shapes(self) if self.out_shape is not None else {}
+
+    def buffer_shapes(self) -> dict[str, Shape]:
+        return self.kind.buffer_shapes(self) if self.out_shape is not None else {}
+
+    @property
+    def params(self) -> int:
+        return sum(math.prod(s) for s in self.param_shapes().values())
+
+    @property
+    def in_size(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def out_size(self) -> int:
+        return math.prod(self.out_shape)
+
+    def where(self) -> str:
+        return f"{self.kind.kind} '{self.name}'"
+
+
+ErrorFn = Callable[[str, "str | None"], None]
+
+
+class LayerKind:
+    """Base class of a layer kind.  Subclasses set the class attributes and override
+    the methods that apply to them; the defaults describe a parameter-free layer that
+    keeps its input shape."""
+
+    kind: ClassVar[str]
+    prefix: ClassVar[str]  # auto-name prefix: conv -> conv1, conv2, ...
+    doc: ClassVar[str] = ""
+    options: ClassVar[tuple[Option, ...]] = ()
+    template: ClassVar[str]  # file under templates/layers/
+    # C code runs a layer either once per sample (inside the parallel loop over the batch)
+    # or once over the whole batch (batch norm in training mode needs batch statistics).
+    batch_level_in_training: ClassVar[bool] = False
+
+    # ---- shapes --------------------------------------------------------------------
+    def infer(self, layer: Layer, in_shape: Shape, error: ErrorFn) -> Shape | None:
+        """Return the output shape, or call error(message, option) and return None."""
+        return in_shape
+
+    def param_shapes(self, layer: Layer) -> dict[str, Shape]:
+        return {}
+
+    def buffer_shapes(self, layer: Layer) -> dict[str, Shape]:
+        return {}
+
+    # ---- costs (per sample) ---------------------------------------------------------
+    def macs(self, layer: Layer) -> int:
+        return 0
+
+    def flops(self, layer: Layer) -> tuple[int, int]:
+        """(forward FLOPs in evaluation mode, backward FLOPs) per sample."""
+        return (0, 0)
+
+    def train_forward_extra_flops(self, layer: Layer) -> int:
+        """FLOPs that only the training-mode forward does (batch statistics, masks)."""
+        return 0
+
+    def saved_slots(self, layer: Layer) -> dict[str, tuple[str, int]]:
+        """Extra per-sample buffers forward saves for backward: name -> (ctype, count)."""
+        return {}
+
+    def batch_stats(self, layer: Layer) -> int:
+        """Per-batch (not per-sample) scratch floats forward saves for backward."""
+        return 0
+
+    def aliases_input(self, layer: Layer) -> bool:
+        """True when the output is the input reinterpreted (flatten): no copy, no slot."""
+        return False
+
+    # ---- rendering --------------------------------------------------------------------
+    def render_context(self, layer: Layer) -> dict[str, Any]:
+        """Numbers the template needs, computed here (templates hold no shape arithmetic)."""
+        return {}
+
+    # ---- reference -------------------------------------------------------------------
+    def torch_module(self, layer: Layer):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def init_params(self, layer: Layer, rng) -> dict[str, Any]:
+        """PyTorch's default initialisation for this layer's parameters and buffers."""
+        return {}
+
+    def describe_options(self, layer: Layer) -> str:
+        """Non-default options, for the report."""
+        parts = []
+        for opt in self.options:
+            v = layer.opts.get(opt.name)
+            default = None if opt.required or opt.default is None else opt.parse(opt.default)
+            if opt.required or (v != default and not (opt.name == "stride" and v == layer.opts.get("kernel_size"))):
+                if isinstance(v, tuple) and len(set(v)) == 1:
+                    v = v[0]
+                parts.append(f"{opt.name}={_fmt_opt(v)}")
+        return ", ".join(parts)
+
+
+def _fmt_opt(v: Any) -> str:
+    if isinstance(v, tuple):
+        return "x".join(str(x) for x in v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def window_out(size: int, k: int, stride: int, pad_total: int, dilation: int, ceil: bool = False,
+               pad_left: int = 0) -> int:
+    """PyTorch's output size of a sliding window (conv and pooling).
+
+    `pad_total` is the padding added on both sides together; with ceil_mode the last
+    window must start inside the input or the left padding (PyTorch's rule)."""
+    span = size + pad_total - dilation * (k - 1) - 1
+    if ceil:
+        out = -(-span // stride) + 1 if span >= 0 else span // stride + 1
+        if (out - 1) * stride >= size + pad_left:
+            out -= 1
+        return out
+    return span // stride + 1

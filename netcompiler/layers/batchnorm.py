@@ -1,0 +1,63 @@
+"""batchnorm2d: per-channel batch normalisation, as torch.nn.BatchNorm2d.
+
+Training mode normalises with the batch statistics (biased variance) and updates the
+running statistics (unbiased variance) with `momentum`; evaluation mode uses the running
+statistics.  Training mode needs the whole batch, so it runs as a batch-level step.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Layer, LayerKind, Option, Shape, fmt_shape
+
+
+class BatchNorm2d(LayerKind):
+    kind = "batchnorm2d"
+    prefix = "bn"
+    doc = "batch normalisation over (N, H, W) per channel, as torch.nn.BatchNorm2d"
+    template = "batchnorm2d.c.j2"
+    batch_level_in_training = True
+    options = (
+        Option("eps", "float", 1e-5, "added to the variance", minimum=0, maximum=1),
+        Option("momentum", "float", 0.1, "running statistics: new = (1-momentum)*old + momentum*batch",
+               minimum=0, maximum=1),
+    )
+
+    def infer(self, layer: Layer, in_shape: Shape, error) -> Shape | None:
+        if len(in_shape) != 3:
+            error(f"{layer.where()}: needs a 3-D input (channels, height, width), got {fmt_shape(in_shape)}", None)
+            return None
+        return in_shape
+
+    def param_shapes(self, layer: Layer) -> dict[str, Shape]:
+        c = layer.in_shape[0]
+        return {"weight": (c,), "bias": (c,)}
+
+    def buffer_shapes(self, layer: Layer) -> dict[str, Shape]:
+        c = layer.in_shape[0]
+        return {"running_mean": (c,), "running_var": (c,)}
+
+    def flops(self, layer: Layer) -> tuple[int, int]:
+        # eval forward: (x - mean) * rstd * gamma + beta = 4 per element;
+        # backward (training formula): 2 reductions (2 each) + 5 per element for dx.
+        return (4 * layer.out_size, 9 * layer.out_size)
+
+    def train_forward_extra_flops(self, layer: Layer) -> int:
+        # batch mean (1 add) and variance (sub, square, add) per element
+        return 4 * layer.out_size
+
+    def batch_stats(self, layer: Layer) -> int:
+        return 2 * layer.in_shape[0]  # batch mean and 1/sqrt(var + eps) per channel
+
+    def render_context(self, layer: Layer) -> dict:
+        c, h, w = layer.in_shape
+        return dict(C=c, HW=h * w, eps=repr(layer.opts["eps"]), momentum=repr(layer.opts["momentum"]))
+
+    def torch_module(self, layer: Layer):
+        import torch.nn as nn
+
+        return nn.BatchNorm2d(layer.in_shape[0], eps=layer.opts["eps"], momentum=layer.opts["momentum"])
+
+    def init_params(self, layer: Layer, rng) -> dict:
+        c = layer.in_shape[0]
+        return {"weight": np.ones(c), "bias": np.zeros(c), "running_mean": np.zeros(c), "running_var": np.ones(c)}

@@ -1,0 +1,123 @@
+"""conv2d: 2-D cross-correlation, as torch.nn.Conv2d."""
+from __future__ import annotations
+
+import math
+
+from .base import Layer, LayerKind, Option, Shape, fmt_shape, window_out
+
+
+class Conv2d(LayerKind):
+    kind = "conv2d"
+    prefix = "conv"
+    doc = "2-D convolution (cross-correlation), as torch.nn.Conv2d"
+    template = "conv2d.c.j2"
+    options = (
+        Option("out_channels", "int", doc="number of output channels"),
+        Option("kernel_size", "pair", doc="kernel height and width (int or [h, w])"),
+        Option("stride", "pair", 1, "step between windows"),
+        Option("padding", "padding", 0, "zeros added on each side: int, [h, w], 'same' or 'valid'", minimum=0),
+        Option("dilation", "pair", 1, "spacing between kernel taps"),
+        Option("groups", "int", 1, "split channels into this many independent groups"),
+        Option("bias", "bool", True, "add a learnable bias per output channel"),
+        Option("in_channels", "int", None, "optional: checked against the input, never required"),
+    )
+
+    def infer(self, layer: Layer, in_shape: Shape, error) -> Shape | None:
+        o = layer.opts
+        if len(in_shape) != 3:
+            error(f"{layer.where()}: needs a 3-D input (channels, height, width), got {fmt_shape(in_shape)}", None)
+            return None
+        cin, h, w = in_shape
+        if o["in_channels"] is not None and o["in_channels"] != cin:
+            error(f"{layer.where()}: in_channels is {o['in_channels']} but the input has {cin} channels", "in_channels")
+            return None
+        g = o["groups"]
+        if cin % g or o["out_channels"] % g:
+            error(f"{layer.where()}: groups={g} must divide both in_channels ({cin}) and out_channels "
+                  f"({o['out_channels']})", "groups")
+            return None
+        (kh, kw), (sh, sw), (dh, dw) = o["kernel_size"], o["stride"], o["dilation"]
+        pad = o["padding"]
+        if pad == "same":
+            if (sh, sw) != (1, 1):
+                error(f"{layer.where()}: padding='same' needs stride 1 (as in PyTorch), got stride "
+                      f"{sh}x{sw}", "padding")
+                return None
+            # PyTorch puts the odd pixel of 'same' padding at the bottom/right.
+            tot = (dh * (kh - 1), dw * (kw - 1))
+            pads = ((tot[0] // 2, tot[0] - tot[0] // 2), (tot[1] // 2, tot[1] - tot[1] // 2))
+        else:
+            ph, pw = (0, 0) if pad == "valid" else pad
+            pads = ((ph, ph), (pw, pw))
+        oh = window_out(h, kh, sh, sum(pads[0]), dh)
+        ow = window_out(w, kw, sw, sum(pads[1]), dw)
+        if oh <= 0 or ow <= 0:
+            error(f"{layer.where()}: {self._too_small(h, w, kh, kw, sh, sw, pads, dh, dw, oh, ow)}", None)
+            return None
+        layer.derived.update(pad_top=pads[0][0], pad_left=pads[1][0], pads=pads)
+        return (o["out_channels"], oh, ow)
+
+    @staticmethod
+    def _too_small(h, w, kh, kw, sh, sw, pads, dh, dw, oh, ow) -> str:
+        plain = pads == ((0, 0), (0, 0)) and (sh, sw, dh, dw) == (1, 1, 1, 1)
+        if plain:
+            which = f"1+{h}-{kh} = {oh}" if oh <= 0 else f"1+{w}-{kw} = {ow}"
+            return f"input {h}x{w} is smaller than kernel {kh}x{kw} ({which})"
+        if oh <= 0:
+            n, k, s, p, d, out, dim = h, kh, sh, sum(pads[0]), dh, oh, "height"
+        else:
+            n, k, s, p, d, out, dim = w, kw, sw, sum(pads[1]), dw, ow, "width"
+        return (f"input {h}x{w} is too small for kernel {kh}x{kw}: output {dim} "
+                f"floor(({n} + {p} - {d}*({k}-1) - 1)/{s}) + 1 = {out}")
+
+    def param_shapes(self, layer: Layer) -> dict[str, Shape]:
+        o = layer.opts
+        cout, cin = o["out_channels"], layer.in_shape[0]
+        shapes = {"weight": (cout, cin // o["groups"], *o["kernel_size"])}
+        if o["bias"]:
+            shapes["bias"] = (cout,)
+        return shapes
+
+    def macs(self, layer: Layer) -> int:
+        kh, kw = layer.opts["kernel_size"]
+        return layer.out_size * (layer.in_shape[0] // layer.opts["groups"]) * kh * kw
+
+    def flops(self, layer: Layer) -> tuple[int, int]:
+        bias = layer.out_size if layer.opts["bias"] else 0
+        # forward: one multiply and one add per MAC, plus the bias add;
+        # backward: input gradient and weight gradient (2 FLOPs per MAC each) + bias gradient.
+        return (2 * self.macs(layer) + bias, 4 * self.macs(layer) + bias)
+
+    def render_context(self, layer: Layer) -> dict:
+        o, d = layer.opts, layer.derived
+        cin, h, w = layer.in_shape
+        cout, oh, ow = layer.out_shape
+        g = o["groups"]
+        return dict(
+            CIN=cin, H=h, W=w, COUT=cout, OH=oh, OW=ow,
+            KH=o["kernel_size"][0], KW=o["kernel_size"][1], SH=o["stride"][0], SW=o["stride"][1],
+            DH=o["dilation"][0], DW=o["dilation"][1], PT=d["pad_top"], PL=d["pad_left"],
+            GROUPS=g, CIN_G=cin // g, COUT_G=cout // g, bias=o["bias"],
+        )
+
+    def torch_module(self, layer: Layer):
+        import torch.nn as nn
+
+        o = layer.opts
+        pads = layer.derived["pads"]
+        symmetric = pads[0][0] == pads[0][1] and pads[1][0] == pads[1][1]
+        padding = (pads[0][0], pads[1][0]) if symmetric else o["padding"]
+        return nn.Conv2d(layer.in_shape[0], o["out_channels"], o["kernel_size"], stride=o["stride"],
+                         padding=padding, dilation=o["dilation"], groups=o["groups"], bias=o["bias"])
+
+    def init_params(self, layer: Layer, rng) -> dict:
+        return kaiming_uniform_init(layer, rng)
+
+
+def kaiming_uniform_init(layer: Layer, rng) -> dict:
+    """PyTorch's default for Conv2d and Linear: kaiming_uniform_(a=sqrt(5)) on the weight,
+    i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the same bound for the bias."""
+    shapes = layer.param_shapes()
+    fan_in = math.prod(shapes["weight"][1:])
+    bound = 1.0 / math.sqrt(fan_in)
+    return {k: rng.uniform(-bound, bound, size=s) for k, s in shapes.items()}

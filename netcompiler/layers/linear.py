@@ -1,0 +1,55 @@
+"""linear: y = x W^T + b, as torch.nn.Linear."""
+from __future__ import annotations
+
+import math
+
+from .base import Layer, LayerKind, Option, Shape, fmt_shape
+from .conv2d import kaiming_uniform_init
+
+
+class Linear(LayerKind):
+    kind = "linear"
+    prefix = "fc"
+    doc = "fully connected layer, as torch.nn.Linear"
+    template = "linear.c.j2"
+    options = (
+        Option("out_features", "int", doc="number of outputs"),
+        Option("bias", "bool", True, "add a learnable bias"),
+        Option("in_features", "int", None, "optional: checked against the input, never required"),
+    )
+
+    def infer(self, layer: Layer, in_shape: Shape, error) -> Shape | None:
+        if len(in_shape) != 1:
+            error(f"{layer.where()}: input is {fmt_shape(in_shape)} ({len(in_shape)}-D); a linear layer needs a "
+                  f"1-D input: add '- flatten' before it (it would give {math.prod(in_shape)} features)", None)
+            return None
+        fin = layer.opts["in_features"]
+        if fin is not None and fin != in_shape[0]:
+            error(f"{layer.where()}: in_features is {fin} but the input has {in_shape[0]} features", "in_features")
+            return None
+        return (layer.opts["out_features"],)
+
+    def param_shapes(self, layer: Layer) -> dict[str, Shape]:
+        shapes = {"weight": (layer.opts["out_features"], layer.in_shape[0])}
+        if layer.opts["bias"]:
+            shapes["bias"] = (layer.opts["out_features"],)
+        return shapes
+
+    def macs(self, layer: Layer) -> int:
+        return layer.in_shape[0] * layer.opts["out_features"]
+
+    def flops(self, layer: Layer) -> tuple[int, int]:
+        bias = layer.out_size if layer.opts["bias"] else 0
+        return (2 * self.macs(layer) + bias, 4 * self.macs(layer) + bias)
+
+    def render_context(self, layer: Layer) -> dict:
+        return dict(IN=layer.in_shape[0], OUT=layer.out_shape[0], bias=layer.opts["bias"])
+
+    def torch_module(self, layer: Layer):
+        import torch.nn as nn
+
+        return nn.Linear(layer.in_shape[0], layer.opts["out_features"], bias=layer.opts["bias"])
+
+    def init_params(self, layer: Layer, rng) -> dict:
+        return kaiming_uniform_init(layer, rng)
+

@@ -1,0 +1,209 @@
+"""Parameter, MAC, FLOP and memory reports of a checked network.
+
+Conventions (also in README):
+- MACs: multiply-accumulates of conv2d and linear layers only, bias excluded
+  (conv: output elements * in_channels/groups * kh * kw; linear: in * out), as fvcore and
+  torchinfo count them.
+- FLOPs: every floating-point add, multiply, compare, divide, exp, erf or tanh counts as
+  one.  conv/linear forward = 2*MACs (+1 per output for the bias); their backward =
+  4*MACs (input and weight gradients) (+1 per output for the bias gradient).  Element-wise
+  layers count the operations of their C expressions (see layers/activations.py).
+  Forward FLOPs are for evaluation mode; training FLOPs = training-mode forward +
+  backward + loss, per sample; the optimizer update (per batch) is not included.
+- Activations: elements of each layer's output per sample.  Memory saved for backward is
+  every layer output plus max-pool argmax indices and dropout masks, per sample.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any
+
+from .check import Network
+from .layers import Layer, fmt_shape
+
+OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "adam": 2}  # state tensors per parameter
+
+
+def dtype_bytes(dtype: str) -> int:
+    return {"float32": 4, "float64": 8}[dtype]
+
+
+def loss_flops(net: Network) -> int:
+    k = net.num_classes
+    # cross_entropy: max, exp and sum for log-sum-exp (3 per class) + softmax-minus-onehot
+    # gradient (2 per class); mse: difference, square, sum (3) + gradient (2) per output.
+    return 5 * k
+
+
+def layer_row(layer: Layer) -> dict[str, Any]:
+    fwd, bwd = layer.kind.flops(layer)
+    return {
+        "index": layer.index + 1,
+        "name": layer.name,
+        "kind": layer.kind.kind,
+        "options": layer.kind.describe_options(layer),
+        "line": layer.line,
+        "input_shape": list(layer.in_shape),
+        "output_shape": list(layer.out_shape),
+        "params": layer.params,
+        "macs": layer.kind.macs(layer),
+        "flops": fwd,
+        "backward_flops": bwd,
+        "activations": 0 if layer.kind.aliases_input(layer) else layer.out_size,
+    }
+
+
+def saved_per_sample(layers: list[Layer]) -> tuple[int, int]:
+    """(real elements, int32 elements) per sample kept for backward."""
+    reals = ints = 0
+    for l in layers:
+        if not l.kind.aliases_input(l):
+            reals += l.out_size
+        for ctype, n in l.kind.saved_slots(l).values():
+            if ctype == "int32_t":
+                ints += n
+            else:
+                reals += n
+    return reals, ints
+
+
+def training_memory(layers: list[Layer], batch_size: int, dtype: str = "float32",
+                    optimizer: str = "adam") -> dict[str, int]:
+    """Bytes to train at `batch_size`: parameters, gradients, optimizer state, and per
+    sample the saved activations and their gradients."""
+    b = dtype_bytes(dtype)
+    params = sum(l.params for l in layers)
+    buffers = sum(math.prod(s) for l in layers for s in l.buffer_shapes().values())
+    reals, ints = saved_per_sample(layers)
+    out = {
+        "params_bytes": (params + buffers) * b,
+        "grads_bytes": params * b,
+        "optimizer_bytes": OPTIMIZER_STATE[optimizer] * params * b,
+        # forward saves `reals`; backward needs a gradient of the same size for each
+        "activation_bytes": batch_size * (2 * reals * b + 4 * ints),
+    }
+    out["total_bytes"] = sum(out.values())
+    return out
+
+
+def build_report(net: Network, batch_size: int = 64, dtype: str = "float32", optimizer: str = "adam") -> dict:
+    rows = [layer_row(l) for l in net.layers]
+    train_fwd_extra = sum(l.kind.train_forward_extra_flops(l) for l in net.layers)
+    total_flops = sum(r["flops"] for r in rows)
+    total_bwd = sum(r["backward_flops"] for r in rows)
+    reals, ints = saved_per_sample(net.layers)
+    buffers = sum(math.prod(s) for s in net.buffer_shapes().values())
+    mem = training_memory(net.layers, batch_size, dtype, optimizer)
+    return {
+        "name": net.name,
+        "spec": net.file,
+        "spec_hash": net.spec_hash,
+        "input": list(net.input_shape),
+        "output": list(net.output_shape),
+        "loss": net.loss,
+        "dtype": dtype,
+        "layers": rows,
+        "total_params": net.total_params,
+        "total_param_bytes": net.total_params * dtype_bytes(dtype),
+        "total_buffers": buffers,
+        "total_macs": sum(r["macs"] for r in rows),
+        "total_flops": total_flops,
+        "loss_flops": loss_flops(net),
+        "training_flops": total_flops + train_fwd_extra + total_bwd + loss_flops(net),
+        "saved_activations": reals,
+        "saved_indices": ints,
+        "saved_activation_bytes": reals * dtype_bytes(dtype) + 4 * ints,
+        "batch_size": batch_size,
+        "optimizer": optimizer,
+        "training_memory": mem,
+    }
+
+
+# ---- formatting ------------------------------------------------------------------------
+COLUMNS = [("index", "#"), ("name", "name"), ("kind", "kind"), ("input_shape", "input"),
+           ("output_shape", "output"), ("params", "params"), ("macs", "MACs"), ("flops", "FLOPs"),
+           ("activations", "activations")]
+
+
+def _cell(key: str, v: Any) -> str:
+    if key.endswith("_shape"):
+        return fmt_shape(tuple(v))
+    if isinstance(v, int) and key != "index":
+        return f"{v:,}"
+    return str(v)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def table_lines(rep: dict) -> list[str]:
+    """The per-layer table as aligned text lines (also used in the generated C header)."""
+    head = [h for _, h in COLUMNS]
+    body = [[_cell(k, r[k]) for k, _ in COLUMNS] for r in rep["layers"]]
+    total = ["", "total", "", fmt_shape(tuple(rep["input"])), fmt_shape(tuple(rep["output"])),
+             f"{rep['total_params']:,}", f"{rep['total_macs']:,}", f"{rep['total_flops']:,}",
+             f"{sum(r['activations'] for r in rep['layers']):,}"]
+    widths = [max(len(row[i]) for row in [head, *body, total]) for i in range(len(head))]
+    numeric = {0, 5, 6, 7, 8}
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return [fmt(head), rule, *map(fmt, body), rule, fmt(total)]
+
+
+def summary_lines(rep: dict) -> list[str]:
+    mem = rep["training_memory"]
+    return [
+        f"parameters: {rep['total_params']:,} ({human_bytes(rep['total_param_bytes'])} as {rep['dtype']})"
+        + (f"; buffers (running statistics): {rep['total_buffers']:,}" if rep["total_buffers"] else ""),
+        f"forward per sample: {rep['total_macs']:,} MACs, {rep['total_flops']:,} FLOPs",
+        f"training per sample (forward + backward + loss): {rep['training_flops']:,} FLOPs",
+        f"saved for backward per sample: {rep['saved_activations']:,} values"
+        + (f" + {rep['saved_indices']:,} indices" if rep["saved_indices"] else "")
+        + f" ({human_bytes(rep['saved_activation_bytes'])})",
+        f"training memory at batch {rep['batch_size']} with {rep['optimizer']}: {human_bytes(mem['total_bytes'])} "
+        f"(params {human_bytes(mem['params_bytes'])}, grads {human_bytes(mem['grads_bytes'])}, optimizer "
+        f"{human_bytes(mem['optimizer_bytes'])}, activations+gradients {human_bytes(mem['activation_bytes'])})",
+    ]
+
+
+CONVENTIONS = ("MACs: conv/linear multiply-accumulates, bias excluded (fvcore/torchinfo). FLOPs: each add, "
+               "multiply, compare, divide, exp, erf, tanh = 1; forward in eval mode; training = train-mode forward "
+               "+ backward + loss, optimizer excluded.")
+
+
+def format_report(rep: dict, fmt: str = "text") -> str:
+    if fmt == "json":
+        return json.dumps(rep, indent=2) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        keys = ["index", "name", "kind", "options", "input_shape", "output_shape", "params", "macs", "flops",
+                "backward_flops", "activations"]
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(keys)
+        for r in rep["layers"]:
+            w.writerow([fmt_shape(tuple(r[k])) if k.endswith("_shape") else r[k] for k in keys])
+        return buf.getvalue()
+    if fmt == "markdown":
+        head = [h for _, h in COLUMNS]
+        lines = [f"# {rep['name']} ({rep['spec']})", "", "| " + " | ".join(head) + " |",
+                 "|" + "|".join("---:" if i in (0, 5, 6, 7, 8) else "---" for i in range(len(head))) + "|"]
+        for r in rep["layers"]:
+            lines.append("| " + " | ".join(_cell(k, r[k]) for k, _ in COLUMNS) + " |")
+        lines.append("")
+        lines += [f"- {s}" for s in summary_lines(rep)]
+        lines += ["", f"_{CONVENTIONS}_"]
+        return "\n".join(lines) + "\n"
+    lines = [f"{rep['name']}: {rep['spec']} (input {fmt_shape(tuple(rep['input']))}, loss {rep['loss']})", ""]
+    lines += table_lines(rep) + [""] + summary_lines(rep) + ["", CONVENTIONS]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,113 @@
+"""Stage 1, parse: YAML text -> a tree of `Node`s that remember their line and column.
+
+The YAML is composed (never constructed) with PyYAML's safe loader, so tags that build
+Python objects are refused; every scalar is then turned into a plain value by the safe
+constructor.  Nothing here knows about layers: this is only "YAML with marks".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import Diagnostic, SpecErrors
+
+# Tags the safe constructor turns into plain data; anything else (python/object, ...)
+# is refused before any value is constructed.
+_PLAIN_TAGS = {
+    "tag:yaml.org,2002:" + t
+    for t in ("str", "int", "float", "bool", "null", "seq", "map")
+}
+
+
+@dataclass
+class Node:
+    """A YAML value with its position (1-based line and column)."""
+
+    value: Any  # str/int/float/bool/None, list[Node] or dict[str, Node]
+    line: int
+    col: int
+    key_line: int = 0  # for mapping values: where the key stands
+    key_col: int = 0
+
+    def plain(self) -> Any:
+        """The value without marks (recursively)."""
+        if isinstance(self.value, list):
+            return [n.plain() for n in self.value]
+        if isinstance(self.value, dict):
+            return {k: n.plain() for k, n in self.value.items()}
+        return self.value
+
+
+class _Constructor(yaml.constructor.SafeConstructor):
+    pass
+
+
+def _convert(node: yaml.Node, file: str, errors: list[Diagnostic]) -> Node:
+    line, col = node.start_mark.line + 1, node.start_mark.column + 1
+    if node.tag not in _PLAIN_TAGS:
+        errors.append(Diagnostic(file, line, col, f"unsupported YAML tag '{node.tag}' (only plain data is allowed)"))
+        return Node(None, line, col)
+    if isinstance(node, yaml.SequenceNode):
+        return Node([_convert(n, file, errors) for n in node.value], line, col)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Node] = {}
+        for knode, vnode in node.value:
+            kline, kcol = knode.start_mark.line + 1, knode.start_mark.column + 1
+            if not isinstance(knode, yaml.ScalarNode):
+                errors.append(Diagnostic(file, kline, kcol, "mapping keys must be plain names"))
+                continue
+            key = str(_Constructor().construct_object(knode)) if knode.tag in _PLAIN_TAGS else None
+            if key is None:
+                errors.append(Diagnostic(file, kline, kcol, f"unsupported YAML tag '{knode.tag}'"))
+                continue
+            if key in out:
+                errors.append(Diagnostic(file, kline, kcol, f"duplicate key '{key}'"))
+                continue
+            value = _convert(vnode, file, errors)
+            value.key_line, value.key_col = kline, kcol
+            out[key] = value
+        return Node(out, line, col)
+    try:
+        value = _Constructor().construct_object(node)
+    except (yaml.YAMLError, ValueError) as exc:  # e.g. a malformed timestamp
+        errors.append(Diagnostic(file, line, col, f"cannot read value: {exc}"))
+        value = None
+    return Node(value, line, col)
+
+
+def parse_text(text: str, file: str = "<spec>") -> Node:
+    """Parse YAML text into a `Node` tree; raise `SpecErrors` on any problem."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise SpecErrors([Diagnostic(file, line, col, f"YAML syntax error: {problem}")]) from None
+    except yaml.YAMLError as exc:
+        raise SpecErrors([Diagnostic(file, 1, 1, f"YAML error: {exc}")]) from None
+    if root is None:
+        raise SpecErrors([Diagnostic(file, 1, 1, "empty spec: expected a mapping with 'input', 'layers' and 'loss'")])
+    errors: list[Diagnostic] = []
+    tree = _convert(root, file, errors)
+    if errors:
+        raise SpecErrors(errors)
+    return tree
+
+
+def read_spec_text(path: str | Path) -> str:
+    """Read a spec file, turning I/O and encoding problems into diagnostics."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise SpecErrors([Diagnostic(str(path), 1, 1, f"cannot read spec: {exc.strerror or exc}")]) from None
+    if len(data) > 1 << 20:
+        raise SpecErrors([Diagnostic(str(path), 1, 1, f"spec is {len(data)} bytes; specs over 1 MiB are refused")])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecErrors([Diagnostic(str(path), 1, 1, f"spec is not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
