@@ -5,6 +5,7 @@ each pointing at the line and column of the offending layer or option.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import re
@@ -95,8 +96,10 @@ class _Checker:
             self.error(root, "a spec is a mapping with 'input', 'layers' and 'loss'")
             raise SpecErrors(self.diags)
         top = root.value
+        self.misspelt: set[str] = set()  # required keys an unknown key was probably meant as
         for key, node in top.items():
             if key not in TOP_KEYS:
+                self.misspelt.update(_close(key, list(TOP_KEYS)))
                 self.error(node, f"unknown key '{key}'{did_you_mean(key, list(TOP_KEYS))}; "
                                  f"expected one of {', '.join(TOP_KEYS)}", at_key=True)
         name = self.net_name(top.get("name"))
@@ -108,7 +111,7 @@ class _Checker:
             self.check_loss_output(top.get("loss") or root, loss, layers[-1])
             self.check_budget(root, name, layers, memory_budget)
         if self.diags:
-            raise SpecErrors(self.diags)
+            raise SpecErrors(sorted(self.diags, key=lambda d: (d.line, d.col)))
         return Network(name, self.file, source, input_shape, layers, loss, train)
 
     def net_name(self, node: Node | None) -> str:
@@ -123,8 +126,9 @@ class _Checker:
 
     def input_shape(self, root: Node, node: Node | None) -> Shape | None:
         if node is None:
-            self.error(root, "missing 'input': the shape of one sample, e.g. input: [1, 28, 28] (channels, "
-                             "height, width) or input: [784]")
+            if "input" not in self.misspelt:
+                    self.error(root, "missing 'input': the shape of one sample, e.g. input: [1, 28, 28] (channels, "
+                                 "height, width) or input: [784]")
             return None
         dims = node.value
         if not isinstance(dims, list) or len(dims) not in (1, 3):
@@ -147,7 +151,8 @@ class _Checker:
 
     def loss(self, root: Node, node: Node | None) -> str:
         if node is None:
-            self.error(root, f"missing 'loss': one of {', '.join(LOSSES)}")
+            if "loss" not in self.misspelt:
+                self.error(root, f"missing 'loss': one of {', '.join(LOSSES)}")
             return "cross_entropy"
         if node.value not in LOSSES:
             hint = did_you_mean(node.value, list(LOSSES)) if isinstance(node.value, str) else ""
@@ -193,7 +198,8 @@ class _Checker:
     # ---- layers -----------------------------------------------------------------------
     def layers(self, root: Node, node: Node | None, input_shape: Shape | None, net_name: str) -> list[Layer]:
         if node is None:
-            self.error(root, "missing 'layers': a list of layers, e.g. - conv2d: {out_channels: 6, kernel_size: 5}")
+            if "layers" not in self.misspelt:
+                    self.error(root, "missing 'layers': a list of layers, e.g. - conv2d: {out_channels: 6, kernel_size: 5}")
             return []
         if not isinstance(node.value, list) or not node.value:
             self.error(node, "'layers' must be a non-empty list")
@@ -238,8 +244,10 @@ class _Checker:
         known = [o.name for o in kind.options] + [o.name for o in COMMON_OPTIONS]
         opts: dict[str, Any] = {}
         ok = True
+        misspelt: set[str] = set()
         for key, vnode in opts_node.value.items():
             if key not in known:
+                misspelt.update(_close(key, known))
                 self.error(vnode, f"{kind_name}: unknown option '{key}'{did_you_mean(key, known)}; "
                                   f"options are {', '.join(known)}", at_key=True)
                 ok = False
@@ -247,12 +255,13 @@ class _Checker:
             vnode = opts_node.value.get(opt.name)
             if vnode is None:
                 if opt.required:
-                    self.error(entry, f"{kind_name}: missing required option '{opt.name}' ({opt.doc})")
+                    if opt.name not in misspelt:  # else the unknown key already says "did you mean"
+                        self.error(entry, f"{kind_name}: missing required option '{opt.name}' ({opt.doc})")
                     ok = False
                 opts[opt.name] = None if opt.required or opt.default is None else opt.parse(opt.default)
                 continue
             try:
-                opts[opt.name] = opt.parse(vnode.value if not isinstance(vnode.value, list) else vnode.plain())
+                opts[opt.name] = opt.parse(vnode.plain())
             except Exception as exc:  # OptionError
                 self.error(vnode, f"{kind_name}: {exc}")
                 ok = False
@@ -316,19 +325,29 @@ class _Checker:
         return out
 
     def check_budget(self, root: Node, name: str, layers: list[Layer], budget: int) -> None:
-        from .report import training_memory
+        from .report import human_bytes, training_memory
 
         need = training_memory(layers, batch_size=1)["total_bytes"]
         if need > budget:
-            self.error(root, f"network '{name}' needs {need / 2**30:.1f} GiB to train one sample, over the "
-                             f"memory budget of {budget / 2**30:.1f} GiB (--memory-budget)")
+            self.error(root, f"network '{name}' needs {human_bytes(need)} to train one sample, over the "
+                             f"memory budget of {human_bytes(budget)} (--memory-budget)")
 
 
 def _explain(layer: Layer) -> str:
     return f"from input {fmt_shape(layer.in_shape)}"
 
 
+def _close(word: Any, choices: list[str]) -> list[str]:
+    return difflib.get_close_matches(word, choices, n=1, cutoff=0.6) if isinstance(word, str) else []
+
+
 def _show(v: Any) -> str:
+    if isinstance(v, Node):
+        v = v.plain()
+    if isinstance(v, list):
+        v = [x.plain() if isinstance(x, Node) else x for x in v]
+    if isinstance(v, bool):
+        return "true" if v else "false"
     if isinstance(v, str):
         return f"'{v}'"
     if v is None:

@@ -45,14 +45,41 @@ class _Constructor(yaml.constructor.SafeConstructor):
     pass
 
 
-def _convert(node: yaml.Node, file: str, errors: list[Diagnostic]) -> Node:
+MAX_VALUES = 100_000  # YAML values after expanding aliases (a real spec has a few hundred)
+
+
+def _short_tag(tag: str) -> str:
+    """'tag:yaml.org,2002:python/object' -> '!!python/object', as the user wrote it."""
+    prefix = "tag:yaml.org,2002:"
+    return "!!" + tag[len(prefix):] if tag.startswith(prefix) else tag
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _convert(node: yaml.Node, file: str, errors: list[Diagnostic], state: dict | None = None) -> Node:
+    # `state` counts values and tracks the nodes being converted: YAML aliases may share
+    # a node many times (exponential "billion laughs") or point at an enclosing node.
+    state = {"count": 0, "open": set()} if state is None else state
+    state["count"] += 1
+    if state["count"] > MAX_VALUES:
+        raise _TooBig
     line, col = node.start_mark.line + 1, node.start_mark.column + 1
     if node.tag not in _PLAIN_TAGS:
-        errors.append(Diagnostic(file, line, col, f"unsupported YAML tag '{node.tag}' (only plain data is allowed)"))
+        errors.append(Diagnostic(file, line, col, f"unsupported YAML tag '{_short_tag(node.tag)}' "
+                                                  f"(only plain data is allowed)"))
+        return Node(None, line, col)
+    if id(node) in state["open"]:
+        errors.append(Diagnostic(file, line, col, "recursive YAML alias (a value that contains itself)"))
         return Node(None, line, col)
     if isinstance(node, yaml.SequenceNode):
-        return Node([_convert(n, file, errors) for n in node.value], line, col)
+        state["open"].add(id(node))
+        items = [_convert(n, file, errors, state) for n in node.value]
+        state["open"].discard(id(node))
+        return Node(items, line, col)
     if isinstance(node, yaml.MappingNode):
+        state["open"].add(id(node))
         out: dict[str, Node] = {}
         for knode, vnode in node.value:
             kline, kcol = knode.start_mark.line + 1, knode.start_mark.column + 1
@@ -61,14 +88,15 @@ def _convert(node: yaml.Node, file: str, errors: list[Diagnostic]) -> Node:
                 continue
             key = str(_Constructor().construct_object(knode)) if knode.tag in _PLAIN_TAGS else None
             if key is None:
-                errors.append(Diagnostic(file, kline, kcol, f"unsupported YAML tag '{knode.tag}'"))
+                errors.append(Diagnostic(file, kline, kcol, f"unsupported YAML tag '{_short_tag(knode.tag)}'"))
                 continue
             if key in out:
                 errors.append(Diagnostic(file, kline, kcol, f"duplicate key '{key}'"))
                 continue
-            value = _convert(vnode, file, errors)
+            value = _convert(vnode, file, errors, state)
             value.key_line, value.key_col = kline, kcol
             out[key] = value
+        state["open"].discard(id(node))
         return Node(out, line, col)
     try:
         value = _Constructor().construct_object(node)
@@ -86,13 +114,33 @@ def parse_text(text: str, file: str = "<spec>") -> Node:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = exc.problem or exc.context or "invalid YAML"
+        if exc.problem and exc.context and exc.problem.startswith("but "):  # "expected X" + "but found Y"
+            problem = f"{exc.context}, {exc.problem}"
+        elif exc.problem and exc.context and exc.context_mark and exc.context_mark is not mark:
+            # e.g. an unclosed '[': say where it was opened
+            problem += (f" ({exc.context} started at line {exc.context_mark.line + 1}, "
+                        f"column {exc.context_mark.column + 1})")
         raise SpecErrors([Diagnostic(file, line, col, f"YAML syntax error: {problem}")]) from None
+    except yaml.reader.ReaderError as exc:  # a control character (e.g. NUL in a binary file)
+        line = text.count("\n", 0, exc.position) + 1
+        col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise SpecErrors([Diagnostic(file, line, col, f"YAML syntax error: unacceptable character #x{char:04x} "
+                                                      f"({exc.reason})")]) from None
     except yaml.YAMLError as exc:
         raise SpecErrors([Diagnostic(file, 1, 1, f"YAML error: {exc}")]) from None
+    except RecursionError:
+        raise SpecErrors([Diagnostic(file, 1, 1, "YAML is nested too deeply")]) from None
     if root is None:
         raise SpecErrors([Diagnostic(file, 1, 1, "empty spec: expected a mapping with 'input', 'layers' and 'loss'")])
     errors: list[Diagnostic] = []
-    tree = _convert(root, file, errors)
+    try:
+        tree = _convert(root, file, errors)
+    except RecursionError:
+        raise SpecErrors([Diagnostic(file, 1, 1, "YAML is nested too deeply")]) from None
+    except _TooBig:
+        raise SpecErrors([Diagnostic(file, 1, 1, f"spec has more than {MAX_VALUES:,} values (after expanding "
+                                                 f"YAML aliases); refused")]) from None
     if errors:
         raise SpecErrors(errors)
     return tree

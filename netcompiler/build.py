@@ -1,0 +1,116 @@
+"""Stage 5, compile and load: C text -> shared library (cached) -> cffi handle.
+
+The library is built with the system C compiler (`$CC`, else cc) and loaded with
+`cffi.FFI.dlopen`; cffi reads the declarations from the same API text the header holds.
+Builds are cached under a hash of the source, header, flags and compiler version; every
+file is written under a temporary name and renamed, so concurrent builds of one spec
+both succeed.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BuildError
+from .render import Rendered
+
+WARNINGS = ["-Wall", "-Wextra"]
+# -ffp-contract=fast lets the compiler fuse multiply-adds (ISO C mode turns it off).
+BASE_FLAGS = ["-std=c11", "-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno"]
+
+
+def compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise BuildError("no C compiler found: install gcc (apt-get install -y gcc) or set CC")
+    return cc
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_version(cc: str) -> str:
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BuildError(f"cannot run the C compiler '{cc}': {exc}") from None
+    return out.stdout.splitlines()[0] if out.stdout else cc
+
+
+@functools.lru_cache(maxsize=None)
+def has_openmp(cc: str) -> bool:
+    """Whether `cc -fopenmp` builds and links a shared object here."""
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d, "probe.c")
+        src.write_text("#include <omp.h>\nint probe(void) { return omp_get_max_threads(); }\n")
+        r = subprocess.run([cc, "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(Path(d, "probe.so"))],
+                           capture_output=True, timeout=60)
+        return r.returncode == 0
+
+
+def default_flags(cc: str | None = None) -> list[str]:
+    cc = cc or compiler()
+    return BASE_FLAGS + (["-fopenmp"] if has_openmp(cc) else []) + WARNINGS
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("NETC_CACHE_DIR")
+    return Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "netcompiler"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Built:
+    c_path: Path
+    h_path: Path
+    so_path: Path
+    flags: list[str]
+    cached: bool
+
+
+def compile_rendered(rendered: Rendered, out_dir: Path | None = None, flags: list[str] | None = None,
+                     cc: str | None = None) -> Built:
+    """Write NAME.c / NAME.h and compile NAME.so.  Without out_dir, use the cache."""
+    cc = cc or compiler()
+    flags = list(flags) if flags is not None else default_flags(cc)
+    key = hashlib.sha256("\0".join([rendered.source, rendered.header, " ".join(flags),
+                                    compiler_version(cc)]).encode()).hexdigest()[:20]
+    directory = Path(out_dir) if out_dir is not None else cache_dir() / f"{rendered.name}-{key}"
+    directory.mkdir(parents=True, exist_ok=True)
+    c_path, h_path = directory / f"{rendered.name}.c", directory / f"{rendered.name}.h"
+    so_path = directory / f"{rendered.name}.so"
+    stamp = directory / f".{rendered.name}.key"
+    if so_path.exists() and stamp.exists() and stamp.read_text() == key:
+        return Built(c_path, h_path, so_path, flags, cached=True)
+    _atomic_write(c_path, rendered.source)
+    _atomic_write(h_path, rendered.header)
+    fd, tmp_so = tempfile.mkstemp(dir=directory, prefix=f".{rendered.name}.", suffix=".so")
+    os.close(fd)
+    cmd = [cc, *flags, "-fPIC", "-shared", "-o", tmp_so, str(c_path), "-lm"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        Path(tmp_so).unlink(missing_ok=True)
+        raise BuildError(f"compiling {c_path} failed: {exc}") from None
+    if proc.returncode != 0:
+        Path(tmp_so).unlink(missing_ok=True)
+        raise BuildError(f"the C compiler failed on generated file {c_path} (command: {shlex.join(cmd)}):\n"
+                         f"{proc.stderr.strip()}")
+    os.replace(tmp_so, so_path)
+    _atomic_write(stamp, key)
+    return Built(c_path, h_path, so_path, flags, cached=False)

@@ -1,0 +1,172 @@
+"""Stage 3, plan: where every tensor lives, and in which order layers run.
+
+- Parameters: one flat array, tensors in layer order with PyTorch layouts; gradients and
+  optimizer state use the same layout.  Buffers (batch-norm running statistics): another.
+- Activations: one block per sample holding every layer's output (flatten aliases its
+  input), plus per-sample saved slots (dropout masks); max-pool argmax indices live in an
+  int32 block per sample.  Gradients of activations use the activation layout.
+- Stages: consecutive layers that work sample by sample run inside one parallel loop over
+  the batch; a layer that needs the whole batch (batch norm in training) is its own stage.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .check import Network
+from .layers import Layer, fmt_shape
+
+
+@dataclass
+class Tensor:
+    name: str  # "conv1.weight"
+    macro: str  # "OFF_conv1_weight"
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dims(self) -> str:
+        return "".join(f"[{d}]" for d in self.shape)
+
+
+@dataclass
+class LayerPlan:
+    layer: Layer
+    name: str
+    kind: str
+    template: str
+    c: dict[str, Any]  # the kind's render context (numbers)
+    comment: str  # "conv2d, specs/lenet5.yaml:5: out_channels=6, kernel_size=5, padding=2"
+    in_dims: str
+    out_dims: str
+    out: Tensor | None  # None when aliasing
+    out_macro: str  # offset macro of the output (the input's, for flatten)
+    in_macro: str
+    need_din: bool  # False for layers that read the network input (its gradient is unused)
+    params: dict[str, Tensor] = field(default_factory=dict)  # "weight" -> Tensor
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+    slots: dict[str, Tensor] = field(default_factory=dict)  # per-sample saved (reals or ints)
+    slot_types: dict[str, str] = field(default_factory=dict)
+    stats: Tensor | None = None  # per-batch saved statistics
+    batch_level_in_training: bool = False
+    aliases: bool = False
+
+
+@dataclass
+class Stage:
+    batch_level: bool
+    layers: list[LayerPlan]
+    param_lo: int = 0  # range of parameter offsets the stage's layers write gradients to
+    param_hi: int = 0
+
+    @property
+    def uses_ints(self) -> bool:
+        return any("int32_t" in lp.slot_types.values() for lp in self.layers)
+
+    @property
+    def uses_dropout(self) -> bool:
+        return any(lp.kind == "dropout" for lp in self.layers)
+
+
+@dataclass
+class Plan:
+    net: Network
+    layers: list[LayerPlan]
+    params: list[Tensor]
+    buffers: list[Tensor]
+    activations: list[Tensor]  # per-sample real slots (input, outputs and saved reals)
+    int_slots: list[Tensor]
+    stats: list[Tensor]
+    num_params: int
+    num_buffers: int
+    acts_per_sample: int
+    ints_per_sample: int
+    stats_size: int
+    in_size: int
+    out_size: int
+    train_stages: list[Stage]
+    eval_stages: list[Stage]
+
+    @property
+    def last(self) -> LayerPlan:
+        return self.layers[-1]
+
+
+class _Allocator:
+    def __init__(self, prefix: str = "OFF_"):
+        self.tensors: list[Tensor] = []
+        self.size = 0
+        self.prefix = prefix
+
+    def add(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        t = Tensor(name, self.prefix + name.replace(".", "_"), tuple(shape), self.size)
+        self.size += t.size
+        self.tensors.append(t)
+        return t
+
+
+def make_plan(net: Network) -> Plan:
+    params, buffers, acts, ints, stats = (_Allocator() for _ in range(5))
+    plans: list[LayerPlan] = []
+    # The network input is copied into the first slot of each sample's activation block,
+    # so every layer reads its input the same way.
+    prev_macro = acts.add("input", net.input_shape).macro
+    for layer in net.layers:
+        kind = layer.kind
+        aliases = kind.aliases_input(layer)
+        out = None if aliases else acts.add(f"{layer.name}.out", layer.out_shape)
+        lp = LayerPlan(
+            layer=layer, name=layer.name, kind=kind.kind, template=kind.template,
+            c=kind.render_context(layer),
+            comment=f"{kind.kind} '{layer.name}', {net.file}:{layer.line}"
+                    + (f": {kind.describe_options(layer)}" if kind.describe_options(layer) else ""),
+            in_dims="".join(f"[{d}]" for d in layer.in_shape),
+            out_dims="".join(f"[{d}]" for d in layer.out_shape),
+            out=out, out_macro=prev_macro if aliases else out.macro, in_macro=prev_macro,
+            need_din=prev_macro != "OFF_input",
+            batch_level_in_training=kind.batch_level_in_training, aliases=aliases,
+        )
+        for pname, shape in layer.param_shapes().items():
+            lp.params[pname] = params.add(f"{layer.name}.{pname}", shape)
+        for bname, shape in layer.buffer_shapes().items():
+            lp.buffers[bname] = buffers.add(f"{layer.name}.{bname}", shape)
+        for sname, (ctype, count) in kind.saved_slots(layer).items():
+            alloc = ints if ctype == "int32_t" else acts
+            lp.slots[sname] = alloc.add(f"{layer.name}.{sname}", (count,))
+            lp.slot_types[sname] = ctype
+        if kind.batch_stats(layer):
+            lp.stats = stats.add(f"{layer.name}.stats", (kind.batch_stats(layer),))
+        plans.append(lp)
+        prev_macro = lp.out_macro
+    return Plan(
+        net=net, layers=plans, params=params.tensors, buffers=buffers.tensors, activations=acts.tensors,
+        int_slots=ints.tensors, stats=stats.tensors, num_params=params.size, num_buffers=buffers.size,
+        acts_per_sample=acts.size, ints_per_sample=ints.size, stats_size=stats.size,
+        in_size=math.prod(net.input_shape), out_size=math.prod(net.output_shape),
+        train_stages=_stages(plans, training=True), eval_stages=_stages(plans, training=False),
+    )
+
+
+def _stages(plans: list[LayerPlan], training: bool) -> list[Stage]:
+    stages: list[Stage] = []
+    for lp in plans:
+        if lp.aliases:
+            continue  # nothing runs
+        batch = training and lp.batch_level_in_training
+        if batch or not stages or stages[-1].batch_level:
+            stages.append(Stage(batch, []))
+        stages[-1].layers.append(lp)
+    for st in stages:
+        offs = [(t.offset, t.offset + t.size) for lp in st.layers for t in lp.params.values()]
+        if offs:
+            st.param_lo, st.param_hi = min(o[0] for o in offs), max(o[1] for o in offs)
+    return stages
+
+
+def shape_str(shape) -> str:
+    return fmt_shape(tuple(shape))

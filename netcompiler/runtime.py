@@ -1,0 +1,307 @@
+"""Stage 6, run: numpy arrays in, numpy arrays out, through the compiled library.
+
+Every array that reaches C is checked here first (shape, dtype, contiguity, label
+range); C trusts its sizes because Python allocated and checked them.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from .check import Network
+from .errors import WeightsError
+from .render import Rendered
+
+DTYPES = {"float32": np.float32, "float64": np.float64}
+OPTIMIZERS = ("sgd", "momentum", "adam")
+MAX_BATCH = 2**31 - 1
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Net:
+    """A compiled network: parameters as numpy views, forward/backward/train in C."""
+
+    def __init__(self, rendered: Rendered, ffi, lib, dtype: str = "float32", threads: int | None = None,
+                 paths: Any = None):
+        self.network: Network = rendered.plan.net
+        self.plan = rendered.plan
+        self.name = rendered.name
+        self.dtype = np.dtype(DTYPES[dtype])
+        self.paths = paths  # Built: .c, .h, .so
+        self._ffi, self._lib = ffi, lib
+        P = self.plan.num_params
+        self._params = np.zeros(max(P, 1), self.dtype)
+        self._grads = np.zeros_like(self._params)
+        self._opt_m = np.zeros_like(self._params)
+        self._opt_v = np.zeros_like(self._params)
+        self._buffers = np.zeros(max(self.plan.num_buffers, 1), self.dtype)
+        self._stats = np.zeros(max(self.plan.stats_size, 1), self.dtype)
+        self.params = {t.name: self._params[t.offset:t.offset + t.size].reshape(t.shape) for t in self.plan.params}
+        self.buffers = {t.name: self._buffers[t.offset:t.offset + t.size].reshape(t.shape)
+                        for t in self.plan.buffers}
+        self._ctx = ffi.new(f"{self.name}_ctx *")
+        self._keep: dict[str, np.ndarray] = {}
+        for field, arr in (("params", self._params), ("grads", self._grads), ("opt_m", self._opt_m),
+                           ("opt_v", self._opt_v), ("buffers", self._buffers), ("stats", self._stats)):
+            self._bind(field, arr)
+        self._capacity = 0
+        self._threads = 0
+        self.threads = threads or available_cores()
+        self._optim = ffi.new(f"{self.name}_optim *")
+        train = self.network.train
+        self.set_optimizer(train.get("optimizer", "adam"), lr=train.get("lr", 1e-3),
+                           momentum=train.get("momentum", 0.9), weight_decay=train.get("weight_decay", 0.0))
+        self.seed(0)
+        self.init(0)
+
+    # ---- memory ------------------------------------------------------------------------
+    def _bind(self, field: str, arr: np.ndarray) -> None:
+        self._keep[field] = arr
+        ctype = "int32_t *" if arr.dtype == np.int32 else f"{self.name}_real *"
+        setattr(self._ctx, field, self._ffi.cast(ctype, arr.ctypes.data))
+
+    def _reserve(self, n: int) -> None:
+        if n <= self._capacity:
+            return
+        p = self.plan
+        self._acts = np.zeros((n, max(p.acts_per_sample, 1)), self.dtype)
+        self._dacts = np.zeros_like(self._acts)
+        self._ints = np.zeros((n, max(p.ints_per_sample, 1)), np.int32)
+        self._bind("acts", self._acts)
+        self._bind("dacts", self._dacts)
+        self._bind("ints", self._ints)
+        self._capacity = self._ctx.capacity = n
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    @threads.setter
+    def threads(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"threads must be a positive integer, got {value!r}")
+        self._threads = int(value)
+        self._grads_tls = np.zeros(self._threads * max(self.plan.num_params, 1), self.dtype)
+        self._bind("grads_tls", self._grads_tls)
+        self._ctx.threads = self._threads
+
+    def seed(self, seed: int) -> None:
+        """Seed dropout masks (and restart their sequence)."""
+        self._ctx.seed = int(seed) & (2**64 - 1)
+        self._ctx.counter = 0
+
+    # ---- parameters ----------------------------------------------------------------------
+    def init(self, seed: int = 0) -> None:
+        """PyTorch's default initialisation (kaiming-uniform conv/linear, batch-norm 1/0),
+        drawn from numpy's generator with `seed`; resets gradients and optimizer state."""
+        rng = np.random.default_rng(seed)
+        for layer in self.network.layers:
+            for k, v in layer.kind.init_params(layer, rng).items():
+                key = f"{layer.name}.{k}"
+                (self.params.get(key) if key in self.params else self.buffers[key])[...] = v
+        self._grads[:] = 0
+        self.reset_optimizer()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of all parameters and buffers, by PyTorch name."""
+        return {k: v.copy() for k, v in {**self.params, **self.buffers}.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Strict: every name present, none extra, shapes equal; values must be finite reals."""
+        expected = {**self.params, **self.buffers}
+        problems = []
+        for k in sorted(set(expected) - set(state)):
+            problems.append(f"missing '{k}' {tuple(expected[k].shape)}")
+        for k in sorted(set(state) - set(expected)):
+            problems.append(f"unexpected '{k}'")
+        for k in sorted(set(expected) & set(state)):
+            v = np.asarray(state[k])
+            if v.shape != expected[k].shape:
+                problems.append(f"'{k}' has shape {v.shape}, the network needs {expected[k].shape}")
+            elif v.dtype.kind not in "fiu":
+                problems.append(f"'{k}' has dtype {v.dtype}, expected a real number array")
+            elif not np.all(np.isfinite(v)):
+                problems.append(f"'{k}' contains NaN or infinity")
+        if problems:
+            raise WeightsError(f"weights do not fit network '{self.name}':\n  " + "\n  ".join(problems))
+        for k, v in state.items():
+            expected[k][...] = np.asarray(v, dtype=self.dtype)
+
+    # ---- optimizer ---------------------------------------------------------------------
+    def set_optimizer(self, kind: str = "adam", lr: float = 1e-3, momentum: float = 0.9,
+                      weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                      eps: float = 1e-8) -> None:
+        """sgd (plain), momentum (SGD with momentum), adam (AdamW-style decoupled decay)."""
+        if kind not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
+        for what, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps),
+                        ("beta1", betas[0]), ("beta2", betas[1])):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{what} must be a finite number >= 0, got {v!r}")
+        o = self._optim
+        o.kind = 1 if kind == "adam" else 0
+        o.lr, o.weight_decay, o.eps = float(lr), float(weight_decay), float(eps)
+        o.momentum = float(momentum) if kind == "momentum" else 0.0
+        o.beta1, o.beta2 = float(betas[0]), float(betas[1])
+        self.optimizer = kind
+
+    def reset_optimizer(self) -> None:
+        self._opt_m[:] = 0
+        self._opt_v[:] = 0
+        self._optim.step = 0
+
+    @property
+    def lr(self) -> float:
+        return self._optim.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._optim.lr = float(value)
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        return {"step": np.array(self._optim.step, np.int64), "m": self._opt_m.copy(), "v": self._opt_v.copy(),
+                "dropout_seed": np.array(self._ctx.seed, np.uint64),
+                "dropout_counter": np.array(self._ctx.counter, np.uint64)}
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        for k in ("m", "v"):
+            if np.shape(state[k]) != self._opt_m.shape:
+                raise WeightsError(f"optimizer state '{k}' has shape {np.shape(state[k])}, expected "
+                                   f"{self._opt_m.shape}")
+        self._opt_m[:] = state["m"]
+        self._opt_v[:] = state["v"]
+        self._optim.step = int(state["step"])
+        self._ctx.seed = int(state["dropout_seed"])
+        self._ctx.counter = int(state["dropout_counter"])
+
+    # ---- checks --------------------------------------------------------------------------
+    def check_x(self, x: Any, what: str = "x") -> np.ndarray:
+        """(N, *input_shape) real array -> C-contiguous array of the build's dtype."""
+        arr = np.asarray(x)
+        shape = self.network.input_shape
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"{what} must be a real-valued array (it is converted to {self.dtype}), "
+                             f"got dtype {arr.dtype}")
+        if arr.ndim != len(shape) + 1 or tuple(arr.shape[1:]) != tuple(shape):
+            raise ValueError(f"{what} must have shape (N, {', '.join(map(str, shape))}) for network "
+                             f"'{self.name}', got {arr.shape}")
+        if not 1 <= arr.shape[0] <= MAX_BATCH:
+            raise ValueError(f"{what} must hold at least one sample, got {arr.shape[0]}")
+        return np.ascontiguousarray(arr, dtype=self.dtype)
+
+    def check_y(self, y: Any, n: int) -> np.ndarray:
+        if self.network.loss == "cross_entropy":
+            arr = np.asarray(y)
+            if arr.dtype.kind not in "iu":
+                raise ValueError(f"labels must be an integer array, got dtype {arr.dtype}")
+            if arr.shape != (n,):
+                raise ValueError(f"labels must have shape ({n},), got {arr.shape}")
+            k = self.network.num_classes
+            if n and (arr.min() < 0 or arr.max() >= k):
+                bad = arr[(arr < 0) | (arr >= k)][0]
+                raise ValueError(f"labels must be in 0..{k - 1} for network '{self.name}', found {bad}")
+            return np.ascontiguousarray(arr, dtype=np.int32)
+        arr = np.asarray(y)
+        out = self.network.output_shape
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"targets must be a real-valued array, got dtype {arr.dtype}")
+        if arr.shape != (n, *out):
+            raise ValueError(f"targets must have shape ({n}, {', '.join(map(str, out))}), got {arr.shape}")
+        return np.ascontiguousarray(arr, dtype=self.dtype)
+
+    def _check_training_batch(self, n: int) -> None:
+        for layer in self.network.layers:
+            if layer.kind.batch_level_in_training and n * math.prod(layer.in_shape[1:]) < 2:
+                raise ValueError(f"{layer.where()} needs more than one value per channel in training "
+                                 f"(batch of {n} with {layer.in_shape[1]}x{layer.in_shape[2]} maps)")
+
+    def _ptr(self, arr: np.ndarray, ctype: str):
+        return self._ffi.cast(ctype, arr.ctypes.data)
+
+    def _real_ptr(self, arr: np.ndarray):
+        return self._ptr(arr, f"{self.name}_real *")
+
+    def _y_ptr(self, arr: np.ndarray):
+        return self._ptr(arr, "int32_t *" if arr.dtype == np.int32 else f"{self.name}_real *")
+
+    def _outputs(self, n: int) -> np.ndarray:
+        off = next(t.offset for t in self.plan.activations if t.macro == self.plan.last.out_macro)
+        return self._acts[:n, off:off + self.plan.out_size].reshape(n, *self.network.output_shape).copy()
+
+    # ---- compute -------------------------------------------------------------------------
+    def _forward(self, x: np.ndarray, training: bool) -> int:
+        n = x.shape[0]
+        self._reserve(n)
+        rc = self._lib.__getattr__(f"{self.name}_forward")(self._ctx, self._real_ptr(x), self._ffi.NULL, n,
+                                                          int(training))
+        if rc != 0:  # pragma: no cover - sizes are checked above
+            raise RuntimeError(f"{self.name}_forward returned {rc}")
+        return n
+
+    def forward(self, x: Any) -> np.ndarray:
+        """Evaluation-mode forward: (N, *input_shape) -> (N, *output_shape) outputs (logits)."""
+        x = self.check_x(x)
+        return self._outputs(self._forward(x, training=False))
+
+    def __call__(self, x: Any) -> np.ndarray:
+        return self.forward(x)
+
+    def loss_and_grad(self, x: Any, y: Any) -> tuple[float, dict[str, np.ndarray]]:
+        """Training-mode forward (dropout, batch statistics) + loss + backward.
+        Returns the mean loss and the gradients by parameter name; nothing is updated but
+        batch-norm running statistics (as in PyTorch's train mode)."""
+        x = self.check_x(x)
+        y = self.check_y(y, x.shape[0])
+        self._check_training_batch(x.shape[0])
+        n = self._forward(x, training=True)
+        self._lib.__getattr__(f"{self.name}_zero_grad")(self._ctx)
+        loss = self._lib.__getattr__(f"{self.name}_backward")(self._ctx, self._y_ptr(y), self._ffi.NULL, n)
+        grads = {t.name: self._grads[t.offset:t.offset + t.size].reshape(t.shape).copy() for t in self.plan.params}
+        return float(loss), grads
+
+    def train_step(self, x: Any, y: Any) -> float:
+        """One optimizer step on a batch (forward, loss, backward, update, all in C).
+        A non-finite loss leaves the parameters untouched and is returned as is."""
+        x = self.check_x(x)
+        y = self.check_y(y, x.shape[0])
+        self._check_training_batch(x.shape[0])
+        self._reserve(x.shape[0])
+        return float(self._lib.__getattr__(f"{self.name}_train_step")(
+            self._ctx, self._real_ptr(x), self._y_ptr(y), self._ffi.NULL, x.shape[0], self._optim))
+
+    def train_batches(self, x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Train on rows `order` of x/y in batches, in one C call.  x and y must already be
+        checked (check_x/check_y on the whole data set).  Returns per-batch losses and
+        correct counts; fewer rows than batches when a loss was not finite."""
+        order = np.ascontiguousarray(order, dtype=np.int64)
+        if order.ndim != 1 or (order.size and (order.min() < 0 or order.max() >= x.shape[0])):
+            raise ValueError("order must be a 1-D array of row indices into x")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if x.dtype != self.dtype or not x.flags.c_contiguous or y.shape[0] != x.shape[0]:
+            raise ValueError("x and y must come from check_x/check_y on the same data set")
+        batch_size = int(min(batch_size, max(order.size, 1)))
+        self._check_training_batch(order.size % batch_size or batch_size)  # the smallest batch
+        self._reserve(batch_size)
+        nb = -(-order.size // batch_size)
+        losses = np.zeros(nb, np.float64)
+        correct = np.zeros(nb, np.int64)
+        done = self._lib.__getattr__(f"{self.name}_train_batches")(
+            self._ctx, self._real_ptr(x), self._y_ptr(y), self._ptr(order, "int64_t *"), order.size, batch_size,
+            self._optim, self._ptr(losses, "double *"), self._ptr(correct, "int64_t *"))
+        keep = done + 1 if done < nb else nb  # include the failing batch so callers can see it
+        return losses[:keep], correct[:keep]
+
+    @property
+    def step(self) -> int:
+        return int(self._optim.step)

@@ -1,0 +1,45 @@
+"""The PyTorch twin of a checked network, for `netc verify` and the tests.
+
+torch is optional: importing this module without torch raises ImportError.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .check import Network
+
+TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+def torch_model(net: Network, state: dict[str, np.ndarray] | None = None, dtype=torch.float64) -> nn.Sequential:
+    """nn.Sequential with modules named like our layers, so state_dict names match."""
+    model = nn.Sequential()
+    for layer in net.layers:
+        model.add_module(layer.name, layer.kind.torch_module(layer))
+    model = model.to(dtype)
+    if state is not None:
+        sd = model.state_dict()
+        for k, v in state.items():
+            sd[k] = torch.as_tensor(np.asarray(v), dtype=sd[k].dtype)
+        model.load_state_dict(sd)
+    return model
+
+
+def torch_loss(net: Network, out: torch.Tensor, y) -> torch.Tensor:
+    if net.loss == "cross_entropy":
+        return F.cross_entropy(out, torch.as_tensor(np.asarray(y), dtype=torch.long))
+    return F.mse_loss(out, torch.as_tensor(np.asarray(y), dtype=out.dtype))
+
+
+def torch_loss_and_grad(net: Network, state, x, y, dtype=torch.float64, train: bool = True):
+    """Loss and parameter gradients of the torch twin (train mode by default)."""
+    model = torch_model(net, state, dtype)
+    model.train(train)
+    out = model(torch.as_tensor(np.asarray(x), dtype=dtype))
+    loss = torch_loss(net, out, y)
+    loss.backward()
+    grads = {k: p.grad.detach().numpy().copy() for k, p in model.named_parameters()}
+    return float(loss), grads, out.detach().numpy(), model
