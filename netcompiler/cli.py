@@ -83,13 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer whose state counts in training memory (adam)")
     r.set_defaults(func=cmd_report)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    from . import cli_build, cli_train
+
+    cli_build.register(sub)
+    cli_train.register(sub)
     return p
-
-
-# Later stages (build, verify, train, ...) add their sub-commands here.
-_EXTRA_COMMANDS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,124 @@
+"""`netc build`, `netc show`, `netc verify`."""
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .check import load
+from .errors import NetcError
+
+
+def _flags(args) -> list[str] | None:
+    if args.cflags is None:
+        return None
+    from .build import default_flags
+
+    extra = shlex.split(args.cflags)
+    return default_flags() + extra
+
+
+def cmd_build(args) -> int:
+    from .build import compile_rendered, default_flags
+    from .render import render
+
+    net = load(args.spec)
+    flags = _flags(args) or default_flags()
+    t0 = time.perf_counter()
+    rendered = render(net, args.dtype, flags)
+    built = compile_rendered(rendered, out_dir=Path(args.out or Path("build") / net.name), flags=flags)
+    dt = time.perf_counter() - t0
+    print(f"source:  {built.c_path}")
+    print(f"header:  {built.h_path}")
+    print(f"library: {built.so_path}")
+    print(f"{net.name}: {net.total_params:,} parameters, {len(net.layers)} layers, {args.dtype}, "
+          f"{'cached' if built.cached else f'compiled in {dt:.2f} s'} with {' '.join(flags)}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .build import default_flags
+    from .render import render
+
+    net = load(args.spec)
+    src = render(net, args.dtype, _flags(args) or default_flags()).source
+    if args.layer is None:
+        if args.backward:
+            raise NetcError("--backward needs --layer NAME")
+        sys.stdout.write(src)
+        return 0
+    names = [l.name for l in net.layers]
+    if args.layer not in names:
+        from .layers import did_you_mean
+
+        raise NetcError(f"no layer '{args.layer}' in {net.name}{did_you_mean(args.layer, names)}; layers: "
+                        f"{', '.join(names)}")
+    wanted = ["backward"] if args.backward else ["forward", "forward_eval", "forward_train"]
+    chunks = [_function(src, f"{args.layer}_{w}") for w in wanted]
+    chunks = [c for c in chunks if c]
+    if not chunks:
+        print(f"/* {args.layer}: no {'backward' if args.backward else 'forward'} function "
+              f"(see the layer's comment in the full source) */")
+    sys.stdout.write("\n".join(chunks))
+    return 0
+
+
+def _function(src: str, name: str) -> str | None:
+    """The comment block and body of the static function `name` in generated source."""
+    m = re.search(rf"(/\*(?:(?!\*/).)*\*/\n)*static void {re.escape(name)}\(.*?\n}}\n", src, re.S)
+    if not m:
+        return None
+    # keep only the comments directly above the function
+    text = m.group(0)
+    start = text.rfind("\n\n")
+    return text if start < 0 else text[start + 2:]
+
+
+def cmd_verify(args) -> int:
+    from .verify import format_rows, tolerances, verify
+
+    rows, note = verify(args.spec, batch=args.batch_size, seed=args.seed, per_tensor=args.samples,
+                        use_torch=not args.no_torch, threads=args.threads)
+    print(f"{args.spec}: float64 build, batch {args.batch_size}, seed {args.seed}")
+    if note:
+        print(f"note: {note}")
+    print(format_rows(rows))
+    print(tolerances())
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        print(f"verify: FAILED: {len(bad)} mismatch(es): {', '.join(f'{r.tensor} ({r.reference})' for r in bad)}")
+        return 1
+    print(f"verify: ok ({len(rows)} comparisons)")
+    return 0
+
+
+def register(sub) -> None:
+    from .cli import positive_int
+
+    b = sub.add_parser("build", help="generate C and compile it: DIR/NAME.c, NAME.h, NAME.so")
+    b.add_argument("spec")
+    b.add_argument("-o", "--out", metavar="DIR", help="output directory (default build/NAME)")
+    b.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="real_t of the build")
+    b.add_argument("--cflags", metavar="FLAGS", help="extra compiler flags, appended to the defaults "
+                   "(e.g. --cflags='-O2 -g')")
+    b.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("show", help="print the generated C (all of it, or one layer's functions)")
+    s.add_argument("spec")
+    s.add_argument("--layer", metavar="NAME", help="only this layer's forward (or backward) function")
+    s.add_argument("--backward", action="store_true", help="with --layer: the backward function")
+    s.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    s.add_argument("--cflags", metavar="FLAGS", help="extra compiler flags, as for build (recorded in the header)")
+    s.set_defaults(func=cmd_show)
+
+    v = sub.add_parser("verify", help="check outputs and every gradient against PyTorch and finite differences")
+    v.add_argument("spec")
+    v.add_argument("--batch-size", type=positive_int, default=4)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--samples", type=positive_int, default=6, help="finite-difference checks per tensor (6)")
+    v.add_argument("--threads", type=positive_int, default=None)
+    v.add_argument("--no-torch", action="store_true", help="finite differences only")
+    v.set_defaults(func=cmd_verify)
+

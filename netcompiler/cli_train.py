@@ -1,0 +1,5 @@
+"""`netc train`, `netc eval`, `netc predict` (placeholder: registers nothing yet)."""
+
+
+def register(sub) -> None:
+    pass
