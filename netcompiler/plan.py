@@ -69,6 +69,10 @@ class Stage:
         return any("int32_t" in lp.slot_types.values() for lp in self.layers)
 
     @property
+    def uses_scratch(self) -> bool:
+        return any(lp.layer.kind.scratch(lp.layer) for lp in self.layers)
+
+    @property
     def uses_dropout(self) -> bool:
         return any(lp.kind == "dropout" for lp in self.layers)
 
@@ -87,6 +91,7 @@ class Plan:
     acts_per_sample: int
     ints_per_sample: int
     stats_size: int
+    scratch_per_thread: int  # floats of per-thread scratch (im2col buffers)
     in_size: int
     out_size: int
     train_stages: list[Stage]
@@ -147,6 +152,7 @@ def make_plan(net: Network) -> Plan:
         net=net, layers=plans, params=params.tensors, buffers=buffers.tensors, activations=acts.tensors,
         int_slots=ints.tensors, stats=stats.tensors, num_params=params.size, num_buffers=buffers.size,
         acts_per_sample=acts.size, ints_per_sample=ints.size, stats_size=stats.size,
+        scratch_per_thread=max([l.kind.scratch(l) for l in net.layers] + [0]),
         in_size=math.prod(net.input_shape), out_size=math.prod(net.output_shape),
         train_stages=_stages(plans, training=True), eval_stages=_stages(plans, training=False),
     )

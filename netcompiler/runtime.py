@@ -92,6 +92,8 @@ class Net:
         self._threads = int(value)
         self._grads_tls = np.zeros(self._threads * max(self.plan.num_params, 1), self.dtype)
         self._bind("grads_tls", self._grads_tls)
+        self._scratch = np.zeros(self._threads * max(self.plan.scratch_per_thread, 1), self.dtype)
+        self._bind("scratch", self._scratch)
         self._ctx.threads = self._threads
 
     def seed(self, seed: int) -> None:

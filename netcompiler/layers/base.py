@@ -197,6 +197,10 @@ class LayerKind:
         """Extra per-sample buffers forward saves for backward: name -> (ctype, count)."""
         return {}
 
+    def scratch(self, layer: Layer) -> int:
+        """Per-thread scratch floats a call needs (im2col buffers); not kept between calls."""
+        return 0
+
     def batch_stats(self, layer: Layer) -> int:
         """Per-batch (not per-sample) scratch floats forward saves for backward."""
         return 0

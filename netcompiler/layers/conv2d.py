@@ -93,12 +93,18 @@ class Conv2d(LayerKind):
         cin, h, w = layer.in_shape
         cout, oh, ow = layer.out_shape
         g = o["groups"]
+        kh, kw = o["kernel_size"]
+        gemm = conv_gemm_blocking(cout // g, (cin // g) * kh * kw, oh * ow)
         return dict(
             CIN=cin, H=h, W=w, COUT=cout, OH=oh, OW=ow,
-            KH=o["kernel_size"][0], KW=o["kernel_size"][1], SH=o["stride"][0], SW=o["stride"][1],
+            KH=kh, KW=kw, SH=o["stride"][0], SW=o["stride"][1],
             DH=o["dilation"][0], DW=o["dilation"][1], PT=d["pad_top"], PL=d["pad_left"],
-            GROUPS=g, CIN_G=cin // g, COUT_G=cout // g, bias=o["bias"],
+            GROUPS=g, CIN_G=cin // g, COUT_G=cout // g, bias=o["bias"], **gemm,
         )
+
+    def scratch(self, layer: Layer) -> int:
+        c = self.render_context(layer)
+        return c["SCRATCH"]
 
     def torch_module(self, layer: Layer):
         import torch.nn as nn
@@ -112,6 +118,46 @@ class Conv2d(LayerKind):
 
     def init_params(self, layer: Layer, rng) -> dict:
         return kaiming_uniform_init(layer, rng)
+
+
+VEC = 16  # floats per AVX-512 register; blocks are multiples of it
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def conv_gemm_blocking(m: int, k: int, n: int) -> dict:
+    """Register blocking of the per-sample GEMMs of a convolution group.
+
+    Forward: out[m][p] = sum_k W[m][k] col[k][p] with M=m output channels, K=k taps,
+    N=n output pixels.  `col` rows are padded to NP pixels (a multiple of the pixel block
+    NB) and to KP rows (a multiple of the tap blocks) with zeros, so every block is full and its
+    loops have literal bounds; padded results are never stored.
+    - MB output channels x NB pixels are accumulated at once (<= 16 vector registers).
+    - weight gradient: MBW channels x NVW vectors of taps, over a transposed col.
+    - input gradient: KB2 taps x NB pixels.
+    """
+    mb = _largest_divisor(m, 8)
+    nv = 2 if mb <= 8 and _round_up(n, 2 * VEC) <= 1.15 * _round_up(n, VEC) else 1
+    if mb * nv > 16:
+        nv = 1
+    nb = nv * VEC
+    np_ = _round_up(n, nb)
+    kb2 = 8
+    nvw = min(4, -(-k // VEC))
+    mbw = _largest_divisor(m, 16 // nvw)
+    kp = _round_up(k, math.lcm(nvw * VEC, kb2))
+    col = kp * np_
+    return dict(VEC=VEC, M=m, K=k, N=n, MB=mb, NB=nb, NV=nv, NP=np_, KP=kp, KB2=kb2, MBW=mbw, NVW=nvw,
+                # per-thread scratch: col, colT and dcol (KP x NP each), the padded output
+                # gradient (M x NP) and the padded weights (M x KP)
+                COL_OFF=0, COLT_OFF=col, DCOL_OFF=2 * col, DPAD_OFF=3 * col, WT_OFF=3 * col + m * np_,
+                SCRATCH=3 * col + m * np_ + m * kp)
 
 
 def kaiming_uniform_init(layer: Layer, rng) -> dict:
