@@ -65,6 +65,10 @@ class Stage:
     param_hi: int = 0
 
     @property
+    def param_count(self) -> int:
+        return self.param_hi - self.param_lo
+
+    @property
     def uses_ints(self) -> bool:
         return any("int32_t" in lp.slot_types.values() for lp in self.layers)
 

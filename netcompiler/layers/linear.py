@@ -43,7 +43,10 @@ class Linear(LayerKind):
         return (2 * self.macs(layer) + bias, 4 * self.macs(layer) + bias)
 
     def render_context(self, layer: Layer) -> dict:
-        return dict(IN=layer.in_shape[0], OUT=layer.out_shape[0], bias=layer.opts["bias"])
+        fin, fout = layer.in_shape[0], layer.out_shape[0]
+        ob = max(d for d in range(1, 5) if fout % d == 0)  # outputs per block, dividing OUT
+        return dict(IN=fin, OUT=fout, bias=layer.opts["bias"], OB=ob,
+                    IN_V=fin - fin % 16, IN_TAIL=fin % 16)  # inputs in whole vectors (VEC = 16), the rest
 
     def torch_module(self, layer: Layer):
         import torch.nn as nn
