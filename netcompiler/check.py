@@ -121,13 +121,13 @@ class _Checker:
         if not isinstance(node.value, str) or not IDENT.match(node.value):
             self.error(node, f"name {_show(node.value)} is not a C identifier ([A-Za-z_][A-Za-z0-9_]*)")
         elif node.value in C_RESERVED or len(node.value) > MAX_NAME:
-            self.error(node, f"name '{node.value}' is reserved in C or longer than {MAX_NAME} characters")
+            self.error(node, f"name '{node.value}' {_bad_ident(node.value)}")
         return node.value if isinstance(node.value, str) else "net"
 
     def input_shape(self, root: Node, node: Node | None) -> Shape | None:
         if node is None:
-            if "input" not in self.misspelt:
-                    self.error(root, "missing 'input': the shape of one sample, e.g. input: [1, 28, 28] (channels, "
+            if "input" not in self.misspelt:  # else the unknown key already says "did you mean"
+                self.error(root, "missing 'input': the shape of one sample, e.g. input: [1, 28, 28] (channels, "
                                  "height, width) or input: [784]")
             return None
         dims = node.value
@@ -199,7 +199,8 @@ class _Checker:
     def layers(self, root: Node, node: Node | None, input_shape: Shape | None, net_name: str) -> list[Layer]:
         if node is None:
             if "layers" not in self.misspelt:
-                    self.error(root, "missing 'layers': a list of layers, e.g. - conv2d: {out_channels: 6, kernel_size: 5}")
+                self.error(root, "missing 'layers': a list of layers, e.g. - conv2d: {out_channels: 6, "
+                                 "kernel_size: 5}")
             return []
         if not isinstance(node.value, list) or not node.value:
             self.error(node, "'layers' must be a non-empty list")
@@ -274,8 +275,7 @@ class _Checker:
                                       f"([A-Za-z_][A-Za-z0-9_]*)")
                 ok = False
             elif name in C_RESERVED or len(name) > MAX_NAME:
-                self.error(name_node, f"{kind_name}: layer name '{name}' is reserved in C or longer than "
-                                      f"{MAX_NAME} characters")
+                self.error(name_node, f"{kind_name}: layer name '{name}' {_bad_ident(name)}")
                 ok = False
         expect_node = opts_node.value.get("expect")
         layer = Layer(index, kind, str(name), opts, entry, dict(opts_node.value))
@@ -337,6 +337,12 @@ def _explain(layer: Layer) -> str:
     return f"from input {fmt_shape(layer.in_shape)}"
 
 
+def _bad_ident(name: str) -> str:
+    if name in C_RESERVED:
+        return "is reserved in C (a keyword or a name the generated code uses)"
+    return f"is {len(name)} characters long; at most {MAX_NAME}"
+
+
 def _close(word: Any, choices: list[str]) -> list[str]:
     return difflib.get_close_matches(word, choices, n=1, cutoff=0.6) if isinstance(word, str) else []
 
@@ -346,6 +352,8 @@ def _show(v: Any) -> str:
         v = v.plain()
     if isinstance(v, list):
         v = [x.plain() if isinstance(x, Node) else x for x in v]
+    if isinstance(v, dict):
+        v = {k: x.plain() if isinstance(x, Node) else x for k, x in v.items()}
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):

@@ -86,7 +86,7 @@ def _convert(node: yaml.Node, file: str, errors: list[Diagnostic], state: dict |
             if not isinstance(knode, yaml.ScalarNode):
                 errors.append(Diagnostic(file, kline, kcol, "mapping keys must be plain names"))
                 continue
-            key = str(_Constructor().construct_object(knode)) if knode.tag in _PLAIN_TAGS else None
+            key = knode.value if knode.tag in _PLAIN_TAGS else None  # as written: 'null', not 'None'
             if key is None:
                 errors.append(Diagnostic(file, kline, kcol, f"unsupported YAML tag '{_short_tag(knode.tag)}'"))
                 continue

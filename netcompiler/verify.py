@@ -118,7 +118,12 @@ def finite_differences(net, x, y, per_tensor: int, seed: int, h: float = 1e-6) -
     grads = net.loss_and_grad(x, y)[1]
     for name, p in net.params.items():
         flat = p.reshape(-1)
-        idx = rng.choice(flat.size, size=min(per_tensor, flat.size), replace=False)
+        # half the coordinates where the gradient is largest (a zero gradient, e.g. behind a
+        # dead ReLU, would hide a wrong formula), the rest at random
+        g = np.abs(grads[name].reshape(-1))
+        top = np.argsort(-g, kind="stable")[: max(1, per_tensor // 2)]
+        rest = np.setdiff1d(np.arange(flat.size), top)
+        idx = np.concatenate([top, rng.choice(rest, size=min(per_tensor - top.size, rest.size), replace=False)])
         num = np.empty(idx.size)
         for j, i in enumerate(idx):
             old = flat[i]

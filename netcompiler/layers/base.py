@@ -43,10 +43,15 @@ def _int(v: Any, what: str, minimum: int) -> int:
 
 
 def _show(v: Any) -> str:
+    """A value as the user wrote it in YAML (true, null, [1, 2])."""
     if isinstance(v, str):
         return f"'{v}'"
     if v is None:
-        return "nothing"
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join("null" if x is None else _show(x) for x in v) + "]"
     return repr(v)
 
 
@@ -251,7 +256,7 @@ def window_out(size: int, k: int, stride: int, pad_total: int, dilation: int, ce
     window must start inside the input or the left padding (PyTorch's rule)."""
     span = size + pad_total - dilation * (k - 1) - 1
     if ceil:
-        out = -(-span // stride) + 1 if span >= 0 else span // stride + 1
+        out = -(-span // stride) + 1  # rounded up, also when the window is larger than the input
         if (out - 1) * stride >= size + pad_left:
             out -= 1
         return out

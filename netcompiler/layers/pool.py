@@ -18,9 +18,9 @@ class Pool2d(LayerKind):
             o["stride"] = o["kernel_size"]
         (kh, kw), (sh, sw), (ph, pw) = o["kernel_size"], o["stride"], o["padding"]
         dh, dw = o.get("dilation", (1, 1))
-        # PyTorch: padding at most half of the (effective) kernel.
-        for p, k, d in ((ph, kh, dh), (pw, kw, dw)):
-            if p > ((k - 1) * d + 1) // 2:
+        # PyTorch: padding at most half of the kernel size (whatever the dilation).
+        for p, k in ((ph, kh), (pw, kw)):
+            if p > k // 2:
                 error(f"{layer.where()}: padding {p} is more than half the kernel size {k}", "padding")
                 return None
         ceil = o["ceil_mode"]

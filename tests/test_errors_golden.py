@@ -1,0 +1,487 @@
+"""Golden error messages: the exact text, with file:line:col, of every kind of mistake.
+
+Each spec is written out in full so the line and column in the expected message can be
+checked by eye against it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from netcompiler.check import check_text, load
+from netcompiler.errors import SpecErrors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONV_OPTIONS = "out_channels, kernel_size, stride, padding, dilation, groups, bias, in_channels, name, expect"
+
+GOLDEN = {
+    "missing_input": (
+        "name: net\n"
+        "layers:\n"
+        "  - relu\n"
+        "loss: mse\n",
+        "net.yaml:1:1: error: missing 'input': the shape of one sample, e.g. input: [1, 28, 28] "
+        "(channels, height, width) or input: [784]"),
+    "missing_layers": (
+        "name: net\n"
+        "input: [4]\n"
+        "loss: mse\n",
+        "net.yaml:1:1: error: missing 'layers': a list of layers, e.g. - conv2d: {out_channels: 6, kernel_size: 5}"),
+    "missing_loss": (
+        "name: net\n"
+        "input: [4]\n"
+        "layers:\n"
+        "  - relu\n",
+        "net.yaml:1:1: error: missing 'loss': one of cross_entropy, mse"),
+    "empty_layers": (
+        "input: [4]\n"
+        "layers: []\n"
+        "loss: mse\n",
+        "net.yaml:2:9: error: 'layers' must be a non-empty list"),
+    "not_a_mapping": (
+        "- conv2d\n"
+        "- relu\n",
+        "net.yaml:1:1: error: a spec is a mapping with 'input', 'layers' and 'loss'"),
+    "wrong_type": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: six, kernel_size: 5}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:28: error: conv2d: 'out_channels' must be an integer, got 'six'"),
+    "wrong_type_block_style": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - conv2d:\n"
+        "      out_channels: 6\n"
+        "      kernel_size: 5\n"
+        "      bias: yes please\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:6:13: error: conv2d: 'bias' must be true or false, got 'yes please'"),
+    "float_size": (
+        "input: [4]\n"
+        "layers:\n"
+        "  - linear: {out_features: 2.5}\n"
+        "loss: mse\n",
+        "net.yaml:3:28: error: linear: 'out_features' must be an integer, got 2.5"),
+    "zero_size": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 0, kernel_size: 5}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:28: error: conv2d: 'out_channels' must be >= 1, got 0"),
+    "negative_size": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 6, kernel_size: -5}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:44: error: conv2d: 'kernel_size' must be >= 1, got -5"),
+    "negative_stride_in_pair": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 6, kernel_size: 5, stride: [1, -2]}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:55: error: conv2d: 'stride' must be >= 1, got -2"),
+    "negative_padding": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 6, kernel_size: 5, padding: -1}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:56: error: conv2d: 'padding' must be >= 0, got -1"),
+    "zero_input": (
+        "input: [1, 0, 28]\n"
+        "layers:\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:1:12: error: input size must be positive, got 0"),
+    "negative_input": (
+        "input: [1, 28, -28]\n"
+        "layers:\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:1:16: error: input size must be positive, got -28"),
+    "input_not_integer": (
+        "input: [1, 28, true]\n"
+        "layers:\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:1:16: error: input size must be an integer, got true"),
+    "input_nested_list": (
+        "input: [[1, 28, 28]]\n"
+        "layers:\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:1:9: error: input size must be an integer, got [1, 28, 28]"),
+    "input_two_dims": (
+        "input: [28, 28]\n"
+        "layers:\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:1:8: error: 'input' must be [channels, height, width] or [features], got [28, 28]"),
+    "unknown_kind_conv2": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - conv2: {out_channels: 6, kernel_size: 5}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:5: error: unknown layer kind 'conv2' (did you mean 'conv2d'?)"),
+    "unknown_kind_maxpool": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - maxpool: {kernel_size: 2}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:5: error: unknown layer kind 'maxpool' (did you mean 'maxpool2d'?)"),
+    "unknown_kind_bare": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - flatten\n"
+        "  - softmax\n"
+        "loss: mse\n",
+        "net.yaml:4:5: error: unknown layer kind 'softmax'"),
+    "unknown_option": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 6, kernal_size: 5}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:31: error: conv2d: unknown option 'kernal_size' (did you mean 'kernel_size'?); "
+        f"options are {CONV_OPTIONS}"),
+    "missing_required_option": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 6}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:5: error: conv2d: missing required option 'kernel_size' (kernel height and width (int or [h, w]))"),
+    "invalid_layer_name": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - conv2d: {name: 1st-conv, out_channels: 6, kernel_size: 5}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:20: error: conv2d: layer name '1st-conv' is not a C identifier ([A-Za-z_][A-Za-z0-9_]*)"),
+    "reserved_layer_name": (
+        "input: [4]\n"
+        "layers:\n"
+        "  - linear: {name: float, out_features: 2}\n"
+        "loss: mse\n",
+        "net.yaml:3:20: error: linear: layer name 'float' is reserved in C (a keyword or a name the generated code "
+        "uses)"),
+    "long_network_name": (
+        "name: " + "n" * 49 + "\n"
+        "input: [4]\n"
+        "layers:\n"
+        "  - relu\n"
+        "loss: mse\n",
+        "net.yaml:1:7: error: name '" + "n" * 49 + "' is 49 characters long; at most 48"),
+    "invalid_network_name": (
+        "name: my net\n"
+        "input: [4]\n"
+        "layers:\n"
+        "  - relu\n"
+        "loss: mse\n",
+        "net.yaml:1:7: error: name 'my net' is not a C identifier ([A-Za-z_][A-Za-z0-9_]*)"),
+    "duplicate_names": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - conv2d: {name: features, out_channels: 6, kernel_size: 5}\n"
+        "  - relu\n"
+        "  - conv2d: {name: features, out_channels: 6, kernel_size: 5}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:5:20: error: duplicate layer name 'features' (also layer 1, line 3)"),
+    "duplicate_with_automatic_name": (
+        "input: [4]\n"
+        "layers:\n"
+        "  - linear: {out_features: 4}\n"
+        "  - linear: {out_features: 4, name: fc1}\n"
+        "loss: mse\n",
+        "net.yaml:4:37: error: duplicate layer name 'fc1' (also layer 1, line 3)"),
+    "duplicate_key": (
+        "input: [4]\n"
+        "layers:\n"
+        "  - linear: {out_features: 4, out_features: 5}\n"
+        "loss: mse\n",
+        "net.yaml:3:31: error: duplicate key 'out_features'"),
+    "expect_mismatch": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 6, kernel_size: 5, expect: [6, 28, 28]}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:55: error: conv2d 'conv1': expected output 6x28x28, but it is 6x24x24 (from input 1x28x28)"),
+    "kernel_larger_than_input": (
+        "input: [1, 12, 12]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 6, kernel_size: 5}\n"
+        "  - maxpool2d: {kernel_size: 2}\n"
+        "  - conv2d: {out_channels: 16, kernel_size: 5}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:5:5: error: conv2d 'conv2': input 4x4 is smaller than kernel 5x5 (1+4-5 = 0)"),
+    "groups_not_dividing": (
+        "input: [6, 8, 8]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 8, kernel_size: 3, groups: 4}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:55: error: conv2d 'conv1': groups=4 must divide both in_channels (6) and out_channels (8)"),
+    "pool_padding_over_half_kernel": (
+        "input: [1, 8, 8]\n"
+        "layers:\n"
+        "  - maxpool2d: {kernel_size: 3, padding: 2}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:42: error: maxpool2d 'pool1': padding 2 is more than half the kernel size 3"),
+    "padding_misspelt": (
+        "input: [1, 8, 8]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 2, kernel_size: 3, padding: sam}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:56: error: conv2d: 'padding' must be an integer, a pair, 'same' or 'valid', got 'sam' "
+        "(did you mean 'same'?)"),
+    "linear_without_flatten": (
+        "input: [1, 28, 28]\n"
+        "layers:\n"
+        "  - linear: {out_features: 10}\n"
+        "loss: cross_entropy\n",
+        "net.yaml:3:5: error: linear 'fc1': input is 1x28x28 (3-D); a linear layer needs a 1-D input: "
+        "add '- flatten' before it (it would give 784 features)"),
+    "in_features_mismatch": (
+        "input: [784]\n"
+        "layers:\n"
+        "  - linear: {out_features: 10, in_features: 748}\n"
+        "loss: cross_entropy\n",
+        "net.yaml:3:45: error: linear 'fc1': in_features is 748 but the input has 784 features"),
+    "python_object_tag": (
+        "input: !!python/object/apply:os.system ['echo hi']\n"
+        "layers:\n"
+        "  - relu\n"
+        "loss: mse\n",
+        "net.yaml:1:8: error: unsupported YAML tag '!!python/object/apply:os.system' (only plain data is allowed)"),
+    "input_over_2_31_elements": (
+        "input: [3, 65536, 65536]\n"
+        "layers:\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:1:8: error: input 3x65536x65536 has 12,884,901,888 elements; at most 2,147,483,647 per tensor"),
+    "output_over_2_31_elements": (
+        "input: [3, 1024, 1024]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 2048, kernel_size: 1}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:3:5: error: conv2d 'conv1': output has 2,147,483,648 elements; at most 2,147,483,647 per tensor"),
+    "parameter_over_2_31_elements": (
+        "input: [65536]\n"
+        "layers:\n"
+        "  - linear: {out_features: 65536}\n"
+        "loss: mse\n",
+        "net.yaml:3:5: error: linear 'fc1': parameter 'weight' has 4,294,967,296 elements; "
+        "at most 2,147,483,647 per tensor"),
+    "memory_budget": (
+        # 5 outputs of 512x1024x1024 floats, saved and with gradients: 5 * 2^29 * 8 bytes = 20 GiB
+        "name: huge\n"
+        "input: [3, 1024, 1024]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 512, kernel_size: 1}\n"
+        "  - relu\n"
+        "  - conv2d: {out_channels: 512, kernel_size: 1}\n"
+        "  - relu\n"
+        "  - conv2d: {out_channels: 512, kernel_size: 1}\n"
+        "  - flatten\n"
+        "loss: mse\n",
+        "net.yaml:1:1: error: network 'huge' needs 20.0 GiB to train one sample, over the memory budget of "
+        "16.0 GiB (--memory-budget)"),
+    "unknown_top_level_key": (
+        "input: [4]\n"
+        "layers:\n"
+        "  - relu\n"
+        "loss: mse\n"
+        "optimiser: adam\n",
+        "net.yaml:5:1: error: unknown key 'optimiser'; expected one of name, input, layers, loss, train"),
+    "misspelt_top_level_key": (
+        "input: [4]\n"
+        "layer:\n"
+        "  - relu\n"
+        "loss: mse\n",
+        "net.yaml:2:1: error: unknown key 'layer' (did you mean 'layers'?); expected one of name, input, layers, "
+        "loss, train"),
+    "unknown_loss": (
+        "input: [4]\n"
+        "layers:\n"
+        "  - linear: {out_features: 3}\n"
+        "loss: crossentropy\n",
+        "net.yaml:4:7: error: unknown loss 'crossentropy' (did you mean 'cross_entropy'?); expected one of "
+        "cross_entropy, mse"),
+    "unknown_train_option": (
+        "input: [4]\n"
+        "layers:\n"
+        "  - linear: {out_features: 3}\n"
+        "loss: mse\n"
+        "train: {epoch: 3}\n",
+        "net.yaml:5:9: error: unknown train option 'epoch' (did you mean 'epochs'?); expected one of epochs, "
+        "batch_size, optimizer, lr, momentum, weight_decay, seed, val_split, mean, std"),
+    "dropout_p_one": (
+        "input: [4]\n"
+        "layers:\n"
+        "  - dropout: {p: 1}\n"
+        "loss: mse\n",
+        "net.yaml:3:18: error: dropout 'dropout1': p must be below 1 (p=1 zeroes everything)"),
+    "key_shown_as_written": (
+        "input: [4]\n"
+        "layers:\n"
+        "  - linear: {out_features: 2, null: 1}\n"
+        "loss: mse\n",
+        "net.yaml:3:31: error: linear: unknown option 'null'; options are out_features, bias, in_features, name, "
+        "expect"),
+    "loss_mapping_shown_as_data": (
+        "input: [4]\n"
+        "layers:\n"
+        "  - linear: {out_features: 2}\n"
+        "loss: {kind: mse}\n",
+        "net.yaml:4:7: error: unknown loss {'kind': 'mse'}; expected one of cross_entropy, mse"),
+    "options_not_a_mapping": (
+        "input: [4]\n"
+        "layers:\n"
+        "  - linear: 10\n"
+        "loss: mse\n",
+        "net.yaml:3:13: error: options of 'linear' must be a mapping, e.g. linear: {...}, got 10"),
+    "yaml_tab": (
+        "input: [4]\n"
+        "layers:\n"
+        "\t- relu\n",
+        "net.yaml:3:1: error: YAML syntax error: found character '\\t' that cannot start any token"),
+    "yaml_unclosed_bracket": (
+        "input: [1, 28, 28\n"
+        "layers:\n"
+        "  - relu\n"
+        "loss: mse\n",
+        "net.yaml:2:7: error: YAML syntax error: expected ',' or ']', but got ':' "
+        "(while parsing a flow sequence started at line 1, column 8)"),
+    "yaml_two_documents": (
+        "input: [4]\n"
+        "---\n"
+        "layers: [relu]\n",
+        "net.yaml:2:1: error: YAML syntax error: expected a single document in the stream, but found another "
+        "document"),
+    "yaml_nul_character": (
+        "input: [4]\n"
+        "lay\x00ers: [relu]\n",
+        "net.yaml:2:4: error: YAML syntax error: unacceptable character #x0000 (special characters are not allowed)"),
+    "empty": (
+        "",
+        "net.yaml:1:1: error: empty spec: expected a mapping with 'input', 'layers' and 'loss'"),
+    "only_comments": (
+        "# nothing here\n",
+        "net.yaml:1:1: error: empty spec: expected a mapping with 'input', 'layers' and 'loss'"),
+    "recursive_alias": (
+        "input: &a [1, *a]\n"
+        "layers: [relu]\n"
+        "loss: mse\n",
+        "net.yaml:1:8: error: recursive YAML alias (a value that contains itself)"),
+}
+
+
+@pytest.mark.parametrize("name", list(GOLDEN))
+def test_golden(name):
+    text, expected = GOLDEN[name]
+    with pytest.raises(SpecErrors) as exc:
+        check_text(text, "net.yaml")
+    assert str(exc.value) == expected
+
+
+def test_memory_budget_option():
+    text = (ROOT / "specs/lenet5.yaml").read_text()
+    # params + grads + adam state: 4 * 61,706 * 4 bytes = 987,296; per sample 2 * 14,602 floats saved
+    # (and their gradients) + 1,576 argmax indices: 123,120 bytes; 1,110,416 bytes = 1.1 MiB in all
+    with pytest.raises(SpecErrors) as exc:
+        check_text(text, "lenet5.yaml", memory_budget=1_110_415)
+    assert str(exc.value) == ("lenet5.yaml:2:1: error: network 'lenet5' needs 1.1 MiB to train one sample, over "
+                              "the memory budget of 1.1 MiB (--memory-budget)")
+    assert check_text(text, "lenet5.yaml", memory_budget=1_110_416).name == "lenet5"
+
+
+def test_several_independent_errors_are_all_reported(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SpecErrors) as exc:
+        load("tests/specs/bad_several.yaml")
+    f = "tests/specs/bad_several.yaml"
+    assert str(exc.value).splitlines() == [
+        f"{f}:5:28: error: conv2d: 'out_channels' must be an integer, got 'six'",
+        f"{f}:6:5: error: unknown layer kind 'maxpool' (did you mean 'maxpool2d'?)",
+        f"{f}:7:32: error: conv2d: unknown option 'kernal_size' (did you mean 'kernel_size'?); "
+        f"options are {CONV_OPTIONS}",
+        f"{f}:8:12: error: relu: unknown option 'slope'; options are name, expect",
+        f"{f}:10:28: error: linear: 'out_features' must be >= 1, got 0",
+        f"{f}:11:7: error: unknown loss 'crossentropy' (did you mean 'cross_entropy'?); expected one of "
+        "cross_entropy, mse",
+    ]
+
+
+def test_several_yaml_level_errors_are_all_reported():
+    text = ("input: !!python/object/apply:os.system ['x']\n"
+            "layers:\n"
+            "  - linear: {out_features: 3, out_features: 4}\n"
+            "loss: !!binary aGVsbG8=\n")
+    with pytest.raises(SpecErrors) as exc:
+        check_text(text, "net.yaml")
+    assert str(exc.value).splitlines() == [
+        "net.yaml:1:8: error: unsupported YAML tag '!!python/object/apply:os.system' (only plain data is allowed)",
+        "net.yaml:3:31: error: duplicate key 'out_features'",
+        "net.yaml:4:7: error: unsupported YAML tag '!!binary' (only plain data is allowed)",
+    ]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("bad_kernel", "tests/specs/bad_kernel.yaml:10:5: error: conv2d 'conv3': input 4x4 is smaller than kernel 5x5 "
+                   "(1+4-5 = 0)"),
+    ("bad_python_tag", "tests/specs/bad_python_tag.yaml:3:8: error: unsupported YAML tag "
+                       "'!!python/object/apply:os.system' (only plain data is allowed)"),
+    ("bad_syntax", "tests/specs/bad_syntax.yaml:3:7: error: YAML syntax error: expected ',' or ']', but got ':' "
+                   "(while parsing a flow sequence started at line 2, column 8)"),
+    ("cifar_first", "tests/specs/cifar_first.yaml:9:23: error: flatten 'flatten1': expected output 10, but it is "
+                    "40 (from input 10x2x2)"),
+], ids=["bad_kernel", "bad_python_tag", "bad_syntax", "cifar_first"])
+def test_golden_files(name, expected, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SpecErrors) as exc:
+        load(f"tests/specs/{name}.yaml")
+    assert str(exc.value) == expected
+
+
+def test_python_tag_is_never_executed(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    text = f"input: !!python/object/apply:os.system ['touch {marker}']\nlayers: [relu]\nloss: mse\n"
+    with pytest.raises(SpecErrors):
+        check_text(text, "net.yaml")
+    assert not marker.exists()
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(SpecErrors) as exc:
+        load(tmp_path / "nope.yaml")
+    assert str(exc.value) == f"{tmp_path / 'nope.yaml'}:1:1: error: cannot read spec: No such file or directory"
+    with pytest.raises(SpecErrors) as exc:
+        load(tmp_path)
+    assert str(exc.value) == f"{tmp_path}:1:1: error: cannot read spec: Is a directory"
+    binary = tmp_path / "net.bin"
+    binary.write_bytes(b"input: [4]\n\xff\xfe\x00\x01")
+    with pytest.raises(SpecErrors) as exc:
+        load(binary)
+    assert str(exc.value) == f"{binary}:1:1: error: spec is not UTF-8 text (invalid start byte at byte 11)"
+
+
+def test_option_errors_spell_values_as_yaml():
+    with pytest.raises(SpecErrors) as exc:
+        check_text("input: [4]\nlayers:\n  - linear: {out_features: true}\nloss: mse\n", "net.yaml")
+    assert str(exc.value) == "net.yaml:3:28: error: linear: 'out_features' must be an integer, got true"
