@@ -6,7 +6,8 @@ Conventions (also in README):
   torchinfo count them.
 - FLOPs: every floating-point add, multiply, compare, divide, exp, erf or tanh counts as
   one.  conv/linear forward = 2*MACs (+1 per output for the bias); their backward =
-  4*MACs (input and weight gradients) (+1 per output for the bias gradient).  Element-wise
+  4*MACs (input and weight gradients) (+1 per output for the bias gradient); the first
+  layer's input gradient is never computed and not counted.  Element-wise
   layers count the operations of their C expressions (see layers/activations.py).
   Forward FLOPs are for evaluation mode; training FLOPs = training-mode forward +
   backward + loss, per sample; the optimizer update (per batch) is not included.
@@ -38,8 +39,21 @@ def loss_flops(net: Network) -> int:
     return 5 * k
 
 
-def layer_row(layer: Layer) -> dict[str, Any]:
+def reads_network_input(layers: list[Layer]) -> set[int]:
+    """Indices of the layers whose input is the network input (the first layer, and any
+    after flatten views of it): their input gradient is never computed."""
+    out = set()
+    for l in layers:
+        out.add(l.index)
+        if not l.kind.aliases_input(l):
+            break
+    return out
+
+
+def layer_row(layer: Layer, first: bool = False) -> dict[str, Any]:
     fwd, bwd = layer.kind.flops(layer)
+    if first:
+        bwd -= layer.kind.input_grad_flops(layer)
     return {
         "index": layer.index + 1,
         "name": layer.name,
@@ -90,7 +104,8 @@ def training_memory(layers: list[Layer], batch_size: int, dtype: str = "float32"
 
 
 def build_report(net: Network, batch_size: int = 64, dtype: str = "float32", optimizer: str = "adam") -> dict:
-    rows = [layer_row(l) for l in net.layers]
+    first = reads_network_input(net.layers)
+    rows = [layer_row(l, l.index in first) for l in net.layers]
     train_fwd_extra = sum(l.kind.train_forward_extra_flops(l) for l in net.layers)
     total_flops = sum(r["flops"] for r in rows)
     total_bwd = sum(r["backward_flops"] for r in rows)

@@ -30,8 +30,10 @@ def test_lenet5_totals():
     assert [r["flops"] for r in rep["layers"]] == [239904, 4704, 3528, 481600, 1600, 1200, 0, 96120, 120,
                                                    20244, 84, 1690]
     assert rep["total_flops"] == 850794
-    # backward: conv/linear 4*MACs + bias, relu 1, max-pool 1 per output; + loss 5 per class
-    assert rep["training_flops"] == 850794 + 1680682 + 50
+    # backward: conv/linear 4*MACs + bias, relu 1, max-pool 1 per output; + loss 5 per class;
+    # conv1 reads the network input, so its input gradient (2 * 117,600) is not computed
+    assert rep["training_flops"] == 850794 + 1680682 - 2 * 117600 + 50 == 2296326
+    assert rep["layers"][0]["backward_flops"] == 2 * 117600 + 4704
     assert [r["activations"] for r in rep["layers"]] == [4704, 4704, 1176, 1600, 1600, 400, 0, 120, 120, 84,
                                                          84, 10]
     assert rep["input"] == [1, 28, 28] and rep["output"] == [10]

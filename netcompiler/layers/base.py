@@ -194,6 +194,11 @@ class LayerKind:
         """(forward FLOPs in evaluation mode, backward FLOPs) per sample."""
         return (0, 0)
 
+    def input_grad_flops(self, layer: Layer) -> int:
+        """The part of the backward FLOPs that computes the input gradient (skipped for a
+        layer that reads the network input).  Parameter-free layers: all of backward."""
+        return self.flops(layer)[1]
+
     def train_forward_extra_flops(self, layer: Layer) -> int:
         """FLOPs that only the training-mode forward does (batch statistics, masks)."""
         return 0

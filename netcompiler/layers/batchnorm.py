@@ -49,6 +49,9 @@ class BatchNorm2d(LayerKind):
     def batch_stats(self, layer: Layer) -> int:
         return 2 * layer.in_shape[0]  # batch mean and 1/sqrt(var + eps) per channel
 
+    def input_grad_flops(self, layer: Layer) -> int:
+        return 5 * layer.out_size  # dx per element; the reductions feed dgamma/dbeta too
+
     def render_context(self, layer: Layer) -> dict:
         c, h, w = layer.in_shape
         return dict(C=c, HW=h * w, eps=repr(layer.opts["eps"]), momentum=repr(layer.opts["momentum"]))

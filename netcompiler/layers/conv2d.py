@@ -88,6 +88,9 @@ class Conv2d(LayerKind):
         # backward: input gradient and weight gradient (2 FLOPs per MAC each) + bias gradient.
         return (2 * self.macs(layer) + bias, 4 * self.macs(layer) + bias)
 
+    def input_grad_flops(self, layer: Layer) -> int:
+        return 2 * self.macs(layer)
+
     def render_context(self, layer: Layer) -> dict:
         o, d = layer.opts, layer.derived
         cin, h, w = layer.in_shape

@@ -42,6 +42,9 @@ class Linear(LayerKind):
         bias = layer.out_size if layer.opts["bias"] else 0
         return (2 * self.macs(layer) + bias, 4 * self.macs(layer) + bias)
 
+    def input_grad_flops(self, layer: Layer) -> int:
+        return 2 * self.macs(layer)
+
     def render_context(self, layer: Layer) -> dict:
         fin, fout = layer.in_shape[0], layer.out_shape[0]
         ob = max(d for d in range(1, 5) if fout % d == 0)  # outputs per block, dividing OUT
