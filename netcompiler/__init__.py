@@ -30,7 +30,9 @@ def compile(spec, dtype: str = "float32", threads: int | None = None, flags: lis
     built = compile_rendered(rendered, out_dir=out_dir, flags=flags)
     ffi = cffi.FFI()
     ffi.cdef(rendered.api)
-    lib = ffi.dlopen(str(built.so_path))
+    # RTLD_NODELETE: the library (and its OpenMP runtime) stays mapped until the process
+    # exits; unloading it while OpenMP worker threads still spin crashed at exit.
+    lib = ffi.dlopen(str(built.so_path), ffi.RTLD_NOW | ffi.RTLD_NODELETE)
     return Net(rendered, ffi, lib, dtype=dtype, threads=threads, paths=built)
 
 

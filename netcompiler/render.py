@@ -6,6 +6,7 @@ forward_def, backward_def, forward_call and backward_call.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Rendered:
     plan: Plan
 
 
+@functools.lru_cache(maxsize=None)
 def _env() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),

@@ -149,6 +149,8 @@ class Net:
                         ("beta1", betas[0]), ("beta2", betas[1])):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{what} must be a finite number >= 0, got {v!r}")
+        if getattr(self, "optimizer", kind) != kind:
+            self.reset_optimizer()  # another optimizer's moments are not this one's state
         o = self._optim
         o.kind = 1 if kind == "adam" else 0
         o.lr, o.weight_decay, o.eps = float(lr), float(weight_decay), float(eps)
@@ -220,7 +222,9 @@ class Net:
             raise ValueError(f"targets must have shape ({n}, {', '.join(map(str, out))}), got {arr.shape}")
         return np.ascontiguousarray(arr, dtype=self.dtype)
 
-    def _check_training_batch(self, n: int) -> None:
+    def check_training_batch(self, n: int) -> None:
+        """ValueError when a batch of n samples cannot be trained on (batch norm needs more
+        than one value per channel)."""
         for layer in self.network.layers:
             if layer.kind.batch_level_in_training and n * math.prod(layer.in_shape[1:]) < 2:
                 raise ValueError(f"{layer.where()} needs more than one value per channel in training "
@@ -263,7 +267,7 @@ class Net:
         batch-norm running statistics (as in PyTorch's train mode)."""
         x = self.check_x(x)
         y = self.check_y(y, x.shape[0])
-        self._check_training_batch(x.shape[0])
+        self.check_training_batch(x.shape[0])
         n = self._forward(x, training=True)
         self._lib.__getattr__(f"{self.name}_zero_grad")(self._ctx)
         loss = self._lib.__getattr__(f"{self.name}_backward")(self._ctx, self._y_ptr(y), self._ffi.NULL, n)
@@ -275,25 +279,26 @@ class Net:
         A non-finite loss leaves the parameters untouched and is returned as is."""
         x = self.check_x(x)
         y = self.check_y(y, x.shape[0])
-        self._check_training_batch(x.shape[0])
+        self.check_training_batch(x.shape[0])
         self._reserve(x.shape[0])
         return float(self._lib.__getattr__(f"{self.name}_train_step")(
             self._ctx, self._real_ptr(x), self._y_ptr(y), self._ffi.NULL, x.shape[0], self._optim))
 
     def train_batches(self, x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int
                       ) -> tuple[np.ndarray, np.ndarray]:
-        """Train on rows `order` of x/y in batches, in one C call.  x and y must already be
-        checked (check_x/check_y on the whole data set).  Returns per-batch losses and
-        correct counts; fewer rows than batches when a loss was not finite."""
+        """Train on rows `order` of x/y in batches, in one C call.  x and y are checked like
+        everywhere (pass arrays from check_x/check_y to avoid a copy per call).  Returns
+        per-batch losses and correct counts, up to and including a batch whose loss was
+        not finite (that batch's update is skipped)."""
         order = np.ascontiguousarray(order, dtype=np.int64)
         if order.ndim != 1 or (order.size and (order.min() < 0 or order.max() >= x.shape[0])):
             raise ValueError("order must be a 1-D array of row indices into x")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if x.dtype != self.dtype or not x.flags.c_contiguous or y.shape[0] != x.shape[0]:
-            raise ValueError("x and y must come from check_x/check_y on the same data set")
+        x = self.check_x(x)  # no copy when x is already checked
+        y = self.check_y(y, x.shape[0])
         batch_size = int(min(batch_size, max(order.size, 1)))
-        self._check_training_batch(order.size % batch_size or batch_size)  # the smallest batch
+        self.check_training_batch(order.size % batch_size or batch_size)  # the smallest batch
         self._reserve(batch_size)
         nb = -(-order.size // batch_size)
         losses = np.zeros(nb, np.float64)

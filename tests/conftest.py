@@ -1,0 +1,254 @@
+"""Shared helpers of the code-generation tests.
+
+- `build(spec_text, dtype, threads)`: check + compile once per (spec, dtype) and return
+  the loaded `Net`, reset to a known state (init(0), seed(0), no gradients, fresh
+  optimizer).  Builds go through the default cache (~/.cache/netcompiler), so reruns
+  reuse them; `prebuild` compiles many specs concurrently (gcc runs in parallel).
+- `reference_model(net)`: an *independent* PyTorch model built from the spec's raw YAML
+  options (not from the layer kinds' own `torch_module`), so a wrong option mapping in
+  the compiler cannot hide behind the same mistake in the reference.
+- `assert_close`: compares arrays with a tolerance relative to the reference's scale and
+  reports the max difference (llm.c's "maxdiff").
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+import netcompiler as nc
+import netcompiler.render
+from netcompiler.check import check_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# render() builds a new Jinja environment per call, which recompiles every template (~0.25 s,
+# more than half of a cached nc.compile).  One shared environment renders the same text (its
+# loader still reloads a template whose file changed) and saves ~30 s over the suite.
+if not hasattr(netcompiler.render._env, "cache_info"):
+    netcompiler.render._env = functools.lru_cache(maxsize=None)(netcompiler.render._env)
+
+_BUILT: dict[tuple[str, str, str], Any] = {}
+
+
+def spec(input_shape, layers, loss: str = "cross_entropy", name: str | None = None) -> str:
+    """Spec text from a list of YAML layer entries ("relu", "conv2d: {...}")."""
+    body = "".join(f"  - {l}\n" for l in layers)
+    head = f"name: {name}\n" if name else ""
+    return f"{head}input: {list(input_shape)}\nlayers:\n{body}loss: {loss}\n"
+
+
+def compile_spec(spec_text: str, dtype: str = "float64", file: str = "case.yaml"):
+    key = (spec_text, dtype, file)
+    net = _BUILT.get(key)
+    if net is None:
+        net = _BUILT[key] = nc.compile(check_text(spec_text, file), dtype=dtype, threads=1)
+    return net
+
+
+def reset(net, threads: int = 1, seed: int = 0):
+    net.threads = threads
+    net.init(seed)  # parameters, buffers, gradients, optimizer moments
+    net.seed(0)
+    net.set_optimizer("sgd", lr=0.01, momentum=0.0, weight_decay=0.0)
+    return net
+
+
+def build(spec_text: str, dtype: str = "float64", threads: int = 1, file: str = "case.yaml"):
+    """The compiled net of `spec_text` (cached per dtype), reset to init(0)/seed(0)."""
+    return reset(compile_spec(spec_text, dtype, file), threads)
+
+
+def prebuild(jobs) -> None:
+    """Compile (spec_text, dtype) pairs concurrently into the cache of `build`."""
+    todo = [j for j in dict.fromkeys(jobs) if (j[0], j[1], "case.yaml") not in _BUILT]
+    if not todo:
+        return
+    workers = max(1, min(len(todo), len(os.sched_getaffinity(0))))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(compile_spec, text, dtype) for text, dtype in todo]:
+            f.result()
+
+
+# ---- comparisons ---------------------------------------------------------------------------
+def maxdiff(actual, expected) -> float:
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(a - e))) if a.size else 0.0
+
+
+def assert_close(actual, expected, rtol: float, what: str, atol: float = 0.0) -> None:
+    """max|actual - expected| <= rtol * max|expected| + atol, shapes equal."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape}, expected {e.shape}"
+    assert np.all(np.isfinite(a)), f"{what}: non-finite values"
+    scale = float(np.max(np.abs(e))) if e.size else 0.0
+    d = maxdiff(a, e)
+    assert d <= rtol * scale + atol, f"{what}: maxdiff {d:.3e} > {rtol:g} * {scale:.3e} + {atol:.1e}"
+
+
+# ---- an independent PyTorch reference ------------------------------------------------------
+def _pair(v):
+    return tuple(v) if isinstance(v, list) else (v, v)
+
+
+def raw_layers(spec_text: str) -> list[tuple[str, dict]]:
+    """(kind, options) of every layer, straight from the YAML (no netcompiler code)."""
+    out = []
+    for entry in yaml.safe_load(spec_text)["layers"]:
+        if isinstance(entry, str):
+            out.append((entry, {}))
+        else:
+            (kind, opts), = entry.items()
+            out.append((kind, dict(opts or {})))
+    return out
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def masked_dropout():
+    """A module that multiplies by a given `.mask` in training and is the identity in
+    evaluation: dropout with the mask the C code drew (PyTorch's generator differs)."""
+    torch = _torch()
+
+    class MaskedDropout(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mask = None
+
+        def forward(self, x):
+            if not self.training:
+                return x
+            assert self.mask is not None, "the training-mode reference needs the dropout mask"
+            return x * self.mask
+
+    return MaskedDropout()
+
+
+def _module(kind: str, o: dict, in_shape: tuple[int, ...]):
+    nn = _torch().nn
+    if kind == "conv2d":
+        pad = o.get("padding", 0)
+        pad = pad if isinstance(pad, str) else _pair(pad)
+        return nn.Conv2d(in_shape[0], o["out_channels"], _pair(o["kernel_size"]), stride=_pair(o.get("stride", 1)),
+                         padding=pad, dilation=_pair(o.get("dilation", 1)), groups=o.get("groups", 1),
+                         bias=o.get("bias", True))
+    if kind == "maxpool2d":
+        return nn.MaxPool2d(_pair(o["kernel_size"]), _pair(o["stride"]) if "stride" in o else None,
+                            _pair(o.get("padding", 0)), _pair(o.get("dilation", 1)),
+                            ceil_mode=o.get("ceil_mode", False))
+    if kind == "avgpool2d":
+        return nn.AvgPool2d(_pair(o["kernel_size"]), _pair(o["stride"]) if "stride" in o else None,
+                            _pair(o.get("padding", 0)), ceil_mode=o.get("ceil_mode", False),
+                            count_include_pad=o.get("count_include_pad", True))
+    if kind == "linear":
+        return nn.Linear(in_shape[0], o["out_features"], bias=o.get("bias", True))
+    if kind == "flatten":
+        return nn.Flatten()
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(o.get("negative_slope", 0.01))
+    if kind == "gelu":
+        return nn.GELU(approximate=o.get("approximate", "none"))
+    if kind == "tanh":
+        return nn.Tanh()
+    if kind == "sigmoid":
+        return nn.Sigmoid()
+    if kind == "batchnorm2d":
+        return nn.BatchNorm2d(in_shape[0], eps=o.get("eps", 1e-5), momentum=o.get("momentum", 0.1))
+    if kind == "dropout":
+        return masked_dropout()
+    raise KeyError(f"the reference does not know layer kind '{kind}': add it to tests/conftest.py")
+
+
+def reference_model(net, spec_text: str, state: dict | None = None, dtype=None):
+    """nn.Sequential for `spec_text` from its raw options, named like `net`'s layers,
+    loaded with `state` (default: net.state_dict())."""
+    torch = _torch()
+    dtype = dtype or torch.float64
+    model = torch.nn.Sequential()
+    shape = tuple(yaml.safe_load(spec_text)["input"])
+    names = [l.name for l in net.network.layers]
+    for name, (kind, o) in zip(names, raw_layers(spec_text), strict=True):
+        m = _module(kind, o, shape).to(dtype)
+        with torch.no_grad():
+            shape = tuple(m.eval()(torch.zeros((1, *shape), dtype=dtype)).shape[1:])
+        model.add_module(name, m)
+    model = model.to(dtype)
+    state = net.state_dict() if state is None else state
+    sd = model.state_dict()
+    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    assert set(sd) == set(state), f"parameter names differ from PyTorch's: {sorted(set(sd) ^ set(state))}"
+    for k, v in sd.items():
+        assert tuple(v.shape) == tuple(np.shape(state[k])), f"{k}: shape {np.shape(state[k])}, PyTorch {tuple(v.shape)}"
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v, np.float64), dtype=dtype) for k, v in state.items()},
+                          strict=False)
+    return model
+
+
+def dropout_masks(net, n: int) -> dict[str, np.ndarray]:
+    """The masks the last training forward saved, per dropout layer: (n, *out_shape)."""
+    layers = {l.name: l for l in net.network.layers}
+    out = {}
+    for t in net.plan.activations:
+        if t.name.endswith(".mask"):
+            lname = t.name[: -len(".mask")]
+            out[lname] = net._acts[:n, t.offset:t.offset + t.size].reshape(n, *layers[lname].out_shape).copy()
+    return out
+
+
+def reference_loss_and_grad(net, spec_text: str, x, y, masks: dict | None = None, state=None):
+    """Training-mode loss, gradients and outputs of the independent reference (float64)."""
+    torch = _torch()
+    F = torch.nn.functional
+    model = reference_model(net, spec_text, state)
+    model.train()
+    for lname, m in (masks or {}).items():
+        getattr(model, lname).mask = torch.as_tensor(np.asarray(m, np.float64))
+    out = model(torch.as_tensor(np.asarray(x, np.float64)))
+    if net.network.loss == "cross_entropy":
+        loss = F.cross_entropy(out, torch.as_tensor(np.asarray(y), dtype=torch.long))
+    else:
+        loss = F.mse_loss(out, torch.as_tensor(np.asarray(y, np.float64)))
+    loss.backward()
+    grads = {k: p.grad.detach().numpy().copy() for k, p in model.named_parameters()}
+    return loss.item(), grads, out.detach().numpy(), model
+
+
+def random_batch(net, n: int, rng):
+    x = rng.standard_normal((n, *net.network.input_shape))
+    if net.network.loss == "cross_entropy":
+        y = rng.integers(0, net.network.num_classes, n)
+    else:
+        y = rng.standard_normal((n, *net.network.output_shape))
+    return x, y
+
+
+def randomize_batchnorm(net, rng) -> None:
+    """Give batch-norm layers non-trivial gamma/beta and running statistics."""
+    for k, v in net.params.items():
+        if any(k == f"{l.name}.weight" and l.kind.kind == "batchnorm2d" for l in net.network.layers):
+            v[...] = rng.uniform(0.5, 1.5, v.shape)
+        elif any(k == f"{l.name}.bias" and l.kind.kind == "batchnorm2d" for l in net.network.layers):
+            v[...] = rng.uniform(-0.5, 0.5, v.shape)
+    for k, v in net.buffers.items():
+        v[...] = rng.uniform(0.5, 2.0, v.shape) if k.endswith("running_var") else rng.normal(0, 0.3, v.shape)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+__all__ = ["ROOT", "assert_close", "build", "dropout_masks", "maxdiff", "prebuild", "random_batch",
+           "randomize_batchnorm", "raw_layers", "reference_loss_and_grad", "reference_model", "reset", "spec"]

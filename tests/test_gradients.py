@@ -1,0 +1,381 @@
+"""Every layer kind and every option class against PyTorch and finite differences.
+
+Each case is a small spec with the layer under test between other layers: a parameter
+layer before it (so its *input* gradient is checked indirectly through that layer's
+parameter gradients) and a head after it that the loss applies to.  Every case is
+compiled in float64 and float32 and checked for
+- the evaluation-mode forward against an independent PyTorch model (conftest.py builds it
+  from the spec's raw YAML options, not from the compiler's own `torch_module`),
+- the training-mode loss and every parameter gradient against PyTorch, with 1 and 2
+  threads (float64, rtol 1e-9) and in float32 (rtol 1e-4),
+- central finite differences of the loss `loss_and_grad` returns, for a few coordinates
+  of each parameter tensor (float64; `seed` before every evaluation repeats the dropout
+  masks).
+Dropout draws its own masks, so the PyTorch reference multiplies by the mask the C code
+saved (in `net._acts` at the '<layer>.mask' slot) instead of using nn.Dropout.
+
+`COVERED` (kind -> option names set explicitly in some case) is derived from `CASES`;
+tests/test_registry.py fails when a kind or an option is never exercised here.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from conftest import (assert_close, build, dropout_masks, prebuild, random_batch, randomize_batchnorm, raw_layers,
+                      reference_loss_and_grad, reference_model, spec)
+from netcompiler.check import check_text
+from netcompiler.errors import SpecErrors
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel",
+                                        "ignore:.*requires_grad=True.*:UserWarning")
+
+BATCH = 3  # odd: two threads split it unevenly
+HEAD = ["flatten", "linear: {out_features: 3}"]
+PRE_CONV = "conv2d: {out_channels: 3, kernel_size: 1}"  # a parameter layer before the layer under test
+
+
+def around(layer, input_shape=(2, 7, 6), pre=PRE_CONV, head=HEAD, loss="cross_entropy"):
+    layers = ([pre] if pre else []) + ([layer] if isinstance(layer, str) else list(layer)) + list(head)
+    return spec(input_shape, layers, loss)
+
+
+CASES: dict[str, str] = {
+    # ---- conv2d ---------------------------------------------------------------------------
+    "conv_basic": around("conv2d: {out_channels: 4, kernel_size: 3}"),
+    "conv_first_layer": around("conv2d: {out_channels: 4, kernel_size: 3, in_channels: 2}", pre=None),
+    "conv_stride2_pad1": around("conv2d: {out_channels: 4, kernel_size: 3, stride: 2, padding: 1}"),
+    "conv_pairs_nonsquare": around("conv2d: {out_channels: 2, kernel_size: [3, 2], stride: [2, 1], padding: [1, 2]}"),
+    "conv_same_odd": around("conv2d: {out_channels: 3, kernel_size: 3, padding: same}"),
+    "conv_same_even": around("conv2d: {out_channels: 3, kernel_size: [2, 4], padding: same}"),
+    "conv_same_dilated": around("conv2d: {out_channels: 3, kernel_size: 3, dilation: 2, padding: same}"),
+    "conv_same_even_dilated": around("conv2d: {out_channels: 2, kernel_size: [4, 2], dilation: [1, 3], "
+                                     "padding: same}"),
+    "conv_valid": around("conv2d: {out_channels: 3, kernel_size: [2, 3], padding: valid}"),
+    "conv_dilation_stride": around("conv2d: {out_channels: 3, kernel_size: 2, dilation: [2, 3], stride: 2, "
+                                   "padding: 2}"),
+    "conv_groups2": around("conv2d: {out_channels: 6, kernel_size: 3, groups: 2, padding: 1}",
+                           pre="conv2d: {out_channels: 4, kernel_size: 1}"),
+    "conv_depthwise": around("conv2d: {out_channels: 3, kernel_size: 3, groups: 3}"),
+    "conv_depthwise_x2": around("conv2d: {out_channels: 6, kernel_size: [3, 2], groups: 3, stride: [1, 2]}"),
+    "conv_nobias": around(["conv2d: {out_channels: 4, kernel_size: 3, bias: false}",
+                           "conv2d: {out_channels: 2, kernel_size: 2, bias: false}"],
+                          pre="conv2d: {out_channels: 3, kernel_size: 1, bias: false}"),
+    "conv_pad_over_kernel": around("conv2d: {out_channels: 2, kernel_size: 2, stride: 3, padding: 3}"),
+    "conv_1x1_stride": around("conv2d: {out_channels: 4, kernel_size: 1, stride: 2}"),
+    "conv_full_kernel": around("conv2d: {out_channels: 5, kernel_size: [7, 6]}"),
+    "conv_stack": around(["conv2d: {out_channels: 4, kernel_size: 3, padding: 1}", "relu",
+                          "conv2d: {out_channels: 3, kernel_size: 3, stride: 2}"], input_shape=(1, 9, 8)),
+    # register blocking of the convolution GEMMs: several channel / pixel / tap blocks, a prime
+    # channel count, exact multiples of the vector width
+    "conv_gemm_blocks": around("conv2d: {out_channels: 16, kernel_size: 3, padding: 1}", input_shape=(3, 9, 8)),
+    "conv_gemm_prime": around("conv2d: {out_channels: 11, kernel_size: 5, padding: same}", input_shape=(2, 8, 8),
+                              pre="conv2d: {out_channels: 2, kernel_size: 1}"),
+    "conv_gemm_deep": around("conv2d: {out_channels: 12, kernel_size: 4, padding: 1}", input_shape=(8, 5, 5),
+                             pre="conv2d: {out_channels: 8, kernel_size: 1}"),
+    # ---- maxpool2d ------------------------------------------------------------------------
+    "maxpool_k2": around("maxpool2d: {kernel_size: 2}"),
+    "maxpool_k3_s2_p1": around("maxpool2d: {kernel_size: 3, stride: 2, padding: 1}"),
+    "maxpool_dilation": around("maxpool2d: {kernel_size: [3, 2], stride: [1, 2], padding: 1, dilation: 2}"),
+    "maxpool_pairs": around("maxpool2d: {kernel_size: [3, 2], stride: [2, 1], padding: [1, 0], dilation: [2, 1]}"),
+    "maxpool_ceil": around("maxpool2d: {kernel_size: 3, stride: 2, ceil_mode: true}"),
+    "maxpool_ceil_pad": around("maxpool2d: {kernel_size: 2, stride: 2, padding: 1, ceil_mode: true}"),
+    "maxpool_ceil_dilation": around("maxpool2d: {kernel_size: 2, stride: 3, dilation: 2, ceil_mode: true}"),
+    "maxpool_overlap_s1": around("maxpool2d: {kernel_size: 3, stride: 1, padding: 1}"),
+    "maxpool_relu_ties": around(["relu", "maxpool2d: {kernel_size: 2}"]),
+    "maxpool_first_layer": around("maxpool2d: {kernel_size: 2, padding: 1}", pre=None,
+                                  head=["conv2d: {out_channels: 2, kernel_size: 2}", *HEAD]),
+    "maxpool_last_mse": around("maxpool2d: {kernel_size: [2, 3]}", head=[], loss="mse"),
+    # ---- avgpool2d ------------------------------------------------------------------------
+    "avgpool_k2": around("avgpool2d: {kernel_size: 2}"),
+    "avgpool_pad_incl": around("avgpool2d: {kernel_size: 3, stride: 2, padding: 1}"),
+    "avgpool_pad_excl": around("avgpool2d: {kernel_size: 3, stride: 2, padding: 1, count_include_pad: false}"),
+    "avgpool_ceil_pad_incl": around("avgpool2d: {kernel_size: [3, 2], stride: 2, padding: 1, ceil_mode: true, "
+                                    "count_include_pad: true}"),
+    "avgpool_ceil_pad_excl": around("avgpool2d: {kernel_size: [3, 2], stride: [2, 1], padding: 1, ceil_mode: true, "
+                                    "count_include_pad: false}"),
+    "avgpool_ceil_nopad": around("avgpool2d: {kernel_size: 3, stride: 2, ceil_mode: true}"),
+    "avgpool_first_layer": around("avgpool2d: {kernel_size: [2, 3], stride: 1, padding: [1, 0]}", pre=None,
+                                  head=["conv2d: {out_channels: 2, kernel_size: 2}", *HEAD]),
+    # ---- linear -----------------------------------------------------------------------------
+    "linear_bias": spec([5], ["linear: {out_features: 4, in_features: 5}", "tanh", "linear: {out_features: 3}"]),
+    "linear_nobias": spec([5], ["linear: {out_features: 4, bias: false}", "relu",
+                                "linear: {out_features: 3, bias: false}"]),
+    "linear_vector_widths": spec([32], ["linear: {out_features: 8}", "relu", "linear: {out_features: 16}",
+                                        "linear: {out_features: 1}"], "mse"),
+    "linear_after_conv_mse": around(["flatten", "linear: {out_features: 4}"], head=[], loss="mse"),
+    # ---- activations --------------------------------------------------------------------------
+    "relu": around(["relu", "conv2d: {out_channels: 2, kernel_size: 2}", "relu"]),
+    "leaky_relu": around(["leaky_relu: {negative_slope: 0.2}", "flatten", "linear: {out_features: 4}",
+                          "leaky_relu"], head=["linear: {out_features: 3}"]),
+    "leaky_relu_negative_slope": around("leaky_relu: {negative_slope: -0.5}"),
+    "gelu": around(["gelu: {approximate: none}", "flatten", "linear: {out_features: 4}",
+                    "gelu: {approximate: tanh}", "linear: {out_features: 3}", "gelu"], head=[]),
+    "tanh_sigmoid": around(["tanh", "flatten", "linear: {out_features: 4}", "sigmoid"],
+                           head=["linear: {out_features: 3}"]),
+    "activations_first_and_last_mse": spec([6], ["sigmoid", "linear: {out_features: 4}", "tanh"], "mse"),
+    "activations_first_gelu_tanh": spec([2, 4, 4], ["gelu: {approximate: tanh}",
+                                                    "conv2d: {out_channels: 2, kernel_size: 3}",
+                                                    "leaky_relu", *HEAD]),
+    # ---- batchnorm2d ------------------------------------------------------------------------
+    "batchnorm": around(["batchnorm2d", "relu"]),
+    "batchnorm_eps_momentum": around("batchnorm2d: {eps: 0.001, momentum: 0.3}"),
+    "batchnorm_first_layer": around("batchnorm2d", pre=None,
+                                    head=["conv2d: {out_channels: 2, kernel_size: 3}", *HEAD]),
+    "batchnorm_1x1_maps": around(["conv2d: {out_channels: 4, kernel_size: [7, 6]}", "batchnorm2d"]),
+    "batchnorm_twice_momentum_0_1": around(["batchnorm2d: {momentum: 0.0}", "batchnorm2d: {momentum: 1.0}",
+                                            "maxpool2d: {kernel_size: 2}"]),
+    "batchnorm_last_mse": around(["conv2d: {out_channels: 2, kernel_size: 3}", "batchnorm2d"], head=[],
+                                 loss="mse"),
+    # ---- dropout ----------------------------------------------------------------------------
+    "dropout_conv": around(["dropout: {p: 0.3}", "conv2d: {out_channels: 2, kernel_size: 2}"]),
+    "dropout_default_two": around(["relu", "flatten", "dropout", "linear: {out_features: 5}", "dropout: {p: 0.25}"],
+                                  head=["linear: {out_features: 3}"]),
+    "dropout_first_layer": spec([8], ["dropout: {p: 0.2}", "linear: {out_features: 3}"]),
+    "dropout_last_mse": spec([6], ["linear: {out_features: 5}", "dropout: {p: 0.4}"], "mse"),
+    "dropout_p0": spec([6], ["linear: {out_features: 5}", "dropout: {p: 0.0}", "linear: {out_features: 3}"]),
+    "batchnorm_dropout": around(["batchnorm2d", "dropout: {p: 0.5}"]),
+    # ---- flatten and losses ---------------------------------------------------------------------
+    "flatten_first_layer": spec([2, 3, 3], ["flatten", "linear: {out_features: 3}"]),
+    "flatten_twice": around(["flatten", "flatten"], head=["linear: {out_features: 3}"]),
+    "flatten_last_ce": around("conv2d: {out_channels: 4, kernel_size: [7, 6]}", head=["flatten"]),
+    "flatten_1d_mse": spec([5], ["flatten", "linear: {out_features: 2}", "flatten"], "mse"),
+}
+
+
+def _covered() -> tuple[dict[str, set[str]], dict[tuple[str, str], list], set[str]]:
+    """kind -> options set explicitly; (kind, option) -> values used (OMITTED when a case
+    leaves the option at its default); the losses used."""
+    import yaml
+
+    instances: dict[str, list[dict]] = defaultdict(list)
+    losses = set()
+    for text in CASES.values():
+        losses.add(yaml.safe_load(text)["loss"])
+        for kind, opts in raw_layers(text):
+            instances[kind].append(opts)
+    options = {kind: set().union(*map(set, insts)) for kind, insts in instances.items()}
+    values = {(kind, k): [o.get(k, OMITTED) for o in insts] for kind, insts in instances.items() for k in options[kind]}
+    return options, values, losses
+
+
+OMITTED = "<default>"
+COVERED, COVERED_VALUES, COVERED_LOSSES = _covered()
+IDS = list(CASES)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prebuild_all():
+    prebuild([(t, d) for t in CASES.values() for d in ("float64", "float32")])
+
+
+def prepared(case: str, dtype: str = "float64", threads: int = 1):
+    """The case's net with random batch-norm statistics, and a random batch."""
+    net = build(CASES[case], dtype, threads)
+    rng = np.random.default_rng(sum(map(ord, case)))
+    net.init(int(rng.integers(1000)))
+    randomize_batchnorm(net, rng)
+    x, y = random_batch(net, BATCH, rng)
+    return net, x, y
+
+
+def _atol(grads: dict, rtol: float) -> float:
+    """An absolute floor for tensors whose exact gradient is ~0 (a bias before batch norm)."""
+    return rtol * 1e-2 * max(float(np.max(np.abs(g))) for g in grads.values())
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_forward_eval_matches_torch(case):
+    net, x, _ = prepared(case)
+    model = reference_model(net, CASES[case]).eval()
+    with torch.no_grad():
+        ref = model(torch.as_tensor(x)).numpy()
+    assert_close(net.forward(x), ref, 1e-9, f"{case}: eval forward")
+    net.threads = 2
+    assert_close(net.forward(x), ref, 1e-9, f"{case}: eval forward, 2 threads")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", IDS)
+def test_loss_and_gradients_match_torch_float64(case, threads):
+    net, x, y = prepared(case, "float64", threads)
+    state = net.state_dict()
+    loss, grads = net.loss_and_grad(x, y)
+    rl, rg, rout, _ = reference_loss_and_grad(net, CASES[case], x, y, dropout_masks(net, BATCH), state)
+    assert abs(loss - rl) <= 1e-9 * abs(rl) + 1e-14, f"{case}: loss {loss!r}, torch {rl!r}"
+    assert set(grads) == set(rg)
+    for k in rg:
+        assert_close(grads[k], rg[k], 1e-9, f"{case}: d{k}", atol=_atol(rg, 1e-9))
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_loss_and_gradients_match_torch_float32(case):
+    net, x, y = prepared(case, "float32", 2)
+    x = x.astype(np.float32)
+    state = net.state_dict()
+    loss, grads = net.loss_and_grad(x, y)
+    rl, rg, _, _ = reference_loss_and_grad(net, CASES[case], x, y, dropout_masks(net, BATCH), state)
+    assert abs(loss - rl) <= 1e-5 * abs(rl) + 1e-6, f"{case}: loss {loss!r}, torch {rl!r}"
+    for k in rg:
+        assert grads[k].dtype == np.float32
+        assert_close(grads[k], rg[k], 1e-4, f"{case}: d{k} (float32)", atol=_atol(rg, 1e-4))
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_gradients_match_finite_differences(case):
+    net, x, y = prepared(case, "float64", 1)
+    net.seed(7)
+    _, grads = net.loss_and_grad(x, y)
+    rng = np.random.default_rng(5)
+    scale = max(float(np.max(np.abs(g))) for g in grads.values())
+    h = 1e-5
+    for name, p in net.params.items():
+        g = grads[name]
+        flat_p, flat_g = p.reshape(-1), g.reshape(-1)  # views into the parameter buffer
+        coords = {int(np.argmax(np.abs(flat_g)))} | {int(i) for i in rng.integers(0, flat_p.size, 2)}
+        for i in sorted(coords):
+            old = flat_p[i]
+            flat_p[i] = old + h
+            net.seed(7)
+            lp, _ = net.loss_and_grad(x, y)
+            flat_p[i] = old - h
+            net.seed(7)
+            lm, _ = net.loss_and_grad(x, y)
+            flat_p[i] = old
+            fd = (lp - lm) / (2 * h)
+            assert abs(fd - flat_g[i]) <= 1e-6 * max(abs(fd), 1e-2 * scale) + 1e-9, \
+                f"{case}: d{name}[{i}] = {flat_g[i]!r}, finite differences {fd!r}"
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_torchref_twin_matches_reference(case):
+    """netcompiler.torchref (used by `netc verify`) builds the same model as the independent
+    reference: same names, shapes and evaluation outputs, and the same training-mode
+    gradients where there is no dropout."""
+    from netcompiler.torchref import torch_loss_and_grad, torch_model
+
+    net, x, y = prepared(case)
+    state = net.state_dict()
+    twin = torch_model(net.network, state).eval()
+    ref = reference_model(net, CASES[case], state).eval()
+    with torch.no_grad():
+        assert_close(twin(torch.as_tensor(x)).numpy(), ref(torch.as_tensor(x)).numpy(), 1e-12, f"{case}: twin eval")
+    if not any(l.kind.kind == "dropout" for l in net.network.layers):
+        tl, tg, _, _ = torch_loss_and_grad(net.network, state, x, y)
+        rl, rg, _, _ = reference_loss_and_grad(net, CASES[case], x, y, None, state)
+        assert abs(tl - rl) <= 1e-12 * abs(rl)
+        for k in rg:
+            assert_close(tg[k], rg[k], 1e-12, f"{case}: twin d{k}", atol=_atol(rg, 1e-12))
+
+
+# ---- batch norm: running statistics ---------------------------------------------------------
+@pytest.mark.parametrize("case", [c for c in IDS if "batchnorm" in c])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_batchnorm_running_stats_match_torch(case, dtype):
+    net, x, y = prepared(case, dtype, 2)
+    x = x.astype(net.dtype)
+    state = net.state_dict()
+    rtol = 1e-9 if dtype == "float64" else 1e-5
+    model = reference_model(net, CASES[case], state).train()
+    for step in (1, 2):
+        xs = x * step  # the second forward moves the statistics again, from the new values
+        net.loss_and_grad(xs, y)
+        for lname, m in dropout_masks(net, BATCH).items():
+            getattr(model, lname).mask = torch.as_tensor(m.astype(np.float64))
+        with torch.no_grad():
+            model(torch.as_tensor(xs.astype(np.float64)))
+        ref = model.state_dict()
+        assert net.buffers, "no batch-norm buffers"
+        for k, v in net.buffers.items():
+            assert_close(v, ref[k].numpy(), rtol, f"{case}: {k} after {step} training forward(s)")
+        assert any(not np.allclose(v, state[k]) for k, v in net.buffers.items()), "no running statistic moved"
+
+
+def test_batchnorm_eval_forward_uses_running_stats_not_batch_stats():
+    net, x, _ = prepared("batchnorm_eps_momentum")
+    one = net.forward(x[:1])
+    assert_close(net.forward(x)[:1], one, 1e-12, "evaluation output of a sample depends on its batch")
+
+
+# ---- dropout: the mask itself --------------------------------------------------------------
+DROPOUT_STATS = spec([2000], ["dropout: {p: 0.3}", "linear: {out_features: 2}"], "mse")
+
+
+def test_dropout_mask_values_rate_and_repeatability():
+    net = build(DROPOUT_STATS)
+    rng = np.random.default_rng(0)
+    x, y = random_batch(net, 4, rng)
+    net.loss_and_grad(x, y)
+    m1 = dropout_masks(net, 4)["dropout1"]
+    assert set(np.unique(m1)) <= {0.0, 1 / 0.7}, np.unique(m1)[:5]
+    frac = float(np.mean(m1 == 0))
+    assert abs(frac - 0.3) < 4 * np.sqrt(0.3 * 0.7 / m1.size), f"zeroed fraction {frac}, p = 0.3"
+    assert not np.array_equal(m1[0], m1[1]), "two samples got the same mask"
+    net.loss_and_grad(x, y)
+    assert not np.array_equal(dropout_masks(net, 4)["dropout1"], m1), "two training calls got the same masks"
+    net.seed(0)
+    net.threads = 2
+    net.loss_and_grad(x, y)
+    assert np.array_equal(dropout_masks(net, 4)["dropout1"], m1), \
+        "seed(0) did not repeat the masks (or the thread count changed them)"
+    # evaluation mode is the identity: the output is the linear layer of x itself
+    w, b = net.params["fc1.weight"], net.params["fc1.bias"]
+    assert_close(net.forward(x), x @ w.T + b, 1e-12, "evaluation-mode dropout is not the identity")
+
+
+# ---- numerically extreme inputs -----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cross_entropy_with_huge_logits_matches_torch(dtype):
+    text = spec([4], ["linear: {out_features: 3}"])
+    net = build(text, dtype)
+    net.params["fc1.weight"][...] = [[1000, 0, 0, 0], [0, -1000, 0, 0], [0, 0, 500, 0]]
+    x, y = np.array([[1.0, 1, 1, 0], [-1, -1, 0, 0]]), np.array([1, 2])
+    loss, grads = net.loss_and_grad(x, y)
+    rl, rg, _, _ = reference_loss_and_grad(net, text, x, y)
+    assert np.isfinite(loss) and abs(loss - rl) <= 1e-6 * rl, (loss, rl)
+    for k in rg:
+        assert_close(grads[k], rg[k], 1e-6, f"d{k} with logits of +-1000")
+
+
+def test_maxpool_propagates_nan_like_torch():
+    text = spec([1, 2, 4], ["maxpool2d: {kernel_size: 2}", "flatten", "linear: {out_features: 2}"])
+    net = build(text)
+    x = np.arange(8.0).reshape(1, 1, 2, 4)
+    x[0, 0, 1, 1] = x[0, 0, 0, 2] = np.nan  # a NaN late in the first window, first in the second
+    pooled = net.plan.activations[1]
+    net.forward(x)
+    got = net._acts[0, pooled.offset:pooled.offset + pooled.size]
+    ref = torch.nn.functional.max_pool2d(torch.as_tensor(x), 2).numpy().reshape(-1)
+    assert pooled.name == "pool1.out" and np.array_equal(np.isnan(got), np.isnan(ref)), (got, ref)
+
+
+# ---- windows that hold only padding ------------------------------------------------------------
+# Dilated max-pooling can place every tap of a window in the padding (PyTorch allows padding up
+# to half the *undilated* kernel): kernel 2, dilation 3, padding 1 over 2 rows puts the taps of
+# the only output row at rows -1 and 2.  PyTorch outputs -inf there.
+EMPTY_WINDOW = spec([1, 2, 3], ["maxpool2d: {kernel_size: [2, 1], stride: 1, padding: [1, 0], dilation: [3, 1]}"],
+                    "mse")
+
+
+def test_maxpool_window_of_only_padding_matches_torch():
+    net = build(EMPTY_WINDOW)
+    x = np.arange(1.0, 7.0).reshape(1, 1, 2, 3)
+    ref = reference_model(net, EMPTY_WINDOW).eval()(torch.as_tensor(x)).detach().numpy()
+    assert np.all(np.isneginf(ref))
+    np.testing.assert_array_equal(net.forward(x), ref)
+
+
+def test_maxpool_padding_limit_is_pytorchs():
+    """PyTorch allows padding up to half the *undilated* kernel, whatever the dilation."""
+    too_much = spec([1, 1, 4], ["maxpool2d: {kernel_size: [2, 1], stride: 1, padding: [2, 0], dilation: [3, 1]}"],
+                    "mse")
+    with pytest.raises(RuntimeError, match="pad should be"):
+        torch.nn.MaxPool2d((2, 1), 1, (2, 0), (3, 1))(torch.zeros(1, 1, 1, 4))
+    with pytest.raises(SpecErrors, match="padding"):
+        check_text(too_much)
+    torch.nn.MaxPool2d((2, 1), 1, (1, 0), (3, 1))(torch.zeros(1, 1, 2, 3))  # allowed by PyTorch: and by us
+    check_text(EMPTY_WINDOW)

@@ -1,0 +1,416 @@
+"""The Python API contract of a compiled network (runtime.Net)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import assert_close, build, reference_model, spec
+from netcompiler.errors import WeightsError
+
+torch = pytest.importorskip("torch")
+
+CE = spec([2, 6, 5], [
+    "conv2d: {out_channels: 3, kernel_size: 3, padding: 1}",
+    "batchnorm2d",
+    "relu",
+    "maxpool2d: {kernel_size: 2, ceil_mode: true}",
+    "dropout: {p: 0.2}",
+    "flatten",
+    "linear: {out_features: 7}",
+    "linear: {name: head, out_features: 4, bias: false}",
+], name="api_ce")
+MSE = spec([5], ["linear: {out_features: 3}", "tanh", "linear: {out_features: 2}"], "mse", name="api_mse")
+BN_1X1 = spec([2, 3, 3], ["conv2d: {out_channels: 2, kernel_size: 3}", "batchnorm2d", "flatten",
+                          "linear: {out_features: 2}"], name="api_bn1x1")
+
+
+@pytest.fixture
+def ce():
+    return build(CE, "float32")
+
+
+@pytest.fixture
+def ce64():
+    return build(CE, "float64")
+
+
+@pytest.fixture
+def mse():
+    return build(MSE, "float64")
+
+
+def x_for(net, n=3, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, *net.network.input_shape))
+
+
+# ---- parameters ------------------------------------------------------------------------------
+def test_param_names_and_shapes_are_pytorchs(ce):
+    model = reference_model(ce, CE)  # independent nn.Sequential with the same layer names
+    torch_state = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    ours = {k: tuple(v.shape) for k, v in {**ce.params, **ce.buffers}.items()}
+    assert ours == torch_state
+    assert list(ce.params) == [k for k, _ in model.named_parameters()], "parameters are not in PyTorch's order"
+    assert set(ce.buffers) == {"bn1.running_mean", "bn1.running_var"}
+    assert "head.weight" in ce.params and "head.bias" not in ce.params
+
+
+def test_param_names_match_torchref_twin(ce):
+    from netcompiler.torchref import torch_model
+
+    twin = torch_model(ce.network, ce.state_dict())
+    assert {k: tuple(v.shape) for k, v in twin.state_dict().items() if not k.endswith("num_batches_tracked")} == \
+        {k: v.shape for k, v in ce.state_dict().items()}
+
+
+def test_params_are_views(ce):
+    x = x_for(ce)
+    before = ce.forward(x)
+    ce.params["head.weight"][...] = 0
+    assert np.array_equal(ce.forward(x), np.zeros_like(before)), "writing into net.params did not change forward"
+    ce.params["head.weight"][0, 0] = 1.0
+    out = ce.forward(x)
+    assert np.any(out[:, 0] != 0) and np.all(out[:, 1:] == 0)
+    ce.buffers["bn1.running_mean"][...] = 100.0
+    assert not np.array_equal(ce.forward(x), out), "writing into net.buffers did not change forward"
+
+
+def test_state_dict_is_a_copy(ce):
+    x = x_for(ce)
+    before = ce.forward(x)
+    sd = ce.state_dict()
+    for v in sd.values():
+        v[...] = 0
+    assert np.array_equal(ce.forward(x), before)
+
+
+def test_load_state_dict_roundtrip(ce64):
+    x = x_for(ce64)
+    sd = ce64.state_dict()
+    out = ce64.forward(x)
+    ce64.init(99)
+    assert not np.array_equal(ce64.forward(x), out)
+    ce64.load_state_dict(sd)
+    assert np.array_equal(ce64.forward(x), out)
+    # torch tensors and float32 arrays are accepted and converted
+    ce64.load_state_dict({k: torch.as_tensor(v.astype(np.float32)) for k, v in sd.items()})
+    assert_close(ce64.forward(x), out, 1e-5, "forward after loading float32 weights")
+
+
+def test_load_state_dict_strict_errors_name_every_problem(ce):
+    sd = ce.state_dict()
+    bad = dict(sd)
+    del bad["fc1.bias"]
+    bad["extra.weight"] = np.zeros(3)
+    bad["conv1.weight"] = np.zeros((3, 2, 3, 2))
+    before = ce.state_dict()
+    with pytest.raises(WeightsError) as exc:
+        ce.load_state_dict(bad)
+    msg = str(exc.value)
+    assert "missing 'fc1.bias'" in msg
+    assert "unexpected 'extra.weight'" in msg
+    assert "'conv1.weight' has shape (3, 2, 3, 2)" in msg and "(3, 2, 3, 3)" in msg
+    assert isinstance(exc.value, ValueError)
+    for k, v in ce.state_dict().items():  # nothing was loaded
+        assert np.array_equal(v, before[k]), f"{k} changed although loading failed"
+
+
+@pytest.mark.parametrize("value, what", [(np.nan, "NaN"), (np.inf, "infinity"), ("abc", "dtype")])
+def test_load_state_dict_rejects_bad_values(ce, value, what):
+    sd = ce.state_dict()
+    sd["fc1.bias"] = np.full(sd["fc1.bias"].shape, value, dtype=object if isinstance(value, str) else float)
+    with pytest.raises(WeightsError, match=what):
+        ce.load_state_dict(sd)
+
+
+def test_init_is_deterministic_and_pytorch_distributed(ce64):
+    ce64.init(3)
+    a = ce64.state_dict()
+    ce64.init(3)
+    b = ce64.state_dict()
+    ce64.init(4)
+    c = ce64.state_dict()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), f"init(3) twice gave different {k}"
+    assert not np.array_equal(a["conv1.weight"], c["conv1.weight"])
+    model = reference_model(ce64, CE)
+    for name, p in model.named_parameters():
+        v = a[name]
+        if name.startswith("bn"):
+            expected = 1.0 if name.endswith("weight") else 0.0
+            assert np.all(v == expected), f"{name} should start at {expected} as in PyTorch"
+            continue
+        weight = dict(model.named_parameters())[name.rsplit(".", 1)[0] + ".weight"]
+        fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(weight)
+        bound = 1 / math.sqrt(fan_in)
+        assert np.all(np.abs(v) <= bound), f"{name}: values beyond +-1/sqrt(fan_in) = {bound}"
+        if v.size >= 20:  # uniform over the whole range, not a narrower one
+            assert np.max(np.abs(v)) > 0.7 * bound, f"{name}: max |value| {np.max(np.abs(v))} << bound {bound}"
+            assert abs(np.std(v) - bound / math.sqrt(3)) < 0.35 * bound / math.sqrt(3), f"{name}: std {np.std(v)}"
+    assert np.all(a["bn1.running_mean"] == 0) and np.all(a["bn1.running_var"] == 1)
+
+
+def test_init_resets_gradients_and_optimizer(ce64):
+    ce64.set_optimizer("adam", lr=0.01)
+    x = x_for(ce64, 4)
+    ce64.train_step(x, np.arange(4) % 4)
+    assert ce64.step == 1
+    ce64.init(0)
+    assert ce64.step == 0
+    st = ce64.optimizer_state()
+    assert not np.any(st["m"]) and not np.any(st["v"])
+
+
+# ---- input checks ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((3, 2, 6)), "shape"),
+    (np.zeros((3, 2, 5, 6)), "shape"),
+    (np.zeros((2, 6, 5)), "shape"),
+    (np.zeros((0, 2, 6, 5)), "at least one sample"),
+    (np.zeros((3, 2, 6, 5), complex), "real"),
+    (np.zeros((3, 2, 6, 5), object), "real"),
+    (np.full((3, 2, 6, 5), "a"), "real"),
+    (np.zeros((3, 2, 6, 5), bool), "real"),
+    ([[1, 2]], "shape"),
+])
+def test_bad_x_is_a_clear_value_error(ce, bad, message):
+    with pytest.raises(ValueError, match=message) as exc:
+        ce.forward(bad)
+    assert "got" in str(exc.value), f"the message should say what it got: {exc.value}"
+    with pytest.raises(ValueError, match=message):
+        ce.loss_and_grad(bad, np.zeros(len(bad) if len(np.shape(bad)) else 0, np.int64))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.array([0.0, 1.0, 2.0]), "integer"),
+    (np.array([0, 1]), r"shape \(3,\)"),
+    (np.array([[0], [1], [2]]), r"shape \(3,\)"),
+    (np.array([0, 1, 4]), "0..3"),
+    (np.array([0, -1, 2]), "0..3"),
+    (np.array(["a", "b", "c"]), "integer"),
+])
+def test_bad_labels_are_a_clear_value_error(ce, bad, message):
+    x = x_for(ce)
+    with pytest.raises(ValueError, match=message):
+        ce.loss_and_grad(x, bad)
+    with pytest.raises(ValueError, match=message):
+        ce.train_step(x, bad)
+    assert ce.step == 0, "a rejected batch must not take an optimizer step"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((3, 3)), "shape"),
+    (np.zeros((3,)), "shape"),
+    (np.zeros((3, 2), complex), "real"),
+])
+def test_bad_mse_targets_are_a_clear_value_error(mse, bad, message):
+    with pytest.raises(ValueError, match=message):
+        mse.loss_and_grad(x_for(mse), bad)
+
+
+def test_float64_input_to_float32_net_is_converted(ce):
+    x = x_for(ce)
+    assert_close(ce.forward(x), ce.forward(x.astype(np.float32)), 0, "float64 vs float32 input")
+    assert ce.forward(x).dtype == np.float32
+    xi = np.arange(3 * 60).reshape(3, 2, 6, 5) % 7 - 3  # integers are reals too
+    assert_close(ce.forward(xi), ce.forward(xi.astype(np.float32)), 0, "int input")
+
+
+def test_non_contiguous_input_works(ce64):
+    x = x_for(ce64, 6)
+    views = [x[::2], x[:, :, ::-1], np.asfortranarray(x), x.transpose(0, 1, 3, 2).copy().transpose(0, 1, 3, 2)]
+    for v in views:
+        assert not v.flags.c_contiguous or v is views[-1]
+        assert_close(ce64.forward(v), ce64.forward(np.ascontiguousarray(v)), 0, "non-contiguous input")
+    y = np.arange(6)[::2] % 4
+    l1, g1 = ce64.loss_and_grad(x[::2], y)
+    ce64.seed(0)
+    ce64.init(0)
+    l2, g2 = ce64.loss_and_grad(np.ascontiguousarray(x[::2]), np.ascontiguousarray(y))
+    assert l1 == l2
+
+
+def test_forward_output_is_a_fresh_array(ce64):
+    x = x_for(ce64)
+    out = ce64.forward(x)
+    out[...] = 123
+    assert not np.any(ce64.forward(x) == 123)
+
+
+def test_batch_larger_than_before_grows_buffers(ce64):
+    small = x_for(ce64, 2, seed=1)
+    big = x_for(ce64, 9, seed=2)
+    a = ce64.forward(small)
+    b = ce64.forward(big)
+    assert b.shape == (9, 4)
+    assert_close(ce64.forward(small), a, 0, "forward after growing")
+    assert_close(ce64.forward(big[:2]), b[:2], 1e-12, "rows of a big batch")
+
+
+# ---- threads ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_threads_do_not_change_results(ce64, n):
+    x = x_for(ce64, n, seed=n)
+    y = np.arange(n) % 4
+    results = []
+    for threads in (1, 2, 3):
+        ce64.init(0)
+        ce64.seed(5)
+        ce64.threads = threads
+        loss, grads = ce64.loss_and_grad(x, y)
+        results.append((loss, grads, ce64.forward(x), {k: v.copy() for k, v in ce64.buffers.items()}))
+    (l1, g1, o1, b1) = results[0]
+    floor = 1e-12 * max(float(np.max(np.abs(v))) for v in g1.values())  # conv1.bias feeds batch norm: ~0
+    for threads, (l, g, o, b) in zip((2, 3), results[1:]):
+        assert abs(l - l1) <= 1e-12 * abs(l1), f"loss with {threads} threads"
+        for k in g1:
+            assert_close(g[k], g1[k], 1e-12, f"d{k} with {threads} threads vs 1", atol=floor)
+        assert_close(o, o1, 1e-12, f"forward with {threads} threads")
+        for k in b1:
+            assert_close(b[k], b1[k], 1e-12, f"{k} with {threads} threads")
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_bad_thread_count(ce, bad):
+    with pytest.raises(ValueError, match="threads"):
+        ce.threads = bad
+
+
+# ---- batch norm needs more than one value per channel -------------------------------------------
+def test_batchnorm_batch_of_one_with_1x1_maps_is_a_value_error():
+    net = build(BN_1X1, "float64")
+    x = x_for(net, 1)
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        net.loss_and_grad(x, np.array([0]))
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        net.train_step(x, np.array([0]))
+    xs = x_for(net, 5)
+    with pytest.raises(ValueError, match="more than one value per channel"):  # last batch of 5 in 2s has 1
+        net.train_batches(net.check_x(xs), net.check_y(np.zeros(5, int), 5), np.arange(5), 2)
+    assert net.step == 0
+    assert np.all(np.isfinite(net.forward(x)))  # evaluation uses running statistics: fine
+    loss, _ = net.loss_and_grad(x_for(net, 2), np.array([0, 1]))  # two samples: fine
+    assert np.isfinite(loss)
+
+
+# ---- training entry points -------------------------------------------------------------------
+def test_train_step_equals_loss_and_grad_plus_update(mse):
+    x, y = x_for(mse, 4), np.random.default_rng(1).standard_normal((4, 2))
+    mse.set_optimizer("sgd", lr=0.1)
+    start = mse.state_dict()
+    loss, grads = mse.loss_and_grad(x, y)
+    mse.load_state_dict(start)
+    step_loss = mse.train_step(x, y)
+    assert step_loss == loss
+    for k, v in mse.params.items():
+        assert_close(v, start[k] - 0.1 * grads[k], 1e-12, f"{k} after one SGD step")
+
+
+def test_non_finite_loss_skips_the_update(mse):
+    x = x_for(mse, 2)
+    start = mse.state_dict()
+    loss = mse.train_step(x, np.array([[np.inf, 0.0], [0.0, 0.0]]))
+    assert not math.isfinite(loss)
+    for k, v in mse.params.items():
+        assert np.array_equal(v, start[k]), f"{k} changed after a non-finite loss"
+
+
+def test_train_batches_equals_train_steps_and_counts_correct():
+    text = spec([6], ["linear: {out_features: 5}", "relu", "linear: {out_features: 3}"], name="api_tb")
+    a = build(text, "float64", 2)
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((11, 6)), rng.integers(0, 3, 11)
+    order = rng.permutation(11)
+    a.set_optimizer("momentum", lr=0.1, momentum=0.9)
+    losses, correct = a.train_batches(a.check_x(x), a.check_y(y, 11), order, 4)
+    after = a.state_dict()
+    b = build(text, "float64", 1)  # the same library, reset to init(0)
+    b.set_optimizer("momentum", lr=0.1, momentum=0.9)
+    exp_losses, exp_correct = [], []
+    for i in range(0, 11, 4):
+        rows = order[i:i + 4]
+        exp_correct.append(int(np.sum(np.argmax(b.forward(x[rows]), axis=1) == y[rows])))
+        exp_losses.append(b.train_step(x[rows], y[rows]))
+    assert_close(losses, exp_losses, 1e-12, "train_batches losses")
+    assert list(correct) == exp_correct
+    for k, v in b.state_dict().items():
+        assert_close(after[k], v, 1e-12, f"{k} after train_batches vs train_step")
+
+
+def test_set_optimizer_rejects_bad_values(ce):
+    with pytest.raises(ValueError, match="optimizer"):
+        ce.set_optimizer("rmsprop")
+    for kw in ({"lr": -1}, {"lr": float("nan")}, {"momentum": float("inf")}, {"weight_decay": -0.1}):
+        with pytest.raises(ValueError):
+            ce.set_optimizer("sgd", **kw)
+
+
+def test_dropout_masks_repeat_after_seed(ce64):
+    x, y = x_for(ce64, 4), np.arange(4) % 4
+    ce64.seed(9)
+    l1, g1 = ce64.loss_and_grad(x, y)
+    l2, _ = ce64.loss_and_grad(x, y)
+    ce64.init(0)
+    ce64.seed(9)
+    l3, g3 = ce64.loss_and_grad(x, y)
+    assert l1 == l3 and l1 != l2
+    for k in g1:
+        assert np.array_equal(g1[k], g3[k])
+
+
+# ---- train_batches trusts arrays that did not come from check_x / check_y --------------------------
+def _unchecked_cases():
+    rng = np.random.default_rng(0)
+    ce = spec([5], ["linear: {out_features: 3}"], name="api_ce1")
+    return {
+        # targets with too few columns: read past their end
+        "mse targets (4, 1)": (MSE, rng.standard_normal((4, 5)), np.ones((4, 1))),
+        # labels out of range: the loss reads logits[label] outside the output (kept a few
+        # elements out, so the stray read stays inside mapped memory)
+        "label 5": (ce, rng.standard_normal((4, 5)), np.array([0, 1, 2, 5], np.int32)),
+        "label -2": (ce, rng.standard_normal((4, 5)), np.array([0, 1, 2, -2], np.int32)),
+        # x of the right dtype but too few features: read past its end
+        "x (4, 3)": (ce, rng.standard_normal((4, 3)), np.array([0, 1, 2, 0], np.int32)),
+    }
+
+
+def test_train_batches_converts_float32_targets_on_a_float64_net():
+    """float32 targets once were read as doubles; now they are converted like in train_step."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 5))
+    t32 = rng.standard_normal((4, 2)).astype(np.float32)
+    la, _ = build(MSE, "float64").train_batches(x, t32, np.arange(4), 4)
+    lb = build(MSE, "float64").train_step(x, t32.astype(np.float64))  # build() resets the net
+    assert la[0] == pytest.approx(lb, rel=1e-12)
+
+
+def test_train_batches_converts_int64_labels_like_train_step():
+    """int64 labels (numpy's default) are converted, as everywhere else in the API."""
+    rng = np.random.default_rng(3)
+    ce = spec([5], ["linear: {out_features: 3}"], name="api_ce1")
+    x = rng.standard_normal((4, 5))
+    results = []
+    for labels in (np.array([0, 1, 2, 0], np.int64), np.array([0, 1, 2, 0], np.int32)):
+        net = build(ce, "float64")
+        losses, _ = net.train_batches(x, labels, np.arange(4), 2)
+        results.append((losses, net.state_dict()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    for k in results[0][1]:
+        np.testing.assert_array_equal(results[0][1][k], results[1][1][k])
+
+
+@pytest.mark.parametrize("case", list(_unchecked_cases()))
+def test_train_batches_rejects_arrays_that_check_x_y_would_reject(case):
+    text, x, y = _unchecked_cases()[case]
+    net = build(text, "float64")
+    x = np.ascontiguousarray(x, np.float64)
+    start = net.state_dict()
+    try:
+        net.train_batches(x, y, np.arange(4), 2)
+    except ValueError:
+        pass
+    else:
+        pytest.fail(f"train_batches accepted {case} without a ValueError")
+    for k, v in net.state_dict().items():
+        assert np.array_equal(v, start[k]), f"{k} was updated from unchecked data"

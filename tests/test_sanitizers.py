@@ -1,0 +1,187 @@
+"""The generated C under AddressSanitizer + UndefinedBehaviorSanitizer, and warning-free.
+
+- Specs that use every layer kind (strided/padded/grouped/'same' convolutions, max-pooling
+  with ceil_mode and padding, average pooling, batch norm, dropout, every activation) are
+  rendered, written next to tests/c/driver.c and compiled with
+  `-fsanitize=address,undefined -Wall -Wextra -Werror`.  The driver allocates every array
+  at exactly the header's sizes and calls every entry point with capacities 1 and 3; the
+  test runs it and requires exit status 0 and no sanitizer report.
+- Every spec under specs/ compiles with the project's default flags plus -Werror (and with
+  clang too when it is installed).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, spec
+from netcompiler.build import BASE_FLAGS, WARNINGS, compiler, default_flags, has_openmp
+from netcompiler.check import check_text, load
+from netcompiler.render import render
+
+DRIVER = ROOT / "tests" / "c" / "driver.c"
+SPECS = sorted((ROOT / "specs").glob("*.yaml"))
+SANITIZE = ["-std=c11", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+            "-fno-omit-frame-pointer", "-Wall", "-Wextra", "-Werror"]
+SANITIZE_EXTRA: list[str] = []
+RUNS = ["1:1", "3:1", "1:2", "3:2"]  # capacity:threads (batch sizes 1 and 3)
+
+SAN_SPECS = {
+    # every kind, cross-entropy
+    "san_all": spec([2, 9, 8], [
+        "conv2d: {out_channels: 4, kernel_size: 3, stride: 2, padding: 1}",
+        "batchnorm2d: {eps: 0.001, momentum: 0.2}",
+        "relu",
+        "conv2d: {out_channels: 4, kernel_size: [3, 2], padding: same, groups: 2, dilation: [2, 1]}",
+        "leaky_relu: {negative_slope: 0.1}",
+        "maxpool2d: {kernel_size: 2, stride: 2, padding: 1, ceil_mode: true}",
+        "gelu: {approximate: tanh}",
+        "avgpool2d: {kernel_size: 2, stride: 1, padding: 1, ceil_mode: true, count_include_pad: false}",
+        "dropout: {p: 0.25}",
+        "conv2d: {out_channels: 8, kernel_size: 2, groups: 4, bias: false}",
+        "tanh",
+        "maxpool2d: {kernel_size: [2, 1], stride: 1, dilation: [1, 2]}",
+        "flatten",
+        "linear: {out_features: 8}",
+        "gelu",
+        "dropout",
+        "sigmoid",
+        "linear: {out_features: 4, bias: false}",
+    ], name="san_all"),
+    # parameter-free and batch-level layers first and last, mean squared error
+    "san_mse": spec([3, 6, 5], [
+        "batchnorm2d",
+        "maxpool2d: {kernel_size: 3, stride: 1, padding: 1}",
+        "dropout: {p: 0.5}",
+        "conv2d: {out_channels: 3, kernel_size: 3, groups: 3, padding: valid, dilation: [1, 2]}",
+        "avgpool2d: {kernel_size: 3, stride: 2, padding: 1, ceil_mode: true}",
+        "conv2d: {out_channels: 2, kernel_size: 1, padding: [1, 0]}",
+        "batchnorm2d",
+    ], loss="mse", name="san_mse"),
+    # convolution GEMMs with several register blocks, a prime channel count and > 128 taps
+    "san_gemm": spec([3, 9, 8], [
+        "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
+        "relu",
+        "conv2d: {out_channels: 11, kernel_size: 5, padding: same}",
+        "maxpool2d: {kernel_size: 2}",
+        "conv2d: {out_channels: 12, kernel_size: [4, 3]}",
+        "flatten",
+        "linear: {out_features: 32}",
+        "linear: {out_features: 5}",
+    ], name="san_gemm"),
+    # a 1-D network: flatten and activations first, dropout last
+    "san_1d": spec([7], ["flatten", "gelu", "linear: {out_features: 6}", "relu", "linear: {out_features: 3}",
+                         "dropout: {p: 0.1}"], name="san_1d"),
+}
+CASES = [("san_all", "float32"), ("san_all", "float64"), ("san_mse", "float32"), ("san_mse", "float64"),
+         ("san_gemm", "float32"), ("san_gemm", "float64"), ("san_1d", "float64")]
+
+
+def _write(rendered, directory: Path) -> Path:
+    c = directory / f"{rendered.name}.c"
+    c.write_text(rendered.source)
+    (directory / f"{rendered.name}.h").write_text(rendered.header)
+    return c
+
+
+def _omp_flags(cc: str) -> list[str]:
+    return ["-fopenmp"] if has_openmp(cc) else ["-Wno-unknown-pragmas"]
+
+
+def test_san_all_uses_every_layer_kind():
+    from netcompiler.layers import REGISTRY
+
+    used = {l.kind.kind for l in check_text(SAN_SPECS["san_all"]).layers}
+    assert used == set(REGISTRY), f"kinds missing from san_all: {set(REGISTRY) - used}"
+
+
+@pytest.mark.parametrize("name, dtype", CASES)
+def test_sanitizers_clean(name, dtype, tmp_path):
+    cc = shutil.which("gcc") or compiler()
+    text = SAN_SPECS[name]
+    net = check_text(text, f"{name}.yaml")
+    rendered = render(net, dtype, SANITIZE)
+    c_file = _write(rendered, tmp_path)
+    exe = tmp_path / f"{name}_driver"
+    defines = [f"-DNET={name}", f"-DNETU={name.upper()}", f'-DNET_HEADER="{name}.h"',
+               f"-DNET_CE={int(net.loss == 'cross_entropy')}"]
+    cmd = [cc, *SANITIZE, *SANITIZE_EXTRA, *_omp_flags(cc), f"-I{tmp_path}", *defines, str(c_file), str(DRIVER),
+           "-o", str(exe), "-lm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "sanitize" in proc.stderr and "cannot find" in proc.stderr:
+        pytest.skip(f"the sanitizer runtime is not installed: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, f"compile failed:\n{' '.join(cmd)}\n{proc.stderr}"
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:halt_on_error=1",
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1", OMP_WAIT_POLICY="passive")
+    run = subprocess.run([str(exe), *RUNS], capture_output=True, text=True, timeout=300, env=env)
+    report = run.stderr
+    assert run.returncode == 0, f"{name} ({dtype}) driver exited {run.returncode}:\n{report[-6000:]}"
+    for marker in ("AddressSanitizer", "runtime error", "LeakSanitizer", "FAILED"):
+        assert marker not in report, f"{name} ({dtype}): {marker} report:\n{report[-6000:]}"
+    assert run.stdout.strip() == "ok"
+
+
+# ---- warning-free with the project's flags -----------------------------------------------------
+def _compile_only(cc: str, flags: list[str], rendered, directory: Path) -> subprocess.CompletedProcess:
+    c_file = _write(rendered, directory)
+    cmd = [cc, *flags, "-Werror", "-fPIC", "-c", str(c_file), "-o", str(directory / f"{rendered.name}.o")]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _compile_all(cc: str, flags: list[str], tmp_path: Path, sources) -> list[str]:
+    """Compile each (label, rendered) concurrently; return the failures' messages."""
+    def one(item):
+        label, rendered = item
+        d = tmp_path / label
+        d.mkdir()
+        proc = _compile_only(cc, flags, rendered, d)
+        return None if proc.returncode == 0 else f"{label}:\n{proc.stderr.strip()[:3000]}"
+
+    workers = max(1, len(os.sched_getaffinity(0)))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return [r for r in pool.map(one, sources) if r]
+
+
+def _project_sources(flags):
+    out = []
+    for path in SPECS:
+        net = load(path)
+        for dtype in ("float32", "float64"):
+            out.append((f"{path.stem}_{dtype}", render(net, dtype, flags)))
+    return out
+
+
+COMPILERS = ["gcc"] + (["clang"] if shutil.which("clang") else [])
+
+
+@pytest.mark.parametrize("cc_name", COMPILERS)
+def test_project_specs_compile_without_warnings(cc_name, tmp_path):
+    cc = shutil.which(cc_name)
+    if cc is None:
+        pytest.skip(f"{cc_name} is not installed")
+    flags = default_flags(cc)
+    failures = _compile_all(cc, flags, tmp_path, _project_sources(flags))
+    assert not failures, "warnings with the default flags + -Werror:\n" + "\n".join(failures)
+
+
+def test_project_specs_compile_without_warnings_when_openmp_is_missing(tmp_path):
+    cc = shutil.which("gcc") or compiler()
+    flags = BASE_FLAGS + WARNINGS  # what default_flags() returns where has_openmp() is False
+    sources = [s for s in _project_sources(flags) if s[0].startswith("cifar")]
+    failures = _compile_all(cc, flags, tmp_path, sources)
+    assert not failures, "warnings without OpenMP:\n" + "\n".join(failures)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 only")
+def test_project_specs_compile_without_warnings_without_avx512(tmp_path):
+    cc = shutil.which("gcc") or compiler()
+    flags = [f for f in default_flags(cc) if not f.startswith("-march")] + ["-march=x86-64-v3"]
+    sources = [s for s in _project_sources(flags) if s[0].startswith("lenet5_")]
+    failures = _compile_all(cc, flags, tmp_path, sources)
+    assert not failures, "warnings on an AVX2 machine:\n" + "\n".join(failures)
