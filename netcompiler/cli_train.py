@@ -1,5 +1,409 @@
-"""`netc train`, `netc eval`, `netc predict` (placeholder: registers nothing yet)."""
+"""`netc train`, `netc eval`, `netc predict`: training runs, evaluation, and class scores."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import weights as W
+from .check import OPTIMIZERS, TRAIN_KEYS, Network, load
+from .errors import DataError, NetcError
+from .progress import emit
+
+NORMALISATION_HELP = (
+    "Normalisation: inputs are pixels/255 (uint8 images), then (x - mean) / std.  netc train takes mean/std "
+    "from the spec's train: section, else computes them on the training images; it records them in "
+    "RUN_DIR/normalization.json and inside weights.npz and checkpoint.npz (as '__meta__/mean' and "
+    "'__meta__/std').  eval and predict use, in this order: the values inside WEIGHTS, normalization.json "
+    "next to WEIGHTS, the spec's train: section; else no normalisation.")
+THREADS_HELP = "threads of the C code (default: all available cores)"
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    v = _nonneg_float(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
 
 
 def register(sub) -> None:
-    pass
+    from .cli import positive_int
+
+    d = {k: v for k, (_, v) in TRAIN_KEYS.items()}
+    t = sub.add_parser(
+        "train", help="train a spec on a data set; writes a run directory (metrics, weights, checkpoint)",
+        description="Train SPEC on --data.  Options default to the spec's train: section, then to the built-in "
+                    "defaults shown; options given here win.  " + NORMALISATION_HELP,
+        epilog="RUN_DIR holds spec.yaml, normalization.json, metrics.csv (epoch, train_loss, train_acc, val_loss, "
+               "val_acc, seconds, images_per_s; seconds include validation, images/s counts training only), "
+               "weights.npz (after the last completed epoch) and checkpoint.npz (all --resume needs).  Ctrl-C "
+               "stops after the current chunk of batches and saves a checkpoint; --resume then continues with "
+               "the run's own settings and gives the same weights as an uninterrupted run (same --threads).")
+    t.add_argument("spec", help="network spec (YAML)")
+    t.add_argument("--data", required=True, metavar="SRC",
+                   help="'fashion-mnist', a directory of MNIST-style IDX files, or an .npz with x/y "
+                        "(and x_test/y_test)")
+    t.add_argument("--epochs", metavar="N", type=positive_int, help=f"number of epochs (default {d['epochs']})")
+    t.add_argument("--batch-size", metavar="N", type=positive_int,
+                   help=f"samples per batch (default {d['batch_size']})")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer (default {d['optimizer']})")
+    t.add_argument("--lr", metavar="X", type=_nonneg_float, help=f"learning rate (default {d['lr']:g})")
+    t.add_argument("--momentum", metavar="X", type=_nonneg_float,
+                   help=f"momentum of --optimizer momentum (default {d['momentum']})")
+    t.add_argument("--weight-decay", metavar="X", type=_nonneg_float,
+                   help=f"weight decay (default {d['weight_decay']})")
+    t.add_argument("--seed", metavar="N", type=_seed,
+                   help=f"seed of initialisation, shuffling, dropout and --val-split (default {d['seed']})")
+    t.add_argument("--val-split", type=_fraction, metavar="F",
+                   help="validate on this fraction of the training set (seeded); default: validate on the test set")
+    t.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
+    t.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<spec name>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
+    t.add_argument("--force", action="store_true", help="start afresh even if RUN_DIR holds a checkpoint")
+    t.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N training images")
+    t.add_argument("--pad", action="store_true", default=None,
+                   help="zero-pad images smaller than the spec's input (e.g. 28x28 -> 32x32)")
+    t.add_argument("--dtype", choices=["float32", "float64"], help="floating-point type of the C code (float32)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="loss, accuracy, per-class accuracy and confusion matrix of weights on a data set",
+                       description="Evaluate WEIGHTS on the test images of --data (or --split train).  "
+                                   + NORMALISATION_HELP)
+    _model_args(e)
+    e.add_argument("--data", required=True, metavar="SRC", help="'fashion-mnist', an IDX directory or an .npz")
+    e.add_argument("--split", choices=["test", "train"], default="test",
+                   help="which part of the data set (default test)")
+    e.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N images")
+    e.add_argument("--format", choices=["text", "json"], default="text")
+    e.add_argument("--plot", metavar="FILE.png", help="draw the confusion matrix (needs matplotlib)")
+    e.add_argument("--batch-size", type=positive_int, default=256, help="images per forward call (256)")
+    e.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="class probabilities for .npy arrays or PNG/JPEG images",
+                       description="Print the top classes of each input.  FILE is an .npy array (one sample, "
+                                   "e.g. (1,28,28) or (28,28), or a batch (N,1,28,28) or (N,28,28); uint8 "
+                                   "pixels are divided by 255, float arrays are taken on the 0..1 scale) or a "
+                                   "PNG/JPEG image (needs Pillow; converted to greyscale, or RGB for 3-channel "
+                                   "specs, and resized to the spec's input).  " + NORMALISATION_HELP)
+    _model_args(p)
+    p.add_argument("files", nargs="+", metavar="FILE", help=".npy, .png, .jpg or .jpeg")
+    p.add_argument("--top", type=positive_int, default=3, help="classes to show per input (3)")
+    p.add_argument("--raw", action="store_true", help=".npy arrays are network inputs already: no scaling, "
+                                                      "no normalisation")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_predict)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from .cli import positive_int
+
+    p.add_argument("spec", help="network spec (YAML)")
+    p.add_argument("weights", help="weights.npz or checkpoint.npz written by netc train (any .npz with the "
+                                   "spec's parameter names and shapes)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+
+
+# ---- train --------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from .train import TrainOptions, train
+
+    opts = TrainOptions(spec=args.spec, data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
+                        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                        weight_decay=args.weight_decay, seed=args.seed, val_split=args.val_split, limit=args.limit,
+                        pad=args.pad, dtype=args.dtype, threads=args.threads, resume=args.resume, force=args.force)
+    train(opts, progress=False if args.no_progress else None)
+    return 0
+
+
+# ---- shared by eval and predict ---------------------------------------------------------------
+class Model:
+    """A compiled spec with weights loaded and the normalisation to use."""
+
+    def __init__(self, args):
+        import netcompiler as nc
+
+        self.network: Network = load(args.spec)
+        self.net = nc.compile(self.network, dtype=args.dtype, threads=args.threads)
+        self.meta = W.load_weights(args.weights, self.net)
+        self.mean, self.std, self.norm_source = self._normalisation(Path(args.weights))
+        pad = self.meta.get("pad")
+        self.pad = bool(pad) if pad is not None and pad.shape == () and pad.dtype == np.bool_ else False
+        self.class_names = W.meta_strings(self.meta, "class_names")
+
+    def _normalisation(self, path: Path) -> tuple[float | None, float | None, str]:
+        mean, std = W.meta_float(self.meta, "mean"), W.meta_float(self.meta, "std")
+        if mean is not None and std is not None:
+            return mean, std, f"stored in {path.name}"
+        side = path.parent / "normalization.json"
+        if side.is_file():
+            try:
+                info = json.loads(side.read_text())
+                mean, std = float(info["mean"]), float(info["std"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise NetcError(f"{side}: unreadable normalisation file ({exc})") from None
+            return mean, std, f"from {side}"
+        t = self.network.train
+        if t.get("mean") is not None or t.get("std") is not None:
+            return t.get("mean"), t.get("std"), "from the spec's train: section"
+        return None, None, "none (no mean/std stored with the weights or in the spec)"
+
+    def norm_text(self) -> str:
+        if self.mean is None and self.std is None:
+            return f"normalisation: {self.norm_source}"
+        return (f"normalisation: mean {self.mean if self.mean is not None else 0:.4f} "
+                f"std {self.std if self.std is not None else 1:.4f} ({self.norm_source})")
+
+    def class_name(self, c: int, names: list[str] | None = None) -> str | None:
+        names = names or self.class_names
+        return names[c] if names and c < len(names) else None
+
+
+# ---- eval ---------------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    from .data import load_dataset
+    from .train import classification_metrics, predict_outputs, to_inputs
+
+    if args.plot:
+        _matplotlib()  # fail before the work
+    model = Model(args)
+    net, network = model.net, model.network
+    ds = load_dataset(args.data)
+    x, y = (ds.test_x, ds.test_y) if args.split == "test" else (ds.train_x, ds.train_y)
+    if len(x) == 0:
+        raise DataError(f"{args.data} has no {args.split} images" +
+                        (" (use --split train)" if args.split == "test" else ""))
+    if args.limit:
+        x, y = x[:args.limit], y[:args.limit]
+    k = network.num_classes
+    if y.max() >= k:
+        raise DataError(f"{args.data}: labels go up to {y.max()}, but network '{network.name}' has {k} outputs")
+    if network.loss != "cross_entropy" and len(network.output_shape) != 1:
+        raise DataError(f"network '{network.name}' outputs {network.output_shape}: eval needs one output per class")
+    X = net.check_x(to_inputs(network, x, model.mean, model.std, model.pad, args.dtype), "images")
+    outputs = predict_outputs(net, X, args.batch_size)
+    names = ds.class_names or model.class_names
+    m = classification_metrics(outputs, y, network.loss, k, names)
+    m.update({"network": network.name, "data": ds.name, "split": args.split, "weights": args.weights,
+              "normalization": {"mean": model.mean, "std": model.std, "source": model.norm_source}})
+    if args.format == "json":
+        emit(json.dumps(_json_safe(m), indent=2))
+    else:
+        emit(_eval_text(m, model))
+    if args.plot:
+        _plot_confusion(m, args.plot)
+        if args.format == "text":
+            emit(f"confusion matrix plot: {args.plot}")
+    return 0
+
+
+def _json_safe(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def _eval_text(m: dict, model: Model) -> str:
+    lines = [f"{m['network']} on {m['data']} {m['split']} set: {m['samples']} images; {model.norm_text()}",
+             f"loss {m['loss']:.4f}  accuracy {100 * m['accuracy']:.2f}%  "
+             f"top-2 accuracy {100 * m['top2_accuracy']:.2f}%",
+             "", "per-class accuracy:"]
+    width = max([len(c["name"] or "") for c in m["per_class"]] + [0])
+    for c in m["per_class"]:
+        acc = f"{100 * c['accuracy']:6.2f}%" if c["accuracy"] is not None else "      -"
+        name = f" {c['name']:<{width}}" if width else ""
+        lines.append(f"  {c['class']:>3}{name}  {acc}  ({c['correct']}/{c['count']})")
+    cm = m["confusion_matrix"]
+    k = len(cm)
+    cell = max(4, len(str(max(max(r) for r in cm))) + 1)
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class):",
+              "     " + "".join(f"{j:>{cell}}" for j in range(k))]
+    for i, row in enumerate(cm):
+        lines.append(f"  {i:>3}" + "".join(f"{v:>{cell}}" for v in row))
+    return "\n".join(lines)
+
+
+def _matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise NetcError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    return plt
+
+
+def _plot_confusion(m: dict, path: str) -> None:
+    plt = _matplotlib()
+    cm = np.array(m["confusion_matrix"])
+    k = len(cm)
+    labels = [c["name"] or str(c["class"]) for c in m["per_class"]]
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * k + 2), max(4, 0.6 * k + 1.5)))
+    im = ax.imshow(cm, cmap="Blues")
+    fig.colorbar(im, ax=ax)
+    ax.set_xticks(range(k), labels, rotation=45, ha="right")
+    ax.set_yticks(range(k), labels)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{m['network']} on {m['data']} {m['split']}: accuracy {100 * m['accuracy']:.2f}%")
+    if k <= 30:
+        top = cm.max() or 1
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if cm[i, j] > top / 2 else "black")
+    fig.tight_layout()
+    from .weights import atomic_write
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    except OSError as exc:
+        raise NetcError(f"{path}: cannot write the plot: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
+
+
+# ---- predict ------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _read_npy(path: Path, network: Network) -> tuple[np.ndarray, bool]:
+    """-> (array of samples, batch?) with a leading sample axis."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (ValueError, OSError, EOFError) as exc:
+        what = "holds pickled objects, refused for safety" if "pickle" in str(exc).lower() else f"unreadable ({exc})"
+        raise DataError(f"{path}: not a valid .npy array: {what}") from None
+    if not isinstance(arr, np.ndarray):
+        raise DataError(f"{path}: is an .npz archive; predict takes .npy arrays (np.save)")
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{path}: array has non-numeric dtype {arr.dtype}")
+    shape = tuple(network.input_shape)
+    s = arr.shape
+    if s == shape:
+        return arr[None], False
+    if s[1:] == shape:
+        return arr, True
+    if len(shape) == 3 and shape[0] == 1:
+        if s == shape[1:]:
+            return arr[None, None], False
+        if len(s) == 3 and s[1:] == shape[1:]:
+            return arr[:, None], True
+    dims = ", ".join(map(str, shape))
+    alt = f", ({', '.join(map(str, shape[1:]))}) or (N, {', '.join(map(str, shape[1:]))})" \
+        if len(shape) == 3 and shape[0] == 1 else ""
+    raise DataError(f"{path}: array of shape {s} does not fit the spec's input; expected ({dims}) or (N, {dims}){alt}")
+
+
+def _read_image(path: Path, network: Network) -> np.ndarray:
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise DataError(f"{path}: reading PNG/JPEG images needs Pillow, which is not installed: pip install Pillow "
+                        f"(or pass .npy arrays)") from None
+    shape = network.input_shape
+    if len(shape) != 3:
+        raise DataError(f"{path}: the spec's input is {shape[0]} features, not an image (C, H, W); pass .npy arrays")
+    c, h, w = shape
+    if c not in (1, 3):
+        raise DataError(f"{path}: the spec's input has {c} channels; images can be made greyscale (1 channel) or "
+                        f"RGB (3 channels) only; pass .npy arrays of shape ({c}, {h}, {w})")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+            arr = np.asarray(img, np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the image ({exc})") from None
+    return arr[None, None] if c == 1 else arr.transpose(2, 0, 1)[None]
+
+
+def cmd_predict(args) -> int:
+    from .train import predict_outputs, softmax, to_inputs
+
+    model = Model(args)
+    network = model.network
+    items: list[tuple[str, np.ndarray]] = []  # (label, one prepared input)
+    for f in args.files:
+        path = Path(f)
+        suffix = path.suffix.lower()
+        if suffix == ".npy":
+            arr, batch = _read_npy(path, network)
+            if args.raw:
+                x = np.asarray(arr, model.net.dtype)
+            elif arr.dtype.kind == "b":
+                x = to_inputs(network, arr.astype(np.float32), model.mean, model.std, False, args.dtype)
+            elif arr.dtype.kind in "iu":
+                if arr.size and (arr.min() < 0 or arr.max() > 255):
+                    raise DataError(f"{path}: integer pixels must lie in 0..255, found {arr.min()}..{arr.max()} "
+                                    f"(use --raw for network inputs)")
+                x = to_inputs(network, arr.astype(np.uint8), model.mean, model.std, False, args.dtype)
+            else:
+                if not np.all(np.isfinite(arr)):
+                    raise DataError(f"{path}: array contains NaN or infinite values")
+                x = to_inputs(network, arr, model.mean, model.std, False, args.dtype)
+            items += [(f"{f}[{i}]" if batch else f, x[i]) for i in range(len(x))]
+        elif suffix in IMAGE_SUFFIXES:
+            x = to_inputs(network, _read_image(path, network), model.mean, model.std, False, args.dtype)
+            items.append((f, x[0]))
+        else:
+            raise DataError(f"{path}: unsupported file type '{path.suffix}' (expected .npy, .png, .jpg, .jpeg)")
+    if not items:
+        raise DataError("no samples to predict (empty arrays)")
+    X = model.net.check_x(np.stack([x for _, x in items]), "inputs")
+    out = predict_outputs(model.net, X)
+    ce = network.loss == "cross_entropy"
+    scores = softmax(out) if ce else out
+    results = []
+    for (label, _), row in zip(items, scores):
+        top = np.argsort(-row, kind="stable")[:args.top]
+        results.append({"input": label, "predicted": int(top[0]),
+                        "top": [{"class": int(c), "name": model.class_name(int(c)),
+                                 ("probability" if ce else "output"): float(row[c])} for c in top],
+                        ("probabilities" if ce else "outputs"): [float(v) for v in row]})
+    if args.format == "json":
+        emit(json.dumps({"network": network.name, "weights": args.weights, "class_names": model.class_names,
+                         "normalization": {"mean": model.mean, "std": model.std, "source": model.norm_source},
+                         "predictions": results}, indent=2))
+        return 0
+    print(f"# {network.name}, {model.norm_text()}", file=sys.stderr)
+    key = "probability" if ce else "output"
+    lines = []
+    for r in results:
+        tops = ", ".join(f"{t['name'] or 'class ' + str(t['class'])} {t[key]:.3f}" for t in r["top"])
+        lines.append(f"{r['input']}: {tops}")
+    emit("\n".join(lines))
+    return 0
