@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 netc check specs/lenet5.yaml
 netc build specs/lenet5.yaml -o build/lenet5
-netc train specs/lenet5.yaml --data fashion-mnist --out runs/lenet5 "$@"
+netc train specs/lenet5.yaml --data fashion-mnist --out runs/lenet5 --force "$@"
 netc eval specs/lenet5.yaml runs/lenet5/weights.npz --data fashion-mnist
