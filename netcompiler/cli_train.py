@@ -11,6 +11,7 @@ import numpy as np
 
 from . import weights as W
 from .check import OPTIMIZERS, TRAIN_KEYS, Network, load
+from .cli import int_at_least
 from .errors import DataError, NetcError
 from .progress import emit
 
@@ -40,14 +41,7 @@ def _fraction(text: str) -> float:
     return v
 
 
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+_seed = int_at_least(0)
 
 
 def register(sub) -> None:

@@ -266,3 +266,24 @@ def window_out(size: int, k: int, stride: int, pad_total: int, dilation: int, ce
             out -= 1
         return out
     return span // stride + 1
+
+
+class WeightLayer(LayerKind):
+    """A layer computed as multiply-accumulates with a `weight` and an optional `bias`
+    (conv2d, linear): shared FLOP rules and PyTorch's default initialisation."""
+
+    def flops(self, layer: Layer) -> tuple[int, int]:
+        bias = layer.out_size if layer.opts["bias"] else 0
+        # forward: one multiply and one add per MAC, plus the bias add;
+        # backward: input gradient and weight gradient (2 FLOPs per MAC each) + bias gradient.
+        return (2 * self.macs(layer) + bias, 4 * self.macs(layer) + bias)
+
+    def input_grad_flops(self, layer: Layer) -> int:
+        return 2 * self.macs(layer)
+
+    def init_params(self, layer: Layer, rng) -> dict[str, Any]:
+        """kaiming_uniform_(a=sqrt(5)) on the weight, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+        and the same bound for the bias."""
+        shapes = layer.param_shapes()
+        bound = 1.0 / math.sqrt(math.prod(shapes["weight"][1:]))
+        return {k: rng.uniform(-bound, bound, size=s) for k, s in shapes.items()}

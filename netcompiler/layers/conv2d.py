@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import math
 
-from .base import Layer, LayerKind, Option, Shape, fmt_shape, window_out
+from .base import Layer, Option, Shape, WeightLayer, fmt_shape, window_out
 
 
-class Conv2d(LayerKind):
+class Conv2d(WeightLayer):
     kind = "conv2d"
     prefix = "conv"
     doc = "2-D convolution (cross-correlation), as torch.nn.Conv2d"
@@ -82,15 +82,6 @@ class Conv2d(LayerKind):
         kh, kw = layer.opts["kernel_size"]
         return layer.out_size * (layer.in_shape[0] // layer.opts["groups"]) * kh * kw
 
-    def flops(self, layer: Layer) -> tuple[int, int]:
-        bias = layer.out_size if layer.opts["bias"] else 0
-        # forward: one multiply and one add per MAC, plus the bias add;
-        # backward: input gradient and weight gradient (2 FLOPs per MAC each) + bias gradient.
-        return (2 * self.macs(layer) + bias, 4 * self.macs(layer) + bias)
-
-    def input_grad_flops(self, layer: Layer) -> int:
-        return 2 * self.macs(layer)
-
     def render_context(self, layer: Layer) -> dict:
         o, d = layer.opts, layer.derived
         cin, h, w = layer.in_shape
@@ -118,9 +109,6 @@ class Conv2d(LayerKind):
         padding = (pads[0][0], pads[1][0]) if symmetric else o["padding"]
         return nn.Conv2d(layer.in_shape[0], o["out_channels"], o["kernel_size"], stride=o["stride"],
                          padding=padding, dilation=o["dilation"], groups=o["groups"], bias=o["bias"])
-
-    def init_params(self, layer: Layer, rng) -> dict:
-        return kaiming_uniform_init(layer, rng)
 
 
 VEC = 16  # floats per AVX-512 register; blocks are multiples of it
@@ -161,12 +149,3 @@ def conv_gemm_blocking(m: int, k: int, n: int) -> dict:
                 # gradient (M x NP) and the padded weights (M x KP)
                 COL_OFF=0, COLT_OFF=col, DCOL_OFF=2 * col, DPAD_OFF=3 * col, WT_OFF=3 * col + m * np_,
                 SCRATCH=3 * col + m * np_ + m * kp)
-
-
-def kaiming_uniform_init(layer: Layer, rng) -> dict:
-    """PyTorch's default for Conv2d and Linear: kaiming_uniform_(a=sqrt(5)) on the weight,
-    i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and the same bound for the bias."""
-    shapes = layer.param_shapes()
-    fan_in = math.prod(shapes["weight"][1:])
-    bound = 1.0 / math.sqrt(fan_in)
-    return {k: rng.uniform(-bound, bound, size=s) for k, s in shapes.items()}

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import math
 
-from .base import Layer, LayerKind, Option, Shape, fmt_shape
-from .conv2d import kaiming_uniform_init
+from .base import Layer, Option, Shape, WeightLayer, fmt_shape
 
 
-class Linear(LayerKind):
+class Linear(WeightLayer):
     kind = "linear"
     prefix = "fc"
     doc = "fully connected layer, as torch.nn.Linear"
@@ -38,13 +37,6 @@ class Linear(LayerKind):
     def macs(self, layer: Layer) -> int:
         return layer.in_shape[0] * layer.opts["out_features"]
 
-    def flops(self, layer: Layer) -> tuple[int, int]:
-        bias = layer.out_size if layer.opts["bias"] else 0
-        return (2 * self.macs(layer) + bias, 4 * self.macs(layer) + bias)
-
-    def input_grad_flops(self, layer: Layer) -> int:
-        return 2 * self.macs(layer)
-
     def render_context(self, layer: Layer) -> dict:
         fin, fout = layer.in_shape[0], layer.out_shape[0]
         ob = max(d for d in range(1, 5) if fout % d == 0)  # outputs per block, dividing OUT
@@ -55,7 +47,4 @@ class Linear(LayerKind):
         import torch.nn as nn
 
         return nn.Linear(layer.in_shape[0], layer.opts["out_features"], bias=layer.opts["bias"])
-
-    def init_params(self, layer: Layer, rng) -> dict:
-        return kaiming_uniform_init(layer, rng)
 
