@@ -32,13 +32,13 @@ def _rel(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return diff, diff / max(float(np.abs(b).max(initial=0.0)), 1e-300)
 
 
-def _inputs(net, batch: int, seed: int):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, *net.network.input_shape))
+def random_batch(net, n: int, rng):
+    """n standard-normal inputs and random labels (cross_entropy) or targets (mse)."""
+    x = rng.standard_normal((n, *net.network.input_shape))
     if net.network.loss == "cross_entropy":
-        y = rng.integers(0, net.network.num_classes, batch)
+        y = rng.integers(0, net.network.num_classes, n)
     else:
-        y = rng.standard_normal((batch, *net.network.output_shape))
+        y = rng.standard_normal((n, *net.network.output_shape))
     return x, y
 
 
@@ -152,7 +152,7 @@ def verify(spec, batch: int = 4, seed: int = 0, per_tensor: int = 6, use_torch: 
     rng = np.random.default_rng(seed + 1)
     for k, v in net.buffers.items():
         v[...] = rng.uniform(0.5, 1.5, v.shape) if k.endswith("running_var") else rng.normal(0, 0.1, v.shape)
-    x, y = _inputs(net, batch, seed)
+    x, y = random_batch(net, batch, np.random.default_rng(seed))
     state = {k: v.copy() for k, v in net.params.items()}
     buffers_before = {k: v.copy() for k, v in net.buffers.items()}
     rows: list[Row] = []

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -23,16 +22,10 @@ import pytest
 import yaml
 
 import netcompiler as nc
-import netcompiler.render
 from netcompiler.check import check_text
+from netcompiler.verify import random_batch  # noqa: F401 (used by the test modules)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# render() builds a new Jinja environment per call, which recompiles every template (~0.25 s,
-# more than half of a cached nc.compile).  One shared environment renders the same text (its
-# loader still reloads a template whose file changed) and saves ~30 s over the suite.
-if not hasattr(netcompiler.render._env, "cache_info"):
-    netcompiler.render._env = functools.lru_cache(maxsize=None)(netcompiler.render._env)
 
 _BUILT: dict[tuple[str, str, str], Any] = {}
 
@@ -223,15 +216,6 @@ def reference_loss_and_grad(net, spec_text: str, x, y, masks: dict | None = None
     loss.backward()
     grads = {k: p.grad.detach().numpy().copy() for k, p in model.named_parameters()}
     return loss.item(), grads, out.detach().numpy(), model
-
-
-def random_batch(net, n: int, rng):
-    x = rng.standard_normal((n, *net.network.input_shape))
-    if net.network.loss == "cross_entropy":
-        y = rng.integers(0, net.network.num_classes, n)
-    else:
-        y = rng.standard_normal((n, *net.network.output_shape))
-    return x, y
 
 
 def randomize_batchnorm(net, rng) -> None:
