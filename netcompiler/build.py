@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BuildError
+from .fileio import EXEC_MODE, atomic_write_text
 from .render import Rendered
 
 WARNINGS = ["-Wall", "-Wextra"]
@@ -63,17 +64,6 @@ def cache_dir() -> Path:
     return Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "netcompiler"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass
 class Built:
     c_path: Path
@@ -97,8 +87,8 @@ def compile_rendered(rendered: Rendered, out_dir: Path | None = None, flags: lis
     stamp = directory / f".{rendered.name}.key"
     if so_path.exists() and stamp.exists() and stamp.read_text() == key:
         return Built(c_path, h_path, so_path, flags, cached=True)
-    _atomic_write(c_path, rendered.source)
-    _atomic_write(h_path, rendered.header)
+    atomic_write_text(c_path, rendered.source)
+    atomic_write_text(h_path, rendered.header)
     fd, tmp_so = tempfile.mkstemp(dir=directory, prefix=f".{rendered.name}.", suffix=".so")
     os.close(fd)
     cmd = [cc, *flags, "-fPIC", "-shared", "-o", tmp_so, str(c_path), "-lm"]
@@ -111,6 +101,7 @@ def compile_rendered(rendered: Rendered, out_dir: Path | None = None, flags: lis
         Path(tmp_so).unlink(missing_ok=True)
         raise BuildError(f"the C compiler failed on generated file {c_path} (command: {shlex.join(cmd)}):\n"
                          f"{proc.stderr.strip()}")
+    os.chmod(tmp_so, EXEC_MODE)  # mkstemp made it 0600
     os.replace(tmp_so, so_path)
-    _atomic_write(stamp, key)
+    atomic_write_text(stamp, key)
     return Built(c_path, h_path, so_path, flags, cached=False)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -28,40 +27,10 @@ from typing import Any
 import numpy as np
 
 from .errors import WeightsError
+from .fileio import FILE_MODE, atomic_write, atomic_write_text  # noqa: F401 (part of this module's API)
 
 META = "__meta__/"
 OPTIM = "__optim__/"
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's 0600 is for secrets
-
-
-# ---- atomic files -----------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call `write(binary_file)` on a temporary file next to `path`, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def save_npz(path: str | os.PathLike, arrays: dict[str, Any]) -> None:

@@ -41,6 +41,18 @@ def test_cache_hit_and_key(tmp_path, monkeypatch):
     assert other.so_path != first.so_path  # flags are part of the key
 
 
+def test_built_files_have_ordinary_modes(tmp_path):
+    """Temporary files from mkstemp are 0600; what a build leaves must not be."""
+    import stat
+
+    from netcompiler.fileio import EXEC_MODE, FILE_MODE
+
+    built = compile_rendered(render(check_text(TINY, "tiny.yaml")), out_dir=tmp_path)
+    assert stat.S_IMODE(built.c_path.stat().st_mode) == FILE_MODE
+    assert stat.S_IMODE(built.h_path.stat().st_mode) == FILE_MODE
+    assert stat.S_IMODE(built.so_path.stat().st_mode) == EXEC_MODE
+
+
 def test_concurrent_builds_of_one_spec_both_succeed(tmp_path):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY)
