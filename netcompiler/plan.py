@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,11 @@ class Plan:
     @property
     def last(self) -> LayerPlan:
         return self.layers[-1]
+
+    @functools.cached_property
+    def out_offset(self) -> int:
+        """Offset of the network output (logits) in a sample's activation block."""
+        return next(t.offset for t in self.activations if t.macro == self.last.out_macro)
 
 
 class _Allocator:

@@ -63,12 +63,10 @@ def render(net, dtype: str = "float32", flags: list[str] | None = None) -> Rende
     env = _env()
     kinds = {lp.kind: env.get_template(f"layers/{lp.template}").module for lp in plan.layers}
     n = net.name
-    last = plan.layers[-1]
-    out_offset = next(t.offset for t in plan.activations if t.macro == last.out_macro)
     ce = net.loss == "cross_entropy"
     ctx = dict(
         plan=plan, N=n, NU=n.upper(), ctype=CTYPES[dtype], kinds=kinds, loss=net.loss,
-        target_t="int32_t" if ce else f"{n}_real", out_offset=out_offset,
+        target_t="int32_t" if ce else f"{n}_real", out_offset=plan.out_offset,
         in_dims="".join(f"[{d}]" for d in net.input_shape), out_dims="".join(f"[{d}]" for d in net.output_shape),
         loss_scale="(1.0 / n)" if ce else "(1.0 / ((double)n * OUT_SIZE))",
         loss_divide=" / n" if ce else " / ((double)n * OUT_SIZE)",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,9 @@ class Net:
         self.dtype = np.dtype(DTYPES[dtype])
         self.paths = paths  # Built: .c, .h, .so
         self._ffi, self._lib = ffi, lib
+        # the C entry points, looked up once
+        self._c = types.SimpleNamespace(**{f: getattr(lib, f"{self.name}_{f}") for f in (
+            "forward", "backward", "zero_grad", "train_step", "train_batches")})
         P = self.plan.num_params
         self._params = np.zeros(max(P, 1), self.dtype)
         self._grads = np.zeros_like(self._params)
@@ -240,14 +244,14 @@ class Net:
         return self._ptr(arr, "int32_t *" if arr.dtype == np.int32 else f"{self.name}_real *")
 
     def _outputs(self, n: int) -> np.ndarray:
-        off = next(t.offset for t in self.plan.activations if t.macro == self.plan.last.out_macro)
+        off = self.plan.out_offset
         return self._acts[:n, off:off + self.plan.out_size].reshape(n, *self.network.output_shape).copy()
 
     # ---- compute -------------------------------------------------------------------------
     def _forward(self, x: np.ndarray, training: bool) -> int:
         n = x.shape[0]
         self._reserve(n)
-        rc = self._lib.__getattr__(f"{self.name}_forward")(self._ctx, self._real_ptr(x), self._ffi.NULL, n,
+        rc = self._c.forward(self._ctx, self._real_ptr(x), self._ffi.NULL, n,
                                                           int(training))
         if rc != 0:  # pragma: no cover - sizes are checked above
             raise RuntimeError(f"{self.name}_forward returned {rc}")
@@ -269,8 +273,8 @@ class Net:
         y = self.check_y(y, x.shape[0])
         self.check_training_batch(x.shape[0])
         n = self._forward(x, training=True)
-        self._lib.__getattr__(f"{self.name}_zero_grad")(self._ctx)
-        loss = self._lib.__getattr__(f"{self.name}_backward")(self._ctx, self._y_ptr(y), self._ffi.NULL, n)
+        self._c.zero_grad(self._ctx)
+        loss = self._c.backward(self._ctx, self._y_ptr(y), self._ffi.NULL, n)
         grads = {t.name: self._grads[t.offset:t.offset + t.size].reshape(t.shape).copy() for t in self.plan.params}
         return float(loss), grads
 
@@ -281,7 +285,7 @@ class Net:
         y = self.check_y(y, x.shape[0])
         self.check_training_batch(x.shape[0])
         self._reserve(x.shape[0])
-        return float(self._lib.__getattr__(f"{self.name}_train_step")(
+        return float(self._c.train_step(
             self._ctx, self._real_ptr(x), self._y_ptr(y), self._ffi.NULL, x.shape[0], self._optim))
 
     def train_batches(self, x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int
@@ -303,7 +307,7 @@ class Net:
         nb = -(-order.size // batch_size)
         losses = np.zeros(nb, np.float64)
         correct = np.zeros(nb, np.int64)
-        done = self._lib.__getattr__(f"{self.name}_train_batches")(
+        done = self._c.train_batches(
             self._ctx, self._real_ptr(x), self._y_ptr(y), self._ptr(order, "int64_t *"), order.size, batch_size,
             self._optim, self._ptr(losses, "double *"), self._ptr(correct, "int64_t *"))
         keep = done + 1 if done < nb else nb  # include the failing batch so callers can see it
