@@ -89,11 +89,17 @@ class Conv2d(WeightLayer):
         g = o["groups"]
         kh, kw = o["kernel_size"]
         gemm = conv_gemm_blocking(cout // g, (cin // g) * kh * kw, oh * ow)
+        (pt, pb), (pl, pr) = d["pads"]
+        hp, wp = h + pt + pb, w + pl + pr
+        padded = (pt, pb, pl, pr) != (0, 0, 0, 0)
+        # the padded copy of a group's input planes follows the GEMM scratch
+        xpad = dict(XPAD_OFF=gemm["SCRATCH"], SCRATCH=gemm["SCRATCH"] + (cin // g) * hp * wp if padded else gemm["SCRATCH"])
         return dict(
             CIN=cin, H=h, W=w, COUT=cout, OH=oh, OW=ow,
             KH=kh, KW=kw, SH=o["stride"][0], SW=o["stride"][1],
             DH=o["dilation"][0], DW=o["dilation"][1], PT=d["pad_top"], PL=d["pad_left"],
-            GROUPS=g, CIN_G=cin // g, COUT_G=cout // g, bias=o["bias"], **gemm,
+            GROUPS=g, CIN_G=cin // g, COUT_G=cout // g, bias=o["bias"],
+            PADDED=padded, HP=hp, WP=wp, **{**gemm, **xpad},
         )
 
     def scratch(self, layer: Layer) -> int:
@@ -112,6 +118,7 @@ class Conv2d(WeightLayer):
 
 
 VEC = 16  # floats per AVX-512 register; blocks are multiples of it
+ACC_MAX = 24  # vector accumulators of a backward register tile (AVX-512 has 32 registers)
 
 
 def _largest_divisor(n: int, limit: int) -> int:
@@ -130,7 +137,8 @@ def conv_gemm_blocking(m: int, k: int, n: int) -> dict:
     NB) and to KP rows (a multiple of the tap blocks) with zeros, so every block is full and its
     loops have literal bounds; padded results are never stored.
     - MB output channels x NB pixels are accumulated at once (<= 16 vector registers).
-    - weight gradient: MBW channels x NVW vectors of taps, over a transposed col.
+    The backward tiles use up to ACC_MAX accumulators:
+    - weight gradient: MBW channels x NVW vectors of taps, over colT (im2row: rows of KP taps).
     - input gradient: KB2 taps x NB pixels.
     """
     mb = _largest_divisor(m, 8)
@@ -139,13 +147,14 @@ def conv_gemm_blocking(m: int, k: int, n: int) -> dict:
         nv = 1
     nb = nv * VEC
     np_ = _round_up(n, nb)
-    kb2 = 8
-    nvw = min(4, -(-k // VEC))
-    mbw = _largest_divisor(m, 16 // nvw)
-    kp = _round_up(k, math.lcm(nvw * VEC, kb2))
+    # the fewest padded taps, then the widest tap block
+    nvw = min(range(1, 5), key=lambda v: (_round_up(k, v * VEC), -v))
+    mbw = _largest_divisor(m, ACC_MAX // nvw)
+    kp = _round_up(k, nvw * VEC)
+    kb2 = 12 if kp % 12 == 0 else 8  # KP is a multiple of 16
     col = kp * np_
     return dict(VEC=VEC, M=m, K=k, N=n, MB=mb, NB=nb, NV=nv, NP=np_, KP=kp, KB2=kb2, MBW=mbw, NVW=nvw,
-                # per-thread scratch: col, colT and dcol (KP x NP each), the padded output
+                # per-thread scratch: col, colT and dcol (KP x NP each; colT uses N x KP), the padded output
                 # gradient (M x NP) and the padded weights (M x KP)
                 COL_OFF=0, COLT_OFF=col, DCOL_OFF=2 * col, DPAD_OFF=3 * col, WT_OFF=3 * col + m * np_,
                 SCRATCH=3 * col + m * np_ + m * kp)
