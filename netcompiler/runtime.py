@@ -231,7 +231,7 @@ class Net:
         """ValueError when a batch of n samples cannot be trained on (batch norm needs more
         than one value per channel)."""
         for layer in self.network.layers:
-            if layer.kind.batch_level_in_training and n * math.prod(layer.in_shape[1:]) < 2:
+            if layer.kind.batch_stats(layer) and n * math.prod(layer.in_shape[1:]) < 2:
                 raise ValueError(f"{layer.where()} needs more than one value per channel in training "
                                  f"(batch of {n} with {layer.in_shape[1]}x{layer.in_shape[2]} maps)")
 

@@ -172,7 +172,8 @@ class LayerKind:
     options: ClassVar[tuple[Option, ...]] = ()
     template: ClassVar[str]  # file under templates/layers/
     # C code runs a layer either once per sample (inside the parallel loop over the batch)
-    # or once over the whole batch (batch norm in training mode needs batch statistics).
+    # or once over the whole batch in training (batch norm needs batch statistics; linear
+    # layers reuse each weight across samples and own their gradient rows per thread).
     batch_level_in_training: ClassVar[bool] = False
 
     # ---- shapes --------------------------------------------------------------------

@@ -11,6 +11,7 @@ class Linear(WeightLayer):
     prefix = "fc"
     doc = "fully connected layer, as torch.nn.Linear"
     template = "linear.c.j2"
+    batch_level_in_training = True
     options = (
         Option("out_features", "int", doc="number of outputs"),
         Option("bias", "bool", True, "add a learnable bias"),
@@ -40,8 +41,10 @@ class Linear(WeightLayer):
     def render_context(self, layer: Layer) -> dict:
         fin, fout = layer.in_shape[0], layer.out_shape[0]
         ob = max(d for d in range(1, 5) if fout % d == 0)  # outputs per block, dividing OUT
-        return dict(IN=fin, OUT=fout, bias=layer.opts["bias"], OB=ob,
-                    IN_V=fin - fin % 16, IN_TAIL=fin % 16)  # inputs in whole vectors (VEC = 16), the rest
+        in_v = fin - fin % 16  # inputs in whole vectors (VEC = 16); the IN_TAIL rest one by one
+        nvi = max(d for d in range(1, 6) if (in_v // 16) % d == 0)  # vectors per block, dividing IN_V
+        return dict(IN=fin, OUT=fout, bias=layer.opts["bias"], OB=ob, IN_V=in_v, IN_TAIL=fin % 16,
+                    NVI=nvi, SB=4)  # SB: samples per register tile in training
 
     def torch_module(self, layer: Layer):
         import torch.nn as nn
