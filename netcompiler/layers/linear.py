@@ -43,8 +43,15 @@ class Linear(WeightLayer):
         ob = max(d for d in range(1, 5) if fout % d == 0)  # outputs per block, dividing OUT
         in_v = fin - fin % 16  # inputs in whole vectors (VEC = 16); the IN_TAIL rest one by one
         nvi = max(d for d in range(1, 6) if (in_v // 16) % d == 0)  # vectors per block, dividing IN_V
+        outp = -(-fout // 16) * 16  # outputs padded to whole vectors (training forward)
+        nvo = max(d for d in range(1, 5) if (outp // 16) % d == 0)  # output vectors per block
         return dict(IN=fin, OUT=fout, bias=layer.opts["bias"], OB=ob, IN_V=in_v, IN_TAIL=fin % 16,
-                    NVI=nvi, SB=4)  # SB: samples per register tile in training
+                    NVI=nvi, OUTP=outp, NVO=nvo,
+                    SB=4 if nvo > 2 else 8)  # SB: samples per register tile in training
+
+    def scratch(self, layer: Layer) -> int:
+        c = self.render_context(layer)
+        return (c["IN"] + 1) * c["OUTP"]  # the transposed weights and the bias (training forward)
 
     def torch_module(self, layer: Layer):
         import torch.nn as nn
