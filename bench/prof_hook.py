@@ -80,7 +80,8 @@ def instrument_source(source: str, name: str, layer_names: list[str]) -> str:
     """Wrap every per-layer call in forward_eval / forward_train / NAME_backward with a timer."""
     index = {n: i for i, n in enumerate(layer_names)}
     starts = {"static void forward_eval(": 0, "static void forward_train(": 1, f"double {name}_backward(": 2}
-    call = re.compile(r"^(\s*)(\w+)_(forward|backward)\((.*)\);\s*$")
+    # <layer>_forward(...), and the batch-level variants <layer>_forward_batch / _forward_train
+    call = re.compile(r"^(\s*)(\w+?)_(forward|backward)(?:_batch|_train|_eval)?\((.*)\);\s*$")
     out, direction, wrapped = [], None, 0
     lines = source.splitlines()
     # the prelude needs THREAD_ID() and the includes: put it just before the first network function
