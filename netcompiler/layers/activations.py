@@ -2,7 +2,9 @@
 
 Each row gives the C expression of the forward value `y` of input `x`, and of dy/dx in
 terms of `x` and `y`, plus the FLOPs those expressions cost (every add, multiply,
-compare, exp, erf and tanh counts as one).
+compare, exp, erf and tanh counts as one).  Constants are integers or cast to real_t: a
+double constant such as 0.5 turns a float build's loop into double arithmetic, and gcc
+then leaves it scalar.
 """
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ class Elementwise:
     derivative: str  # C expression of dy/dx in x and y
     fwd_flops: int
     bwd_flops: int  # including the multiply by the incoming gradient
+
+
+# the math functions net.c.j2 supplies as macros (in the float build, inline versions that
+# are emitted only where a layer's expressions name them)
+MATH_MACROS = frozenset({"EXP", "ERF", "TANH"})
 
 
 class Activation(LayerKind):
@@ -36,7 +43,8 @@ class Activation(LayerKind):
     def render_context(self, layer: Layer) -> dict:
         f = self.formula(layer)
         return dict(N=layer.out_size, forward=f.forward, derivative=f.derivative,
-                    uses_y="y" in _idents(f.derivative), uses_x="x" in _idents(f.derivative))
+                    uses_y="y" in _idents(f.derivative), uses_x="x" in _idents(f.derivative),
+                    math=_idents(f.forward + " " + f.derivative) & MATH_MACROS)
 
 
 def _idents(expr: str) -> set[str]:
@@ -80,12 +88,13 @@ class GELU(Activation):
 
     def formula(self, layer):
         if layer.opts["approximate"] == "none":
-            # y = x/2 (1 + erf(x/sqrt2)); dy/dx = Phi(x) + x phi(x)
-            return Elementwise("0.5 * x * (1 + ERF(x * M_SQRT1_2_R))",
-                               "0.5 * (1 + ERF(x * M_SQRT1_2_R)) + x * M_1_SQRT2PI_R * EXP(-0.5 * x * x)", 5, 11)
+            # y = x Phi(x), Phi(x) = (1 + erf(x/sqrt2)) / 2 (x (1 + erf) would overflow near
+            # FLT_MAX); dy/dx = Phi(x) + x phi(x)
+            return Elementwise("x * ((1 + ERF(x * M_SQRT1_2_R)) / 2)",
+                               "(1 + ERF(x * M_SQRT1_2_R)) / 2 + x * M_1_SQRT2PI_R * EXP(-x * x / 2)", 5, 11)
         # y = x/2 (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
         return Elementwise(
-            "0.5 * x * (1 + TANH(M_SQRT2_PI_R * (x + 0.044715 * x * x * x)))",
+            "x * ((1 + TANH(M_SQRT2_PI_R * (x + (real_t)0.044715 * x * x * x))) / 2)",
             "gelu_tanh_grad(x)", 9, 16)
 
     def render_context(self, layer):
