@@ -90,6 +90,22 @@ CASES: dict[str, str] = {
     "maxpool_first_layer": around("maxpool2d: {kernel_size: 2, padding: 1}", pre=None,
                                   head=["conv2d: {out_channels: 2, kernel_size: 2}", *HEAD]),
     "maxpool_last_mse": around("maxpool2d: {kernel_size: [2, 3]}", head=[], loss="mse"),
+    # the tiled path (stride = kernel, no padding, dilation 1), vectorised over output columns:
+    # blocks of 4 and 8 columns (the last one overlapping), a row and a column in no window
+    # (floor) or cut short (ceil), kernel 3, non-square, a single window per row, ties
+    "maxpool_tiled_k3": around("maxpool2d: {kernel_size: 3, stride: 3}", input_shape=(2, 9, 12)),
+    "maxpool_tiled_floor_odd": around("maxpool2d: {kernel_size: 2}", input_shape=(2, 9, 11)),
+    "maxpool_tiled_ceil_odd": around("maxpool2d: {kernel_size: 2, ceil_mode: true}", input_shape=(2, 9, 11)),
+    "maxpool_tiled_nonsquare": around("maxpool2d: {kernel_size: [2, 3], ceil_mode: true}", input_shape=(2, 7, 13)),
+    "maxpool_tiled_one_window": around("maxpool2d: {kernel_size: 2, ceil_mode: true}", input_shape=(1, 40, 3)),
+    "maxpool_tiled_relu_ties": around(["relu", "maxpool2d: {kernel_size: 2}"], input_shape=(2, 6, 20)),
+    # the tiled path in scalar code (rows of one window and a cut one); vectorised over
+    # channels (small planes), with cut windows
+    "maxpool_tiled_scalar": around("maxpool2d: {kernel_size: 3, ceil_mode: true}", input_shape=(2, 7, 5)),
+    "maxpool_tiled_channels_ceil": around("maxpool2d: {kernel_size: 3, ceil_mode: true}", input_shape=(2, 4, 4),
+                                          pre="conv2d: {out_channels: 6, kernel_size: 1}"),
+    # not tiled: stride > kernel leaves gaps between the windows
+    "maxpool_gaps": around("maxpool2d: {kernel_size: 2, stride: 3}", input_shape=(2, 8, 9)),
     # ---- avgpool2d ------------------------------------------------------------------------
     "avgpool_k2": around("avgpool2d: {kernel_size: 2}"),
     "avgpool_pad_incl": around("avgpool2d: {kernel_size: 3, stride: 2, padding: 1}"),

@@ -75,12 +75,26 @@ SAN_SPECS = {
         "linear: {out_features: 32}",
         "linear: {out_features: 5}",
     ], name="san_gemm"),
+    # max-pooling's tiled path (pool.py, tiling()) in all its shapes: a row and a column in no
+    # window; vector blocks of 16, 8 and 2 columns with cut last windows in scalar code; a row
+    # with one whole window; vectors over channels, with only cut windows in a row
+    "san_pool": spec([2, 63, 39], [
+        "conv2d: {out_channels: 4, kernel_size: 1}",
+        "maxpool2d: {kernel_size: 2}",
+        "maxpool2d: {kernel_size: 2, ceil_mode: true}",
+        "maxpool2d: {kernel_size: [1, 3], ceil_mode: true}",
+        "maxpool2d: {kernel_size: [2, 3], ceil_mode: true}",
+        "maxpool2d: {kernel_size: 3, ceil_mode: true}",
+        "flatten",
+        "linear: {out_features: 4}",
+    ], loss="mse", name="san_pool"),
     # a 1-D network: flatten and activations first, dropout last
     "san_1d": spec([7], ["flatten", "gelu", "linear: {out_features: 6}", "relu", "linear: {out_features: 3}",
                          "dropout: {p: 0.1}"], name="san_1d"),
 }
 CASES = [("san_all", "float32"), ("san_all", "float64"), ("san_mse", "float32"), ("san_mse", "float64"),
-         ("san_gemm", "float32"), ("san_gemm", "float64"), ("san_1d", "float64")]
+         ("san_gemm", "float32"), ("san_gemm", "float64"), ("san_pool", "float32"), ("san_pool", "float64"),
+         ("san_1d", "float64")]
 
 
 def _write(rendered, directory: Path) -> Path:

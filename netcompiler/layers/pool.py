@@ -67,11 +67,86 @@ class MaxPool2d(Pool2d):
     def saved_slots(self, layer: Layer) -> dict:
         return {"argmax": ("int32_t", layer.out_size)}
 
+    def render_context(self, layer: Layer) -> dict:
+        c = super().render_context(layer)
+        c["tiles"] = tiling(c)
+        return c
+
     def torch_module(self, layer: Layer):
         import torch.nn as nn
 
         o = layer.opts
         return nn.MaxPool2d(o["kernel_size"], o["stride"], o["padding"], o["dilation"], ceil_mode=o["ceil_mode"])
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def tiling(c: dict) -> dict | None:
+    """The numbers of max-pooling's tiled path, or None when it does not apply.
+
+    The tiled path is for windows that tile the input: stride = kernel, no padding and
+    dilation 1, any ceil_mode.  Windows never overlap, so backward writes each input
+    gradient once instead of zeroing and scattering; every loop bound is a literal.
+
+    FULL_OH x FULL_OW windows lie wholly inside the input.  With ceil_mode the last row
+    (column) of windows may be cut to EDGE_KH input rows (EDGE_KW columns; 0: not cut).
+    Input rows from USED_H on (REST_N elements) are in no window (floor mode).
+
+    SIMD says what gcc vectorises, in blocks of BLOCK (a power of two, at most 16 floats:
+    one AVX-512 register): "channels" for small planes (rows of few windows), else
+    "columns": the first VEC_OW windows of a row, the rest (SCALAR_COLUMNS: a row's only
+    whole window, or the cut last window) in branchless scalar code.  Backward ("columns")
+    zeroes the ZERO_N input columns from ZERO_X on, then sets the gradients of
+    SCALAR_COLUMNS; backward ("channels") zeroes the PLANE values of a plane and then sets
+    the gradients of its OUT_PLANE windows.
+    """
+    if (c["SH"], c["SW"]) != (c["KH"], c["KW"]) or (c["PH"], c["PW"], c["DH"], c["DW"]) != (0, 0, 1, 1):
+        return None
+    kh, kw = c["KH"], c["KW"]
+    full_oh, full_ow = c["H"] // kh, c["W"] // kw
+    # ceil_mode adds at most one output row (column): a window that starts inside the input
+    edge_kh = c["H"] - full_oh * kh if c["OH"] > full_oh else 0
+    edge_kw = c["W"] - full_ow * kw if c["OW"] > full_ow else 0
+    assert c["OH"] == full_oh + (edge_kh > 0) and c["OW"] == full_ow + (edge_kw > 0), c
+    used_h, used_w = full_oh * kh + edge_kh, full_ow * kw + edge_kw
+
+    notes = []  # for the comment above the generated functions
+    if edge_kh:
+        notes.append(f"ceil_mode cuts the last row of windows to {_count(edge_kh, 'input row')}.")
+    if edge_kw:
+        notes.append(f"ceil_mode cuts the last column of windows to {_count(edge_kw, 'input column')}.")
+    if c["H"] > used_h:
+        notes.append(f"Input rows from {used_h} on are in no window.")
+    if c["W"] > used_w:
+        notes.append(f"Input columns from {used_w} on are in no window.")
+    edge_col = f"ceil_mode: the row's last window, cut to {_count(edge_kw, 'input column')}"
+
+    # gcc vectorises over channels (16 planes as 16 vector loads and shuffles) when the
+    # windows cover a plane of a power-of-two size up to 16 values; on other planes it
+    # gives up, or leaves scalar code with branches, so those go by output columns
+    plane = c["H"] * c["W"]
+    small = plane <= 16 and plane & (plane - 1) == 0 and (used_h, used_w) == (c["H"], c["W"])
+    simd = "channels" if full_ow < 4 and c["C"] >= 4 and small else "columns"
+    vec_ow, scalar = 0, []
+    if simd == "columns":
+        vec_ow = full_ow if full_ow >= 2 else 0
+        if full_ow == 1:
+            scalar.append((0, kw, "the row's only whole window"))
+        if edge_kw:
+            scalar.append((full_ow, edge_kw, edge_col))
+    zero_x = vec_ow * kw
+    lanes = vec_ow if simd == "columns" else c["C"]
+    return dict(
+        FULL_OH=full_oh, FULL_OW=full_ow, EDGE_KH=edge_kh, EDGE_KW=edge_kw, USED_H=used_h,
+        SIMD=simd, VEC_OW=vec_ow, BLOCK=min(16, 1 << (max(lanes, 1).bit_length() - 1)), SCALAR_COLUMNS=scalar,
+        ZERO_X=zero_x, ZERO_N=c["W"] - zero_x if simd == "columns" else 0, REST_N=(c["H"] - used_h) * c["W"],
+        PLANE=plane, OUT_PLANE=c["OH"] * c["OW"],
+        ZERO_WHY="columns of the scalar windows (set below) or in no window" if scalar else "columns in no window",
+        NOTES=notes, EDGE_COL=edge_col,
+        EDGE_ROW=f"ceil_mode: the last row of windows, cut to {_count(edge_kh, 'input row')}",
+    )
 
 
 class AvgPool2d(Pool2d):
