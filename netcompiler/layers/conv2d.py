@@ -154,7 +154,8 @@ def conv_gemm_blocking(m: int, k: int, n: int) -> dict:
     kb2 = 12 if kp % 12 == 0 else 8  # KP is a multiple of 16
     col = kp * np_
     return dict(VEC=VEC, M=m, K=k, N=n, MB=mb, NB=nb, NV=nv, NP=np_, KP=kp, KB2=kb2, MBW=mbw, NVW=nvw,
-                # per-thread scratch: col, colT and dcol (KP x NP each; colT uses N x KP), the padded output
-                # gradient (M x NP) and the padded weights (M x KP)
-                COL_OFF=0, COLT_OFF=col, DCOL_OFF=2 * col, DPAD_OFF=3 * col, WT_OFF=3 * col + m * np_,
-                SCRATCH=3 * col + m * np_ + m * kp)
+                # per-thread scratch: forward uses col (KP x NP); backward colT (N x KP) in the same
+                # place, then dcol (KP x NP), the padded output gradient (M x NP) and the padded
+                # weights (M x KP)
+                COL_OFF=0, COLT_OFF=0, DCOL_OFF=col, DPAD_OFF=2 * col, WT_OFF=2 * col + m * np_,
+                SCRATCH=2 * col + m * np_ + m * kp)

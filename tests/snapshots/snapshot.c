@@ -134,7 +134,7 @@ static void conv1_forward(real_t *restrict out, const real_t *restrict in,
 {
     real_t *restrict col = scratch + 0;
     for (int grp = 0; grp < 1; grp++) {
-        conv1_im2col(col, conv1_pad(scratch + 3232, in + grp * (1 * 8 * 8)));
+        conv1_im2col(col, conv1_pad(scratch + 2208, in + grp * (1 * 8 * 8)));
         for (int p0 = 0; p0 < 64; p0 += 32) /* col's slice of pixels stays in cache */
             for (int m0 = 0; m0 < 2; m0 += 2) {
                 const real_t *w = weight + (grp * 2 + m0) * 9;
@@ -199,7 +199,7 @@ static void conv1_backward(real_t *restrict dweight, real_t *restrict dbias,
         const real_t *restrict dout, const real_t *restrict in,
         const real_t *restrict weight, real_t *restrict scratch)
 {
-    real_t *restrict colT = scratch + 1024;
+    real_t *restrict colT = scratch + 0;
     (void)weight; /* the input gradient of the first layer is not needed */
     for (int grp = 0; grp < 1; grp++) {
         const real_t *restrict dg_out = dout + grp * (2 * 64);
@@ -215,7 +215,7 @@ static void conv1_backward(real_t *restrict dweight, real_t *restrict dbias,
         }
         /* weight gradient dW[m][k] += sum_p d[m][p] colT[p][k]: 2 channels x 1 vectors of
          * taps accumulate over the pixels */
-        conv1_im2row(colT, conv1_pad(scratch + 3232, in + grp * (1 * 8 * 8)));
+        conv1_im2row(colT, conv1_pad(scratch + 2208, in + grp * (1 * 8 * 8)));
         for (int k0 = 0; k0 < 16; k0 += 1 * VEC) /* a slice of colT stays in cache */
             for (int m0 = 0; m0 < 2; m0 += 2) {
                 vreal acc[2][1] = {0};
