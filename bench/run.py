@@ -392,12 +392,9 @@ class Bench:
         net = nc.compile(str(spec), threads=self.args.threads[0], flags=self.args.flags)
         rep = build_report(net.network)
         res["training_flops"], res["total_flops"] = rep["training_flops"], rep["total_flops"]
-        # per layer (forward FLOPs, backward FLOPs); the report counts an input gradient for every
-        # conv/linear, but the first layer's (need_din False) is not computed: take it out here
-        need_din = {lp.name: getattr(lp, "need_din", True) for lp in net.plan.layers}
-        res["layer_flops"] = {r["name"]: (r["flops"], r["backward_flops"] - (0 if need_din.get(r["name"], True)
-                                                                              else 2 * r["macs"]))
-                              for r in rep["layers"]}
+        # per layer (forward FLOPs, backward FLOPs); the report already leaves out the first
+        # layer's input gradient, which is never computed
+        res["layer_flops"] = {r["name"]: (r["flops"], r["backward_flops"]) for r in rep["layers"]}
         x, y = self.data(net, self.args.samples)
         x1 = np.ascontiguousarray(x[:1])
         model = None
@@ -601,8 +598,8 @@ def profile_lines(results: dict, peak1: float) -> list[str]:
                          f1(bw_flops * bs / (b * 1e6)), f"{med(p['eval_forward']):.3f}"])
     L += table(head, rows, left=1)
     L.append("bwd+loss = zero_grad + NAME_backward (loss, all layer backwards, per-thread gradient reduction); "
-             "bwd GFLOP/s counts training_flops - total_flops (which includes the first layer's input gradient, "
-             "never computed)")
+             "bwd GFLOP/s counts training_flops - total_flops (the report leaves out the first layer's input "
+             "gradient, which is never computed)")
     for r in results["nets"]:
         for run in r["runs"]:
             lp = run.get("layer_profile")
