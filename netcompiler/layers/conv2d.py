@@ -93,13 +93,14 @@ class Conv2d(WeightLayer):
         hp, wp = h + pt + pb, w + pl + pr
         padded = (pt, pb, pl, pr) != (0, 0, 0, 0)
         # the padded copy of a group's input planes follows the GEMM scratch
-        xpad = dict(XPAD_OFF=gemm["SCRATCH"], SCRATCH=gemm["SCRATCH"] + (cin // g) * hp * wp if padded else gemm["SCRATCH"])
+        xpad_off = gemm.pop("SCRATCH")
+        scratch = xpad_off + ((cin // g) * hp * wp if padded else 0)
         return dict(
             CIN=cin, H=h, W=w, COUT=cout, OH=oh, OW=ow,
             KH=kh, KW=kw, SH=o["stride"][0], SW=o["stride"][1],
             DH=o["dilation"][0], DW=o["dilation"][1], PT=d["pad_top"], PL=d["pad_left"],
             GROUPS=g, CIN_G=cin // g, COUT_G=cout // g, bias=o["bias"],
-            PADDED=padded, HP=hp, WP=wp, **{**gemm, **xpad},
+            PADDED=padded, HP=hp, WP=wp, XPAD_OFF=xpad_off, SCRATCH=scratch, **gemm,
         )
 
     def scratch(self, layer: Layer) -> int:
