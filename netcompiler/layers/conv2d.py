@@ -140,7 +140,8 @@ def conv_gemm_blocking(m: int, k: int, n: int) -> dict:
     - MB output channels x NB pixels are accumulated at once (<= 16 vector registers).
     The backward tiles use up to ACC_MAX accumulators:
     - weight gradient: MBW channels x NVW vectors of taps, over colT (im2row: rows of KP taps).
-    - input gradient: KB2 taps x NB pixels.
+    - input gradient: KB2 taps x NB pixels, straight from the weights (K_MAIN taps in whole
+      blocks, then a tail block of K_TAIL).
     """
     mb = _largest_divisor(m, 8)
     nv = 2 if mb <= 8 and _round_up(n, 2 * VEC) <= 1.15 * _round_up(n, VEC) else 1
@@ -152,11 +153,16 @@ def conv_gemm_blocking(m: int, k: int, n: int) -> dict:
     nvw = min(range(1, 5), key=lambda v: (_round_up(k, v * VEC), -v))
     mbw = _largest_divisor(m, ACC_MAX // nvw)
     kp = _round_up(k, nvw * VEC)
-    kb2 = 12 if kp % 12 == 0 else 8  # KP is a multiple of 16
+    # input-gradient tiles: KB2 taps x NV vectors; a divisor of K when one fills at least half
+    # the accumulators, otherwise the widest block and a tail block of K % KB2 taps
+    kb_max = ACC_MAX // nv
+    kb2 = _largest_divisor(k, kb_max)
+    if 2 * kb2 < kb_max:
+        kb2 = min(kb_max, k)
     col = kp * np_
-    return dict(VEC=VEC, M=m, K=k, N=n, MB=mb, NB=nb, NV=nv, NP=np_, KP=kp, KB2=kb2, MBW=mbw, NVW=nvw,
+    return dict(VEC=VEC, M=m, K=k, N=n, MB=mb, NB=nb, NV=nv, NP=np_, KP=kp, MBW=mbw, NVW=nvw,
+                N_FULL=n - n % nb, KW_FULL=kp if kp == k else kp - nvw * VEC, KB2=kb2, K_MAIN=k - k % kb2, K_TAIL=k % kb2,
                 # per-thread scratch: forward uses col (KP x NP); backward colT (N x KP) in the same
-                # place, then dcol (KP x NP), the padded output gradient (M x NP) and the padded
-                # weights (M x KP)
-                COL_OFF=0, COLT_OFF=0, DCOL_OFF=col, DPAD_OFF=2 * col, WT_OFF=2 * col + m * np_,
-                SCRATCH=2 * col + m * np_ + m * kp)
+                # place, then dcol (K x NP) and the output gradient with rows padded to NP pixels
+                COL_OFF=0, COLT_OFF=0, DCOL_OFF=col, DPAD_OFF=col + k * np_,
+                SCRATCH=col + k * np_ + (m * np_ if np_ != n else 0))

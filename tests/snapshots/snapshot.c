@@ -78,6 +78,14 @@ typedef real_t vreal __attribute__((vector_size(VEC * sizeof(real_t))));
 typedef real_t vreal_u __attribute__((vector_size(VEC * sizeof(real_t)), aligned(sizeof(real_t)), may_alias));
 #define vload(p) (*(const vreal_u *)(p))
 #define vstore(p, v) (*(vreal_u *)(p) = (v))
+/* vkeep(v): v stays in a register.  Where a loaded vector feeds several FMAs, GCC may fold the
+ * load into each of them instead, and 512-bit loads then limit the loop; the empty asm marks v
+ * as changed in place, so it is loaded once.  A no-op where a vreal is not one register. */
+#if defined(__GNUC__) && defined(__AVX512F__)
+#define vkeep(v) __asm__("" : "+v"(v))
+#else
+#define vkeep(v) ((void)0)
+#endif
 static inline real_t vsum(const vreal *v)
 {
     real_t s = 0;
@@ -134,7 +142,7 @@ static void conv1_forward(real_t *restrict out, const real_t *restrict in,
 {
     real_t *restrict col = scratch + 0;
     for (int grp = 0; grp < 1; grp++) {
-        conv1_im2col(col, conv1_pad(scratch + 2208, in + grp * (1 * 8 * 8)));
+        conv1_im2col(col, conv1_pad(scratch + 1600, in + grp * (1 * 8 * 8)));
         for (int p0 = 0; p0 < 64; p0 += 32) /* col's slice of pixels stays in cache */
             for (int m0 = 0; m0 < 2; m0 += 2) {
                 const real_t *w = weight + (grp * 2 + m0) * 9;
@@ -155,17 +163,12 @@ static void conv1_forward(real_t *restrict out, const real_t *restrict in,
                         for (int j = 0; j < 2; j++)
                             acc[i][j] += w[i * 9 + k] * cr[j];
                 }
-                /* whole vectors straight out, the last partial one lane by lane */
+                #pragma GCC unroll 16
                 for (int i = 0; i < 2; i++) {
                     real_t *o = out + (grp * 2 + m0 + i) * 64 + p0;
                     #pragma GCC unroll 16
-                    for (int j = 0; j < 2; j++) {
-                        if (p0 + (j + 1) * VEC <= 64)
-                            vstore(o + j * VEC, acc[i][j]);
-                        else
-                            for (int v = 0; v < VEC && p0 + j * VEC + v < 64; v++)
-                                o[j * VEC + v] = acc[i][j][v];
-                    }
+                    for (int j = 0; j < 2; j++)
+                        vstore(o + j * VEC, acc[i][j]);
                 }
             }
     }
@@ -193,8 +196,7 @@ static void conv1_im2row(real_t *restrict colT, const real_t *restrict x)
 /* per group, with colT rebuilt from the saved input and d = dout:
  * dL/dW[m][k] += sum_p d[m][p] colT[p][k]   (a correlation of X with delta),
  * dcol[k][p] = sum_m W[m][k] d[m][p], scattered back onto the input taps (the full
- * correlation of delta with the flipped kernel). scratch (per thread): colT, dcol, d padded
- * to 64 pixels and the weights padded to 16 taps (wt). */
+ * correlation of delta with the flipped kernel). scratch (per thread): colT, dcol. */
 static void conv1_backward(real_t *restrict dweight, real_t *restrict dbias,
         const real_t *restrict dout, const real_t *restrict in,
         const real_t *restrict weight, real_t *restrict scratch)
@@ -215,33 +217,60 @@ static void conv1_backward(real_t *restrict dweight, real_t *restrict dbias,
         }
         /* weight gradient dW[m][k] += sum_p d[m][p] colT[p][k]: 2 channels x 1 vectors of
          * taps accumulate over the pixels */
-        conv1_im2row(colT, conv1_pad(scratch + 2208, in + grp * (1 * 8 * 8)));
-        for (int k0 = 0; k0 < 16; k0 += 1 * VEC) /* a slice of colT stays in cache */
+        conv1_im2row(colT, conv1_pad(scratch + 1600, in + grp * (1 * 8 * 8)));
+        for (int k0 = 0; k0 < 0; k0 += 1 * VEC) /* a slice of colT stays in cache */
             for (int m0 = 0; m0 < 2; m0 += 2) {
                 vreal acc[2][1] = {0};
                 for (int p = 0; p < 64; p++) {
                     vreal cv[1];
                     #pragma GCC unroll 16
-                    for (int j = 0; j < 1; j++)
+                    for (int j = 0; j < 1; j++) {
                         cv[j] = vload(colT + p * 16 + k0 + j * VEC);
+                        vkeep(cv[j]); /* one load, used 2 times */
+                    }
                     #pragma GCC unroll 16
                     for (int i = 0; i < 2; i++)
                         #pragma GCC unroll 16
                         for (int j = 0; j < 1; j++)
                             acc[i][j] += dg_out[(m0 + i) * 64 + p] * cv[j];
                 }
+                #pragma GCC unroll 16
                 for (int i = 0; i < 2; i++) {
-                    real_t *dw = dweight + (grp * 2 + m0 + i) * 9;
-                    for (int j = 0; j < 1; j++) {
-                        const int k = k0 + j * VEC;
-                        if (k + VEC <= 9)
-                            vstore(dw + k, vload(dw + k) + acc[i][j]);
-                        else
-                            for (int v = 0; v < VEC && k + v < 9; v++)
-                                dw[k + v] += acc[i][j][v];
-                    }
+                    real_t *dw = dweight + (grp * 2 + m0 + i) * 9 + k0;
+                    #pragma GCC unroll 16
+                    for (int j = 0; j < 1; j++)
+                        vstore(dw + j * VEC, vload(dw + j * VEC) + acc[i][j]);
                 }
             }
+        { /* the last block of taps, 9 of them real */
+            const int k0 = 0;
+            for (int m0 = 0; m0 < 2; m0 += 2) {
+                vreal acc[2][1] = {0};
+                for (int p = 0; p < 64; p++) {
+                    vreal cv[1];
+                    #pragma GCC unroll 16
+                    for (int j = 0; j < 1; j++) {
+                        cv[j] = vload(colT + p * 16 + k0 + j * VEC);
+                        vkeep(cv[j]); /* one load, used 2 times */
+                    }
+                    #pragma GCC unroll 16
+                    for (int i = 0; i < 2; i++)
+                        #pragma GCC unroll 16
+                        for (int j = 0; j < 1; j++)
+                            acc[i][j] += dg_out[(m0 + i) * 64 + p] * cv[j];
+                }
+                #pragma GCC unroll 16
+                for (int i = 0; i < 2; i++) {
+                    real_t *dw = dweight + (grp * 2 + m0 + i) * 9 + k0;
+                    real_t part[1 * VEC];
+                    #pragma GCC unroll 16
+                    for (int j = 0; j < 1; j++)
+                        vstore(part + j * VEC, acc[i][j]);
+                    for (int k = 0; k < 9; k++)
+                        dw[k] += part[k];
+                }
+            }
+        }
     }
 }
 

@@ -29,7 +29,7 @@ typedef float snapshot_real;
 #define SNAPSHOT_ACTS_PER_SAMPLE 355
 #define SNAPSHOT_INTS_PER_SAMPLE 32
 #define SNAPSHOT_STATS_SIZE 0
-#define SNAPSHOT_SCRATCH_PER_THREAD 2308
+#define SNAPSHOT_SCRATCH_PER_THREAD 1700
 #define SNAPSHOT_OUT_OFFSET 352
 
 /* Everything a call works on; the caller allocates every array. */
