@@ -225,8 +225,9 @@ static void conv1_backward(real_t *restrict dweight, real_t *restrict dbias,
                     vreal cv[1];
                     #pragma GCC unroll 16
                     for (int j = 0; j < 1; j++) {
-                        cv[j] = vload(colT + p * 16 + k0 + j * VEC);
-                        vkeep(cv[j]); /* one load, used 2 times */
+                        vreal v = vload(colT + p * 16 + k0 + j * VEC);
+                        vkeep(v); /* one load, used 2 times */
+                        cv[j] = v;
                     }
                     #pragma GCC unroll 16
                     for (int i = 0; i < 2; i++)
@@ -250,8 +251,9 @@ static void conv1_backward(real_t *restrict dweight, real_t *restrict dbias,
                     vreal cv[1];
                     #pragma GCC unroll 16
                     for (int j = 0; j < 1; j++) {
-                        cv[j] = vload(colT + p * 16 + k0 + j * VEC);
-                        vkeep(cv[j]); /* one load, used 2 times */
+                        vreal v = vload(colT + p * 16 + k0 + j * VEC);
+                        vkeep(v); /* one load, used 2 times */
+                        cv[j] = v;
                     }
                     #pragma GCC unroll 16
                     for (int i = 0; i < 2; i++)
@@ -430,8 +432,11 @@ static void fc1_forward_batch(real_t *acts, int n, const real_t *restrict weight
                 for (int i = 0; i < 32; i++) {
                     vreal w[1];
                     #pragma GCC unroll 8
-                    for (int v = 0; v < 1; v++)
-                        w[v] = vload(wt + i * 16 + o0 + v * VEC);
+                    for (int v = 0; v < 1; v++) {
+                        vreal t = vload(wt + i * 16 + o0 + v * VEC);
+                        vkeep(t); /* one load, used for 8 samples */
+                        w[v] = t;
+                    }
                     #pragma GCC unroll 8
                     for (int s = 0; s < 8; s++)
                         #pragma GCC unroll 8
@@ -467,8 +472,11 @@ static void fc1_forward_batch(real_t *acts, int n, const real_t *restrict weight
                     for (int i = 0; i < 32; i++) {
                         vreal w[1];
                         #pragma GCC unroll 8
-                        for (int v = 0; v < 1; v++)
-                            w[v] = vload(wt + i * 16 + o0 + v * VEC);
+                        for (int v = 0; v < 1; v++) {
+                            vreal t = vload(wt + i * 16 + o0 + v * VEC);
+                            vkeep(t); /* one load, used for 1 samples */
+                            w[v] = t;
+                        }
                         #pragma GCC unroll 8
                         for (int s = 0; s < 1; s++)
                             #pragma GCC unroll 8
@@ -523,8 +531,11 @@ static void fc1_backward(real_t *dacts, const real_t *acts, int n, real_t *restr
                     const real_t *xs = X_(s) + i0, *dy = DY_(s) + o0;
                     vreal xv[2];
                     #pragma GCC unroll 8
-                    for (int v = 0; v < 2; v++)
-                        xv[v] = vload(xs + v * VEC);
+                    for (int v = 0; v < 2; v++) {
+                        vreal t = vload(xs + v * VEC);
+                        vkeep(t); /* one load, used 3 times */
+                        xv[v] = t;
+                    }
                     #pragma GCC unroll 8
                     for (int j = 0; j < 3; j++)
                         #pragma GCC unroll 8
@@ -549,8 +560,11 @@ static void fc1_backward(real_t *dacts, const real_t *acts, int n, real_t *restr
                     for (int o = 0; o < 3; o++) {
                         vreal wv[2];
                         #pragma GCC unroll 8
-                        for (int v = 0; v < 2; v++)
-                            wv[v] = vload(weight + o * 32 + i0 + v * VEC);
+                        for (int v = 0; v < 2; v++) {
+                            vreal t = vload(weight + o * 32 + i0 + v * VEC);
+                            vkeep(t); /* one load, used for 8 samples */
+                            wv[v] = t;
+                        }
                         #pragma GCC unroll 8
                         for (int s = 0; s < 8; s++)
                             #pragma GCC unroll 8
@@ -572,8 +586,11 @@ static void fc1_backward(real_t *dacts, const real_t *acts, int n, real_t *restr
                         for (int o = 0; o < 3; o++) {
                             vreal wv[2];
                             #pragma GCC unroll 8
-                            for (int v = 0; v < 2; v++)
-                                wv[v] = vload(weight + o * 32 + i0 + v * VEC);
+                            for (int v = 0; v < 2; v++) {
+                                vreal t = vload(weight + o * 32 + i0 + v * VEC);
+                                vkeep(t); /* one load, used for 1 samples */
+                                wv[v] = t;
+                            }
                             #pragma GCC unroll 8
                             for (int s = 0; s < 1; s++)
                                 #pragma GCC unroll 8
