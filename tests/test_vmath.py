@@ -217,3 +217,26 @@ def test_float32_activation_loops_vectorise(tmp_path):
     assert len(loops) == 7, loops  # tanh1 is first: no backward
     missed = {fn: ln for fn, ln in loops.items() if ln not in vectorised}
     assert not missed, f"not vectorised: {missed}\n{proc.stderr}"
+
+
+def test_gelu_derivative_from_the_saved_output():
+    """gelu's backward takes Phi(x) as y / x from the saved output (1/2 below |x| = 1e-20, where
+    y / x would lose it to subnormal rounding): check dy/dx = Phi(x) + x phi(x) against float64
+    at tiny, ordinary and large |x|, in both builds."""
+    import netcompiler as nc
+
+    z = np.array([0.0, -0.0, 1e-44, -3e-45, 1e-38, -3e-30, 2e-21, -5e-20, 1e-7, -0.3, 0.5, 1.7, -2.5, 6.0, -9.0, 14.0, -20.0])
+    phi = np.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    want = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in z]) + z * phi
+    n = z.size
+    text = spec([n], ["linear: {out_features: %d}" % n, "gelu"], "mse")
+    for dtype, tol in (("float32", 2e-6), ("float64", 1e-12)):
+        net = nc.compile(check_text(text, "g.yaml"), dtype=dtype, threads=1)
+        # x = ones, W = 0, bias = z: the gelu input is z, and dL/dbias = dL/dy * gelu'(z)
+        net.load_state_dict({"fc1.weight": np.zeros((n, n)), "fc1.bias": z})
+        x = np.ones((1, n))
+        y = net.forward(x)
+        # targets y + 1: mse's dL/dy = 2 (y - t) / n = -2 / n for every element
+        _, grads = net.loss_and_grad(x, y + 1)
+        got = grads["fc1.bias"] / (-2 / n)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 1e-3, err_msg=dtype)

@@ -89,9 +89,12 @@ class GELU(Activation):
     def formula(self, layer):
         if layer.opts["approximate"] == "none":
             # y = x Phi(x), Phi(x) = (1 + erf(x/sqrt2)) / 2 (x (1 + erf) would overflow near
-            # FLT_MAX); dy/dx = Phi(x) + x phi(x)
+            # FLT_MAX); dy/dx = Phi(x) + x phi(x), with Phi(x) = y / x from the saved output
+            # (no second erf); below |x| = 1e-20, Phi(x) is 1/2 to float precision and y / x
+            # would lose it to subnormal rounding
             return Elementwise("x * ((1 + ERF(x * M_SQRT1_2_R)) / 2)",
-                               "(1 + ERF(x * M_SQRT1_2_R)) / 2 + x * M_1_SQRT2PI_R * EXP(-x * x / 2)", 5, 11)
+                               "(x < (real_t)1e-20 && x > (real_t)-1e-20 ? (real_t)0.5 : y / x)"
+                               " + x * M_1_SQRT2PI_R * EXP(-x * x / 2)", 5, 11)
         # y = x/2 (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3)
         return Elementwise(
             "x * ((1 + TANH(M_SQRT2_PI_R * (x + (real_t)0.044715 * x * x * x))) / 2)",
