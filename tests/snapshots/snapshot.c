@@ -50,7 +50,7 @@ typedef snapshot_real real_t;
 #define ACTS_PER_SAMPLE SNAPSHOT_ACTS_PER_SAMPLE
 #define INTS_PER_SAMPLE SNAPSHOT_INTS_PER_SAMPLE
 #define SCRATCH_PER_THREAD SNAPSHOT_SCRATCH_PER_THREAD
-/* element-wise loops shorter than this run on one thread (waking threads costs more) */
+/* loops with less work than this (elements, or multiply-adds) run on one thread (waking threads costs more) */
 #define PARALLEL_MIN 262144
 
 /* ---- parameter layout: offsets into params (gradients and optimizer state alike) ------ */
@@ -515,7 +515,8 @@ static void fc1_backward(real_t *dacts, const real_t *acts, int n, real_t *restr
 #define X_(s) (acts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_pool1_out)
 #define DX_(s) (dacts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_pool1_out)
 #define DY_(s) (dacts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_fc1_out)
-    OMP(omp parallel num_threads(threads))
+    /* small batches stay on one thread: waking a second one costs more than it saves */
+    OMP(omp parallel num_threads(threads) if ((double)n * 32 * 3 >= PARALLEL_MIN))
     {
         OMP(omp for schedule(static))
         for (int o0 = 0; o0 < 3; o0 += 3) {
