@@ -261,9 +261,11 @@ class Net:
     # ---- compute -------------------------------------------------------------------------
     def _forward(self, x: np.ndarray, training: bool) -> int:
         n = x.shape[0]
-        self._reserve(n)
-        rc = self._c.forward(self._ctx, self._real_ptr(x), self._ffi.NULL, n,
-                                                          int(training))
+        if n > self._capacity:
+            self._reserve(n)
+        # from_buffer inline rather than through _real_ptr: batch-1 inference feels each call
+        rc = self._c.forward(self._ctx, self._ffi.from_buffer(self._real_t + "[]", x), self._ffi.NULL, n,
+                             int(training))
         if rc != 0:  # pragma: no cover - sizes are checked above
             raise RuntimeError(f"{self.name}_forward returned {rc}")
         return n
@@ -271,11 +273,7 @@ class Net:
     def forward(self, x: Any) -> np.ndarray:
         """Evaluation-mode forward: (N, *input_shape) -> (N, *output_shape) outputs (logits)."""
         x = self.check_x(x)
-        n = x.shape[0]
-        self._reserve(n)
-        if self._c.forward(self._ctx, self._ffi.from_buffer(self._real_t + "[]", x), self._ffi.NULL, n, 0) != 0:
-            raise RuntimeError(f"{self.name}_forward returned an error")  # pragma: no cover - n is checked
-        return self._outputs(n)
+        return self._outputs(self._forward(x, training=False))
 
     def __call__(self, x: Any) -> np.ndarray:
         return self.forward(x)

@@ -161,7 +161,10 @@ def conv_gemm_blocking(m: int, k: int, n: int) -> dict:
         kb2 = min(kb_max, k)
     col = kp * np_
     return dict(VEC=VEC, M=m, K=k, N=n, MB=mb, NB=nb, NV=nv, NP=np_, KP=kp, MBW=mbw, NVW=nvw,
-                N_FULL=n - n % nb, KW_FULL=kp if kp == k else kp - nvw * VEC, KB2=kb2, K_MAIN=k - k % kb2, K_TAIL=k % kb2,
+                # the full blocks of pixels (forward) and of taps (weight gradient) end at
+                # N_FULL and KW_FULL; a partial last block after them is stored separately
+                N_FULL=n - n % nb, KW_FULL=kp if kp == k else kp - nvw * VEC,
+                KB2=kb2, K_MAIN=k - k % kb2, K_TAIL=k % kb2,
                 # per-thread scratch: forward uses col (KP x NP); backward colT (N x KP) in the same
                 # place, then dcol (K x NP) and the output gradient with rows padded to NP pixels
                 COL_OFF=0, COLT_OFF=0, DCOL_OFF=col, DPAD_OFF=col + k * np_,
