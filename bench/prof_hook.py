@@ -80,8 +80,9 @@ def instrument_source(source: str, name: str, layer_names: list[str]) -> str:
     """Wrap every per-layer call in forward_eval / forward_train / NAME_backward with a timer."""
     index = {n: i for i, n in enumerate(layer_names)}
     starts = {"static void forward_eval(": 0, "static void forward_train(": 1, f"double {name}_backward(": 2}
-    # <layer>_forward(...), and the batch-level variants <layer>_forward_batch / _forward_train
-    call = re.compile(r"^(\s*)(\w+?)_(forward|backward)(?:_batch|_train|_eval)?\((.*)\);\s*$")
+    # <layer>_forward(...), the batch-level variants <layer>_forward_batch / _forward_train, and
+    # <layer>_winograd_weights(...) (remaking a conv's cached weights counts as its forward)
+    call = re.compile(r"^(\s*)(\w+?)_(forward|backward|winograd_weights)(?:_batch|_train|_eval)?\((.*)\);\s*$")
     out, direction, wrapped = [], None, 0
     lines = source.splitlines()
     # the prelude needs THREAD_ID() and the includes: put it just before the first network function
@@ -99,7 +100,7 @@ def instrument_source(source: str, name: str, layer_names: list[str]) -> str:
         m = call.match(line)
         if direction is not None and m and m.group(2) in index:
             want = "forward" if direction < 2 else "backward"
-            if m.group(3) == want:
+            if m.group(3).replace("winograd_weights", "forward") == want:
                 slot = 3 * index[m.group(2)] + direction
                 line = f"{m.group(1)}{{ const double t0_ = prof_now(); {line.strip()} prof_add({slot}, t0_); }}"
                 wrapped += 1

@@ -5,6 +5,8 @@
 - Activations: one block per sample holding every layer's output (flatten aliases its
   input), plus per-sample saved slots (dropout masks); max-pool argmax indices live in an
   int32 block per sample.  Gradients of activations use the activation layout.
+- Cache: arrays derived from parameters and kept between calls (Winograd-transformed conv
+  weights), each next to a copy of the parameters it was made from.
 - Stages: consecutive layers that work sample by sample run inside one parallel loop over
   the batch; a layer that needs the whole batch (batch norm in training) is its own stage.
 """
@@ -53,6 +55,7 @@ class LayerPlan:
     buffers: dict[str, Tensor] = field(default_factory=dict)
     slots: dict[str, Tensor] = field(default_factory=dict)  # per-sample saved (reals or ints)
     slot_types: dict[str, str] = field(default_factory=dict)
+    cache: dict[str, Tensor] = field(default_factory=dict)  # derived from params, kept between calls
     stats: Tensor | None = None  # per-batch saved statistics
     batch_level_in_training: bool = False
     aliases: bool = False
@@ -91,11 +94,13 @@ class Plan:
     activations: list[Tensor]  # per-sample real slots (input, outputs and saved reals)
     int_slots: list[Tensor]
     stats: list[Tensor]
+    cache: list[Tensor]
     num_params: int
     num_buffers: int
     acts_per_sample: int
     ints_per_sample: int
     stats_size: int
+    cache_size: int
     scratch_per_thread: int  # floats of per-thread scratch (im2col buffers)
     in_size: int
     out_size: int
@@ -127,6 +132,7 @@ class _Allocator:
 
 def make_plan(net: Network) -> Plan:
     params, buffers, acts, ints, stats = (_Allocator() for _ in range(5))
+    cache = _Allocator("CACHE_")
     plans: list[LayerPlan] = []
     # The network input is copied into the first slot of each sample's activation block,
     # so every layer reads its input the same way.
@@ -154,14 +160,17 @@ def make_plan(net: Network) -> Plan:
             alloc = ints if ctype == "int32_t" else acts
             lp.slots[sname] = alloc.add(f"{layer.name}.{sname}", (count,))
             lp.slot_types[sname] = ctype
+        for cname, shape in kind.cache_shapes(layer).items():
+            lp.cache[cname] = cache.add(f"{layer.name}.{cname}", shape)
         if kind.batch_stats(layer):
             lp.stats = stats.add(f"{layer.name}.stats", (kind.batch_stats(layer),))
         plans.append(lp)
         prev_macro = lp.out_macro
     return Plan(
         net=net, layers=plans, params=params.tensors, buffers=buffers.tensors, activations=acts.tensors,
-        int_slots=ints.tensors, stats=stats.tensors, num_params=params.size, num_buffers=buffers.size,
-        acts_per_sample=acts.size, ints_per_sample=ints.size, stats_size=stats.size,
+        int_slots=ints.tensors, stats=stats.tensors, cache=cache.tensors, num_params=params.size,
+        num_buffers=buffers.size, acts_per_sample=acts.size, ints_per_sample=ints.size, stats_size=stats.size,
+        cache_size=cache.size,
         scratch_per_thread=max([l.kind.scratch(l) for l in net.layers] + [0]),
         in_size=math.prod(net.input_shape), out_size=math.prod(net.output_shape),
         train_stages=_stages(plans, training=True), eval_stages=_stages(plans, training=False),

@@ -86,8 +86,9 @@ def saved_per_sample(layers: list[Layer]) -> tuple[int, int]:
 
 def training_memory(layers: list[Layer], batch_size: int, dtype: str = "float32",
                     optimizer: str = "adam") -> dict[str, int]:
-    """Bytes to train at `batch_size`: parameters, gradients, optimizer state, and per
-    sample the saved activations and their gradients."""
+    """Bytes to train at `batch_size`: parameters, gradients, optimizer state, the cache of
+    transformed weights (Winograd convolutions), and per sample the saved activations and
+    their gradients."""
     b = dtype_bytes(dtype)
     params = sum(l.params for l in layers)
     buffers = sum(math.prod(s) for l in layers for s in l.buffer_shapes().values())
@@ -96,6 +97,7 @@ def training_memory(layers: list[Layer], batch_size: int, dtype: str = "float32"
         "params_bytes": (params + buffers) * b,
         "grads_bytes": params * b,
         "optimizer_bytes": OPTIMIZER_STATE[optimizer] * params * b,
+        "cache_bytes": sum(math.prod(s) for l in layers for s in l.kind.cache_shapes(l).values()) * b,
         # forward saves `reals`; backward needs a gradient of the same size for each
         "activation_bytes": batch_size * (2 * reals * b + 4 * ints),
     }
@@ -188,7 +190,9 @@ def summary_lines(rep: dict) -> list[str]:
         + f" ({human_bytes(rep['saved_activation_bytes'])})",
         f"training memory at batch {rep['batch_size']} with {rep['optimizer']}: {human_bytes(mem['total_bytes'])} "
         f"(params {human_bytes(mem['params_bytes'])}, grads {human_bytes(mem['grads_bytes'])}, optimizer "
-        f"{human_bytes(mem['optimizer_bytes'])}, activations+gradients {human_bytes(mem['activation_bytes'])})",
+        f"{human_bytes(mem['optimizer_bytes'])}, "
+        + (f"Winograd weights {human_bytes(mem['cache_bytes'])}, " if mem["cache_bytes"] else "")
+        + f"activations+gradients {human_bytes(mem['activation_bytes'])})",
     ]
 
 

@@ -52,13 +52,14 @@ class Net:
         self._opt_v = np.zeros_like(self._params)
         self._buffers = np.zeros(max(self.plan.num_buffers, 1), self.dtype)
         self._stats = np.zeros(max(self.plan.stats_size, 1), self.dtype)
+        self._cache = np.zeros(max(self.plan.cache_size, 1), self.dtype)
         self.params = {t.name: self._params[t.offset:t.offset + t.size].reshape(t.shape) for t in self.plan.params}
         self.buffers = {t.name: self._buffers[t.offset:t.offset + t.size].reshape(t.shape)
                         for t in self.plan.buffers}
         self._ctx = ffi.new(f"{self.name}_ctx *")
         self._keep: dict[str, np.ndarray] = {}
         for field, arr in (("params", self._params), ("grads", self._grads), ("opt_m", self._opt_m),
-                           ("opt_v", self._opt_v), ("buffers", self._buffers), ("stats", self._stats)):
+                           ("opt_v", self._opt_v), ("buffers", self._buffers), ("stats", self._stats), ("cache", self._cache)):
             self._bind(field, arr)
         self._capacity = 0
         self._threads = 0

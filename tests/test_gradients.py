@@ -28,6 +28,8 @@ from conftest import (assert_close, build, dropout_masks, prebuild, random_batch
                       reference_loss_and_grad, reference_model, spec)
 from netcompiler.check import check_text
 from netcompiler.errors import SpecErrors
+from netcompiler.plan import make_plan
+from netcompiler.render import render
 
 torch = pytest.importorskip("torch")
 
@@ -77,6 +79,15 @@ CASES: dict[str, str] = {
                               pre="conv2d: {out_channels: 2, kernel_size: 1}"),
     "conv_gemm_deep": around("conv2d: {out_channels: 12, kernel_size: 4, padding: 1}", input_shape=(8, 5, 5),
                              pre="conv2d: {out_channels: 8, kernel_size: 1}"),
+    # Winograd F(2x2, 3x3) forward (3x3, stride 1, >= 16 channels in and out): an odd output with a
+    # cut last tile; zero padding with channels that are not whole vectors and no bias; 'same'
+    # padding with three vectors of output channels
+    "conv_winograd": around("conv2d: {out_channels: 16, kernel_size: 3}", input_shape=(2, 7, 9),
+                            pre="conv2d: {out_channels: 16, kernel_size: 1}"),
+    "conv_winograd_pad_nobias": around("conv2d: {out_channels: 20, kernel_size: 3, padding: 1, bias: false}",
+                                       input_shape=(2, 6, 6), pre="conv2d: {out_channels: 17, kernel_size: 1}"),
+    "conv_winograd_same": around("conv2d: {out_channels: 48, kernel_size: 3, padding: same}",
+                                 input_shape=(2, 8, 8), pre="conv2d: {out_channels: 16, kernel_size: 1}"),
     # ---- maxpool2d ------------------------------------------------------------------------
     "maxpool_k2": around("maxpool2d: {kernel_size: 2}"),
     "maxpool_k3_s2_p1": around("maxpool2d: {kernel_size: 3, stride: 2, padding: 1}"),
@@ -202,6 +213,18 @@ def prepared(case: str, dtype: str = "float64", threads: int = 1):
 def _atol(grads: dict, rtol: float) -> float:
     """An absolute floor for tensors whose exact gradient is ~0 (a bias before batch norm)."""
     return rtol * 1e-2 * max(float(np.max(np.abs(g))) for g in grads.values())
+
+
+WINOGRAD_CASES = [c for c in IDS if "winograd" in c]
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES)
+def test_winograd_cases_run_winograd(case):
+    """The cases above exercise the Winograd forward of the layer under test."""
+    net = check_text(CASES[case])
+    plan = make_plan(net)
+    assert [lp.c.get("WINO", False) for lp in plan.layers if lp.kind == "conv2d"] == [False, True]
+    assert "_winograd_gemm" in render(net, "float32").source
 
 
 @pytest.mark.parametrize("case", IDS)

@@ -133,6 +133,18 @@ def test_training_memory_by_optimizer_and_dtype():
     assert f64["activation_bytes"] == 2 * 14602 * 8 + 4 * 1576
 
 
+def test_winograd_weights_count_in_memory():
+    """alphabet's conv2 (32 -> 64 channels) and conv3 (64 -> 128) run Winograd: each keeps a copy
+    of its 3x3 weights and 16 transformed planes of cin x cout (+ one vector of padding each)."""
+    cache = (64 * 32 * 9 + 16 * (32 * 64 + 16)) + (128 * 64 * 9 + 16 * (64 * 128 + 16))
+    for dtype, b in (("float32", 4), ("float64", 8)):
+        mem = report("alphabet", batch_size=1, dtype=dtype)["training_memory"]
+        assert mem["cache_bytes"] == cache * b
+        assert mem["total_bytes"] == sum(v for k, v in mem.items() if k != "total_bytes")
+    assert report("lenet5", batch_size=1)["training_memory"]["cache_bytes"] == 0
+    assert "Winograd weights 1002.0 KiB" in format_report(report("alphabet"), "text")
+
+
 def test_batchnorm_buffers_count_in_memory_not_params():
     mem = report("cifar", batch_size=1, optimizer="sgd")["training_memory"]
     assert mem["params_bytes"] == (2596 + 24) * 4

@@ -6,7 +6,9 @@ import math
 import numpy as np
 import pytest
 
+import netcompiler as nc
 from conftest import assert_close, build, reference_model, spec
+from netcompiler.check import check_text
 from netcompiler.errors import WeightsError
 
 torch = pytest.importorskip("torch")
@@ -414,3 +416,54 @@ def test_train_batches_rejects_arrays_that_check_x_y_would_reject(case):
         pytest.fail(f"train_batches accepted {case} without a ValueError")
     for k, v in net.state_dict().items():
         assert np.array_equal(v, start[k]), f"{k} was updated from unchecked data"
+
+
+# ---- the cache of transformed weights (Winograd convolutions) ---------------------------------
+WINO = spec([16, 6, 7], [
+    "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
+    "relu",
+    "conv2d: {out_channels: 16, kernel_size: 3}",
+    "flatten",
+    "linear: {out_features: 3}",
+], name="api_wino")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_winograd_cache_follows_every_change_of_the_weights(dtype):
+    """The transformed weights are kept between calls; every way of changing a weight must show
+    in the next forward: an in-place write to a params view, load_state_dict, init, training."""
+    net = build(WINO, dtype)
+    assert all(lp.c["WINO"] for lp in net.plan.layers if lp.kind == "conv2d")
+    rtol = 1e-9 if dtype == "float64" else 1e-4
+    x = np.random.default_rng(0).standard_normal((2, 16, 6, 7)).astype(net.dtype)
+
+    def expect_torch(what):
+        with torch.no_grad():
+            ref = reference_model(net, WINO).eval()(torch.as_tensor(x.astype(np.float64))).numpy()
+        assert_close(net.forward(x), ref, rtol, what)
+
+    expect_torch("first forward")
+    net.forward(x)  # the cache is valid now
+    net.params["conv2.weight"][3, 5, 1, 2] += 0.5
+    expect_torch("after one weight changed in place")
+    net.params["conv1.weight"][...] *= -1
+    expect_torch("after a whole tensor changed in place")
+    other = nc.compile(check_text(WINO), dtype=dtype, threads=1)  # a second Net of the same library
+    other.init(123)
+    net.load_state_dict(other.state_dict())
+    expect_torch("after load_state_dict")
+    net.init(7)
+    expect_torch("after init")
+    net.set_optimizer("momentum", lr=0.1)
+    net.train_step(x, np.array([0, 2], np.int32))
+    expect_torch("after a train step")
+
+
+def test_winograd_cache_is_per_net():
+    """Two nets of one library keep separate caches."""
+    a, b = (nc.compile(check_text(WINO), dtype="float64", threads=1) for _ in range(2))
+    b.init(99)
+    x = np.random.default_rng(1).standard_normal((1, 16, 6, 7))
+    ya, yb = a.forward(x).copy(), b.forward(x).copy()
+    assert not np.allclose(ya, yb)
+    assert_close(a.forward(x), ya, 1e-15, "net a after net b ran")

@@ -75,6 +75,15 @@ SAN_SPECS = {
         "linear: {out_features: 32}",
         "linear: {out_features: 5}",
     ], name="san_gemm"),
+    # Winograd 3x3 convolutions: channels not a multiple of the vector width, zero padding, an
+    # odd output (a cut last tile), no bias; a full-vector one with bias after it
+    "san_wino": spec([17, 7, 9], [
+        "conv2d: {out_channels: 20, kernel_size: 3, padding: 1, bias: false}",
+        "relu",
+        "conv2d: {out_channels: 32, kernel_size: 3}",
+        "flatten",
+        "linear: {out_features: 3}",
+    ], name="san_wino"),
     # max-pooling's tiled path (pool.py, tiling()) in all its shapes: a row and a column in no
     # window; vector blocks of 16, 8 and 2 columns with cut last windows in scalar code; a row
     # with one whole window; vectors over channels, with only cut windows in a row
@@ -93,7 +102,8 @@ SAN_SPECS = {
                          "dropout: {p: 0.1}"], name="san_1d"),
 }
 CASES = [("san_all", "float32"), ("san_all", "float64"), ("san_mse", "float32"), ("san_mse", "float64"),
-         ("san_gemm", "float32"), ("san_gemm", "float64"), ("san_pool", "float32"), ("san_pool", "float64"),
+         ("san_gemm", "float32"), ("san_gemm", "float64"),
+         ("san_wino", "float32"), ("san_wino", "float64"), ("san_pool", "float32"), ("san_pool", "float64"),
          ("san_1d", "float64")]
 
 

@@ -212,6 +212,11 @@ class LayerKind:
         """Per-thread scratch floats a call needs (im2col buffers); not kept between calls."""
         return 0
 
+    def cache_shapes(self, layer: Layer) -> dict[str, Shape]:
+        """Arrays derived from the parameters and kept between calls (Winograd-transformed
+        weights): name -> shape.  Remade when the parameters they came from change."""
+        return {}
+
     def batch_stats(self, layer: Layer) -> int:
         """Per-batch (not per-sample) scratch floats forward saves for backward."""
         return 0

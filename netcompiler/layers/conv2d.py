@@ -95,17 +95,28 @@ class Conv2d(WeightLayer):
         # the padded copy of a group's input planes follows the GEMM scratch
         xpad_off = gemm.pop("SCRATCH")
         scratch = xpad_off + ((cin // g) * hp * wp if padded else 0)
+        wino = winograd_blocking(cin, cout, oh, ow) if uses_winograd(layer) else {}
+        if wino:
+            scratch = max(scratch, wino["WG_SCRATCH"])
         return dict(
             CIN=cin, H=h, W=w, COUT=cout, OH=oh, OW=ow,
             KH=kh, KW=kw, SH=o["stride"][0], SW=o["stride"][1],
             DH=o["dilation"][0], DW=o["dilation"][1], PT=d["pad_top"], PL=d["pad_left"],
             GROUPS=g, CIN_G=cin // g, COUT_G=cout // g, bias=o["bias"],
             PADDED=padded, HP=hp, WP=wp, XPAD_OFF=xpad_off, SCRATCH=scratch, **gemm,
+            WINO=bool(wino), **wino,
         )
 
     def scratch(self, layer: Layer) -> int:
         c = self.render_context(layer)
         return c["SCRATCH"]
+
+    def cache_shapes(self, layer: Layer) -> dict[str, Shape]:
+        if not uses_winograd(layer):
+            return {}
+        c = self.render_context(layer)
+        # the weights the transformed ones were made from, and the transformed weights
+        return {"wino_src": (c["COUT"] * c["CIN"] * 9,), "wino_u": (16 * c["WG_UPS"],)}
 
     def torch_module(self, layer: Layer):
         import torch.nn as nn
@@ -128,6 +139,47 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def uses_winograd(layer: Layer) -> bool:
+    """The forward pass runs as Winograd F(2x2, 3x3) for 3x3 convolutions with stride 1, no
+    dilation and one group, when both channel counts fill a vector and the 2x2 output tiles
+    need at least a quarter fewer multiplies than the direct convolution."""
+    o = layer.opts
+    if (o["kernel_size"], o["stride"], o["dilation"], o["groups"]) != ((3, 3), (1, 1), (1, 1), 1):
+        return False
+    cout, oh, ow = layer.out_shape
+    tiles = -(-oh // 2) * -(-ow // 2)
+    return layer.in_shape[0] >= VEC and cout >= VEC and 16 * tiles <= 0.75 * 9 * oh * ow
+
+
+def winograd_blocking(cin: int, cout: int, oh: int, ow: int) -> dict:
+    """Sizes of the Winograd F(2x2, 3x3) forward of one sample.
+
+    Tiles of 2x2 output pixels (TH x TW of them, T in all) read 4x4 input patches.  The
+    input, the transformed input V[16][tile][ci] and the products M[16][tile][co] keep
+    channels last, padded to vectors (CINP, COUTP), so every transform and the 16 GEMMs
+    M[e] = V[e] U[e] run on vectors of channels.  U[16][ci][co] are the transformed
+    weights.  The GEMM accumulates TB tiles x CB vectors of output channels.  Each of the
+    16 planes is one vector longer than it needs to be, so the 16 values of one tile do not
+    all land in the same cache set.
+    """
+    th, tw = -(-oh // 2), -(-ow // 2)
+    t = th * tw
+    cinp, coutp = _round_up(cin, VEC), _round_up(cout, VEC)
+    cb = _largest_divisor(coutp // VEC, 4)
+    tb_max = min(8, ACC_MAX // cb)
+    # the fewest padded tiles among the wider blocks, then the widest block
+    tb = min(range(max(1, tb_max // 2), tb_max + 1), key=lambda b: (_round_up(t, b), -b))
+    tp = _round_up(t, tb)
+    ht, wt = 2 * th + 2, 2 * tw + 2
+    vps, mps, ups = tp * cinp + VEC, tp * coutp + VEC, cin * coutp + VEC
+    # per-thread scratch: V, later the output tiles YT; then M, before it the input XT
+    a = max(16 * vps, 2 * th * 2 * tw * coutp)
+    b = max(16 * mps, ht * wt * cinp)
+    return dict(WG_TH=th, WG_TW=tw, WG_T=t, WG_TP=tp, WG_TB=tb, WG_CB=cb, WG_CINP=cinp, WG_COUTP=coutp,
+                WG_HT=ht, WG_WT=wt, WG_VPS=vps, WG_MPS=mps, WG_UPS=ups,
+                WG_V_OFF=0, WG_YT_OFF=0, WG_M_OFF=a, WG_XT_OFF=a, WG_SCRATCH=a + b)
 
 
 def conv_gemm_blocking(m: int, k: int, n: int) -> dict:

@@ -3,7 +3,7 @@
  * Compiled together with NET.c, where the test passes
  *   -DNET=<name> -DNETU=<NAME> -DNET_HEADER='"<name>.h"' -DNET_CE=<1 for cross_entropy, 0 for mse>
  * It allocates every context array with malloc at exactly the size the header's macros
- * give (ints, stats and scratch at least 1, as the header says), poisons the work arrays with
+ * give (ints, stats, scratch and cache at least 1, as the header says), poisons the work arrays with
  * NaN / -1 bytes so that reading a slot before writing it shows up as a non-finite result,
  * and runs every entry point: forward (evaluation and training, with and without row
  * indices), backward, zero_grad, optimizer_step (SGD with momentum and weight decay, then
@@ -103,6 +103,8 @@ static void run(int cap, int threads)
     c.stats = alloc(sizeof(real) * AT_LEAST_1(M(STATS_SIZE)), 1);
     c.grads_tls = alloc(sizeof(real) * (size_t)threads * M(NUM_PARAMS), 1);
     c.scratch = alloc(sizeof(real) * AT_LEAST_1((size_t)threads * M(SCRATCH_PER_THREAD)), 1);
+    c.cache = alloc(sizeof(real) * AT_LEAST_1(M(CACHE_SIZE)), 1);
+    c.cache_valid = 0;
     c.capacity = cap;
     c.threads = threads;
     c.seed = 42;
@@ -207,6 +209,7 @@ static void run(int cap, int threads)
     free(c.stats);
     free(c.grads_tls);
     free(c.scratch);
+    free(c.cache);
 }
 
 int main(int argc, char **argv)

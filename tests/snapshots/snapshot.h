@@ -29,6 +29,7 @@ typedef float snapshot_real;
 #define SNAPSHOT_ACTS_PER_SAMPLE 355
 #define SNAPSHOT_INTS_PER_SAMPLE 32
 #define SNAPSHOT_STATS_SIZE 0
+#define SNAPSHOT_CACHE_SIZE 0
 #define SNAPSHOT_SCRATCH_PER_THREAD 1700
 #define SNAPSHOT_OUT_OFFSET 352
 
@@ -45,6 +46,8 @@ typedef struct {
     snapshot_real *stats;     /* SNAPSHOT_STATS_SIZE (at least 1): batch statistics for backward */
     snapshot_real *grads_tls; /* threads * SNAPSHOT_NUM_PARAMS: per-thread gradient accumulators */
     snapshot_real *scratch;   /* threads * SNAPSHOT_SCRATCH_PER_THREAD (at least 1): im2col buffers */
+    snapshot_real *cache;     /* SNAPSHOT_CACHE_SIZE (at least 1): derived from params (Winograd weights) */
+    int cache_valid;         /* 0: remake the cache on the next forward; set by forward */
     int capacity;            /* samples acts, dacts and ints hold */
     int threads;             /* threads to use (>= 1) */
     uint64_t seed;           /* dropout seed */
