@@ -89,6 +89,12 @@ class Conv2d(WeightLayer):
         g = o["groups"]
         kh, kw = o["kernel_size"]
         gemm = conv_gemm_blocking(cout // g, (cin // g) * kh * kw, oh * ow)
+        # stride 1 and no dilation: col2im sums whole vectors of an input row at a time, with
+        # loads that reach up to KW + VEC - 1 reals either side of a dcol row (masked lanes)
+        row_col2im = (o["stride"], o["dilation"]) == ((1, 1), (1, 1))
+        if row_col2im:
+            gemm["DPAD_OFF"] += kw + VEC
+            gemm["SCRATCH"] += kw + VEC
         (pt, pb), (pl, pr) = d["pads"]
         hp, wp = h + pt + pb, w + pl + pr
         padded = (pt, pb, pl, pr) != (0, 0, 0, 0)
@@ -104,7 +110,7 @@ class Conv2d(WeightLayer):
             DH=o["dilation"][0], DW=o["dilation"][1], PT=d["pad_top"], PL=d["pad_left"],
             GROUPS=g, CIN_G=cin // g, COUT_G=cout // g, bias=o["bias"],
             PADDED=padded, HP=hp, WP=wp, XPAD_OFF=xpad_off, SCRATCH=scratch, **gemm,
-            WINO=bool(wino), **wino,
+            WINO=bool(wino), **wino, ROW_COL2IM=row_col2im, W_FULL=w - w % VEC,
         )
 
     def scratch(self, layer: Layer) -> int:

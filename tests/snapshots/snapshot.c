@@ -86,6 +86,13 @@ typedef real_t vreal_u __attribute__((vector_size(VEC * sizeof(real_t)), aligned
 #else
 #define vkeep(v) ((void)0)
 #endif
+/* integers of a real's size, VEC of them: lane masks */
+typedef int32_t lane_t;
+typedef lane_t vlane __attribute__((vector_size(VEC * sizeof(real_t))));
+/* v with every lane outside lo <= lane < hi set to +0 (whatever v held there, NaN included);
+ * a macro: a function returning a vector by value changes the ABI warning-free only with AVX-512 */
+#define VLANES ((vlane){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
+#define vmask(v, lo, hi) ((vreal)((vlane)(v) & ((VLANES >= (lane_t)(lo)) & (VLANES < (lane_t)(hi)))))
 static inline real_t vsum(const vreal *v)
 {
     real_t s = 0;
@@ -142,7 +149,7 @@ static void conv1_forward(real_t *restrict out, const real_t *restrict in,
 {
     real_t *restrict col = scratch + 0;
     for (int grp = 0; grp < 1; grp++) {
-        conv1_im2col(col, conv1_pad(scratch + 1600, in + grp * (1 * 8 * 8)));
+        conv1_im2col(col, conv1_pad(scratch + 1619, in + grp * (1 * 8 * 8)));
         for (int p0 = 0; p0 < 64; p0 += 32) /* col's slice of pixels stays in cache */
             for (int m0 = 0; m0 < 2; m0 += 2) {
                 const real_t *w = weight + (grp * 2 + m0) * 9;
@@ -217,7 +224,7 @@ static void conv1_backward(real_t *restrict dweight, real_t *restrict dbias,
         }
         /* weight gradient dW[m][k] += sum_p d[m][p] colT[p][k]: 2 channels x 1 vectors of
          * taps accumulate over the pixels */
-        conv1_im2row(colT, conv1_pad(scratch + 1600, in + grp * (1 * 8 * 8)));
+        conv1_im2row(colT, conv1_pad(scratch + 1619, in + grp * (1 * 8 * 8)));
         for (int k0 = 0; k0 < 0; k0 += 1 * VEC) /* a slice of colT stays in cache */
             for (int m0 = 0; m0 < 2; m0 += 2) {
                 vreal acc[2][1] = {0};
