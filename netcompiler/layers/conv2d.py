@@ -202,7 +202,7 @@ def conv_gemm_blocking(m: int, k: int, n: int) -> dict:
       blocks, then a tail block of K_TAIL).
     """
     mb = _largest_divisor(m, 8)
-    nv = 2 if mb <= 8 and _round_up(n, 2 * VEC) <= 1.15 * _round_up(n, VEC) else 1
+    nv = 2 if mb <= 8 and _round_up(n, 2 * VEC) <= 1.10 * _round_up(n, VEC) else 1
     if mb * nv > 16:
         nv = 1
     nb = nv * VEC
