@@ -55,9 +55,7 @@ def cmd_show(args) -> int:
 
         raise NetcError(f"no layer '{args.layer}' in {net.name}{did_you_mean(args.layer, names)}; layers: "
                         f"{', '.join(names)}")
-    wanted = ["backward"] if args.backward else ["forward", "forward_eval", "forward_train"]
-    chunks = [_function(src, f"{args.layer}_{w}") for w in wanted]
-    chunks = [c for c in chunks if c]
+    chunks = _layer_functions(src, args.layer, names, args.backward)
     if not chunks:
         print(f"/* {args.layer}: no {'backward' if args.backward else 'forward'} function "
               f"(see the layer's comment in the full source) */")
@@ -65,15 +63,26 @@ def cmd_show(args) -> int:
     return 0
 
 
-def _function(src: str, name: str) -> str | None:
-    """The comment block and body of the static function `name` in generated source."""
-    m = re.search(rf"(/\*(?:(?!\*/).)*\*/\n)*static void {re.escape(name)}\(.*?\n}}\n", src, re.S)
-    if not m:
-        return None
-    # keep only the comments directly above the function
-    text = m.group(0)
-    start = text.rfind("\n\n")
-    return text if start < 0 else text[start + 2:]
+def _layer_functions(src: str, layer: str, names: list[str], backward: bool) -> list[str]:
+    """The static functions of `layer` in generated source, each with the comments directly
+    above it, in source order.  A layer's template defines its forward helpers (im2col, the
+    Winograd steps) and then its forward function(s), then its backward helpers and backward:
+    the forward is everything up to the last `<layer>_forward*`, the backward the rest."""
+    # a definition: `static <type> name(<parameters>)` then its body from a line `{` to a line `}`
+    fn = re.compile(r"((?:/\*(?:(?!\*/).)*\*/\n)*)^static [^\n(]*?\b(\w+)\([^{;]*?\)\n\{\n.*?\n\}\n", re.S | re.M)
+    # names of other layers that extend this one's (conv and conv_b): their functions are theirs
+    longer = [n + "_" for n in names if n != layer and n.startswith(layer + "_")]
+    funcs = []
+    for m in fn.finditer(src):
+        comments, name = m.group(1), m.group(2)
+        if name.startswith(layer + "_") and not any(name.startswith(p) for p in longer):
+            cut = comments.rfind("\n\n") + 2 if "\n\n" in comments else 0  # only those directly above
+            text = m.group(0)[cut:]
+            while text.startswith("/* ===="):  # a section banner is not the function's comment
+                text = text.split("\n", 1)[1]
+            funcs.append((name[len(layer) + 1:], text))
+    last_forward = max((i for i, (suffix, _) in enumerate(funcs) if suffix.startswith("forward")), default=-1)
+    return [text for i, (_, text) in enumerate(funcs) if (i > last_forward) == backward]
 
 
 def cmd_verify(args) -> int:

@@ -59,7 +59,8 @@ class Net:
         self._ctx = ffi.new(f"{self.name}_ctx *")
         self._keep: dict[str, np.ndarray] = {}
         for field, arr in (("params", self._params), ("grads", self._grads), ("opt_m", self._opt_m),
-                           ("opt_v", self._opt_v), ("buffers", self._buffers), ("stats", self._stats), ("cache", self._cache)):
+                           ("opt_v", self._opt_v), ("buffers", self._buffers), ("stats", self._stats),
+                           ("cache", self._cache)):
             self._bind(field, arr)
         self._capacity = 0
         self._threads = 0

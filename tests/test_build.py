@@ -106,6 +106,26 @@ def test_show_layer_forward_and_backward():
     assert bad.returncode == 1 and "conv1" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_show_layer_includes_its_helpers_and_whole_bodies():
+    """A layer's forward is its helpers (padding, im2col or the Winograd steps) and its forward
+    function(s); its backward the helpers after them and the backward, each body complete."""
+    def functions(*args):
+        out = netc("show", *args)
+        assert out.returncode == 0, out.stderr
+        return out.stdout, [l.split("(")[0].split()[-1].lstrip("*") for l in out.stdout.splitlines()
+                            if l.startswith("static ")]
+
+    text, names = functions("specs/alphabet.yaml", "--layer", "conv2")
+    assert names == ["conv2_winograd_weights", "conv2_winograd_input", "conv2_winograd_gemm",
+                     "conv2_winograd_output", "conv2_forward"]
+    _, names = functions("specs/alphabet.yaml", "--layer", "conv2", "--backward")
+    assert names == ["conv2_im2row", "conv2_backward"]
+    text, names = functions("specs/lenet5.yaml", "--layer", "conv1")
+    assert names == ["conv1_pad", "conv1_im2col", "conv1_forward"] and not text.startswith("/* ====")
+    text, names = functions("specs/lenet5.yaml", "--layer", "fc1", "--backward")
+    assert names == ["fc1_backward"] and text.rstrip().endswith("#undef DY_\n}")  # blank lines inside kept
+
+
 def test_show_prints_whole_source():
     out = netc("show", "specs/alphabet.yaml")
     assert out.returncode == 0

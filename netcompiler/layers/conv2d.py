@@ -120,9 +120,9 @@ class Conv2d(WeightLayer):
     def cache_shapes(self, layer: Layer) -> dict[str, Shape]:
         if not uses_winograd(layer):
             return {}
-        c = self.render_context(layer)
+        cin, (cout, oh, ow) = layer.in_shape[0], layer.out_shape
         # the weights the transformed ones were made from, and the transformed weights
-        return {"wino_src": (c["COUT"] * c["CIN"] * 9,), "wino_u": (16 * c["WG_UPS"],)}
+        return {"wino_src": (cout * cin * 9,), "wino_u": (16 * winograd_blocking(cin, cout, oh, ow)["WG_UPS"],)}
 
     def torch_module(self, layer: Layer):
         import torch.nn as nn
