@@ -90,7 +90,7 @@ typedef real_t vreal_u __attribute__((vector_size(VEC * sizeof(real_t)), aligned
 typedef int32_t lane_t;
 typedef lane_t vlane __attribute__((vector_size(VEC * sizeof(real_t))));
 /* v with every lane outside lo <= lane < hi set to +0 (whatever v held there, NaN included);
- * a macro: a function returning a vector by value changes the ABI warning-free only with AVX-512 */
+ * a macro, not a function: GCC warns (-Wpsabi) about returning a 512-bit vector without AVX-512 */
 #define VLANES ((vlane){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
 #define vmask(v, lo, hi) ((vreal)((vlane)(v) & ((VLANES >= (lane_t)(lo)) & (VLANES < (lane_t)(hi)))))
 static inline real_t vsum(const vreal *v)
