@@ -329,8 +329,11 @@ class _Checker:
 
         need = training_memory(layers, batch_size=1)["total_bytes"]
         if need > budget:
-            self.error(root, f"network '{name}' needs {human_bytes(need)} to train one sample, over the "
-                             f"memory budget of {human_bytes(budget)} (--memory-budget)")
+            need_s, budget_s = human_bytes(need), human_bytes(budget)
+            if need_s == budget_s:  # rounded alike: the exact numbers show which is larger
+                need_s, budget_s = f"{need_s} ({need:,} bytes)", f"{budget_s} ({budget:,} bytes)"
+            self.error(root, f"network '{name}' needs {need_s} to train one sample, over the "
+                             f"memory budget of {budget_s} (--memory-budget)")
 
 
 def _explain(layer: Layer) -> str:

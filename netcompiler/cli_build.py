@@ -40,6 +40,7 @@ def cmd_build(args) -> int:
 
 def cmd_show(args) -> int:
     from .build import default_flags
+    from .plan import fused_relus
     from .render import render
 
     net = load(args.spec)
@@ -55,6 +56,13 @@ def cmd_show(args) -> int:
 
         raise NetcError(f"no layer '{args.layer}' in {net.name}{did_you_mean(args.layer, names)}; layers: "
                         f"{', '.join(names)}")
+    fused = fused_relus(net.layers).get(names.index(args.layer))
+    if fused:
+        by = fused[1] if args.backward else fused[0]
+        print(f"/* {args.layer}: fused, no function of its own: {by.name}'s "
+              + ("backward keeps its input gradient only where its input is positive */" if args.backward
+                 else "forward stores max(0, y) as its output */"))
+        args.layer = by.name
     chunks = _layer_functions(src, args.layer, names, args.backward)
     if not chunks:
         print(f"/* {args.layer}: no {'backward' if args.backward else 'forward'} function "
@@ -64,17 +72,19 @@ def cmd_show(args) -> int:
 
 
 def _layer_functions(src: str, layer: str, names: list[str], backward: bool) -> list[str]:
-    """The static functions of `layer` in generated source, each with the comments directly
+    """The static functions and tables of `layer` in generated source, each with the comments directly
     above it, in source order.  A layer's template defines its forward helpers (im2col, the
     Winograd steps) and then its forward function(s), then its backward helpers and backward:
     the forward is everything up to the last `<layer>_forward*`, the backward the rest."""
-    # a definition: `static <type> name(<parameters>)` then its body from a line `{` to a line `}`
-    fn = re.compile(r"((?:/\*(?:(?!\*/).)*\*/\n)*)^static [^\n(]*?\b(\w+)\([^{;]*?\)\n\{\n.*?\n\}\n", re.S | re.M)
+    # a definition: `static <type> name(<parameters>)` then its body from a line `{` to a line `}`,
+    # or a table: `static const <type> name[...] = ...;` up to the end of its line or a line `};`
+    fn = re.compile(r"((?:/\*(?:(?!\*/).)*\*/\n)*)^static (?:[^\n(]*?\b(\w+)\([^{;]*?\)\n\{\n.*?\n\}\n"
+                    r"|const [^\n(=]*?\b(\w+)\[[^\n]*?= (?:[^\n]*;\n|\{\n.*?\n\};\n))", re.S | re.M)
     # names of other layers that extend this one's (conv and conv_b): their functions are theirs
     longer = [n + "_" for n in names if n != layer and n.startswith(layer + "_")]
     funcs = []
     for m in fn.finditer(src):
-        comments, name = m.group(1), m.group(2)
+        comments, name = m.group(1), m.group(2) or m.group(3)
         if name.startswith(layer + "_") and not any(name.startswith(p) for p in longer):
             cut = comments.rfind("\n\n") + 2 if "\n\n" in comments else 0  # only those directly above
             text = m.group(0)[cut:]
@@ -116,7 +126,7 @@ def register(sub) -> None:
 
     s = sub.add_parser("show", help="print the generated C (all of it, or one layer's functions)")
     s.add_argument("spec")
-    s.add_argument("--layer", metavar="NAME", help="only this layer's forward (or backward) functions, helpers included")
+    s.add_argument("--layer", metavar="NAME", help="only this layer's forward (or backward) functions, helpers included (a fused ReLU: the layer doing its work)")
     s.add_argument("--backward", action="store_true", help="with --layer: the backward functions")
     s.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     s.add_argument("--cflags", metavar="FLAGS", help="extra compiler flags, as for build (recorded in the header)")

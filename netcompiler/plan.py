@@ -3,7 +3,7 @@
 - Parameters: one flat array, tensors in layer order with PyTorch layouts; gradients and
   optimizer state use the same layout.  Buffers (batch-norm running statistics): another.
 - Activations: one block per sample holding every layer's output (flatten aliases its
-  input), plus per-sample saved slots (dropout masks); max-pool argmax indices live in an
+  input, and so does a ReLU fused into its neighbours, see fused_relus), plus per-sample saved slots (dropout masks); max-pool argmax indices live in an
   int32 block per sample.  Gradients of activations use the activation layout.
 - Cache: arrays derived from parameters and kept between calls (Winograd-transformed conv
   weights), each next to a copy of the parameters it was made from.
@@ -59,6 +59,9 @@ class LayerPlan:
     stats: Tensor | None = None  # per-batch saved statistics
     batch_level_in_training: bool = False
     aliases: bool = False
+    relu_out: bool = False  # forward stores max(0, output): the ReLU after it is fused
+    relu_din: bool = False  # backward zeroes din where the input is not positive (a fused ReLU before it)
+    fused_into: tuple[str, str] | None = None  # a fused ReLU: (the layer doing its forward, its backward)
 
 
 @dataclass
@@ -130,6 +133,21 @@ class _Allocator:
         return t
 
 
+def fused_relus(layers: list[Layer]) -> dict[int, tuple[Layer, Layer]]:
+    """ReLUs computed inside their neighbours: index -> (the layer before, the layer after).
+
+    A ReLU between a layer that can store max(0, y) (conv2d, linear) and one whose backward
+    can zero its input gradient where its input is not positive (maxpool2d, linear) costs
+    no pass of its own: the first applies it as it stores its output, the second applies its
+    derivative (input > 0, the same as the ReLU's own input > 0) as it writes its input
+    gradient.  The ReLU's output is then its input, like flatten's: no slot, no call."""
+    return {
+        i: (layers[i - 1], layers[i + 1]) for i in range(1, len(layers) - 1)
+        if layers[i].kind.kind == "relu" and layers[i - 1].kind.applies_relu(layers[i - 1])
+        and layers[i + 1].kind.masks_relu_grad(layers[i + 1])
+    }
+
+
 def make_plan(net: Network) -> Plan:
     params, buffers, acts, ints, stats = (_Allocator() for _ in range(5))
     cache = _Allocator("CACHE_")
@@ -137,9 +155,10 @@ def make_plan(net: Network) -> Plan:
     # The network input is copied into the first slot of each sample's activation block,
     # so every layer reads its input the same way.
     prev_macro = acts.add("input", net.input_shape).macro
+    fused = fused_relus(net.layers)
     for layer in net.layers:
         kind = layer.kind
-        aliases = kind.aliases_input(layer)
+        aliases = kind.aliases_input(layer) or layer.index in fused
         out = None if aliases else acts.add(f"{layer.name}.out", layer.out_shape)
         lp = LayerPlan(
             layer=layer, name=layer.name, kind=kind.kind, template=kind.template,
@@ -151,6 +170,8 @@ def make_plan(net: Network) -> Plan:
             out=out, out_macro=prev_macro if aliases else out.macro, in_macro=prev_macro,
             need_din=prev_macro != "OFF_input",
             batch_level_in_training=kind.batch_level_in_training, aliases=aliases,
+            relu_out=layer.index + 1 in fused, relu_din=layer.index - 1 in fused,
+            fused_into=(fused[layer.index][0].name, fused[layer.index][1].name) if layer.index in fused else None,
         )
         for pname, shape in layer.param_shapes().items():
             lp.params[pname] = params.add(f"{layer.name}.{pname}", shape)

@@ -24,6 +24,7 @@ from typing import Any
 
 from .check import Network
 from .layers import Layer, fmt_shape
+from .plan import fused_relus
 
 OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "adam": 2}  # state tensors per parameter
 
@@ -50,7 +51,7 @@ def reads_network_input(layers: list[Layer]) -> set[int]:
     return out
 
 
-def layer_row(layer: Layer, first: bool = False) -> dict[str, Any]:
+def layer_row(layer: Layer, first: bool = False, fused: tuple[Layer, Layer] | None = None) -> dict[str, Any]:
     fwd, bwd = layer.kind.flops(layer)
     if first:
         bwd -= layer.kind.input_grad_flops(layer)
@@ -66,15 +67,18 @@ def layer_row(layer: Layer, first: bool = False) -> dict[str, Any]:
         "macs": layer.kind.macs(layer),
         "flops": fwd,
         "backward_flops": bwd,
-        "activations": 0 if layer.kind.aliases_input(layer) else layer.out_size,
+        "activations": 0 if layer.kind.aliases_input(layer) or fused else layer.out_size,
+        # a ReLU computed by its neighbours (plan.fused_relus): [forward by, backward by]
+        "fused_into": [fused[0].name, fused[1].name] if fused else None,
     }
 
 
 def saved_per_sample(layers: list[Layer]) -> tuple[int, int]:
     """(real elements, int32 elements) per sample kept for backward."""
     reals = ints = 0
+    fused = fused_relus(layers)
     for l in layers:
-        if not l.kind.aliases_input(l):
+        if not l.kind.aliases_input(l) and l.index not in fused:
             reals += l.out_size
         for ctype, n in l.kind.saved_slots(l).values():
             if ctype == "int32_t":
@@ -107,7 +111,8 @@ def training_memory(layers: list[Layer], batch_size: int, dtype: str = "float32"
 
 def build_report(net: Network, batch_size: int = 64, dtype: str = "float32", optimizer: str = "adam") -> dict:
     first = reads_network_input(net.layers)
-    rows = [layer_row(l, l.index in first) for l in net.layers]
+    fused = fused_relus(net.layers)
+    rows = [layer_row(l, l.index in first, fused.get(l.index)) for l in net.layers]
     train_fwd_extra = sum(l.kind.train_forward_extra_flops(l) for l in net.layers)
     total_flops = sum(r["flops"] for r in rows)
     total_bwd = sum(r["backward_flops"] for r in rows)
@@ -193,7 +198,15 @@ def summary_lines(rep: dict) -> list[str]:
         f"{human_bytes(mem['optimizer_bytes'])}, "
         + (f"Winograd weights {human_bytes(mem['cache_bytes'])}, " if mem["cache_bytes"] else "")
         + f"activations+gradients {human_bytes(mem['activation_bytes'])})",
-    ]
+    ] + _fused_lines(rep)
+
+
+def _fused_lines(rep: dict) -> list[str]:
+    fused = [r for r in rep["layers"] if r.get("fused_into")]
+    if not fused:
+        return []
+    return ["fused ReLUs (no buffer or pass of their own; forward in the layer before, backward in the layer "
+            "after): " + ", ".join(f"{r['name']} ({r['fused_into'][0]}, {r['fused_into'][1]})" for r in fused)]
 
 
 CONVENTIONS = ("MACs: conv/linear multiply-accumulates, bias excluded (fvcore/torchinfo). FLOPs: each add, "

@@ -1,5 +1,6 @@
 """Build stage: cache, concurrent builds, compiler errors, the build/show/verify commands."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +113,7 @@ def test_show_layer_includes_its_helpers_and_whole_bodies():
     def functions(*args):
         out = netc("show", *args)
         assert out.returncode == 0, out.stderr
-        return out.stdout, [l.split("(")[0].split()[-1].lstrip("*") for l in out.stdout.splitlines()
+        return out.stdout, [re.match(r"static [^(\[=]*?(\w+)[\[(]", l).group(1) for l in out.stdout.splitlines()
                             if l.startswith("static ")]
 
     text, names = functions("specs/alphabet.yaml", "--layer", "conv2")
@@ -121,7 +122,9 @@ def test_show_layer_includes_its_helpers_and_whole_bodies():
     _, names = functions("specs/alphabet.yaml", "--layer", "conv2", "--backward")
     assert names == ["conv2_im2row", "conv2_backward"]
     text, names = functions("specs/lenet5.yaml", "--layer", "conv1")
-    assert names == ["conv1_pad", "conv1_im2col", "conv1_forward"] and not text.startswith("/* ====")
+    # the forward gathers its input taps on the fly, by tables of offsets and shuffle lanes
+    assert names == ["conv1_pad", "conv1_start", "conv1_lanes", "conv1_forward"] and not text.startswith("/* ====")
+    assert "static const vlane conv1_lanes[50] = {\n" in text and "\n};\n" in text
     text, names = functions("specs/lenet5.yaml", "--layer", "fc1", "--backward")
     assert names == ["fc1_backward"] and text.rstrip().endswith("#undef DY_\n}")  # blank lines inside kept
 
@@ -159,3 +162,13 @@ def test_verify_detects_a_wrong_gradient(monkeypatch):
     rows, _ = v.verify(str(ROOT / "specs/lenet5.yaml"), per_tensor=2)
     bad = {(r.tensor, r.reference) for r in rows if not r.ok}
     assert ("fc1.weight", "torch") in bad and ("fc1.weight", "finite-diff") in bad
+
+
+def test_show_fused_relu_points_at_the_layers_that_compute_it():
+    fwd = netc("show", "specs/lenet5.yaml", "--layer", "relu1")
+    bwd = netc("show", "specs/lenet5.yaml", "--layer", "relu1", "--backward")
+    assert fwd.returncode == 0 and bwd.returncode == 0
+    assert fwd.stdout.startswith("/* relu1: fused") and "conv1's forward stores max(0, y)" in fwd.stdout
+    assert "static void conv1_forward(" in fwd.stdout and "vrelu(" in fwd.stdout
+    assert "pool1's backward" in bwd.stdout and "static void pool1_backward(" in bwd.stdout
+    assert "outp[o] > 0 ?" in bwd.stdout

@@ -121,9 +121,9 @@ def test_hostile_yaml(tmp_path):
 
 
 def test_memory_budget_flag():
-    r = netc("check", "-q", "--memory-budget", "1MiB", "specs/lenet5.yaml")
-    assert_clean_failure(r, "network 'lenet5' needs 1.1 MiB to train one sample, over the memory budget of "
-                            "1.0 MiB (--memory-budget)")
+    r = netc("check", "-q", "--memory-budget", "1000KiB", "specs/lenet5.yaml")
+    assert_clean_failure(r, "network 'lenet5' needs 1.0 MiB to train one sample, over the memory budget of "
+                            "1000.0 KiB (--memory-budget)")
     assert netc("check", "-q", "--memory-budget", "2MiB", "specs/lenet5.yaml").returncode == 0
 
 

@@ -79,6 +79,20 @@ CASES: dict[str, str] = {
                               pre="conv2d: {out_channels: 2, kernel_size: 1}"),
     "conv_gemm_deep": around("conv2d: {out_channels: 12, kernel_size: 4, padding: 1}", input_shape=(8, 5, 5),
                              pre="conv2d: {out_channels: 8, kernel_size: 1}"),
+    # im2col on the fly (pixel_gather): a cut last pixel block with 'same' padding, dilation with
+    # groups, stride 2 with padding, two pixel vectors per tile, 16 channels per tile, the first
+    # layer (the small cases above keep the im2col buffer: their input is under 2 vectors)
+    "conv_gather_pad": around("conv2d: {out_channels: 6, kernel_size: 5, padding: 2}", input_shape=(2, 9, 12)),
+    "conv_gather_dilated_groups": around("conv2d: {out_channels: 4, kernel_size: 3, dilation: [2, 1], groups: 2, "
+                                         "padding: [0, 1]}", input_shape=(2, 11, 13),
+                                         pre="conv2d: {out_channels: 4, kernel_size: 1}"),
+    "conv_gather_stride": around("conv2d: {out_channels: 3, kernel_size: 3, stride: 2, padding: 1}",
+                                 input_shape=(2, 6, 31)),
+    "conv_gather_two_vectors": around("conv2d: {out_channels: 4, kernel_size: 3, padding: 1}", input_shape=(2, 16, 16)),
+    "conv_gather_16ch": around("conv2d: {out_channels: 16, kernel_size: 5}", input_shape=(6, 14, 14),
+                               pre="conv2d: {out_channels: 6, kernel_size: 1}"),
+    "conv_gather_first": around("conv2d: {out_channels: 5, kernel_size: [3, 4], padding: same, in_channels: 1}",
+                                input_shape=(1, 8, 9), pre=None),
     # Winograd F(2x2, 3x3) forward (3x3, stride 1, >= 16 channels in and out): an odd output with a
     # cut last tile; zero padding with channels that are not whole vectors and no bias; 'same'
     # padding with three vectors of output channels
@@ -149,6 +163,22 @@ CASES: dict[str, str] = {
                                                     "conv2d: {out_channels: 2, kernel_size: 3}",
                                                     "leaky_relu", *HEAD]),
     # ---- batchnorm2d ------------------------------------------------------------------------
+    # a ReLU between conv2d/linear and maxpool2d/linear is fused (plan.fused_relus): the layer
+    # before stores max(0, y), the layer after masks its input gradient; every pool path
+    # (general, tiled over columns, over channels, scalar), Winograd, a cut pixel block and a
+    # partial vector of linear inputs
+    "relu_fused_pool_general": around(["conv2d: {out_channels: 3, kernel_size: 2}", "relu",
+                                       "maxpool2d: {kernel_size: 3, stride: 1, padding: 1}"], input_shape=(2, 7, 7)),
+    "relu_fused_pool_columns": around(["conv2d: {out_channels: 2, kernel_size: 3, padding: 1}", "relu",
+                                       "maxpool2d: {kernel_size: 2, ceil_mode: true}"], input_shape=(2, 9, 21)),
+    "relu_fused_pool_channels": around(["conv2d: {out_channels: 6, kernel_size: 1}", "relu",
+                                        "maxpool2d: {kernel_size: 3, ceil_mode: true}"], input_shape=(2, 4, 4)),
+    "relu_fused_pool_scalar": around(["conv2d: {out_channels: 2, kernel_size: 1}", "relu",
+                                      "maxpool2d: {kernel_size: 3, ceil_mode: true}"], input_shape=(2, 7, 5)),
+    "relu_fused_winograd": around(["conv2d: {out_channels: 16, kernel_size: 3}", "relu", "maxpool2d: {kernel_size: 2}"],
+                                  input_shape=(2, 7, 9), pre="conv2d: {out_channels: 16, kernel_size: 1}"),
+    "relu_fused_linear_tail": spec([9], ["linear: {out_features: 40}", "relu", "linear: {out_features: 20}", "relu",
+                                        "linear: {out_features: 3}"]),
     "batchnorm": around(["batchnorm2d", "relu"]),
     "batchnorm_eps_momentum": around("batchnorm2d: {eps: 0.001, momentum: 0.3}"),
     "batchnorm_first_layer": around("batchnorm2d", pre=None,
@@ -225,6 +255,65 @@ def test_winograd_cases_run_winograd(case):
     plan = make_plan(net)
     assert [lp.c.get("WINO", False) for lp in plan.layers if lp.kind == "conv2d"] == [False, True]
     assert "_winograd_gemm" in render(net, "float32").source
+
+
+@pytest.mark.parametrize("case, tile", [("conv_gather_pad", (6, 1)), ("conv_gather_dilated_groups", (2, 2)),
+                                        ("conv_gather_stride", (3, 1)), ("conv_gather_two_vectors", (4, 2)),
+                                        ("conv_gather_16ch", (16, 1)), ("conv_gather_first", (5, 1))])
+def test_gather_cases_gather(case, tile):
+    """The cases above run the layer under test with im2col on the fly, in the register tile
+    (channels, pixel vectors) named; the small cases keep the im2col buffer."""
+    plan = make_plan(check_text(CASES[case]))
+    lp = [lp for lp in plan.layers if lp.kind == "conv2d"][-1]
+    assert lp.c["GATHER"] and (lp.c["MB"], lp.c["NV"]) == tile
+    assert f"vgather2(xs[j] + tap" in render(plan.net, "float32").source
+    for small in ("conv_basic", "conv_stride2_pad1", "conv_depthwise", "conv_dilation_stride"):
+        assert not [lp for lp in make_plan(check_text(CASES[small])).layers if lp.kind == "conv2d"][-1].c["GATHER"]
+
+
+def _pool_path(lp) -> str:
+    t = lp.c["tiles"]
+    if t is None:
+        return "general"
+    return "scalar" if t["SIMD"] == "columns" and not t["VEC_OW"] else t["SIMD"]
+
+
+@pytest.mark.parametrize("case, pool_path", [("relu_fused_pool_general", "general"),
+                                             ("relu_fused_pool_columns", "columns"),
+                                             ("relu_fused_pool_channels", "channels"),
+                                             ("relu_fused_pool_scalar", "scalar"),
+                                             ("relu_fused_winograd", "columns"),
+                                             ("relu_fused_linear_tail", None)])
+def test_relu_fused_cases_fuse(case, pool_path):
+    """The cases above run their ReLU inside its neighbours, through the path they name;
+    a ReLU with a layer that cannot take it on either side keeps its own pass."""
+    plan = make_plan(check_text(CASES[case]))
+    relus = [i for i, lp in enumerate(plan.layers) if lp.kind == "relu"]
+    assert relus and all(plan.layers[i].fused_into for i in relus)
+    for i in relus:
+        before, after = plan.layers[i - 1], plan.layers[i + 1]
+        assert plan.layers[i].aliases and plan.layers[i].out is None
+        assert before.relu_out and after.relu_din
+        assert plan.layers[i].fused_into == (before.name, after.name)
+        if after.kind == "maxpool2d":
+            assert _pool_path(after) == pool_path
+    if "winograd" in case:
+        assert plan.layers[relus[0] - 1].c["WINO"]
+    source = render(plan.net, "float64").source
+    assert "vrelu(" in source and "relu1_forward" not in source and "relu1_backward" not in source
+
+
+def test_relu_not_fused_without_both_neighbours():
+    # "relu": first layer after a 1x1 conv, then between conv2d (no gradient mask) and flatten
+    plan = make_plan(check_text(CASES["relu"]))
+    relus = [lp for lp in plan.layers if lp.kind == "relu"]
+    assert len(relus) == 2 and not any(lp.fused_into or lp.aliases for lp in relus)
+    assert "relu1_forward" in render(plan.net, "float64").source
+    # lenet5: all four (conv -> relu -> pool twice, linear -> relu -> linear twice)
+    from conftest import ROOT
+    plan = make_plan(check_text((ROOT / "specs" / "lenet5.yaml").read_text(), "specs/lenet5.yaml"))
+    assert [lp.fused_into for lp in plan.layers if lp.kind == "relu"] == [
+        ("conv1", "pool1"), ("conv2", "pool2"), ("fc1", "fc2"), ("fc2", "fc3")]
 
 
 @pytest.mark.parametrize("case", IDS)

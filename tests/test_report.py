@@ -34,8 +34,10 @@ def test_lenet5_totals():
     # conv1 reads the network input, so its input gradient (2 * 117,600) is not computed
     assert rep["training_flops"] == 850794 + 1680682 - 2 * 117600 + 50 == 2296326
     assert rep["layers"][0]["backward_flops"] == 2 * 117600 + 4704
-    assert [r["activations"] for r in rep["layers"]] == [4704, 4704, 1176, 1600, 1600, 400, 0, 120, 120, 84,
-                                                         84, 10]
+    # the four ReLUs are fused into their neighbours (no outputs of their own), flatten is a view
+    assert [r["activations"] for r in rep["layers"]] == [4704, 0, 1176, 1600, 0, 400, 0, 120, 0, 84, 0, 10]
+    assert [r["fused_into"] for r in rep["layers"] if r["kind"] == "relu"] == [
+        ["conv1", "pool1"], ["conv2", "pool2"], ["fc1", "fc2"], ["fc2", "fc3"]]
     assert rep["input"] == [1, 28, 28] and rep["output"] == [10]
 
 
@@ -110,17 +112,19 @@ def test_markdown_has_a_table():
 def test_text_table_total_row():
     text = format_report(report("lenet5"), "text")
     total = next(l for l in text.splitlines() if l.split()[:1] == ["total"])
-    assert total.split() == ["total", "1x28x28", "10", "61,706", "416,520", "850,794", "14,602"]
+    assert total.split() == ["total", "1x28x28", "10", "61,706", "416,520", "850,794", "8,094"]
 
 
 def test_training_memory_is_linear_in_batch_size():
     fixed = 4 * 61706 * 4          # parameters, gradients and two Adam moments, float32
-    per_sample = 2 * 14602 * 4 + 4 * 1576  # saved outputs and their gradients + int32 argmax
+    # saved outputs (4704 + 1176 + 1600 + 400 + 120 + 84 + 10 = 8094 floats; fused ReLUs have none)
+    # and their gradients + int32 argmax
+    per_sample = 2 * 8094 * 4 + 4 * 1576
     for b in (1, 2, 7, 64):
         mem = report("lenet5", batch_size=b)["training_memory"]
         assert mem["activation_bytes"] == b * per_sample
         assert mem["total_bytes"] == fixed + b * per_sample
-    assert report("lenet5", batch_size=1)["training_memory"]["total_bytes"] == 1110416
+    assert report("lenet5", batch_size=1)["training_memory"]["total_bytes"] == 1058352
 
 
 def test_training_memory_by_optimizer_and_dtype():
@@ -130,7 +134,7 @@ def test_training_memory_by_optimizer_and_dtype():
     assert sgd["optimizer_bytes"] == 0
     assert momentum["optimizer_bytes"] == 61706 * 4
     assert f64["params_bytes"] == 61706 * 8
-    assert f64["activation_bytes"] == 2 * 14602 * 8 + 4 * 1576
+    assert f64["activation_bytes"] == 2 * 8094 * 8 + 4 * 1576
 
 
 def test_winograd_weights_count_in_memory():
@@ -160,8 +164,8 @@ def test_cli_report_batch_size(capsys):
         rep = json.loads(capsys.readouterr().out)
         assert rep["batch_size"] == b
         totals.append((rep["training_memory"]["activation_bytes"], rep["training_memory"]["total_bytes"]))
-    assert [a for a, _ in totals] == [123120, 246240, 369360]
-    assert totals[2][1] - totals[1][1] == totals[1][1] - totals[0][1] == 123120
+    assert [a for a, _ in totals] == [71056, 142112, 213168]
+    assert totals[2][1] - totals[1][1] == totals[1][1] - totals[0][1] == 71056
 
 
 @pytest.mark.parametrize("fmt", ["text", "markdown", "json", "csv"])

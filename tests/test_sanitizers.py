@@ -97,6 +97,20 @@ SAN_SPECS = {
         "flatten",
         "linear: {out_features: 4}",
     ], loss="mse", name="san_pool"),
+    # im2col on the fly with stride 2 and padding (its last pixel vectors start early) and fused
+    # ReLUs: conv -> relu -> tiled and general max-pools, linear -> relu -> linear
+    "san_fused": spec([3, 12, 31], [
+        "conv2d: {out_channels: 8, kernel_size: 3, stride: 2, padding: 1}",
+        "relu",
+        "maxpool2d: {kernel_size: 2, ceil_mode: true}",
+        "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
+        "relu",
+        "maxpool2d: {kernel_size: 3, stride: 1, padding: 1}",
+        "flatten",
+        "linear: {out_features: 20}",
+        "relu",
+        "linear: {out_features: 4}",
+    ], name="san_fused"),
     # a 1-D network: flatten and activations first, dropout last
     "san_1d": spec([7], ["flatten", "gelu", "linear: {out_features: 6}", "relu", "linear: {out_features: 3}",
                          "dropout: {p: 0.1}"], name="san_1d"),
@@ -104,7 +118,7 @@ SAN_SPECS = {
 CASES = [("san_all", "float32"), ("san_all", "float64"), ("san_mse", "float32"), ("san_mse", "float64"),
          ("san_gemm", "float32"), ("san_gemm", "float64"),
          ("san_wino", "float32"), ("san_wino", "float64"), ("san_pool", "float32"), ("san_pool", "float64"),
-         ("san_1d", "float64")]
+         ("san_fused", "float32"), ("san_fused", "float64"), ("san_1d", "float64")]
 
 
 def _write(rendered, directory: Path) -> Path:

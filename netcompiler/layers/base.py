@@ -225,6 +225,16 @@ class LayerKind:
         """True when the output is the input reinterpreted (flatten): no copy, no slot."""
         return False
 
+    # ---- fusion of a ReLU between two layers (plan.py, fused_relus) -------------------
+    def applies_relu(self, layer: Layer) -> bool:
+        """The forward can store max(0, y) in place of its output y (a ReLU after it)."""
+        return False
+
+    def masks_relu_grad(self, layer: Layer) -> bool:
+        """The backward can zero its input gradient where its input is not positive (the
+        derivative of a ReLU before it), as it writes that gradient."""
+        return False
+
     # ---- rendering --------------------------------------------------------------------
     def render_context(self, layer: Layer) -> dict[str, Any]:
         """Numbers the template needs, computed here (templates hold no shape arithmetic)."""

@@ -104,6 +104,10 @@ class Conv2d(WeightLayer):
         wino = winograd_blocking(cin, cout, oh, ow) if uses_winograd(layer) else {}
         if wino:
             scratch = max(scratch, wino["WG_SCRATCH"])
+        gather = None if wino else pixel_gather(oh, ow, o["stride"][0], o["stride"][1], wp, gemm["NP"])
+        if gather and gemm["NV"] == 1:
+            # every gathered vector of pixels serves up to 16 channels (16 accumulators)
+            gemm["MB"] = _largest_divisor(cout // g, 16)
         return dict(
             CIN=cin, H=h, W=w, COUT=cout, OH=oh, OW=ow,
             KH=kh, KW=kw, SH=o["stride"][0], SW=o["stride"][1],
@@ -111,11 +115,15 @@ class Conv2d(WeightLayer):
             GROUPS=g, CIN_G=cin // g, COUT_G=cout // g, bias=o["bias"],
             PADDED=padded, HP=hp, WP=wp, XPAD_OFF=xpad_off, SCRATCH=scratch, **gemm,
             WINO=bool(wino), **wino, ROW_COL2IM=row_col2im, W_FULL=w - w % VEC,
+            GATHER=gather is not None, GATHER_START=gather and gather[0], GATHER_LANES=gather and gather[1],
         )
 
     def scratch(self, layer: Layer) -> int:
         c = self.render_context(layer)
         return c["SCRATCH"]
+
+    def applies_relu(self, layer: Layer) -> bool:
+        return True
 
     def cache_shapes(self, layer: Layer) -> dict[str, Shape]:
         if not uses_winograd(layer):
@@ -186,6 +194,36 @@ def winograd_blocking(cin: int, cout: int, oh: int, ow: int) -> dict:
     return dict(WG_TH=th, WG_TW=tw, WG_T=t, WG_TP=tp, WG_TB=tb, WG_CB=cb, WG_CINP=cinp, WG_COUTP=coutp,
                 WG_HT=ht, WG_WT=wt, WG_VPS=vps, WG_MPS=mps, WG_UPS=ups,
                 WG_V_OFF=0, WG_YT_OFF=0, WG_M_OFF=a, WG_XT_OFF=a, WG_SCRATCH=a + b)
+
+
+def pixel_gather(oh: int, ow: int, sh: int, sw: int, wp: int, np_: int) -> tuple[list, list] | None:
+    """The forward's im2col on the fly: the input taps of VEC output pixels, for one tap, as
+    one shuffle of two vectors loaded from the (padded) input rows.
+
+    Output pixel p = oy * OW + ox reads tap 0 at off(p) = oy * SH * WP + ox * SW of its group's
+    input planes (WP wide), and tap (ic, ky, kx) at that plus a constant.  Per vector of pixels
+    from p0: start = where the 2 x VEC reals loaded begin, lanes = off(p) - start.  The pixels
+    past the last real one (padding of the last block) repeat it, and the last vectors start
+    early enough that no load passes the last input a real pixel reads.  None when some vector
+    spans more than 2 x VEC reals (narrow output rows in wide inputs, large strides)."""
+    n = oh * ow
+
+    def off(p: int) -> int:
+        p = min(p, n - 1)
+        return (p // ow) * sh * wp + (p % ow) * sw
+
+    end = off(n - 1) + 1  # one past the last input tap 0 reads
+    if end < 2 * VEC:
+        return None
+    starts, lanes = [], []
+    for p0 in range(0, np_, VEC):
+        start = min(off(p0), end - 2 * VEC)
+        idx = [off(p0 + lane) - start for lane in range(VEC)]
+        if max(idx) >= 2 * VEC:
+            return None
+        starts.append(start)
+        lanes.append(idx)
+    return starts, lanes
 
 
 def conv_gemm_blocking(m: int, k: int, n: int) -> dict:

@@ -49,6 +49,12 @@ class Linear(WeightLayer):
                     NVI=nvi, OUTP=outp, NVO=nvo,
                     SB=4 if nvo > 2 else 8)  # SB: samples per register tile in training
 
+    def applies_relu(self, layer: Layer) -> bool:
+        return True
+
+    def masks_relu_grad(self, layer: Layer) -> bool:
+        return True
+
     def scratch(self, layer: Layer) -> int:
         c = self.render_context(layer)
         return (c["IN"] + 1) * c["OUTP"]  # the transposed weights and the bias (training forward)

@@ -67,6 +67,11 @@ class MaxPool2d(Pool2d):
     def saved_slots(self, layer: Layer) -> dict:
         return {"argmax": ("int32_t", layer.out_size)}
 
+    def masks_relu_grad(self, layer: Layer) -> bool:
+        # the input at a window's argmax is its output: the derivative of a ReLU before the
+        # pool is (out > 0) per window
+        return True
+
     def render_context(self, layer: Layer) -> dict:
         c = super().render_context(layer)
         c["tiles"] = tiling(c)

@@ -6,12 +6,12 @@
  * #  name      kind       input  output  params   MACs  FLOPs  activations
  * -  --------  ---------  -----  ------  ------  -----  -----  -----------
  * 1  conv1     conv2d     1x8x8  2x8x8       20  1,152  2,432          128
- * 2  relu1     relu       2x8x8  2x8x8        0      0    128          128
+ * 2  relu1     relu       2x8x8  2x8x8        0      0    128            0
  * 3  pool1     maxpool2d  2x8x8  2x4x4        0      0     96           32
  * 4  flatten1  flatten    2x4x4  32           0      0      0            0
  * 5  fc1       linear     32     3           99     96    195            3
  * -  --------  ---------  -----  ------  ------  -----  -----  -----------
- *    total                1x8x8  3          119  1,248  2,851          291
+ *    total                1x8x8  3          119  1,248  2,851          163
  *
  * 119 parameters; 1,248 MACs and 2,851 FLOPs per sample forward; 5,845 FLOPs per sample to train.
  */
@@ -62,9 +62,8 @@ typedef snapshot_real real_t;
 /* ---- activation layout: offsets into one sample's block of acts (and dacts) ----------- */
 #define OFF_input 0 /* input [1][8][8] */
 #define OFF_conv1_out 64 /* conv1.out [2][8][8] */
-#define OFF_relu1_out 192 /* relu1.out [2][8][8] */
-#define OFF_pool1_out 320 /* pool1.out [2][4][4] */
-#define OFF_fc1_out 352 /* fc1.out [3] */
+#define OFF_pool1_out 192 /* pool1.out [2][4][4] */
+#define OFF_fc1_out 224 /* fc1.out [3] */
 
 /* ---- int32 slots: offsets into one sample's block of ints ---------------------------- */
 #define OFF_pool1_argmax 0 /* pool1.argmax [32] */
@@ -93,6 +92,15 @@ typedef lane_t vlane __attribute__((vector_size(VEC * sizeof(real_t))));
  * a macro, not a function: GCC warns (-Wpsabi) about returning a 512-bit vector without AVX-512 */
 #define VLANES ((vlane){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
 #define vmask(v, lo, hi) ((vreal)((vlane)(v) & ((VLANES >= (lane_t)(lo)) & (VLANES < (lane_t)(hi)))))
+/* vgather2(p, lanes): lane l = p[lanes[l]] for 0 <= lanes[l] < 2 VEC, from two vector loads and
+ * one shuffle (GCC's __builtin_shuffle: vpermt2ps with AVX-512) */
+#define vgather2(p, lanes) __builtin_shuffle(vload(p), vload((p) + VEC), lanes)
+/* A ReLU fused into its neighbours (plan.py, fused_relus): vrelu(v) = max(0, v) lane by lane
+ * and vpos(v, x) = v where x > 0, else +0; NaN gives +0, as the relu layer's x > 0 ? x : 0.
+ * Macros for the same reason; their arguments are evaluated more than once. */
+#define vrelu(v) ((vreal)((vlane)(v) & (vlane)((v) > (vreal){0})))
+#define vpos(v, x) ((vreal)((vlane)(v) & (vlane)((x) > (vreal){0})))
+static inline real_t relu(real_t x) { return x > 0 ? x : 0; }
 static inline real_t vsum(const vreal *v)
 {
     real_t s = 0;
@@ -120,36 +128,26 @@ static const real_t *conv1_pad(real_t *restrict xp, const real_t *restrict in)
     return xp;
 }
 
-/* conv1: col[k][p] = input tap k = (ic*3 + ky)*3 + kx of output pixel p = oy*8 + ox,
- * for one group of 1 input planes x of 10x10; 16 x 64, zero past
- * tap 9 and pixel 64. */
-static void conv1_im2col(real_t *restrict col, const real_t *restrict x)
-{
-    for (int ic = 0; ic < 1; ic++)
-        for (int ky = 0; ky < 3; ky++)
-            for (int kx = 0; kx < 3; kx++) {
-                real_t *restrict row = col + ((ic * 3 + ky) * 3 + kx) * 64;
-                for (int oy = 0; oy < 8; oy++) {
-                    const real_t *src = x + (ic * 10 + oy * 1 + ky * 1) * 10 + kx * 1;
-                    for (int ox = 0; ox < 8; ox++)
-                        row[oy * 8 + ox] = src[ox * 1];
-                }
-                for (int p = 64; p < 64; p++)
-                    row[p] = 0;
-            }
-    memset(col + 9 * 64, 0, sizeof(real_t) * (16 - 9) * 64);
-}
-
+/* conv1: im2col on the fly (pixel_gather in conv2d.py).  The vector of output pixels from
+ * p0 = VEC j reads tap 0 at lanes[j] of the 2 x VEC reals from start[j] of its group's input
+ * planes, every other tap at a constant offset from there. */
+static const int conv1_start[4] = { 0, 20, 40, 46 };
+static const vlane conv1_lanes[4] = {
+    { 0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17 },
+    { 0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17 },
+    { 0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17 },
+    { 14, 15, 16, 17, 18, 19, 20, 21, 24, 25, 26, 27, 28, 29, 30, 31 },
+};
 /* conv1 forward: conv2d 'conv1', tests/specs/snapshot.yaml:6: out_channels=2, kernel_size=3, padding=1
  * in [1][8][8] -> out [2][8][8], weight [2][1][3][3], bias [2] */
-/* per group: out[m][p] = bias[m] + sum_k weight[m][k] * col[k][p]; 2 channels x 32 pixels
- * are accumulated in registers at a time. scratch (per thread): col and the padded input. */
+/* per group: out[m][p] = relu(bias[m] + sum_k weight[m][k] * col[k][p]) (the fused ReLU); 2 channels x 32 pixels
+ * are accumulated in registers at a time. col[k][p0..p0+VEC) is gathered from the input x as needed.
+ * scratch (per thread): the padded input. */
 static void conv1_forward(real_t *restrict out, const real_t *restrict in,
         const real_t *restrict weight, const real_t *restrict bias, real_t *restrict scratch)
 {
-    real_t *restrict col = scratch + 0;
     for (int grp = 0; grp < 1; grp++) {
-        conv1_im2col(col, conv1_pad(scratch + 1619, in + grp * (1 * 8 * 8)));
+        const real_t *restrict x = conv1_pad(scratch + 1619, in + grp * (1 * 8 * 8));
         for (int p0 = 0; p0 < 64; p0 += 32) /* col's slice of pixels stays in cache */
             for (int m0 = 0; m0 < 2; m0 += 2) {
                 const real_t *w = weight + (grp * 2 + m0) * 9;
@@ -159,23 +157,35 @@ static void conv1_forward(real_t *restrict out, const real_t *restrict in,
                     #pragma GCC unroll 16
                     for (int j = 0; j < 2; j++)
                         acc[i][j] = (vreal){0} + bias[grp * 2 + m0 + i];
-                for (int k = 0; k < 9; k++) {
-                    vreal cr[2];
-                    #pragma GCC unroll 16
-                    for (int j = 0; j < 2; j++)
-                        cr[j] = vload(col + k * 64 + p0 + j * VEC);
-                    #pragma GCC unroll 16
-                    for (int i = 0; i < 2; i++)
-                        #pragma GCC unroll 16
-                        for (int j = 0; j < 2; j++)
-                            acc[i][j] += w[i * 9 + k] * cr[j];
+                vlane lanes[2];
+                const real_t *xs[2];
+                #pragma GCC unroll 16
+                for (int j = 0; j < 2; j++) {
+                    lanes[j] = conv1_lanes[p0 / VEC + j];
+                    xs[j] = x + conv1_start[p0 / VEC + j];
                 }
+                for (int ic = 0; ic < 1; ic++)
+                    for (int ky = 0; ky < 3; ky++)
+                        #pragma GCC unroll 16
+                        for (int kx = 0; kx < 3; kx++) {
+                            const int k = (ic * 3 + ky) * 3 + kx;
+                            const int tap = (ic * 10 + ky * 1) * 10 + kx * 1;
+                            vreal cr[2];
+                            #pragma GCC unroll 16
+                            for (int j = 0; j < 2; j++)
+                                cr[j] = vgather2(xs[j] + tap, lanes[j]);
+                            #pragma GCC unroll 16
+                            for (int i = 0; i < 2; i++)
+                                #pragma GCC unroll 16
+                                for (int j = 0; j < 2; j++)
+                                    acc[i][j] += w[i * 9 + k] * cr[j];
+                        }
                 #pragma GCC unroll 16
                 for (int i = 0; i < 2; i++) {
                     real_t *o = out + (grp * 2 + m0 + i) * 64 + p0;
                     #pragma GCC unroll 16
                     for (int j = 0; j < 2; j++)
-                        vstore(o + j * VEC, acc[i][j]);
+                        vstore(o + j * VEC, vrelu(acc[i][j]));
                 }
             }
     }
@@ -283,29 +293,9 @@ static void conv1_backward(real_t *restrict dweight, real_t *restrict dbias,
     }
 }
 
-/* relu1 forward: relu 'relu1', tests/specs/snapshot.yaml:7
- * in [2][8][8] -> out [2][8][8] */
-static void relu1_forward(real_t *restrict out, const real_t *restrict in)
-{
-    for (int i = 0; i < 128; i++) {
-        const real_t x = in[i];
-        out[i] = x > 0 ? x : 0;
-    }
-}
-
-/* relu1 backward: relu 'relu1', tests/specs/snapshot.yaml:7
- * in [2][8][8] -> out [2][8][8] */
-/* din = dout * (x > 0 ? 1 : 0) */
-static void relu1_backward(real_t *restrict din, const real_t *restrict dout,
-        const real_t *restrict in, const real_t *restrict out)
-{
-    (void)out;
-    for (int i = 0; i < 128; i++) {
-        const real_t x = in[i];
-        din[i] = dout[i] * (x > 0 ? 1 : 0);
-    }
-}
-
+/* relu1: relu 'relu1', tests/specs/snapshot.yaml:7
+ * fused: conv1 stores max(0, y) as its output, and pool1's backward keeps its input gradient
+ * only where its input is positive; no buffer and no pass of its own. */
 /* pool1 forward: maxpool2d 'pool1', tests/specs/snapshot.yaml:8: kernel_size=2
  * in [2][8][8] -> out [2][4][4] */
 /* Tiled path (pool.py, tiling()): stride = kernel, no padding and dilation 1, so the 2x2
@@ -350,12 +340,15 @@ static void pool1_forward(real_t *restrict out, int32_t *restrict argmax, const 
  * (Where OMP(omp simd) asks for it: without OpenMP, gcc's cost model decides.)
  * The windows do not overlap, so each input gradient is written once, with no memset and
  * no scatter: the output gradient of its window where forward chose it, else 0.
- * (+ 0 turns a -0 gradient into +0, as zeroing and accumulating, in PyTorch and in the general path, does.) */
-static void pool1_backward(real_t *restrict din, const real_t *restrict dout, const int32_t *restrict argmax)
+ * (+ 0 turns a -0 gradient into +0, as zeroing and accumulating, in PyTorch and in the general path, does.)
+ * A fused ReLU before the pool: gradients go only to windows whose maximum, out, is positive.
+ */
+static void pool1_backward(real_t *restrict din, const real_t *restrict dout, const real_t *restrict out, const int32_t *restrict argmax)
 {
     for (int ch = 0; ch < 2; ch++) {
         real_t *dinp = din + ch * (8 * 8);
         const real_t *doutp = dout + ch * (4 * 4);
+        const real_t *outp = out + ch * (4 * 4);
         const int32_t *am = argmax + ch * (4 * 4);
         for (int oy = 0; oy < 4; oy++) {
             for (int ky = 0; ky < 2; ky++) {
@@ -363,7 +356,7 @@ static void pool1_backward(real_t *restrict din, const real_t *restrict dout, co
                 OMP(omp simd)
                 for (int ox = 0; ox < 4; ox++) {
                     const int o = oy * 4 + ox;
-                    const real_t g = doutp[o] + 0;
+                    const real_t g = (outp[o] > 0 ? doutp[o] + 0 : 0);
                     for (int kx = 0; kx < 2; kx++) {
                         const int i = iy * 8 + ox * 2 + kx;
                         dinp[i] = am[o] == i ? g : 0;
@@ -652,8 +645,7 @@ static void forward_eval(snapshot_ctx *c, const real_t *x, const int64_t *idx, i
         (void)ws; /* not every layer kind uses scratch in every mode */
         memcpy(a + OFF_input, x + (size_t)(idx ? idx[s] : s) * IN_SIZE, sizeof(real_t) * IN_SIZE);
         conv1_forward(a + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, p + OFF_conv1_bias, ws);
-        relu1_forward(a + OFF_relu1_out, a + OFF_conv1_out);
-        pool1_forward(a + OFF_pool1_out, ai + OFF_pool1_argmax, a + OFF_relu1_out);
+        pool1_forward(a + OFF_pool1_out, ai + OFF_pool1_argmax, a + OFF_conv1_out);
         fc1_forward(a + OFF_fc1_out, a + OFF_pool1_out, p + OFF_fc1_weight, p + OFF_fc1_bias);
     }
 }
@@ -673,8 +665,7 @@ static void forward_train(snapshot_ctx *c, const real_t *x, const int64_t *idx, 
         (void)ws; /* not every layer kind uses scratch in every mode */
         memcpy(a + OFF_input, x + (size_t)(idx ? idx[s] : s) * IN_SIZE, sizeof(real_t) * IN_SIZE);
         conv1_forward(a + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, p + OFF_conv1_bias, ws);
-        relu1_forward(a + OFF_relu1_out, a + OFF_conv1_out);
-        pool1_forward(a + OFF_pool1_out, ai + OFF_pool1_argmax, a + OFF_relu1_out);
+        pool1_forward(a + OFF_pool1_out, ai + OFF_pool1_argmax, a + OFF_conv1_out);
     }
     fc1_forward_batch(c->acts, n, p + OFF_fc1_weight, p + OFF_fc1_bias, c->scratch, c->threads);
 }
@@ -720,8 +711,7 @@ double snapshot_backward(snapshot_ctx *c, const int32_t *y, const int64_t *idx, 
             const int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
             real_t *ws = c->scratch + (size_t)t * SCRATCH_PER_THREAD;
             (void)ws; /* not every layer kind uses scratch in every mode */
-            pool1_backward(da + OFF_relu1_out, da + OFF_pool1_out, ai + OFF_pool1_argmax);
-            relu1_backward(da + OFF_conv1_out, da + OFF_relu1_out, a + OFF_conv1_out, a + OFF_relu1_out);
+            pool1_backward(da + OFF_conv1_out, da + OFF_pool1_out, a + OFF_pool1_out, ai + OFF_pool1_argmax);
             conv1_backward(g + OFF_conv1_weight, g + OFF_conv1_bias, da + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, ws);
         }
         if (nt > 1) {
