@@ -108,6 +108,31 @@ static inline real_t vsum(const vreal *v)
         s += (*v)[i];
     return s;
 }
+/* vsum16(y, a): y[j] = the sum of a[j]'s lanes, j < 16, all at once: four levels of pairwise
+ * shuffles and adds (15 of each pair) instead of 16 chains of VEC - 1 dependent adds.  Level w
+ * adds the even and odd blocks of w lanes of two vectors; the leaves go in bit-reversed order,
+ * so lane j of the root is a[j]'s sum. */
+static inline void vsum16(real_t *restrict y, const vreal *a)
+{
+    static const int leaf[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+    const vlane x8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const vlane x4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+    const vlane x2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    const vlane x1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+    vreal l8[8], l4[4], l2[2];
+    #pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) {
+        const vreal u = a[leaf[2 * i]], v = a[leaf[2 * i + 1]];
+        l8[i] = __builtin_shuffle(u, v, x8) + __builtin_shuffle(u, v, x8 + 8);
+    }
+    #pragma GCC unroll 4
+    for (int i = 0; i < 4; i++)
+        l4[i] = __builtin_shuffle(l8[2 * i], l8[2 * i + 1], x4) + __builtin_shuffle(l8[2 * i], l8[2 * i + 1], x4 + 4);
+    #pragma GCC unroll 2
+    for (int i = 0; i < 2; i++)
+        l2[i] = __builtin_shuffle(l4[2 * i], l4[2 * i + 1], x2) + __builtin_shuffle(l4[2 * i], l4[2 * i + 1], x2 + 2);
+    vstore(y, __builtin_shuffle(l2[0], l2[1], x1) + __builtin_shuffle(l2[0], l2[1], x1 + 1));
+}
 static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline int imax(int a, int b) { return a > b ? a : b; }
 /* first index o >= 0 with o * step >= num: the first window tap inside the input */
@@ -374,20 +399,21 @@ static void pool1_backward(real_t *restrict din, const real_t *restrict dout, co
 static void fc1_forward(real_t *restrict out, const real_t *restrict in,
         const real_t *restrict weight, const real_t *restrict bias)
 {
-    /* 3 outputs at a time, as VEC-wide partial sums over 32 inputs, then the
-     * last 0 input(s) one by one */
-    for (int o0 = 0; o0 < 3; o0 += 3) {
-        vreal acc[3] = {0};
+    /* 4 outputs at a time (more streams of weights at once run slower), each a vector of partial
+     * sums over 32 inputs, reduced together     * */
+    { /* the last 3 output(s) */
+        const int o0 = 0;
+        vreal acc[16] = {0};
         for (int i = 0; i < 32; i += VEC) {
             const vreal x = vload(in + i);
-            #pragma GCC unroll 8
+            #pragma GCC unroll 16
             for (int j = 0; j < 3; j++)
                 acc[j] += vload(weight + (o0 + j) * 32 + i) * x;
         }
+        real_t y[VEC];
+        vsum16(y, acc);
         for (int j = 0; j < 3; j++) {
-            real_t s = vsum(&acc[j]) + bias[o0 + j];
-            for (int i = 32; i < 32; i++)
-                s += weight[(o0 + j) * 32 + i] * in[i];
+            real_t s = y[j] + bias[o0 + j];
             out[o0 + j] = s;
         }
     }
