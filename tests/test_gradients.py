@@ -93,6 +93,12 @@ CASES: dict[str, str] = {
                                pre="conv2d: {out_channels: 6, kernel_size: 1}"),
     "conv_gather_first": around("conv2d: {out_channels: 5, kernel_size: [3, 4], padding: same, in_channels: 1}",
                                 input_shape=(1, 8, 9), pre=None),
+    # the weight gradient from gathered pixel vectors too (>= 16 vectors of pixels): a cut last
+    # vector of pixels with groups and a cut last block of taps; stride in x and the first layer
+    "conv_gatherdw_tail_groups": around("conv2d: {out_channels: 6, kernel_size: 3, padding: 1, groups: 2}",
+                                        input_shape=(4, 17, 18), pre="conv2d: {out_channels: 4, kernel_size: 1}"),
+    "conv_gatherdw_first_stride": around("conv2d: {out_channels: 4, kernel_size: 4, stride: [1, 2], padding: 1, "
+                                         "in_channels: 1}", input_shape=(1, 19, 32), pre=None),
     # Winograd F(2x2, 3x3) forward (3x3, stride 1, >= 16 channels in and out): an odd output with a
     # cut last tile; zero padding with channels that are not whole vectors and no bias; 'same'
     # padding with three vectors of output channels
@@ -259,14 +265,24 @@ def test_winograd_cases_run_winograd(case):
 
 @pytest.mark.parametrize("case, tile", [("conv_gather_pad", (6, 1)), ("conv_gather_dilated_groups", (2, 2)),
                                         ("conv_gather_stride", (3, 1)), ("conv_gather_two_vectors", (4, 2)),
-                                        ("conv_gather_16ch", (16, 1)), ("conv_gather_first", (5, 1))])
+                                        ("conv_gather_16ch", (16, 1)), ("conv_gather_first", (5, 1)),
+                                        ("conv_gatherdw_tail_groups", (3, 2)),
+                                        ("conv_gatherdw_first_stride", (4, 2))])
 def test_gather_cases_gather(case, tile):
     """The cases above run the layer under test with im2col on the fly, in the register tile
-    (channels, pixel vectors) named; the small cases keep the im2col buffer."""
+    (channels, pixel vectors) named, and the "gatherdw" ones, with 16 or more vectors of
+    pixels, the weight gradient too (tiles of channels x taps: 3 x 8 with a tail of 2 taps and
+    of 2 pixels, 4 x 6 with a tail of 4 taps); the small cases keep the im2col buffer."""
     plan = make_plan(check_text(CASES[case]))
     lp = [lp for lp in plan.layers if lp.kind == "conv2d"][-1]
     assert lp.c["GATHER"] and (lp.c["MB"], lp.c["NV"]) == tile
-    assert f"vgather2(xs[j] + tap" in render(plan.net, "float32").source
+    assert lp.c["GATHER_DW"] == ("gatherdw" in case or case == "conv_gather_two_vectors")
+    if "gatherdw" in case:
+        expect = {"conv_gatherdw_tail_groups": (3, 8, 2, 306 % 16), "conv_gatherdw_first_stride": (4, 6, 4, 0)}
+        assert (lp.c["DWG_MB"], lp.c["DWG_KB"], lp.c["DWG_K_TAIL"], lp.c["N"] % 16) == expect[case]
+    source = render(plan.net, "float32").source
+    assert f"vgather2(xs[j] + tap" in source
+    assert ("_taps[k0 + t]" in source) == lp.c["GATHER_DW"]
     for small in ("conv_basic", "conv_stride2_pad1", "conv_depthwise", "conv_dilation_stride"):
         assert not [lp for lp in make_plan(check_text(CASES[small])).layers if lp.kind == "conv2d"][-1].c["GATHER"]
 

@@ -108,6 +108,16 @@ class Conv2d(WeightLayer):
         if gather and gemm["NV"] == 1:
             # every gathered vector of pixels serves up to 16 channels (16 accumulators)
             gemm["MB"] = _largest_divisor(cout // g, 16)
+        # the weight gradient from gathered pixel vectors too (no im2row), when the lane sums it
+        # then needs (one per weight) are few next to its FMAs: at least 16 vectors of pixels
+        dwg = {}
+        if gather and gemm["NP"] >= 16 * VEC:
+            k = (cin // g) * kh * kw
+            mb = _largest_divisor(cout // g, 8)
+            kb = max(1, min(8, k, (30 - mb) // mb))  # mb x kb accumulators, mb output-gradient vectors, 2 more
+            dwg = dict(DWG_MB=mb, DWG_KB=kb, DWG_K_MAIN=k - k % kb, DWG_K_TAIL=k % kb,
+                       DWG_TAPS=[(ic * hp + ky * o["dilation"][0]) * wp + kx * o["dilation"][1]
+                                 for ic in range(cin // g) for ky in range(kh) for kx in range(kw)])
         return dict(
             CIN=cin, H=h, W=w, COUT=cout, OH=oh, OW=ow,
             KH=kh, KW=kw, SH=o["stride"][0], SW=o["stride"][1],
@@ -116,6 +126,7 @@ class Conv2d(WeightLayer):
             PADDED=padded, HP=hp, WP=wp, XPAD_OFF=xpad_off, SCRATCH=scratch, **gemm,
             WINO=bool(wino), **wino, ROW_COL2IM=row_col2im, W_FULL=w - w % VEC,
             GATHER=gather is not None, GATHER_START=gather and gather[0], GATHER_LANES=gather and gather[1],
+            GATHER_DW=bool(dwg), **dwg, NPV=-(-oh * ow // VEC),
         )
 
     def scratch(self, layer: Layer) -> int:

@@ -357,6 +357,31 @@ static void pool1_forward(real_t *restrict out, int32_t *restrict argmax, const 
     }
 }
 
+/* pool1 forward in evaluation mode: the same maxima, no argmax saved (backward never runs) */
+static void pool1_forward_eval(real_t *restrict out, const real_t *restrict in)
+{
+    for (int ch = 0; ch < 2; ch++) {
+        const real_t *inp = in + ch * (8 * 8);
+        real_t *outp = out + ch * (4 * 4);
+        for (int oy = 0; oy < 4; oy++) {
+            OMP(omp simd)
+            for (int ox = 0; ox < 4; ox++) {
+                const int i0 = oy * (2 * 8) + ox * 2;
+                real_t m = inp[i0];
+                for (int ky = 0; ky < 2; ky++) {
+                    for (int kx = 0; kx < 2; kx++) {
+                        const int i = i0 + ky * 8 + kx;
+                        const real_t x = inp[i];
+                        const int take = (x > m) | (x != x); /* a NaN wins; strict > keeps the first of equal maxima */
+                        m = take ? x : m;
+                    }
+                }
+                outp[oy * 4 + ox] = m;
+            }
+        }
+    }
+}
+
 /* pool1 backward: maxpool2d 'pool1', tests/specs/snapshot.yaml:8: kernel_size=2
  * in [2][8][8] -> out [2][4][4] */
 /* Tiled path (pool.py, tiling()): stride = kernel, no padding and dilation 1, so the 2x2
@@ -667,11 +692,12 @@ static void forward_eval(snapshot_ctx *c, const real_t *x, const int64_t *idx, i
     for (int s = 0; s < n; s++) {
         real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
         int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
+        (void)ai; /* a tiled max-pool saves no argmax in evaluation */
         real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
         (void)ws; /* not every layer kind uses scratch in every mode */
         memcpy(a + OFF_input, x + (size_t)(idx ? idx[s] : s) * IN_SIZE, sizeof(real_t) * IN_SIZE);
         conv1_forward(a + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, p + OFF_conv1_bias, ws);
-        pool1_forward(a + OFF_pool1_out, ai + OFF_pool1_argmax, a + OFF_conv1_out);
+        pool1_forward_eval(a + OFF_pool1_out, a + OFF_conv1_out);
         fc1_forward(a + OFF_fc1_out, a + OFF_pool1_out, p + OFF_fc1_weight, p + OFF_fc1_bias);
     }
 }
@@ -687,6 +713,7 @@ static void forward_train(snapshot_ctx *c, const real_t *x, const int64_t *idx, 
     for (int s = 0; s < n; s++) {
         real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
         int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
+        (void)ai; /* a tiled max-pool saves no argmax in evaluation */
         real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
         (void)ws; /* not every layer kind uses scratch in every mode */
         memcpy(a + OFF_input, x + (size_t)(idx ? idx[s] : s) * IN_SIZE, sizeof(real_t) * IN_SIZE);
