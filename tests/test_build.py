@@ -172,3 +172,27 @@ def test_show_fused_relu_points_at_the_layers_that_compute_it():
     assert "static void conv1_forward(" in fwd.stdout and "vrelu(" in fwd.stdout
     assert "pool1's backward" in bwd.stdout and "static void pool1_backward(" in bwd.stdout
     assert "outp[o] > 0 ?" in bwd.stdout
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_portable_shuffle_matches_gcc_builtin(dtype):
+    """-DNETC_PORTABLE_SHUFFLE (what clang gets: shuffles lane by lane) gives the outputs and
+    gradients of the __builtin_shuffle build: lenet5 uses both kinds of shuffle (the gathered
+    im2col of conv1/conv2, conv1's weight gradient and the linear layers' vsum16)."""
+    import numpy as np
+
+    spec = str(ROOT / "specs" / "lenet5.yaml")
+    ref = nc.compile(spec, dtype, threads=1)
+    alt = nc.compile(spec, dtype, threads=1, flags=default_flags() + ["-DNETC_PORTABLE_SHUFFLE"])
+    assert alt.paths.so_path != ref.paths.so_path
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 1, 28, 28))
+    y = rng.integers(0, 10, 3)
+    for net in (ref, alt):
+        net.init(7)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(alt.forward(x), ref.forward(x), rtol=tol, atol=tol)
+    (la, ga), (lr, gr) = alt.loss_and_grad(x, y), ref.loss_and_grad(x, y)
+    assert abs(la - lr) <= tol * abs(lr)
+    for k in gr:
+        np.testing.assert_allclose(ga[k], gr[k], rtol=tol, atol=tol * float(np.abs(gr[k]).max()))

@@ -523,3 +523,16 @@ def test_maxpool_padding_limit_is_pytorchs():
         check_text(too_much)
     torch.nn.MaxPool2d((2, 1), 1, (1, 0), (3, 1))(torch.zeros(1, 1, 2, 3))  # allowed by PyTorch: and by us
     check_text(EMPTY_WINDOW)
+
+
+def test_gather_tables_have_a_size_limit():
+    """A gathered im2col has a table entry per vector of output pixels: up to 1024 vectors
+    (a 128x128 output), larger maps keep the im2col buffer."""
+    from netcompiler.layers.conv2d import GATHER_MAX_VECTORS, pixel_gather
+
+    assert GATHER_MAX_VECTORS == 1024
+    assert pixel_gather(128, 128, 1, 1, 130, 128 * 128) is not None
+    assert pixel_gather(129, 128, 1, 1, 130, 129 * 128) is None
+    big = check_text(spec([1, 131, 130], ["conv2d: {out_channels: 2, kernel_size: 3}", "flatten",
+                                          "linear: {out_features: 2}"]))
+    assert not make_plan(big).layers[0].c["GATHER"]

@@ -155,6 +155,7 @@ class Conv2d(WeightLayer):
 
 
 VEC = 16  # floats per AVX-512 register; blocks are multiples of it
+GATHER_MAX_VECTORS = 1024  # pixel vectors of a gathered im2col (its tables: 17 ints each)
 ACC_MAX = 24  # vector accumulators of a backward register tile (AVX-512 has 32 registers)
 
 
@@ -218,6 +219,8 @@ def pixel_gather(oh: int, ow: int, sh: int, sw: int, wp: int, np_: int) -> tuple
     early enough that no load passes the last input a real pixel reads.  None when some vector
     spans more than 2 x VEC reals (narrow output rows in wide inputs, large strides)."""
     n = oh * ow
+    if np_ > GATHER_MAX_VECTORS * VEC:  # the tables grow with the pixels: large maps keep im2col
+        return None
 
     def off(p: int) -> int:
         p = min(p, n - 1)

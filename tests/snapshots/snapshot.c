@@ -92,9 +92,17 @@ typedef lane_t vlane __attribute__((vector_size(VEC * sizeof(real_t))));
  * a macro, not a function: GCC warns (-Wpsabi) about returning a 512-bit vector without AVX-512 */
 #define VLANES ((vlane){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
 #define vmask(v, lo, hi) ((vreal)((vlane)(v) & ((VLANES >= (lane_t)(lo)) & (VLANES < (lane_t)(hi)))))
-/* vgather2(p, lanes): lane l = p[lanes[l]] for 0 <= lanes[l] < 2 VEC, from two vector loads and
- * one shuffle (GCC's __builtin_shuffle: vpermt2ps with AVX-512) */
-#define vgather2(p, lanes) __builtin_shuffle(vload(p), vload((p) + VEC), lanes)
+/* vshuffle2(a, b, m): lane l = (a then b)[m[l]], 0 <= m[l] < 2 VEC; GCC's __builtin_shuffle
+ * (vpermt2ps with AVX-512).  Other compilers (clang has no two-vector shuffle with a variable
+ * mask), or -DNETC_PORTABLE_SHUFFLE: lane by lane. */
+#if defined(__GNUC__) && !defined(__clang__) && !defined(NETC_PORTABLE_SHUFFLE)
+#define vshuffle2(a, b, m) __builtin_shuffle(a, b, m)
+#else
+#define vshuffle2(a, b, m) ({ real_t t_[2 * VEC]; vstore(t_, a); vstore(t_ + VEC, b); const vlane m_ = (m); \
+    vreal r_; for (int l_ = 0; l_ < VEC; l_++) r_[l_] = t_[m_[l_]]; r_; })
+#endif
+/* vgather2(p, lanes): lane l = p[lanes[l]] for 0 <= lanes[l] < 2 VEC: two loads, one shuffle */
+#define vgather2(p, lanes) vshuffle2(vload(p), vload((p) + VEC), lanes)
 /* A ReLU fused into its neighbours (plan.py, fused_relus): vrelu(v) = max(0, v) lane by lane
  * and vpos(v, x) = v where x > 0, else +0; NaN gives +0, as the relu layer's x > 0 ? x : 0.
  * Macros for the same reason; their arguments are evaluated more than once. */
@@ -123,15 +131,15 @@ static inline void vsum16(real_t *restrict y, const vreal *a)
     #pragma GCC unroll 8
     for (int i = 0; i < 8; i++) {
         const vreal u = a[leaf[2 * i]], v = a[leaf[2 * i + 1]];
-        l8[i] = __builtin_shuffle(u, v, x8) + __builtin_shuffle(u, v, x8 + 8);
+        l8[i] = vshuffle2(u, v, x8) + vshuffle2(u, v, x8 + 8);
     }
     #pragma GCC unroll 4
     for (int i = 0; i < 4; i++)
-        l4[i] = __builtin_shuffle(l8[2 * i], l8[2 * i + 1], x4) + __builtin_shuffle(l8[2 * i], l8[2 * i + 1], x4 + 4);
+        l4[i] = vshuffle2(l8[2 * i], l8[2 * i + 1], x4) + vshuffle2(l8[2 * i], l8[2 * i + 1], x4 + 4);
     #pragma GCC unroll 2
     for (int i = 0; i < 2; i++)
-        l2[i] = __builtin_shuffle(l4[2 * i], l4[2 * i + 1], x2) + __builtin_shuffle(l4[2 * i], l4[2 * i + 1], x2 + 2);
-    vstore(y, __builtin_shuffle(l2[0], l2[1], x1) + __builtin_shuffle(l2[0], l2[1], x1 + 1));
+        l2[i] = vshuffle2(l4[2 * i], l4[2 * i + 1], x2) + vshuffle2(l4[2 * i], l4[2 * i + 1], x2 + 2);
+    vstore(y, vshuffle2(l2[0], l2[1], x1) + vshuffle2(l2[0], l2[1], x1 + 1));
 }
 static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline int imax(int a, int b) { return a > b ? a : b; }
