@@ -3,8 +3,9 @@
 - Parameters: one flat array, tensors in layer order with PyTorch layouts; gradients and
   optimizer state use the same layout.  Buffers (batch-norm running statistics): another.
 - Activations: one block per sample holding every layer's output (flatten aliases its
-  input, and so does a ReLU fused into its neighbours, see fused_relus), plus per-sample saved slots (dropout masks); max-pool argmax indices live in an
-  int32 block per sample.  Gradients of activations use the activation layout.
+  input, and so does a ReLU fused into its neighbours, see fused_relus), plus per-sample
+  saved slots (dropout masks); max-pool argmax indices live in an int32 block per sample.
+  Gradients of activations use the activation layout.
 - Cache: arrays derived from parameters and kept between calls (Winograd-transformed conv
   weights), each next to a copy of the parameters it was made from.
 - Stages: consecutive layers that work sample by sample run inside one parallel loop over

@@ -126,7 +126,7 @@ class Conv2d(WeightLayer):
             PADDED=padded, HP=hp, WP=wp, XPAD_OFF=xpad_off, SCRATCH=scratch, **gemm,
             WINO=bool(wino), **wino, ROW_COL2IM=row_col2im, W_FULL=w - w % VEC,
             GATHER=gather is not None, GATHER_START=gather and gather[0], GATHER_LANES=gather and gather[1],
-            GATHER_DW=bool(dwg), **dwg, NPV=-(-oh * ow // VEC),
+            GATHER_DW=bool(dwg), **dwg,
         )
 
     def scratch(self, layer: Layer) -> int:
