@@ -93,6 +93,14 @@ CASES: dict[str, str] = {
                                pre="conv2d: {out_channels: 6, kernel_size: 1}"),
     "conv_gather_first": around("conv2d: {out_channels: 5, kernel_size: [3, 4], padding: same, in_channels: 1}",
                                 input_shape=(1, 8, 9), pre=None),
+    # the last pixels of a gathered forward as dot products over taps (dot_tail): 4 pixels with
+    # groups, padding, dilation and no bias (72 taps: the last 8 in a shifted vector); 3 pixels
+    # and 32 taps (whole vectors; 12 of vsum16's 16 sums)
+    "conv_dottail_groups": around("conv2d: {out_channels: 32, kernel_size: 3, padding: 1, dilation: [1, 2], "
+                                  "groups: 2, bias: false}", input_shape=(16, 6, 8),
+                                  pre="conv2d: {out_channels: 16, kernel_size: 1}"),
+    "conv_dottail_exact": around("conv2d: {out_channels: 16, kernel_size: 4}", input_shape=(2, 8, 10),
+                                 pre="conv2d: {out_channels: 2, kernel_size: 1}"),
     # the weight gradient from gathered pixel vectors too (>= 16 vectors of pixels): a cut last
     # vector of pixels with groups and a cut last block of taps; stride in x and the first layer
     "conv_gatherdw_tail_groups": around("conv2d: {out_channels: 6, kernel_size: 3, padding: 1, groups: 2}",
@@ -285,6 +293,22 @@ def test_gather_cases_gather(case, tile):
     assert ("_taps[k0 + t]" in source) == lp.c["GATHER_DW"]
     for small in ("conv_basic", "conv_stride2_pad1", "conv_depthwise", "conv_dilation_stride"):
         assert not [lp for lp in make_plan(check_text(CASES[small])).layers if lp.kind == "conv2d"][-1].c["GATHER"]
+
+
+@pytest.mark.parametrize("case, tail", [("conv_dottail_groups", (4, 4, 72, 8)), ("conv_dottail_exact", (3, 4, 32, 0)),
+                                        ("conv_gather_16ch", (4, 4, 150, 10))])
+def test_dottail_cases_take_dot_tail(case, tail):
+    """The cases above compute their last (pixels, of which) in dot products of (channels) at a
+    time over (taps), the last (shift) lanes of the last vector zero; the other gathered cases
+    keep a vector of pixels for their tail (few channels, few taps or no tail)."""
+    plan = make_plan(check_text(CASES[case]))
+    c = [lp for lp in plan.layers if lp.kind == "conv2d"][-1].c
+    assert c["GATHER"] and c["DOT_TAIL"]
+    assert (c["TAIL_R"], c["TAIL_OB"], c["K"], c["TAIL_SHIFT"]) == tail
+    assert "_forward_tail(" in render(plan.net, "float32").source
+    for other in ("conv_gather_pad", "conv_gather_stride", "conv_gather_two_vectors", "conv_gather_first",
+                  "conv_gatherdw_tail_groups"):
+        assert not [lp for lp in make_plan(check_text(CASES[other])).layers if lp.kind == "conv2d"][-1].c["DOT_TAIL"]
 
 
 def _pool_path(lp) -> str:

@@ -76,11 +76,13 @@ SAN_SPECS = {
         "linear: {out_features: 5}",
     ], name="san_gemm"),
     # Winograd 3x3 convolutions: channels not a multiple of the vector width, zero padding, an
-    # odd output (a cut last tile), no bias; a full-vector one with bias after it
+    # odd output (a cut last tile), no bias; a full-vector one with bias after it; then the last
+    # 3 pixels of a gathered forward as dot products (dot_tail: 72 taps, groups, no bias)
     "san_wino": spec([17, 7, 9], [
         "conv2d: {out_channels: 20, kernel_size: 3, padding: 1, bias: false}",
         "relu",
         "conv2d: {out_channels: 32, kernel_size: 3}",
+        "conv2d: {out_channels: 32, kernel_size: 3, padding: 1, groups: 4, bias: false}",
         "flatten",
         "linear: {out_features: 3}",
     ], name="san_wino"),

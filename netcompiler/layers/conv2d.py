@@ -118,6 +118,9 @@ class Conv2d(WeightLayer):
             dwg = dict(DWG_MB=mb, DWG_KB=kb, DWG_K_MAIN=k - k % kb, DWG_K_TAIL=k % kb,
                        DWG_TAPS=[(ic * hp + ky * o["dilation"][0]) * wp + kx * o["dilation"][1]
                                  for ic in range(cin // g) for ky in range(kh) for kx in range(kw)])
+        tail = dot_tail(gemm, gather is not None, (cin // g) * kh, kw, o["dilation"][1])
+        if tail:
+            tail["TAIL_OFF"] = [tap0(p, ow, o["stride"][0], o["stride"][1], wp) for p in range(gemm["N_FULL"], oh * ow)]
         return dict(
             CIN=cin, H=h, W=w, COUT=cout, OH=oh, OW=ow,
             KH=kh, KW=kw, SH=o["stride"][0], SW=o["stride"][1],
@@ -126,7 +129,9 @@ class Conv2d(WeightLayer):
             PADDED=padded, HP=hp, WP=wp, XPAD_OFF=xpad_off, SCRATCH=scratch, **gemm,
             WINO=bool(wino), **wino, ROW_COL2IM=row_col2im, W_FULL=w - w % VEC,
             GATHER=gather is not None, GATHER_START=gather and gather[0], GATHER_LANES=gather and gather[1],
-            GATHER_DW=bool(dwg), **dwg,
+            GATHER_DW=bool(dwg), **dwg, DOT_TAIL=bool(tail), **tail,
+            # a partial last block of pixels needs only this many of its vectors
+            NV_TAIL=-(-(oh * ow - gemm["N_FULL"]) // VEC),
         )
 
     def scratch(self, layer: Layer) -> int:
@@ -208,12 +213,17 @@ def winograd_blocking(cin: int, cout: int, oh: int, ow: int) -> dict:
                 WG_V_OFF=0, WG_YT_OFF=0, WG_M_OFF=a, WG_XT_OFF=a, WG_SCRATCH=a + b)
 
 
+def tap0(p: int, ow: int, sh: int, sw: int, wp: int) -> int:
+    """Where output pixel p reads its tap 0 in its group's (padded) input planes, WP wide."""
+    return (p // ow) * sh * wp + (p % ow) * sw
+
+
 def pixel_gather(oh: int, ow: int, sh: int, sw: int, wp: int, np_: int) -> tuple[list, list] | None:
     """The forward's im2col on the fly: the input taps of VEC output pixels, for one tap, as
     one shuffle of two vectors loaded from the (padded) input rows.
 
-    Output pixel p = oy * OW + ox reads tap 0 at off(p) = oy * SH * WP + ox * SW of its group's
-    input planes (WP wide), and tap (ic, ky, kx) at that plus a constant.  Per vector of pixels
+    Output pixel p = oy * OW + ox reads tap 0 at off(p) = tap0(p) = oy * SH * WP + ox * SW of its
+    group's input planes (WP wide), and tap (ic, ky, kx) at that plus a constant.  Per vector of pixels
     from p0: start = where the 2 x VEC reals loaded begin, lanes = off(p) - start.  The pixels
     past the last real one (padding of the last block) repeat it, and the last vectors start
     early enough that no load passes the last input a real pixel reads.  None when some vector
@@ -223,8 +233,7 @@ def pixel_gather(oh: int, ow: int, sh: int, sw: int, wp: int, np_: int) -> tuple
         return None
 
     def off(p: int) -> int:
-        p = min(p, n - 1)
-        return (p // ow) * sh * wp + (p % ow) * sw
+        return tap0(min(p, n - 1), ow, sh, sw, wp)
 
     end = off(n - 1) + 1  # one past the last input tap 0 reads
     if end < 2 * VEC:
@@ -238,6 +247,29 @@ def pixel_gather(oh: int, ow: int, sh: int, sw: int, wp: int, np_: int) -> tuple
         starts.append(start)
         lanes.append(idx)
     return starts, lanes
+
+
+def dot_tail(gemm: dict, gather: bool, rows: int, kw: int, dw: int) -> dict:
+    """The last R < VEC pixels of a gathered forward as dot products over vectors of taps,
+    instead of one more vector of pixels (VEC - R lanes of it padding) for every channel.
+
+    Each of the R pixels gets a row of its K taps (an im2row of R rows, KT reals each); the
+    weight rows are read as they are, so a row's last vector is the weights' last VEC reals
+    and the taps row puts its last K % VEC taps in the top lanes of its last vector, zeros
+    below.  OB channels x R pixels accumulate together and one vsum16 reduces them.
+    Taken when it costs (FMAs + the row copies + the reductions) under 70% of the vector
+    it replaces (M x K FMAs): few tail pixels, many channels, K >= VEC."""
+    m, k, n, n_full = gemm["M"], gemm["K"], gemm["N"], gemm["N_FULL"]
+    r = n - n_full
+    if not gather or gemm["NV"] != 1 or r == 0 or k < VEC:
+        return {}
+    ob = _largest_divisor(m, VEC // r) if r <= VEC // 2 else 1
+    kt = _round_up(k, VEC)
+    copies = r * rows * (2 if dw == 1 else kw)  # a row of KW taps: a memcpy of two moves or so
+    cost = m * r * (kt // VEC) + copies + 40 * -(-m // ob)
+    if cost >= 0.7 * m * k:
+        return {}
+    return dict(TAIL_R=r, TAIL_OB=ob, TAIL_KT=kt, TAIL_KFULL=k - k % VEC, TAIL_SHIFT=(VEC - k % VEC) % VEC)
 
 
 def conv_gemm_blocking(m: int, k: int, n: int) -> dict:
