@@ -96,6 +96,13 @@ def loadavg() -> str:
         return "n/a"
 
 
+def fastcall_state() -> str:
+    """How Net.forward reaches C: netcompiler's fastcall extension, or cffi when it does not build."""
+    from netcompiler.build import load_fastcall
+
+    return "fastcall extension" if load_fastcall() is not None else "cffi (the fastcall extension did not build)"
+
+
 def cc_version() -> str:
     from netcompiler.build import compiler, compiler_version
 
@@ -493,7 +500,7 @@ def report(results: dict, args) -> str:
     L.append(f"netcompiler benchmark: {env['cpu']}, {env['cores']} core(s) available, Python {env['python']}, "
              f"numpy {env['numpy']}, torch {env['torch'] or ('skipped' if args.no_torch else 'not installed')}, "
              f"onnxruntime {env['onnxruntime'] or '-'}")
-    L.append(f"C compiler: {env['cc']}; netc flags: {' '.join(env['flags'])}")
+    L.append(f"C compiler: {env['cc']}; netc flags: {' '.join(env['flags'])}; Net.forward: {env.get('fastcall')}")
     L.append(f"timing: warm-up {args.warmup:g} s, then median of {args.reps} repetitions of >= {args.min_time:g} s "
              f"each ({'thread CPU time for 1-thread runs, wall time otherwise' if args.clock == 'cpu' else 'wall time'}); load average {env['loadavg_start']} at start, {env['loadavg_end']} at end "
              f"(other load on the {env['cores']} cores makes numbers noisy, multi-thread ones most)")
@@ -558,7 +565,8 @@ def report(results: dict, args) -> str:
             rows.append([r["name"], str(T), f1(nf), f1(nc_), f1(tt), f1(oo) if "onnx" in i else "skipped",
                          fx(ratio(tt, nf)), fx(ratio(oo, nf)), f1(g), pct(100 * g / (T * peak1))])
     L += table(head, rows, left=1)
-    L.append("netc forward = Net.forward (input checks + output copy); netc C call = NAME_forward alone; "
+    L.append("netc forward = Net.forward (input checks + output copy; in C when the fastcall extension builds); "
+             "netc C call = NAME_forward called through cffi (its call overhead, about 0.3 us, included); "
              "ratios > 1 mean netc is faster")
     for r in results["nets"]:
         if r.get("onnx_note"):
@@ -703,7 +711,7 @@ def main(argv=None) -> int:
                                clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
     env = {"cpu": cpu_name(), "cores": available_cores(), "python": platform.python_version(), "numpy": np.__version__,
            "torch": torch.__version__ if torch else None, "onnxruntime": ort.__version__ if ort else None,
-           "cc": cc_version(), "flags": args.flags, "loadavg_start": loadavg(),
+           "cc": cc_version(), "flags": args.flags, "fastcall": fastcall_state(), "loadavg_start": loadavg(),
            "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))}}
     bench = Bench(args, torch, ort)
     nets = [bench.run_net(n) for n in args.nets]

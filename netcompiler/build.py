@@ -64,6 +64,52 @@ def cache_dir() -> Path:
     return Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "netcompiler"
 
 
+FASTCALL_SOURCE = Path(__file__).resolve().parent / "fastcall.c"
+
+
+@functools.lru_cache(maxsize=None)
+def load_fastcall():
+    """The `netcompiler_fastcall` extension module (Net.forward's fast path, fastcall.c), or
+    None when it cannot be built here (no Python or numpy headers, no compiler) or
+    NETC_NO_FASTCALL is set; Net.forward then keeps its cffi path.  Built once per source,
+    interpreter, numpy and compiler version, in the cache, like the networks."""
+    if os.environ.get("NETC_NO_FASTCALL"):
+        return None
+    import importlib.machinery
+    import importlib.util
+    import sys
+    import sysconfig
+
+    import numpy
+
+    try:
+        cc = compiler()
+        source = FASTCALL_SOURCE.read_text()
+        includes = [sysconfig.get_paths()["include"], numpy.get_include()]
+        key = hashlib.sha256("\0".join([source, sys.version, numpy.__version__, compiler_version(cc), *includes])
+                             .encode()).hexdigest()[:20]
+        directory = cache_dir() / f"fastcall-{key}"
+        so_path = directory / f"netcompiler_fastcall{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+        if not so_path.exists():
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp_so = tempfile.mkstemp(dir=directory, prefix=".fastcall.", suffix=".so")
+            os.close(fd)
+            cmd = [cc, "-std=c11", "-O2", "-fPIC", "-shared", *WARNINGS, *(f"-I{i}" for i in includes),
+                   "-o", tmp_so, str(FASTCALL_SOURCE)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                Path(tmp_so).unlink(missing_ok=True)
+                return None
+            os.chmod(tmp_so, EXEC_MODE)
+            os.replace(tmp_so, so_path)
+        spec = importlib.util.spec_from_file_location("netcompiler_fastcall", so_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except (OSError, ImportError, BuildError, subprocess.TimeoutExpired):
+        return None
+
+
 @dataclass
 class Built:
     c_path: Path

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .build import load_fastcall
 from .check import Network
 from .errors import WeightsError
 from .render import Rendered
@@ -65,6 +66,7 @@ class Net:
                            ("cache", self._cache)):
             self._bind(field, arr)
         self._capacity = 0
+        self._fast_forward = None  # set by _reserve when the fastcall extension builds here
         self._threads = 0
         self.threads = threads or available_cores()
         self._optim = ffi.new(f"{self.name}_optim *")
@@ -90,6 +92,14 @@ class Net:
         self._bind("acts", self._acts)
         off = p.out_offset
         self._out_view = self._acts[:, off:off + p.out_size]  # the outputs (logits) of every sample
+        fastcall = load_fastcall()
+        if fastcall is not None:  # forward's checks and call in C, bound to these activations
+            ffi = self._ffi
+            self._fast_forward = fastcall.Forward(
+                fn=int(ffi.cast("uintptr_t", self._c.forward)), ctx=int(ffi.cast("uintptr_t", self._ctx)),
+                outs=self._out_view.ctypes.data, stride=self._acts.strides[0], dtype=self.dtype, capacity=n,
+                in_shape=self._in_shape, out_shape=tuple(p.net.output_shape),
+                keep=(self._lib, self._ctx, self._keep, self._acts)).run  # _keep: the arrays ctx points into
         self._bind("dacts", self._dacts)
         self._bind("ints", self._ints)
         self._capacity = self._ctx.capacity = n
@@ -276,6 +286,8 @@ class Net:
 
     def forward(self, x: Any) -> np.ndarray:
         """Evaluation-mode forward: (N, *input_shape) -> (N, *output_shape) outputs (logits)."""
+        if self._fast_forward is not None and (out := self._fast_forward(x)) is not None:
+            return out  # fastcall.c: x passed the same checks as below, in C
         if (type(x) is np.ndarray and x.dtype == self.dtype and x.flags.c_contiguous
                 and x.shape[1:] == self._in_shape and 1 <= (n := x.shape[0]) <= self._capacity):
             # the common case in line: an array check_x passes as it is, and activations reserved
