@@ -118,7 +118,7 @@ class Conv2d(WeightLayer):
             dwg = dict(DWG_MB=mb, DWG_KB=kb, DWG_K_MAIN=k - k % kb, DWG_K_TAIL=k % kb,
                        DWG_TAPS=[(ic * hp + ky * o["dilation"][0]) * wp + kx * o["dilation"][1]
                                  for ic in range(cin // g) for ky in range(kh) for kx in range(kw)])
-        tail = dot_tail(gemm, gather is not None, (cin // g) * kh, kw, o["dilation"][1])
+        tail = dot_tail(gemm, gather is not None)
         if tail:
             tail["TAIL_OFF"] = [tap0(p, ow, o["stride"][0], o["stride"][1], wp) for p in range(gemm["N_FULL"], oh * ow)]
         return dict(
@@ -249,7 +249,7 @@ def pixel_gather(oh: int, ow: int, sh: int, sw: int, wp: int, np_: int) -> tuple
     return starts, lanes
 
 
-def dot_tail(gemm: dict, gather: bool, rows: int, kw: int, dw: int) -> dict:
+def dot_tail(gemm: dict, gather: bool) -> dict:
     """The last R < VEC pixels of a gathered forward as dot products over vectors of taps,
     instead of one more vector of pixels (VEC - R lanes of it padding) for every channel.
 
@@ -257,16 +257,16 @@ def dot_tail(gemm: dict, gather: bool, rows: int, kw: int, dw: int) -> dict:
     weight rows are read as they are, so a row's last vector is the weights' last VEC reals
     and the taps row puts its last K % VEC taps in the top lanes of its last vector, zeros
     below.  OB channels x R pixels accumulate together and one vsum16 reduces them.
-    Taken when it costs (FMAs + the row copies + the reductions) under 70% of the vector
-    it replaces (M x K FMAs): few tail pixels, many channels, K >= VEC."""
+    Taken when it costs under 70% of the vector it replaces (M x K FMAs), counting its FMAs,
+    half a cycle per tap copied (lenet5's conv2: 600 taps in 0.09 us) and about 40 per
+    vsum16 (15 adds, 30 shuffles): few tail pixels, many channels, K >= VEC."""
     m, k, n, n_full = gemm["M"], gemm["K"], gemm["N"], gemm["N_FULL"]
     r = n - n_full
     if not gather or gemm["NV"] != 1 or r == 0 or k < VEC:
         return {}
     ob = _largest_divisor(m, VEC // r) if r <= VEC // 2 else 1
     kt = _round_up(k, VEC)
-    copies = r * rows * (2 if dw == 1 else kw)  # a row of KW taps: a memcpy of two moves or so
-    cost = m * r * (kt // VEC) + copies + 40 * -(-m // ob)
+    cost = m * r * (kt // VEC) + r * k / 2 + 40 * -(-m // ob)
     if cost >= 0.7 * m * k:
         return {}
     return dict(TAIL_R=r, TAIL_OB=ob, TAIL_KT=kt, TAIL_KFULL=k - k % VEC, TAIL_SHIFT=(VEC - k % VEC) % VEC)
