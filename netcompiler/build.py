@@ -92,22 +92,32 @@ def load_fastcall():
         so_path = directory / f"netcompiler_fastcall{importlib.machinery.EXTENSION_SUFFIXES[0]}"
         if not so_path.exists():
             directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp_so = tempfile.mkstemp(dir=directory, prefix=".fastcall.", suffix=".so")
-            os.close(fd)
-            cmd = [cc, "-std=c11", "-O2", "-fPIC", "-shared", *WARNINGS, *(f"-I{i}" for i in includes),
-                   "-o", tmp_so, str(FASTCALL_SOURCE)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if proc.returncode != 0:
-                Path(tmp_so).unlink(missing_ok=True)
-                return None
-            os.chmod(tmp_so, EXEC_MODE)
-            os.replace(tmp_so, so_path)
+            compile_shared(cc, ["-std=c11", "-O2", *WARNINGS, *(f"-I{i}" for i in includes)], FASTCALL_SOURCE,
+                           so_path, f"netcompiler's extension {FASTCALL_SOURCE}")
         spec = importlib.util.spec_from_file_location("netcompiler_fastcall", so_path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
-    except (OSError, ImportError, BuildError, subprocess.TimeoutExpired):
+    except (OSError, ImportError, BuildError):
         return None
+
+
+def compile_shared(cc: str, args: list[str], c_path: Path, so_path: Path, what: str) -> None:
+    """`cc args -fPIC -shared c_path -lm` into so_path, through a temporary file renamed into
+    place, so concurrent builds both succeed; BuildError (naming `what`) when it fails."""
+    fd, tmp_so = tempfile.mkstemp(dir=so_path.parent, prefix=f".{so_path.stem}.", suffix=".so")
+    os.close(fd)
+    cmd = [cc, *args, "-fPIC", "-shared", "-o", tmp_so, str(c_path), "-lm"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        Path(tmp_so).unlink(missing_ok=True)
+        raise BuildError(f"compiling {c_path} failed: {exc}") from None
+    if proc.returncode != 0:
+        Path(tmp_so).unlink(missing_ok=True)
+        raise BuildError(f"the C compiler failed on {what} (command: {shlex.join(cmd)}):\n{proc.stderr.strip()}")
+    os.chmod(tmp_so, EXEC_MODE)  # mkstemp made it 0600
+    os.replace(tmp_so, so_path)
 
 
 @dataclass
@@ -135,19 +145,6 @@ def compile_rendered(rendered: Rendered, out_dir: Path | None = None, flags: lis
         return Built(c_path, h_path, so_path, flags, cached=True)
     atomic_write_text(c_path, rendered.source)
     atomic_write_text(h_path, rendered.header)
-    fd, tmp_so = tempfile.mkstemp(dir=directory, prefix=f".{rendered.name}.", suffix=".so")
-    os.close(fd)
-    cmd = [cc, *flags, "-fPIC", "-shared", "-o", tmp_so, str(c_path), "-lm"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        Path(tmp_so).unlink(missing_ok=True)
-        raise BuildError(f"compiling {c_path} failed: {exc}") from None
-    if proc.returncode != 0:
-        Path(tmp_so).unlink(missing_ok=True)
-        raise BuildError(f"the C compiler failed on generated file {c_path} (command: {shlex.join(cmd)}):\n"
-                         f"{proc.stderr.strip()}")
-    os.chmod(tmp_so, EXEC_MODE)  # mkstemp made it 0600
-    os.replace(tmp_so, so_path)
+    compile_shared(cc, flags, c_path, so_path, f"generated file {c_path}")
     atomic_write_text(stamp, key)
     return Built(c_path, h_path, so_path, flags, cached=False)
