@@ -46,8 +46,6 @@ class Net:
         # the C entry points, looked up once
         self._c = types.SimpleNamespace(**{f: getattr(lib, f"{self.name}_{f}") for f in (
             "forward", "backward", "zero_grad", "train_step", "train_batches")})
-        # what forward's batch-1 fast path uses, bound once (each lookup costs it ~50 ns)
-        self._c_forward, self._from_buffer, self._real_arr = self._c.forward, ffi.from_buffer, self._real_t + "[]"
         P = self.plan.num_params
         self._params = np.zeros(max(P, 1), self.dtype)
         self._grads = np.zeros_like(self._params)
@@ -287,15 +285,7 @@ class Net:
     def forward(self, x: Any) -> np.ndarray:
         """Evaluation-mode forward: (N, *input_shape) -> (N, *output_shape) outputs (logits)."""
         if self._fast_forward is not None and (out := self._fast_forward(x)) is not None:
-            return out  # fastcall.c: x passed the same checks as below, in C
-        if (type(x) is np.ndarray and x.dtype == self.dtype and x.flags.c_contiguous
-                and x.shape[1:] == self._in_shape and 1 <= (n := x.shape[0]) <= self._capacity):
-            # the common case in line: an array check_x passes as it is, and activations reserved
-            # for n samples (batch-1 inference feels every call and lookup: 0.3 us of 13.4)
-            if self._c_forward(self._ctx, self._from_buffer(self._real_arr, x), self._ffi.NULL, n, 0):
-                raise RuntimeError(f"{self.name}_forward failed")  # pragma: no cover - sizes checked
-            out = self._out_view[:n].copy()
-            return out if self._flat_output else out.reshape(n, *self.network.output_shape)
+            return out  # fastcall.c: an array check_x would pass as it is, checked and run in C
         x = self.check_x(x)
         return self._outputs(self._forward(x, training=False))
 
