@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import sys
 
@@ -117,6 +118,21 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout
         return 0
+    except OSError as exc:  # a file or directory that cannot be read or written: full disk, read-only, ...
+        print(f"netc: error: {os_error_text(exc)}", file=sys.stderr)
+        return 1
+
+
+def os_error_text(exc: OSError) -> str:
+    """One line for an OSError: the path(s), what went wrong, and a hint for the common cases."""
+    what = exc.strerror or str(exc)
+    hint = {errno.ENOTDIR: " (a file is in the way: a directory is needed there)",
+            errno.EEXIST: " (a file is in the way: a directory is needed there)",
+            errno.ENOSPC: " (free some space; files written before are intact)",
+            errno.EROFS: " (choose a writable location)",
+            errno.EACCES: " (choose another location or change its permissions)"}.get(exc.errno, "")
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    return f"{paths}: {what}{hint}" if paths else f"{what}{hint}"
 
 
 if __name__ == "__main__":

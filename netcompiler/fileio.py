@@ -18,10 +18,15 @@ EXEC_MODE = 0o777 & ~_umask()  # what a compiler gives the libraries it links
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call `write(binary_file)` on a temporary file next to `path`, then rename it over `path`."""
+    """Call `write(binary_file)` on a temporary file next to `path`, then rename it over `path`.
+    An OSError (full disk, read-only directory) leaves `path` as it was and names `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        exc.filename = str(path)  # not the temporary name nobody asked for
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -29,8 +34,10 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (None, tmp):
+            exc.filename, exc.filename2 = str(path), None
         raise
 
 
