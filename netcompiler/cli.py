@@ -9,7 +9,7 @@ import sys
 from . import __version__
 from .check import DEFAULT_MEMORY_BUDGET, load
 from .errors import NetcError, SpecErrors
-from .layers import fmt_shape
+from .layers import did_you_mean, fmt_shape
 
 
 def parse_bytes(text: str) -> int:
@@ -36,6 +36,58 @@ def int_at_least(minimum: int):
 
 
 positive_int = int_at_least(1)
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    """' (did you mean ...?)' for a mistyped option or command: an option whose letters are the
+    initials of the word's parts (--learning-rate -> --lr), else the closest spelling."""
+    parts = [w for w in re.split(r"[-_]", word.lstrip("-")) if w]
+    initials = "-" * (len(word) - len(word.lstrip("-"))) + "".join(w[0] for w in parts)
+    if len(parts) > 1 and initials in choices:
+        return f" (did you mean '{initials}'?)"
+    return did_you_mean(word, choices)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a "did you mean" for a mistyped command or option, and an unknown option
+    reported with the usage of the command it was given to."""
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        commands = self._commands()
+        first = next((a for a in args if not a.startswith("-")), None)
+        if commands is not None and first is not None and first not in commands.choices:
+            self.error(f"unknown command '{first}'{_suggest(first, list(commands.choices))}; commands: "
+                       f"{', '.join(commands.choices)}")
+        if commands is not None and first is not None:  # before argparse, which may stop at a missing argument
+            parser = commands.choices[first]
+            rest = args[args.index(first) + 1:]
+            self._unknown_options(parser, [a for a in rest[:rest.index("--") if "--" in rest else None]
+                                           if a.startswith("-") and not re.match(r"-\.?\d", a)])
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = commands.choices[ns.command] if commands is not None else self
+            self._unknown_options(parser, [a for a in extras if a.startswith("-")])
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+    @staticmethod
+    def _unknown_options(parser: argparse.ArgumentParser, tokens: list[str]) -> None:
+        """parser.error naming each token that is none of parser's options (nor, for a long option,
+        the start of exactly one), with a suggestion."""
+        options = [o for a in parser._actions for o in a.option_strings]
+        unknown = []
+        for t in tokens:
+            name = t.split("=", 1)[0] if t.startswith("--") else t[:2]
+            if name not in options and not (name.startswith("--") and
+                                            sum(o.startswith(name) for o in options) == 1):
+                unknown.append(name)
+        if unknown:
+            parser.error(f"unrecognized option{'s' if len(unknown) > 1 else ''} " +
+                         ", ".join(f"'{f}'{_suggest(f, options)}" for f in unknown))
+
+    def _commands(self) -> argparse._SubParsersAction | None:
+        return next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
 
 
 def _spec_args(p: argparse.ArgumentParser, many: bool = False) -> None:
@@ -73,8 +125,8 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="netc", description="netcompiler: check, report, build and train neural "
-                                "networks written as YAML specs.")
+    p = Parser(prog="netc", description="netcompiler: check, report, build and train neural networks written "
+                                        "as YAML specs.")
     p.add_argument("--version", action="version", version=f"netc {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

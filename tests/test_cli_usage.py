@@ -1,0 +1,58 @@
+"""The argument parser: mistyped commands and options, and the help of every argument."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from netcompiler.cli import build_parser, main
+
+
+def usage_error(capsys, *argv: str) -> tuple[list[str], str]:
+    """-> (stderr lines, the error line) of a command line argparse refuses (exit status 2)."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    lines = captured.err.rstrip("\n").splitlines()
+    return lines, lines[-1]
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["train", "specs/lenet5.yaml", "--data", "fashion-mnist", "--learning-rate", "0.1"],
+     "netc train: error: unrecognized option '--learning-rate' (did you mean '--lr'?)"),
+    (["train", "specs/lenet5.yaml", "--data", "fashion-mnist", "--learning_rate=0.1"],
+     "netc train: error: unrecognized option '--learning_rate' (did you mean '--lr'?)"),
+    (["train", "specs/lenet5.yaml", "--data", "fashion-mnist", "--batchsize", "8"],
+     "netc train: error: unrecognized option '--batchsize' (did you mean '--batch-size'?)"),
+    # a missing required option (--data) does not hide the misspelt one
+    (["train", "specs/lenet5.yaml", "--batchsize", "8"],
+     "netc train: error: unrecognized option '--batchsize' (did you mean '--batch-size'?)"),
+    (["check", "--quite", "specs/lenet5.yaml"],
+     "netc check: error: unrecognized option '--quite' (did you mean '--quiet'?)"),
+    (["eval", "s.yaml", "w.npz", "--data", "d", "--zzz", "2", "--splt", "train"],
+     "netc eval: error: unrecognized options '--zzz', '--splt' (did you mean '--split'?)"),
+])
+def test_unknown_option_gets_the_command_usage_and_a_suggestion(capsys, argv, error):
+    lines, last = usage_error(capsys, *argv)
+    assert last == error
+    assert lines[0].startswith(f"usage: netc {argv[0]} ")  # the command's usage, not netc's
+    assert sum("error:" in l for l in lines) == 1
+
+
+def test_misspelt_command(capsys):
+    lines, last = usage_error(capsys, "trian", "specs/lenet5.yaml")
+    assert last.startswith("netc: error: unknown command 'trian' (did you mean 'train'?); commands: check, report")
+    lines, last = usage_error(capsys, "frobnicate")
+    assert "did you mean" not in last and "commands: check, report, build" in last
+
+
+def test_valid_command_lines_still_parse():
+    p = build_parser()
+    a = p.parse_args(["train", "s.yaml", "--data", "d", "--batch", "8", "--lr=.5", "--seed", "0", "--no-prog"])
+    assert (a.batch_size, a.lr, a.no_progress) == (8, 0.5, True)  # unique prefixes are argparse's abbreviations
+    a = p.parse_args(["verify", "s.yaml", "--seed", "-3"])  # a negative number is a value, not an option
+    assert a.seed == -3
+    a = p.parse_args(["build", "-obuild/x", "s.yaml"])
+    assert a.out == "build/x"
