@@ -36,7 +36,7 @@ TRAIN_KEYS: dict[str, tuple[str, Any]] = {
     "mean": ("float", None),
     "std": ("float", None),
 }
-OPTIMIZERS = ("sgd", "momentum", "adam")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")  # adam and adamw: one optimizer (see runtime.Net.set_optimizer)
 C_RESERVED = set(
     """auto break case char const continue default do double else enum extern float for goto if
     inline int long register restrict return short signed sizeof static struct switch typedef union

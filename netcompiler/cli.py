@@ -7,7 +7,7 @@ import re
 import sys
 
 from . import __version__
-from .check import DEFAULT_MEMORY_BUDGET, load
+from .check import DEFAULT_MEMORY_BUDGET, OPTIMIZERS, load
 from .errors import NetcError, SpecErrors
 from .layers import did_you_mean, fmt_shape
 
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=["text", "markdown", "json", "csv"], default="text")
     r.add_argument("--batch-size", type=positive_int, default=64, help="batch size for training memory (64)")
     r.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    r.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="adam",
+    r.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="optimizer whose state counts in training memory (adam)")
     r.set_defaults(func=cmd_report)
 

@@ -22,7 +22,12 @@ NORMALISATION_HELP = (
     "'__meta__/std').  eval and predict use, in this order: the values inside WEIGHTS, normalization.json "
     "next to WEIGHTS, the spec's train: section; else no normalisation.")
 THREADS_HELP = "threads of the C code (default: all available cores)"
-
+OPTIMIZER_HELP = (
+    "sgd: torch.optim.SGD without momentum; momentum: torch.optim.SGD with --momentum; both add "
+    "--weight-decay * p to the gradient (L2).  adam and adamw: two names of one optimizer, torch.optim.AdamW "
+    "(betas 0.9, 0.999, eps 1e-8): weight decay decoupled, p *= 1 - lr * wd before each Adam step; that is "
+    "not torch.optim.Adam, which adds the decay to the gradient (with --weight-decay 0 the two agree).  "
+    "Default {}")
 
 def _nonneg_float(text: str) -> float:
     try:
@@ -64,7 +69,7 @@ def register(sub) -> None:
     t.add_argument("--epochs", metavar="N", type=positive_int, help=f"number of epochs (default {d['epochs']})")
     t.add_argument("--batch-size", metavar="N", type=positive_int,
                    help=f"samples per batch (default {d['batch_size']})")
-    t.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer (default {d['optimizer']})")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, help=OPTIMIZER_HELP.format(d["optimizer"]))
     t.add_argument("--lr", metavar="X", type=_nonneg_float, help=f"learning rate (default {d['lr']:g})")
     t.add_argument("--momentum", metavar="X", type=_nonneg_float,
                    help=f"momentum of --optimizer momentum (default {d['momentum']})")

@@ -26,7 +26,7 @@ from .check import Network
 from .layers import Layer, fmt_shape
 from .plan import fused_relus
 
-OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "adam": 2}  # state tensors per parameter
+OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state tensors per parameter
 
 
 def dtype_bytes(dtype: str) -> int:

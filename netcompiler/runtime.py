@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 
 from .build import load_fastcall
-from .check import Network
+from .check import OPTIMIZERS, Network
 from .errors import WeightsError
 from .render import Rendered
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
-OPTIMIZERS = ("sgd", "momentum", "adam")
 MAX_BATCH = 2**31 - 1
 
 
@@ -163,7 +162,9 @@ class Net:
     def set_optimizer(self, kind: str = "adam", lr: float = 1e-3, momentum: float = 0.9,
                       weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                       eps: float = 1e-8) -> None:
-        """sgd (plain), momentum (SGD with momentum), adam (AdamW-style decoupled decay)."""
+        """sgd: torch.optim.SGD without momentum; momentum: torch.optim.SGD with `momentum` (both
+        add weight_decay * p to the gradient); adam and adamw, two names of one optimizer:
+        torch.optim.AdamW (decoupled decay: p *= 1 - lr * weight_decay, then the Adam step)."""
         if kind not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
         for what, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps),
@@ -173,7 +174,7 @@ class Net:
         if getattr(self, "optimizer", kind) != kind:
             self.reset_optimizer()  # another optimizer's moments are not this one's state
         o = self._optim
-        o.kind = 1 if kind == "adam" else 0
+        o.kind = 1 if kind in ("adam", "adamw") else 0
         o.lr, o.weight_decay, o.eps = float(lr), float(weight_decay), float(eps)
         o.momentum = float(momentum) if kind == "momentum" else 0.0
         o.beta1, o.beta2 = float(betas[0]), float(betas[1])

@@ -129,3 +129,13 @@ def test_memory_budget_flag():
 
 def test_report_on_missing_file_is_clean(tmp_path):
     assert_clean_failure(netc("report", tmp_path / "nope.yaml"), "cannot read spec")
+
+
+def test_adamw_in_the_train_section(tmp_path):
+    spec = tmp_path / "w.yaml"
+    spec.write_text("input: [4]\nlayers:\n  - linear: {out_features: 2}\nloss: mse\ntrain: {optimizer: adamw, weight_decay: 0.01}\n")
+    r = netc("check", "-q", spec)
+    assert r.returncode == 0, r.stderr
+    spec.write_text(spec.read_text().replace("adamw", "adamx"))
+    assert_clean_failure(netc("check", spec), "train option 'optimizer' must be one of sgd, momentum, adam, adamw, "
+                                              "got 'adamx'")

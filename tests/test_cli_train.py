@@ -314,3 +314,20 @@ def test_help_explains_normalisation(capsys):
         assert exc.value.code == 0
         text = " ".join(capsys.readouterr().out.split())
         assert "normalization.json" in text and "__meta__/mean" in text
+
+
+# ---- optimizers -----------------------------------------------------------------------------------
+def test_adamw_trains_as_adam_and_resumes(tmp_path, capsys):
+    spec, data = make_case(tmp_path)
+    common = ["train", spec, "--data", data, "--threads", 1, "--weight-decay", 0.1]
+    rc, out, err = netc(capsys, *common, "--optimizer", "adam", "--epochs", 2, "--out", tmp_path / "adam")
+    assert rc == 0, err
+    rc, out, err = netc(capsys, *common, "--optimizer", "adamw", "--epochs", 1, "--out", tmp_path / "adamw")
+    assert rc == 0, err
+    assert "; adamw lr 0.01 weight decay 0.1," in out
+    rc, out, err = netc(capsys, *common, "--optimizer", "adamw", "--epochs", 2, "--out", tmp_path / "adamw",
+                        "--resume")
+    assert rc == 0, err
+    ckpt = tmp_path / "adamw" / "checkpoint.npz"
+    assert W.from_json_array(W.split(W.load_npz(ckpt))[1], "settings", ckpt)["optimizer"] == "adamw"
+    assert_same_weights(tmp_path / "adam", tmp_path / "adamw")

@@ -56,3 +56,13 @@ def test_valid_command_lines_still_parse():
     assert a.seed == -3
     a = p.parse_args(["build", "-obuild/x", "s.yaml"])
     assert a.out == "build/x"
+
+
+def test_optimizer_help_says_what_each_optimizer_is(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{sgd,momentum,adam,adamw}" in text
+    assert "sgd: torch.optim.SGD without momentum" in text
+    assert "adam and adamw: two names of one optimizer, torch.optim.AdamW" in text
+    assert "not torch.optim.Adam" in text

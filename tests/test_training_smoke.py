@@ -77,6 +77,8 @@ OPTIMIZERS = {
                                   lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01)),
     "adamw": (dict(kind="adam", lr=0.01, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8),
               lambda p: torch.optim.AdamW(p, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)),
+    "adamw_name": (dict(kind="adamw", lr=0.01, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8),
+                   lambda p: torch.optim.AdamW(p, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)),
     "adam_betas": (dict(kind="adam", lr=0.003, weight_decay=0.0, betas=(0.8, 0.99), eps=1e-8),
                    lambda p: torch.optim.AdamW(p, lr=0.003, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.0)),
 }
