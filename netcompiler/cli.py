@@ -11,6 +11,10 @@ from .check import DEFAULT_MEMORY_BUDGET, OPTIMIZERS, load
 from .errors import NetcError, SpecErrors
 from .layers import did_you_mean, fmt_shape
 
+FORMAT_HELP = "output format (default text)"
+DTYPE_HELP = "floating-point type (real_t) of the generated C code (default float32)"
+THREADS_HELP = "threads of the C code (default: all available cores)"
+
 
 def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", text, re.I)
@@ -137,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="per-layer parameters, MACs, FLOPs and memory")
     _spec_args(r)
-    r.add_argument("--format", choices=["text", "markdown", "json", "csv"], default="text")
+    r.add_argument("--format", choices=["text", "markdown", "json", "csv"], default="text", help=FORMAT_HELP)
     r.add_argument("--batch-size", type=positive_int, default=64, help="batch size for training memory (64)")
-    r.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    r.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="size of the reals counted in memory (default float32)")
     r.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="optimizer whose state counts in training memory (adam)")
     r.set_defaults(func=cmd_report)

@@ -114,30 +114,35 @@ def cmd_verify(args) -> int:
 
 
 def register(sub) -> None:
-    from .cli import positive_int
+    from .cli import DTYPE_HELP, THREADS_HELP, positive_int
 
     b = sub.add_parser("build", help="generate C and compile it: DIR/NAME.c, NAME.h, NAME.so")
-    b.add_argument("spec")
+    b.add_argument("spec", help="network spec (YAML) to build")
     b.add_argument("-o", "--out", metavar="DIR", help="output directory (default build/NAME)")
-    b.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="real_t of the build")
+    b.add_argument("--dtype", choices=["float32", "float64"], default="float32", help=DTYPE_HELP)
     b.add_argument("--cflags", metavar="FLAGS", help="extra compiler flags, appended to the defaults "
                    "(e.g. --cflags='-O2 -g')")
     b.set_defaults(func=cmd_build)
 
     s = sub.add_parser("show", help="print the generated C (all of it, or one layer's functions)")
-    s.add_argument("spec")
+    s.add_argument("spec", help="network spec (YAML) whose C code to print")
     s.add_argument("--layer", metavar="NAME", help="only this layer's forward (or backward) functions, helpers included (a fused ReLU: the layer doing its work)")
     s.add_argument("--backward", action="store_true", help="with --layer: the backward functions")
-    s.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    s.add_argument("--dtype", choices=["float32", "float64"], default="float32", help=DTYPE_HELP)
     s.add_argument("--cflags", metavar="FLAGS", help="extra compiler flags, as for build (recorded in the header)")
     s.set_defaults(func=cmd_show)
 
     v = sub.add_parser("verify", help="check outputs and every gradient against PyTorch and finite differences")
-    v.add_argument("spec")
-    v.add_argument("--batch-size", type=positive_int, default=4)
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--samples", type=positive_int, default=6, help="finite-difference checks per tensor (6)")
-    v.add_argument("--threads", type=positive_int, default=None)
-    v.add_argument("--no-torch", action="store_true", help="finite differences only")
+    v.add_argument("spec", help="network spec (YAML) to verify")
+    v.add_argument("--batch-size", type=positive_int, default=4, metavar="N",
+                   help="samples in the random test batch (default 4)")
+    v.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the random batch, the initial parameters, dropout and the finite-difference picks "
+                        "(default 0)")
+    v.add_argument("--samples", type=positive_int, default=6, metavar="N",
+                   help="finite-difference checks per tensor (default 6)")
+    v.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help=THREADS_HELP)
+    v.add_argument("--no-torch", action="store_true", help="finite differences only: do not compare with PyTorch")
     v.set_defaults(func=cmd_verify)
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import weights as W
 from .check import OPTIMIZERS, TRAIN_KEYS, Network, load
-from .cli import int_at_least
+from .cli import DTYPE_HELP, FORMAT_HELP, THREADS_HELP, int_at_least
 from .errors import DataError, NetcError
 from .progress import emit
 
@@ -19,15 +19,18 @@ NORMALISATION_HELP = (
     "Normalisation: inputs are pixels/255 (uint8 images), then (x - mean) / std.  netc train takes mean/std "
     "from the spec's train: section, else computes them on the training images; it records them in "
     "RUN_DIR/normalization.json and inside weights.npz and checkpoint.npz (as '__meta__/mean' and "
-    "'__meta__/std').  eval and predict use, in this order: the values inside WEIGHTS, normalization.json "
-    "next to WEIGHTS, the spec's train: section; else no normalisation.")
-THREADS_HELP = "threads of the C code (default: all available cores)"
+    "'__meta__/std'), where netc eval and netc predict find them.")
+WEIGHTS_HELP = ("weights.npz or checkpoint.npz written by netc train (any .npz with the spec's parameter names "
+                "and shapes).  Inputs are normalised with the mean/std stored inside WEIGHTS, else with those "
+                "of normalization.json next to WEIGHTS, else with the spec's train: section, else not at all "
+                "(how netc train records them: netc train --help)")
 OPTIMIZER_HELP = (
     "sgd: torch.optim.SGD without momentum; momentum: torch.optim.SGD with --momentum; both add "
     "--weight-decay * p to the gradient (L2).  adam and adamw: two names of one optimizer, torch.optim.AdamW "
     "(betas 0.9, 0.999, eps 1e-8): weight decay decoupled, p *= 1 - lr * wd before each Adam step; that is "
     "not torch.optim.Adam, which adds the decay to the gradient (with --weight-decay 0 the two agree).  "
     "Default {}")
+
 
 def _nonneg_float(text: str) -> float:
     try:
@@ -86,21 +89,20 @@ def register(sub) -> None:
     t.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N training images")
     t.add_argument("--pad", action="store_true", default=None,
                    help="zero-pad images smaller than the spec's input (e.g. 28x28 -> 32x32)")
-    t.add_argument("--dtype", choices=["float32", "float64"], help="floating-point type of the C code (float32)")
+    t.add_argument("--dtype", choices=["float32", "float64"], help=DTYPE_HELP)
     t.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="loss, accuracy, per-class accuracy and confusion matrix of weights on a data set",
-                       description="Evaluate WEIGHTS on the test images of --data (or --split train).  "
-                                   + NORMALISATION_HELP)
+                       description="Evaluate WEIGHTS on the test images of --data (or --split train).")
     _model_args(e)
     e.add_argument("--data", required=True, metavar="SRC", help="'fashion-mnist', an IDX directory or an .npz")
     e.add_argument("--split", choices=["test", "train"], default="test",
                    help="which part of the data set (default test)")
     e.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N images")
-    e.add_argument("--format", choices=["text", "json"], default="text")
+    e.add_argument("--format", choices=["text", "json"], default="text", help=FORMAT_HELP)
     e.add_argument("--plot", metavar="FILE.png", help="draw the confusion matrix (needs matplotlib)")
-    e.add_argument("--batch-size", type=positive_int, default=256, help="images per forward call (256)")
+    e.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="images per forward call (256)")
     e.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="class probabilities for .npy arrays or PNG/JPEG images",
@@ -108,24 +110,23 @@ def register(sub) -> None:
                                    "e.g. (1,28,28) or (28,28), or a batch (N,1,28,28) or (N,28,28); uint8 "
                                    "pixels are divided by 255, float arrays are taken on the 0..1 scale) or a "
                                    "PNG/JPEG image (needs Pillow; converted to greyscale, or RGB for 3-channel "
-                                   "specs, and resized to the spec's input).  " + NORMALISATION_HELP)
+                                   "specs, and resized to the spec's input).")
     _model_args(p)
     p.add_argument("files", nargs="+", metavar="FILE", help=".npy, .png, .jpg or .jpeg")
     p.add_argument("--top", type=positive_int, default=3, help="classes to show per input (3)")
     p.add_argument("--raw", action="store_true", help=".npy arrays are network inputs already: no scaling, "
                                                       "no normalisation")
-    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.add_argument("--format", choices=["text", "json"], default="text", help=FORMAT_HELP)
     p.set_defaults(func=cmd_predict)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     from .cli import positive_int
 
-    p.add_argument("spec", help="network spec (YAML)")
-    p.add_argument("weights", help="weights.npz or checkpoint.npz written by netc train (any .npz with the "
-                                   "spec's parameter names and shapes)")
+    p.add_argument("spec", metavar="SPEC", help="network spec (YAML)")
+    p.add_argument("weights", metavar="WEIGHTS", help=WEIGHTS_HELP)
     p.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help=DTYPE_HELP)
 
 
 # ---- train --------------------------------------------------------------------------------

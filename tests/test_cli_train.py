@@ -307,15 +307,6 @@ def test_closed_pipe_is_not_an_error(trained):
     assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
 
 
-def test_help_explains_normalisation(capsys):
-    for cmd in ("train", "eval", "predict"):
-        with pytest.raises(SystemExit) as exc:
-            main([cmd, "--help"])
-        assert exc.value.code == 0
-        text = " ".join(capsys.readouterr().out.split())
-        assert "normalization.json" in text and "__meta__/mean" in text
-
-
 # ---- optimizers -----------------------------------------------------------------------------------
 def test_adamw_trains_as_adam_and_resumes(tmp_path, capsys):
     spec, data = make_case(tmp_path)

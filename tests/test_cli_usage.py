@@ -58,6 +58,19 @@ def test_valid_command_lines_still_parse():
     assert a.out == "build/x"
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_argument_of_every_command_has_help():
+    commands = _subparsers(build_parser())
+    assert {"check", "report", "build", "show", "verify", "train", "eval", "predict"} <= set(commands)
+    missing = [f"{name} {a.option_strings[0] if a.option_strings else a.dest}"
+               for name, p in commands.items() for a in p._actions if not (a.help or "").strip()]
+    assert missing == []
+
+
 def test_optimizer_help_says_what_each_optimizer_is(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -66,3 +79,17 @@ def test_optimizer_help_says_what_each_optimizer_is(capsys):
     assert "sgd: torch.optim.SGD without momentum" in text
     assert "adam and adamw: two names of one optimizer, torch.optim.AdamW" in text
     assert "not torch.optim.Adam" in text
+
+
+def test_normalisation_is_explained_once(capsys):
+    texts = {}
+    for name in _subparsers(build_parser()):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        texts[name] = " ".join(capsys.readouterr().out.split())
+    paragraph = "inputs are pixels/255 (uint8 images), then (x - mean) / std"
+    assert [n for n, t in texts.items() if paragraph in t] == ["train"]
+    assert "'__meta__/mean'" in texts["train"] and "normalization.json" in texts["train"]
+    for name in ("eval", "predict"):  # the order in which they look for it, and where to read more
+        assert "normalised with the mean/std stored inside WEIGHTS, else with those of normalization.json" \
+               in texts[name] and "netc train --help" in texts[name]
