@@ -142,12 +142,39 @@ def cmd_train(args) -> int:
 
 
 # ---- shared by eval and predict ---------------------------------------------------------------
+WEIGHTS_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")  # zip (.npz), empty zip, .npy
+SPEC_SUFFIXES = (".yaml", ".yml")
+
+
+def _magic(path: str) -> bytes | None:
+    """The first bytes of a regular file (None for anything else: the readers say what is wrong)."""
+    try:
+        if not Path(path).is_file():
+            return None
+        with open(path, "rb") as f:
+            return f.read(6)
+    except OSError:
+        return None
+
+
+def _check_order(args) -> None:
+    """A weights file given as SPEC, or a spec as WEIGHTS: say the order instead of failing to decode."""
+    order = f"the order is netc {args.command} SPEC WEIGHTS" + (" FILE..." if args.command == "predict" else " ...")
+    spec_magic, weights_magic = _magic(args.spec), _magic(args.weights)
+    if spec_magic is not None and spec_magic.startswith(WEIGHTS_MAGIC):
+        raise NetcError(f"'{args.spec}' is a weights file, not a spec: {order}")
+    if (weights_magic is not None and not weights_magic.startswith(WEIGHTS_MAGIC)
+            and Path(args.weights).suffix.lower() in SPEC_SUFFIXES):
+        raise NetcError(f"'{args.weights}' is a spec (YAML), not a weights file: {order}")
+
+
 class Model:
     """A compiled spec with weights loaded and the normalisation to use."""
 
     def __init__(self, args):
         import netcompiler as nc
 
+        _check_order(args)
         self.network: Network = load(args.spec)
         self.net = nc.compile(self.network, dtype=args.dtype, threads=args.threads)
         self.meta = W.load_weights(args.weights, self.net)

@@ -307,6 +307,22 @@ def test_closed_pipe_is_not_an_error(trained):
     assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
 
 
+def test_swapped_spec_and_weights(trained, capsys):
+    d, spec, data, run = trained
+    weights = str(run / "weights.npz")
+    np.save(d / "one.npy", np.zeros((8, 8), np.uint8))
+    for argv in (["eval", weights, spec, "--data", data], ["predict", weights, spec, d / "one.npy"]):
+        rc, out, err = netc(capsys, *argv)
+        order = "netc eval SPEC WEIGHTS ..." if argv[0] == "eval" else "netc predict SPEC WEIGHTS FILE..."
+        assert (rc, out) == (1, "")
+        assert err == f"netc: error: '{weights}' is a weights file, not a spec: the order is {order}\n"
+    rc, out, err = netc(capsys, "eval", spec, spec, "--data", data)  # a spec where the weights go
+    assert rc == 1 and err == (f"netc: error: '{spec}' is a spec (YAML), not a weights file: the order is "
+                               f"netc eval SPEC WEIGHTS ...\n")
+    rc, out, err = netc(capsys, "eval", d / "one.npy", weights, "--data", data)
+    assert rc == 1 and "one.npy' is a weights file, not a spec" in err
+
+
 # ---- optimizers -----------------------------------------------------------------------------------
 def test_adamw_trains_as_adam_and_resumes(tmp_path, capsys):
     spec, data = make_case(tmp_path)
