@@ -59,7 +59,8 @@ def register(sub) -> None:
     t = sub.add_parser(
         "train", help="train a spec on a data set; writes a run directory (metrics, weights, checkpoint)",
         description="Train SPEC on --data.  Options default to the spec's train: section, then to the built-in "
-                    "defaults shown; options given here win.  " + NORMALISATION_HELP,
+                    "defaults shown; options given here win.  A warning tells when the loss grows far past its "
+                    "starting value (a diverging run: lower --lr).  " + NORMALISATION_HELP,
         epilog="RUN_DIR holds spec.yaml, normalization.json, metrics.csv (epoch, train_loss, train_acc, val_loss, "
                "val_acc, seconds, images_per_s; seconds include validation, images/s counts training only), "
                "weights.npz (after the last completed epoch) and checkpoint.npz (all --resume needs).  Ctrl-C "

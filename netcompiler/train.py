@@ -47,6 +47,11 @@ METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "s
 CHUNK_SECONDS = 0.3  # target duration of one train_batches call between progress updates
 EVAL_BATCH = 256
 CHECKPOINT_VERSION = 1
+# A run is diverging when a chunk's mean loss exceeds DIVERGE_FACTOR times the session's first batch
+# loss (the loss before any update of this session) and, for cross_entropy, also log(classes) +
+# DIVERGE_MARGIN nats (a loss that far above chance level means worse than a uniform guess).
+DIVERGE_FACTOR = 10.0
+DIVERGE_MARGIN = 1.0
 # Settings that must not change when a run is resumed (they change the result).
 FIXED_ON_RESUME = ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "seed", "val_split", "limit",
                    "pad", "dtype", "mean", "std")
@@ -512,6 +517,8 @@ class Run:
             return self._result()
         self._chunk = self.opts.chunk_batches or 2
         self._consistent = True
+        self._start_loss: float | None = None  # the session's first batch loss
+        self._warned = False
         t_start = time.perf_counter()
         with _CtrlC(self.err) as ctrl_c:
             try:
@@ -559,6 +566,7 @@ class Run:
                     raise TrainingDiverged(
                         f"training stopped: the loss is {lo[-1]} at epoch {p.epoch + 1}, batch {batch} of {nb} "
                         f"(that batch's update was skipped); {self._last_good()}; try a lower --lr")
+                self._watch_divergence(lo, p.epoch + 1, p.pos // bs, nb, bar)
                 p.losses = np.concatenate([p.losses, lo])
                 p.correct += int(co.sum())
                 p.train_seconds += dt
@@ -595,6 +603,26 @@ class Run:
                else f"{self.val_name} -")
         self.say(f"epoch {p.epoch:>{len(str(s['epochs']))}}/{s['epochs']}: train loss {train_loss:.4f} "
                  f"acc {_percent(train_acc)} | {val} | {seconds:.1f} s, {ips:,.0f} img/s")
+
+    def diverging(self, chunk_losses: np.ndarray) -> bool:
+        """Whether this chunk's mean loss is far past the session's starting loss (see DIVERGE_FACTOR)."""
+        if not len(chunk_losses):
+            return False
+        if self._start_loss is None:
+            self._start_loss = float(chunk_losses[0])
+        mean = float(np.mean(chunk_losses))
+        floor = math.log(self.network.num_classes) + DIVERGE_MARGIN if self.classify else 0.0
+        return mean > DIVERGE_FACTOR * self._start_loss and mean > floor
+
+    def _watch_divergence(self, lo: np.ndarray, epoch: int, first: int, nb: int, bar: Progress) -> None:
+        """Warn once (stderr) when the loss grows far past its starting value; training goes on."""
+        if self._warned or not self.diverging(lo):
+            return
+        self._warned = True
+        bar.close()
+        print(f"netc: warning: the loss is diverging: mean {np.mean(lo):.4g} over epoch {epoch}, batches "
+              f"{first + 1}-{first + len(lo)} of {nb}, against {self._start_loss:.4g} at the start; the run goes on, "
+              f"but try a lower --lr (this run: {self.s['lr']:g})", file=self.err, flush=True)
 
     def _last_good(self) -> str:
         if self.ckpt_path.exists():

@@ -15,6 +15,7 @@ from test_train import TINY, assert_same_weights, make_case, quadrants
 import netcompiler.train
 from netcompiler import weights as W
 from netcompiler.cli import main
+from netcompiler.train import read_metrics
 
 FILES = {"spec.yaml", "normalization.json", "metrics.csv", "weights.npz", "checkpoint.npz"}
 
@@ -321,6 +322,28 @@ def test_swapped_spec_and_weights(trained, capsys):
                                f"netc eval SPEC WEIGHTS ...\n")
     rc, out, err = netc(capsys, "eval", d / "one.npy", weights, "--data", data)
     assert rc == 1 and "one.npy' is a weights file, not a spec" in err
+
+
+# ---- divergence ---------------------------------------------------------------------------------
+def test_diverging_loss_is_warned_once(tmp_path, capsys):
+    spec, data = make_case(tmp_path)
+    rc, out, err = netc(capsys, "train", spec, "--data", data, "--out", tmp_path / "r", "--optimizer", "sgd",
+                        "--lr", 10, "--epochs", 2, "--threads", 1)
+    assert rc == 0  # a warning, the run goes on
+    warnings = [l for l in err.splitlines() if "warning" in l]
+    assert len(warnings) == 1, err
+    assert warnings[0].startswith("netc: warning: the loss is diverging: mean ")
+    assert " over epoch 1, batches 1-2 of 13, against " in warnings[0]
+    assert warnings[0].endswith("try a lower --lr (this run: 10)")
+    first = read_metrics(tmp_path / "r" / "metrics.csv")[0]["train_loss"]
+    assert first > 100  # it did diverge: chance level is log(4) = 1.39
+
+
+def test_converging_run_is_not_warned(tmp_path, capsys):
+    spec, data = make_case(tmp_path)
+    rc, out, err = netc(capsys, "train", spec, "--data", data, "--out", tmp_path / "r", "--epochs", 1,
+                        "--threads", 1)
+    assert rc == 0 and err == ""
 
 
 # ---- optimizers -----------------------------------------------------------------------------------
