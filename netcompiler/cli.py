@@ -52,6 +52,11 @@ def _suggest(word: str, choices: list[str]) -> str:
     return did_you_mean(word, choices)
 
 
+def _looks_like_option(arg: str) -> bool:
+    """As argparse sees it: not '-', a negative number or a string with a space (values, then)."""
+    return arg.startswith("-") and arg != "-" and " " not in arg and not re.match(r"-\.?\d", arg)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with a "did you mean" for a mistyped command or option, and an unknown option
     reported with the usage of the command it was given to."""
@@ -67,7 +72,7 @@ class Parser(argparse.ArgumentParser):
             parser = commands.choices[first]
             rest = args[args.index(first) + 1:]
             self._unknown_options(parser, [a for a in rest[:rest.index("--") if "--" in rest else None]
-                                           if a.startswith("-") and not re.match(r"-\.?\d", a)])
+                                           if _looks_like_option(a)])
         ns, extras = self.parse_known_args(args, namespace)
         if extras:
             parser = commands.choices[ns.command] if commands is not None else self

@@ -54,8 +54,10 @@ def test_valid_command_lines_still_parse():
     assert (a.batch_size, a.lr, a.no_progress) == (8, 0.5, True)  # unique prefixes are argparse's abbreviations
     a = p.parse_args(["verify", "s.yaml", "--seed", "-3"])  # a negative number is a value, not an option
     assert a.seed == -3
-    a = p.parse_args(["build", "-obuild/x", "s.yaml"])
-    assert a.out == "build/x"
+    a = p.parse_args(["build", "-obuild/x", "s.yaml", "--cflags", "-O2 -g"])
+    assert (a.out, a.cflags) == ("build/x", "-O2 -g")
+    a = p.parse_args(["predict", "s.yaml", "w.npz", "-", "--top", "2"])
+    assert a.files == ["-"]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
