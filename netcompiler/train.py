@@ -48,8 +48,9 @@ CHUNK_SECONDS = 0.3  # target duration of one train_batches call between progres
 EVAL_BATCH = 256
 CHECKPOINT_VERSION = 1
 # A run is diverging when a chunk's mean loss exceeds DIVERGE_FACTOR times the session's first batch
-# loss (the loss before any update of this session) and, for cross_entropy, also log(classes) +
-# DIVERGE_MARGIN nats (a loss that far above chance level means worse than a uniform guess).
+# loss (the loss before any update of this session) and also a floor: for cross_entropy
+# log(classes) + DIVERGE_MARGIN nats (that far above chance level is worse than a uniform guess),
+# for mse DIVERGE_MARGIN (outputs all zero score 1/classes against one-hot targets).
 DIVERGE_FACTOR = 10.0
 DIVERGE_MARGIN = 1.0
 # Settings that must not change when a run is resumed (they change the result).
@@ -301,6 +302,9 @@ class Run:
         self.ckpt_path = self.run_dir / "checkpoint.npz"
         self.weights_path = self.run_dir / "weights.npz"
         self.metrics_path = self.run_dir / "metrics.csv"
+        self.classify = self.network.loss == "cross_entropy"  # C counts correct predictions only then
+        self._start_loss: float | None = None  # the session's first batch loss
+        self._warned = False  # about a diverging loss
 
     def say(self, text: str) -> None:
         emit(text, self.out)
@@ -388,7 +392,6 @@ class Run:
                                 f"--limit, --val-split must select the same images)")
         net = nc.compile(self.network, dtype=s["dtype"], threads=self.opts.threads)
         self.net = net
-        self.classify = self.network.loss == "cross_entropy"  # C counts correct predictions only then
         mean, std, pad, dt = s["mean"], s["std"], s["pad"], s["dtype"]
         tx, ty = self.raw_train
         self.X = net.check_x(to_inputs(self.network, tx, mean, std, pad, dt), "training images")
@@ -517,8 +520,6 @@ class Run:
             return self._result()
         self._chunk = self.opts.chunk_batches or 2
         self._consistent = True
-        self._start_loss: float | None = None  # the session's first batch loss
-        self._warned = False
         t_start = time.perf_counter()
         with _CtrlC(self.err) as ctrl_c:
             try:
@@ -611,7 +612,7 @@ class Run:
         if self._start_loss is None:
             self._start_loss = float(chunk_losses[0])
         mean = float(np.mean(chunk_losses))
-        floor = math.log(self.network.num_classes) + DIVERGE_MARGIN if self.classify else 0.0
+        floor = DIVERGE_MARGIN + (math.log(self.network.num_classes) if self.classify else 0.0)
         return mean > DIVERGE_FACTOR * self._start_loss and mean > floor
 
     def _watch_divergence(self, lo: np.ndarray, epoch: int, first: int, nb: int, bar: Progress) -> None:

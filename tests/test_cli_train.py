@@ -339,6 +339,20 @@ def test_diverging_loss_is_warned_once(tmp_path, capsys):
     assert first > 100  # it did diverge: chance level is log(4) = 1.39
 
 
+@pytest.mark.parametrize("loss, start, chunks, diverging", [
+    ("cross_entropy", 1.2, [[1.2, 5.0], [12.0, 14.0]], [False, True]),  # mean 13 > 10 x 1.2 and > log 4 + 1
+    ("cross_entropy", 0.05, [[0.05, 0.6], [2.0, 2.2]], [False, False]),  # 42x, but under log 4 + 1 = 2.39
+    ("cross_entropy", 0.05, [[0.05], [2.5]], [False, True]),
+    ("mse", 0.01, [[0.01, 0.1], [0.9]], [False, False]),  # 90x, but under 1 (all-zero outputs: 0.25)
+    ("mse", 0.01, [[0.01], [1.5]], [False, True]),
+])
+def test_divergence_rule(tmp_path, loss, start, chunks, diverging):
+    spec, data = make_case(tmp_path, spec=TINY.replace("loss: cross_entropy", f"loss: {loss}"))
+    run = netcompiler.train.Run(netcompiler.train.TrainOptions(spec, data))
+    assert [run.diverging(np.array(c)) for c in chunks] == diverging
+    assert run._start_loss == start  # the first batch's loss is the reference
+
+
 def test_converging_run_is_not_warned(tmp_path, capsys):
     spec, data = make_case(tmp_path)
     rc, out, err = netc(capsys, "train", spec, "--data", data, "--out", tmp_path / "r", "--epochs", 1,
