@@ -313,10 +313,8 @@ def _plot_confusion(m: dict, path: str) -> None:
     fig.tight_layout()
     from .weights import atomic_write
 
-    try:
+    try:  # an OSError is reported by cli.main, as for every file written
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    except OSError as exc:
-        raise NetcError(f"{path}: cannot write the plot: {exc.strerror or exc}") from None
     finally:
         plt.close(fig)
 

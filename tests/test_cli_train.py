@@ -207,6 +207,11 @@ def test_eval_plot(trained, tmp_path, capsys):
         assert rc == 1 and "pip install matplotlib" in err and not png.exists()
         return
     assert rc == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "a_file").write_text("mine\n")
+    rc, out, err = netc(capsys, "eval", spec, run / "weights.npz", "--data", data, "--plot",
+                        tmp_path / "a_file" / "cm.png")
+    assert rc == 1 and err == (f"netc: error: {tmp_path}/a_file: File exists (a file is in the way: a "
+                               f"directory is needed there)\n")
 
 
 # ---- predict ------------------------------------------------------------------------------------
