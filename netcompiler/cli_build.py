@@ -126,7 +126,8 @@ def register(sub) -> None:
 
     s = sub.add_parser("show", help="print the generated C (all of it, or one layer's functions)")
     s.add_argument("spec", help="network spec (YAML) whose C code to print")
-    s.add_argument("--layer", metavar="NAME", help="only this layer's forward (or backward) functions, helpers included (a fused ReLU: the layer doing its work)")
+    s.add_argument("--layer", metavar="NAME", help="only this layer's forward (or backward) functions, helpers "
+                   "included (a fused ReLU: the layer doing its work)")
     s.add_argument("--backward", action="store_true", help="with --layer: the backward functions")
     s.add_argument("--dtype", choices=["float32", "float64"], default="float32", help=DTYPE_HELP)
     s.add_argument("--cflags", metavar="FLAGS", help="extra compiler flags, as for build (recorded in the header)")

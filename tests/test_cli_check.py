@@ -133,7 +133,8 @@ def test_report_on_missing_file_is_clean(tmp_path):
 
 def test_adamw_in_the_train_section(tmp_path):
     spec = tmp_path / "w.yaml"
-    spec.write_text("input: [4]\nlayers:\n  - linear: {out_features: 2}\nloss: mse\ntrain: {optimizer: adamw, weight_decay: 0.01}\n")
+    spec.write_text("input: [4]\nlayers:\n  - linear: {out_features: 2}\nloss: mse\n"
+                    "train: {optimizer: adamw, weight_decay: 0.01}\n")
     r = netc("check", "-q", spec)
     assert r.returncode == 0, r.stderr
     spec.write_text(spec.read_text().replace("adamw", "adamx"))
