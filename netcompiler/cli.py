@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="netc", description="netcompiler: check, report, build and train neural networks written "
                                         "as YAML specs.")
     p.add_argument("--version", action="version", version=f"netc {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="one of these; netc COMMAND --help tells its arguments")
 
     c = sub.add_parser("check", help="check specs: shapes, sizes, names; print the shape table and 'ok'")
     _spec_args(c, many=True)
