@@ -1,0 +1,75 @@
+"""A normal install works: the wheel carries the templates and fastcall.c, and `netc` run from
+a fresh virtualenv outside the checkout checks, builds and trains.
+
+Slow (a wheel build, a virtualenv and its dependencies from the package index): deselected by
+default, run with `python -m pytest -m slow tests/test_install.py` (CI does).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# What the checkout holds that a build must not see (a wheel built from a fresh clone has none).
+LOCAL = shutil.ignore_patterns(".git", ".venv", "build", "runs", "dist", "__pycache__", "*.egg-info",
+                               ".pytest_cache", "*.so")
+
+
+def run(cmd, cwd, env, timeout=900):
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
+                                  f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def test_wheel_installs_and_trains_outside_the_checkout(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=LOCAL)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+
+    dist = tmp_path / "dist"
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", dist, src],
+        tmp_path, env)
+    wheel, = dist.glob("netcompiler-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    templates = {p.relative_to(ROOT / "templates").as_posix() for p in (ROOT / "templates").rglob("*.j2")}
+    missing = sorted({f"netcompiler/templates/{t}" for t in templates} - names)
+    assert not missing, f"the wheel lacks {missing}"
+    assert "netcompiler/fastcall.c" in names
+
+    venv.EnvBuilder(with_pip=True).create(tmp_path / "venv")
+    bin_dir = tmp_path / "venv" / "bin"
+    run([bin_dir / "python", "-m", "pip", "install", "-q", wheel], tmp_path, env)
+
+    work = tmp_path / "work"  # cwd outside the checkout: only the installed package can be imported
+    work.mkdir()
+    spec = work / "lenet5.yaml"
+    shutil.copy(ROOT / "specs" / "lenet5.yaml", spec)
+    env["NETC_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+
+    where = run([bin_dir / "python", "-c", "import netcompiler; print(netcompiler.__file__)"], work, env)
+    assert Path(where.strip()).is_relative_to(tmp_path / "venv"), where
+
+    out = run([bin_dir / "netc", "check", spec], work, env)
+    assert "ok (lenet5: 1x28x28 -> 10, 61,706 parameters)" in out
+    run([bin_dir / "netc", "build", spec, "-o", work / "build"], work, env)
+    assert (work / "build" / "lenet5.so").is_file() and (work / "build" / "lenet5.c").is_file()
+    run([bin_dir / "netc", "train", spec, "--data", "fashion-mnist", "--limit", "256", "--epochs", "1",
+         "--out", work / "run"], work, env)
+    assert (work / "run" / "weights.npz").is_file()
+
+    # Net.forward's C fast path is built from the installed fastcall.c where Python's headers are
+    if Path(sysconfig.get_paths()["include"], "Python.h").is_file():
+        run([bin_dir / "python", "-c", "from netcompiler.build import load_fastcall; "
+             "assert load_fastcall() is not None, 'fastcall extension not built'"], work, env)
