@@ -16,7 +16,10 @@ from . import __version__
 from .plan import Plan, make_plan
 from .report import build_report, table_lines
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+# An installed package holds the templates as netcompiler/templates/ (package data); a
+# checkout keeps them in templates/ beside the package.
+_HERE = Path(__file__).resolve().parent
+TEMPLATE_DIR = _HERE / "templates" if (_HERE / "templates").is_dir() else _HERE.parent / "templates"
 CTYPES = {"float32": "float", "float64": "double"}
 
 

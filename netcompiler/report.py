@@ -2,8 +2,8 @@
 
 Conventions (also in README):
 - MACs: multiply-accumulates of conv2d and linear layers only, bias excluded
-  (conv: output elements * in_channels/groups * kh * kw; linear: in * out), as fvcore and
-  torchinfo count them.
+  (conv: output elements * in_channels/groups * kh * kw; linear: in * out), as fvcore counts
+  them (torchinfo adds one per output element of a layer with a bias).
 - FLOPs: every floating-point add, multiply, compare, divide, exp, erf or tanh counts as
   one.  conv/linear forward = 2*MACs (+1 per output for the bias); their backward =
   4*MACs (input and weight gradients) (+1 per output for the bias gradient); the first
@@ -209,9 +209,9 @@ def _fused_lines(rep: dict) -> list[str]:
             "after): " + ", ".join(f"{r['name']} ({r['fused_into'][0]}, {r['fused_into'][1]})" for r in fused)]
 
 
-CONVENTIONS = ("MACs: conv/linear multiply-accumulates, bias excluded (fvcore/torchinfo). FLOPs: each add, "
-               "multiply, compare, divide, exp, erf, tanh = 1; forward in eval mode; training = train-mode forward "
-               "+ backward + loss, optimizer excluded.")
+CONVENTIONS = ("MACs: conv/linear multiply-accumulates, bias excluded (as fvcore; torchinfo adds the bias). "
+               "FLOPs: each add, multiply, compare, divide, exp, erf, tanh = 1; forward in eval mode; training = "
+               "train-mode forward + backward + loss, optimizer excluded.")
 
 
 def format_report(rep: dict, fmt: str = "text") -> str:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test suite on a fresh machine: set up (with test dependencies), then pytest.
+# The test suite on a fresh machine: set up .venv/ with the test dependencies, then pytest
+# (arguments go to pytest; slow tests run only with `-m slow`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
-python3 -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q "$@"

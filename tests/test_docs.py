@@ -30,3 +30,16 @@ def test_help_lists_commands(command):
     assert out.returncode == 0 and command in out.stdout
     sub = subprocess.run([sys.executable, "-m", "netcompiler", command, "--help"], capture_output=True, text=True)
     assert sub.returncode == 0 and "usage: netc" in sub.stdout
+
+
+def test_readme_mac_count_of_lenet5_is_the_reports():
+    """The MAC figures the README compares with fvcore and torchinfo are netc's own count."""
+    from netcompiler.check import load
+    from netcompiler.report import build_report
+
+    rep = build_report(load(Path(__file__).resolve().parent.parent / "specs" / "lenet5.yaml"))
+    stated = re.search(r"for LeNet-5 .*?`netc report` gives ([\d,]+) MACs", README, re.S)
+    assert stated, "README no longer states LeNet-5's MAC count next to fvcore's and torchinfo's"
+    assert int(stated.group(1).replace(",", "")) == rep["total_macs"]
+    conv1 = next(l for l in rep["layers"] if l["name"] == "conv1")
+    assert f"{conv1['macs']:,} + {conv1['activations']:,}" in README  # torchinfo's conv1 = MACs + bias adds
