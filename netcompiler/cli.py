@@ -7,7 +7,7 @@ import sys
 
 from . import __version__
 from .check import DEFAULT_MEMORY_BUDGET, load
-from .errors import NetcError, SpecErrors
+from .errors import NetcError, NetcWarning, SpecErrors
 from .layers import fmt_shape
 
 
@@ -98,7 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None,
+                  _default=__import__("warnings").showwarning) -> None:
+    if issubclass(category, NetcWarning):
+        print(f"netc: warning: {message}", file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
