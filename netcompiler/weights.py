@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import WeightsError
 from .fileio import FILE_MODE, atomic_write, atomic_write_text  # noqa: F401 (part of this module's API)
-from .npyfile import MAX_META_BYTES, Header, read_npz
+from .npyfile import MAX_META_BYTES, Header, open_regular, read_npz
 
 META = "__meta__/"
 OPTIM = "__optim__/"
@@ -196,9 +196,11 @@ def normalisation(path, meta: Meta, network) -> tuple[float | None, float | None
     side = path.parent / "normalization.json"
     if side.is_file():
         try:
-            info = json.loads(side.read_text())
+            with open_regular(side, WeightsError, "normalisation file") as f:
+                text = f.read(1 << 16)  # netc train writes a few lines
+            info = json.loads(text)
             mean, std = float(info["mean"]), float(info["std"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise WeightsError(f"{side}: unreadable normalisation file ({exc})") from None
         if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
             raise WeightsError(f"{side}: normalisation must be a finite mean and a std > 0, got {mean}, {std}")
@@ -238,7 +240,7 @@ def from_json_array(meta: dict[str, np.ndarray], key: str, path) -> Any:
         raise WeightsError(f"{path}: checkpoint lacks '{META}{key}' (not a checkpoint written by netc train?)")
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise WeightsError(f"{path}: checkpoint entry '{META}{key}' is not valid JSON ({exc})") from None
 
 

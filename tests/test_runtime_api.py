@@ -588,3 +588,14 @@ def test_load_weights_falls_back_to_normalization_json(ce64, tmp_path):
     (tmp_path / "normalization.json").write_text('{"mean": 0.2, "std": 0.4}')
     info = ce64.load_weights(path)
     assert (info["mean"], info["std"]) == (0.2, 0.4) and "normalization.json" in info["source"]
+
+
+@pytest.mark.parametrize("text", ['{"mean": 0.2}', '{"mean": 0.2, "std": 0}', '{"mean": "a", "std": 1}',
+                                  "[" * 70000, "not json"])
+def test_load_weights_refuses_a_damaged_normalization_json(ce64, tmp_path, text):
+    path = tmp_path / "w.npz"
+    ce64.set_normalization()
+    ce64.save_weights(path)
+    (tmp_path / "normalization.json").write_text(text)
+    with pytest.raises(WeightsError, match="normalization.json: (unreadable normalisation file|normalisation must)"):
+        ce64.load_weights(path)

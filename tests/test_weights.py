@@ -371,6 +371,7 @@ CHECKPOINT_DAMAGE = {
     "history of the wrong length": (lambda a: tamper_json(a, "history", lambda h: h * 2),
                                     "history has 2 rows for 1 completed epochs"),
     "settings not JSON": (lambda a: {**a, "__meta__/settings": np.array("{")}, "is not valid JSON"),
+    "settings nested too deep": (lambda a: {**a, "__meta__/settings": np.array("[" * 100_000)}, "is not valid JSON"),
     "settings raw bytes": (lambda a: {**a, "__meta__/settings": np.frombuffer(b"{}", np.uint8)},
                            "checkpoint lacks '__meta__/settings'"),
     "class names of the wrong length": (lambda a: {**a, "__meta__/class_names": np.array(["a", "b"])},
