@@ -485,6 +485,8 @@ def load_dataset(source: str, *, emnist_letters: bool | None = None) -> Dataset:
             c.name.startswith(path.name + "-") for c in _safe_listdir(path.parent)):
         return _load_idx_dir(path.parent, prefix=path.name, name=path.name,
                              emnist_letters=emnist_letters, known=None)
+    if path.exists():
+        raise DataError(f"{path}: not a regular file or directory (a FIFO or device is never read)")
     raise DataError(
         f"{source}: no such file or directory (expected a directory of IDX files, a .npz "
         f"file, or 'fashion-mnist')")

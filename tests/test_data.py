@@ -903,3 +903,14 @@ def test_npz_text_file_is_not_called_pickled(tmp_path: Path, content: bytes) -> 
     with pytest.raises(DataError) as e:
         load_dataset(str(p))
     assert "not an .npz archive" in error_of(e) and "pickle" not in str(e.value)
+
+
+def test_load_dataset_refuses_a_fifo_or_device(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "data.npz"
+    os.mkfifo(fifo)
+    for source in (fifo, Path("/dev/zero")):
+        with pytest.raises(DataError) as e:
+            load_dataset(str(source))
+        assert "not a regular file or directory" in error_of(e)

@@ -528,3 +528,20 @@ def test_netc_predict_gives_net_predict_probabilities_of_saved_weights(run, tmp_
     e = np.exp(z - z.max(axis=1, keepdims=True))
     np.testing.assert_allclose(got, e / e.sum(axis=1, keepdims=True), rtol=1e-5)
     np.testing.assert_allclose(net.predict(img), got, rtol=1e-6)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_bounded_reader_reads_what_numpy_wrote(tmp_path, compressed):
+    rng = np.random.default_rng(0)
+    arrays = {"f": np.asfortranarray(rng.random((3, 4))), "be": rng.random(5).astype(">f4"),
+              "u": np.array(["ab", "c"]), "e": np.zeros((0, 3)), "s": np.float64(2.5), "b": np.bool_(True),
+              "big": rng.integers(0, 255, 300_000, dtype=np.uint8)}
+    path = tmp_path / "a.npz"
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    got = W.load_npz(path, cap=1 << 20)
+    assert set(got) == set(arrays)
+    for k, v in arrays.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and np.array_equal(got[k], v), k
+    one = tmp_path / "one.npy"
+    np.save(one, arrays["f"])
+    assert np.array_equal(npyfile.read_npy(one, WeightsError), arrays["f"])
