@@ -11,9 +11,13 @@ metadata and never reach `Net.load_state_dict`:
 
 Every file is written under a temporary name in its own directory, flushed, and renamed
 over the target (`os.replace`), so a reader sees the old file or the new one, never half
-of one.  Every way a file can be bad (missing, truncated, not a zip, pickled objects,
-names or shapes that do not fit the network) is a `WeightsError` saying which file and
-what is wrong.
+of one.  Files are read by npyfile.py: sizes bounded before anything is allocated, and,
+for a known network (`read_for`), names and shapes checked from the headers first.
+Everything read back is validated (`read_meta` for metadata, `check_settings`,
+`check_position`, `check_history`, `check_order` for checkpoints) as strictly as
+command-line input.  Every way a file can be bad (missing, truncated, not a zip, pickled
+objects, names or shapes that do not fit the network, damaged metadata) is a
+`WeightsError` saying which file and what is wrong.
 """
 from __future__ import annotations
 
@@ -222,11 +226,6 @@ def meta_float(meta: dict[str, np.ndarray], key: str) -> float | None:
 def meta_str(meta: dict[str, np.ndarray], key: str) -> str | None:
     v = meta.get(key)
     return str(v) if v is not None and v.shape == () and v.dtype.kind == "U" else None
-
-
-def meta_strings(meta: dict[str, np.ndarray], key: str) -> list[str] | None:
-    v = meta.get(key)
-    return [str(s) for s in v] if v is not None and v.ndim == 1 and v.dtype.kind == "U" else None
 
 
 def json_array(value: Any) -> np.ndarray:

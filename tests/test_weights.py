@@ -47,8 +47,8 @@ def test_roundtrip_with_metadata(net, tmp_path):
     meta = W.load_weights(path, net)
     for k, v in saved.items():
         assert np.array_equal(net.state_dict()[k], v), k
-    assert W.meta_float(meta, "mean") == 0.25 and W.meta_float(meta, "std") == 0.5
-    assert W.meta_strings(meta, "class_names") == ["a", "b", "c"]
+    info = W.read_meta(meta, path, 3)
+    assert (info.mean, info.std, info.class_names) == (0.25, 0.5, ["a", "b", "c"])
     arrays = np.load(path, allow_pickle=False)
     assert "conv1.weight" in arrays.files and "bn1.running_var" in arrays.files
     assert "__meta__/mean" in arrays.files
