@@ -202,11 +202,14 @@ class Net:
         values finite in the build's dtype.  Sets the input normalisation `predict` applies,
         as netc eval/predict find it (stored in the file, else normalization.json next to
         it, else the spec's train: section), and `class_names`.  Returns
-        {'mean', 'std', 'pad', 'source', 'class_names'}.  Raises `WeightsError`."""
+        {'mean', 'std', 'pad', 'source', 'class_names'}.  Raises `WeightsError` and then
+        changes nothing."""
         from . import weights as W
 
-        meta = W.read_meta(W.load_weights(path, self), path, self.network.num_classes)
+        state, raw, _ = W.split(W.read_for(self, path))
+        meta = W.read_meta(raw, path, self.network.num_classes)
         mean, std, source = W.normalisation(path, meta, self.network)
+        W.apply_state(self, state, path)
         self.set_normalization(mean, std, meta.pad)
         self.class_names = meta.class_names
         return {**self.normalization, "source": source, "class_names": meta.class_names}

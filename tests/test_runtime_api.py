@@ -599,3 +599,20 @@ def test_load_weights_refuses_a_damaged_normalization_json(ce64, tmp_path, text)
     (tmp_path / "normalization.json").write_text(text)
     with pytest.raises(WeightsError, match="normalization.json: (unreadable normalisation file|normalisation must)"):
         ce64.load_weights(path)
+
+
+def test_load_weights_changes_nothing_when_the_metadata_is_damaged(ce64, tmp_path):
+    from netcompiler import weights as W
+
+    ce64.init(1)
+    path = tmp_path / "w.npz"
+    ce64.set_normalization(0.5, 0.5)
+    ce64.save_weights(path)
+    W.save_npz(path, {**dict(np.load(path)), "__meta__/std": np.float64(-1)})
+    ce64.init(2)
+    ce64.set_normalization(0.1, 0.2)
+    before = ce64.state_dict()
+    with pytest.raises(WeightsError, match="__meta__/std"):
+        ce64.load_weights(path)
+    assert all(np.array_equal(v, ce64.state_dict()[k]) for k, v in before.items())
+    assert ce64.normalization == {"mean": 0.1, "std": 0.2, "pad": False}
