@@ -8,7 +8,7 @@ import sys
 
 from . import __version__
 from .check import DEFAULT_MEMORY_BUDGET, OPTIMIZERS, load
-from .errors import NetcError, SpecErrors
+from .errors import NetcError, NetcWarning, SpecErrors
 from .layers import did_you_mean, fmt_shape
 
 FORMAT_HELP = "output format (default text)"
@@ -162,7 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None,
+                  _default=__import__("warnings").showwarning) -> None:
+    if issubclass(category, NetcWarning):
+        print(f"netc: warning: {message}", file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -21,6 +21,11 @@ class WeightsError(NetcError, ValueError):
     """A weights or checkpoint file is corrupt or does not fit the spec."""
 
 
+class NetcWarning(UserWarning):
+    """Something probably wrong that does not stop the work; the CLI prints it as
+    `netc: warning: ...`."""
+
+
 class BuildError(NetcError):
     """The C compiler failed on generated code."""
 
