@@ -32,7 +32,7 @@ def compile(spec, dtype: str = "float32", threads: int | None = None, flags: lis
     ffi.cdef(rendered.api)
     # RTLD_NODELETE: the library (and its OpenMP runtime) stays mapped until the process
     # exits; unloading it while OpenMP worker threads still spin crashed at exit.
-    lib = ffi.dlopen(str(built.so_path), ffi.RTLD_NOW | ffi.RTLD_NODELETE)
+    lib = ffi.dlopen(str(built.load_path), ffi.RTLD_NOW | ffi.RTLD_NODELETE)
     return Net(rendered, ffi, lib, dtype=dtype, threads=threads, paths=built)
 
 

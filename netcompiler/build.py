@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -124,27 +125,53 @@ def compile_shared(cc: str, args: list[str], c_path: Path, so_path: Path, what: 
 class Built:
     c_path: Path
     h_path: Path
-    so_path: Path
+    so_path: Path  # NAME.so, the library a user sees
     flags: list[str]
     cached: bool
+    load_path: Path  # the file to dlopen: its name is distinct per build (see compile_rendered)
 
 
 def compile_rendered(rendered: Rendered, out_dir: Path | None = None, flags: list[str] | None = None,
                      cc: str | None = None) -> Built:
-    """Write NAME.c / NAME.h and compile NAME.so.  Without out_dir, use the cache."""
+    """Write NAME.c / NAME.h and compile NAME.so.  Without out_dir, use the cache.
+
+    dlopen of a path already loaded returns the library loaded first, so a process that built
+    two networks of one name, or one spec as float32 then float64, into one out_dir would run
+    the first library on the second network's arrays.  A build in out_dir is therefore loaded
+    from `.NAME-KEY.so` beside NAME.so (the same file, hard-linked or copied), KEY being the
+    build's content hash; the cache's directories are already named by it."""
     cc = cc or compiler()
     flags = list(flags) if flags is not None else default_flags(cc)
     key = hashlib.sha256("\0".join([rendered.source, rendered.header, " ".join(flags),
                                     compiler_version(cc)]).encode()).hexdigest()[:20]
     directory = Path(out_dir) if out_dir is not None else cache_dir() / f"{rendered.name}-{key}"
     directory.mkdir(parents=True, exist_ok=True)
-    c_path, h_path = directory / f"{rendered.name}.c", directory / f"{rendered.name}.h"
-    so_path = directory / f"{rendered.name}.so"
-    stamp = directory / f".{rendered.name}.key"
-    if so_path.exists() and stamp.exists() and stamp.read_text() == key:
-        return Built(c_path, h_path, so_path, flags, cached=True)
+    name = rendered.name
+    c_path, h_path, so_path = directory / f"{name}.c", directory / f"{name}.h", directory / f"{name}.so"
+    load_path = so_path if out_dir is None else directory / f".{name}-{key}.so"
+    stamp = directory / f".{name}.key"
+    if so_path.exists() and load_path.exists() and stamp.exists() and stamp.read_text() == key:
+        return Built(c_path, h_path, so_path, flags, True, load_path)
     atomic_write_text(c_path, rendered.source)
     atomic_write_text(h_path, rendered.header)
-    compile_shared(cc, flags, c_path, so_path, f"generated file {c_path}")
+    cached = load_path != so_path and load_path.exists()  # built here before, then replaced by another build
+    if not cached:
+        compile_shared(cc, flags, c_path, load_path, f"generated file {c_path}")
+    if load_path != so_path:
+        _link_or_copy(load_path, so_path)
+        for old in directory.glob(f".{name}-*.so"):  # other builds' copies: NAME.so is no longer them
+            if old != load_path and re.fullmatch(rf"\.{name}-[0-9a-f]{{20}}\.so", old.name):
+                old.unlink(missing_ok=True)
     atomic_write_text(stamp, key)
-    return Built(c_path, h_path, so_path, flags, cached=False)
+    return Built(c_path, h_path, so_path, flags, cached, load_path)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """dst becomes the file src is (a hard link, or a copy where links fail), atomically."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
