@@ -1,10 +1,20 @@
 """Files written atomically: a temporary file in the target's directory, flushed and
-renamed over the target, so a reader sees the old file or the new one, never half of one."""
+renamed over the target, so a reader sees the old file or the new one, never half of one.
+Also the lock of a directory one process owns at a time (a run directory), and the
+removal of temporary files such a process left behind when it was killed."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
 import tempfile
 from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import NetcError
+
+LOCK_NAME = ".netc.lock"
 
 
 def _umask() -> int:
@@ -21,7 +31,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """Call `write(binary_file)` on a temporary file next to `path`, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # see TEMP_NAME
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -36,3 +46,48 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# atomic_write's temporary names: mkstemp's 8 random characters between ".NAME." and ".tmp"
+TEMP_NAME = r"\.{name}\.[a-z0-9_]{{8}}\.tmp"
+
+
+def remove_stale_temps(directory: str | os.PathLike, names: Iterable[str]) -> list[str]:
+    """Remove the temporary files atomic_write left in `directory` for the files `names`
+    (a process killed while writing one): regular files named exactly as atomic_write names
+    them, nothing else.  Call it only while owning the directory (`locked_directory`), when
+    no other writer can be half-way.  Returns the names removed."""
+    pattern = re.compile("|".join(TEMP_NAME.format(name=re.escape(n)) for n in names))
+    removed = []
+    with os.scandir(directory) as entries:
+        for e in entries:
+            if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+                os.unlink(e.path)
+                removed.append(e.name)
+    return sorted(removed)
+
+
+@contextlib.contextmanager
+def locked_directory(directory: str | os.PathLike, what: str, hint: str) -> Iterator[Path]:
+    """Own `directory` (created if missing) while the block runs: an exclusive flock on
+    DIRECTORY/.netc.lock, which holds the owner's pid.  The kernel drops the lock when the
+    process ends, however it ends (SIGKILL too), so a lock is never stale.  A second owner
+    gets NetcError naming the holder's pid (`what`: who holds such locks, `hint`: what to do)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    except OSError as exc:
+        raise NetcError(f"cannot use {directory} as a directory: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            pid = f"pid {holder}" if holder.isdigit() else "pid unknown"
+            raise NetcError(f"{directory} is in use by another {what} ({pid}); {hint}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield directory
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would let two owners in)

@@ -16,7 +16,7 @@ import netcompiler.train
 from netcompiler import weights as W
 from netcompiler.cli import main
 
-FILES = {"spec.yaml", "normalization.json", "metrics.csv", "weights.npz", "checkpoint.npz"}
+FILES = {"spec.yaml", "normalization.json", "metrics.csv", "weights.npz", "checkpoint.npz", ".netc.lock"}
 
 
 def netc(capsys, *argv) -> tuple[int, str, str]:
