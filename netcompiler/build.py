@@ -28,10 +28,20 @@ WARNINGS = ["-Wall", "-Wextra"]
 BASE_FLAGS = ["-std=c11", "-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno"]
 
 
+CHOOSE_CC = "set CC to an installed C compiler (e.g. CC=gcc or CC=clang)"
+
+
 def compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    """$CC (a program name or path), else the first of cc, gcc, clang on PATH."""
+    cc = os.environ.get("CC")
+    if cc:
+        if not shutil.which(cc):
+            raise BuildError(f"the C compiler CC='{cc}' was not found or is not executable; {CHOOSE_CC}")
+        return cc
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
-        raise BuildError("no C compiler found: install gcc (apt-get install -y gcc) or set CC")
+        raise BuildError("no C compiler found (tried cc, gcc, clang): install gcc (apt-get install -y gcc) or set "
+                         "CC")
     return cc
 
 
@@ -40,7 +50,7 @@ def compiler_version(cc: str) -> str:
     try:
         out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BuildError(f"cannot run the C compiler '{cc}': {exc}") from None
+        raise BuildError(f"cannot run the C compiler '{cc}': {exc}; {CHOOSE_CC}") from None
     return out.stdout.splitlines()[0] if out.stdout else cc
 
 
@@ -50,14 +60,20 @@ def has_openmp(cc: str) -> bool:
     with tempfile.TemporaryDirectory() as d:
         src = Path(d, "probe.c")
         src.write_text("#include <omp.h>\nint probe(void) { return omp_get_max_threads(); }\n")
-        r = subprocess.run([cc, "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(Path(d, "probe.so"))],
-                           capture_output=True, timeout=60)
+        try:
+            r = subprocess.run([cc, "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(Path(d, "probe.so"))],
+                               capture_output=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return False  # the build itself then says what is wrong with cc
         return r.returncode == 0
 
 
 def default_flags(cc: str | None = None) -> list[str]:
     cc = cc or compiler()
     return BASE_FLAGS + (["-fopenmp"] if has_openmp(cc) else []) + WARNINGS
+
+
+SHARED_MAGIC = (b"\x7fELF", b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe", b"\xca\xfe\xba\xbe")  # ELF, Mach-O
 
 
 def cache_dir() -> Path:
@@ -117,6 +133,12 @@ def compile_shared(cc: str, args: list[str], c_path: Path, so_path: Path, what: 
     if proc.returncode != 0:
         Path(tmp_so).unlink(missing_ok=True)
         raise BuildError(f"the C compiler failed on {what} (command: {shlex.join(cmd)}):\n{proc.stderr.strip()}")
+    with open(tmp_so, "rb") as f:
+        magic = f.read(4)
+    if magic not in SHARED_MAGIC:  # e.g. CC=true: exit status 0 and nothing written
+        Path(tmp_so).unlink(missing_ok=True)
+        raise BuildError(f"the C compiler '{cc}' exited 0 but wrote no shared library ("
+                         f"{'an empty file' if not magic else 'not an ELF or Mach-O file'}) for {what}; {CHOOSE_CC}")
     os.chmod(tmp_so, EXEC_MODE)  # mkstemp made it 0600
     os.replace(tmp_so, so_path)
 
@@ -145,10 +167,21 @@ def compile_rendered(rendered: Rendered, out_dir: Path | None = None, flags: lis
     key = hashlib.sha256("\0".join([rendered.source, rendered.header, " ".join(flags),
                                     compiler_version(cc)]).encode()).hexdigest()[:20]
     directory = Path(out_dir) if out_dir is not None else cache_dir() / f"{rendered.name}-{key}"
+    try:
+        return _compile_into(rendered, directory, key, out_dir is not None, flags, cc)
+    except OSError as exc:  # the directory cannot be made or written: read-only, under a file, disk full
+        where = (f"the output directory {directory}" if out_dir is not None else
+                 f"the build cache {directory} (set NETC_CACHE_DIR to a writable directory)")
+        raise BuildError(f"cannot write {where}: {exc.strerror or exc}"
+                         + (f": {exc.filename}" if exc.filename and str(exc.filename) != str(directory) else "")
+                         ) from None
+
+
+def _compile_into(rendered: Rendered, directory: Path, key: str, own_dir: bool, flags: list[str], cc: str) -> Built:
     directory.mkdir(parents=True, exist_ok=True)
     name = rendered.name
     c_path, h_path, so_path = directory / f"{name}.c", directory / f"{name}.h", directory / f"{name}.so"
-    load_path = so_path if out_dir is None else directory / f".{name}-{key}.so"
+    load_path = directory / f".{name}-{key}.so" if own_dir else so_path
     stamp = directory / f".{name}.key"
     if so_path.exists() and load_path.exists() and stamp.exists() and stamp.read_text() == key:
         return Built(c_path, h_path, so_path, flags, True, load_path)
