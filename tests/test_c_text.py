@@ -126,3 +126,13 @@ def test_harmless_path_with_comment_end_builds(tmp_path, monkeypatch):
     (d / "tiny.yaml").write_text(SPEC)
     net = nc.compile(str(d / "tiny.yaml"), threads=1)
     assert net.forward(np.zeros((1, 1, 6, 6), np.float32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("hostile", [PAYLOAD, TRICKS])
+def test_hostile_text_compiles_without_warnings(tmp_path, hostile):
+    """-Wall covers -Wcomment ('/*' inside a comment) and -Wtrigraphs: none may fire."""
+    from netcompiler.build import compile_rendered, default_flags
+
+    flags = default_flags() + ["-Werror"]
+    rendered = render(check_text(SPEC, f"/tmp/{hostile}/tiny.yaml"), "float32", flags + [hostile])
+    assert compile_rendered(rendered, out_dir=tmp_path, flags=flags).so_path.stat().st_size > 0
