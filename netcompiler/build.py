@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -201,10 +202,13 @@ def _compile_into(rendered: Rendered, directory: Path, key: str, own_dir: bool, 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """dst becomes the file src is (a hard link, or a copy where links fail), atomically."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
-    tmp.unlink(missing_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.link")  # unique: threads and processes may race
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
