@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BuildError
-from .fileio import EXEC_MODE, atomic_write_text
+from .fileio import EXEC_MODE, atomic_write_text, remove_stale_temps
 from .render import Rendered
 
 WARNINGS = ["-Wall", "-Wextra"]
+COMPILE_TIMEOUT = 600  # seconds
+STALE_SECONDS = 2 * COMPILE_TIMEOUT  # a build's temporary file this old belongs to a killed build
 # -ffp-contract=fast lets the compiler fuse multiply-adds (ISO C mode turns it off).
 BASE_FLAGS = ["-std=c11", "-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno"]
 
@@ -123,11 +125,11 @@ def load_fastcall():
 def compile_shared(cc: str, args: list[str], c_path: Path, so_path: Path, what: str) -> None:
     """`cc args -fPIC -shared c_path -lm` into so_path, through a temporary file renamed into
     place, so concurrent builds both succeed; BuildError (naming `what`) when it fails."""
-    fd, tmp_so = tempfile.mkstemp(dir=so_path.parent, prefix=f".{so_path.stem}.", suffix=".so")
+    fd, tmp_so = tempfile.mkstemp(dir=so_path.parent, prefix=f".{so_path.name}.", suffix=".tmp")  # fileio.TEMP_NAME
     os.close(fd)
     cmd = [cc, *args, "-fPIC", "-shared", "-o", tmp_so, str(c_path), "-lm"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as exc:
         Path(tmp_so).unlink(missing_ok=True)
         raise BuildError(f"compiling {c_path} failed: {exc}") from None
@@ -188,6 +190,8 @@ def _compile_into(rendered: Rendered, directory: Path, key: str, own_dir: bool, 
         return Built(c_path, h_path, so_path, flags, True, load_path)
     atomic_write_text(c_path, rendered.source)
     atomic_write_text(h_path, rendered.header)
+    # what killed builds left: no build runs longer than the compiler's timeout
+    remove_stale_temps(directory, {p.name for p in (c_path, h_path, so_path, load_path, stamp)}, STALE_SECONDS)
     cached = load_path != so_path and load_path.exists()  # built here before, then replaced by another build
     if not cached:
         compile_shared(cc, flags, c_path, load_path, f"generated file {c_path}")
@@ -202,7 +206,7 @@ def _compile_into(rendered: Rendered, directory: Path, key: str, own_dir: bool, 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """dst becomes the file src is (a hard link, or a copy where links fail), atomically."""
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.link")  # unique: threads and processes may race
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")  # unique, as fileio.TEMP_NAME: builds may race
     try:
         try:
             os.link(src, tmp)

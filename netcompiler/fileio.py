@@ -9,6 +9,7 @@ import fcntl
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -52,16 +53,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 TEMP_NAME = r"\.{name}\.[a-z0-9_]{{8}}\.tmp"
 
 
-def remove_stale_temps(directory: str | os.PathLike, names: Iterable[str]) -> list[str]:
+def remove_stale_temps(directory: str | os.PathLike, names: Iterable[str], older_than: float | None = None
+                       ) -> list[str]:
     """Remove the temporary files atomic_write left in `directory` for the files `names`
     (a process killed while writing one): regular files named exactly as atomic_write names
-    them, nothing else.  Call it only while owning the directory (`locked_directory`), when
-    no other writer can be half-way.  Returns the names removed."""
+    them, nothing else.  Call it while owning the directory (`locked_directory`), when no
+    other writer can be half-way, or with `older_than` (seconds since the file was last
+    written) longer than any writer takes.  Returns the names removed."""
     pattern = re.compile("|".join(TEMP_NAME.format(name=re.escape(n)) for n in names))
     removed = []
+    now = time.time()
     with os.scandir(directory) as entries:
         for e in entries:
             if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+                if older_than is not None and now - e.stat(follow_symlinks=False).st_mtime < older_than:
+                    continue
                 os.unlink(e.path)
                 removed.append(e.name)
     return sorted(removed)
