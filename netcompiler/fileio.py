@@ -78,22 +78,39 @@ def locked_directory(directory: str | os.PathLike, what: str, hint: str) -> Iter
     """Own `directory` (created if missing) while the block runs: an exclusive flock on
     DIRECTORY/.netc.lock, which holds the owner's pid.  The kernel drops the lock when the
     process ends, however it ends (SIGKILL too), so a lock is never stale.  A second owner
-    gets NetcError naming the holder's pid (`what`: who holds such locks, `hint`: what to do)."""
+    gets NetcError naming the holder's pid (`what`: who holds such locks, `hint`: what to do).
+    A directory this call created and the block left empty is removed again (a run that
+    failed before writing anything leaves nothing)."""
     directory = Path(directory)
+    lock_path = directory / LOCK_NAME
     try:
+        created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                pid = f"pid {holder}" if holder.isdigit() else "pid unknown"
+                raise NetcError(f"{directory} is in use by another {what} ({pid}); {hint}") from None
+            try:
+                same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # locked a file its owner removed on leaving (below): lock the current one
     except OSError as exc:
         raise NetcError(f"cannot use {directory} as a directory: {exc.strerror or exc}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            pid = f"pid {holder}" if holder.isdigit() else "pid unknown"
-            raise NetcError(f"{directory} is in use by another {what} ({pid}); {hint}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield directory
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would let two owners in)
+        if created and os.listdir(directory) == [LOCK_NAME]:
+            lock_path.unlink(missing_ok=True)  # while still locked: a waiting opener then retries
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        os.close(fd)  # releases the lock

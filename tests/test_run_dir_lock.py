@@ -78,3 +78,11 @@ def test_stale_temporary_files_are_removed_and_others_kept(tmp_path, capsys):
     assert set(kept) | {".weights.npz.dir12345.tmp", ".spec.yaml.link1234.tmp", LOCK_NAME} <= names
     assert (tmp_path / "tiny.yaml").exists()
     assert f"removed {', '.join(sorted(stale))} from {run}" in err
+
+
+def test_a_run_that_fails_before_writing_leaves_no_directory(tmp_path, capsys):
+    spec, _ = make_case(tmp_path)
+    run = tmp_path / "new" / "run"
+    assert main(["train", spec, "--data", str(tmp_path / "missing.npz"), "--out", str(run)]) == 1
+    assert not run.exists()
+    capsys.readouterr()
