@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .check import Network
+from .ctext import comment
 from .layers import Layer, fmt_shape
 
 
@@ -164,8 +165,8 @@ def make_plan(net: Network) -> Plan:
         lp = LayerPlan(
             layer=layer, name=layer.name, kind=kind.kind, template=kind.template,
             c=kind.render_context(layer),
-            comment=f"{kind.kind} '{layer.name}', {net.file}:{layer.line}"
-                    + (f": {kind.describe_options(layer)}" if kind.describe_options(layer) else ""),
+            comment=comment(f"{kind.kind} '{layer.name}', {net.file}:{layer.line}"
+                            + (f": {kind.describe_options(layer)}" if kind.describe_options(layer) else "")),
             in_dims="".join(f"[{d}]" for d in layer.in_shape),
             out_dims="".join(f"[{d}]" for d in layer.out_shape),
             out=out, out_macro=prev_macro if aliases else out.macro, in_macro=prev_macro,

@@ -2,11 +2,19 @@
 
 Every array that reaches C is checked here first (shape, dtype, contiguity, label
 range); C trusts its sizes because Python allocated and checked them.
+
+A Net may be shared by threads: every method that reads or writes its buffers (the C
+calls release the GIL and share one set of activations) holds the Net's lock, so
+concurrent calls run one at a time, in some order.  The arrays in `params` and `buffers`
+are views into those buffers: writing them while another thread trains is the caller's
+business.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import threading
 import types
 from typing import Any
 
@@ -19,6 +27,17 @@ from .render import Rendered
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 MAX_BATCH = 2**31 - 1
+
+
+def _locked(method):
+    """`method` holding the Net's lock (re-entrant: locked methods call each other)."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
 
 
 def available_cores() -> int:
@@ -44,6 +63,7 @@ class Net:
 
     def __init__(self, rendered: Rendered, ffi, lib, dtype: str = "float32", threads: int | None = None,
                  paths: Any = None):
+        self._lock = threading.RLock()  # held by every call that touches the buffers below
         self.network: Network = rendered.plan.net
         self.plan = rendered.plan
         self.name = rendered.name
@@ -92,6 +112,7 @@ class Net:
         ctype = "int32_t *" if arr.dtype == np.int32 else f"{self.name}_real *"
         setattr(self._ctx, field, self._ffi.cast(ctype, arr.ctypes.data))
 
+    @_locked
     def _reserve(self, n: int) -> None:
         if n <= self._capacity:
             return
@@ -119,6 +140,7 @@ class Net:
         return self._threads
 
     @threads.setter
+    @_locked
     def threads(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"threads must be a positive integer, got {value!r}")
@@ -129,12 +151,14 @@ class Net:
         self._bind("scratch", self._scratch)
         self._ctx.threads = self._threads
 
+    @_locked
     def seed(self, seed: int) -> None:
         """Seed dropout masks (and restart their sequence)."""
         self._ctx.seed = int(seed) & (2**64 - 1)
         self._ctx.counter = 0
 
     # ---- parameters ----------------------------------------------------------------------
+    @_locked
     def init(self, seed: int = 0) -> None:
         """PyTorch's default initialisation (kaiming-uniform conv/linear, batch-norm 1/0),
         drawn from numpy's generator with `seed`; resets gradients and optimizer state."""
@@ -146,6 +170,7 @@ class Net:
         self._grads[:] = 0
         self.reset_optimizer()
 
+    @_locked
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of all parameters and buffers, by PyTorch name."""
         return {k: v.copy() for k, v in {**self.params, **self.buffers}.items()}
@@ -184,6 +209,7 @@ class Net:
         head = f"weights do not fit network '{self.name}':"
         return WeightsError(f"{head} {problems[0]}" if len(problems) == 1 else "\n  ".join([head, *problems]))
 
+    @_locked
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Strict: every name present, none extra, shapes equal; values must be real and
         finite in the build's dtype.  Files written by netc train: `load_weights`."""
@@ -195,6 +221,7 @@ class Net:
             expected[k][...] = np.asarray(v, dtype=self.dtype)
 
     # ---- files written by netc train -------------------------------------------------------
+    @_locked
     def load_weights(self, path: str | os.PathLike) -> dict[str, Any]:
         """Load a weights.npz or checkpoint.npz written by `netc train` (or `save_weights`):
         strict names and shapes, checked from the file's headers before anything is read;
@@ -213,6 +240,7 @@ class Net:
         self.class_names = meta.class_names
         return {**self.normalization, "source": source, "class_names": meta.class_names}
 
+    @_locked
     def save_weights(self, path: str | os.PathLike) -> None:
         """Write parameters, buffers, the normalisation and class names to `path` (atomically)
         in the format netc train writes: `load_weights`, netc eval and netc predict read it."""
@@ -225,6 +253,7 @@ class Net:
             meta["class_names"] = np.array(self.class_names)
         W.save_weights(path, self, meta)
 
+    @_locked
     def set_normalization(self, mean: float | None = None, std: float | None = None, pad: bool = False) -> None:
         """The input normalisation of `predict`: x = (pixels/255 - mean) / std (None: skip
         that step); pad=True zero-pads smaller images, centred, to the input size."""
@@ -254,6 +283,7 @@ class Net:
         n = self.normalization
         return self.check_x(to_inputs(self.network, x, n["mean"], n["std"], n["pad"], self.dtype.name), what)
 
+    @_locked
     def predict(self, images: Any, batch_size: int = 256) -> np.ndarray:
         """Evaluation-mode outputs of images prepared by `prepare` (the stored normalisation
         applied): class probabilities (softmax of the logits, rows sum to 1) for a
@@ -267,6 +297,7 @@ class Net:
         return softmax(out) if self.network.loss == "cross_entropy" else out
 
     # ---- optimizer ---------------------------------------------------------------------
+    @_locked
     def set_optimizer(self, kind: str = "adam", lr: float = 1e-3, momentum: float = 0.9,
                       weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                       eps: float = 1e-8) -> None:
@@ -287,6 +318,7 @@ class Net:
         o.beta1, o.beta2 = float(betas[0]), float(betas[1])
         self.optimizer = kind
 
+    @_locked
     def reset_optimizer(self) -> None:
         self._opt_m[:] = 0
         self._opt_v[:] = 0
@@ -297,14 +329,17 @@ class Net:
         return self._optim.lr
 
     @lr.setter
+    @_locked
     def lr(self, value: float) -> None:
         self._optim.lr = optimizer_value("lr", value)
 
+    @_locked
     def optimizer_state(self) -> dict[str, np.ndarray]:
         return {"step": np.array(self._optim.step, np.int64), "m": self._opt_m.copy(), "v": self._opt_v.copy(),
                 "dropout_seed": np.array(self._ctx.seed, np.uint64),
                 "dropout_counter": np.array(self._ctx.counter, np.uint64)}
 
+    @_locked
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
         """What `optimizer_state` returned; every entry is checked (KeyError when one is missing)."""
         for k in ("m", "v"):
@@ -402,14 +437,19 @@ class Net:
 
     def forward(self, x: Any) -> np.ndarray:
         """Evaluation-mode forward: (N, *input_shape) -> (N, *output_shape) outputs (logits)."""
-        if self._fast_forward is not None and (out := self._fast_forward(x)) is not None:
-            return out  # fastcall.c: an array check_x would pass as it is, checked and run in C
-        x = self.check_x(x)
-        return self._outputs(self._forward(x, training=False))
+        self._lock.acquire()  # fastcall's call releases the GIL, as cffi's does; cheaper than `with`
+        try:
+            if self._fast_forward is not None and (out := self._fast_forward(x)) is not None:
+                return out  # fastcall.c: an array check_x would pass as it is, checked and run in C
+            x = self.check_x(x)
+            return self._outputs(self._forward(x, training=False))
+        finally:
+            self._lock.release()
 
     def __call__(self, x: Any) -> np.ndarray:
         return self.forward(x)
 
+    @_locked
     def loss_and_grad(self, x: Any, y: Any) -> tuple[float, dict[str, np.ndarray]]:
         """Training-mode forward (dropout, batch statistics) + loss + backward.
         Returns the mean loss and the gradients by parameter name; nothing is updated but
@@ -423,6 +463,7 @@ class Net:
         grads = {t.name: self._grads[t.offset:t.offset + t.size].reshape(t.shape).copy() for t in self.plan.params}
         return float(loss), grads
 
+    @_locked
     def train_step(self, x: Any, y: Any) -> float:
         """One optimizer step on a batch (forward, loss, backward, update, all in C).
         A non-finite loss leaves the parameters untouched and is returned as is."""
@@ -433,6 +474,7 @@ class Net:
         return float(self._c.train_step(
             self._ctx, self._real_ptr(x), self._y_ptr(y), self._ffi.NULL, x.shape[0], self._optim))
 
+    @_locked
     def train_batches(self, x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int
                       ) -> tuple[np.ndarray, np.ndarray]:
         """Train on rows `order` of x/y in batches, in one C call.  x and y are checked like

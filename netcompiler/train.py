@@ -20,6 +20,10 @@ Run directory (RUN_DIR, default runs/<spec name>), every file written atomically
                          normalisation under '__meta__/' (see weights.py)
     checkpoint.npz       weights + buffers + optimizer state + shuffling RNG state + epoch
                          and position in the epoch + spec hash + settings: what --resume needs
+    .netc.lock           held (flock) by the one `netc train` that owns the directory; holds its pid
+
+A run starts by removing the temporary files a killed run left while writing one of
+these (fileio.remove_stale_temps: atomic_write's names only, never another file).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from . import weights as W
 from .check import TRAIN_KEYS, Network, load
 from .data import Dataset, dataset_stats, load_dataset, prepare_inputs, train_val_split
 from .errors import DataError, NetcError, WeightsError
+from .fileio import locked_directory, remove_stale_temps
 from .progress import Progress, emit, fmt_seconds
 
 METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s")
@@ -289,6 +294,9 @@ class _CtrlC:
 
 
 # ---- the run ----------------------------------------------------------------------------
+RUN_FILES = ("spec.yaml", "normalization.json", "metrics.csv", "weights.npz", "checkpoint.npz")
+
+
 class Run:
     """One `netc train` session (a fresh run or a resumed one)."""
 
@@ -492,6 +500,16 @@ class Run:
 
     # ---- loop ----
     def run(self) -> dict[str, Any]:
+        """The whole session owns the run directory: a second `netc train` on it is refused."""
+        with locked_directory(self.run_dir, "netc train",
+                              "wait for it to finish, or pass --out to train in another directory"):
+            removed = remove_stale_temps(self.run_dir, RUN_FILES)
+            if removed:
+                print(f"netc: removed {', '.join(removed)} from {self.run_dir} (left by a run that was killed "
+                      f"while writing)", file=self.err, flush=True)
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         self.setup()
         s, net = self.s, self.net
         if self.opts.force and not self.opts.resume:
