@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BuildError
+from .errors import BuildError, os_error_text
 from .fileio import EXEC_MODE, atomic_write_text, remove_stale_temps
 from .render import Rendered
 
@@ -173,11 +173,10 @@ def compile_rendered(rendered: Rendered, out_dir: Path | None = None, flags: lis
     try:
         return _compile_into(rendered, directory, key, out_dir is not None, flags, cc)
     except OSError as exc:  # the directory cannot be made or written: read-only, under a file, disk full
-        where = (f"the output directory {directory}" if out_dir is not None else
-                 f"the build cache {directory} (set NETC_CACHE_DIR to a writable directory)")
-        raise BuildError(f"cannot write {where}: {exc.strerror or exc}"
-                         + (f": {exc.filename}" if exc.filename and str(exc.filename) != str(directory) else "")
-                         ) from None
+        if out_dir is not None:
+            raise  # a path the user named: the CLI reports it (cli.main, errors.os_error_text)
+        raise BuildError(f"cannot write the build cache {directory} (set NETC_CACHE_DIR to a writable "
+                         f"directory): {os_error_text(exc, directory)}") from None
 
 
 def _compile_into(rendered: Rendered, directory: Path, key: str, own_dir: bool, flags: list[str], cc: str) -> Built:

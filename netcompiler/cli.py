@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import re
 import sys
 
 from . import __version__
 from .check import DEFAULT_MEMORY_BUDGET, OPTIMIZERS, load
-from .errors import NetcError, NetcWarning, SpecErrors
+from .errors import NetcError, NetcWarning, SpecErrors, os_error_text
 from .layers import did_you_mean, fmt_shape
 
 FORMAT_HELP = "output format (default text)"
@@ -195,18 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a file or directory that cannot be read or written: full disk, read-only, ...
         print(f"netc: error: {os_error_text(exc)}", file=sys.stderr)
         return 1
-
-
-def os_error_text(exc: OSError) -> str:
-    """One line for an OSError: the path(s), what went wrong, and a hint for the common cases."""
-    what = exc.strerror or str(exc)
-    hint = {errno.ENOTDIR: " (a file is in the way: a directory is needed there)",
-            errno.EEXIST: " (a file is in the way: a directory is needed there)",
-            errno.ENOSPC: " (free some space; files written before are intact)",
-            errno.EROFS: " (choose a writable location)",
-            errno.EACCES: " (choose another location or change its permissions)"}.get(exc.errno, "")
-    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
-    return f"{paths}: {what}{hint}" if paths else f"{what}{hint}"
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import NetcError
+from .errors import NetcError, os_error_text
 
 LOCK_NAME = ".netc.lock"
 
@@ -110,7 +110,7 @@ def locked_directory(directory: str | os.PathLike, what: str, hint: str) -> Iter
                 break
             os.close(fd)  # locked a file its owner removed on leaving (below): lock the current one
     except OSError as exc:
-        raise NetcError(f"cannot use {directory} as a directory: {exc.strerror or exc}") from None
+        raise NetcError(f"cannot use {directory} as a directory: {os_error_text(exc, directory)}") from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
