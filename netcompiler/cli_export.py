@@ -11,8 +11,8 @@ def cmd_export(args) -> int:
     from .export import export_c, load_state
 
     net = load(args.spec)
-    state = load_state(net, args.weights)
-    exported = export_c(net, state, args.target, weights_name=Path(args.weights).name)
+    state, normalisation = load_state(net, args.weights)
+    exported = export_c(net, state, args.target, weights_name=Path(args.weights).name, normalisation=normalisation)
     out = Path(args.out)
     try:
         c_path, h_path = exported.write(out)

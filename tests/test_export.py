@@ -270,10 +270,15 @@ def test_cli_prints_flash_and_ram(tmp_path, capsys):
     path = ROOT / "specs" / "lenet5.yaml"
     network, net, weights = _net_and_weights(path, tmp_path)
     printed = _export_cli(path, weights, tmp_path / "out", "generic", capsys)
-    e = export_c(network, load_state(network, weights), weights_name="weights.npz")
+    state, norm = load_state(network, weights)
+    assert norm == (0.5, 0.25)  # stored by _net_and_weights
+    e = export_c(network, state, weights_name="weights.npz", normalisation=norm)
     assert f"flash: {e.weights_bytes + e.code_bytes_estimate:,} B = {e.weights_bytes:,} B weights" in printed
     assert f"RAM:   {e.arena_bytes + e.stack_bytes_estimate:,} B = {e.arena_bytes:,} B arena" in printed
     assert (tmp_path / "out" / "lenet5.c").read_text() == e.source
+    header = (tmp_path / "out" / "lenet5.h").read_text()
+    assert header == e.header
+    assert "#define LENET5_INPUT_MEAN 0.5f " in header and "#define LENET5_INPUT_STD 0.25f\n" in header
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

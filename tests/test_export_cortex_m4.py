@@ -75,7 +75,7 @@ def run_firmware(name: str, tmp_path, capsys) -> dict:
     y = np.array(bits, np.uint32).view(np.float32)
     size = subprocess.run(["arm-none-eabi-size", str(build / f"{name}.o")], capture_output=True, text=True, check=True)
     text, data = map(int, size.stdout.splitlines()[1].split()[:2])
-    e = export_c(network, load_state(network, weights))
+    e = export_c(network, load_state(network, weights)[0])
     host = _run(_compile("gcc", out, name), x, network.num_classes, tmp_path)
     return dict(y=y, host=host[0], flash=text + data, weights=e.weights_bytes, arena=e.arena_bytes,
                 stack=int(lines["stack"]), instructions=int(lines["ticks"]) * INSTRUCTIONS_PER_TICK)

@@ -98,15 +98,17 @@ def check_state(network, state: dict[str, np.ndarray], path) -> None:
         raise WeightsError(f"{path}: weights do not fit network '{network.name}':\n  " + "\n  ".join(problems))
 
 
-def load_state(network, path) -> dict[str, np.ndarray]:
-    """The weights file `path` (as netc train writes it), checked against `network`."""
-    from ..weights import load_npz, split
+def load_state(network, path) -> tuple[dict[str, np.ndarray], tuple[float, float] | None]:
+    """The weights file `path` (as netc train writes it), checked against `network`, and the
+    input normalisation (mean, std) stored in it, if any."""
+    from ..weights import load_npz, meta_float, split
 
-    state, _, _ = split(load_npz(path))
+    state, meta, _ = split(load_npz(path))
+    mean, std = meta_float(meta, "mean"), meta_float(meta, "std")
     if not state and (network.param_shapes() or network.buffer_shapes()):
         raise WeightsError(f"{path}: holds no weights (only metadata)")
     check_state(network, state, path)
-    return state
+    return state, (mean, std) if mean is not None and std is not None and std > 0 else None
 
 
 _COMMENT_SAFE = re.compile(r"[^A-Za-z0-9 _./,:;=+()\[\]<>@#%&!'^~{}|$-]")
@@ -118,7 +120,9 @@ def comment_text(text: str) -> str:
     return _COMMENT_SAFE.sub("_", str(text))
 
 
-def export_c(network, state: dict[str, np.ndarray], target: str = "generic", weights_name: str = "") -> Exported:
+def export_c(network, state: dict[str, np.ndarray], target: str = "generic", weights_name: str = "",
+             normalisation: tuple[float, float] | None = None) -> Exported:
+    """`normalisation`: the (mean, std) training scaled inputs with, documented in the header."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     check_state(network, state, weights_name or "weights")
@@ -129,7 +133,7 @@ def export_c(network, state: dict[str, np.ndarray], target: str = "generic", wei
     from .render import render
 
     source, header = render(network, steps, memory, arrays, weights_bytes, target,
-                            comment_text(network.file), comment_text(weights_name))
+                            comment_text(network.file), comment_text(weights_name), normalisation)
     return Exported(network.name, source, header, steps, memory, weights_bytes, target)
 
 

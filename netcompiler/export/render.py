@@ -66,7 +66,8 @@ def describe(step: Step) -> list[str]:
 
 
 def render(network, steps: list[Step], memory: MemoryPlan, arrays: list[Array], weights_bytes: int,
-           target: str, spec_path: str, weights_name: str) -> tuple[str, str]:
+           target: str, spec_path: str, weights_name: str,
+           normalisation: tuple[float, float] | None = None) -> tuple[str, str]:
     from ..report import build_report, table_lines
     from . import TARGET_DOC
 
@@ -87,7 +88,8 @@ def render(network, steps: list[Step], memory: MemoryPlan, arrays: list[Array], 
         in_dims=_dims(network.input_shape), out_dims=_dims(network.output_shape),
         in_size=int(np.prod(network.input_shape)), out_size=int(np.prod(network.output_shape)),
         arena_bytes=memory.arena_bytes, weights_bytes=weights_bytes,
-        uses=dict(math=math_used), libm=bool(math_used) or any(s.op == "maxpool" for s in steps),
+        uses=dict(math=math_used), weights_name=weights_name,
+        norm=normalisation and [c_float(np.float32(v)) for v in normalisation], libm=bool(math_used) or any(s.op == "maxpool" for s in steps),
     )
     source = env.get_template("export/net.c.j2").render(ctx)
     header = env.get_template("export/net.h.j2").render(ctx)
