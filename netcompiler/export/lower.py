@@ -69,6 +69,7 @@ class Step:
     post: list[Epilogue] = field(default_factory=list)
     pool: Layer | None = None  # the fused max-pool
     scratch: int = 0  # floats of arena scratch the step needs while it runs
+    scratch_doc: str = ""  # what the scratch holds, for the comment
     in_place: bool = False  # may write its output over its input
     # filled by the memory plan
     in_ref: str = ""
@@ -196,7 +197,9 @@ def conv_step(layer: Layer, state, target: str) -> Step:
              BLOCK=block, FULL=full, TAIL=tail, UNROLL=unroll,
              TAPS_BLOCK=taps(block), TAPS_TAIL=taps(tail), XPAD_OFF=0, ROW_OFF=0, POOL=False)
     step = Step(layer.name, "conv", [layer], layer.in_shape, layer.out_shape, c, _weights(layer, state, layer.name))
-    step.scratch = _round4(c["XPAD_SIZE"]) if padded else 0
+    if padded:
+        step.scratch = _round4(c["XPAD_SIZE"])
+        step.scratch_doc = f"the padded input [{cin}][{hp}][{wp}] at +0"
     return step
 
 
@@ -209,6 +212,7 @@ def _fuse_pool(step: Step, pool: Layer) -> None:
              POOL_EDGE_H=poh * pkh > c["OH"], ROW_OFF=step.scratch)
     step.pre, step.post = step.post, []
     step.pool = pool
+    step.scratch_doc += (", " if step.scratch_doc else "") + f"one conv output row [{c['OW']}] at +{step.scratch}"
     step.scratch += _round4(c["OW"])
     step.out_shape = pool.out_shape
 

@@ -22,15 +22,17 @@ from .lower import Step, _round4
 
 @dataclass
 class Buffer:
-    name: str  # the step whose output it is
+    """A region of the arena: a step's output, or its scratch."""
+
+    name: str  # the step it belongs to
     size: int  # floats, rounded up to 16 bytes
-    dims: str
-    side: str  # "bottom" | "top"
+    what: str  # for the comment
+    side: str  # "bottom" | "top" | "scratch"
     offset: int = 0
-    macro: str = ""
+    macro: str = ""  # its offset in the arena, in floats
 
     def __post_init__(self) -> None:
-        self.macro = self.macro or f"{self.name.upper()}_OUT"  # its offset in the arena, in floats
+        self.macro = self.macro or f"{self.name.upper()}_{'SCRATCH' if self.side == 'scratch' else 'OUT'}"
 
 
 @dataclass
@@ -54,7 +56,7 @@ def plan_memory(steps: list[Step]) -> MemoryPlan:
             outs.append(src)
         else:
             side = "top" if src is not None and src.side == "bottom" else "bottom"
-            b = Buffer(s.name, _round4(s.out_size), "".join(f"[{d}]" for d in s.out_shape), side)
+            b = Buffer(s.name, _round4(s.out_size), f"{s.name}'s output {''.join(f'[{d}]' for d in s.out_shape)}", side)
             buffers.append(b)
             outs.append(b)
     arena = 0
@@ -63,9 +65,18 @@ def plan_memory(steps: list[Step]) -> MemoryPlan:
         bottom = sum(b.size for b in live if b.side == "bottom")
         top = sum(b.size for b in live if b.side == "top")
         arena = max(arena, bottom + s.scratch + top)
-    seen: set[str] = set()
-    for i, b in enumerate(buffers):
+    for b in buffers:
         b.offset = 0 if b.side == "bottom" else arena - b.size
+    regions: list[Buffer] = []
+    for i, s in enumerate(steps):
+        src, dst = (outs[i - 1] if i else None), outs[i]
+        if src is not None and all(src is not r for r in regions):
+            regions.append(src)
+        if s.scratch:  # above the bottom buffer the step uses
+            bottom = max([b.size for b in (src, dst) if b is not None and b.side == "bottom"], default=0)
+            regions.append(Buffer(s.name, s.scratch, f"{s.name}'s scratch: {s.scratch_doc}", "scratch", bottom))
+    seen: set[str] = set()
+    for i, b in enumerate(regions):
         if b.macro in seen:  # layer names that differ only in case
             b.macro = f"{b.macro}_{i}"
         seen.add(b.macro)
@@ -73,6 +84,5 @@ def plan_memory(steps: list[Step]) -> MemoryPlan:
         src, dst = (outs[i - 1] if i else None), outs[i]
         s.in_ref = "input" if src is None else f"a + {src.macro}"
         s.out_ref = "output" if dst is None else f"a + {dst.macro}"
-        bottom = max([b.size for b in (src, dst) if b is not None and b.side == "bottom"], default=0)
-        s.scratch_ref = f"a + {bottom}" if s.scratch else ""
-    return MemoryPlan(buffers, arena)
+        s.scratch_ref = next((f"a + {b.macro}" for b in regions if b.side == "scratch" and b.name == s.name), "")
+    return MemoryPlan(regions, arena)
