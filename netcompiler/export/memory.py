@@ -85,4 +85,4 @@ def plan_memory(steps: list[Step]) -> MemoryPlan:
         s.in_ref = "input" if src is None else f"a + {src.macro}"
         s.out_ref = "output" if dst is None else f"a + {dst.macro}"
         s.scratch_ref = next((f"a + {b.macro}" for b in regions if b.side == "scratch" and b.name == s.name), "")
-    return MemoryPlan(regions, arena)
+    return MemoryPlan(sorted(regions, key=lambda b: b.offset), arena)
