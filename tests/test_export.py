@@ -73,6 +73,18 @@ ODD = {
         "avgpool2d: {kernel_size: 3, stride: 1, padding: 1}",
         "tanh",
     ], loss="mse", name="odd_wide"),
+    # odd 'same' padding (0/1 rows, 3/3 columns) with dilation and groups; a dilated
+    # max-pool (general path); a fused max-pool whose only window is cut to the 1-wide row
+    "odd_dilated": spec([2, 7, 3], [
+        "conv2d: {out_channels: 4, kernel_size: [2, 4], padding: same, dilation: [1, 2], groups: 2}",
+        "maxpool2d: {kernel_size: [2, 1], stride: 1, dilation: [2, 1]}",
+        "relu",
+        "conv2d: {out_channels: 3, kernel_size: 3, stride: 2, expect: [3, 2, 1]}",
+        "maxpool2d: {kernel_size: 2, ceil_mode: true, expect: [3, 1, 1]}",
+        "sigmoid",
+        "flatten",
+        "linear: {out_features: 2}",
+    ], name="odd_dilated"),
     # one step: no arena at all
     "odd_linear": spec([5], ["linear: {out_features: 9}", "gelu"], name="odd_linear"),
     # only a reshape: the output is a copy of the input
