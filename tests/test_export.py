@@ -85,6 +85,9 @@ ODD = {
         "flatten",
         "linear: {out_features: 2}",
     ], name="odd_dilated"),
+    # a batch norm on the input, then flatten: its channels are the input's
+    "odd_bn_flatten": spec([3, 2, 2], ["leaky_relu", "batchnorm2d", "flatten", "linear: {out_features: 2}"],
+                           name="odd_bn_flatten"),
     # one step: no arena at all
     "odd_linear": spec([5], ["linear: {out_features: 9}", "gelu"], name="odd_linear"),
     # only a reshape: the output is a copy of the input

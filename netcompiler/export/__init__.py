@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
 from ..errors import WeightsError
 from ..fileio import atomic_write_text
 from .lower import Step, lower

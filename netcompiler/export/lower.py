@@ -236,9 +236,11 @@ def pool_step(layer: Layer, state, target: str) -> Step:
 def elementwise_step(layer: Layer, state, target: str) -> Step:
     """An element-wise layer with no step before it to take it in (it reads the network
     input): a step of its own, which later element-wise layers join."""
-    step = Step(layer.name, "elementwise", [], layer.in_shape, layer.in_shape, {})
+    c = dict(C=layer.in_shape[0] if len(layer.in_shape) == 3 else 1)  # the channels an epilogue sees
+    step = Step(layer.name, "elementwise", [], layer.in_shape, layer.in_shape, c)
     step.in_place = True
-    assert step.absorb(layer, state)
+    taken = step.absorb(layer, state)
+    assert taken, layer.where()
     return step
 
 
@@ -271,9 +273,8 @@ def lower(layers: list[Layer], state: dict[str, np.ndarray], target: str) -> lis
     if not steps:
         steps.append(copy_step(layers[0].in_shape if layers else ()))
     for s in steps:
-        s.c["C"] = s.c.get("C", s.out_shape[0] if len(s.out_shape) == 3 else 1)
-        s.c["N"] = s.out_size
-        s.c["PLANE"] = s.out_size // s.c["C"]
+        s.c.setdefault("C", 1)
+        s.c["PLANE"] = s.out_size // s.c["C"]  # element-wise steps: values per channel
     return steps
 
 

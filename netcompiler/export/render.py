@@ -96,4 +96,4 @@ def render(network, steps: list[Step], memory: MemoryPlan, arrays: list[Array], 
     return _tidy(source), _tidy(header)
 
 
-__all__ = ["TEMPLATE_DIR", "array_lines", "c_float", "render"]
+__all__ = ["array_lines", "c_float", "render"]
