@@ -28,6 +28,7 @@ import netcompiler as nc
 from conftest import ROOT, assert_close, randomize_batchnorm, spec
 from netcompiler.check import check_text, load
 from netcompiler.cli import main
+from netcompiler.errors import SpecErrors
 from netcompiler.export import comment_text, export_c, load_state
 from netcompiler.weights import save_weights
 
@@ -175,6 +176,79 @@ def test_sanitizers(tmp_path, capsys):
         x = np.random.default_rng(3).standard_normal((2, *network.input_shape)).astype(np.float32)
         ref = net.forward(x).reshape(2, -1)
         assert_close(_run(exe, x, ref.shape[1], tmp), ref, RTOL, f"{name} (sanitizers)", atol=ATOL)
+
+
+# ---- random chains against the independent PyTorch reference --------------------------------
+ACTS = ["relu", "tanh", "sigmoid", "gelu", "gelu: {approximate: tanh}", "leaky_relu: {negative_slope: 0.3}", "dropout"]
+
+
+def _random_layer(r, dims: int) -> str:
+    if dims == 1:
+        return r.choice(ACTS + [f"linear: {{out_features: {r.randint(1, 9)}}}",
+                                f"linear: {{out_features: {r.randint(1, 6)}, bias: false}}"])
+    kind = r.choice(["conv", "conv", "max", "max", "avg", "bn", "act", "flatten"])
+    if kind == "conv":
+        pad = r.choice(["0", "1", "same", "[0, 1]", "valid"])
+        return (f"conv2d: {{out_channels: {2 * r.randint(1, 3)}, kernel_size: {r.choice(['1', '2', '3', '[2, 3]'])}, "
+                f"stride: {1 if pad == 'same' else r.choice([1, 2])}, padding: {pad}, dilation: {r.choice([1, 1, 2])}, "
+                f"groups: {r.choice([1, 1, 2])}, bias: {r.choice(['true', 'false'])}}}")
+    k = r.choice([1, 2, 3])
+    if kind == "max":
+        return (f"maxpool2d: {{kernel_size: {k}, stride: {r.choice(['null', '1', '2', str(k)])}, padding: "
+                f"{r.choice([0, k // 2])}, dilation: {r.choice([1, 1, 2])}, ceil_mode: {r.choice(['true', 'false'])}}}")
+    if kind == "avg":
+        return (f"avgpool2d: {{kernel_size: {k}, stride: {r.choice(['null', '1', '2'])}, padding: {r.choice([0, k // 2])}, "
+                f"ceil_mode: {r.choice(['true', 'false'])}, count_include_pad: {r.choice(['true', 'false'])}}}")
+    return {"bn": "batchnorm2d", "act": r.choice(ACTS), "flatten": "flatten"}[kind]
+
+
+def random_chains(count: int, seed: int = 0):
+    """`count` valid random specs: up to 7 layers of every kind and option the exporter treats
+    differently (invalid draws, e.g. a kernel larger than its input, are skipped)."""
+    import random
+
+    r = random.Random(seed)
+    while count:
+        shape = [r.randint(1, 4), r.randint(3, 12), r.randint(3, 12)]
+        layers, dims = [], 3
+        for _ in range(r.randint(1, 7)):
+            layers.append(_random_layer(r, dims))
+            dims = 1 if layers[-1].startswith(("flatten", "linear")) else dims
+        text = spec(shape, layers, loss="mse", name=f"chain{count}")
+        try:
+            network = check_text(text, "chain.yaml")
+        except SpecErrors:
+            continue
+        count -= 1
+        yield text, network
+
+
+def test_random_chains_match_pytorch(tmp_path):
+    """30 random chains (batch norms with random statistics and signed scales) against
+    conftest's PyTorch model built from the raw YAML, in float64."""
+    import types
+
+    import torch
+
+    from conftest import reference_model
+
+    rng = np.random.default_rng(0)
+    for i, (text, network) in enumerate(random_chains(30)):
+        state = _state(network, i)
+        for k, v in state.items():
+            if k.split(".")[0].startswith("bn"):
+                low, high = {"weight": (-1.5, 1.5), "bias": (-0.5, 0.5), "running_mean": (-0.5, 0.5),
+                             "running_var": (0.5, 2.0)}[k.split(".")[1]]
+                state[k] = rng.uniform(low, high, v.shape)
+        state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+        out = tmp_path / str(i)
+        export_c(network, state).write(out)
+        x = rng.standard_normal((2, *network.input_shape)).astype(np.float32)
+        y = _run(_compile("gcc", out, network.name), x, math.prod(network.output_shape), out)
+        model = reference_model(types.SimpleNamespace(network=network), text, state).eval()
+        with torch.no_grad():
+            ref = model(torch.as_tensor(x, dtype=torch.float64)).numpy().reshape(2, -1)
+        assert_close(y, ref, RTOL, f"random chain {i}:\n{text}", atol=ATOL)
 
 
 # ---- the memory plan -----------------------------------------------------------------------
