@@ -331,8 +331,11 @@ def test_generic_c_uses_no_extensions_and_documents_the_api():
     assert not re.search(r"^(?!static )(?:const )?float \w+\[", e.source, re.M), "a global array that is not static const"
     h = e.header
     for line in ("#define ALPHABET_INPUT_SIZE 784", "#define ALPHABET_OUTPUT_SIZE 26", "#define ALPHABET_ARENA_BYTES ",
-                 "int alphabet_infer(const float *input, float *output, void *arena);", "returns 0 on success"):
+                 "int alphabet_infer(const float *input, float *output, void *arena);", "returns 0 on success",
+                 "uses only these from <math.h> and <string.h>: copysignf, fabsf, memcpy."):
         assert line in h, line
+    network = load(ROOT / "specs" / "lenet5.yaml")  # fused pooling only: no INFINITY, no exp
+    assert "uses nothing from the C library." in export_c(network, _state(network)).header
 
 
 def test_outside_text_reaches_c_only_escaped(tmp_path, capsys):

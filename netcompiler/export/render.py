@@ -17,6 +17,7 @@ from .lower import Array, Epilogue, Step
 from .memory import MemoryPlan
 
 VALUES_PER_LINE = 6
+LIBC_MATH = {"fabsf", "copysignf", "memcpy"}  # what templates/float_math.c.j2 calls
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,7 +90,8 @@ def render(network, steps: list[Step], memory: MemoryPlan, arrays: list[Array], 
         in_size=int(np.prod(network.input_shape)), out_size=int(np.prod(network.output_shape)),
         arena_bytes=memory.arena_bytes, weights_bytes=weights_bytes,
         uses=dict(math=math_used), weights_name=weights_name,
-        norm=normalisation and [c_float(np.float32(v)) for v in normalisation], libm=bool(math_used) or any(s.op == "maxpool" for s in steps),
+        norm=normalisation and [c_float(np.float32(v)) for v in normalisation],
+        libc=sorted((LIBC_MATH if math_used else set()) | ({"INFINITY"} if any(s.op == "maxpool" for s in steps) else set())),
     )
     source = env.get_template("export/net.c.j2").render(ctx)
     header = env.get_template("export/net.h.j2").render(ctx)

@@ -28,7 +28,7 @@
  * The weights are static const arrays (SNAPSHOT_WEIGHTS_BYTES bytes) in snapshot.c; nothing else is
  * kept between calls: no heap, no globals, reentrant (concurrent calls need their own arenas).
  * input and output must not overlap each other or the arena.
- * C99; needs <math.h>.
+ * C99; uses nothing from the C library.
  */
 #define SNAPSHOT_INPUT_SIZE 64   /* floats: [1][8][8] */
 #define SNAPSHOT_OUTPUT_SIZE 3  /* floats: [3] */
