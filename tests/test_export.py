@@ -7,8 +7,8 @@ a network that is only a reshape), the test
 - gives the network random weights (`Net.init`, batch norms random running statistics)
   and saves them with the weights writer, as `netc train` would;
 - runs `netc export SPEC WEIGHTS --format c -o DIR`;
-- compiles NAME.c with tests/c/export_driver.c under
-  `-std=c99 -pedantic -Wall -Wextra -Werror` (gcc, and clang when it is installed);
+- compiles NAME.c with tests/c/export_driver.c under `-std=c99 -pedantic -Wall -Wextra
+  -Werror -Wdouble-promotion -Wconversion ...` (gcc, and clang when it is installed);
 - runs the driver on random inputs and compares its outputs with `Net.forward` (float32).
 One spec also runs under AddressSanitizer and UndefinedBehaviorSanitizer with an arena
 of exactly NAME_ARENA_BYTES filled with NaN.
@@ -34,7 +34,9 @@ from netcompiler.weights import save_weights
 
 DRIVER = ROOT / "tests" / "c" / "export_driver.c"
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
-STRICT = ["-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror"]
+STRICT = ["-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror",
+          # no float promoted to double (slow on single-precision FPUs), no implicit narrowing
+          "-Wdouble-promotion", "-Wconversion", "-Wshadow", "-Wcast-qual", "-Wstrict-prototypes"]
 COMPILERS = [c for c in ("gcc", "clang") if shutil.which(c)]
 RTOL, ATOL = 1e-5, 1e-6
 
