@@ -91,6 +91,11 @@ ODD = {
     # a batch norm on the input, then flatten: its channels are the input's
     "odd_bn_flatten": spec([3, 2, 2], ["leaky_relu", "batchnorm2d", "flatten", "linear: {out_features: 2}"],
                            name="odd_bn_flatten"),
+    # names in mixed case, and layer names that differ only in case (their arena macros must not)
+    "odd_case": spec([1, 6, 6], ["conv2d: {name: Conv, out_channels: 2, kernel_size: 3}",
+                                 "conv2d: {name: conv, out_channels: 2, kernel_size: 1}",
+                                 "conv2d: {name: CONV, out_channels: 2, kernel_size: 1}",
+                                 "flatten", "linear: {out_features: 2}"], name="MixedCase"),
     # one step: no arena at all
     "odd_linear": spec([5], ["linear: {out_features: 9}", "gelu"], name="odd_linear"),
     # only a reshape: the output is a copy of the input
