@@ -154,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer whose state counts in training memory (adam)")
     r.set_defaults(func=cmd_report)
 
-    from . import cli_build, cli_train
+    from . import cli_build, cli_export, cli_train
 
     cli_build.register(sub)
     cli_train.register(sub)
+    cli_export.register(sub)
     return p
 
 
