@@ -208,6 +208,8 @@ def _stages(plans: list[LayerPlan], training: bool) -> list[Stage]:
         if batch or not stages or stages[-1].batch_level:
             stages.append(Stage(batch, []))
         stages[-1].layers.append(lp)
+    if not stages:  # only reinterpreting layers (flatten): one stage that copies the input in
+        stages.append(Stage(False, []))
     for st in stages:
         offs = [(t.offset, t.offset + t.size) for lp in st.layers for t in lp.params.values()]
         if offs:
