@@ -2,6 +2,7 @@
 and diagnostics that stay on one line whatever the spec holds."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -321,3 +322,29 @@ def test_a_spec_path_with_a_newline_is_escaped(tmp_path):
     assert str(exc.value) == (f"{tmp_path}/a\\nb/net.yaml:3:7: error: unknown loss 'crossentropy' (did you mean "
                               f"'cross_entropy'?); expected one of cross_entropy, mse")
     assert str(Diagnostic("f\n", 1, 1, "m\r")) == "f\\n:1:1: error: m\\r"
+
+
+# ---- the spec file ------------------------------------------------------------------------------
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_unreadable_spec_file(tmp_path):
+    p = tmp_path / "net.yaml"
+    p.write_text("input: [4]\nlayers: [relu]\nloss: mse\n")
+    p.chmod(0)
+    with pytest.raises(SpecErrors) as exc:
+        load(p)
+    assert str(exc.value) == f"{p}:1:1: error: cannot read spec: Permission denied"
+
+
+def test_spec_over_the_size_bound_is_refused_before_reading(tmp_path):
+    p = tmp_path / "big.yaml"
+    with open(p, "wb") as f:
+        f.truncate(10 * 2**30)  # a sparse 10 GiB file: reading it would take long and much memory
+    with pytest.raises(SpecErrors) as exc:
+        load(p)
+    assert str(exc.value) == f"{p}:1:1: error: spec is 10,737,418,240 bytes; specs over 1 MiB are refused"
+
+
+def test_a_symlink_to_a_spec_is_read(tmp_path):
+    (tmp_path / "real.yaml").write_text("name: linked\ninput: [4]\nlayers: [relu]\nloss: mse\n")
+    (tmp_path / "link.yaml").symlink_to(tmp_path / "real.yaml")
+    assert load(tmp_path / "link.yaml").name == "linked"
