@@ -366,8 +366,9 @@ def _bad_ident(name: str) -> str:
     Names become prefixes of C identifiers and macros (NAME_forward, NAME_H, OFF_NAME_out):
     C reserves identifiers that start with '_' and a capital or with '__' for the compiler
     and the system headers (`_` gives `__real`, a GCC keyword; `_stdint` the header guard
-    `_STDINT_H` of <stdint.h>), so a name starts with a letter and has no '__' (which
-    could also join a name and a suffix into another generated name)."""
+    `_STDINT_H` of <stdint.h>), so a name starts with a letter and has no '__'.  That no
+    name can make a generated identifier equal another (the templates' or a system
+    header's) is tested over every identifier the templates make (test_spec_values.py)."""
     if name in C_RESERVED:
         return "is reserved in C (a keyword or a name the generated code uses)"
     if name.startswith("_"):

@@ -48,7 +48,7 @@ def yaml11_hint(v: Any) -> str:
 
 # The largest integer option (a size, stride, padding, dilation or group count): the C
 # code computes with int, and no window, channel count or feature count of a network that
-# fits in memory comes near it.  Tensor sizes are bounded separately (check.MAX_ELEMENTS).
+# fits in memory comes near it.  Tensor sizes are bounded separately (MAX_ELEMENTS).
 MAX_OPTION_INT = 1 << 20
 MAX_ELEMENTS = 2**31 - 1  # no tensor may hold more (C indexes within a sample with int)
 
@@ -145,7 +145,7 @@ class Option:
         if self.kind == "shape":
             if not isinstance(v, list) or not v:
                 raise OptionError(f"{what} must be a list of sizes, e.g. [16, 10, 10], got {_show(v)}")
-            return tuple(_int(x, what, 1, 2**31 - 1) for x in v)
+            return tuple(_int(x, what, 1, MAX_ELEMENTS) for x in v)
         raise AssertionError(self.kind)
 
 
