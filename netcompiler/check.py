@@ -20,10 +20,10 @@ from .spec import Node, parse_text, read_spec_text
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_NAME = 48
-# gcc -O3 inlines every layer of a stage into its per-sample loop, and its vectorizer's
-# time then grows far faster than the number of layers: a chain of relu layers compiled in
-# 2.4 s (CPU) at 50 layers, 3.3 s at 64, 4.7 s at 80, 26 s at 90, 34 s at 100, 246 s at 200.
-MAX_LAYERS = 64
+# With stages of at most plan.MAX_STAGE_LAYERS layers, gcc's time grows with the number of
+# layers; measured (CPU, gcc 12 -O3) at 256: relu chain 9.3 s, tanh 5.1 s, conv2d/
+# batchnorm2d/relu/maxpool2d blocks 10.5 s; relu at 512: 19.9 s.
+MAX_LAYERS = 256
 DEFAULT_MEMORY_BUDGET = 16 * 2**30  # bytes of training memory at batch size 1
 LOSSES = ("cross_entropy", "mse")
 TOP_KEYS = ("name", "input", "layers", "loss", "train")

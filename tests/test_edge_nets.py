@@ -75,3 +75,41 @@ def test_twenty_thousand_layers_are_refused_quickly():
     with pytest.raises(SpecErrors) as exc:
         check_text(text, "deep.yaml")
     assert len(exc.value.diagnostics) == 1 and f"layer {MAX_LAYERS + 1} of 20,000" in str(exc.value)
+
+
+# 24 conv/activation layers and a max-pool run sample by sample in both modes: more than a
+# stage holds (plan.MAX_STAGE_LAYERS), so they are split into several parallel loops
+DEEP = spec((2, 4, 4), ["conv2d: {out_channels: 2, kernel_size: 3, padding: 1}", "tanh"] * 6
+            + ["conv2d: {out_channels: 2, kernel_size: 1}", "leaky_relu"] * 6
+            + ["maxpool2d: {kernel_size: 2}", "flatten", "linear: {out_features: 3}"], loss="cross_entropy")
+
+
+def test_long_chains_are_split_into_stages():
+    from netcompiler.plan import MAX_STAGE_LAYERS, make_plan
+
+    plan = make_plan(check_text(DEEP, "deep.yaml"))
+    assert [len(st.layers) for st in plan.eval_stages] == [16, 10]  # flatten runs nothing
+    assert [len(st.layers) for st in plan.train_stages] == [16, 9, 1]  # linear: batch level
+    assert all(len(st.layers) <= MAX_STAGE_LAYERS for st in plan.eval_stages + plan.train_stages)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_split_stages_match_torch(threads):
+    import torch
+
+    from conftest import assert_close, reference_loss_and_grad, reference_model
+
+    net = build(DEEP, "float64", threads=threads, file="deep.yaml")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 2, 4, 4))
+    y = rng.integers(0, 3, 5).astype(np.int32)
+    with torch.no_grad():
+        ref = reference_model(net, DEEP).eval()(torch.as_tensor(x)).numpy()
+    assert_close(net.forward(x), ref, 1e-9, "eval forward")
+    state = net.state_dict()
+    loss, grads = net.loss_and_grad(x, y)
+    rl, rg, _, _ = reference_loss_and_grad(net, DEEP, x, y, None, state)
+    assert abs(loss - rl) <= 1e-9 * abs(rl)
+    assert set(grads) == set(rg)
+    for k in rg:
+        assert_close(grads[k], rg[k], 1e-9, f"d{k}", atol=1e-12)
