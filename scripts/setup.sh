@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything netcompiler needs on a fresh machine (idempotent).
 #   scripts/setup.sh          runtime: the package, a C compiler, Fashion-MNIST
-#   scripts/setup.sh --test   also the test-only dependencies (pytest, torch CPU 2.13.0)
+#   scripts/setup.sh --test   also the test-only dependencies (pytest, hypothesis, torch CPU 2.13.0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +19,7 @@ fi
 
 python3 -m pip install -q --disable-pip-version-check -e .
 if [ "${1:-}" = "--test" ]; then
-  python3 -m pip install -q --disable-pip-version-check "pytest>=7"
+  python3 -m pip install -q --disable-pip-version-check "pytest>=7" "hypothesis>=6"
   # the CPU build of torch 2.13.0 is a local file on these machines; a test-only dependency
   python3 -c "import torch" 2>/dev/null || python3 -m pip install -q --disable-pip-version-check torch==2.13.0
 fi

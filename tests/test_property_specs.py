@@ -14,14 +14,13 @@ import math
 import numpy as np
 import pytest
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import netcompiler as nc  # noqa: E402
-from netcompiler.check import check_text  # noqa: E402
-from netcompiler.errors import SpecErrors  # noqa: E402
-from netcompiler.layers import REGISTRY  # noqa: E402
+import netcompiler as nc
+from netcompiler.check import check_text
+from netcompiler.errors import SpecErrors
+from netcompiler.layers import REGISTRY
 
 # numbers as a user writes them (YAML 1.2 forms included)
 EPS = ["1e-5", "0.001", "1E-3", ".1"]
