@@ -46,6 +46,33 @@ MAX_TRAIN_INT = 1 << 20  # epochs and batch_size: far beyond any run, and within
 # std > 0 are checked on their own
 TRAIN_RANGE = {"seed": (0, 2**63 - 1), "lr": (0, 1e3), "momentum": (0, 1), "weight_decay": (0, 1e3),
                "val_split": (0, 1), "mean": (0, 1e6), "std": (0, 1e6)}
+
+def train_value(key: str, value: Any) -> Any:
+    """The one rule for a training setting, wherever it comes from (the spec's train:
+    section, netc train's flags, a checkpoint's settings, Net.set_optimizer and Net.lr):
+    the value (int, float or optimizer name), or ValueError saying what it must be."""
+    kind = TRAIN_KEYS[key][0]
+    if kind == "choice":
+        if value not in OPTIMIZERS:
+            hint = did_you_mean(value, list(OPTIMIZERS)) if isinstance(value, str) else ""
+            raise ValueError(f"must be one of {', '.join(OPTIMIZERS)}, got {_show(value)}{hint}")
+        return value
+    low, high = TRAIN_RANGE.get(key, (1, MAX_TRAIN_INT))
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            what = "a positive integer" if low == 1 else "an integer >= 0"
+            raise ValueError(f"must be {what} (at most {high:,}), got {_show(value)}")
+        return value
+    num = as_number(value)
+    if num is None or not low <= num <= high:
+        raise ValueError(f"must be a number in [{low:g}, {high:g}], got {_show(value)}")
+    if key == "std" and not num > 0:
+        raise ValueError(f"must be positive, got {_show(value)}")
+    if key == "val_split" and not num < 1:
+        raise ValueError(f"must be below 1, got {_show(value)}")
+    return num
+
+
 C_RESERVED = set(
     """auto break case char const continue default do double else enum extern float for goto if
     inline int long register restrict return short signed sizeof static struct switch typedef union
@@ -188,25 +215,11 @@ class _Checker:
                 self.error(v, f"unknown train option '{key}'{did_you_mean(key, list(TRAIN_KEYS))}; expected one of "
                               f"{', '.join(TRAIN_KEYS)}", at_key=True)
                 continue
-            kind = TRAIN_KEYS[key][0]
             val = v.value
-            low, high = TRAIN_RANGE.get(key, (1, MAX_TRAIN_INT))
-            if kind == "int" and (isinstance(val, bool) or not isinstance(val, int) or not low <= val <= high):
-                what = "a positive integer" if low == 1 else "an integer >= 0"
-                self.error(v, f"train option '{key}' must be {what} (at most {high:,}), got "
-                              f"{_show(val)}{yaml11_hint(val)}")
-            elif kind == "float" and not (as_number(val) is not None and low <= as_number(val) <= high):
-                self.error(v, f"train option '{key}' must be a number in [{low:g}, {high:g}], got "
-                              f"{_show(val)}{yaml11_hint(val)}")
-            elif key == "std" and not as_number(val) > 0:
-                self.error(v, f"train option 'std' must be positive, got {_show(val)}")
-            elif kind == "choice" and val not in OPTIMIZERS:
-                hint = did_you_mean(val, list(OPTIMIZERS)) if isinstance(val, str) else ""
-                self.error(v, f"train option 'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {_show(val)}{hint}")
-            else:
-                out[key] = as_number(val) if kind == "float" else val
-        if "val_split" in out and not out["val_split"] < 1:
-            self.error(node.value["val_split"], "train option 'val_split' must be below 1")
+            try:
+                out[key] = train_value(key, val)
+            except ValueError as exc:
+                self.error(v, f"train option '{key}' {exc}{yaml11_hint(val)}")
         return out
 
     # ---- layers -----------------------------------------------------------------------

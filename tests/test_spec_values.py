@@ -348,3 +348,40 @@ def test_a_symlink_to_a_spec_is_read(tmp_path):
     (tmp_path / "real.yaml").write_text("name: linked\ninput: [4]\nlayers: [relu]\nloss: mse\n")
     (tmp_path / "link.yaml").symlink_to(tmp_path / "real.yaml")
     assert load(tmp_path / "link.yaml").name == "linked"
+
+
+# ---- one rule per training value: the spec, the CLI, Net ------------------------------------------
+@pytest.mark.parametrize("key, flag, bad, good", [
+    ("lr", "--lr", 1e30, 0.5), ("momentum", "--momentum", 1.5, 0.5), ("weight_decay", "--weight-decay", -1, 0.01),
+    ("epochs", "--epochs", 0, 3), ("batch_size", "--batch-size", 2**21, 8), ("seed", "--seed", -1, 7),
+    ("val_split", "--val-split", 1.0, 0.2),
+])
+def test_training_values_have_one_rule(key, flag, bad, good, capsys):
+    from netcompiler.check import check_text, train_value
+    from netcompiler.cli import build_parser
+
+    with pytest.raises(ValueError):
+        train_value(key, bad)
+    assert train_value(key, good) == good
+    with pytest.raises(SpecErrors, match=f"train option '{key}' must be"):
+        check_text(f"input: [4]\nlayers: [{{linear: {{out_features: 2}}}}]\nloss: mse\ntrain: {{{key}: {bad!r}}}\n")
+    check_text(f"input: [4]\nlayers: [{{linear: {{out_features: 2}}}}]\nloss: mse\ntrain: {{{key}: {good!r}}}\n")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "x.yaml", "--data", "d", flag, str(bad)])
+    assert "must be" in capsys.readouterr().err
+    args = build_parser().parse_args(["train", "x.yaml", "--data", "d", flag, str(good)])
+    assert getattr(args, key) == good
+
+
+@pytest.mark.parametrize("what, bad", [("lr", 1e30), ("lr", float("nan")), ("lr", -1), ("momentum", 1.5),
+                                       ("weight_decay", -0.1)])
+def test_net_optimizer_values_follow_the_same_rule(what, bad):
+    import netcompiler as nc
+    from netcompiler.check import check_text
+
+    net = nc.compile(check_text("input: [4]\nlayers: [{linear: {out_features: 2}}]\nloss: mse\n"), threads=1)
+    with pytest.raises(ValueError, match=f"{what} must be"):
+        net.set_optimizer("momentum", **{what: bad})
+    if what == "lr":
+        with pytest.raises(ValueError, match="lr must be"):
+            net.lr = bad
