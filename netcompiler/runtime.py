@@ -188,29 +188,10 @@ class Net:
         values=False) from loading: missing, extra, misshapen, non-real, or (values=True)
         not finite in the build's dtype.  Metadata entries of a netc train file ('__meta__/',
         '__optim__/') get one line pointing to load_weights."""
-        expected = {**self.params, **self.buffers}
-        problems = []
-        for k in sorted(set(expected) - set(state)):
-            problems.append(f"missing '{k}' {tuple(expected[k].shape)}")
-        reserved = sorted(k for k in set(state) - set(expected) if str(k).startswith("__"))
-        for k in sorted(set(state) - set(expected) - set(reserved)):
-            problems.append(f"unexpected '{k}'")
-        if reserved:
-            problems.append(f"unexpected metadata entries ({', '.join(repr(k) for k in reserved[:3])}"
-                            f"{', ...' if len(reserved) > 3 else ''}): this is a weights or checkpoint file "
-                            f"written by netc train; load it with net.load_weights(path)")
-        for k in sorted(set(expected) & set(state)):
-            v = state[k] if not values else np.asarray(state[k])
-            if tuple(v.shape) != expected[k].shape:
-                problems.append(f"'{k}' has shape {tuple(v.shape)}, the network needs {expected[k].shape}")
-            elif v.dtype.kind not in "fiu":
-                problems.append(f"'{k}' has dtype {v.dtype}, expected a real number array")
-            elif values and v.dtype.kind == "f" and not np.all(np.isfinite(v)):
-                problems.append(f"'{k}' contains NaN or infinity")
-            elif values and not np.all(np.abs(v) <= np.finfo(self.dtype).max):
-                problems.append(f"'{k}' has values up to {np.max(np.abs(v)):.3g}, beyond the range of "
-                                f"{self.dtype} (largest {np.finfo(self.dtype).max:.3g})")
-        return problems
+        from .weights import state_problems
+
+        return state_problems({k: v.shape for k, v in {**self.params, **self.buffers}.items()}, state, self.dtype,
+                              values)
 
     def misfit(self, problems: list[str]) -> WeightsError:
         """The error for `state_problems`: one line for one problem, else one line each."""
