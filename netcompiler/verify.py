@@ -105,7 +105,7 @@ def compare_torch(net, x, y, state, buffers_before) -> list[Row]:
     return rows
 
 
-class _FixedMask:  # a torch module multiplying by a saved dropout mask
+class _FixedMask:  # a torch module multiplying by a saved dropout mask in training mode, as dropout does
     def __new__(cls, mask):
         import torch.nn as nn
 
@@ -115,7 +115,7 @@ class _FixedMask:  # a torch module multiplying by a saved dropout mask
                 self.register_buffer("mask", m, persistent=False)
 
             def forward(self, t):
-                return t * self.mask
+                return t * self.mask if self.training else t
 
         return FixedMask(mask)
 

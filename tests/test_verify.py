@@ -81,3 +81,24 @@ def test_cli_default_checks_both_builds_and_prints_each_tolerance():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "float64 build: torch (float64) max rel err <= 1e-08; finite differences" in out.stdout
     assert "float32 build: torch (float64) max rel err <= 0.0001" in out.stdout
+
+
+def test_dropout_network_passes_in_both_modes():
+    """The torch twin replays the build's dropout masks in training mode only: evaluation
+    mode has no dropout (the twin used to apply the masks there too and fail)."""
+    from netcompiler.check import check_text
+
+    spec = check_text("""
+name: dropnet
+input: [2, 6, 6]
+layers:
+  - conv2d: {out_channels: 4, kernel_size: 3}
+  - relu
+  - dropout: {p: 0.5}
+  - flatten
+  - linear: {out_features: 3}
+loss: cross_entropy
+""", "dropnet.yaml")
+    rows, _ = v.verify(spec, per_tensor=2)
+    assert not _bad(rows), _bad(rows)
+    assert {r.dtype for r in rows if r.tensor == "outputs (eval)"} == {"float32", "float64"}
