@@ -63,13 +63,15 @@ class Ix:
         return s if len(self.terms) + bool(self.const) <= 1 and " + " not in s and " - " not in s else f"({s})"
 
     def __str__(self) -> str:
-        out = ""
+        # a positive constant before a leading negative term: `1 - ox * 2`, not `-ox * 2 + 1`
+        lead = self.terms and self.terms[0][1] < 0 and self.const > 0
+        out = str(self.const) if lead else ""
         for a, k in self.terms:
             if (abs(k) != 1 and _loose(a, "+-%/")) or (k < 0 and _loose(a, "+-")):
                 a = f"({a})"
             mag = a if abs(k) == 1 else f"{a} * {abs(k)}"
             out += (f" - {mag}" if out else f"-{mag}") if k < 0 else (f" + {mag}" if out else mag)
-        if self.const or not out:
+        if (self.const and not lead) or not out:
             c = self.const
             out += (f" - {-c}" if c < 0 else f" + {c}") if out else str(c)
         return out

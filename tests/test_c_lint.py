@@ -218,7 +218,8 @@ def test_index_expressions_fold_numbers_and_keep_precedence():
     assert str((Ix.of(0) * 32 + ix("y") + 2) * 32 + 2) == "(y + 2) * 32 + 2"
     assert str(ix("4 * i + j") * 2320) == "(4 * i + j) * 2320"
     assert str(ix("a % 6") * 25 + ix("a / 6")) == "(a % 6) * 25 + a / 6"
-    assert str(-ix("a + b") + 3) == "-(a + b) + 3"
+    assert str(-ix("a + b") + 3) == "3 - (a + b)" and str(-ix("ox") * 2 - 1) == "-ox * 2 - 1"
+    assert str(Ix.of(13) - ix("oy") * 2) == "13 - oy * 2" and str(ix("y") - 9) == "y - 9"
     assert str(at("weight", Ix.of(0) * 150)) == "weight" and str(at("w", ix("i") * 150)) == "w + i * 150"
     assert prod(1, 32, 32) == "32 * 32" and prod("sizeof(real_t)", 1) == "sizeof(real_t)"
     once, twice, never = loop("grp", 0, 1), loop("m0", 0, 16, 8), loop("p", 784, 784)
