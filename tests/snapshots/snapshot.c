@@ -108,7 +108,6 @@ typedef lane_t vlane __attribute__((vector_size(VEC * sizeof(real_t))));
  * Macros for the same reason; their arguments are evaluated more than once. */
 #define vrelu(v) ((vreal)((vlane)(v) & (vlane)((v) > (vreal){0})))
 #define vpos(v, x) ((vreal)((vlane)(v) & (vlane)((x) > (vreal){0})))
-static inline real_t relu(real_t x) { return x > 0 ? x : 0; }
 static inline real_t vsum(const vreal *v)
 {
     real_t s = 0;
@@ -142,11 +141,6 @@ static inline void vsum16(real_t *restrict y, const vreal *a)
     vstore(y, vshuffle2(l2[0], l2[1], x1) + vshuffle2(l2[0], l2[1], x1 + 1));
 }
 static inline int imin(int a, int b) { return a < b ? a : b; }
-static inline int imax(int a, int b) { return a > b ? a : b; }
-/* first index o >= 0 with o * step >= num: the first window tap inside the input */
-static inline int window_lo(int num, int step) { return num <= 0 ? 0 : (num + step - 1) / step; }
-/* one past the last index o < limit with o * step <= num */
-static inline int window_hi(int num, int step, int limit) { return num < 0 ? 0 : imin(num / step + 1, limit); }
 /* g + 0: -0 becomes +0 (what zeroing then accumulating gives), any other g is unchanged */
 static inline real_t plus_zero(real_t g) { return g + (real_t)0; }
 
