@@ -16,14 +16,16 @@ def compile(spec, dtype: str = "float32", threads: int | None = None, flags: lis
             out_dir=None, memory_budget: int | None = None):
     """Check, generate, build (cached) and load a spec; return a `runtime.Net`.
 
-    `spec` is a path or an already checked `check.Network`."""
+    `spec` is a path or an already checked `check.Network`; `threads` is as for `Net.threads`
+    (1 to runtime.MAX_THREADS, None: all available cores)."""
     import cffi
 
     from .build import compile_rendered, default_flags
     from .check import DEFAULT_MEMORY_BUDGET, Network, load
     from .render import render
-    from .runtime import Net
+    from .runtime import Net, check_threads
 
+    threads = check_threads(threads)  # before the build: a bad count fails at once
     net = spec if isinstance(spec, Network) else load(spec, memory_budget or DEFAULT_MEMORY_BUDGET)
     flags = list(flags) if flags is not None else default_flags()
     rendered = render(net, dtype, flags)

@@ -115,6 +115,7 @@ def cmd_verify(args) -> int:
 
 def register(sub) -> None:
     from .cli import positive_int
+    from .cli_train import THREADS_HELP, thread_count
 
     b = sub.add_parser("build", help="generate C and compile it: DIR/NAME.c, NAME.h, NAME.so")
     b.add_argument("spec")
@@ -137,7 +138,7 @@ def register(sub) -> None:
     v.add_argument("--batch-size", type=positive_int, default=4)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--samples", type=positive_int, default=6, help="finite-difference checks per tensor (6)")
-    v.add_argument("--threads", type=positive_int, default=None)
+    v.add_argument("--threads", type=thread_count, metavar="N", default=None, help=THREADS_HELP)
     v.add_argument("--no-torch", action="store_true", help="finite differences only")
     v.set_defaults(func=cmd_verify)
 

@@ -14,6 +14,7 @@ from .check import OPTIMIZERS, TRAIN_KEYS, Network, load
 from .cli import int_at_least
 from .errors import DataError, NetcError
 from .progress import emit
+from .runtime import MAX_THREADS, check_threads
 
 NORMALISATION_HELP = (
     "Normalisation: inputs are pixels/255 (uint8 images), then (x - mean) / std.  netc train takes mean/std "
@@ -21,7 +22,19 @@ NORMALISATION_HELP = (
     "RUN_DIR/normalization.json and inside weights.npz and checkpoint.npz (as '__meta__/mean' and "
     "'__meta__/std').  eval and predict use, in this order: the values inside WEIGHTS, normalization.json "
     "next to WEIGHTS, the spec's train: section; else no normalisation.")
-THREADS_HELP = "threads of the C code (default: all available cores)"
+THREADS_HELP = f"threads of the C code, 1 to {MAX_THREADS} (default: all available cores)"
+
+
+def thread_count(text: str) -> int:
+    """--threads N: the rule of Net.threads and compile(threads=) (runtime.check_threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
+    try:
+        return check_threads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _nonneg_float(text: str) -> float:
@@ -74,7 +87,7 @@ def register(sub) -> None:
                    help=f"seed of initialisation, shuffling, dropout and --val-split (default {d['seed']})")
     t.add_argument("--val-split", type=_fraction, metavar="F",
                    help="validate on this fraction of the training set (seeded); default: validate on the test set")
-    t.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
+    t.add_argument("--threads", type=thread_count, metavar="N", help=THREADS_HELP)
     t.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<spec name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--force", action="store_true", help="start afresh even if RUN_DIR holds a checkpoint")
@@ -119,7 +132,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="network spec (YAML)")
     p.add_argument("weights", help="weights.npz or checkpoint.npz written by netc train (any .npz with the "
                                    "spec's parameter names and shapes)")
-    p.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
+    p.add_argument("--threads", type=thread_count, metavar="N", help=THREADS_HELP)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
 
 
