@@ -9,7 +9,24 @@ templates/) -> compile/load (build.py) -> run (runtime.py).
 """
 from __future__ import annotations
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# How idle OpenMP threads wait, set at import, before any network (and so the OpenMP runtime)
+# is loaded: libgomp reads these variables once, when it is loaded.  Its default spins up to
+# 300,000 times (~12 ms at the ~40 ns a `pause` takes here) at every barrier and region start;
+# when another process holds a core, the spinning threads burn the time the working ones need,
+# and 2-thread training fell to 0.06-0.5x the 1-thread speed (bench/busy.py; README, Threads).
+# A short spin (100 ~ 4 us), then sleep: a sleeping thread is scheduled at once when woken, and
+# the default stays at or above 1 thread under load.  OMP_WAIT_POLICY=passive says the same to
+# LLVM's libomp (clang builds); libgomp takes its spin count from GOMP_SPINCOUNT.  Nothing is
+# set when the user set either variable.  The setting is inherited by child processes and read
+# by any OpenMP runtime loaded later (torch bundles libgomp.so.1: one copy serves both); when
+# one was loaded before netcompiler was imported (torch imported first), it keeps its own.
+OPENMP_WAIT = {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "100"}
+if not any(k in _os.environ for k in OPENMP_WAIT):
+    _os.environ.update(OPENMP_WAIT)
 
 
 def compile(spec, dtype: str = "float32", threads: int | None = None, flags: list[str] | None = None,

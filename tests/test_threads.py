@@ -1,7 +1,10 @@
-"""Thread counts: one rule for Net.threads, compile(threads=) and --threads."""
+"""Thread counts: one rule for Net.threads, compile(threads=) and --threads; and the OpenMP
+wait setting that netcompiler puts in the environment before any network is loaded."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,3 +69,61 @@ def test_cli_threads_is_a_one_line_error(command, value, tmp_path, capsys):
     want = "not an integer: 'two'" if value == "two" else f"from 1 to 1024, got {value}"
     assert err.startswith(f"netc {command}: error: argument --threads:") and want in err, err
     assert not (tmp_path / "run").exists()
+
+
+# ---- the OpenMP wait setting -------------------------------------------------------------------
+PROBE = """
+import os, sys
+before = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+import netcompiler as nc
+from netcompiler.check import check_text
+after = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+net = nc.compile(check_text(sys.argv[1], "tiny.yaml"), dtype="float64", threads=2)
+net.forward(__import__("numpy").zeros((4, 3)))
+print(repr(before), repr(after), sep="\\n")
+"""
+
+
+def run_probe(tmp_path, **env) -> tuple[dict, dict, str]:
+    """before/after the import, and libgomp's own report of what it read (OMP_DISPLAY_ENV)."""
+    e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "PYTHONPATH")}
+    e.update(env, PYTHONPATH=str(ROOT), OMP_DISPLAY_ENV="verbose")
+    proc = subprocess.run([sys.executable, "-c", PROBE, TINY], capture_output=True, text=True, env=e,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = (eval(line) for line in proc.stdout.splitlines()[-2:])  # noqa: S307 (our own repr)
+    gomp = {line.split("=")[0].strip(): line.split("=", 1)[1].strip().strip("'") for line in proc.stderr.splitlines()
+            if line.strip().startswith(("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))}
+    return before, after, gomp
+
+
+def openmp_built() -> bool:
+    from netcompiler.build import default_flags
+
+    return "-fopenmp" in default_flags()
+
+
+@pytest.mark.skipif(not openmp_built(), reason="no OpenMP here")
+def test_import_sets_the_short_spin_before_libgomp_loads(tmp_path):
+    before, after, gomp = run_probe(tmp_path)
+    assert before == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}
+    assert after == {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "100"}
+    assert gomp.get("GOMP_SPINCOUNT") == "100", gomp  # libgomp itself read it (its default is 300000)
+
+
+@pytest.mark.skipif(not openmp_built(), reason="no OpenMP here")
+@pytest.mark.parametrize("env, spin", [({"OMP_WAIT_POLICY": "active"}, "30000000000"),
+                                       ({"OMP_WAIT_POLICY": "passive"}, "0"),
+                                       ({"GOMP_SPINCOUNT": "5000"}, "5000")])
+def test_a_user_setting_is_kept(tmp_path, env, spin):
+    before, after, gomp = run_probe(tmp_path, **env)
+    assert before == after == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None, **env}
+    assert gomp.get("GOMP_SPINCOUNT") == spin, gomp
+
+
+def test_the_cli_sets_it_too():
+    e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "PYTHONPATH")}
+    code = "import os, netcompiler.cli; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"  # what `netc` imports first
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(e, PYTHONPATH=str(ROOT))).stdout.strip()
+    assert out == "100 passive"
