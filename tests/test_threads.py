@@ -127,3 +127,27 @@ def test_the_cli_sets_it_too():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(e, PYTHONPATH=str(ROOT))).stdout.strip()
     assert out == "100 passive"
+
+
+def test_resume_with_another_thread_count_says_what_happens(tmp_path, capsys, monkeypatch):
+    import netcompiler.train
+    from test_train import make_case
+
+    spec_path, data = make_case(tmp_path)
+    update = netcompiler.train.Progress.update
+    calls = {"n": 0}
+
+    def interrupting_update(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return update(self, *a, **kw)
+
+    monkeypatch.setattr(netcompiler.train.Progress, "update", interrupting_update)
+    args = ["train", spec_path, "--data", data, "--out", str(tmp_path / "run")]
+    assert main([*args, "--threads", "1"]) == 130
+    monkeypatch.setattr(netcompiler.train.Progress, "update", update)
+    capsys.readouterr()
+    assert main([*args, "--threads", "2", "--resume"]) == 0
+    out = " ".join(capsys.readouterr())
+    assert "the run used 1 threads, this session 2" in out and "--threads 1 repeats it exactly" in out, out
