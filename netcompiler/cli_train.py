@@ -22,7 +22,7 @@ NORMALISATION_HELP = (
     "RUN_DIR/normalization.json and inside weights.npz and checkpoint.npz (as '__meta__/mean' and "
     "'__meta__/std').  eval and predict use, in this order: the values inside WEIGHTS, normalization.json "
     "next to WEIGHTS, the spec's train: section; else no normalisation.")
-THREADS_HELP = f"threads of the C code, 1 to {MAX_THREADS} (default: all available cores)"
+THREADS_HELP = f"threads of the C code, 1 to {MAX_THREADS} (default: all available cores, within any CPU quota)"
 
 
 def thread_count(text: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import types
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,17 +22,44 @@ DTYPES = {"float32": np.float32, "float64": np.float64}
 OPTIMIZERS = ("sgd", "momentum", "adam")
 MAX_BATCH = 2**31 - 1
 THREAD_MEMORY_LIMIT = DEFAULT_MEMORY_BUDGET  # bytes of per-thread buffers (16 GiB)
-
-
 MAX_THREADS = 1024  # a fixed cap, not one from this machine's cores: a run made elsewhere can be repeated here
 
 
 def available_cores() -> int:
-    """The cores this process may run on: the default thread count."""
+    """The default thread count: the cores this process may run on (its affinity), fewer when
+    its cgroup's CPU quota (a container's --cpus) allows less; threads beyond the quota would
+    only wait for each other at every barrier."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """CPUs' worth of time this process's own cgroup may use (cgroup v2 `cpu.max`, or v1
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us`), or None when unlimited or unreadable.  A quota
+    set only on a parent cgroup is not seen."""
+    try:
+        entries = [line.split(":", 2) for line in Path(self_cgroup).read_text().splitlines()]
+    except OSError:
+        return None
+    for _, controllers, path in (e for e in entries if len(e) == 3):
+        rel = path.strip("/")
+        try:
+            if controllers == "":  # v2: cpu.max holds "max 100000" or "150000 100000"
+                quota, period = Path(root, rel, "cpu.max").read_text().split()[:2]
+            elif "cpu" in controllers.split(","):  # v1, mounted as e.g. /sys/fs/cgroup/cpu,cpuacct
+                d = Path(root, controllers, rel)
+                quota, period = (Path(d, f).read_text().strip() for f in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+            else:
+                continue
+            if quota not in ("max", "-1") and float(period) > 0 and int(quota) > 0:
+                return int(quota) / float(period)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def check_threads(value) -> int | None:

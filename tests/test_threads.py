@@ -154,3 +154,37 @@ def test_resume_with_another_thread_count_says_what_happens(tmp_path, capsys, mo
     assert main([*args, "--threads", "2", "--resume"]) == 0
     out = " ".join(capsys.readouterr())
     assert "the run used 1 threads, this session 2" in out and "--threads 1 repeats it exactly" in out, out
+
+
+# ---- the default count --------------------------------------------------------------------------
+@pytest.mark.parametrize("cgroup, files, quota", [
+    ("0::/job\n", {"job/cpu.max": "50000 100000\n"}, 0.5),
+    ("0::/job\n", {"job/cpu.max": "250000 100000\n"}, 2.5),
+    ("0::/job\n", {"job/cpu.max": "max 100000\n"}, None),
+    ("0::/\n", {}, None),  # no cpu.max: unknown
+    ("4:cpu,cpuacct:/c\n1:name=systemd:/\n", {"cpu,cpuacct/c/cpu.cfs_quota_us": "100000\n",
+                                               "cpu,cpuacct/c/cpu.cfs_period_us": "100000\n"}, 1.0),
+    ("4:cpu,cpuacct:/c\n", {"cpu,cpuacct/c/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/c/cpu.cfs_period_us": "100000\n"},
+     None),
+])
+def test_cgroup_cpu_quota(tmp_path, cgroup, files, quota):
+    (tmp_path / "self_cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    assert runtime.cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "self_cgroup")) == quota
+
+
+def test_default_count_is_the_affinity_capped_by_the_quota(monkeypatch):
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: None)
+    assert runtime.available_cores() == affinity
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: 0.5)  # --cpus 0.5: one thread
+    assert runtime.available_cores() == 1
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: affinity + 8.0)  # more than the cores
+    assert runtime.available_cores() == affinity
+    net = build(TINY)
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: 0.5)
+    net.threads = None
+    assert net.threads == 1
+    net.threads = 1
