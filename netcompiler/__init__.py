@@ -17,9 +17,10 @@ __version__ = "0.1.0"
 # is loaded: libgomp reads these variables once, when it is loaded.  Its default spins up to
 # 300,000 times (~12 ms at the ~40 ns a `pause` takes here) at every barrier and region start;
 # when another process holds a core, the spinning threads burn the time the working ones need,
-# and 2-thread training fell to 0.06-0.5x the 1-thread speed (bench/busy.py; README, Threads).
-# A short spin (100 ~ 4 us), then sleep: a sleeping thread is scheduled at once when woken, and
-# the default stays at or above 1 thread under load.  OMP_WAIT_POLICY=passive says the same to
+# and 2-thread training fell to 0.03-0.72x the 1-thread speed (bench/busy.py; README, Threads).
+# A short spin (100 ~ 4 us), then sleep: a thread that sleeps is scheduled at once when woken;
+# measured 0.57-2.85x (median 1.9x) the 1-thread speed with a busy core.  Longer spins measured
+# worse, OMP_WAIT_POLICY=passive alone (no spin) about the same.  OMP_WAIT_POLICY=passive says the same to
 # LLVM's libomp (clang builds); libgomp takes its spin count from GOMP_SPINCOUNT.  Nothing is
 # set when the user set either variable.  The setting is inherited by child processes and read
 # by any OpenMP runtime loaded later (torch bundles libgomp.so.1: one copy serves both); when
