@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 LIBGOMP_DEFAULT = {"GOMP_SPINCOUNT": "300000"}  # libgomp's own spin count when nothing is set
+BUSY = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(100000): pass\n"
 
 
 def loadavg() -> str:
@@ -40,12 +41,13 @@ def loadavg() -> str:
 
 @contextlib.contextmanager
 def busy_process(core: int | None):
-    """A Python process that spins for ever, pinned to `core`; killed on the way out, whatever
-    happens.  None: no busy process."""
+    """A Python process that spins, pinned to `core`; killed on the way out, whatever happens,
+    and gone by itself if this process dies first (it spins only while its parent lives).
+    None: no busy process."""
     if core is None:
         yield None
         return
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    proc = subprocess.Popen([sys.executable, "-c", BUSY])
     try:
         with contextlib.suppress(AttributeError, OSError):  # not Linux: left unpinned
             os.sched_setaffinity(proc.pid, {core})
