@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 # when another process holds a core, the spinning threads burn the time the working ones need,
 # and 2-thread training fell to 0.03-0.72x the 1-thread speed (bench/busy.py; README, Threads).
 # A short spin (100 ~ 4 us), then sleep: a thread that sleeps is scheduled at once when woken;
-# measured 0.57-4.15x (median 1.6x) the 1-thread speed with a busy core.  Longer spins measured
+# measured 0.57-7.3x (median 1.9x) the 1-thread speed with a busy core.  Longer spins measured
 # worse, OMP_WAIT_POLICY=passive alone (no spin) about the same.  OMP_WAIT_POLICY=passive says the same to
 # LLVM's libomp (clang builds); libgomp takes its spin count from GOMP_SPINCOUNT.  Nothing is
 # set when the user set either variable.  The setting is inherited by child processes and read
