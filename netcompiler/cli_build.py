@@ -115,7 +115,8 @@ def cmd_verify(args) -> int:
 
 
 def register(sub) -> None:
-    from .cli import DTYPE_HELP, THREADS_HELP, positive_int
+    from .cli import DTYPE_HELP, positive_int
+    from .cli_train import THREADS_HELP, thread_count
 
     b = sub.add_parser("build", help="generate C and compile it: DIR/NAME.c, NAME.h, NAME.so")
     b.add_argument("spec", help="network spec (YAML) to build")
@@ -143,8 +144,7 @@ def register(sub) -> None:
                         "(default 0)")
     v.add_argument("--samples", type=positive_int, default=6, metavar="N",
                    help="finite-difference checks per tensor (default 6)")
-    v.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help=THREADS_HELP)
+    v.add_argument("--threads", type=thread_count, default=None, metavar="N", help=THREADS_HELP)
     v.add_argument("--no-torch", action="store_true", help="finite differences only: do not compare with PyTorch (float64 build)")
     v.add_argument("--dtype", choices=["float32", "float64", "both"], default="both",
                    help="the build(s) to check (default both): float64 against torch float64 and finite "
