@@ -45,6 +45,7 @@ class Exported:
     memory: MemoryPlan
     weights_bytes: int
     target: str
+    qnet: object = None  # quant.QNet of an int8 build
 
     @property
     def arena_bytes(self) -> int:
@@ -136,4 +137,52 @@ def export_c(network, state: dict[str, np.ndarray], target: str = "generic", wei
     return Exported(network.name, source, header, steps, memory, weights_bytes, target)
 
 
-__all__ = ["TARGETS", "Exported", "check_state", "comment_text", "export_c", "load_state"]
+def _int8_scratch(step: Step) -> None:
+    """The scratch of a step in bytes when its tensors are int8: the padded input and the
+    conv row, each rounded up to 16 bytes."""
+    c = step.c
+    if step.op != "conv":
+        return
+    r16 = lambda n: -(-n // 16) * 16  # noqa: E731
+    step.scratch = r16(c["XPAD_SIZE"]) if c["PADDED"] else 0
+    if c["POOL"]:
+        c["ROW_OFF"] = step.scratch
+        step.scratch += r16(c["OW"])
+
+
+def calibration_inputs(network, data: str, count: int, normalisation: tuple[float, float] | None) -> np.ndarray:
+    """The first `count` training images of `data` (as netc train's --data), scaled as in training."""
+    from ..data import load_dataset
+    from ..train import to_inputs
+
+    ds = load_dataset(data)
+    mean, std = normalisation if normalisation else (None, None)
+    return to_inputs(network, ds.train_x[:count], mean, std, False, "float32")
+
+
+def export_int8(network, state: dict[str, np.ndarray], calibration: np.ndarray, target: str = "generic",
+                weights_name: str = "", normalisation: tuple[float, float] | None = None,
+                calibration_name: str = "") -> Exported:
+    """int8 post-training static quantisation (quant.py), calibrated on the float32 inputs
+    `calibration` (N, *input shape); the C does integer arithmetic only."""
+    from .quant import calibrate, quantize
+    from .render import int8_arrays, render_int8
+
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    check_state(network, state, weights_name or "weights")
+    qnet = quantize(network, state, calibrate(network, state, calibration), target)
+    steps = [qs.step for qs in qnet.steps]
+    for s in steps:
+        _int8_scratch(s)
+    memory = plan_memory(steps, elem_bytes=1)
+    arrays = [a for qs in qnet.steps for a in int8_arrays(qs)]
+    weights_bytes = sum(a.nbytes for a in arrays)
+    what = comment_text(calibration_name or "the calibration images") + f" ({len(calibration)} images, min/max per tensor)"
+    source, header = render_int8(network, qnet, memory, arrays, weights_bytes, target, comment_text(network.file),
+                                 comment_text(weights_name), what, normalisation)
+    return Exported(network.name, source, header, steps, memory, weights_bytes, target, qnet)
+
+
+__all__ = ["TARGETS", "Exported", "calibration_inputs", "check_state", "comment_text", "export_c", "export_int8",
+           "load_state"]
