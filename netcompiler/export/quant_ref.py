@@ -127,3 +127,16 @@ def run(qnet: QNet, x: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["KERNELS", "requant", "run"]
+
+
+def infer_float(qnet: QNet, x: np.ndarray, batch: int = 500) -> np.ndarray:
+    """float32 inputs -> float32 outputs through the int8 network, as the exported NAME_infer:
+    quantise the input, run the integer steps, dequantise the output."""
+    from .quant import dequantize, quantize_input
+
+    out = [dequantize(run(qnet, quantize_input(x[i:i + batch], qnet.input)), qnet.output)
+           for i in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+__all__ += ["infer_float"]
