@@ -137,17 +137,24 @@ def export_c(network, state: dict[str, np.ndarray], target: str = "generic", wei
     return Exported(network.name, source, header, steps, memory, weights_bytes, target)
 
 
-def _int8_scratch(step: Step) -> None:
+def _int8_scratch(qs) -> None:
     """The scratch of a step in bytes when its tensors are int8: the padded input and the
-    conv row, each rounded up to 16 bytes."""
+    conv row, each rounded up to 16 bytes.  A fused max-pool with no table before it runs
+    on the int32 accumulators (requantisation is monotonic, so the max commutes with it):
+    its row and the row of window maxima are int32."""
+    step = qs.step
     c = step.c
     if step.op != "conv":
         return
     r16 = lambda n: -(-n // 16) * 16  # noqa: E731
     step.scratch = r16(c["XPAD_SIZE"]) if c["PADDED"] else 0
+    c["POOL_ACC"] = c["POOL"] and qs.pre_lut is None
     if c["POOL"]:
         c["ROW_OFF"] = step.scratch
-        step.scratch += r16(c["OW"])
+        step.scratch += r16(c["OW"] * (4 if c["POOL_ACC"] else 1))
+    if c["POOL_ACC"]:
+        c["PROW_OFF"] = step.scratch
+        step.scratch += r16(4 * c["POW"])
 
 
 def calibration_inputs(network, data: str, count: int, normalisation: tuple[float, float] | None) -> np.ndarray:
@@ -173,8 +180,8 @@ def export_int8(network, state: dict[str, np.ndarray], calibration: np.ndarray, 
     check_state(network, state, weights_name or "weights")
     qnet = quantize(network, state, calibrate(network, state, calibration), target)
     steps = [qs.step for qs in qnet.steps]
-    for s in steps:
-        _int8_scratch(s)
+    for qs in qnet.steps:
+        _int8_scratch(qs)
     memory = plan_memory(steps, elem_bytes=1)
     arrays = [a for qs in qnet.steps for a in int8_arrays(qs)]
     weights_bytes = sum(a.nbytes for a in arrays)
