@@ -166,6 +166,14 @@ def test_host_target_matches_forward(name, tmp_path, capsys):
     _check(ROOT / "specs" / f"{name}.yaml", tmp_path, capsys, target="host")
 
 
+def test_cortex_m_targets_match_forward(tmp_path, capsys):
+    """float32 --target cortex-m4 / cortex-m7: the generic C (the DSP forms are int8's)."""
+    for target in ("cortex-m4", "cortex-m7"):
+        (tmp_path / target).mkdir()
+        r = _check(ROOT / "specs" / "lenet5.yaml", tmp_path / target, capsys, target=target)
+        assert f"Target {target}: " in (r["out"] / "lenet5.c").read_text()
+
+
 def test_sanitizers(tmp_path, capsys):
     """odd_leading (every epilogue, a leading step, fused pooling with a cut window) and
     cifar (unfused batch norm and pooling) under ASan + UBSan, arena exactly as large as

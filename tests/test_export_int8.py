@@ -26,6 +26,7 @@ from netcompiler.export import quant_ref
 from netcompiler.export.quant import QParams, dequantize, multiplier, quantize_input
 from test_export import COMPILERS, DRIVER, ODD, SPECS, STRICT, _state, random_chains
 
+import shutil
 import subprocess
 
 
@@ -56,11 +57,11 @@ def _float_state(network, seed: int = 0) -> tuple[dict, object]:
     return {k: np.asarray(v, np.float32) for k, v in net.state_dict().items()}, net
 
 
-def _check(network, tmp: Path, seed: int = 0, compilers=COMPILERS, extra=(), state=None) -> dict:
+def _check(network, tmp: Path, seed: int = 0, compilers=COMPILERS, extra=(), state=None, target="generic") -> dict:
     state, net = (state, None) if state is not None else _float_state(network, seed)
     rng = np.random.default_rng(seed + 1)
     calib = rng.standard_normal((32, *network.input_shape)).astype(np.float32)
-    e = export_int8(network, state, calib)
+    e = export_int8(network, state, calib, target)
     e.write(tmp)
     x = rng.standard_normal((4, *network.input_shape)).astype(np.float32)
     xq = quantize_input(x, e.qnet.input)
@@ -88,6 +89,27 @@ def test_odd_shapes_match_reference(name, tmp_path):
     _check(check_text(ODD[name], f"{name}.yaml"), tmp_path)
 
 
+ARM_GCC = shutil.which("arm-none-eabi-gcc")
+
+
+@pytest.mark.parametrize("name", [p.stem for p in SPECS] + sorted(ODD))
+def test_cortex_m4_target_matches_reference(name, tmp_path):
+    """--target cortex-m4: convolutions in the DSP weight order; on the host (no
+    __ARM_FEATURE_DSP) their plain-C form must equal the reference, and the SMLAD form
+    must compile warning-free for the Cortex-M4 (QEMU runs it: test_export_cortex_m4.py)."""
+    network = load(ROOT / "specs" / f"{name}.yaml") if name not in ODD else check_text(ODD[name], f"{name}.yaml")
+    r = _check(network, tmp_path, compilers=COMPILERS[:1], target="cortex-m4")
+    assert any(s.c.get("DSP") for s in r["e"].steps) == any(s.op == "conv" for s in r["e"].steps)
+    if ARM_GCC:
+        cmd = [ARM_GCC, "-mcpu=cortex-m4", "-mthumb", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16", *STRICT, "-O2",
+               "-c", str(tmp_path / f"{network.name}.c"), "-o", str(tmp_path / "m4.o")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        if r["e"].qnet and any(s.c.get("DSP") for s in r["e"].steps):
+            dis = subprocess.run(["arm-none-eabi-objdump", "-d", str(tmp_path / "m4.o")], capture_output=True, text=True)
+            assert "smlad" in dis.stdout
+
+
 def test_random_chains_match_reference(tmp_path):
     rng = np.random.default_rng(0)
     for i, (_, network) in enumerate(random_chains(20, seed=5)):
@@ -100,7 +122,7 @@ def test_random_chains_match_reference(tmp_path):
                              "running_var": (0.5, 2.0)}[k.split(".")[1]]
                 state[k] = rng.uniform(low, high, v.shape)
         state = {k: np.asarray(v, np.float32) for k, v in state.items()}
-        _check(network, out, seed=i, compilers=COMPILERS[:1], state=state)
+        _check(network, out, seed=i, compilers=COMPILERS[:1], state=state, target=("generic", "cortex-m4")[i % 2])
 
 
 def test_sanitizers(tmp_path):

@@ -29,7 +29,7 @@ from ..layers import Layer
 from ..layers.activations import MATH_MACROS, Activation, _idents
 
 # floats per register block: output pixels of a conv row, outputs of a linear layer
-BLOCK = {"generic": 4, "host": 8}
+BLOCK = {"generic": 4, "host": 8, "cortex-m4": 4, "cortex-m7": 4}
 # a conv's kernel row is written out tap by tap (the loads of neighbouring outputs shared)
 # when it has at most this many multiply-adds per block; longer rows stay a loop
 UNROLL_MAX = 64

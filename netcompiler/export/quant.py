@@ -83,6 +83,7 @@ class QStep:
     shift: np.ndarray | None = None  # int [cout]
     pre_lut: np.ndarray | None = None  # int8 [channels or 1, 256]: before the max-pool
     post_lut: np.ndarray | None = None
+    weight_dsp: np.ndarray | None = None  # int8 [cout, cin_g * words * 4]: the DSP layout (dsp_layout)
     pre_layers: list[Layer] = field(default_factory=list)
     post_layers: list[Layer] = field(default_factory=list)
 
@@ -210,6 +211,47 @@ def quantize(network, state: dict[str, np.ndarray], ranges: dict[str, tuple[floa
     return QNet(out, first, x_q)
 
 
+def dsp_layout(qs: QStep) -> None:
+    """The weights of a conv in the order the DSP kernel reads them.
+
+    The kernel multiplies pairs of input channels (2p, 2p+1) at once (SMLAD, dual 16-bit
+    multiply-accumulate) from an int16 copy of the input with the channels interleaved in
+    pairs, [GROUPS * CPG][HP][WP][2] (CPG = ceil(CIN_G / 2); an odd group's last pair is
+    completed by a channel of zero weights).  For each channel pair, the KH * KW taps (in
+    ky, kx order; padded to an even count with a zero tap) are packed two per 32-bit word as
+    bytes [A.lo, B.lo, A.hi, B.hi], so that SXTB16 of the word gives tap A's two weights
+    and SXTB16 of it rotated by 8 bits tap B's.  c["WORDS"] lists per word the offsets of
+    taps A and B in the interleaved copy (in int16 values; None for a padding tap).
+    """
+    s = qs.step
+    c = s.c
+    if s.op != "conv":
+        return
+    kh, kw, cin_g, cout = c["KH"], c["KW"], c["CIN_G"], c["COUT"]
+    cpg = -(-cin_g // 2)
+    taps = [(ky, kx) for ky in range(kh) for kx in range(kw)]
+    if len(taps) % 2:
+        taps.append(None)
+    w = np.zeros((cout, 2 * cpg, kh, kw), np.int8)
+    w[:, :cin_g] = qs.weight.reshape(cout, cin_g, kh, kw)
+    out = np.zeros((cout, cpg, len(taps) // 2, 4), np.int8)
+    words = []
+    for k in range(len(taps) // 2):
+        offs = []
+        for half, tap in enumerate(taps[2 * k:2 * k + 2]):
+            if tap is None:
+                offs.append(None)
+                continue
+            ky, kx = tap
+            out[:, :, k, half] = w[:, 0::2, ky, kx]
+            out[:, :, k, 2 + half] = w[:, 1::2, ky, kx]
+            offs.append(2 * (ky * c["DH"] * c["WP"] + kx * c["DW"]))
+        words.append(tuple(offs))
+    qs.weight_dsp = out.reshape(cout, -1)
+    c.update(DSP=True, WORDS=words, CPG=cpg, W_STRIDE_DSP=cpg * len(words) * 4, PLANE2=2 * c["HP"] * c["WP"],
+             X16_SIZE=c["GROUPS"] * cpg * 2 * c["HP"] * c["WP"])
+
+
 def quantize_input(x: np.ndarray, q: QParams) -> np.ndarray:
     """float32 -> int8 as the exported NAME_infer does: x / scale + zero in float32, rounded
     half away from zero, clamped."""
@@ -222,5 +264,5 @@ def dequantize(q: np.ndarray, p: QParams) -> np.ndarray:
     return (np.float32(q.astype(np.int32) - p.zero) * np.float32(p.scale)).astype(np.float32)
 
 
-__all__ = ["CALIBRATION_IMAGES", "QNet", "QParams", "QStep", "calibrate", "dequantize", "multiplier",
+__all__ = ["CALIBRATION_IMAGES", "QNet", "QParams", "QStep", "calibrate", "dequantize", "dsp_layout", "multiplier",
            "quantize", "quantize_input"]

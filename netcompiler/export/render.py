@@ -137,7 +137,11 @@ def int8_arrays(qs) -> list[IntArray]:
     if qs.weight is not None:
         what = s.arrays[0].what
         out += [IntArray(f"{s.name}_weight", "int8_t", qs.weight.ravel(),
-                         f"{what}, int8 per output channel {s.arrays[0].dims}"),
+                         f"{what}, int8 per output channel {s.arrays[0].dims}") if qs.weight_dsp is None else
+                IntArray(f"{s.name}_weight", "int8_t", qs.weight_dsp.ravel(),
+                         f"{what}, int8 per output channel {s.arrays[0].dims}, in the order of the dual "
+                         f"multiply-accumulates: [{s.c['COUT']}][{s.c['CPG']} channel pairs][{len(s.c['WORDS'])} words]"
+                         "[A.lo, B.lo, A.hi, B.hi]"),
                 IntArray(f"{s.name}_bias", "int32_t", qs.bias,
                          f"{s.arrays[1].what if len(s.arrays) > 1 else 'no bias'}, int32 at input scale x weight scale, "
                          f"minus the input zero point times the weights' sum"),
@@ -192,6 +196,7 @@ def render_int8(network, qnet, memory: MemoryPlan, arrays: list[IntArray], weigh
     ctx = dict(
         N=name, NU=name.upper(), banner=banner, steps=qnet.steps, memory=memory, arrays=arrays,
         describe=describe, luts=_luts, qdoc=_qdoc, uses_requant=any(qs.weight is not None for qs in qnet.steps),
+        uses_dsp=any(qs.weight_dsp is not None for qs in qnet.steps),
         in_dims=_dims(network.input_shape), out_dims=_dims(network.output_shape),
         in_size=in_size, out_size=out_size, arena_bytes=memory.arena_bytes,
         float_arena_bytes=memory.arena_bytes + -(-(in_size + out_size) // 16) * 16,
