@@ -223,3 +223,22 @@ def test_cli_export_int8_and_eval_quantized(tmp_path, capsys):
 
     m = json.loads(capsys.readouterr().out)
     assert 0 <= m["int8"]["accuracy"] <= 1 and m["int8"]["calibration_images"] == 64
+
+
+def test_report_prints_export_flash_and_ram(capsys):
+    """netc report: per target, float32 and int8 flash/RAM; the weights and arena in them are
+    those of the real exports (calibrated, trained-like weights change no size)."""
+    from netcompiler.export import estimates, export_c
+
+    network = load(ROOT / "specs" / "lenet5.yaml")
+    state, _ = _float_state(network)
+    calib = np.random.default_rng(0).standard_normal((8, 1, 28, 28)).astype(np.float32)
+    rows = {(t, b): (f, r) for t, b, f, r in estimates(network)}
+    for target in ("generic", "cortex-m4"):
+        for build, e in (("float32", export_c(network, state, target)), ("int8", export_int8(network, state, calib, target))):
+            assert rows[target, build] == (e.weights_bytes + e.code_bytes_estimate, e.arena_bytes + e.stack_bytes_estimate)
+    assert rows["cortex-m4", "int8"][1] > rows["generic", "int8"][1]  # the int16 input copies
+    assert main(["report", str(ROOT / "specs" / "lenet5.yaml")]) == 0
+    out = capsys.readouterr().out
+    f, r = rows["cortex-m4", "int8"]
+    assert f"  cortex-m4  float32 flash {rows['cortex-m4', 'float32'][0]:,} B" in out and f"int8 flash {f:,} B, RAM {r:,} B" in out

@@ -39,6 +39,12 @@ CODE_BYTES = {"conv": 400, "linear": 300, "maxpool": 250, "avgpool": 300, "eleme
 CODE_BYTES_BASE = 150  # NAME_infer and its checks
 MATH_CODE_BYTES = {"EXP": 200, "ERF": 350, "TANH": 200}
 STACK_BYTES = 128  # the deepest call: NAME_infer and one step's function, spills included
+# int8 (the same compiler and flags; code of NAME.o: lenet5 4,266 B generic, 6,072 B with
+# SMLAD; alphabet 5,270 B and 6,050 B; stack of NAME_infer_int8 up to 260 B)
+CODE_BYTES_INT8 = {"conv": 1300, "linear": 450, "maxpool": 250, "avgpool": 300, "elementwise": 100}
+CODE_BYTES_INT8_DSP_CONV = 1500
+CODE_BYTES_INT8_BASE = 1000  # requant, NAME_infer_int8 and the float wrapper
+STACK_BYTES_INT8 = 288
 
 @dataclass
 class Exported:
@@ -57,6 +63,9 @@ class Exported:
 
     @property
     def code_bytes_estimate(self) -> int:
+        if self.qnet is not None:
+            return CODE_BYTES_INT8_BASE + sum(CODE_BYTES_INT8_DSP_CONV if s.c.get("DSP") else CODE_BYTES_INT8[s.op]
+                                              for s in self.steps)
         math_fns = set().union(*(s.math for s in self.steps))
         math_fns |= {"EXP"} if math_fns else set()  # erf and tanh are made from exp
         return (CODE_BYTES_BASE + sum(CODE_BYTES[s.op] for s in self.steps)
@@ -64,7 +73,7 @@ class Exported:
 
     @property
     def stack_bytes_estimate(self) -> int:
-        return STACK_BYTES
+        return STACK_BYTES_INT8 if self.qnet is not None else STACK_BYTES
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         out = Path(out_dir)
@@ -174,18 +183,19 @@ def calibration_inputs(network, data: str, count: int, normalisation: tuple[floa
     return to_inputs(network, ds.train_x[:count], mean, std, False, "float32")
 
 
-def export_int8(network, state: dict[str, np.ndarray], calibration: np.ndarray, target: str = "generic",
+def export_int8(network, state: dict[str, np.ndarray], calibration: np.ndarray | None, target: str = "generic",
                 weights_name: str = "", normalisation: tuple[float, float] | None = None,
-                calibration_name: str = "") -> Exported:
+                calibration_name: str = "", ranges: dict | None = None, render: bool = True) -> Exported:
     """int8 post-training static quantisation (quant.py), calibrated on the float32 inputs
-    `calibration` (N, *input shape); the C does integer arithmetic only."""
+    `calibration` (N, *input shape), or on given `ranges`; the C does integer arithmetic
+    only.  render=False: the plan and sizes only (source and header empty)."""
     from .quant import calibrate, quantize
     from .render import int8_arrays, render_int8
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     check_state(network, state, weights_name or "weights")
-    qnet = quantize(network, state, calibrate(network, state, calibration), target)
+    qnet = quantize(network, state, ranges or calibrate(network, state, calibration), target)
     if target in DSP_TARGETS:
         from .quant import dsp_layout
 
@@ -197,11 +207,48 @@ def export_int8(network, state: dict[str, np.ndarray], calibration: np.ndarray, 
     memory = plan_memory(steps, elem_bytes=1)
     arrays = [a for qs in qnet.steps for a in int8_arrays(qs)]
     weights_bytes = sum(a.nbytes for a in arrays)
+    if not render:
+        return Exported(network.name, "", "", steps, memory, weights_bytes, target, qnet)
     what = comment_text(calibration_name or "the calibration images") + f" ({len(calibration)} images, min/max per tensor)"
     source, header = render_int8(network, qnet, memory, arrays, weights_bytes, target, comment_text(network.file),
                                  comment_text(weights_name), what, normalisation)
     return Exported(network.name, source, header, steps, memory, weights_bytes, target, qnet)
 
 
-__all__ = ["TARGETS", "Exported", "calibration_inputs", "check_state", "comment_text", "export_c", "export_int8",
+def estimates(network) -> list[tuple[str, str, int, int]]:
+    """(target, build, flash, RAM) of the export of `network` per target, float32 and int8,
+    from its shapes alone (flash: weights + code estimate; RAM: arena + stack estimate)."""
+    from .quant import dsp_layout  # noqa: F401 (export_int8 applies it)
+
+    rng = np.random.default_rng(0)
+    state = {f"{l.name}.{k}": np.asarray(v, np.float32) for l in network.layers
+             for k, v in l.kind.init_params(l, rng).items()}
+    ranges = {"": (-1.0, 1.0), **{l.name: (-1.0, 1.0) for l in network.layers}}
+    rows = []
+    for target in TARGETS:
+        steps = lower(network.layers, state, target)
+        memory = plan_memory(steps)
+        e = Exported(network.name, "", "", steps, memory, 4 * sum(a.values.size for s in steps for a in s.arrays), target)
+        q = export_int8(network, state, None, target, ranges=ranges, render=False)
+        for build, x in (("float32", e), ("int8", q)):
+            rows.append((target, build, x.weights_bytes + x.code_bytes_estimate, x.arena_bytes + x.stack_bytes_estimate))
+    return rows
+
+
+def export_lines(network) -> list[str]:
+    """The `netc report` lines: flash and RAM of `netc export` per target, float32 and int8."""
+    from ..errors import NetcError
+
+    try:
+        rows = estimates(network)
+    except NetcError as exc:
+        return [f"netc export: not available ({exc})"]
+    lines = ["netc export, per target: flash = weights + code (estimate), RAM = arena + stack (estimate):"]
+    for target in TARGETS:
+        cells = [f"{b} flash {f:,} B, RAM {r:,} B" for t, b, f, r in rows if t == target]
+        lines.append(f"  {target:<10} " + "; ".join(cells))
+    return lines
+
+
+__all__ = ["TARGETS", "Exported", "calibration_inputs", "estimates", "export_lines", "check_state", "comment_text", "export_c", "export_int8",
            "load_state"]
