@@ -174,6 +174,16 @@ def test_cortex_m_targets_match_forward(tmp_path, capsys):
         assert f"Target {target}: " in (r["out"] / "lenet5.c").read_text()
 
 
+def test_bench_export_speed_runs():
+    """bench/export_speed.py --quick runs and prints its table (no time is asserted)."""
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "export_speed.py"), "--quick", "--nets", "lenet5",
+                        "--min-time", "0.005", "--reps", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "export/NAME_forward" in r.stdout and re.search(r"^\s*lenet5\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+", r.stdout, re.M)
+
+
 def test_sanitizers(tmp_path, capsys):
     """odd_leading (every epilogue, a leading step, fused pooling with a cut window) and
     cifar (unfused batch norm and pooling) under ASan + UBSan, arena exactly as large as
