@@ -127,11 +127,13 @@ def test_random_chains_match_reference(tmp_path):
 
 def test_sanitizers(tmp_path):
     """Every int8 kernel (odd_groups: grouped padded conv, general max- and average pooling;
-    odd_leading: a leading table step, fused pooling with cut windows) under ASan + UBSan."""
+    odd_leading: a leading table step, fused pooling with cut windows) under ASan + UBSan,
+    in the generic and the DSP weight layout."""
     for name in ("odd_groups", "odd_leading"):
-        (tmp_path / name).mkdir()
-        _check(check_text(ODD[name], f"{name}.yaml"), tmp_path / name, compilers=["gcc"],
-               extra=["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"])
+        for target in ("generic", "cortex-m4"):  # cortex-m4 on the host: the DSP layout in plain C
+            (tmp_path / name / target).mkdir(parents=True)
+            _check(check_text(ODD[name], f"{name}.yaml"), tmp_path / name / target, compilers=["gcc"], target=target,
+                   extra=["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"])
 
 
 # ---- the arithmetic against exact rationals --------------------------------------------------

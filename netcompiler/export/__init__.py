@@ -151,17 +151,23 @@ def _int8_scratch(qs) -> None:
     if step.op != "conv":
         return
     r16 = lambda n: -(-n // 16) * 16  # noqa: E731
+    cin, hp, wp = c["CIN"], c["HP"], c["WP"]
     step.scratch = r16(c["XPAD_SIZE"]) if c["PADDED"] else 0
-    c["POOL_ACC"] = c["POOL"] and qs.pre_lut is None
+    docs = [f"the padded input int8 [{cin}][{hp}][{wp}] at +0"] if c["PADDED"] else []
     c.setdefault("DSP", False)
+    c["POOL_ACC"] = c["POOL"] and qs.pre_lut is None
     if c["DSP"]:  # the input as int16, channels interleaved in pairs (see quant.dsp_layout)
         step.scratch = r16(2 * c["X16_SIZE"])
+        docs = [f"the input int16, channels in pairs [{c['GROUPS'] * c['CPG']}][{hp}][{wp}][2] at +0"]
     if c["POOL"]:
         c["ROW_OFF"] = step.scratch
+        docs.append(f"one conv output row {'int32' if c['POOL_ACC'] else 'int8'} [{c['OW']}] at +{step.scratch}")
         step.scratch += r16(c["OW"] * (4 if c["POOL_ACC"] else 1))
     if c["POOL_ACC"]:
         c["PROW_OFF"] = step.scratch
+        docs.append(f"the window maxima int32 [{c['POW']}] at +{step.scratch}")
         step.scratch += r16(4 * c["POW"])
+    step.scratch_doc = ", ".join(docs)
 
 
 def calibration_inputs(network, data: str, count: int, normalisation: tuple[float, float] | None) -> np.ndarray:
@@ -200,7 +206,8 @@ def export_int8(network, state: dict[str, np.ndarray], calibration: np.ndarray |
     weights_bytes = sum(a.nbytes for a in arrays)
     if not render:
         return Exported(network.name, "", "", steps, memory, weights_bytes, target, qnet)
-    what = comment_text(calibration_name or "the calibration images") + f" ({len(calibration)} images, min/max per tensor)"
+    what = comment_text(calibration_name or "the calibration images") + (
+        f" ({len(calibration)} images, min/max per tensor)" if calibration is not None else "")
     source, header = render_int8(network, qnet, memory, arrays, weights_bytes, target, comment_text(network.file),
                                  comment_text(weights_name), what, normalisation)
     return Exported(network.name, source, header, steps, memory, weights_bytes, target, qnet)
