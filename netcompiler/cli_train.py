@@ -218,6 +218,8 @@ def cmd_eval(args) -> int:
 
     if args.plot:
         _matplotlib()  # fail before the work
+    if args.calibration and not args.quantized:
+        raise NetcError("--calibration is for --quantized (the int8 accuracy)")
     model = Model(args)
     net, network = model.net, model.network
     ds = load_dataset(args.data)

@@ -220,6 +220,8 @@ def test_cli_export_int8_and_eval_quantized(tmp_path, capsys):
     assert main(["eval", str(path), str(weights), "--data", str(data), "--quantized", "--calibration-images", "20"]) == 0
     out = capsys.readouterr().out
     assert "int8 (netc export --quantize int8, calibrated on 20 " in out and "points); outputs agree on " in out
+    assert main(["eval", str(path), str(weights), "--data", str(data), "--calibration", str(data)]) == 1
+    assert "--calibration is for --quantized" in capsys.readouterr().err
     assert main(["eval", str(path), str(weights), "--data", str(data), "--quantized", "--format", "json"]) == 0
     import json
 
