@@ -195,7 +195,12 @@ def conv_step(layer: Layer, state, target: str) -> Step:
              PADDED=padded, PT=pt, PL=pl, HP=hp, WP=wp, XPAD_SIZE=cin * hp * wp,
              W_STRIDE=cin_g * kh * kw, X_GROUP=cin_g * hp * wp, X_ROW=sh * wp,
              BLOCK=block, FULL=full, TAIL=tail, UNROLL=unroll,
-             TAPS_BLOCK=taps(block), TAPS_TAIL=taps(tail), XPAD_OFF=0, ROW_OFF=0, POOL=False)
+             TAPS_BLOCK=taps(block), TAPS_TAIL=taps(tail), XPAD_OFF=0, ROW_OFF=0, POOL=False,
+             # host: a block of 8 neighbouring outputs as one GCC vector (stride 1: one load per tap)
+             VEC=target == "host" and sw == 1)
+    # ... and the row's tail as the block of 8 ending at the row's end (its first outputs are
+    # computed twice, with the same arithmetic)
+    c["VEC_TAIL"] = c["VEC"] and tail > 0 and ow >= block
     step = Step(layer.name, "conv", [layer], layer.in_shape, layer.out_shape, c, _weights(layer, state, layer.name))
     if padded:
         step.scratch = _round4(c["XPAD_SIZE"])
@@ -221,7 +226,9 @@ def linear_step(layer: Layer, state, target: str) -> Step:
     fin, fout = layer.in_shape[0], layer.out_shape[0]
     block = BLOCK[target]
     full, tail = _row_blocks(fout, block)
-    c = dict(IN=fin, OUT=fout, bias=layer.opts["bias"], BLOCK=block, FULL=full, TAIL=tail)
+    c = dict(IN=fin, OUT=fout, bias=layer.opts["bias"], BLOCK=block, FULL=full, TAIL=tail,
+             # host: each output's dot product in GCC vectors of 8 inputs, then summed across
+             VEC=target == "host" and fin >= 8, VEC_IN=fin - fin % 8)
     return Step(layer.name, "linear", [layer], layer.in_shape, layer.out_shape, c, _weights(layer, state, layer.name))
 
 
