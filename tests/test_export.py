@@ -161,9 +161,36 @@ def test_odd_shapes_match_forward(name, tmp_path, capsys):
     _check(path, tmp_path, capsys)
 
 
-@pytest.mark.parametrize("name", ["lenet5", "cifar"])
+ODD["odd_channels"] = spec([4, 9, 9], [  # host: 8 output channels at a time (strided, short rows, groups)
+    "conv2d: {out_channels: 16, kernel_size: 3, stride: 2, padding: 1, groups: 2}",
+    "relu",
+    "conv2d: {out_channels: 8, kernel_size: [2, 3], padding: same, bias: false}",
+    "maxpool2d: {kernel_size: 2, ceil_mode: true}",
+    "tanh",
+    "flatten",
+    "linear: {out_features: 3}",
+], name="odd_channels")
+
+
+@pytest.mark.parametrize("name", ["lenet5", "cifar", "alphabet", "odd_channels"])
 def test_host_target_matches_forward(name, tmp_path, capsys):
-    _check(ROOT / "specs" / f"{name}.yaml", tmp_path, capsys, target="host")
+    """host: GCC vectors (rows of 8 outputs, 8 channels at a time, linear dot products), and
+    the same C with -DNETC_NO_VECTORS (plain C)."""
+    if name in ODD:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(ODD[name])
+    else:
+        path = ROOT / "specs" / f"{name}.yaml"
+    r = _check(path, tmp_path, capsys, target="host")
+    e = export_c(r["network"], load_state(r["network"], tmp_path / "weights.npz")[0], "host")
+    # cifar: stride-2 convs of 5, 7 and 10 channels and no linear layer: nothing to vectorise
+    assert any(s.c.get("VEC") or s.c.get("VECC") for s in e.steps) == (name != "cifar")
+    assert name in ("lenet5", "cifar") or any(s.c.get("VECC") for s in e.steps)
+    network, net, _ = _net_and_weights(path, tmp_path)
+    x = np.random.default_rng(7).standard_normal((3, *network.input_shape)).astype(np.float32)
+    y = _run(_compile(COMPILERS[0], r["out"], network.name, ["-DNETC_NO_VECTORS"]), x, math.prod(network.output_shape),
+             tmp_path)
+    assert_close(y, net.forward(x).reshape(3, -1), RTOL, f"{name} (host, no vectors)", atol=ATOL)
 
 
 def test_cortex_m_targets_match_forward(tmp_path, capsys):

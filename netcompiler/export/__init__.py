@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import WeightsError
 from ..fileio import atomic_write_text
-from .lower import Step, lower
+from .lower import Step, lower, vectorise_channels
 from .memory import MemoryPlan, plan_memory
 
 TARGETS = ("generic", "host", "cortex-m4", "cortex-m7")
@@ -131,6 +131,8 @@ def export_c(network, state: dict[str, np.ndarray], target: str = "generic", wei
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     check_state(network, state, weights_name or "weights")
     steps = lower(network.layers, state, target)
+    if target == "host":
+        vectorise_channels(steps)
     memory = plan_memory(steps)
     arrays = [a for s in steps for a in s.arrays]
     weights_bytes = 4 * sum(a.values.size for a in arrays)
@@ -225,6 +227,8 @@ def estimates(network) -> list[tuple[str, str, int, int]]:
     rows = []
     for target in TARGETS:
         steps = lower(network.layers, state, target)
+        if target == "host":
+            vectorise_channels(steps)
         memory = plan_memory(steps)
         e = Exported(network.name, "", "", steps, memory, 4 * sum(a.values.size for s in steps for a in s.arrays), target)
         q = export_int8(network, state, None, target, ranges=ranges, render=False)

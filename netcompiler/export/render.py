@@ -91,7 +91,7 @@ def render(network, steps: list[Step], memory: MemoryPlan, arrays: list[Array], 
         in_dims=_dims(network.input_shape), out_dims=_dims(network.output_shape),
         in_size=int(np.prod(network.input_shape)), out_size=int(np.prod(network.output_shape)),
         arena_bytes=memory.arena_bytes, weights_bytes=weights_bytes,
-        uses=dict(math=math_used, vec=any(s.c.get("VEC") for s in steps)), weights_name=weights_name,
+        uses=dict(math=math_used, vec=any(s.c.get("VEC") or s.c.get("VECC") for s in steps)), weights_name=weights_name,
         norm=normalisation and [c_float(np.float32(v)) for v in normalisation],
         libc=sorted((LIBC_MATH if math_used else set()) | ({"INFINITY"} if any(s.op == "maxpool" for s in steps) else set())),
     )
