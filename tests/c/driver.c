@@ -179,7 +179,7 @@ static void run(int cap, int threads)
         loss = F(train_step)(&c, x, y, rows, cap, opt);
         snprintf(what, sizeof what, "%s train_step (rows) loss is finite", name);
         check(isfinite(loss), what, cap, threads);
-        int64_t done = F(train_batches)(&c, x, y, rows, DATA_ROWS, cap, opt, losses, correct);
+        int64_t done = F(train_batches)(&c, x, y, rows, DATA_ROWS, cap, opt, NULL, losses, correct);
         snprintf(what, sizeof what, "%s train_batches does every batch with a finite loss", name);
         check(done == batches, what, cap, threads);
         for (int k = 0; k < done; k++) {

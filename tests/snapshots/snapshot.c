@@ -147,6 +147,13 @@ static inline int imax(int a, int b) { return a > b ? a : b; }
 static inline int window_lo(int num, int step) { return num <= 0 ? 0 : (num + step - 1) / step; }
 /* one past the last index o < limit with o * step <= num */
 static inline int window_hi(int num, int step, int limit) { return num < 0 ? 0 : imin(num / step + 1, limit); }
+/* splitmix64's finaliser: a counter-based random stream (same draws for any thread count) */
+static inline uint64_t mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
 
 /* ==== layers ============================================================================ */
 /* conv1: the group's 1 input planes copied into 10x10 planes with a zero border
@@ -671,20 +678,81 @@ static void fc1_backward(real_t *dacts, const real_t *acts, int n, real_t *restr
 #undef DY_
 }
 
+/* ==== training input: the sample, augmented when c->aug_* ask for it ===================== */
+#define IMG_C 1
+#define IMG_H 8
+#define IMG_W 8
+/* a uniform draw in [0, 1) from a 64-bit random value */
+static inline double unit(uint64_t r) { return (double)(r >> 11) * (1.0 / 9007199254740992.0); }
+/* dst = sample `row` of x, shifted by (dy, dx) in -aug_shift..aug_shift (aug_fill where it
+ * leaves the image), flipped left-right with probability 1/2 (aug_hflip), then with probability
+ * aug_erase one rectangle zeroed as torchvision's RandomErasing (area 0.02..0.33 of the image,
+ * aspect 0.3..3.3 log-uniform, up to 10 tries).  Every draw comes from (aug_seed, aug_epoch, row):
+ * the same for any chunking, thread count or resume. */
+static void input_sample(const snapshot_ctx *c, real_t *restrict dst, const real_t *restrict x, int64_t row)
+{
+    const real_t *restrict src = x + (size_t)row * IN_SIZE;
+    if (!c->aug_shift && !c->aug_hflip && c->aug_erase <= 0) {
+        memcpy(dst, src, sizeof(real_t) * IN_SIZE);
+        return;
+    }
+    const uint64_t key = mix64(c->aug_seed ^ mix64(mix64((uint64_t)c->aug_epoch) + (uint64_t)row));
+    const int span = 2 * c->aug_shift + 1;
+    const int dy = c->aug_shift ? (int)(mix64(key + 1) % (uint64_t)span) - c->aug_shift : 0;
+    const int dx = c->aug_shift ? (int)(mix64(key + 2) % (uint64_t)span) - c->aug_shift : 0;
+    const int flip = c->aug_hflip && (mix64(key + 3) & 1);
+    const real_t fill = (real_t)c->aug_fill;
+    for (int ch = 0; ch < IMG_C; ch++)
+        for (int i = 0; i < IMG_H; i++) {
+            const int si = i + dy;
+            real_t *restrict d = dst + ((size_t)ch * IMG_H + i) * IMG_W;
+            if (si < 0 || si >= IMG_H) {
+                for (int j = 0; j < IMG_W; j++)
+                    d[j] = fill;
+                continue;
+            }
+            const real_t *restrict r = src + ((size_t)ch * IMG_H + si) * IMG_W;
+            for (int j = 0; j < IMG_W; j++) {
+                const int sj = (flip ? IMG_W - 1 - j : j) + dx;
+                d[j] = sj >= 0 && sj < IMG_W ? r[sj] : fill;
+            }
+        }
+    if (c->aug_erase > 0 && unit(mix64(key + 4)) < c->aug_erase) {
+        for (uint64_t t = 0; t < 10; t++) {
+            const uint64_t k = key + 16 * (t + 1);
+            const double area = IMG_H * IMG_W * (0.02 + (0.33 - 0.02) * unit(mix64(k)));
+            const double ratio = exp(log(0.3) + (log(3.3) - log(0.3)) * unit(mix64(k + 1)));
+            const int h = (int)lround(sqrt(area * ratio)), w = (int)lround(sqrt(area / ratio));
+            if (h < 1 || w < 1 || h >= IMG_H || w >= IMG_W)
+                continue;
+            const int top = (int)(mix64(k + 2) % (uint64_t)(IMG_H - h + 1));
+            const int left = (int)(mix64(k + 3) % (uint64_t)(IMG_W - w + 1));
+            for (int ch = 0; ch < IMG_C; ch++)
+                for (int i = top; i < top + h; i++)
+                    memset(dst + ((size_t)ch * IMG_H + i) * IMG_W + left, 0, sizeof(real_t) * (size_t)w);
+            break;
+        }
+    }
+}
+
 /* ==== loss: cross_entropy ==================================================================== */
-/* log-softmax + negative log-likelihood of one sample; writes dlogits = scale * (softmax - onehot) */
-static double loss_sample(real_t *restrict dlogits, const real_t *restrict logits, int32_t label, real_t scale)
+/* log-softmax + negative log-likelihood of one sample against the target (1 - eps) onehot + eps / K
+ * (label smoothing eps, as torch's CrossEntropyLoss); writes dlogits = scale * (softmax - target) */
+static double loss_sample(real_t *restrict dlogits, const real_t *restrict logits, int32_t label, real_t scale,
+                          double eps)
 {
     real_t m = logits[0];
     for (int k = 1; k < OUT_SIZE; k++)
         m = logits[k] > m ? logits[k] : m;
-    double sum = 0;
-    for (int k = 0; k < OUT_SIZE; k++)
+    double sum = 0, total = 0;
+    for (int k = 0; k < OUT_SIZE; k++) {
         sum += exp((double)(logits[k] - m));
+        total += (double)logits[k];
+    }
     const double lse = (double)m + log(sum);
     for (int k = 0; k < OUT_SIZE; k++)
-        dlogits[k] = scale * (real_t)(exp((double)logits[k] - lse) - (k == label));
-    return lse - (double)logits[label];
+        dlogits[k] = scale * (real_t)(exp((double)logits[k] - lse) - (1 - eps) * (k == label) - eps / OUT_SIZE);
+    return (1 - eps) * (lse - (double)logits[label]) + eps * (lse - total / OUT_SIZE);
 }
 #define TARGET(y, j) ((y)[j])
 
@@ -724,7 +792,7 @@ static void forward_train(snapshot_ctx *c, const real_t *x, const int64_t *idx, 
         (void)ai; /* a tiled max-pool saves no argmax in evaluation */
         real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
         (void)ws; /* not every layer kind uses scratch in every mode */
-        memcpy(a + OFF_input, x + (size_t)(idx ? idx[s] : s) * IN_SIZE, sizeof(real_t) * IN_SIZE);
+        input_sample(c, a + OFF_input, x, idx ? idx[s] : s);
         conv1_forward(a + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, p + OFF_conv1_bias, ws);
         pool1_forward(a + OFF_pool1_out, ai + OFF_pool1_argmax, a + OFF_conv1_out);
     }
@@ -751,7 +819,8 @@ double snapshot_backward(snapshot_ctx *c, const int32_t *y, const int64_t *idx, 
     double loss = 0;
     for (int s = 0; s < n; s++) {
         const size_t off = (size_t)s * ACTS_PER_SAMPLE + SNAPSHOT_OUT_OFFSET;
-        loss += loss_sample(c->dacts + off, c->acts + off, TARGET(y, idx ? idx[s] : s), (real_t)(1.0 / n));
+        loss += loss_sample(c->dacts + off, c->acts + off, TARGET(y, idx ? idx[s] : s), (real_t)(1.0 / n),
+                            c->label_smoothing);
     }
     fc1_backward(c->dacts, c->acts, n, c->grads + OFF_fc1_weight, c->grads + OFF_fc1_bias, p + OFF_fc1_weight, c->threads);
     OMP(omp parallel num_threads(imin(c->threads, n)))
@@ -793,33 +862,55 @@ void snapshot_zero_grad(snapshot_ctx *c)
     memset(c->grads, 0, sizeof(real_t) * NUM_PARAMS);
 }
 
-/* SGD as torch.optim.SGD (g += wd * p; buf = momentum * buf + g; p -= lr * buf), or Adam with
- * decoupled weight decay as torch.optim.AdamW (p *= 1 - lr * wd, then the Adam update). */
-void snapshot_optimizer_step(snapshot_ctx *c, snapshot_optim *o)
+/* SGD as torch.optim.SGD (g += wd * p; buf = momentum * buf + g; p -= lr * buf, or with nesterov
+ * p -= lr * (g + momentum * buf)), or Adam with decoupled weight decay as torch.optim.AdamW
+ * (p *= 1 - lr * wd, then the Adam update).  Only parameters in o->ranges change (all when NULL);
+ * o->clip_norm > 0 first scales their gradients as torch.nn.utils.clip_grad_norm_. */
+static void update_range(snapshot_ctx *c, const snapshot_optim *o, int lo, int hi, real_t gscale)
 {
     real_t *restrict p = c->params, *restrict g = c->grads, *restrict m = c->opt_m, *restrict v = c->opt_v;
-    o->step++;
     if (o->kind == 0) {
         const real_t lr = (real_t)o->lr, mu = (real_t)o->momentum, wd = (real_t)o->weight_decay;
-        OMP(omp parallel for num_threads(c->threads) schedule(static) if (NUM_PARAMS >= PARALLEL_MIN))
-        for (int i = 0; i < NUM_PARAMS; i++) {
-            const real_t gi = g[i] + wd * p[i];
+        const int nesterov = o->nesterov && mu != 0;
+        OMP(omp parallel for num_threads(c->threads) schedule(static) if (hi - lo >= PARALLEL_MIN))
+        for (int i = lo; i < hi; i++) {
+            const real_t gi = gscale * g[i] + wd * p[i];
             m[i] = mu * m[i] + gi;
-            p[i] -= lr * (mu != 0 ? m[i] : gi);
+            p[i] -= lr * (nesterov ? gi + mu * m[i] : mu != 0 ? m[i] : gi);
         }
     } else {
         const real_t lr = (real_t)o->lr, b1 = (real_t)o->beta1, b2 = (real_t)o->beta2, eps = (real_t)o->eps;
         const real_t decay = (real_t)(1 - o->lr * o->weight_decay);
         const real_t c1 = (real_t)(1 - pow(o->beta1, (double)o->step));
         const real_t c2sqrt = (real_t)sqrt(1 - pow(o->beta2, (double)o->step));
-        OMP(omp parallel for num_threads(c->threads) schedule(static) if (NUM_PARAMS >= PARALLEL_MIN))
-        for (int i = 0; i < NUM_PARAMS; i++) {
+        OMP(omp parallel for num_threads(c->threads) schedule(static) if (hi - lo >= PARALLEL_MIN))
+        for (int i = lo; i < hi; i++) {
+            const real_t gi = gscale * g[i];
             p[i] *= decay;
-            m[i] = b1 * m[i] + (1 - b1) * g[i];
-            v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i];
+            m[i] = b1 * m[i] + (1 - b1) * gi;
+            v[i] = b2 * v[i] + (1 - b2) * gi * gi;
             p[i] -= (lr / c1) * m[i] / (SQRT(v[i]) / c2sqrt + eps);
         }
     }
+}
+
+void snapshot_optimizer_step(snapshot_ctx *c, snapshot_optim *o)
+{
+    static const int64_t all[2] = {0, NUM_PARAMS};
+    const int64_t *r = o->ranges ? o->ranges : all;
+    const int nr = o->ranges ? o->nranges : 1;
+    o->step++;
+    real_t gscale = 1;
+    if (o->clip_norm > 0) {
+        double sq = 0;
+        for (int k = 0; k < nr; k++)
+            for (int64_t i = r[2 * k]; i < r[2 * k + 1]; i++)
+                sq += (double)c->grads[i] * c->grads[i];
+        const double coef = o->clip_norm / (sqrt(sq) + 1e-6);
+        gscale = coef < 1 ? (real_t)coef : 1;
+    }
+    for (int k = 0; k < nr; k++)
+        update_range(c, o, (int)r[2 * k], (int)r[2 * k + 1], gscale);
 }
 
 double snapshot_train_step(snapshot_ctx *c, const real_t *x, const int32_t *y, const int64_t *idx, int n,
@@ -848,11 +939,14 @@ static int64_t count_correct(const snapshot_ctx *c, const int32_t *y, const int6
 }
 
 int64_t snapshot_train_batches(snapshot_ctx *c, const real_t *x, const int32_t *y, const int64_t *order,
-                              int64_t count, int batch, snapshot_optim *opt, double *losses, int64_t *correct)
+                              int64_t count, int batch, snapshot_optim *opt, const double *lrs, double *losses,
+                              int64_t *correct)
 {
     int64_t k = 0;
     for (int64_t start = 0; start < count; start += batch, k++) {
         const int n = (int)(count - start < batch ? count - start : batch);
+        if (lrs)
+            opt->lr = lrs[k];
         losses[k] = snapshot_train_step(c, x, y, order + start, n, opt);
         correct[k] = count_correct(c, y, order + start, n);
         if (!isfinite(losses[k]))
