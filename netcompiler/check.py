@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import Diagnostic, SpecErrors
 from .layers import COMMON_OPTIONS, REGISTRY, Layer, Shape, did_you_mean, fmt_shape
+from .recipe import augment_problem
 from .spec import Node, parse_text, read_spec_text
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -35,8 +36,26 @@ TRAIN_KEYS: dict[str, tuple[str, Any]] = {
     "val_split": ("float", 0.0),
     "mean": ("float", None),
     "std": ("float", None),
+    # recipes (netcompiler/recipe.py): torch's names and defaults
+    "lr_schedule": ("choice", "none"),
+    "step_size": ("int", None),
+    "gamma": ("float", 0.1),
+    "milestones": ("ints", None),
+    "min_lr": ("float", 0.0),
+    "max_lr": ("float", None),
+    "pct_start": ("float", 0.3),
+    "div_factor": ("float", 25.0),
+    "final_div_factor": ("float", 1e4),
+    "warmup_epochs": ("count", 0),
+    "nesterov": ("bool", False),
+    "label_smoothing": ("float", 0.0),
+    "clip_grad_norm": ("float", 0.0),
+    "patience": ("int", None),
+    "augment": ("augment", None),
 }
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")  # adam and adamw: one optimizer (see runtime.Net.set_optimizer)
+SCHEDULES = ("none", "step", "multistep", "cosine", "onecycle")
+CHOICES = {"optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES}
 C_RESERVED = set(
     """auto break case char const continue default do double else enum extern float for goto if
     inline int long register restrict return short signed sizeof static struct switch typedef union
@@ -180,15 +199,24 @@ class _Checker:
                               f"{', '.join(TRAIN_KEYS)}", at_key=True)
                 continue
             kind = TRAIN_KEYS[key][0]
-            val = v.value
+            val = [i.value for i in v.value] if isinstance(v.value, list) else v.value
             if kind == "int" and (isinstance(val, bool) or not isinstance(val, int) or val < (0 if key == "seed" else 1)):
                 self.error(v, f"train option '{key}' must be a positive integer, got {_show(val)}")
             elif kind == "float" and (isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val)
                                       or val < 0):
                 self.error(v, f"train option '{key}' must be a non-negative number, got {_show(val)}")
-            elif kind == "choice" and val not in OPTIMIZERS:
-                hint = did_you_mean(val, list(OPTIMIZERS)) if isinstance(val, str) else ""
-                self.error(v, f"train option 'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {_show(val)}{hint}")
+            elif kind == "choice" and val not in CHOICES[key]:
+                hint = did_you_mean(val, list(CHOICES[key])) if isinstance(val, str) else ""
+                self.error(v, f"train option '{key}' must be one of {', '.join(CHOICES[key])}, got {_show(val)}{hint}")
+            elif kind == "count" and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
+                self.error(v, f"train option '{key}' must be an integer >= 0, got {_show(val)}")
+            elif kind == "bool" and not isinstance(val, bool):
+                self.error(v, f"train option '{key}' must be true or false, got {_show(val)}")
+            elif kind == "ints" and not (isinstance(val, list) and val and all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in val) and val == sorted(set(val))):
+                self.error(v, f"train option '{key}' must be a list of increasing positive integers, got {_show(val)}")
+            elif kind == "augment" and (problem := augment_problem(val)):
+                self.error(v, f"train option 'augment': {problem}")
             else:
                 out[key] = float(val) if kind == "float" else val
         if "val_split" in out and not out["val_split"] < 1:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .check import OPTIMIZERS, TRAIN_KEYS, Network, load
+from .check import OPTIMIZERS, SCHEDULES, TRAIN_KEYS, Network, load
 from .cli import DTYPE_HELP, FORMAT_HELP, THREADS_HELP, int_at_least
 from .errors import DataError, NetcError
 from .progress import emit
+from .recipe import AUGMENT_HELP
 
 NORMALISATION_HELP = (
     "Normalisation: inputs are pixels/255 (uint8 images), then (x - mean) / std.  netc train takes mean/std "
@@ -62,8 +63,9 @@ def register(sub) -> None:
                     "defaults shown; options given here win.  A warning tells when the loss grows far past its "
                     "starting value (a diverging run: lower --lr).  " + NORMALISATION_HELP,
         epilog="RUN_DIR holds spec.yaml, normalization.json, metrics.csv (epoch, train_loss, train_acc, val_loss, "
-               "val_acc, seconds, images_per_s; seconds include validation, images/s counts training only), "
-               "weights.npz (after the last completed epoch) and checkpoint.npz (all --resume needs).  Ctrl-C "
+               "val_acc, seconds, images_per_s, lr; seconds include validation, images/s counts training only, "
+               "lr is the rate of the epoch's first batch), weights.npz (after the last completed epoch), best.npz "
+               "(the epoch of lowest validation loss) and checkpoint.npz (all --resume needs).  Ctrl-C "
                "stops after the current chunk of batches and saves a checkpoint; --resume then continues with "
                "the run's own settings and gives the same weights as an uninterrupted run (same --threads).")
     t.add_argument("spec", help="network spec (YAML)")
@@ -92,6 +94,39 @@ def register(sub) -> None:
                    help="zero-pad images smaller than the spec's input (e.g. 28x28 -> 32x32)")
     t.add_argument("--dtype", choices=["float32", "float64"], help=DTYPE_HELP)
     t.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    r = t.add_argument_group("recipe", "schedules (torch.optim.lr_scheduler names and semantics), regularisation, "
+                                       "early stopping, fine-tuning; also keys of the spec's train: section "
+                                       "(lr_schedule, step_size, ..., augment: 'shift=2,hflip')")
+    r.add_argument("--lr-schedule", choices=SCHEDULES,
+                   help="step: StepLR; multistep: MultiStepLR; cosine: CosineAnnealingLR to --min-lr over the "
+                        "epochs after warm-up (all stepped per epoch); onecycle: OneCycleLR stepped per batch "
+                        "(momentum not cycled).  Default none.  metrics.csv records each epoch's lr")
+    r.add_argument("--step-size", type=positive_int, metavar="N", help="step: epochs between decays")
+    r.add_argument("--gamma", type=_nonneg_float, metavar="X", help=f"step, multistep: decay factor ({d['gamma']})")
+    r.add_argument("--milestones", type=positive_int, nargs="+", metavar="N",
+                   help="multistep: epochs (counted after warm-up) at which lr is multiplied by --gamma")
+    r.add_argument("--min-lr", type=_nonneg_float, metavar="X", help="cosine: eta_min (0)")
+    r.add_argument("--max-lr", type=_nonneg_float, metavar="X", help="onecycle: max_lr (default --lr)")
+    r.add_argument("--pct-start", type=_fraction, metavar="F", help="onecycle: pct_start (0.3)")
+    r.add_argument("--div-factor", type=_nonneg_float, metavar="X", help="onecycle: div_factor (25)")
+    r.add_argument("--final-div-factor", type=_nonneg_float, metavar="X", help="onecycle: final_div_factor (1e4)")
+    r.add_argument("--warmup-epochs", type=int_at_least(0), metavar="N",
+                   help="linear warm-up first: epoch e < N trains at lr (e+1)/(N+1) (LinearLR in SequentialLR)")
+    r.add_argument("--nesterov", action="store_true", default=None,
+                   help="Nesterov momentum (--optimizer momentum), as torch.optim.SGD(nesterov=True)")
+    r.add_argument("--label-smoothing", type=_nonneg_float, metavar="X",
+                   help="cross_entropy with label smoothing, as torch's CrossEntropyLoss(label_smoothing) (0)")
+    r.add_argument("--clip-grad-norm", type=_nonneg_float, metavar="X",
+                   help="scale gradients to global L2 norm <= X, as torch.nn.utils.clip_grad_norm_ (0: off)")
+    r.add_argument("--augment", metavar="LIST", help="augment training images in C: " + AUGMENT_HELP)
+    r.add_argument("--patience", type=positive_int, metavar="N",
+                   help="stop when validation loss has not improved for N epochs.  Always: RUN_DIR/best.npz "
+                        "holds the weights of the epoch of lowest validation loss")
+    r.add_argument("--init", metavar="WEIGHTS", help="start from these weights (a .npz of the spec's parameters) "
+                                                    "instead of a random initialisation; their normalisation too")
+    r.add_argument("--freeze", nargs="+", metavar="LAYER",
+                   help="layers whose parameters stay fixed (no update, decay or optimizer state)")
+    r.add_argument("--plot", action="store_true", help="write RUN_DIR/curves.png (needs matplotlib)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="loss, accuracy, per-class accuracy and confusion matrix of weights on a data set",
@@ -134,10 +169,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     from .train import TrainOptions, train
 
+    from .train import RECIPE_KEYS
+
+    if args.plot:
+        _matplotlib()  # fail before the work
     opts = TrainOptions(spec=args.spec, data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
                         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
                         weight_decay=args.weight_decay, seed=args.seed, val_split=args.val_split, limit=args.limit,
-                        pad=args.pad, dtype=args.dtype, threads=args.threads, resume=args.resume, force=args.force)
+                        pad=args.pad, dtype=args.dtype, threads=args.threads, resume=args.resume, force=args.force,
+                        init=args.init, freeze=args.freeze, plot=args.plot,
+                        **{k: getattr(args, k) for k in RECIPE_KEYS})
     train(opts, progress=False if args.no_progress else None)
     return 0
 
@@ -296,6 +337,33 @@ def _plot_confusion(m: dict, path: str) -> None:
 
     try:  # an OSError is reported by cli.main, as for every file written
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+
+
+def plot_curves(history: list[list[float]], path, title: str, val_name: str = "val") -> None:
+    """curves.png of a run: loss, accuracy and lr per epoch (rows of train.METRICS_COLUMNS)."""
+    plt = _matplotlib()
+    h = np.array(history, np.float64).reshape(-1, 8)
+    ep = h[:, 0]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, (col, what) in zip(axes[:2], ((1, "loss"), (2, "accuracy"))):
+        ax.plot(ep, h[:, col], "o-", label="train")
+        ax.plot(ep, h[:, col + 2], "o-", label=val_name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    axes[2].plot(ep, h[:, 7], "o-")
+    axes[2].set_xlabel("epoch")
+    axes[2].set_ylabel("learning rate")
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    from .weights import atomic_write
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
 
