@@ -14,6 +14,7 @@ from .check import OPTIMIZERS, SCHEDULES, TRAIN_KEYS, Network, load
 from .cli import DTYPE_HELP, FORMAT_HELP, THREADS_HELP, int_at_least
 from .errors import DataError, NetcError
 from .progress import emit
+from .perturb import PERTURB_HELP
 from .recipe import AUGMENT_HELP
 
 NORMALISATION_HELP = (
@@ -51,6 +52,15 @@ def _fraction(text: str) -> float:
 
 
 _seed = int_at_least(0)
+
+
+def _perturbations(text: str):
+    from .perturb import parse_perturb
+
+    try:
+        return text, parse_perturb(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub) -> None:
@@ -139,6 +149,9 @@ def register(sub) -> None:
     e.add_argument("--format", choices=["text", "json"], default="text", help=FORMAT_HELP)
     e.add_argument("--plot", metavar="FILE.png", help="draw the confusion matrix (needs matplotlib)")
     e.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="images per forward call (256)")
+    e.add_argument("--perturb", metavar="LIST", type=_perturbations,
+                   help="also evaluate perturbed copies of the images and show both accuracies: " + PERTURB_HELP)
+    e.add_argument("--seed", type=_seed, default=0, metavar="N", help="seed of --perturb (0)")
     e.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="class probabilities for .npy arrays or PNG/JPEG images",
@@ -261,6 +274,16 @@ def cmd_eval(args) -> int:
     m = classification_metrics(outputs, y, network.loss, k, names)
     m.update({"network": network.name, "data": ds.name, "split": args.split, "weights": args.weights,
               "normalization": {"mean": model.mean, "std": model.std, "source": model.norm_source}})
+    if args.perturb:
+        from .perturb import perturb
+
+        text, spec = args.perturb
+        px = perturb(x, spec, args.seed)
+        PX = net.check_x(to_inputs(network, px, model.mean, model.std, model.pad, args.dtype), "perturbed images")
+        pm = classification_metrics(predict_outputs(net, PX, args.batch_size), y, network.loss, k, names)
+        m["perturbed"] = {"perturb": text, "seed": args.seed, "loss": pm["loss"], "accuracy": pm["accuracy"],
+                          "top2_accuracy": pm["top2_accuracy"],
+                          "per_class_accuracy": [c["accuracy"] for c in pm["per_class"]]}
     if args.format == "json":
         emit(json.dumps(_json_safe(m), indent=2))
     else:
@@ -285,13 +308,22 @@ def _json_safe(v):
 def _eval_text(m: dict, model: Model) -> str:
     lines = [f"{m['network']} on {m['data']} {m['split']} set: {m['samples']} images; {model.norm_text()}",
              f"loss {m['loss']:.4f}  accuracy {100 * m['accuracy']:.2f}%  "
-             f"top-2 accuracy {100 * m['top2_accuracy']:.2f}%",
-             "", "per-class accuracy:"]
+             f"top-2 accuracy {100 * m['top2_accuracy']:.2f}%"]
+    if "perturbed" in m:
+        p = m["perturbed"]
+        lines.append(f"perturbed ({p['perturb']}, seed {p['seed']}): loss {p['loss']:.4f}  accuracy "
+                     f"{100 * p['accuracy']:.2f}%  top-2 accuracy {100 * p['top2_accuracy']:.2f}%  "
+                     f"(clean {100 * m['accuracy']:.2f}%)")
+    lines += ["", "per-class accuracy:"]
     width = max([len(c["name"] or "") for c in m["per_class"]] + [0])
+    perturbed = m["perturbed"]["per_class_accuracy"] if "perturbed" in m else None
     for c in m["per_class"]:
         acc = f"{100 * c['accuracy']:6.2f}%" if c["accuracy"] is not None else "      -"
         name = f" {c['name']:<{width}}" if width else ""
-        lines.append(f"  {c['class']:>3}{name}  {acc}  ({c['correct']}/{c['count']})")
+        line = f"  {c['class']:>3}{name}  {acc}  ({c['correct']}/{c['count']})"
+        if perturbed is not None and perturbed[c["class"]] is not None:
+            line += f"  perturbed {100 * perturbed[c['class']]:6.2f}%"
+        lines.append(line)
     cm = m["confusion_matrix"]
     k = len(cm)
     cell = max(4, len(str(max(max(r) for r in cm))) + 1)
