@@ -80,8 +80,9 @@ def register(sub) -> None:
                "the run's own settings and gives the same weights as an uninterrupted run (same --threads).")
     t.add_argument("spec", help="network spec (YAML)")
     t.add_argument("--data", required=True, metavar="SRC",
-                   help="'fashion-mnist', a directory of MNIST-style IDX files, or an .npz with x/y "
-                        "(and x_test/y_test)")
+                   help="'fashion-mnist', a directory of MNIST-style IDX files, an .npz with x/y "
+                        "(and x_test/y_test), a directory of x.npy/y.npy (and x_test.npy/y_test.npy), or an "
+                        "image folder DIR/CLASS/*.png|jpg (or DIR/train/CLASS and DIR/test/CLASS; Pillow)")
     t.add_argument("--epochs", metavar="N", type=positive_int, help=f"number of epochs (default {d['epochs']})")
     t.add_argument("--batch-size", metavar="N", type=positive_int,
                    help=f"samples per batch (default {d['batch_size']})")
