@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .check import OPTIMIZERS, SCHEDULES, TRAIN_KEYS, Network, load
+from .check import OPTIMIZERS, SCHEDULES, TRAIN_KEYS, Network, load, train_value
 from .cli import DTYPE_HELP, FORMAT_HELP, THREADS_HELP, int_at_least
 from .errors import DataError, NetcError
 from .progress import emit
@@ -34,24 +34,22 @@ OPTIMIZER_HELP = (
     "Default {}")
 
 
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
+def train_arg(key: str):
+    """An argparse type for the train setting `key`: the text as a number, then the rule the
+    spec's train: section and checkpoints use too (check.train_value)."""
 
+    def parse(text: str):
+        try:
+            integer = TRAIN_KEYS[key][0] in ("int", "count")
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if integer else 'a number'}: '{text}'") from None
+        try:
+            return train_value(key, value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-def _fraction(text: str) -> float:
-    v = _nonneg_float(text)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return v
-
-
-_seed = int_at_least(0)
+    return parse
 
 
 def _perturbations(text: str):
@@ -83,18 +81,18 @@ def register(sub) -> None:
                    help="'fashion-mnist', a directory of MNIST-style IDX files, an .npz with x/y "
                         "(and x_test/y_test), a directory of x.npy/y.npy (and x_test.npy/y_test.npy), or an "
                         "image folder DIR/CLASS/*.png|jpg (or DIR/train/CLASS and DIR/test/CLASS; Pillow)")
-    t.add_argument("--epochs", metavar="N", type=positive_int, help=f"number of epochs (default {d['epochs']})")
-    t.add_argument("--batch-size", metavar="N", type=positive_int,
+    t.add_argument("--epochs", metavar="N", type=train_arg("epochs"), help=f"number of epochs (default {d['epochs']})")
+    t.add_argument("--batch-size", metavar="N", type=train_arg("batch_size"),
                    help=f"samples per batch (default {d['batch_size']})")
     t.add_argument("--optimizer", choices=OPTIMIZERS, help=OPTIMIZER_HELP.format(d["optimizer"]))
-    t.add_argument("--lr", metavar="X", type=_nonneg_float, help=f"learning rate (default {d['lr']:g})")
-    t.add_argument("--momentum", metavar="X", type=_nonneg_float,
+    t.add_argument("--lr", metavar="X", type=train_arg("lr"), help=f"learning rate (default {d['lr']:g})")
+    t.add_argument("--momentum", metavar="X", type=train_arg("momentum"),
                    help=f"momentum of --optimizer momentum (default {d['momentum']})")
-    t.add_argument("--weight-decay", metavar="X", type=_nonneg_float,
+    t.add_argument("--weight-decay", metavar="X", type=train_arg("weight_decay"),
                    help=f"weight decay (default {d['weight_decay']})")
-    t.add_argument("--seed", metavar="N", type=_seed,
+    t.add_argument("--seed", metavar="N", type=train_arg("seed"),
                    help=f"seed of initialisation, shuffling, dropout and --val-split (default {d['seed']})")
-    t.add_argument("--val-split", type=_fraction, metavar="F",
+    t.add_argument("--val-split", type=train_arg("val_split"), metavar="F",
                    help="validate on this fraction of the training set (seeded); default: validate on the test set")
     t.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
     t.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<spec name>)")
@@ -112,25 +110,25 @@ def register(sub) -> None:
                    help="step: StepLR; multistep: MultiStepLR; cosine: CosineAnnealingLR to --min-lr over the "
                         "epochs after warm-up (all stepped per epoch); onecycle: OneCycleLR stepped per batch "
                         "(momentum not cycled).  Default none.  metrics.csv records each epoch's lr")
-    r.add_argument("--step-size", type=positive_int, metavar="N", help="step: epochs between decays")
-    r.add_argument("--gamma", type=_nonneg_float, metavar="X", help=f"step, multistep: decay factor ({d['gamma']})")
+    r.add_argument("--step-size", type=train_arg("step_size"), metavar="N", help="step: epochs between decays")
+    r.add_argument("--gamma", type=train_arg("gamma"), metavar="X", help=f"step, multistep: decay factor ({d['gamma']})")
     r.add_argument("--milestones", type=positive_int, nargs="+", metavar="N",
                    help="multistep: epochs (counted after warm-up) at which lr is multiplied by --gamma")
-    r.add_argument("--min-lr", type=_nonneg_float, metavar="X", help="cosine: eta_min (0)")
-    r.add_argument("--max-lr", type=_nonneg_float, metavar="X", help="onecycle: max_lr (default --lr)")
-    r.add_argument("--pct-start", type=_fraction, metavar="F", help="onecycle: pct_start (0.3)")
-    r.add_argument("--div-factor", type=_nonneg_float, metavar="X", help="onecycle: div_factor (25)")
-    r.add_argument("--final-div-factor", type=_nonneg_float, metavar="X", help="onecycle: final_div_factor (1e4)")
-    r.add_argument("--warmup-epochs", type=int_at_least(0), metavar="N",
+    r.add_argument("--min-lr", type=train_arg("min_lr"), metavar="X", help="cosine: eta_min (0)")
+    r.add_argument("--max-lr", type=train_arg("max_lr"), metavar="X", help="onecycle: max_lr (default --lr)")
+    r.add_argument("--pct-start", type=train_arg("pct_start"), metavar="F", help="onecycle: pct_start (0.3)")
+    r.add_argument("--div-factor", type=train_arg("div_factor"), metavar="X", help="onecycle: div_factor (25)")
+    r.add_argument("--final-div-factor", type=train_arg("final_div_factor"), metavar="X", help="onecycle: final_div_factor (1e4)")
+    r.add_argument("--warmup-epochs", type=train_arg("warmup_epochs"), metavar="N",
                    help="linear warm-up first: epoch e < N trains at lr (e+1)/(N+1) (LinearLR in SequentialLR)")
     r.add_argument("--nesterov", action="store_true", default=None,
                    help="Nesterov momentum (--optimizer momentum), as torch.optim.SGD(nesterov=True)")
-    r.add_argument("--label-smoothing", type=_nonneg_float, metavar="X",
+    r.add_argument("--label-smoothing", type=train_arg("label_smoothing"), metavar="X",
                    help="cross_entropy with label smoothing, as torch's CrossEntropyLoss(label_smoothing) (0)")
-    r.add_argument("--clip-grad-norm", type=_nonneg_float, metavar="X",
+    r.add_argument("--clip-grad-norm", type=train_arg("clip_grad_norm"), metavar="X",
                    help="scale gradients to global L2 norm <= X, as torch.nn.utils.clip_grad_norm_ (0: off)")
     r.add_argument("--augment", metavar="LIST", help="augment training images in C: " + AUGMENT_HELP)
-    r.add_argument("--patience", type=positive_int, metavar="N",
+    r.add_argument("--patience", type=train_arg("patience"), metavar="N",
                    help="stop when validation loss has not improved for N epochs.  Always: RUN_DIR/best.npz "
                         "holds the weights of the epoch of lowest validation loss")
     r.add_argument("--init", metavar="WEIGHTS", help="start from these weights (a .npz of the spec's parameters) "
@@ -152,7 +150,7 @@ def register(sub) -> None:
     e.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="images per forward call (256)")
     e.add_argument("--perturb", metavar="LIST", type=_perturbations,
                    help="also evaluate perturbed copies of the images and show both accuracies: " + PERTURB_HELP)
-    e.add_argument("--seed", type=_seed, default=0, metavar="N", help="seed of --perturb (0)")
+    e.add_argument("--seed", type=train_arg("seed"), default=0, metavar="N", help="seed of --perturb (0)")
     e.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="class probabilities for .npy arrays or PNG/JPEG images",

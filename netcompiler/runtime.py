@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .build import load_fastcall
-from .check import OPTIMIZERS, Network
+from .check import OPTIMIZERS, TRAIN_KEYS, Network, train_value
 from .errors import WeightsError
 from .render import Rendered
 
@@ -48,9 +48,17 @@ def available_cores() -> int:
 
 
 def optimizer_value(what: str, value: Any, below: float | None = None) -> float:
-    """The one rule for optimizer settings (set_optimizer, Net.lr): a real, finite number
-    >= 0 (and < `below` when given) -> float; anything else is a ValueError."""
-    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    """The one rule for optimizer settings (set_optimizer, Net.lr): lr, momentum and
+    weight_decay as check.train_value has them (the spec's and the CLI's rule); eps and the
+    betas a real, finite number >= 0 (and < `below` when given).  -> float, else ValueError."""
+    if isinstance(value, (np.integer, np.floating)):
+        value = value.item()
+    if what in TRAIN_KEYS:  # lr, momentum, weight_decay: the rule of the spec and the CLI
+        try:
+            return float(train_value(what, value))
+        except ValueError as exc:
+            raise ValueError(f"{what} {exc}") from None
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
           and math.isfinite(value) and value >= 0 and (below is None or value < below))
     if not ok:
         rule = "a finite number >= 0" + (f" and < {below:g}" if below is not None else "")

@@ -45,7 +45,7 @@ import numpy as np
 
 from . import recipe
 from . import weights as W
-from .check import TRAIN_KEYS, Network, load
+from .check import TRAIN_KEYS, Network, load, train_value
 from .data import Dataset, dataset_stats, load_dataset, prepare_inputs, train_val_split
 from .errors import DataError, NetcError, WeightsError
 from .fileio import locked_directory, remove_stale_temps
@@ -161,6 +161,11 @@ def resolve_settings(network: Network, opts: TrainOptions) -> dict[str, Any]:
     for k in ("lr", "momentum", "weight_decay"):
         if not (math.isfinite(s[k]) and s[k] >= 0):
             raise NetcError(f"--{k.replace('_', '-')} must be a finite number >= 0, got {s[k]}")
+    if s["milestones"] is not None:
+        try:
+            s["milestones"] = train_value("milestones", list(s["milestones"]))
+        except ValueError as exc:
+            raise NetcError(f"--milestones {exc}") from None
     problem = recipe.check_schedule(s)
     if problem:
         raise NetcError(problem)

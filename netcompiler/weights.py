@@ -259,29 +259,21 @@ def _is_real(v) -> bool:
 def check_settings(settings: Any, path) -> dict[str, Any]:
     """The run settings of a checkpoint, each checked by the rule its command-line option
     (or spec train: key) has; `WeightsError` naming the first bad one."""
-    import argparse
-
-    from .check import OPTIMIZERS, TRAIN_KEYS
-    from .cli import positive_int
-    from .cli_train import _fraction, _nonneg_float, _seed
+    from .check import OPTIMIZERS, TRAIN_KEYS, train_value
     from .runtime import DTYPES
 
     if not isinstance(settings, dict):
         raise _damaged(path, f"settings are {type(settings).__name__}, not a mapping")
-    missing = [k for k in (*TRAIN_KEYS, "limit", "pad", "dtype", "norm_source") if k not in settings]
+    missing = [k for k in (*TRAIN_KEYS, "limit", "pad", "dtype", "norm_source", "init", "freeze") if k not in settings]
     if missing:
         raise _damaged(path, f"settings lack {', '.join(missing)}")
-    parsers = {"epochs": positive_int, "batch_size": positive_int, "seed": _seed, "lr": _nonneg_float,
-               "momentum": _nonneg_float, "weight_decay": _nonneg_float, "val_split": _fraction}
-    for key, parse in parsers.items():
-        v = settings[key]
-        typed = _is_int(v) if parse in (positive_int, _seed) else _is_real(v)
+    for key, (kind, default) in TRAIN_KEYS.items():
+        if key in ("optimizer", "mean", "std") or (default is None and settings[key] is None):
+            continue  # checked below, with what a finished run stores for them; or not set
         try:
-            if not typed:
-                raise argparse.ArgumentTypeError(f"not {'an integer' if parse in (positive_int, _seed) else 'a number'}")
-            parse(repr(v))
-        except argparse.ArgumentTypeError as exc:
-            raise _damaged(path, f"setting '{key}' is {json.dumps(v)}: {exc}") from None
+            train_value(key, settings[key])
+        except ValueError as exc:
+            raise _damaged(path, f"setting '{key}' is {json.dumps(settings[key])}: {exc}") from None
     rules = {
         "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
         "mean": (lambda v: _is_real(v) and math.isfinite(v), "a finite number"),
@@ -290,6 +282,8 @@ def check_settings(settings: Any, path) -> dict[str, Any]:
         "pad": (lambda v: type(v) is bool, "true or false"),
         "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
         "norm_source": (lambda v: isinstance(v, str), "a string"),
+        "init": (lambda v: v is None or isinstance(v, str), "null or a path"),
+        "freeze": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of layer names"),
     }
     for key, (ok, want) in rules.items():
         if not ok(settings[key]):

@@ -679,9 +679,9 @@ static void fc1_backward(real_t *dacts, const real_t *acts, int n, real_t *restr
 }
 
 /* ==== training input: the sample, augmented when c->aug_* ask for it ===================== */
-#define IMG_C 1
-#define IMG_H 8
-#define IMG_W 8
+#define IMAGE_CHANNELS 1
+#define IMAGE_HEIGHT 8
+#define IMAGE_WIDTH 8
 /* a uniform draw in [0, 1) from a 64-bit random value */
 static inline double unit(uint64_t r) { return (double)(r >> 11) * (1.0 / 9007199254740992.0); }
 /* dst = sample `row` of x, shifted by (dy, dx) in -aug_shift..aug_shift (aug_fill where it
@@ -702,34 +702,34 @@ static void input_sample(const snapshot_ctx *c, real_t *restrict dst, const real
     const int dx = c->aug_shift ? (int)(mix64(key + 2) % (uint64_t)span) - c->aug_shift : 0;
     const int flip = c->aug_hflip && (mix64(key + 3) & 1);
     const real_t fill = (real_t)c->aug_fill;
-    for (int ch = 0; ch < IMG_C; ch++)
-        for (int i = 0; i < IMG_H; i++) {
+    for (int ch = 0; ch < IMAGE_CHANNELS; ch++)
+        for (int i = 0; i < IMAGE_HEIGHT; i++) {
             const int si = i + dy;
-            real_t *restrict d = dst + ((size_t)ch * IMG_H + i) * IMG_W;
-            if (si < 0 || si >= IMG_H) {
-                for (int j = 0; j < IMG_W; j++)
+            real_t *restrict d = dst + ((size_t)ch * IMAGE_HEIGHT + i) * IMAGE_WIDTH;
+            if (si < 0 || si >= IMAGE_HEIGHT) {
+                for (int j = 0; j < IMAGE_WIDTH; j++)
                     d[j] = fill;
                 continue;
             }
-            const real_t *restrict r = src + ((size_t)ch * IMG_H + si) * IMG_W;
-            for (int j = 0; j < IMG_W; j++) {
-                const int sj = (flip ? IMG_W - 1 - j : j) + dx;
-                d[j] = sj >= 0 && sj < IMG_W ? r[sj] : fill;
+            const real_t *restrict r = src + ((size_t)ch * IMAGE_HEIGHT + si) * IMAGE_WIDTH;
+            for (int j = 0; j < IMAGE_WIDTH; j++) {
+                const int sj = (flip ? IMAGE_WIDTH - 1 - j : j) + dx;
+                d[j] = sj >= 0 && sj < IMAGE_WIDTH ? r[sj] : fill;
             }
         }
     if (c->aug_erase > 0 && unit(mix64(key + 4)) < c->aug_erase) {
         for (uint64_t t = 0; t < 10; t++) {
             const uint64_t k = key + 16 * (t + 1);
-            const double area = IMG_H * IMG_W * (0.02 + (0.33 - 0.02) * unit(mix64(k)));
+            const double area = IMAGE_HEIGHT * IMAGE_WIDTH * (0.02 + (0.33 - 0.02) * unit(mix64(k)));
             const double ratio = exp(log(0.3) + (log(3.3) - log(0.3)) * unit(mix64(k + 1)));
             const int h = (int)lround(sqrt(area * ratio)), w = (int)lround(sqrt(area / ratio));
-            if (h < 1 || w < 1 || h >= IMG_H || w >= IMG_W)
+            if (h < 1 || w < 1 || h >= IMAGE_HEIGHT || w >= IMAGE_WIDTH)
                 continue;
-            const int top = (int)(mix64(k + 2) % (uint64_t)(IMG_H - h + 1));
-            const int left = (int)(mix64(k + 3) % (uint64_t)(IMG_W - w + 1));
-            for (int ch = 0; ch < IMG_C; ch++)
+            const int top = (int)(mix64(k + 2) % (uint64_t)(IMAGE_HEIGHT - h + 1));
+            const int left = (int)(mix64(k + 3) % (uint64_t)(IMAGE_WIDTH - w + 1));
+            for (int ch = 0; ch < IMAGE_CHANNELS; ch++)
                 for (int i = top; i < top + h; i++)
-                    memset(dst + ((size_t)ch * IMG_H + i) * IMG_W + left, 0, sizeof(real_t) * (size_t)w);
+                    memset(dst + ((size_t)ch * IMAGE_HEIGHT + i) * IMAGE_WIDTH + left, 0, sizeof(real_t) * (size_t)w);
             break;
         }
     }
