@@ -79,6 +79,38 @@ def save_weights(path: str | os.PathLike, net, meta: dict[str, Any] | None = Non
     save_npz(path, with_meta(net.state_dict(), meta))
 
 
+def state_problems(expected: dict[str, tuple[int, ...]], state: dict[str, Any], dtype, values: bool = True
+                   ) -> list[str]:
+    """What keeps `state` (name -> array, or anything with .shape and .dtype when
+    values=False) from loading into tensors of shapes `expected` in `dtype`: missing,
+    extra, misshapen, non-real, or (values=True) not finite in `dtype`.  Metadata entries of
+    a netc train file ('__meta__/', '__optim__/') get one line pointing to load_weights."""
+    dtype = np.dtype(dtype)
+    problems = []
+    for k in sorted(set(expected) - set(state)):
+        problems.append(f"missing '{k}' {tuple(expected[k])}")
+    reserved = sorted(k for k in set(state) - set(expected) if str(k).startswith("__"))
+    for k in sorted(set(state) - set(expected) - set(reserved)):
+        problems.append(f"unexpected '{k}'")
+    if reserved:
+        problems.append(f"unexpected metadata entries ({', '.join(repr(k) for k in reserved[:3])}"
+                        f"{', ...' if len(reserved) > 3 else ''}): this is a weights or checkpoint file "
+                        f"written by netc train; load it with net.load_weights(path)")
+    for k in sorted(set(expected) & set(state)):
+        v = state[k] if not values else np.asarray(state[k])
+        want = tuple(expected[k])
+        if tuple(v.shape) != want:
+            problems.append(f"'{k}' has shape {tuple(v.shape)}, the network needs {want}")
+        elif v.dtype.kind not in "fiu":
+            problems.append(f"'{k}' has dtype {v.dtype}, expected a real number array")
+        elif values and v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+            problems.append(f"'{k}' contains NaN or infinity")
+        elif values and not np.all(np.abs(v) <= np.finfo(dtype).max):
+            problems.append(f"'{k}' has values up to {np.max(np.abs(v)):.3g}, beyond the range of "
+                            f"{dtype} (largest {np.finfo(dtype).max:.3g})")
+    return problems
+
+
 def header_check(net, path, optim: bool = False) -> Callable[[dict[str, Header]], None]:
     """A `load_npz` check refusing, before any data is read, a file whose parameter names
     or shapes do not fit `net` (and, with `optim`, whose optimizer moments do not)."""
