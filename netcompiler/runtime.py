@@ -378,7 +378,7 @@ class Net:
         if unknown:
             raise ValueError(f"no layer {', '.join(repr(n) for n in unknown)} in network '{self.name}' "
                              f"(layers: {', '.join(known)})")
-        frozen = {t.name for t in self.plan.params if t.name.rsplit(".", 1)[0] in names}
+        frozen = {f"{l.name}.{k}" for l in self.network.layers if l.name in names for k in l.param_shapes()}
         ranges: list[int] = []
         for t in sorted(self.plan.params, key=lambda t: t.offset):
             if t.name in frozen:
