@@ -100,3 +100,33 @@ def test_pytorch_ceil_rule_is_not_exported():
     with pytest.raises(OnnxExportError, match="maxpool2d 'pool1': with ceil_mode ONNX gives 3 outputs where "
                                               "PyTorch and netcompiler give 2"):
         onnx_model(net, {})
+
+
+def test_cli_export_onnx_and_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    net = trained_like(CASES["cifar"], "cifar.yaml")
+    weights = tmp_path / "weights.npz"
+    net.save_weights(weights)
+    spec_path = ROOT / "specs" / "cifar.yaml"
+    out = tmp_path / "cifar.onnx"
+    r = subprocess.run([sys.executable, "-m", "netcompiler", "export", str(spec_path), str(weights), "--format",
+                        "onnx", "-o", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == f"model: {out}"
+    x = np.random.default_rng(2).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    assert_close(ort_forward(onnx.load(str(out)), x), net.forward(x), 1e-5, "netc export --format onnx")
+
+    py = tmp_path / "cifar_model.py"
+    r = subprocess.run([sys.executable, "-m", "netcompiler", "export", str(spec_path), str(weights), "--format",
+                        "torch", "-o", str(py)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    mod_spec = importlib.util.spec_from_file_location("cifar_model", py)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    model = mod.Cifar()
+    mod.load_netc_weights(model, weights)
+    names = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    assert names == set(net.state_dict())
+    with torch.no_grad():
+        got = model.eval()(torch.from_numpy(x)).numpy()
+    assert_close(got, net.forward(x), 1e-5, "netc export --format torch")

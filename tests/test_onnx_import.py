@@ -399,6 +399,30 @@ def test_file_checks(tmp_path, monkeypatch):
         import_onnx(path)
 
 
+def test_cli_import(tmp_path):
+    model = export(randomized(CASES["mlp"][0]), (6,), tmp_path / "mlp.onnx", torch.float32)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "netcompiler", "import", str(model), "-o", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"spec: {out / 'mlp.yaml'}" and lines[1] == f"weights: {out / 'mlp.npz'}"
+    assert lines[-1] == f"{out / 'mlp.yaml'}: ok (mlp: 6 -> 4, 113 parameters)"
+    # what netc check says of the written spec, and the weights load as netc train's do
+    r = subprocess.run([sys.executable, "-m", "netcompiler", "check", "-q", str(out / "mlp.yaml")],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.strip() == lines[-1]
+    net = nc.compile(str(out / "mlp.yaml"), threads=1)
+    net.load_weights(out / "mlp.npz")
+    x = np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32)
+    m = randomized(CASES["mlp"][0]).eval()
+    with torch.no_grad():
+        assert_close(net.forward(x), m[:-1](torch.as_tensor(x)).numpy(), 1e-5, "netc import")
+    bad = subprocess.run([sys.executable, "-m", "netcompiler", "import", str(out / "mlp.yaml"), "-o", str(out)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 1 and bad.stderr.startswith("netc: error: ") and bad.stderr.count("\n") == 1, bad.stderr
+
+
 def test_names_from_torch_scopes_and_clashes():
     from netcompiler.onnx_import import ImportedLayer, assign_names
 
