@@ -848,7 +848,11 @@ UNSUPPORTED_OPS: dict[str, str] = {
     "LSTM": "recurrent layers are not available", "GRU": "recurrent layers are not available",
     "RNN": "recurrent layers are not available",
     "LayerNormalization": "only batchnorm2d", "InstanceNormalization": "only batchnorm2d",
-    "PRelu": "leaky_relu has one fixed slope", "Elu": "activations are relu, leaky_relu, sigmoid, tanh, gelu",
+    "PRelu": "leaky_relu has one fixed slope",
+    "Transpose": "a Transpose of activations (a channels-last layout, as Keras/tf2onnx models have before their "
+                 "Flatten) is not supported: netcompiler flattens channels-first and would need the next "
+                 "layer's weights reordered; export the model channels-first",
+    "LRN": "local response normalization is not available; the nearest layer is batchnorm2d", "Elu": "activations are relu, leaky_relu, sigmoid, tanh, gelu",
     "Selu": "activations are relu, leaky_relu, sigmoid, tanh, gelu",
 }
 

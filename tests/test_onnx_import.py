@@ -376,6 +376,16 @@ def test_branch_is_refused(tmp_path):
         import_onnx(save(make_model(nodes, {}, (2, 3, 3), (2, 3, 3)), tmp_path / "m.onnx"))
 
 
+def test_channels_last_flatten_is_refused(tmp_path):
+    # Keras' Flatten of an NHWC tensor, as tf2onnx writes it: the features come in another order
+    nodes = [H("Transpose", ["x"], "t", name="to_nhwc", perm=[0, 2, 3, 1]), H("Flatten", ["t"], "f"),
+             H("Gemm", ["f", "W"], "y", transB=1)]
+    model = make_model(nodes, {"W": np.ones((3, 12))}, (3, 2, 2), (3,))
+    with pytest.raises(OnnxImportError, match="node 'to_nhwc' \\(Transpose, perm=\\[0, 2, 3, 1\\]\\): operator not "
+                                              "supported; a Transpose of activations \\(a channels-last layout"):
+        import_onnx(save(model, tmp_path / "m.onnx"))
+
+
 def test_pytorch_ceil_rule_differs_from_onnx(tmp_path):
     # input 3, kernel 2, stride 2, padding 1, ceil: ONNX 3 outputs, PyTorch (last window in the padding) 2
     path = one_node(tmp_path, "MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1],
