@@ -86,6 +86,11 @@ def read_model(path: str | os.PathLike):
         raise OnnxImportError(f"{where}: not an ONNX model ({exc or 'protobuf parse error'})") from None
     if not model.HasField("graph") or not model.graph.node:
         raise OnnxImportError(f"{where}: not an ONNX model (no graph nodes)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError and others
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxImportError(f"{where}: not a valid ONNX model: {printable(first)}") from None
     return model
 
 
@@ -965,6 +970,20 @@ def import_onnx(path: str | os.PathLike, name: str | None = None) -> Imported:
 
     path = str(path)
     model = read_model(path)
+    try:
+        return _import(model, path, name)
+    except NetcError:
+        raise
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError, UnicodeError) as exc:
+        # values onnx.checker lets through but that cannot be read (a tensor whose data does
+        # not fill its dimensions, a name that is not text)
+        raise OnnxImportError(f"{path}: malformed model ({type(exc).__name__}: {printable(str(exc))[:200]})") \
+            from None
+
+
+def _import(model, path: str, name: str | None) -> Imported:
+    from .check import check_text, name_from_path
+
     imp = _Importer(model, path)
     layers = imp.run()
     if not layers:

@@ -356,7 +356,8 @@ def one_node(tmp_path, op, attrs=None, inits=None, in_shape=(2, 5, 5), out_shape
     ("Conv", {"strides": [0, 1]}, ("W",), {"W": np.ones((2, 2, 3, 3))},
      "attribute 'strides' values must be in 1..1,048,576, got [0, 1]"),
     ("MaxPool", {"kernel_shape": [2, 2], "storage_order": 1}, (), {}, "attribute 'storage_order' must be in 0..0"),
-    ("AveragePool", {"kernel_shape": [2, 2], "foo": 3}, (), {}, "attribute foo not supported"),
+    ("AveragePool", {"kernel_shape": [2, 2], "foo": 3}, (), {},
+     "not a valid ONNX model: Unrecognized attribute: foo for operator AveragePool"),
     ("LeakyRelu", {"alpha": float("inf")}, (), {}, "attribute 'alpha' must be a finite number"),
     ("Softmax", {"axis": 1}, (), {}, "only a final Softmax/LogSoftmax over the features"),
     ("Erf", {}, (), {}, "starts an element-wise computation (Erf) that is none of the activations"),
@@ -367,6 +368,32 @@ def test_refusals(tmp_path, op, attrs, extra, inits, message):
         import_onnx(path)
     text = str(exc.value)
     assert message in text and text.startswith(str(path)) and "\n" not in text, text
+
+
+def test_attribute_the_row_does_not_read(tmp_path):
+    # opset 7's BatchNormalization has 'spatial'; what it means is not implemented: refused
+    node = H("BatchNormalization", ["x", "s", "b", "m", "v"], "y", name="bn", spatial=0)
+    inits = {k: np.ones(2) for k in "sbmv"}
+    model = make_model([node], inits, (2, 3, 3), (2, 3, 3), opset=7)
+    with pytest.raises(OnnxImportError, match="node 'bn' \\(BatchNormalization, spatial=0\\): attribute spatial "
+                                              "not supported"):
+        import_onnx(save(model, tmp_path / "m.onnx"))
+
+
+def test_damaged_files_are_one_error(tmp_path):
+    """Random byte changes in a real model: imported or an OnnxImportError, nothing else."""
+    src = export(randomized(CASES["convs_pools"][0]), (1, 9, 8), tmp_path / "src.onnx", torch.float32).read_bytes()
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        b = bytearray(src)
+        for _ in range(rng.integers(1, 4)):
+            b[rng.integers(0, min(len(b), 3000))] = rng.integers(0, 256)
+        path = tmp_path / "fz.onnx"
+        path.write_bytes(bytes(b))
+        try:
+            import_onnx(path)
+        except OnnxImportError as exc:
+            assert "\n" not in str(exc)
 
 
 def test_branch_is_refused(tmp_path):
