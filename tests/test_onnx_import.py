@@ -144,7 +144,7 @@ def test_round_trip_spec_is_readable(tmp_path):
         "  - avgpool2d: {kernel_size: 3, stride: 1, padding: 1, count_include_pad: false}",
         "  - flatten: {name: flat}",
         "  - linear: {out_features: 8}",
-        "  - gelu: {name: gelu1}",
+        "  - gelu",
         "  - linear: {out_features: 5, bias: false}",
         "loss: cross_entropy",
     ]
