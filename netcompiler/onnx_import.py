@@ -190,7 +190,7 @@ def _np_dtype(onnx_type: int):
     return onnx.helper.tensor_dtype_to_np_dtype(onnx_type)
 
 
-def _fold_constant(node, ins, a: Attrs):
+def _fold_constant(a: Attrs):
     import onnx.numpy_helper as nh
 
     for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
@@ -210,8 +210,12 @@ def _axis(a: Attrs, name: str, rank: int, default: int = 0) -> int:
 
 
 def _axes_input(ins, a: Attrs, rank: int) -> list[int]:
-    axes = ins[1] if len(ins) > 1 and ins[1] is not None else np.array(a.ints("axes", [], len(a.raw["axes"].ints)
-                                                                             if "axes" in a.raw else 0, -64, 64))
+    """Squeeze's axes: its second input (opset 13) or its attribute (before)."""
+    if len(ins) > 1 and ins[1] is not None:
+        axes = ins[1]
+    else:
+        a.read.add("axes")
+        axes = _attr_value(a.raw["axes"]) if "axes" in a.raw else []
     return [int(x) % rank for x in np.asarray(axes).reshape(-1)]
 
 
@@ -243,7 +247,7 @@ def _reshape_target(data_shape: tuple[int, ...], target: np.ndarray, allowzero: 
 
 # op -> (numpy function of (inputs, attrs), attributes it reads are validated by Attrs)
 FOLD: dict[str, Callable[[list, Attrs], np.ndarray]] = {
-    "Constant": lambda ins, a: _fold_constant(None, ins, a),
+    "Constant": lambda ins, a: _fold_constant(a),
     "Identity": lambda ins, a: ins[0],
     "Cast": lambda ins, a: ins[0].astype(_np_dtype(a.int("to", 1, 1, 16))),
     "Gather": lambda ins, a: np.take(ins[0], ins[1].astype(np.int64), axis=_axis(a, "axis", ins[0].ndim)),
@@ -614,8 +618,8 @@ def _conv(imp: _Importer, node, a: Attrs, extra: list[int] | None = None) -> lis
     group = a.int("group", 1, 1)
     pads = _window_pads(imp, node, a, kernel, strides, dil, extra, same_ok=True)
     opts = dict(out_channels=int(w.shape[0]), kernel_size=_pair(kernel), stride=_pair(strides),
-                padding=pads if isinstance(pads, str) else _pair(list(pads)), dilation=_pair(dil), groups=group, bias=len(node.input) > 2
-                and bool(node.input[2]))
+                padding=pads if isinstance(pads, str) else _pair(list(pads)), dilation=_pair(dil), groups=group,
+                bias=len(node.input) > 2 and bool(node.input[2]))
     params = {"weight": w}
     if opts["bias"]:
         params["bias"] = imp.const(node, node.input[2])
@@ -857,7 +861,8 @@ UNSUPPORTED_OPS: dict[str, str] = {
     "Transpose": "a Transpose of activations (a channels-last layout, as Keras/tf2onnx models have before their "
                  "Flatten) is not supported: netcompiler flattens channels-first and would need the next "
                  "layer's weights reordered; export the model channels-first",
-    "LRN": "local response normalization is not available; the nearest layer is batchnorm2d", "Elu": "activations are relu, leaky_relu, sigmoid, tanh, gelu",
+    "LRN": "local response normalization is not available; the nearest layer is batchnorm2d",
+    "Elu": "activations are relu, leaky_relu, sigmoid, tanh, gelu",
     "Selu": "activations are relu, leaky_relu, sigmoid, tanh, gelu",
 }
 

@@ -216,6 +216,30 @@ def test_matmul_add_and_shape_arithmetic(tmp_path):
     np.testing.assert_array_equal(imported.state["dense.weight"], inits["W"].astype(np.float32).T)
 
 
+def test_more_shape_arithmetic(tmp_path):
+    # target [N, C*H*W] from Shape -> Slice / ReduceProd / Cast / Squeeze / Unsqueeze / Concat
+    nodes = [
+        H("Shape", ["x"], "s"), H("Slice", ["s", "i0", "i1"], "n"), H("Slice", ["s", "i1", "i4"], "chw"),
+        H("ReduceProd", ["chw"], "k", keepdims=1), H("Cast", ["k"], "kf", to=1), H("Cast", ["kf"], "k2", to=7),
+        H("Squeeze", ["k2", "i0"], "k0"), H("Unsqueeze", ["k0", "i0"], "k1"), H("Concat", ["n", "k1"], "t", axis=0),
+        H("Reshape", ["x", "t"], "f"), H("Gemm", ["f", "W"], "y", transB=1)]
+    inits = {"i0": np.array([0]), "i1": np.array([1]), "i4": np.array([4]),
+             "W": np.random.default_rng(0).standard_normal((3, 12))}
+    imported = check_against_ort(make_model(nodes, inits, (3, 2, 2), (3,)), tmp_path, (3, 2, 2))
+    assert [l.kind.kind for l in imported.network.layers] == ["flatten", "linear"]
+
+
+def test_batch_dependent_reshape_is_refused(tmp_path):
+    # [N*C, H*W] mixes samples: refused, naming the batch
+    nodes = [H("Shape", ["x"], "s"), H("Slice", ["s", "i0", "i2"], "nc"), H("ReduceProd", ["nc"], "a", keepdims=1),
+             H("Concat", ["a", "m1"], "t", axis=0), H("Reshape", ["x", "t"], "y", name="mix")]
+    inits = {"i0": np.array([0]), "i2": np.array([2]), "m1": np.array([-1])}
+    model = make_model(nodes, inits, (3, 2, 2), (4,))
+    with pytest.raises(OnnxImportError, match="node 'mix' \\(Reshape\\): reshapes a batch of 2 samples of "
+                                              "\\[3, 2, 2\\] to \\[6, -1\\], which does not keep the batch"):
+        import_onnx(save(model, tmp_path / "m.onnx"))
+
+
 def test_pad_folded_into_conv_and_auto_pad(tmp_path):
     rng = np.random.default_rng(0)
     nodes = [
