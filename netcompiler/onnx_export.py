@@ -56,8 +56,13 @@ Emit = Callable[[_Graph, Any, str, str, dict], None]
 
 
 def _pads(layer) -> list[int]:
-    (pt, pb), (pl, pr) = layer.derived["pads"]
-    return [pt, pl, pb, pr]
+    """ONNX pads [top, left, bottom, right]: the layer's derived pads where it has them
+    (conv2d), else its symmetric `padding` option (pools)."""
+    if "pads" in layer.derived:
+        (pt, pb), (pl, pr) = layer.derived["pads"]
+        return [pt, pl, pb, pr]
+    ph, pw = layer.opts["padding"]
+    return [ph, pw, ph, pw]
 
 
 def _conv(g: _Graph, layer, x: str, y: str, state: dict) -> None:
@@ -74,8 +79,9 @@ def _check_ceil(layer) -> None:
     starts inside the input or the left padding: refuse where the two differ."""
     o = layer.opts
     dil = o.get("dilation", (1, 1))
+    pads = _pads(layer)
     for i, n in enumerate(layer.in_shape[1:]):
-        onnx_out = window_out(n, o["kernel_size"][i], o["stride"][i], 2 * o["padding"][i], dil[i], True, 10**9)
+        onnx_out = window_out(n, o["kernel_size"][i], o["stride"][i], pads[i] + pads[i + 2], dil[i], True, 10**9)
         if o["ceil_mode"] and onnx_out != layer.out_shape[1 + i]:
             raise OnnxExportError(f"{layer.where()}: with ceil_mode ONNX gives {onnx_out} outputs where PyTorch and "
                                   f"netcompiler give {layer.out_shape[1 + i]}; not exportable")
@@ -86,7 +92,7 @@ def _pool(op: str):
         o = layer.opts
         _check_ceil(layer)
         attrs = dict(kernel_shape=list(o["kernel_size"]), strides=list(o["stride"]),
-                     pads=[o["padding"][0], o["padding"][1]] * 2, ceil_mode=int(o["ceil_mode"]))
+                     pads=_pads(layer), ceil_mode=int(o["ceil_mode"]))
         if "dilation" in o:
             attrs["dilations"] = list(o["dilation"])
         if "count_include_pad" in o:

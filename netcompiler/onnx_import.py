@@ -532,10 +532,11 @@ class OpRule:
     alternative: str = ""
 
 
-def _window_pads(imp: _Importer, node, a: Attrs, kernel: list[int], strides: list[int], dilations: list[int],
-                 extra: list[int] | None = None, same_ok: bool = False) -> tuple[int, int] | str:
-    """Symmetric padding (h, w) of a conv or pool from pads / auto_pad (+ a folded Pad), or
-    'same' (conv only) for PyTorch's asymmetric 'same' padding."""
+def _window_pads(imp: _Importer, node, a: Attrs, kind: str, kernel: list[int], strides: list[int],
+                 dilations: list[int], extra: list[int] | None = None) -> Any:
+    """The spec's `padding` of a conv or pool from pads / auto_pad (+ a folded Pad): an int
+    or [h, w] when symmetric; 'same' for PyTorch's asymmetric 'same' (conv2d); else
+    [top, bottom, left, right] if the kind's padding option takes that, else an error."""
     auto = a.str("auto_pad", "NOTSET", ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"))
     pads = a.ints("pads", None, 4)
     if auto != "NOTSET" and pads is not None and any(pads):
@@ -550,14 +551,35 @@ def _window_pads(imp: _Importer, node, a: Attrs, kernel: list[int], strides: lis
     pads = pads or [0] * 4
     if extra:
         pads = [p + e for p, e in zip(pads, extra)]
-    if pads[0] != pads[2] or pads[1] != pads[3]:
-        same = [d * (k - 1) for k, d in zip(kernel, dilations)]
-        if same_ok and strides == [1, 1] and pads == [same[0] // 2, same[1] // 2, same[0] - same[0] // 2,
-                                                      same[1] - same[1] // 2]:
-            return "same"  # PyTorch's padding='same': the odd pixel at the bottom and right
-        raise a.fail(f"asymmetric padding (top {pads[0]}, left {pads[1]}, bottom {pads[2]}, right {pads[3]}) is "
-                     f"not supported yet", "use symmetric padding (PyTorch's padding=k//2 for odd kernels)")
-    return pads[0], pads[1]
+    if pads[0] == pads[2] and pads[1] == pads[3]:
+        return _pair(pads[:2])
+    option = _option(kind, "padding")
+    same = [d * (k - 1) for k, d in zip(kernel, dilations)]
+    if strides == [1, 1] and pads == [same[0] // 2, same[1] // 2, same[0] - same[0] // 2, same[1] - same[1] // 2] \
+            and _parses(option, "same"):
+        return "same"  # PyTorch's padding='same': the odd pixel at the bottom and right
+    four = [pads[0], pads[2], pads[1], pads[3]]  # ONNX: begins then ends; the spec: top, bottom, left, right
+    if _parses(option, four):
+        return four
+    raise a.fail(f"asymmetric padding (top {pads[0]}, left {pads[1]}, bottom {pads[2]}, right {pads[3]}) is "
+                 f"not supported yet", "use symmetric padding (PyTorch's padding=k//2 for odd kernels)")
+
+
+def _option(kind: str, name: str):
+    from .layers import REGISTRY
+
+    return next(o for o in REGISTRY[kind].options if o.name == name)
+
+
+def _parses(option, value) -> bool:
+    """Whether the layer kind's own option parser accepts `value` (what the spec can say)."""
+    from .layers.base import OptionError
+
+    try:
+        option.parse(value)
+    except OptionError:
+        return False
+    return True
 
 
 def _pair(v: list[int]) -> Any:
@@ -616,9 +638,9 @@ def _conv(imp: _Importer, node, a: Attrs, extra: list[int] | None = None) -> lis
         raise imp.fail(node, f"kernel_shape {kernel} differs from the weight's {list(w.shape[2:])}")
     strides, dil = a.ints("strides", [1, 1], 2, 1), a.ints("dilations", [1, 1], 2, 1)
     group = a.int("group", 1, 1)
-    pads = _window_pads(imp, node, a, kernel, strides, dil, extra, same_ok=True)
+    pads = _window_pads(imp, node, a, "conv2d", kernel, strides, dil, extra)
     opts = dict(out_channels=int(w.shape[0]), kernel_size=_pair(kernel), stride=_pair(strides),
-                padding=pads if isinstance(pads, str) else _pair(list(pads)), dilation=_pair(dil), groups=group,
+                padding=pads, dilation=_pair(dil), groups=group,
                 bias=len(node.input) > 2 and bool(node.input[2]))
     params = {"weight": w}
     if opts["bias"]:
@@ -645,8 +667,7 @@ def _pool(kind: str):
         include = a.int("count_include_pad", 0, 0, 1) if kind == "avgpool2d" else 1
         if extra and kind == "avgpool2d" and not include and a.ints("pads", [0] * 4, 4) != [0] * 4:
             raise imp.fail(node, "a Pad before an AveragePool that pads itself without counting the padding")
-        ph, pw = _window_pads(imp, node, a, kernel, strides, dil, extra)
-        opts["padding"] = _pair([ph, pw])
+        opts["padding"] = _window_pads(imp, node, a, kind, kernel, strides, dil, extra)
         if kind == "maxpool2d":
             opts["dilation"] = _pair(dil)
         opts["ceil_mode"] = bool(ceil)
