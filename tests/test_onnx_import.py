@@ -374,9 +374,6 @@ def one_node(tmp_path, op, attrs=None, inits=None, in_shape=(2, 5, 5), out_shape
     ("HardSwish", {}, (), {}, "node 'n1' (HardSwish): operator not supported; hardswish is not available yet"),
     ("Clip", {}, ("lo", "hi"), {"lo": np.float32(0), "hi": np.float32(6)},
      "node 'n1' (Clip): operator not supported; relu6 is not available yet"),
-    ("Conv", {"pads": [0, 0, 1, 1], "kernel_shape": [3, 3]}, ("W",), {"W": np.ones((2, 2, 3, 3))},
-     "node 'n1' (Conv, kernel_shape=[3, 3], pads=[0, 0, 1, 1]): asymmetric padding (top 0, left 0, bottom 1, "
-     "right 1) is not supported yet"),
     ("Conv", {"strides": [0, 1]}, ("W",), {"W": np.ones((2, 2, 3, 3))},
      "attribute 'strides' values must be in 1..1,048,576, got [0, 1]"),
     ("MaxPool", {"kernel_shape": [2, 2], "storage_order": 1}, (), {}, "attribute 'storage_order' must be in 0..0"),
@@ -392,6 +389,32 @@ def test_refusals(tmp_path, op, attrs, extra, inits, message):
         import_onnx(path)
     text = str(exc.value)
     assert message in text and text.startswith(str(path)) and "\n" not in text, text
+
+
+def test_asymmetric_padding(tmp_path):
+    """TensorFlow's SAME with stride 2 and explicit uneven pads: imported as [top, bottom, left,
+    right] and equal to ONNX Runtime where the kind's padding option takes four values, else
+    refused naming the node."""
+    from netcompiler.layers import REGISTRY
+    from netcompiler.layers.base import OptionError
+
+    rng = np.random.default_rng(0)
+    nodes = [H("Conv", ["x", "W"], "c", name="c1", auto_pad="SAME_UPPER", strides=[2, 2]),
+             H("MaxPool", ["c"], "p", name="p1", kernel_shape=[2, 2], pads=[0, 1, 1, 0], strides=[1, 1]),
+             H("Flatten", ["p"], "f"), H("Gemm", ["f", "G"], "y", transB=1)]
+    model = make_model(nodes, {"W": rng.standard_normal((3, 2, 3, 3)), "G": rng.standard_normal((2, 48))},
+                       (2, 8, 7), (2,))
+    try:
+        next(o for o in REGISTRY["conv2d"].options if o.name == "padding").parse([0, 1, 1, 1])
+    except OptionError:
+        with pytest.raises(OnnxImportError, match="node 'c1' \\(Conv, auto_pad='SAME_UPPER', strides=\\[2, 2\\]\\): "
+                                                  "asymmetric padding \\(top 0, left 1, bottom 1, right 1\\) is "
+                                                  "not supported yet"):
+            import_onnx(save(model, tmp_path / "m.onnx"))
+        return
+    imported = check_against_ort(model, tmp_path, (2, 8, 7))
+    assert "padding: [0, 1, 1, 1]" in imported.spec.splitlines()[4]  # conv: top 0, bottom 1, left 1, right 1
+    assert "padding: [0, 1, 1, 0]" in imported.spec.splitlines()[5]  # the pool's
 
 
 def test_attribute_the_row_does_not_read(tmp_path):
