@@ -130,3 +130,10 @@ def test_cli_export_onnx_and_torch(tmp_path):
     with torch.no_grad():
         got = model.eval()(torch.from_numpy(x)).numpy()
     assert_close(got, net.forward(x), 1e-5, "netc export --format torch")
+
+
+def test_every_layer_kind_has_an_onnx_form():
+    from netcompiler.layers import REGISTRY
+    from netcompiler.onnx_export import EMIT
+
+    assert sorted(set(REGISTRY) - set(EMIT)) == []

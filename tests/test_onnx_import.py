@@ -521,3 +521,10 @@ def test_names_from_torch_scopes_and_clashes():
     clash = [L("conv2d"), L("relu", "conv1")]  # 'conv1' is the conv's automatic name
     assign_names(clash, "net")
     assert [l.name for l in clash] == [None, None]
+
+
+def test_batchnorm_options_come_back(tmp_path):
+    # ONNX's momentum is the share of the old running value: 1 - PyTorch's
+    imported = import_onnx(export(randomized(CASES["depthwise_bn"][0]), (2, 8, 8), tmp_path / "d.onnx"))
+    (bn,) = [l for l in imported.network.layers if l.kind.kind == "batchnorm2d"]
+    assert (bn.name, bn.opts["eps"], bn.opts["momentum"]) == ("bn1", 0.001, 0.2)
