@@ -895,7 +895,7 @@ def _name_ok(name: str) -> bool:
     return bool(name) and bool(IDENT.match(name)) and not _bad_ident(name)
 
 
-def assign_names(layers: list[ImportedLayer], net_name: str) -> None:
+def assign_names(layers: list[ImportedLayer], net_name: str) -> list[str]:
     """Each layer's spec name: the first valid candidate that no other layer takes, None
     (the automatic name, not written) when that is what it would be called anyway."""
     from .layers import REGISTRY
@@ -922,6 +922,7 @@ def assign_names(layers: list[ImportedLayer], net_name: str) -> None:
         final = auto
     for l, n, a in zip(layers, final, auto):
         l.name = None if n == a else n
+    return final
 
 
 def _yaml_value(v: Any) -> str:
@@ -1017,7 +1018,10 @@ def _import(model, path: str, name: str | None) -> Imported:
     net_name = name or name_from_path(path)
     if not _name_ok(net_name):
         raise OnnxImportError(f"{path}: network name '{printable(net_name)}' is not a valid name")
-    assign_names(layers, net_name)
+    if net_name in assign_names(layers, net_name):  # a file named fc1.onnx: its first linear layer is fc1
+        if name:
+            raise OnnxImportError(f"{path}: network name '{net_name}' is also a layer's name; choose another")
+        net_name += "_net"
     out = imp.shapes.get(imp.output)
     loss = "cross_entropy" if out is not None and len(out) == 2 and (out[1] or 0) >= 2 else "mse"
     header = [f"imported by netc import from {Path(path).name}"

@@ -528,3 +528,10 @@ def test_batchnorm_options_come_back(tmp_path):
     imported = import_onnx(export(randomized(CASES["depthwise_bn"][0]), (2, 8, 8), tmp_path / "d.onnx"))
     (bn,) = [l for l in imported.network.layers if l.kind.kind == "batchnorm2d"]
     assert (bn.name, bn.opts["eps"], bn.opts["momentum"]) == ("bn1", 0.001, 0.2)
+
+
+def test_network_name_that_is_a_layer_name(tmp_path):
+    path = export(randomized(CASES["mlp"][0]), (6,), tmp_path / "fc1.onnx")
+    assert import_onnx(path).name == "fc1_net"
+    with pytest.raises(OnnxImportError, match="network name 'fc2' is also a layer's name"):
+        import_onnx(path, name="fc2")
