@@ -25,6 +25,8 @@ from netcompiler.check import check_text, load  # noqa: E402
 from netcompiler.onnx_export import OnnxExportError, onnx_model  # noqa: E402
 from netcompiler.onnx_import import import_onnx  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
 # with specs/, every layer kind and option
 KINDS = {
@@ -137,3 +139,26 @@ def test_every_layer_kind_has_an_onnx_form():
     from netcompiler.onnx_export import EMIT
 
     assert sorted(set(REGISTRY) - set(EMIT)) == []
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_torch_source_matches(case, tmp_path):
+    """The written module, its state_dict loaded from the weights file, gives Net.forward."""
+    torch = pytest.importorskip("torch")
+    from netcompiler.torchref import torch_source
+
+    net = trained_like(CASES[case], f"{case}.yaml")
+    weights = tmp_path / "w.npz"
+    net.save_weights(weights)
+    py = tmp_path / f"{case}_model.py"
+    py.write_text(torch_source(net.network))
+    mod_spec = importlib.util.spec_from_file_location(f"{case}_model", py)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    model = next(v for k, v in vars(mod).items() if isinstance(v, type) and issubclass(v, torch.nn.Module)
+                 and v.__module__ == mod.__name__)()
+    mod.load_netc_weights(model, weights)
+    x = np.random.default_rng(3).standard_normal((3, *net.network.input_shape)).astype(np.float32)
+    with torch.no_grad():
+        got = model.eval()(torch.from_numpy(x)).numpy()
+    assert_close(got, net.forward(x), 1e-5, f"{case}: torch source")
