@@ -1033,9 +1033,8 @@ def _import(model, path: str, name: str | None) -> Imported:
         raise _located(exc, text, layers, imp) from None
     state: dict[str, np.ndarray] = {}
     for l, checked in zip(layers, network.layers):
-        onnx_shape = imp.shapes.get(_last_output(l, imp))
-        if onnx_shape is not None and None not in onnx_shape[1:] and tuple(onnx_shape[1:]) != checked.out_shape \
-                and not (l.kind == "flatten"):
+        onnx_shape = imp.shapes.get(l.node.output[0])  # the node the layer ends with
+        if onnx_shape is not None and None not in onnx_shape[1:] and tuple(onnx_shape[1:]) != checked.out_shape:
             raise imp.fail(l.node, f"netcompiler's {l.kind} gives {list(checked.out_shape)} where ONNX gives "
                                    f"{list(onnx_shape[1:])} (PyTorch's and ONNX's rules differ here)")
         for k, v in l.params.items():
@@ -1057,10 +1056,6 @@ def _import(model, path: str, name: str | None) -> Imported:
         if math.isfinite(v) and (key == "mean" or v > 0):
             meta[key] = np.float64(v)
     return Imported(net_name, text, network, state, meta, imp.notes)
-
-
-def _last_output(layer: ImportedLayer, imp: _Importer) -> str:
-    return layer.node.output[0]
 
 
 def _located(exc: SpecErrors, text: str, layers: list[ImportedLayer], imp: _Importer) -> OnnxImportError:
