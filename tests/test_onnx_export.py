@@ -162,3 +162,15 @@ def test_torch_source_matches(case, tmp_path):
     with torch.no_grad():
         got = model.eval()(torch.from_numpy(x)).numpy()
     assert_close(got, net.forward(x), 1e-5, f"{case}: torch source")
+
+
+def test_quantize_is_for_c_only(tmp_path, capsys):
+    from netcompiler.cli import main
+
+    net = trained_like(CASES["lenet5"], "lenet5.yaml")
+    weights = tmp_path / "w.npz"
+    net.save_weights(weights)
+    assert main(["export", str(ROOT / "specs" / "lenet5.yaml"), str(weights), "--format", "onnx", "-o",
+                 str(tmp_path / "m.onnx"), "--quantize", "int8", "--calibration", "fashion-mnist"]) == 1
+    assert capsys.readouterr().err == "netc: error: --quantize int8 is for --format c, not onnx\n"
+    assert not (tmp_path / "m.onnx").exists()
