@@ -157,6 +157,12 @@ def _module(kind: str, o: dict, in_shape: tuple[int, ...]):
         return nn.Tanh()
     if kind == "sigmoid":
         return nn.Sigmoid()
+    if kind == "relu6":
+        return nn.ReLU6()
+    if kind == "hardswish":
+        return nn.Hardswish()
+    if kind == "silu":
+        return nn.SiLU()
     if kind == "batchnorm2d":
         return nn.BatchNorm2d(in_shape[0], eps=o.get("eps", 1e-5), momentum=o.get("momentum", 0.1))
     if kind == "dropout":

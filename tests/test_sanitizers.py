@@ -119,11 +119,21 @@ SAN_SPECS = {
     # a 1-D network: flatten and activations first, dropout last
     "san_1d": spec([7], ["flatten", "gelu", "linear: {out_features: 6}", "relu", "linear: {out_features: 3}",
                          "dropout: {p: 0.1}"], name="san_1d"),
+    # the kinds of modern small networks
+    "san_kinds": spec([3, 9, 8], [
+        "conv2d: {out_channels: 4, kernel_size: 3}",
+        "relu6",
+        "hardswish",
+        "silu",
+        "flatten",
+        "linear: {out_features: 3}",
+    ], name="san_kinds"),
 }
 CASES = [("san_all", "float32"), ("san_all", "float64"), ("san_mse", "float32"), ("san_mse", "float64"),
          ("san_gemm", "float32"), ("san_gemm", "float64"),
          ("san_wino", "float32"), ("san_wino", "float64"), ("san_pool", "float32"), ("san_pool", "float64"),
-         ("san_fused", "float32"), ("san_fused", "float64"), ("san_1d", "float64")]
+         ("san_fused", "float32"), ("san_fused", "float64"), ("san_1d", "float64"),
+         ("san_kinds", "float32"), ("san_kinds", "float64")]
 
 
 def _write(rendered, directory: Path) -> Path:
@@ -137,11 +147,11 @@ def _omp_flags(cc: str) -> list[str]:
     return ["-fopenmp"] if has_openmp(cc) else ["-Wno-unknown-pragmas"]
 
 
-def test_san_all_uses_every_layer_kind():
+def test_san_specs_use_every_layer_kind():
     from netcompiler.layers import REGISTRY
 
-    used = {l.kind.kind for l in check_text(SAN_SPECS["san_all"]).layers}
-    assert used == set(REGISTRY), f"kinds missing from san_all: {set(REGISTRY) - used}"
+    used = {l.kind.kind for name in ("san_all", "san_kinds") for l in check_text(SAN_SPECS[name]).layers}
+    assert used == set(REGISTRY), f"kinds missing from san_all and san_kinds: {set(REGISTRY) - used}"
 
 
 @pytest.mark.parametrize("name, dtype", CASES)

@@ -97,6 +97,9 @@ CASES = [
     ("gelu: {approximate: tanh}", [5], (5,)),
     ("tanh", [2, 3, 4], (2, 3, 4)),
     ("sigmoid", [5], (5,)),
+    ("relu6", [2, 3, 4], (2, 3, 4)),
+    ("hardswish", [5], (5,)),
+    ("silu", [2, 3, 4], (2, 3, 4)),
     # batchnorm2d, dropout
     ("batchnorm2d", [5, 15, 15], (5, 15, 15)),
     ("batchnorm2d: {eps: 0.001, momentum: 0.2}", [3, 4, 4], (3, 4, 4)),

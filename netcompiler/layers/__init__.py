@@ -1,7 +1,7 @@
 """The layer registry: every layer kind the compiler knows, by its spec name."""
 from __future__ import annotations
 
-from .activations import GELU, LeakyReLU, ReLU, Sigmoid, Tanh
+from .activations import GELU, Hardswish, LeakyReLU, ReLU, ReLU6, Sigmoid, SiLU, Tanh
 from .base import COMMON_OPTIONS, Layer, LayerKind, Option, Shape, did_you_mean, fmt_shape
 from .batchnorm import BatchNorm2d
 from .conv2d import Conv2d
@@ -13,7 +13,7 @@ from .pool import AvgPool2d, MaxPool2d
 REGISTRY: dict[str, LayerKind] = {
     k.kind: k
     for k in (Conv2d(), MaxPool2d(), AvgPool2d(), Linear(), Flatten(), ReLU(), LeakyReLU(), GELU(),
-              Tanh(), Sigmoid(), BatchNorm2d(), Dropout())
+              Tanh(), Sigmoid(), ReLU6(), Hardswish(), SiLU(), BatchNorm2d(), Dropout())
 }
 
 __all__ = ["REGISTRY", "COMMON_OPTIONS", "Layer", "LayerKind", "Option", "Shape", "did_you_mean", "fmt_shape"]
