@@ -143,6 +143,10 @@ def _module(kind: str, o: dict, in_shape: tuple[int, ...]):
         return nn.AvgPool2d(_pair(o["kernel_size"]), _pair(o["stride"]) if "stride" in o else None,
                             _pair(o.get("padding", 0)), ceil_mode=o.get("ceil_mode", False),
                             count_include_pad=o.get("count_include_pad", True))
+    if kind == "adaptive_avgpool2d":
+        return nn.AdaptiveAvgPool2d(_pair(o["output_size"]))
+    if kind == "global_avgpool2d":
+        return nn.AdaptiveAvgPool2d(1)
     if kind == "linear":
         return nn.Linear(in_shape[0], o["out_features"], bias=o.get("bias", True))
     if kind == "flatten":

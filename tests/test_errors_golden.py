@@ -384,6 +384,18 @@ GOLDEN = {
     "only_comments": (
         "# nothing here\n",
         "net.yaml:1:1: error: empty spec: expected a mapping with 'input', 'layers' and 'loss'"),
+    "global_pool_on_features": (
+        "input: [8]\n"
+        "layers:\n"
+        "  - global_avgpool2d\n"
+        "loss: mse\n",
+        "net.yaml:3:5: error: global_avgpool2d 'pool1': needs a 3-D input (channels, height, width), got 8"),
+    "adaptive_pool_zero_size": (
+        "input: [2, 6, 6]\n"
+        "layers:\n"
+        "  - adaptive_avgpool2d: {output_size: [3, 0]}\n"
+        "loss: mse\n",
+        "net.yaml:3:39: error: adaptive_avgpool2d: 'output_size' must be >= 1, got 0"),
     "recursive_alias": (
         "input: &a [1, *a]\n"
         "layers: [relu]\n"

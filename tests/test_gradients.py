@@ -156,6 +156,15 @@ CASES: dict[str, str] = {
     "avgpool_ceil_nopad": around("avgpool2d: {kernel_size: 3, stride: 2, ceil_mode: true}"),
     "avgpool_first_layer": around("avgpool2d: {kernel_size: [2, 3], stride: 1, padding: [1, 0]}", pre=None,
                                   head=["conv2d: {out_channels: 2, kernel_size: 2}", *HEAD]),
+    # ---- adaptive_avgpool2d, global_avgpool2d ----------------------------------------------
+    # uneven, overlapping bins (7 -> 3 rows: [0, 3), [2, 5), [4, 7)), even bins, more outputs than
+    # inputs (6 -> 8 columns), the first layer; global means before and after other layers
+    "adaptive_uneven": around("adaptive_avgpool2d: {output_size: [3, 4]}"),
+    "adaptive_int_even": around("adaptive_avgpool2d: {output_size: 2}", input_shape=(2, 8, 6)),
+    "adaptive_upscale_first": around("adaptive_avgpool2d: {output_size: [5, 8]}", pre=None,
+                                     head=["conv2d: {out_channels: 2, kernel_size: 2}", *HEAD]),
+    "global_avgpool": around(["global_avgpool2d", "flatten", "linear: {out_features: 4}"]),
+    "global_avgpool_first_mse": spec([3, 5, 4], ["global_avgpool2d", "conv2d: {out_channels: 2, kernel_size: 1}"], "mse"),
     # ---- linear -----------------------------------------------------------------------------
     "linear_bias": spec([5], ["linear: {out_features: 4, in_features: 5}", "tanh", "linear: {out_features: 3}"]),
     "linear_nobias": spec([5], ["linear: {out_features: 4, bias: false}", "relu",

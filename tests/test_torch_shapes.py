@@ -82,6 +82,12 @@ CASES = [
     ("avgpool2d: {kernel_size: 2, ceil_mode: true}", [3, 11, 11], (3, 6, 6)),
     ("avgpool2d: {kernel_size: 2, stride: 2, padding: 1, ceil_mode: true, count_include_pad: false}",
      [1, 3, 3], (1, 2, 2)),
+    # adaptive_avgpool2d (even, uneven, larger than the input), global_avgpool2d
+    ("adaptive_avgpool2d: {output_size: 2}", [3, 8, 8], (3, 2, 2)),
+    ("adaptive_avgpool2d: {output_size: [3, 4]}", [2, 7, 6], (2, 3, 4)),
+    ("adaptive_avgpool2d: {output_size: [5, 8]}", [1, 3, 6], (1, 5, 8)),
+    ("global_avgpool2d", [16, 8, 8], (16, 1, 1)),
+    ("global_avgpool2d", [3, 1, 5], (3, 1, 1)),
     # linear, flatten
     ("linear: {out_features: 10}", [20], (10,)),
     ("linear: {out_features: 10, bias: false}", [20], (10,)),
@@ -170,6 +176,31 @@ def test_same_padding_matches_torch_values(kernel, dilation):
     assert got.shape == want.shape
     assert torch.allclose(got, want, atol=1e-6)
     assert (layer.derived["pad_top"], layer.derived["pad_left"]) == (top, left)
+
+
+def test_adaptive_bins_are_pytorchs():
+    """Bins [floor(i * In / Out), ceil((i + 1) * In / Out)), worked out by hand."""
+    from netcompiler.layers.adaptive_pool import adaptive_bins
+
+    assert adaptive_bins(7, 3) == [(0, 3), (2, 5), (4, 7)]  # uneven and overlapping
+    assert adaptive_bins(8, 2) == [(0, 4), (4, 8)]
+    assert adaptive_bins(3, 5) == [(0, 1), (0, 2), (1, 2), (1, 3), (2, 3)]  # more outputs than inputs
+    assert adaptive_bins(5, 1) == [(0, 5)]
+
+
+def test_adaptive_pool_flops_follow_the_avgpool_convention():
+    """Forward: one add or division per input element of each output's window; backward: that
+    plus one division per output.  [2, 7, 6] -> [3, 4]: row bins 3, 3, 3 (sum 9), column bins
+    [0, 2), [1, 3), [3, 5), [4, 6) (sum 8): 2 * 9 * 8 = 144; 24 outputs."""
+    layer = one_layer("adaptive_avgpool2d: {output_size: [3, 4]}", [2, 7, 6])
+    assert layer.kind.flops(layer) == (144, 144 + 24)
+    glob = one_layer("global_avgpool2d", [16, 8, 8])
+    assert glob.kind.flops(glob) == (16 * 64, 16 * 64 + 16) and glob.params == 0
+
+
+def test_flatten_after_global_pool_gives_channels():
+    net = check_text("input: [5, 4, 3]\nlayers:\n  - global_avgpool2d\n  - flatten\nloss: mse\n")
+    assert net.output_shape == (5,)
 
 
 def test_avgpool_count_include_pad_changes_values():
