@@ -252,8 +252,9 @@ class Net:
         than one value per channel)."""
         for layer in self.network.layers:
             if layer.kind.batch_stats(layer) and n * math.prod(layer.in_shape[1:]) < 2:
+                maps = f" with {'x'.join(map(str, layer.in_shape[1:]))} maps" if len(layer.in_shape) > 1 else ""
                 raise ValueError(f"{layer.where()} needs more than one value per channel in training "
-                                 f"(batch of {n} with {layer.in_shape[1]}x{layer.in_shape[2]} maps)")
+                                 f"(batch of {n}{maps})")
 
     def _ptr(self, arr: np.ndarray, ctype: str):
         """A pointer to C-contiguous arr for a `ctype *` argument.  ffi.from_buffer is several

@@ -169,6 +169,8 @@ def _module(kind: str, o: dict, in_shape: tuple[int, ...]):
         return nn.SiLU()
     if kind == "batchnorm2d":
         return nn.BatchNorm2d(in_shape[0], eps=o.get("eps", 1e-5), momentum=o.get("momentum", 0.1))
+    if kind == "batchnorm1d":
+        return nn.BatchNorm1d(in_shape[0], eps=o.get("eps", 1e-5), momentum=o.get("momentum", 0.1))
     if kind == "dropout":
         return masked_dropout()
     raise KeyError(f"the reference does not know layer kind '{kind}': add it to tests/conftest.py")
@@ -230,10 +232,11 @@ def reference_loss_and_grad(net, spec_text: str, x, y, masks: dict | None = None
 
 def randomize_batchnorm(net, rng) -> None:
     """Give batch-norm layers non-trivial gamma/beta and running statistics."""
+    bn = ("batchnorm2d", "batchnorm1d")
     for k, v in net.params.items():
-        if any(k == f"{l.name}.weight" and l.kind.kind == "batchnorm2d" for l in net.network.layers):
+        if any(k == f"{l.name}.weight" and l.kind.kind in bn for l in net.network.layers):
             v[...] = rng.uniform(0.5, 1.5, v.shape)
-        elif any(k == f"{l.name}.bias" and l.kind.kind == "batchnorm2d" for l in net.network.layers):
+        elif any(k == f"{l.name}.bias" and l.kind.kind in bn for l in net.network.layers):
             v[...] = rng.uniform(-0.5, 0.5, v.shape)
     for k, v in net.buffers.items():
         v[...] = rng.uniform(0.5, 2.0, v.shape) if k.endswith("running_var") else rng.normal(0, 0.3, v.shape)

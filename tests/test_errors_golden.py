@@ -396,6 +396,13 @@ GOLDEN = {
         "  - adaptive_avgpool2d: {output_size: [3, 0]}\n"
         "loss: mse\n",
         "net.yaml:3:39: error: adaptive_avgpool2d: 'output_size' must be >= 1, got 0"),
+    "batchnorm1d_on_maps": (
+        "input: [2, 4, 4]\n"
+        "layers:\n"
+        "  - batchnorm1d\n"
+        "loss: mse\n",
+        "net.yaml:3:5: error: batchnorm1d 'bn1': needs a 1-D input (features), got 2x4x4: use batchnorm2d for "
+        "(channels, height, width), or flatten first"),
     "recursive_alias": (
         "input: &a [1, *a]\n"
         "layers: [relu]\n"

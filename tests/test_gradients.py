@@ -216,6 +216,12 @@ CASES: dict[str, str] = {
                                             "maxpool2d: {kernel_size: 2}"]),
     "batchnorm_last_mse": around(["conv2d: {out_channels: 2, kernel_size: 3}", "batchnorm2d"], head=[],
                                  loss="mse"),
+    # ---- batchnorm1d --------------------------------------------------------------------------
+    "batchnorm1d": spec([5], ["linear: {out_features: 6}", "batchnorm1d", "relu", "linear: {out_features: 3}"]),
+    "batchnorm1d_eps_momentum_after_pool": around(["relu", "global_avgpool2d", "flatten",
+                                                   "batchnorm1d: {eps: 0.01, momentum: 0.4}"]),
+    "batchnorm1d_first_last_mse": spec([4], ["batchnorm1d: {momentum: 0.0}", "linear: {out_features: 3}",
+                                             "batchnorm1d: {momentum: 1.0}"], "mse"),
     # ---- dropout ----------------------------------------------------------------------------
     "dropout_conv": around(["dropout: {p: 0.3}", "conv2d: {out_channels: 2, kernel_size: 2}"]),
     "dropout_default_two": around(["relu", "flatten", "dropout", "linear: {out_features: 5}", "dropout: {p: 0.25}"],

@@ -296,6 +296,15 @@ def test_batchnorm_batch_of_one_with_1x1_maps_is_a_value_error():
     assert np.isfinite(loss)
 
 
+def test_batchnorm1d_batch_of_one_is_a_value_error():
+    net = build(spec([4], ["linear: {out_features: 3}", "batchnorm1d", "linear: {out_features: 2}"]), "float64")
+    with pytest.raises(ValueError, match=r"batchnorm1d 'bn1' needs more than one value per channel in training "
+                                         r"\(batch of 1\)"):
+        net.loss_and_grad(x_for(net, 1), np.array([0]))
+    loss, _ = net.loss_and_grad(x_for(net, 2), np.array([0, 1]))
+    assert np.isfinite(loss)
+
+
 # ---- training entry points -------------------------------------------------------------------
 def test_train_step_equals_loss_and_grad_plus_update(mse):
     x, y = x_for(mse, 4), np.random.default_rng(1).standard_normal((4, 2))

@@ -109,6 +109,8 @@ CASES = [
     # batchnorm2d, dropout
     ("batchnorm2d", [5, 15, 15], (5, 15, 15)),
     ("batchnorm2d: {eps: 0.001, momentum: 0.2}", [3, 4, 4], (3, 4, 4)),
+    ("batchnorm1d", [7], (7,)),
+    ("batchnorm1d: {eps: 0.001, momentum: 0.2}", [3], (3,)),
     ("dropout", [10], (10,)),
     ("dropout: {p: 0.3}", [2, 3, 3], (2, 3, 3)),
     ("dropout: {p: 0}", [4], (4,)),
@@ -147,6 +149,7 @@ def test_layer_matches_torch(spec_line, input_shape, expected):
     ("dropout", [3], dict(p=0.5)),
     ("batchnorm2d: {eps: 0.001, momentum: 0.2}", [3, 2, 2], dict(eps=0.001, momentum=0.2)),
     ("batchnorm2d", [3, 2, 2], dict(eps=1e-5, momentum=0.1)),
+    ("batchnorm1d: {eps: 0.001, momentum: 0.2}", [3], dict(eps=0.001, momentum=0.2)),
     ("linear: {out_features: 4, bias: false}", [3], dict(bias=None)),
 ])
 def test_options_reach_torch_module(spec_line, input_shape, attrs):

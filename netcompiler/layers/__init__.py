@@ -4,7 +4,7 @@ from __future__ import annotations
 from .activations import GELU, Hardswish, LeakyReLU, ReLU, ReLU6, Sigmoid, SiLU, Tanh
 from .adaptive_pool import AdaptiveAvgPool2d, GlobalAvgPool2d
 from .base import COMMON_OPTIONS, Layer, LayerKind, Option, Shape, did_you_mean, fmt_shape
-from .batchnorm import BatchNorm2d
+from .batchnorm import BatchNorm1d, BatchNorm2d
 from .conv2d import Conv2d
 from .dropout import Dropout
 from .flatten import Flatten
@@ -14,7 +14,7 @@ from .pool import AvgPool2d, MaxPool2d
 REGISTRY: dict[str, LayerKind] = {
     k.kind: k
     for k in (Conv2d(), MaxPool2d(), AvgPool2d(), AdaptiveAvgPool2d(), GlobalAvgPool2d(), Linear(), Flatten(), ReLU(), LeakyReLU(), GELU(),
-              Tanh(), Sigmoid(), ReLU6(), Hardswish(), SiLU(), BatchNorm2d(), Dropout())
+              Tanh(), Sigmoid(), ReLU6(), Hardswish(), SiLU(), BatchNorm2d(), BatchNorm1d(), Dropout())
 }
 
 __all__ = ["REGISTRY", "COMMON_OPTIONS", "Layer", "LayerKind", "Option", "Shape", "did_you_mean", "fmt_shape"]
