@@ -403,6 +403,18 @@ GOLDEN = {
         "loss: mse\n",
         "net.yaml:3:5: error: batchnorm1d 'bn1': needs a 1-D input (features), got 2x4x4: use batchnorm2d for "
         "(channels, height, width), or flatten first"),
+    "upsample_bilinear": (
+        "input: [2, 4, 4]\n"
+        "layers:\n"
+        "  - upsample: {scale_factor: 2, mode: bilinear}\n"
+        "loss: mse\n",
+        "net.yaml:3:39: error: upsample: 'mode' must be one of nearest; got 'bilinear'"),
+    "upsample_fractional_scale": (
+        "input: [2, 4, 4]\n"
+        "layers:\n"
+        "  - upsample: {scale_factor: 1.5}\n"
+        "loss: mse\n",
+        "net.yaml:3:30: error: upsample: 'scale_factor' must be an integer, got 1.5"),
     "recursive_alias": (
         "input: &a [1, *a]\n"
         "layers: [relu]\n"

@@ -230,6 +230,11 @@ CASES: dict[str, str] = {
     "dropout_last_mse": spec([6], ["linear: {out_features: 5}", "dropout: {p: 0.4}"], "mse"),
     "dropout_p0": spec([6], ["linear: {out_features: 5}", "dropout: {p: 0.0}", "linear: {out_features: 3}"]),
     "batchnorm_dropout": around(["batchnorm2d", "dropout: {p: 0.5}"]),
+    # ---- upsample ----------------------------------------------------------------------------
+    "upsample_2": around(["upsample: {scale_factor: 2}", "conv2d: {out_channels: 2, kernel_size: 3, padding: 1}"]),
+    "upsample_pair_mode_first": around("upsample: {scale_factor: [1, 3], mode: nearest}", pre=None,
+                                       head=["conv2d: {out_channels: 2, kernel_size: 2}", *HEAD]),
+    "upsample_last_mse": around("upsample: {scale_factor: [3, 2]}", head=[], loss="mse"),
     # ---- flatten and losses ---------------------------------------------------------------------
     "flatten_first_layer": spec([2, 3, 3], ["flatten", "linear: {out_features: 3}"]),
     "flatten_twice": around(["flatten", "flatten"], head=["linear: {out_features: 3}"]),

@@ -128,6 +128,7 @@ SAN_SPECS = {
         "conv2d: {out_channels: 4, kernel_size: 3}",
         "relu6",
         "hardswish",
+        "upsample: {scale_factor: [2, 1]}",
         "adaptive_avgpool2d: {output_size: [4, 3]}",
         "silu",
         "global_avgpool2d",

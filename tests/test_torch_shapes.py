@@ -112,6 +112,8 @@ CASES = [
     ("batchnorm1d", [7], (7,)),
     ("batchnorm1d: {eps: 0.001, momentum: 0.2}", [3], (3,)),
     ("dropout", [10], (10,)),
+    ("upsample: {scale_factor: 2}", [3, 4, 5], (3, 8, 10)),
+    ("upsample: {scale_factor: [1, 3], mode: nearest}", [2, 3, 2], (2, 3, 6)),
     ("dropout: {p: 0.3}", [2, 3, 3], (2, 3, 3)),
     ("dropout: {p: 0}", [4], (4,)),
 ]
@@ -204,6 +206,12 @@ def test_adaptive_pool_flops_follow_the_avgpool_convention():
 def test_flatten_after_global_pool_gives_channels():
     net = check_text("input: [5, 4, 3]\nlayers:\n  - global_avgpool2d\n  - flatten\nloss: mse\n")
     assert net.output_shape == (5,)
+
+
+def test_upsample_flops():
+    """Forward copies (0 FLOPs); backward adds each input pixel's 2 x 3 output gradients: 5 adds."""
+    layer = one_layer("upsample: {scale_factor: [2, 3]}", [2, 3, 4])
+    assert layer.kind.flops(layer) == (0, 2 * 3 * 4 * 5)
 
 
 def test_avgpool_count_include_pad_changes_values():

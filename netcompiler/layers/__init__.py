@@ -10,11 +10,12 @@ from .dropout import Dropout
 from .flatten import Flatten
 from .linear import Linear
 from .pool import AvgPool2d, MaxPool2d
+from .upsample import Upsample
 
 REGISTRY: dict[str, LayerKind] = {
     k.kind: k
     for k in (Conv2d(), MaxPool2d(), AvgPool2d(), AdaptiveAvgPool2d(), GlobalAvgPool2d(), Linear(), Flatten(), ReLU(), LeakyReLU(), GELU(),
-              Tanh(), Sigmoid(), ReLU6(), Hardswish(), SiLU(), BatchNorm2d(), BatchNorm1d(), Dropout())
+              Tanh(), Sigmoid(), ReLU6(), Hardswish(), SiLU(), BatchNorm2d(), BatchNorm1d(), Dropout(), Upsample())
 }
 
 __all__ = ["REGISTRY", "COMMON_OPTIONS", "Layer", "LayerKind", "Option", "Shape", "did_you_mean", "fmt_shape"]
