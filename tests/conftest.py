@@ -127,22 +127,58 @@ def masked_dropout():
     return MaskedDropout()
 
 
+def _after_pad(cls, pad: list, value: float = 0.0):
+    """A subclass of the torch module `cls` that pads its input first: padding
+    [top, bottom, left, right] as F.pad(x, (left, right, top, bottom), value=value)."""
+    F = _torch().nn.functional
+    top, bottom, left, right = pad
+
+    class AfterPad(cls):
+        def forward(self, x):
+            return super().forward(F.pad(x, (left, right, top, bottom), value=value))
+
+    return AfterPad
+
+
+def _avg_excluding_pad(kernel, stride, pad: list):
+    """Average pooling over zero padding [top, bottom, left, right] that divides by the input
+    elements of each window only: window sums of the padded input over window sums of a
+    padded mask of ones."""
+    torch = _torch()
+    F = torch.nn.functional
+    top, bottom, left, right = pad
+
+    class AvgExcludingPad(torch.nn.Module):
+        def forward(self, x):
+            sums = F.avg_pool2d(F.pad(x, (left, right, top, bottom)), kernel, stride, divisor_override=1)
+            ones = F.pad(torch.ones_like(x), (left, right, top, bottom))
+            return sums / F.avg_pool2d(ones, kernel, stride, divisor_override=1)
+
+    return AvgExcludingPad()
+
+
 def _module(kind: str, o: dict, in_shape: tuple[int, ...]):
     nn = _torch().nn
+    pad4 = o.get("padding") if isinstance(o.get("padding"), list) and len(o["padding"]) == 4 else None
     if kind == "conv2d":
         pad = o.get("padding", 0)
         pad = pad if isinstance(pad, str) else _pair(pad)
-        return nn.Conv2d(in_shape[0], o["out_channels"], _pair(o["kernel_size"]), stride=_pair(o.get("stride", 1)),
-                         padding=pad, dilation=_pair(o.get("dilation", 1)), groups=o.get("groups", 1),
-                         bias=o.get("bias", True))
+        cls = _after_pad(nn.Conv2d, pad4) if pad4 else nn.Conv2d
+        return cls(in_shape[0], o["out_channels"], _pair(o["kernel_size"]), stride=_pair(o.get("stride", 1)),
+                   padding=0 if pad4 else pad, dilation=_pair(o.get("dilation", 1)), groups=o.get("groups", 1),
+                   bias=o.get("bias", True))
     if kind == "maxpool2d":
-        return nn.MaxPool2d(_pair(o["kernel_size"]), _pair(o["stride"]) if "stride" in o else None,
-                            _pair(o.get("padding", 0)), _pair(o.get("dilation", 1)),
-                            ceil_mode=o.get("ceil_mode", False))
+        cls = _after_pad(nn.MaxPool2d, pad4, float("-inf")) if pad4 else nn.MaxPool2d
+        return cls(_pair(o["kernel_size"]), _pair(o["stride"]) if "stride" in o else None,
+                   0 if pad4 else _pair(o.get("padding", 0)), _pair(o.get("dilation", 1)),
+                   ceil_mode=o.get("ceil_mode", False))
     if kind == "avgpool2d":
-        return nn.AvgPool2d(_pair(o["kernel_size"]), _pair(o["stride"]) if "stride" in o else None,
-                            _pair(o.get("padding", 0)), ceil_mode=o.get("ceil_mode", False),
-                            count_include_pad=o.get("count_include_pad", True))
+        stride = _pair(o["stride"]) if "stride" in o else _pair(o["kernel_size"])
+        if pad4 and not o.get("count_include_pad", True):
+            return _avg_excluding_pad(_pair(o["kernel_size"]), stride, pad4)
+        cls = _after_pad(nn.AvgPool2d, pad4) if pad4 else nn.AvgPool2d
+        return cls(_pair(o["kernel_size"]), stride, 0 if pad4 else _pair(o.get("padding", 0)),
+                   ceil_mode=o.get("ceil_mode", False), count_include_pad=o.get("count_include_pad", True))
     if kind == "adaptive_avgpool2d":
         return nn.AdaptiveAvgPool2d(_pair(o["output_size"]))
     if kind == "global_avgpool2d":

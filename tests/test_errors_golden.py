@@ -247,8 +247,8 @@ GOLDEN = {
         "  - conv2d: {out_channels: 2, kernel_size: 3, padding: sam}\n"
         "  - flatten\n"
         "loss: mse\n",
-        "net.yaml:3:56: error: conv2d: 'padding' must be an integer, a pair, 'same' or 'valid', got 'sam' "
-        "(did you mean 'same'?)"),
+        "net.yaml:3:56: error: conv2d: 'padding' must be an integer, a pair, [top, bottom, left, right], 'same' or "
+        "'valid', got 'sam' (did you mean 'same'?)"),
     "linear_without_flatten": (
         "input: [1, 28, 28]\n"
         "layers:\n"
@@ -415,6 +415,33 @@ GOLDEN = {
         "  - upsample: {scale_factor: 1.5}\n"
         "loss: mse\n",
         "net.yaml:3:30: error: upsample: 'scale_factor' must be an integer, got 1.5"),
+    "padding_list_of_3": (
+        "input: [1, 8, 8]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 2, kernel_size: 3, padding: [0, 1, 0]}\n"
+        "loss: mse\n",
+        "net.yaml:3:56: error: conv2d: 'padding' must be an integer, a pair, [top, bottom, left, right], 'same' or "
+        "'valid', got a list of 3"),
+    "pool_padding_same": (
+        "input: [1, 8, 8]\n"
+        "layers:\n"
+        "  - maxpool2d: {kernel_size: 2, padding: same}\n"
+        "loss: mse\n",
+        "net.yaml:3:42: error: maxpool2d: 'padding' must be an integer, a pair [h, w] or [top, bottom, left, right], "
+        "got 'same'"),
+    "pool_padding4_over_half": (
+        "input: [1, 8, 8]\n"
+        "layers:\n"
+        "  - avgpool2d: {kernel_size: 3, stride: 2, padding: [0, 2, 0, 1]}\n"
+        "loss: mse\n",
+        "net.yaml:3:53: error: avgpool2d 'pool1': padding 2 is more than half the kernel size 3"),
+    "pool_padding4_ceil_mode": (
+        "input: [1, 8, 8]\n"
+        "layers:\n"
+        "  - maxpool2d: {kernel_size: 2, padding: [0, 1, 0, 1], ceil_mode: true}\n"
+        "loss: mse\n",
+        "net.yaml:3:67: error: maxpool2d 'pool1': ceil_mode needs the same padding on both sides; with padding "
+        "[top, bottom, left, right] give the extra rows and columns as bottom and right padding"),
     "recursive_alias": (
         "input: &a [1, *a]\n"
         "layers: [relu]\n"

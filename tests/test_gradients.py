@@ -116,6 +116,14 @@ CASES: dict[str, str] = {
                                        input_shape=(2, 6, 6), pre="conv2d: {out_channels: 17, kernel_size: 1}"),
     "conv_winograd_same": around("conv2d: {out_channels: 48, kernel_size: 3, padding: same}",
                                  input_shape=(2, 8, 8), pre="conv2d: {out_channels: 16, kernel_size: 1}"),
+    # explicit padding [top, bottom, left, right]: TensorFlow's 'SAME' for kernel 3, stride 2 on an
+    # even input; lopsided pads over a gathered im2col; a Winograd convolution
+    "conv_pad4_tf_same_stride2": around("conv2d: {out_channels: 3, kernel_size: 3, stride: 2, padding: [0, 1, 0, 1]}",
+                                        input_shape=(2, 8, 8)),
+    "conv_pad4_gather": around("conv2d: {out_channels: 4, kernel_size: [5, 3], padding: [2, 0, 3, 1]}",
+                               input_shape=(2, 9, 12)),
+    "conv_winograd_pad4": around("conv2d: {out_channels: 16, kernel_size: 3, padding: [1, 0, 0, 2]}",
+                                 input_shape=(2, 7, 9), pre="conv2d: {out_channels: 16, kernel_size: 1}"),
     # ---- maxpool2d ------------------------------------------------------------------------
     "maxpool_k2": around("maxpool2d: {kernel_size: 2}"),
     "maxpool_k3_s2_p1": around("maxpool2d: {kernel_size: 3, stride: 2, padding: 1}"),
@@ -145,6 +153,11 @@ CASES: dict[str, str] = {
                                           pre="conv2d: {out_channels: 6, kernel_size: 1}"),
     # not tiled: stride > kernel leaves gaps between the windows
     "maxpool_gaps": around("maxpool2d: {kernel_size: 2, stride: 3}", input_shape=(2, 8, 9)),
+    # explicit padding [top, bottom, left, right] (-inf): TensorFlow's 'SAME' for 2x2 windows on an
+    # odd input, and a lopsided one with dilation
+    "maxpool_pad4_tf_same": around("maxpool2d: {kernel_size: 2, padding: [0, 1, 0, 1]}", input_shape=(2, 7, 7)),
+    "maxpool_pad4_dilation": around("maxpool2d: {kernel_size: 3, stride: 2, padding: [1, 0, 0, 1], dilation: [1, 2]}",
+                                    input_shape=(2, 8, 9)),
     # ---- avgpool2d ------------------------------------------------------------------------
     "avgpool_k2": around("avgpool2d: {kernel_size: 2}"),
     "avgpool_pad_incl": around("avgpool2d: {kernel_size: 3, stride: 2, padding: 1}"),
@@ -156,6 +169,11 @@ CASES: dict[str, str] = {
     "avgpool_ceil_nopad": around("avgpool2d: {kernel_size: 3, stride: 2, ceil_mode: true}"),
     "avgpool_first_layer": around("avgpool2d: {kernel_size: [2, 3], stride: 1, padding: [1, 0]}", pre=None,
                                   head=["conv2d: {out_channels: 2, kernel_size: 2}", *HEAD]),
+    # explicit padding: the divisor with (TensorFlow's 'SAME': count_include_pad false) and without
+    # the padding zeros
+    "avgpool_pad4_excl": around("avgpool2d: {kernel_size: 3, stride: 2, padding: [0, 1, 0, 1], "
+                                "count_include_pad: false}", input_shape=(2, 8, 8)),
+    "avgpool_pad4_incl": around("avgpool2d: {kernel_size: [3, 2], stride: [2, 1], padding: [1, 0, 0, 1]}"),
     # ---- adaptive_avgpool2d, global_avgpool2d ----------------------------------------------
     # uneven, overlapping bins (7 -> 3 rows: [0, 3), [2, 5), [4, 7)), even bins, more outputs than
     # inputs (6 -> 8 columns), the first layer; global means before and after other layers

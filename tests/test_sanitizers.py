@@ -125,9 +125,11 @@ SAN_SPECS = {
                          "dropout: {p: 0.1}"], name="san_1d"),
     # the kinds of modern small networks
     "san_kinds": spec([3, 9, 8], [
-        "conv2d: {out_channels: 4, kernel_size: 3}",
+        "conv2d: {out_channels: 4, kernel_size: 3, stride: 2, padding: [0, 1, 0, 1]}",
         "relu6",
+        "maxpool2d: {kernel_size: 2, stride: 1, padding: [0, 1, 0, 1]}",
         "hardswish",
+        "avgpool2d: {kernel_size: 3, stride: 1, padding: [1, 1, 0, 1], count_include_pad: false}",
         "upsample: {scale_factor: [2, 1]}",
         "adaptive_avgpool2d: {output_size: [4, 3]}",
         "silu",
