@@ -21,7 +21,7 @@ IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_NAME = 48
 MAX_ELEMENTS = 2**31 - 1  # no tensor may hold more (C indexes within a sample with int)
 DEFAULT_MEMORY_BUDGET = 16 * 2**30  # bytes of training memory at batch size 1
-LOSSES = ("cross_entropy", "mse")
+LOSSES = ("cross_entropy", "mse", "binary_cross_entropy")
 TOP_KEYS = ("name", "input", "layers", "loss", "train")
 # Defaults for `netc train`; the spec's optional `train:` section may override them.
 TRAIN_KEYS: dict[str, tuple[str, Any]] = {

@@ -36,8 +36,10 @@ def dtype_bytes(dtype: str) -> int:
 def loss_flops(net: Network) -> int:
     k = net.num_classes
     # cross_entropy: max, exp and sum for log-sum-exp (3 per class) + softmax-minus-onehot
-    # gradient (2 per class); mse: difference, square, sum (3) + gradient (2) per output.
-    return 5 * k
+    # gradient (2 per class); mse: difference, square, sum (3) + gradient (2) per output;
+    # binary_cross_entropy: |x|, negation, exp, max, x t, subtraction, log1p, sum (8) + gradient
+    # (1 + e, compare, division, - t, * scale: 5) per output.
+    return 13 * k if net.loss == "binary_cross_entropy" else 5 * k
 
 
 def reads_network_input(layers: list[Layer]) -> set[int]:

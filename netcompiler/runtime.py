@@ -245,6 +245,9 @@ class Net:
             raise ValueError(f"targets must be a real-valued array, got dtype {arr.dtype}")
         if arr.shape != (n, *out):
             raise ValueError(f"targets must have shape ({n}, {', '.join(map(str, out))}), got {arr.shape}")
+        if self.network.loss == "binary_cross_entropy" and arr.size and not np.all((arr >= 0) & (arr <= 1)):
+            bad = arr[~((arr >= 0) & (arr <= 1))].flat[0]
+            raise ValueError(f"targets must be in [0, 1] for loss binary_cross_entropy, found {bad}")
         return np.ascontiguousarray(arr, dtype=self.dtype)
 
     def check_training_batch(self, n: int) -> None:

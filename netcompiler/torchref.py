@@ -76,6 +76,8 @@ def torch_model(net: Network, state: dict[str, np.ndarray] | None = None, dtype=
 def torch_loss(net: Network, out: torch.Tensor, y) -> torch.Tensor:
     if net.loss == "cross_entropy":
         return F.cross_entropy(out, torch.as_tensor(np.asarray(y), dtype=torch.long))
+    if net.loss == "binary_cross_entropy":
+        return F.binary_cross_entropy_with_logits(out, torch.as_tensor(np.asarray(y), dtype=out.dtype))
     return F.mse_loss(out, torch.as_tensor(np.asarray(y), dtype=out.dtype))
 
 

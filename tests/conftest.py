@@ -261,6 +261,8 @@ def reference_loss_and_grad(net, spec_text: str, x, y, masks: dict | None = None
     out = model(torch.as_tensor(np.asarray(x, np.float64)))
     if net.network.loss == "cross_entropy":
         loss = F.cross_entropy(out, torch.as_tensor(np.asarray(y), dtype=torch.long))
+    elif net.network.loss == "binary_cross_entropy":
+        loss = torch.nn.BCEWithLogitsLoss()(out, torch.as_tensor(np.asarray(y, np.float64)))
     else:
         loss = F.mse_loss(out, torch.as_tensor(np.asarray(y, np.float64)))
     loss.backward()

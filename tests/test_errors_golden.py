@@ -34,7 +34,7 @@ GOLDEN = {
         "input: [4]\n"
         "layers:\n"
         "  - relu\n",
-        "net.yaml:1:1: error: missing 'loss': one of cross_entropy, mse"),
+        "net.yaml:1:1: error: missing 'loss': one of cross_entropy, mse, binary_cross_entropy"),
     "empty_layers": (
         "input: [4]\n"
         "layers: []\n"
@@ -322,7 +322,7 @@ GOLDEN = {
         "  - linear: {out_features: 3}\n"
         "loss: crossentropy\n",
         "net.yaml:4:7: error: unknown loss 'crossentropy' (did you mean 'cross_entropy'?); expected one of "
-        "cross_entropy, mse"),
+        "cross_entropy, mse, binary_cross_entropy"),
     "unknown_train_option": (
         "input: [4]\n"
         "layers:\n"
@@ -349,7 +349,8 @@ GOLDEN = {
         "layers:\n"
         "  - linear: {out_features: 2}\n"
         "loss: {kind: mse}\n",
-        "net.yaml:4:7: error: unknown loss {'kind': 'mse'}; expected one of cross_entropy, mse"),
+        "net.yaml:4:7: error: unknown loss {'kind': 'mse'}; expected one of cross_entropy, mse, "
+        "binary_cross_entropy"),
     "options_not_a_mapping": (
         "input: [4]\n"
         "layers:\n"
@@ -483,7 +484,7 @@ def test_several_independent_errors_are_all_reported(monkeypatch):
         f"{f}:8:12: error: relu: unknown option 'slope'; options are name, expect",
         f"{f}:10:28: error: linear: 'out_features' must be >= 1, got 0",
         f"{f}:11:7: error: unknown loss 'crossentropy' (did you mean 'cross_entropy'?); expected one of "
-        "cross_entropy, mse",
+        "cross_entropy, mse, binary_cross_entropy",
     ]
 
 

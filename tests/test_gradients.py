@@ -257,6 +257,11 @@ CASES: dict[str, str] = {
     "flatten_first_layer": spec([2, 3, 3], ["flatten", "linear: {out_features: 3}"]),
     "flatten_twice": around(["flatten", "flatten"], head=["linear: {out_features: 3}"]),
     "flatten_last_ce": around("conv2d: {out_channels: 4, kernel_size: [7, 6]}", head=["flatten"]),
+    # binary cross-entropy on logits: a 3-D output (an autoencoder's image), a 1-D multi-label one
+    "bce_image_output": around(["upsample: {scale_factor: 2}", "conv2d: {out_channels: 1, kernel_size: 3, "
+                                "padding: 1}"], head=[], loss="binary_cross_entropy"),
+    "bce_multilabel": spec([6], ["linear: {out_features: 5}", "silu", "linear: {out_features: 4}"],
+                           "binary_cross_entropy"),
     "flatten_1d_mse": spec([5], ["flatten", "linear: {out_features: 2}", "flatten"], "mse"),
 }
 
@@ -562,6 +567,22 @@ def test_maxpool_propagates_nan_like_torch():
     got = net._acts[0, pooled.offset:pooled.offset + pooled.size]
     ref = torch.nn.functional.max_pool2d(torch.as_tensor(x), 2).numpy().reshape(-1)
     assert pooled.name == "pool1.out" and np.array_equal(np.isnan(got), np.isnan(ref)), (got, ref)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_binary_cross_entropy_with_huge_logits_matches_torch(dtype):
+    """max(x, 0) - x t + log1p(e^-|x|) stays finite where log(sigmoid(x)) would not (x = +-1000),
+    with targets 0, 1 and in between."""
+    text = spec([2], ["linear: {out_features: 4}"], "binary_cross_entropy")
+    net = build(text, dtype)
+    net.params["fc1.weight"][...] = [[1000, 0], [-1000, 0], [0, 30], [0, -0.5]]
+    net.params["fc1.bias"][...] = 0
+    x, y = np.array([[1.0, 1], [-1, 2]]), np.array([[0, 1, 0.25, 1], [1, 0, 0.5, 0]])
+    loss, grads = net.loss_and_grad(x, y)
+    rl, rg, _, _ = reference_loss_and_grad(net, text, x, y)
+    assert np.isfinite(loss) and abs(loss - rl) <= 1e-6 * rl, (loss, rl)
+    for k in rg:
+        assert_close(grads[k], rg[k], 1e-6, f"d{k} with logits of +-1000")
 
 
 # ---- windows that hold only padding ------------------------------------------------------------

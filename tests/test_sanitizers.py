@@ -137,7 +137,7 @@ SAN_SPECS = {
         "flatten",
         "batchnorm1d: {eps: 0.001, momentum: 0.2}",
         "linear: {out_features: 3}",
-    ], name="san_kinds"),
+    ], loss="binary_cross_entropy", name="san_kinds"),
 }
 CASES = [("san_all", "float32"), ("san_all", "float64"), ("san_mse", "float32"), ("san_mse", "float64"),
          ("san_gemm", "float32"), ("san_gemm", "float64"),
