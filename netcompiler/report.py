@@ -8,7 +8,9 @@ Conventions (also in README):
   one.  conv/linear forward = 2*MACs (+1 per output for the bias); their backward =
   4*MACs (input and weight gradients) (+1 per output for the bias gradient); the first
   layer's input gradient is never computed and not counted.  Element-wise
-  layers count the operations of their C expressions (see layers/activations.py).
+  layers count the operations of their C expressions (see layers/activations.py); pooling,
+  upsampling and batch norm count theirs (their `flops`); the loss 5 per output (13 for
+  binary_cross_entropy, see loss_flops).
   Forward FLOPs are for evaluation mode; training FLOPs = training-mode forward +
   backward + loss, per sample; the optimizer update (per batch) is not included.
 - Activations: elements of each layer's output per sample.  Memory saved for backward is
