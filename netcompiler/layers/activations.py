@@ -169,6 +169,7 @@ class Hardswish(Activation):
 
 class SiLU(Activation):
     kind = "silu"
+    aliases = ("swish",)
     doc = "x * sigmoid(x) (swish)"
 
     def formula(self, layer):

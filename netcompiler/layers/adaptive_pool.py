@@ -63,6 +63,7 @@ class AdaptiveAvgPool2d(LayerKind):
 
 class GlobalAvgPool2d(AdaptiveAvgPool2d):
     kind = "global_avgpool2d"
+    aliases = ("global_average_pooling2d",)  # Keras
     doc = "the mean of each channel, output (C, 1, 1), as torch.nn.AdaptiveAvgPool2d(1)"
     options = ()
 

@@ -21,6 +21,7 @@ class BatchNorm2d(LayerKind):
     prefix = "bn"
     doc = "batch normalisation over (N, H, W) per channel, as torch.nn.BatchNorm2d"
     template = "batchnorm2d.c.j2"
+    aliases = ("batch_normalization", "batchnorm", "batch_norm")
     batch_level_in_training = True
     options = (
         Option("eps", "float", 1e-5, "added to the variance", minimum=0, maximum=1),
@@ -73,6 +74,7 @@ class BatchNorm2d(LayerKind):
 
 class BatchNorm1d(BatchNorm2d):
     kind = "batchnorm1d"
+    aliases = ()  # batch_normalization and the like stay batchnorm2d's
     doc = "batch normalisation over the batch per feature, as torch.nn.BatchNorm1d on (N, features)"
 
     def infer(self, layer: Layer, in_shape: Shape, error) -> Shape | None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from .base import Layer, Option, Shape, WeightLayer, fmt_shape, side_pads, window_out
+from .base import MAX_ELEMENTS, Layer, Option, Shape, WeightLayer, fmt_shape, side_pads, window_out
 
 
 class Conv2d(WeightLayer):
@@ -11,6 +11,7 @@ class Conv2d(WeightLayer):
     prefix = "conv"
     doc = "2-D convolution (cross-correlation), as torch.nn.Conv2d"
     template = "conv2d.c.j2"
+    aliases = ("convolution2d", "conv")
     options = (
         Option("out_channels", "int", doc="number of output channels"),
         Option("kernel_size", "pair", doc="kernel height and width (int or [h, w])"),
@@ -53,6 +54,11 @@ class Conv2d(WeightLayer):
         ow = window_out(w, kw, sw, sum(pads[1]), dw)
         if oh <= 0 or ow <= 0:
             error(f"{layer.where()}: {self._too_small(h, w, kh, kw, sh, sw, pads, dh, dw, oh, ow)}", None)
+            return None
+        padded = (cin // g) * (h + sum(pads[0])) * (w + sum(pads[1]))
+        if padded > MAX_ELEMENTS:  # the zero-bordered copy of a group's input planes
+            error(f"{layer.where()}: the padded input of a group has {padded:,} elements; at most "
+                  f"{MAX_ELEMENTS:,}", "padding")
             return None
         layer.derived.update(pad_top=pads[0][0], pad_left=pads[1][0], pads=pads)
         return (o["out_channels"], oh, ow)

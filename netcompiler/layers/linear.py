@@ -11,6 +11,7 @@ class Linear(WeightLayer):
     prefix = "fc"
     doc = "fully connected layer, as torch.nn.Linear"
     template = "linear.c.j2"
+    aliases = ("dense", "fc", "fully_connected")
     batch_level_in_training = True
     options = (
         Option("out_features", "int", doc="number of outputs"),

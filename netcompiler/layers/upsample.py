@@ -10,6 +10,7 @@ from .base import Layer, LayerKind, Option, Shape, fmt_shape
 
 class Upsample(LayerKind):
     kind = "upsample"
+    aliases = ("upsampling2d",)  # Keras UpSampling2D
     prefix = "up"
     doc = "nearest-neighbour upsampling by integer factors, as torch.nn.Upsample(mode='nearest')"
     template = "upsample.c.j2"
