@@ -210,7 +210,8 @@ def _module(kind: str, o: dict, in_shape: tuple[int, ...]):
     if kind == "dropout":
         return masked_dropout()
     if kind == "upsample":
-        return nn.Upsample(scale_factor=tuple(float(f) for f in _pair(o["scale_factor"])), mode=o.get("mode", "nearest"))
+        return nn.Upsample(scale_factor=tuple(float(f) for f in _pair(o["scale_factor"])),
+                           mode=o.get("mode", "nearest"))
     raise KeyError(f"the reference does not know layer kind '{kind}': add it to tests/conftest.py")
 
 

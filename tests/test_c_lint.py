@@ -81,6 +81,17 @@ layers:
   - linear: {out_features: 3}
 loss: binary_cross_entropy
 """,
+    "kinds_unit": """
+name: kinds_unit
+input: [1, 1, 5]
+layers:
+  - upsample: {scale_factor: [2, 1]}
+  - adaptive_avgpool2d: {output_size: [1, 3]}
+  - upsample: {scale_factor: [1, 2]}
+  - global_avgpool2d
+  - flatten
+loss: mse
+""",
     "wide": """
 name: wide
 input: [16, 12, 12]

@@ -208,7 +208,8 @@ CASES: dict[str, str] = {
     "relu6_hardswish": around(["relu6", "flatten", "linear: {out_features: 6}", "hardswish"],
                               head=["linear: {out_features: 3}"]),
     "silu": around(["silu", "conv2d: {out_channels: 2, kernel_size: 2}", "silu"]),
-    "silu_hardswish_relu6_first_mse": spec([7], ["silu", "linear: {out_features: 5}", "relu6", "hardswish"], "mse"),
+    "silu_hardswish_relu6_first_mse": spec([7], ["silu", "linear: {out_features: 5}", "relu6", "hardswish"],
+                                           "mse"),
     # ---- batchnorm2d ------------------------------------------------------------------------
     # a ReLU between conv2d/linear and maxpool2d/linear is fused (plan.fused_relus): the layer
     # before stores max(0, y), the layer after masks its input gradient; every pool path

@@ -117,7 +117,8 @@ def pool2d(draw, shape, kind):
         opts.append("ceil_mode: true")
     if kind == "avgpool2d" and draw(st.booleans()):
         opts.append(f"count_include_pad: {draw(st.sampled_from(['true', 'false']))}")
-    return f"{kind}: {{" + ", ".join(opts) + "}", (c, _window(h, k, s, pt, d, ceil, pb), _window(w, k, s, pl, d, ceil, pr))
+    out = (c, _window(h, k, s, pt, d, ceil, pb), _window(w, k, s, pl, d, ceil, pr))
+    return f"{kind}: {{" + ", ".join(opts) + "}", out
 
 
 @st.composite

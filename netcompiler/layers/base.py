@@ -126,7 +126,8 @@ class Option:
             if isinstance(v, str):
                 if v in words:
                     return v
-                raise OptionError(f"{what} must be {forms}, got '{v}'" + (did_you_mean(v, list(words)) if words else ""))
+                hint = did_you_mean(v, list(words)) if words else ""
+                raise OptionError(f"{what} must be {forms}, got '{v}'{hint}")
             if isinstance(v, list) and len(v) == 4:
                 return tuple(_int(x, what, 0) for x in v)
             if isinstance(v, list) and len(v) != 2:

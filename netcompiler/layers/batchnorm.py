@@ -60,7 +60,8 @@ class BatchNorm2d(LayerKind):
 
     def render_context(self, layer: Layer) -> dict:
         c = layer.in_shape[0]
-        return dict(C=c, HW=math.prod(layer.in_shape[1:]), eps=repr(layer.opts["eps"]), momentum=repr(layer.opts["momentum"]))
+        return dict(C=c, HW=math.prod(layer.in_shape[1:]), eps=repr(layer.opts["eps"]),
+                    momentum=repr(layer.opts["momentum"]))
 
     def torch_module(self, layer: Layer):
         import torch.nn as nn
