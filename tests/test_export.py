@@ -414,3 +414,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["export", str(path), str(other), "-o", str(tmp_path / "file")]) == 1
     assert capsys.readouterr().err.startswith("netc: error: cannot write to ")
+
+
+@pytest.mark.parametrize("layer", ["global_avgpool2d", "adaptive_avgpool2d: {output_size: 2}",
+                                   "upsample: {scale_factor: 2}"])
+def test_kinds_without_export_c_are_a_one_line_error(layer, tmp_path, capsys):
+    """Kinds netc export has no C for yet are refused in one line naming the layer (the
+    first one met: batchnorm1d, later in the spec, has no C either)."""
+    path = tmp_path / "net.yaml"
+    path.write_text(spec([2, 4, 4], ["conv2d: {out_channels: 2, kernel_size: 1}", layer, "flatten",
+                                     "batchnorm1d", "linear: {out_features: 2}"], name="net"))
+    _, _, weights = _net_and_weights(path, tmp_path)
+    assert main(["export", str(path), str(weights), "-o", str(tmp_path / "o")]) == 1
+    kind = layer.split(":")[0]
+    name = "up1" if kind == "upsample" else "pool1"
+    assert capsys.readouterr().err == f"netc: error: {kind} '{name}': netc export has no C for layer kind '{kind}'\n"
