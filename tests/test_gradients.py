@@ -572,6 +572,23 @@ def test_maxpool_propagates_nan_like_torch():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("act", ["relu6", "hardswish", "silu"])
+def test_activation_derivatives_at_the_kinks_match_torch(act, dtype):
+    """Inputs exactly at relu6's kinks (0, 6) and hardswish's (-3, 3): an identity linear layer
+    passes them on unchanged, so its weight gradient holds the activation's derivative there."""
+    text = spec([6], ["linear: {out_features: 6, bias: false}", act, "linear: {out_features: 2}"], "mse")
+    net = build(text, dtype)
+    net.params["fc1.weight"][...] = np.eye(6)
+    x = np.array([[0.0, 6, -3, 3, -0.0, 1e-30], [3, -3, 6, 0, 7, -7]])
+    y = np.zeros((2, 2))
+    loss, grads = net.loss_and_grad(x, y)
+    rl, rg, _, _ = reference_loss_and_grad(net, text, x, y)
+    assert abs(loss - rl) <= 1e-6 * rl
+    for k in rg:
+        assert_close(grads[k], rg[k], 1e-6, f"{act}: d{k} at the kinks")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_binary_cross_entropy_with_huge_logits_matches_torch(dtype):
     """max(x, 0) - x t + log1p(e^-|x|) stays finite where log(sigmoid(x)) would not (x = +-1000),
     with targets 0, 1 and in between."""

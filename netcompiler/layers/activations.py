@@ -157,9 +157,10 @@ class Hardswish(Activation):
     doc = "x * relu6(x + 3) / 6"
 
     def formula(self, layer):
-        # PyTorch's derivative: 0 below -3, x / 3 + 1/2 up to 3 (both ends included), 1 above
+        # PyTorch's derivative: 0 up to -3 (included), x / 3 + 1/2 strictly between -3 and 3,
+        # 1 from 3 on (tests/test_gradients.py, test_activation_derivatives_at_the_kinks_match_torch)
         return Elementwise("x * (x + 3 > 0 ? (x + 3 < 6 ? x + 3 : 6) : 0) / 6",
-                           "x < -3 ? 0 : (x <= 3 ? x / 3 + (real_t)0.5 : 1)", 5, 5)
+                           "x <= -3 ? 0 : (x < 3 ? x / 3 + (real_t)0.5 : 1)", 5, 5)
 
     def torch_module(self, layer):
         import torch.nn as nn
