@@ -559,6 +559,20 @@ def test_cross_entropy_with_huge_logits_matches_torch(dtype):
         assert_close(grads[k], rg[k], 1e-6, f"d{k} with logits of +-1000")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_new_activations_treat_nan_inf_and_signed_zero_like_torch(dtype):
+    F = torch.nn.functional
+    x = np.array([[np.nan, -0.0, np.inf, -np.inf, 0.0, 6.0, -3.0, 3.0]])
+    for act, ref in (("relu6", F.relu6), ("hardswish", F.hardswish), ("silu", F.silu)):
+        net = build(spec([8], [act], "mse"), dtype)
+        got = net.forward(x)
+        want = ref(torch.as_tensor(x, dtype=torch.float64)).numpy()
+        special = slice(0, 5)  # NaN, -0, inf, -inf, +0: the same values and signs exactly
+        assert np.array_equal(got[:, special], want[:, special], equal_nan=True), (act, got, want)
+        assert np.array_equal(np.signbit(got[:, special]), np.signbit(want[:, special])), (act, got, want)
+        assert_close(got[:, 5:], want[:, 5:], 1e-6, f"{act} at the kinks")
+
+
 def test_maxpool_propagates_nan_like_torch():
     text = spec([1, 2, 4], ["maxpool2d: {kernel_size: 2}", "flatten", "linear: {out_features: 2}"])
     net = build(text)

@@ -143,8 +143,9 @@ class ReLU6(Activation):
     doc = "min(max(0, x), 6)"
 
     def formula(self, layer):
-        # PyTorch's derivative (hardtanh's): 1 strictly inside (0, 6), else 0
-        return Elementwise("x > 0 ? (x < 6 ? x : 6) : 0", "x > 0 && x < 6 ? 1 : 0", 2, 3)
+        # as PyTorch, NaN stays NaN and -0 stays -0 (both compares are false for them); the
+        # derivative (hardtanh's) is 1 strictly inside (0, 6), else 0
+        return Elementwise("x < 0 ? 0 : (x > 6 ? 6 : x)", "x > 0 && x < 6 ? 1 : 0", 2, 3)
 
     def torch_module(self, layer):
         import torch.nn as nn
