@@ -116,6 +116,12 @@ def register(sub) -> None:
     e.add_argument("--format", choices=["text", "json"], default="text", help=FORMAT_HELP)
     e.add_argument("--plot", metavar="FILE.png", help="draw the confusion matrix (needs matplotlib)")
     e.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="images per forward call (256)")
+    e.add_argument("--quantized", action="store_true",
+                   help="also the int8 accuracy of `netc export --quantize int8` (its integer arithmetic, in numpy)")
+    e.add_argument("--calibration", metavar="DATA",
+                   help="with --quantized: calibration data as for netc export (default: --data)")
+    e.add_argument("--calibration-images", type=positive_int, default=1000, metavar="N",
+                   help="with --quantized: calibration images (default 1000, as netc export)")
     e.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="class probabilities for .npy arrays or PNG/JPEG images",
@@ -212,6 +218,8 @@ def cmd_eval(args) -> int:
 
     if args.plot:
         _matplotlib()  # fail before the work
+    if args.calibration and not args.quantized:
+        raise NetcError("--calibration is for --quantized (the int8 accuracy)")
     model = Model(args)
     net, network = model.net, model.network
     ds = load_dataset(args.data)
@@ -230,17 +238,45 @@ def cmd_eval(args) -> int:
     outputs = predict_outputs(net, X, args.batch_size)
     names = ds.class_names or model.class_names
     m = classification_metrics(outputs, y, network.loss, k, names)
+    if args.quantized:
+        m["int8"] = _int8_metrics(args, network, X, y, k, names, outputs)
     m.update({"network": network.name, "data": ds.name, "split": args.split, "weights": args.weights,
               "normalization": {"mean": model.mean, "std": model.std, "source": model.norm_source}})
     if args.format == "json":
         emit(json.dumps(_json_safe(m), indent=2))
     else:
         emit(_eval_text(m, model))
+        if args.quantized:
+            q = m["int8"]
+            emit(f"\nint8 (netc export --quantize int8, calibrated on {q['calibration_images']} {q['calibration']} "
+                 f"training images): accuracy {100 * q['accuracy']:.2f}% (float {100 * m['accuracy']:.2f}%, "
+                 f"{100 * (q['accuracy'] - m['accuracy']):+.2f} points); outputs agree on {100 * q['agreement']:.2f}%")
     if args.plot:
         _plot_confusion(m, args.plot)
         if args.format == "text":
             emit(f"confusion matrix plot: {args.plot}")
     return 0
+
+
+def _int8_metrics(args, network, X, y, k: int, names, outputs) -> dict:
+    """Accuracy of the int8 export of the weights on the inputs X (the numpy reference of
+    its integer arithmetic, which the C matches bit for bit), and how often its top class
+    is the float `outputs`' one."""
+    from .export import calibration_inputs, load_state
+    from .export.quant import calibrate, quantize
+    from .export.quant_ref import infer_float
+    from .train import classification_metrics
+
+    state, normalisation = load_state(network, args.weights)
+    source = args.calibration or args.data
+    calib = calibration_inputs(network, source, args.calibration_images, normalisation)
+    qnet = quantize(network, state, calibrate(network, state, calib))
+    out = infer_float(qnet, np.asarray(X, np.float32))
+    q = classification_metrics(out, y, network.loss, k, names)
+    ref = np.asarray(outputs)
+    agree = float(np.mean(out.reshape(len(out), -1).argmax(1) == ref.reshape(len(ref), -1).argmax(1)))
+    return {"accuracy": q["accuracy"], "agreement": agree, "calibration": source,
+            "calibration_images": len(calib)}
 
 
 def _json_safe(v):
