@@ -320,7 +320,7 @@ def test_a_spec_path_with_a_newline_is_escaped(tmp_path):
     with pytest.raises(SpecErrors) as exc:
         load(d / "net.yaml")
     assert str(exc.value) == (f"{tmp_path}/a\\nb/net.yaml:3:7: error: unknown loss 'crossentropy' (did you mean "
-                              f"'cross_entropy'?); expected one of cross_entropy, mse")
+                              f"'cross_entropy'?); expected one of cross_entropy, mse, binary_cross_entropy")
     assert str(Diagnostic("f\n", 1, 1, "m\r")) == "f\\n:1:1: error: m\\r"
 
 
