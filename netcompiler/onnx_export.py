@@ -56,8 +56,8 @@ Emit = Callable[[_Graph, Any, str, str, dict], None]
 
 
 def _pads(layer) -> list[int]:
-    """ONNX pads [top, left, bottom, right]: the layer's derived pads where it has them
-    (conv2d), else its symmetric `padding` option (pools)."""
+    """ONNX pads [top, left, bottom, right] of the layer's derived pads ((top, bottom),
+    (left, right)), else of its symmetric `padding` option."""
     if "pads" in layer.derived:
         (pt, pb), (pl, pr) = layer.derived["pads"]
         return [pt, pl, pb, pr]
@@ -143,6 +143,43 @@ def _gelu(g: _Graph, layer, x: str, y: str, state: dict) -> None:
     g.node("Mul", [t, g.const(f"{n}.half", 0.5)], y, n)
 
 
+def _adaptive_avgpool(g: _Graph, layer, x: str, y: str, state: dict) -> None:
+    """GlobalAveragePool for a 1x1 output; AveragePool where every bin has the same size
+    (the input a multiple of the output); PyTorch's uneven bins have no ONNX operator."""
+    _, h, w = layer.in_shape
+    _, oh, ow = layer.out_shape
+    if (oh, ow) == (1, 1):
+        g.node("GlobalAveragePool", [x], y, layer.name)
+        return
+    if h % oh or w % ow:
+        raise OnnxExportError(f"{layer.where()}: output {oh}x{ow} of input {h}x{w} has bins of unequal sizes, "
+                              f"which no ONNX operator computes; use an output size that divides the input")
+    k = [h // oh, w // ow]
+    g.node("AveragePool", [x], y, layer.name, kernel_shape=k, strides=k)
+
+
+def _relu6(g: _Graph, layer, x: str, y: str, state: dict) -> None:
+    n = layer.name
+    g.node("Clip", [x, g.const(f"{n}.min", 0.0), g.const(f"{n}.max", 6.0)], y, n)
+
+
+def _silu(g: _Graph, layer, x: str, y: str, state: dict) -> None:
+    """x * sigmoid(x), as PyTorch writes it (netc import recognises the pair)."""
+    n = layer.name
+    s = g.node("Sigmoid", [x], f"{n}.sigmoid_out", f"{n}.sigmoid")
+    g.node("Mul", [x, s], y, n)
+
+
+def _upsample(g: _Graph, layer, x: str, y: str, state: dict) -> None:
+    """Resize, nearest: input pixel floor(out / scale) (asymmetric coordinates, floor), as
+    PyTorch's nn.Upsample(mode='nearest') exports."""
+    n = layer.name
+    sh, sw = layer.opts["scale_factor"]
+    scales = g.init(f"{n}.scales", np.array([1, 1, sh, sw], dtype=np.float32))
+    g.node("Resize", [x, "", scales], y, n, mode="nearest", coordinate_transformation_mode="asymmetric",
+           nearest_mode="floor")
+
+
 # layer kind -> how it is written (evaluation semantics); None: the identity (no node)
 EMIT: dict[str, Emit | None] = {
     "conv2d": _conv,
@@ -155,7 +192,14 @@ EMIT: dict[str, Emit | None] = {
     "sigmoid": _simple("Sigmoid"),
     "tanh": _simple("Tanh"),
     "gelu": _gelu,
+    "relu6": _relu6,
+    "hardswish": _simple("HardSwish"),
+    "silu": _silu,
     "batchnorm2d": _batchnorm,
+    "batchnorm1d": _batchnorm,
+    "global_avgpool2d": _simple("GlobalAveragePool"),
+    "adaptive_avgpool2d": _adaptive_avgpool,
+    "upsample": _upsample,
     "dropout": None,
 }
 

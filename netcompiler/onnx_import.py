@@ -477,8 +477,8 @@ class _Importer:
                     return [ImportedLayer(kind, dict(opts), part[-1], names=self.scope_names(part[-1]))]
         ops = ", ".join(n.op_type for n in run) or first.op_type
         raise self.fail(first, f"starts an element-wise computation ({ops}) that is none of the activations "
-                               f"netcompiler has", "activations: relu, leaky_relu, sigmoid, tanh, gelu (exact or "
-                                                   "tanh); per-channel scales and shifts: batchnorm2d")
+                               f"netcompiler has", f"{ACTIVATIONS} (gelu exact or tanh); per-channel scales "
+                                                   "and shifts: batchnorm2d")
 
     def _evaluate(self, part, x: str) -> np.ndarray:
         vals = {x: PROBE}
@@ -519,6 +519,7 @@ COMPOSITES: list[tuple[str, dict, Callable[[np.ndarray], np.ndarray]]] = [
     ("gelu", {}, lambda x: x * (1 + _erf(x / math.sqrt(2))) / 2),
     ("gelu", {"approximate": "tanh"},
      lambda x: x / 2 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))),
+    ("silu", {}, lambda x: x / (1 + np.exp(-x))),
 ]
 
 
@@ -684,7 +685,90 @@ def _global_avgpool(imp: _Importer, node, a: Attrs) -> list[ImportedLayer]:
     if len(shape) != 3:
         raise imp.fail(node, f"input of shape {list(shape)}: needs (channels, height, width)")
     imp.advance(node)
-    return [ImportedLayer("avgpool2d", dict(kernel_size=_pair(list(shape[1:]))), node, names=imp.scope_names(node))]
+    return [ImportedLayer("global_avgpool2d", {}, node, names=imp.scope_names(node))]
+
+
+def _clip(imp: _Importer, node, a: Attrs) -> list[ImportedLayer]:
+    """Clip(0, 6): relu6; the bounds are inputs (opset 11) or attributes (before)."""
+    lo, hi = a.float("min", -math.inf, -math.inf, math.inf), a.float("max", math.inf, -math.inf, math.inf)
+    for i, name in ((1, "min"), (2, "max")):
+        if len(node.input) > i and node.input[i]:
+            if not imp.is_const(node.input[i]):
+                raise imp.fail(node, f"its {name} is not a constant")
+            v = imp.const(node, node.input[i]).reshape(-1)
+            if v.size != 1:
+                raise imp.fail(node, f"its {name} has {v.size} values, expected one")
+            lo, hi = (float(v[0]), hi) if i == 1 else (lo, float(v[0]))
+    if (lo, hi) != (0.0, 6.0):
+        raise imp.fail(node, f"Clip to [{lo:g}, {hi:g}] is not supported", "Clip(0, 6) is relu6")
+    imp.advance(node)
+    return [ImportedLayer("relu6", {}, node, names=imp.scope_names(node))]
+
+
+def _nearest_sources(mode: str, rounding: str, size: int, scale: int) -> list[int] | None:
+    """The input index each output index of a nearest Resize reads, or None for a
+    coordinate mode that is not defined here."""
+    out = size * scale
+    coord = {"asymmetric": lambda o: o / scale, "half_pixel": lambda o: (o + 0.5) / scale - 0.5,
+             "pytorch_half_pixel": lambda o: (o + 0.5) / scale - 0.5 if out > 1 else 0.0,
+             "align_corners": lambda o: o * (size - 1) / (out - 1) if out > 1 else 0.0,
+             "tf_half_pixel_for_nn": lambda o: (o + 0.5) / scale}.get(mode)
+    near = {"round_prefer_floor": lambda v: math.ceil(v - 0.5), "round_prefer_ceil": lambda v: math.floor(v + 0.5),
+            "floor": math.floor, "ceil": math.ceil}[rounding]
+    if coord is None:
+        return None
+    return [min(max(near(coord(o)), 0), size - 1) for o in range(out)]
+
+
+def _resize(imp: _Importer, node, a: Attrs) -> list[ImportedLayer]:
+    """Resize / Upsample, nearest, integer scales of height and width: upsample, when each
+    output pixel reads input pixel floor(out / scale) under the node's coordinate mode."""
+    shape = imp.sample_shape(node, imp.cur)
+    mode = a.str("mode", "nearest", ("nearest", "linear", "cubic", "bilinear", "trilinear"))
+    coord = "asymmetric"
+    rounding = "floor"
+    if node.op_type == "Resize":
+        coord = a.str("coordinate_transformation_mode", "half_pixel", (
+            "half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric",
+            "tf_half_pixel_for_nn", "tf_crop_and_resize"))
+        rounding = a.str("nearest_mode", "round_prefer_floor", ("round_prefer_floor", "round_prefer_ceil", "floor",
+                                                                "ceil"))
+        a.float("cubic_coeff_a", -0.75)
+        a.int("exclude_outside", 0, 0, 1)
+        a.float("extrapolation_value", 0.0)
+        a.int("antialias", 0, 0, 1)
+        if "axes" in a.raw or "keep_aspect_ratio_policy" in a.raw:
+            a.read.update(("axes", "keep_aspect_ratio_policy"))
+            raise imp.fail(node, "axes and keep_aspect_ratio_policy are not supported", "scales for all 4 axes")
+        ins = list(node.input) + [""] * 4
+        if ins[3]:
+            raise imp.fail(node, "output sizes are not supported", "scales [1, 1, h, w] with integer h and w")
+        scales_name = ins[2] if imp.opset >= 11 else ins[1]
+    else:
+        scales_name = node.input[1] if len(node.input) > 1 else ""
+        attr = a._get("scales", (6,))  # FLOATS (opset 7)
+        if attr is not None:
+            scales = np.asarray(attr, dtype=np.float64)
+    if mode != "nearest":
+        raise imp.fail(node, f"mode '{mode}' is not supported", "upsample is nearest-neighbour")
+    if scales_name:
+        if not imp.is_const(scales_name):
+            raise imp.fail(node, "the scales are not a constant")
+        scales = imp.const(node, scales_name).astype(np.float64).reshape(-1)
+    elif node.op_type == "Resize" or attr is None:
+        raise imp.fail(node, "no scales given")
+    if len(shape) != 3 or scales.size != 4 or list(scales[:2]) != [1, 1] or not all(
+            s == int(s) and 1 <= s <= MAX_ATTR_INT for s in scales[2:]):
+        raise imp.fail(node, f"scales {[float(s) for s in scales]} of an input of shape {list(shape)}",
+                       "upsample by integer factors: scales [1, 1, h, w] of (channels, height, width)")
+    factors = [int(s) for s in scales[2:]]
+    for n, f in zip(shape[1:], factors):
+        if _nearest_sources(coord, rounding, n, f) != [o // f for o in range(n * f)]:
+            raise imp.fail(node, f"coordinate_transformation_mode '{coord}' with nearest_mode '{rounding}' does not "
+                                 f"copy each input pixel to a block of {f} (what upsample does)",
+                           "coordinate_transformation_mode 'asymmetric' with nearest_mode 'floor'")
+    imp.advance(node)
+    return [ImportedLayer("upsample", dict(scale_factor=_pair(factors)), node, names=imp.scope_names(node))]
 
 
 def _flatten_to(imp: _Importer, node, out_shape: tuple[int, ...] | None) -> list[ImportedLayer]:
@@ -780,16 +864,17 @@ def _batchnorm(imp: _Importer, node, a: Attrs) -> list[ImportedLayer]:
     if len(node.input) != 5 or not all(imp.is_const(t) for t in node.input[1:]):
         raise imp.fail(node, "scale, bias, mean and var must be constants")
     shape = imp.sample_shape(node, imp.cur)
-    if len(shape) != 3:
+    kind = {3: "batchnorm2d", 1: "batchnorm1d"}.get(len(shape))
+    if kind is None:
         raise imp.fail(node, f"input of shape {list(shape)}", "batchnorm2d normalises (channels, height, width) "
-                                                              "samples")
+                                                              "samples, batchnorm1d (features)")
     weight, bias, mean, var = (imp.const(node, t).reshape(-1) for t in node.input[1:])
     if not all(v.shape == (shape[0],) for v in (weight, bias, mean, var)):
         raise imp.fail(node, "scale, bias, mean and var must have one value per channel")
     # ONNX: running = running * momentum + batch * (1 - momentum); PyTorch's momentum is the other share
     opts = dict(eps=eps, momentum=round(1 - momentum, 6))
     imp.advance(node)
-    return [ImportedLayer("batchnorm2d", opts, node, dict(weight=weight, bias=bias, running_mean=mean,
+    return [ImportedLayer(kind, opts, node, dict(weight=weight, bias=bias, running_mean=mean,
                                                           running_var=var), imp.scope_names(node, node.input[1]))]
 
 
@@ -841,7 +926,9 @@ OPS: dict[str, OpRule] = {
     "Conv": OpRule(_conv, "conv2d (2-D, symmetric padding)"),
     "MaxPool": OpRule(_pool("maxpool2d"), "maxpool2d"),
     "AveragePool": OpRule(_pool("avgpool2d"), "avgpool2d"),
-    "GlobalAveragePool": OpRule(_global_avgpool, "avgpool2d with kernel_size equal to the input's size"),
+    "GlobalAveragePool": OpRule(_global_avgpool, "global_avgpool2d"),
+    "Resize": OpRule(_resize, "upsample (nearest, integer scales)"),
+    "Upsample": OpRule(_resize, "upsample (nearest, integer scales)"),
     "Gemm": OpRule(_gemm, "linear"),
     "MatMul": OpRule(_matmul, "linear"),
     "Flatten": OpRule(_flatten, "flatten"),
@@ -850,8 +937,10 @@ OPS: dict[str, OpRule] = {
     "LeakyRelu": OpRule(_activation("leaky_relu", lambda a: {"negative_slope": a.float("alpha", 0.01)})),
     "Sigmoid": OpRule(_activation("sigmoid")),
     "Tanh": OpRule(_activation("tanh")),
+    "Clip": OpRule(_clip, "relu6 (Clip to [0, 6])"),
+    "HardSwish": OpRule(_activation("hardswish")),
     "Gelu": OpRule(_activation("gelu", _gelu)),
-    "BatchNormalization": OpRule(_batchnorm, "batchnorm2d in evaluation mode"),
+    "BatchNormalization": OpRule(_batchnorm, "batchnorm2d or batchnorm1d in evaluation mode"),
     "Dropout": OpRule(_dropout),
     "Identity": OpRule(_identity),
     "Pad": OpRule(_pad, "zero padding right before a Conv or AveragePool"),
@@ -864,15 +953,12 @@ PAD_FOLDS: dict[str, tuple[Callable[[float], bool], Callable]] = {
     "AveragePool": (lambda v: v == 0, _pool("avgpool2d")),
     "MaxPool": (lambda v: v == -math.inf, _pool("maxpool2d")),
 }
+ACTIVATIONS = "activations are relu, relu6, leaky_relu, sigmoid, tanh, gelu, hardswish, silu"
 # operators with no row, and the nearest thing netcompiler has
 UNSUPPORTED_OPS: dict[str, str] = {
     "Add": "residual add is a graph construct, not supported yet: a spec is a chain",
     "Concat": "concat is a graph construct, not supported yet: a spec is a chain",
-    "Clip": "relu6 is not available yet; the nearest activation is relu",
-    "HardSwish": "hardswish is not available yet; activations are relu, leaky_relu, sigmoid, tanh, gelu",
-    "HardSigmoid": "activations are relu, leaky_relu, sigmoid, tanh, gelu",
-    "Resize": "upsampling is not available yet",
-    "Upsample": "upsampling is not available yet",
+    "HardSigmoid": ACTIVATIONS,
     "ConvTranspose": "only conv2d (no transposed convolution)",
     "GlobalMaxPool": "maxpool2d with kernel_size equal to the input's height and width",
     "LSTM": "recurrent layers are not available", "GRU": "recurrent layers are not available",
@@ -883,8 +969,8 @@ UNSUPPORTED_OPS: dict[str, str] = {
                  "Flatten) is not supported: netcompiler flattens channels-first and would need the next "
                  "layer's weights reordered; export the model channels-first",
     "LRN": "local response normalization is not available; the nearest layer is batchnorm2d",
-    "Elu": "activations are relu, leaky_relu, sigmoid, tanh, gelu",
-    "Selu": "activations are relu, leaky_relu, sigmoid, tanh, gelu",
+    "Elu": ACTIVATIONS,
+    "Selu": ACTIVATIONS,
 }
 
 

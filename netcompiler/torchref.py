@@ -24,6 +24,9 @@ class PaddedConv2d(nn.Conv2d):
     def forward(self, x):
         return super().forward(F.pad(x, (self.pad_left, self.pad_right, self.pad_top, self.pad_bottom)))
 
+    def source_args(self) -> dict:
+        return {"pads": ((self.pad_top, self.pad_bottom), (self.pad_left, self.pad_right))}
+
 
 class PaddedMaxPool2d(nn.MaxPool2d):
     """nn.MaxPool2d after padding with -inf on each side ((top, bottom), (left, right))."""
@@ -35,6 +38,9 @@ class PaddedMaxPool2d(nn.MaxPool2d):
     def forward(self, x):
         (t, b), (l, r) = self.pads
         return super().forward(F.pad(x, (l, r, t, b), value=-math.inf))
+
+    def source_args(self) -> dict:
+        return {"pads": self.pads}
 
 
 class PaddedAvgPool2d(nn.AvgPool2d):
@@ -55,6 +61,13 @@ class PaddedAvgPool2d(nn.AvgPool2d):
             return mean
         return mean / super().forward(F.pad(torch.ones_like(x[:1, :1]), (l, r, t, b)))
 
+    def source_args(self) -> dict:
+        return {"pads": self.pads, "count_include_pad": self.include}
+
+
+# the modules above, written into `torch_source` where a layer needs one (padding that
+# differs between the sides)
+PADDED = (PaddedConv2d, PaddedMaxPool2d, PaddedAvgPool2d)
 
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -98,11 +111,15 @@ def _ctor_source(module: nn.Module) -> str:
     import inspect
 
     cls = type(module)
-    if getattr(nn, cls.__name__, None) is not cls:
+    padded = cls in PADDED
+    base = cls.__bases__[0] if padded else cls
+    if getattr(nn, base.__name__, None) is not base:
         raise TypeError(f"{cls.__name__} is not a torch.nn module; no source for it")
     args = []
-    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+    for p in list(inspect.signature(base.__init__).parameters.values())[1:]:
         if p.name in ("device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if padded and p.name in ("padding", *module.source_args()):
             continue
         if not hasattr(module, p.name):
             continue
@@ -112,6 +129,9 @@ def _ctor_source(module: nn.Module) -> str:
         if p.default is not inspect.Parameter.empty and v == p.default:
             continue
         args.append(f"{p.name}={v!r}")
+    if padded:
+        args += [f"{k}={v!r}" for k, v in module.source_args().items()]
+        return f"{cls.__name__}({', '.join(args)})"
     return f"nn.{cls.__name__}({', '.join(args)})"
 
 
@@ -123,6 +143,12 @@ def torch_source(net: Network) -> str:
     cls = "".join(p.capitalize() for p in net.name.split("_")) or "Net"
     body = "\n".join(f"            ({name!r}, {_ctor_source(m)}),  # {layer.where()}"
                      for (name, m), layer in zip(model.named_children(), net.layers))
+    import inspect
+
+    used = [c for c in PADDED if any(type(m) is c for m in model.children())]
+    helpers = "".join("\n\n" + inspect.getsource(c) for c in used)
+    imports = "import math\n" if used else ""
+    f_import = "import torch.nn.functional as F\n" if used else ""
     return f'''"""{net.name}: {"x".join(map(str, net.input_shape))} -> {"x".join(map(str, net.output_shape))}, \
 {net.total_params:,} parameters; written by netc export --format torch.
 
@@ -131,18 +157,19 @@ def torch_source(net: Network) -> str:
     model.eval()
     logits = model(x)                           # x: [batch, {", ".join(map(str, net.input_shape))}]
 """
-from collections import OrderedDict
+{imports}from collections import OrderedDict
 
 import numpy as np
 import torch
 import torch.nn as nn
-
+{f_import}
 
 class {cls}(nn.Sequential):
     def __init__(self):
         super().__init__(OrderedDict([
 {body}
         ]))
+{helpers}
 
 
 def load_netc_weights(model: nn.Module, path) -> dict:

@@ -41,6 +41,13 @@ KINDS = {
         "conv2d: {out_channels: 8, kernel_size: 3, groups: 4, stride: 2, padding: [1, 2]}", "relu",
         "maxpool2d: {kernel_size: 3, stride: 1, padding: 1, dilation: 2}", "batchnorm2d",
         "maxpool2d: {kernel_size: 2, ceil_mode: true}", "flatten", "linear: {out_features: 5}", "gelu"], "mse"),
+    "newer_kinds": spec((2, 7, 6), [
+        "conv2d: {out_channels: 4, kernel_size: 3, stride: 2, padding: [0, 1, 1, 1]}", "relu6",
+        "upsample: {scale_factor: [2, 3]}", "hardswish",
+        "maxpool2d: {kernel_size: 2, stride: 2, padding: [1, 0, 0, 1]}", "silu",
+        "avgpool2d: {kernel_size: 3, stride: 1, padding: [1, 1, 0, 1], count_include_pad: false}",
+        "global_avgpool2d", "flatten", "batchnorm1d: {eps: 0.001, momentum: 0.3}", "linear: {out_features: 3}"],
+        "binary_cross_entropy"),
 }
 CASES = {p.stem: p.read_text() for p in SPECS} | KINDS
 
@@ -132,6 +139,23 @@ def test_cli_export_onnx_and_torch(tmp_path):
     with torch.no_grad():
         got = model.eval()(torch.from_numpy(x)).numpy()
     assert_close(got, net.forward(x), 1e-5, "netc export --format torch")
+
+
+def test_adaptive_average_pooling(tmp_path):
+    # uniform bins (6x6 -> 3x2): AveragePool; 1x1: GlobalAveragePool; ONNX Runtime agrees
+    for size, op in (("[3, 2]", "AveragePool"), ("1", "GlobalAveragePool")):
+        net = trained_like(spec((2, 6, 6), [f"adaptive_avgpool2d: {{output_size: {size}}}", "flatten"], "mse"))
+        model = onnx_model(net.network, net.state_dict())
+        assert [n.op_type for n in model.graph.node] == [op, "Flatten"]
+        x = np.random.default_rng(4).standard_normal((3, 2, 6, 6)).astype(np.float32)
+        assert_close(ort_forward(model, x), net.forward(x), 1e-5, f"adaptive_avgpool2d {size}")
+
+
+def test_uneven_adaptive_bins_are_not_exported():
+    net = check_text(spec((1, 5, 6), ["adaptive_avgpool2d: {output_size: [2, 3]}", "flatten"], "mse"))
+    with pytest.raises(OnnxExportError, match="adaptive_avgpool2d 'pool1': output 2x3 of input 5x6 has bins of "
+                                              "unequal sizes"):
+        onnx_model(net, {})
 
 
 def test_every_layer_kind_has_an_onnx_form():

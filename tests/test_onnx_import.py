@@ -65,6 +65,10 @@ CASES = {
     "bn_first_dropout": (lambda: seq(
         bn1=nn.BatchNorm2d(3), conv1=nn.Conv2d(3, 5, 2, stride=2, dilation=1, groups=1), drop=nn.Dropout(0.3),
         relu=nn.ReLU(), flat=nn.Flatten(), fc=nn.Linear(5 * 2 * 2, 3), soft=nn.LogSoftmax(1)), (3, 5, 5)),
+    "newer_kinds": (lambda: seq(
+        conv1=nn.Conv2d(2, 4, 3, padding=1), act1=nn.ReLU6(), up=nn.Upsample(scale_factor=(2, 3), mode="nearest"),
+        act2=nn.Hardswish(), pool1=nn.MaxPool2d(2), act3=nn.SiLU(), pool2=nn.AdaptiveAvgPool2d(1),
+        flat=nn.Flatten(), bn=nn.BatchNorm1d(4, eps=1e-3, momentum=0.3), fc=nn.Linear(4, 3)), (2, 5, 4)),
     "mlp": (lambda: seq(fc1=nn.Linear(6, 7), act1=nn.LeakyReLU(), fc2=nn.Linear(7, 5), act2=nn.Sigmoid(),
                         fc3=nn.Linear(5, 4), soft=nn.Softmax(1)), (6,)),
 }
@@ -83,7 +87,7 @@ def randomized(builder, seed=0) -> nn.Module:
     model = builder()
     with torch.no_grad():  # batch-norm statistics that are not the identity
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
                 m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
     return model
@@ -264,7 +268,35 @@ def test_global_average_pool(tmp_path):
              H("Flatten", ["g"], "f"), H("Gemm", ["f", "G"], "y", transB=1)]
     inits = {"W": rng.standard_normal((4, 2, 1, 1)), "G": rng.standard_normal((3, 4))}
     imported = check_against_ort(make_model(nodes, inits, (2, 5, 3), (3,)), tmp_path, (2, 5, 3))
-    assert imported.network.layers[1].opts["kernel_size"] == (5, 3)
+    assert imported.network.layers[1].kind.kind == "global_avgpool2d"
+
+
+def test_newer_kinds_spec_is_readable(tmp_path):
+    imported = import_onnx(export(randomized(CASES["newer_kinds"][0]), (2, 5, 4), tmp_path / "nk.onnx"))
+    # ReLU6's Clip, SiLU's Sigmoid + Mul, Upsample's Resize, BatchNorm1d on (features,)
+    assert [(l.kind.kind, l.name) for l in imported.network.layers] == [
+        ("conv2d", "conv1"), ("relu6", "act1"), ("upsample", "up"), ("hardswish", "act2"),
+        ("maxpool2d", "pool1"), ("silu", "act3"), ("global_avgpool2d", "pool2"), ("flatten", "flat"),
+        ("batchnorm1d", "bn"), ("linear", "fc")]
+    assert "  - upsample: {name: up, scale_factor: [2, 3]}" in imported.spec.splitlines()
+
+
+def test_resize_coordinate_modes(tmp_path):
+    """Nearest Resize by 3 under each coordinate mode: imported where it copies each pixel to
+    a 3x3 block (equal to ONNX Runtime), refused where it does not (align_corners)."""
+    for coord, nearest, ok in (("asymmetric", "floor", True), ("half_pixel", "round_prefer_floor", True),
+                               ("pytorch_half_pixel", "round_prefer_ceil", True), ("asymmetric", "ceil", False),
+                               ("align_corners", "round_prefer_floor", False)):
+        nodes = [H("Resize", ["x", "", "scales"], "y", name="r1", mode="nearest",
+                   coordinate_transformation_mode=coord, nearest_mode=nearest)]
+        model = make_model(nodes, {"scales": np.array([1, 1, 3, 3], np.float32)}, (2, 3, 4), (2, 9, 12))
+        if ok:
+            imported = check_against_ort(model, tmp_path, (2, 3, 4), f"{coord}_{nearest}")
+            assert [l.kind.kind for l in imported.network.layers] == ["upsample"]
+            continue
+        with pytest.raises(OnnxImportError, match=f"node 'r1' .*coordinate_transformation_mode '{coord}' with "
+                                                  f"nearest_mode '{nearest}' does not copy each input pixel"):
+            import_onnx(save(model, tmp_path / "m.onnx"))
 
 
 # ---- ONNX's own operator tests ------------------------------------------------------------------------
@@ -299,6 +331,8 @@ NODE_TESTS = {
     "Gemm": ["test_gemm_default_no_bias", "test_gemm_transposeB", "test_gemm_alpha", "test_gemm_beta",
              "test_gemm_default_single_elem_vector_bias", "test_gemm_default_vector_bias"],
     "Flatten": ["test_flatten_axis1"],
+    "HardSwish": ["test_hardswish"], "Clip": [],  # no case clips to [0, 6]: the others must be refused
+    "Resize": ["test_resize_upsample_scales_nearest"], "Upsample": ["test_upsample_nearest"],
 }
 
 
@@ -315,7 +349,8 @@ def sample_model(case):
     if len(g.output) != 1 or len(outputs) != 1 or x.ndim not in (1, 2, 3, 4) or x.dtype.kind != "f":
         return None
     if x.ndim in (1, 3):  # one sample: a batch of 1 (element-wise ops only: the shape is theirs)
-        if len(g.node) != 1 or g.node[0].op_type not in ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu"):
+        if len(g.node) != 1 or g.node[0].op_type not in ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu",
+                                                           "HardSwish", "Clip"):
             return None
         x, y = x[None], y[None]
     for vi, value in zip(list(g.input[1:]), inputs[1:]):
@@ -371,9 +406,13 @@ def one_node(tmp_path, op, attrs=None, inits=None, in_shape=(2, 5, 5), out_shape
 
 
 @pytest.mark.parametrize("op, attrs, extra, inits, message", [
-    ("HardSwish", {}, (), {}, "node 'n1' (HardSwish): operator not supported; hardswish is not available yet"),
-    ("Clip", {}, ("lo", "hi"), {"lo": np.float32(0), "hi": np.float32(6)},
-     "node 'n1' (Clip): operator not supported; relu6 is not available yet"),
+    ("Clip", {}, ("lo", "hi"), {"lo": np.float32(-1), "hi": np.float32(1)},
+     "node 'n1' (Clip): Clip to [-1, 1] is not supported; Clip(0, 6) is relu6"),
+    ("Clip", {}, ("lo",), {"lo": np.float32(0)}, "node 'n1' (Clip): Clip to [0, inf] is not supported"),
+    ("Resize", {"mode": "linear"}, ("", "sc"), {"sc": np.array([1, 1, 2, 2], np.float32)},
+     "node 'n1' (Resize, mode='linear'): mode 'linear' is not supported; upsample is nearest-neighbour"),
+    ("Resize", {}, ("", "sc"), {"sc": np.array([1, 1, 1.5, 2], np.float32)},
+     "scales [1.0, 1.0, 1.5, 2.0] of an input of shape [2, 5, 5]"),
     ("Conv", {"strides": [0, 1]}, ("W",), {"W": np.ones((2, 2, 3, 3))},
      "attribute 'strides' values must be in 1..1,048,576, got [0, 1]"),
     ("MaxPool", {"kernel_shape": [2, 2], "storage_order": 1}, (), {}, "attribute 'storage_order' must be in 0..0"),
