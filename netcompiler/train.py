@@ -412,11 +412,8 @@ class Run:
         n = len(self.X)
         self.n_used = n
         rem = n % bs
-        if rem:
-            try:
-                net.check_training_batch(rem)
-            except ValueError:  # e.g. batch-norm on a last batch of one sample: drop it, as drop_last
-                self.n_used = n - rem
+        if rem and not self._trainable(rem):  # e.g. batch-norm on a last batch of one sample: drop it, as drop_last
+            self.n_used = n - rem
         if self.n_used == 0:
             raise DataError(f"{n} training images are too few for one training batch of this network")
         net.set_optimizer(s["optimizer"], lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
@@ -428,6 +425,14 @@ class Run:
             self.position = _Position(0)
         else:
             self._restore(arrays)
+
+    def _trainable(self, n: int) -> bool:
+        """Whether a batch of n samples can be trained on."""
+        try:
+            self.net.check_training_batch(n)
+        except ValueError:
+            return False
+        return True
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
         try:
@@ -492,6 +497,9 @@ class Run:
         W.save_npz(self.ckpt_path, W.with_meta(self.net.state_dict(), meta, self.net.optimizer_state()))
 
     def write_static_files(self) -> None:
+        if self.opts.force and not self.opts.resume:
+            for p in (self.ckpt_path, self.weights_path, self.metrics_path):
+                p.unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         W.atomic_write_text(self.run_dir / "spec.yaml", self.network.source)
         W.atomic_write_text(self.run_dir / "normalization.json", json.dumps(
@@ -512,9 +520,6 @@ class Run:
     def _run(self) -> dict[str, Any]:
         self.setup()
         s, net = self.s, self.net
-        if self.opts.force and not self.opts.resume:
-            for p in (self.ckpt_path, self.weights_path, self.metrics_path):
-                p.unlink(missing_ok=True)
         self.write_static_files()
         self.say(f"{self.network.name}: {self.network.total_params:,} parameters, {s['dtype']}, "
                  f"{net.threads} thread{'s' if net.threads > 1 else ''}; {s['optimizer']} lr {s['lr']:g}"
@@ -542,7 +547,8 @@ class Run:
             try:
                 while p.epoch < s["epochs"]:
                     self._epoch(ctrl_c)
-                    if ctrl_c.requested and p.epoch < s["epochs"]:  # pressed during validation
+                    stop, self._chunk = self._next_chunk(ctrl_c.requested, self._chunk)
+                    if stop and p.epoch < s["epochs"]:  # pressed during validation
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 self._interrupted()
@@ -576,7 +582,7 @@ class Run:
                 end = min(n, p.pos + self._chunk * bs)
                 self._consistent = False
                 t0 = time.perf_counter()
-                lo, co = net.train_batches(self.X, self.Y, p.order[p.pos:end], bs)
+                lo, co = self._train_batches(p.order[p.pos:end], bs)
                 dt = time.perf_counter() - t0
                 if len(lo) and not math.isfinite(lo[-1]):  # C skipped that batch's update and stopped
                     bar.close()
@@ -594,11 +600,13 @@ class Run:
                 bar.update(p.pos, mean_loss(p.losses, p.pos, bs), p.correct / p.pos if self.classify else None)
                 if self.on_chunk is not None:
                     self.on_chunk(ChunkInfo(p.epoch + 1, len(p.losses), nb, p.pos, chunks))
-                if ctrl_c.requested:
-                    raise KeyboardInterrupt
+                chunk = self._chunk
                 if self.opts.chunk_batches is None:
                     per_batch = dt / max(len(lo), 1)
-                    self._chunk = int(min(max(CHUNK_SECONDS / max(per_batch, 1e-9), 1), 1 << 20))
+                    chunk = int(min(max(CHUNK_SECONDS / max(per_batch, 1e-9), 1), 1 << 20))
+                stop, self._chunk = self._next_chunk(ctrl_c.requested, chunk)
+                if stop:
+                    raise KeyboardInterrupt
         finally:
             bar.close()
             p.seconds = time.perf_counter() - t_epoch
@@ -606,7 +614,7 @@ class Run:
         train_loss = mean_loss(p.losses, n, bs)
         train_acc = p.correct / n if self.classify else float("nan")
         if self.VX is not None:
-            val_loss, val_acc = _accuracy_loss(net, self.VX, self.vlabels)
+            val_loss, val_acc = self._evaluate(self.VX, self.vlabels)
         else:
             val_loss = val_acc = float("nan")
         seconds = time.perf_counter() - t_epoch
@@ -614,13 +622,30 @@ class Run:
         self.history.append([p.epoch + 1, train_loss, train_acc, val_loss, val_acc, seconds, ips])
         p.epoch += 1
         p.pos, p.order, p.losses, p.correct, p.train_seconds, p.seconds = 0, None, np.zeros(0), 0, 0.0, 0.0
-        write_metrics(self.metrics_path, self.history)
-        self._write_weights()
-        self.save_checkpoint()
+        self._save_epoch()
         val = (f"{self.val_name} loss {val_loss:.4f} acc {_percent(val_acc)}" if math.isfinite(val_loss)
                else f"{self.val_name} -")
         self.say(f"epoch {p.epoch:>{len(str(s['epochs']))}}/{s['epochs']}: train loss {train_loss:.4f} "
                  f"acc {_percent(train_acc)} | {val} | {seconds:.1f} s, {ips:,.0f} img/s")
+
+    # ---- what a data-parallel run (distributed.py) does otherwise ----
+    def _train_batches(self, order: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
+        """Train on rows `order` in batches of bs: per-batch mean losses and correct counts."""
+        return self.net.train_batches(self.X, self.Y, order, bs)
+
+    def _next_chunk(self, stop: bool, chunk: int) -> tuple[bool, int]:
+        """After a chunk: (stop now?, batches in the next chunk)."""
+        return stop, chunk
+
+    def _evaluate(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+        """(loss, accuracy) on the validation images."""
+        return _accuracy_loss(self.net, x, labels)
+
+    def _save_epoch(self) -> None:
+        """At the end of each epoch: metrics.csv, weights.npz, checkpoint.npz."""
+        write_metrics(self.metrics_path, self.history)
+        self._write_weights()
+        self.save_checkpoint()
 
     def diverging(self, chunk_losses: np.ndarray) -> bool:
         """Whether this chunk's mean loss is far past the session's starting loss (see DIVERGE_FACTOR)."""
