@@ -127,9 +127,7 @@ class DistributedRun(Run):
         if not bad:
             return
         r, text = bad[0]
-        if isinstance(error, NetcError) and r == self.comm.rank == 0:
-            raise error
-        raise AgreedError(text if r == 0 else f"rank {r} of {self.comm.size}: {text}")
+        raise AgreedError(text if r == 0 else f"rank {r} of {self.comm.size}: {text}") from None
 
     def run(self) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
