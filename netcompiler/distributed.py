@@ -113,6 +113,7 @@ class DistributedRun(Run):
 
     def __init__(self, opts: TrainOptions, comm: Comm, **kw):
         self.comm = comm
+        self.ranks = comm.size
         if comm.rank != 0:
             quiet = open(os.devnull, "w")
             kw.update(out=quiet, err=quiet, progress=False)

@@ -300,6 +300,8 @@ RUN_FILES = ("spec.yaml", "normalization.json", "metrics.csv", "weights.npz", "c
 class Run:
     """One `netc train` session (a fresh run or a resumed one)."""
 
+    ranks = 1  # processes training the run together (distributed.DistributedRun)
+
     def __init__(self, opts: TrainOptions, out: TextIO | None = None, err: TextIO | None = None,
                  on_chunk: Callable[[ChunkInfo], None] | None = None, progress: bool | None = None):
         self.opts, self.on_chunk = opts, on_chunk
@@ -465,6 +467,10 @@ class Run:
             W.check_order(order, losses, path, len(self.X), self.n_used, -(-pos["pos"] // bs))
         self.position = _Position(pos["epoch"], pos["pos"], order if pos["pos"] else None,
                                   np.array(losses if pos["pos"] else [], np.float64), pos["correct"], pos["train_seconds"], pos["seconds"])
+        saved_ranks = pos.get("ranks", 1)
+        if saved_ranks != self.ranks:
+            self.say(f"note: the run used {saved_ranks} process{'es' if saved_ranks != 1 else ''}, this session "
+                     f"{self.ranks}: batch-norm statistics and dropout masks differ from an uninterrupted run")
         saved_threads = pos.get("threads")
         if saved_threads and saved_threads != self.net.threads:
             self.say(f"note: the run used {saved_threads} threads, this session {self.net.threads}: results may "
@@ -489,7 +495,7 @@ class Run:
             "history": W.json_array(self.history),
             "position": W.json_array({"epoch": p.epoch, "pos": p.pos, "correct": int(p.correct),
                                       "train_seconds": p.train_seconds, "seconds": p.seconds,
-                                      "threads": self.net.threads}),
+                                      "threads": self.net.threads, "ranks": self.ranks}),
         })
         if p.pos:
             meta["order"] = p.order

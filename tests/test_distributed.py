@@ -290,3 +290,38 @@ def test_a_killed_rank_stops_the_job_within_seconds(tmp_path):
     assert "exited on signal 9" in err or "killed" in err.lower(), err
     assert not _pids_with(marker, 0), "rank 0 is still running"
     W.load_npz(out / "checkpoint.npz", "checkpoint")  # whole: written atomically
+
+
+def test_sigusr1_to_mpirun_stops_with_a_checkpoint(tmp_path):
+    """kill -USR1 <mpirun pid>: Open MPI forwards it to every rank; they stop at the next chunk
+    and rank 0 writes the checkpoint, from which --resume under 2 ranks goes on."""
+    spec, data = make_case(tmp_path, n_train=2000, n_test=20, spec=PLAIN)
+    out = tmp_path / "run"
+    cmd = mpirun_cmd(2, "-m", "netcompiler", "train", spec, "--data", data, "--out", out, "--epochs", "10000",
+                     "--threads", "1", "--no-progress")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.npz").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the run did not reach an epoch end"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.count("netc: interrupted; checkpoint saved at epoch") == 1, err
+    done = len(read_metrics(out / "metrics.csv"))
+    r = netc_mpi(2, spec, "--data", data, "--out", out, "--resume", "--epochs", done + 1)
+    assert f"epoch {done + 1}/{done + 1}:" in r.stdout, r.stdout
+
+
+def test_resume_with_another_rank_count_says_so(case):
+    d, spec, data = case
+    out = d / "ranks"
+    netc_mpi(2, spec, "--data", data, "--out", out, "--epochs", 1)
+    r = netc_mpi(1, spec, "--data", data, "--out", out, "--epochs", 2, "--resume", "--distributed")
+    assert "note: the run used 2 processes, this session 1" in r.stdout, r.stdout
