@@ -104,6 +104,38 @@ class Comm:
         self.comm.Abort(code)
 
 
+def train_batches(net, comm: Comm, x: np.ndarray, y: np.ndarray, order: np.ndarray, bs: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Data-parallel `Net.train_batches`: the global batches of `order` (the same on every
+    rank), this rank training its share of each; returns what every rank returns alike: the
+    global batches' mean losses and correct counts, up to and including a non-finite loss
+    (whose update every rank skips)."""
+    g = net.grad_buffer
+    npar = g.size - 2
+    buffers = net.flat_buffers if net.plan.num_buffers else None
+    nb = -(-len(order) // bs)
+    losses = np.zeros(nb, np.float64)
+    correct = np.zeros(nb, np.int64)
+    for k in range(nb):
+        batch = order[k * bs:(k + 1) * bs]
+        m = len(batch)
+        lo, hi = share(m, comm.rank, comm.size)
+        loss, right = net.backward_batch(x, y, batch[lo:hi])
+        g[:npar] *= (hi - lo) / m  # the sum over ranks: the gradient of the global batch's mean loss
+        g[npar] = loss * (hi - lo)
+        g[npar + 1] = right
+        comm.sum_(g)
+        losses[k] = float(g[npar]) / m
+        correct[k] = int(round(float(g[npar + 1])))
+        if not math.isfinite(losses[k]):  # the same on every rank: all skip the update and stop
+            return losses[:k + 1], correct[:k + 1]
+        net.optimizer_step()
+        if buffers is not None:  # batch-norm running statistics: the mean over ranks
+            comm.sum_(buffers)
+            buffers /= comm.size
+    return losses, correct
+
+
 class AgreedError(NetcError):
     """An error every rank raised; rank 0 reports it, the others exit quietly."""
 
@@ -172,31 +204,7 @@ class DistributedRun(Run):
 
     # ---- the step ----
     def _train_batches(self, order: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
-        net, comm = self.net, self.comm
-        g = net.grad_buffer
-        npar = g.size - 2
-        buffers = net.flat_buffers if self.net.plan.num_buffers else None
-        nb = -(-len(order) // bs)
-        losses = np.zeros(nb, np.float64)
-        correct = np.zeros(nb, np.int64)
-        for k in range(nb):
-            batch = order[k * bs:(k + 1) * bs]
-            m = len(batch)
-            lo, hi = share(m, comm.rank, comm.size)
-            loss, right = net.backward_batch(self.X, self.Y, batch[lo:hi])
-            g[:npar] *= (hi - lo) / m
-            g[npar] = loss * (hi - lo)
-            g[npar + 1] = right
-            comm.sum_(g)
-            losses[k] = float(g[npar]) / m
-            correct[k] = int(round(float(g[npar + 1])))
-            if not math.isfinite(losses[k]):  # the same on every rank: all skip the update and stop
-                return losses[:k + 1], correct[:k + 1]
-            net.optimizer_step()
-            if buffers is not None:
-                comm.sum_(buffers)
-                buffers /= comm.size
-        return losses, correct
+        return train_batches(self.net, self.comm, self.X, self.Y, order, bs)
 
     def _next_chunk(self, stop: bool, chunk: int) -> tuple[bool, int]:
         flags = np.array([int(stop or _USR1.requested), -chunk], np.int64)

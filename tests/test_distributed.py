@@ -325,3 +325,13 @@ def test_resume_with_another_rank_count_says_so(case):
     netc_mpi(2, spec, "--data", data, "--out", out, "--epochs", 1)
     r = netc_mpi(1, spec, "--data", data, "--out", out, "--epochs", 2, "--resume", "--distributed")
     assert "note: the run used 2 processes, this session 1" in r.stdout, r.stdout
+
+
+def test_bench_mpi_quick_runs(tmp_path):
+    """bench/mpi.py launches its two configurations and prints both tables (no time asserted)."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "mpi.py"), "--nets", "cifar", "--steps", "3",
+                        "--reps", "1", "--allreduce-reps", "3", "--batch", "8", "--json", str(tmp_path / "o.json")],
+                       capture_output=True, text=True, timeout=TIMEOUT, env=mpi_env())
+    assert r.returncode == 0, r.stderr
+    assert "cifar" in r.stdout and "1 x 2" in r.stdout and "2 x 1" in r.stdout and "min batch" in r.stdout
+    assert (tmp_path / "o.json").exists()
