@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from .check import OPTIMIZERS, TRAIN_KEYS, Network, load, train_value
-from .cli import DTYPE_HELP, FORMAT_HELP, THREADS_HELP, int_at_least
+from .cli import DTYPE_HELP, FORMAT_HELP, int_at_least
 from .errors import DataError, NetcError
 from .progress import emit
+from .runtime import MAX_THREADS, check_threads
 
 NORMALISATION_HELP = (
     "Normalisation: inputs are pixels/255 (uint8 images), then (x - mean) / std.  netc train takes mean/std "
@@ -30,6 +31,19 @@ OPTIMIZER_HELP = (
     "(betas 0.9, 0.999, eps 1e-8): weight decay decoupled, p *= 1 - lr * wd before each Adam step; that is "
     "not torch.optim.Adam, which adds the decay to the gradient (with --weight-decay 0 the two agree).  "
     "Default {}")
+THREADS_HELP = f"threads of the C code, 1 to {MAX_THREADS} (default: all available cores, within any CPU quota)"
+
+
+def thread_count(text: str) -> int:
+    """--threads N: the rule of Net.threads and compile(threads=) (runtime.check_threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
+    try:
+        return check_threads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def train_arg(key: str):
@@ -87,7 +101,7 @@ def register(sub) -> None:
                    help=f"seed of initialisation, shuffling, dropout and --val-split (default {d['seed']})")
     t.add_argument("--val-split", type=train_arg("val_split"), metavar="F",
                    help="validate on this fraction of the training set (seeded); default: validate on the test set")
-    t.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
+    t.add_argument("--threads", type=thread_count, metavar="N", help=THREADS_HELP)
     t.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<spec name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--force", action="store_true", help="start afresh even if RUN_DIR holds a checkpoint")
@@ -133,7 +147,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("spec", metavar="SPEC", help="network spec (YAML)")
     p.add_argument("weights", metavar="WEIGHTS", help=WEIGHTS_HELP)
-    p.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
+    p.add_argument("--threads", type=thread_count, metavar="N", help=THREADS_HELP)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help=DTYPE_HELP)
 
 

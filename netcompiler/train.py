@@ -473,8 +473,9 @@ class Run:
                      f"{self.ranks}: batch-norm statistics and dropout masks differ from an uninterrupted run")
         saved_threads = pos.get("threads")
         if saved_threads and saved_threads != self.net.threads:
-            self.say(f"note: the run used {saved_threads} threads, this session {self.net.threads}: results may "
-                     f"differ in the last bits from an uninterrupted run")
+            self.say(f"note: the run used {saved_threads} threads, this session {self.net.threads}: the gradient "
+                     f"sums round differently, so the weights will drift from an uninterrupted run's (--threads "
+                     f"{saved_threads} repeats it exactly)")
 
     # ---- files ----
     def _meta(self) -> dict[str, Any]:
