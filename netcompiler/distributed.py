@@ -47,8 +47,6 @@ from .train import RUN_FILES, Run, TrainOptions, TrainingDiverged, loss_of, pred
 GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: rank r's dropout seed is seed + r * GOLDEN
 # world size as launchers set it: Open MPI's mpirun, MPICH/Intel's hydra, PMIx, Slurm's srun
 WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
-MPIRUN_HELP = ("mpirun -np N netc train SPEC --data SRC (or srun -n N ...): N processes train one run "
-               "data-parallel; --batch-size is the global batch (split across ranks), lr unchanged")
 
 
 def launcher_world_size() -> int:

@@ -191,25 +191,27 @@ opts = TrainOptions(spec=spec, data=data, out=out, threads=1, dtype="float64", c
 def on_chunk(info):
     from mpi4py import MPI
     rank = MPI.COMM_WORLD.Get_rank()
+    if mode == "crash" and rank == 1 and info.chunks == 2:
+        raise RuntimeError("simulated failure")
     if mode == "skew" and rank == 1 and info.chunks == 2:
-        run.net.flat_params[0] += 1e-3
+        RUN[0].net.flat_params[0] += 1e-3
     if mode == "interrupt" and info.epoch == 2 and info.batches_done == 3 and rank == 0:
         import os, signal
         os.kill(os.getpid(), signal.SIGUSR1)  # as `kill -USR1 <mpirun pid>` forwards it
 
-from netcompiler.distributed import Comm, DistributedRun
 import netcompiler.distributed as D
-comm = Comm()
-import signal
-signal.signal(signal.SIGUSR1, D._USR1.handle)
-run = DistributedRun(opts, comm, on_chunk=on_chunk, progress=False)
+RUN = []
+setup = D.DistributedRun.setup
+def keep(self):
+    setup(self)
+    RUN.append(self)
+D.DistributedRun.setup = keep
 try:
-    run.run()
+    D.train(opts, on_chunk=on_chunk, progress=False)
 except KeyboardInterrupt:
     sys.exit(130)
-except D.AgreedError as exc:
-    if comm.rank == 0:
-        print(f"error: {exc}", file=sys.stderr)
+except D.NetcError as exc:
+    print(f"error: {exc}", file=sys.stderr)
     sys.exit(1)
 """
 
@@ -228,6 +230,36 @@ def test_parameters_that_differ_across_ranks_stop_the_run(case, script):
     assert "error: the parameters differ across ranks after epoch 1 (ranks 1 differ from rank 0" in r.stderr, \
         r.stderr
     assert not (d / "skew" / "weights.npz").exists()
+
+
+def test_an_error_on_one_rank_aborts_the_job(case, script):
+    d, spec, data = case
+    t0 = time.monotonic()
+    r = mpirun(2, script, spec, data, d / "crash", "crash", 2, ok=False)
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 60
+    assert "RuntimeError: simulated failure" in r.stderr
+    assert "error: rank 1 of 2 failed (above); aborting the job" in r.stderr, r.stderr
+
+
+def test_help_shows_the_mpirun_command(capsys):
+    from netcompiler.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "mpirun -np N netc train SPEC --data SRC" in out and "--batch-size is the global batch" in out
+
+
+@pytest.mark.parametrize("var", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS"])
+def test_launchers_are_detected(monkeypatch, var):
+    from netcompiler.distributed import WORLD_SIZE_VARS, launcher_world_size
+
+    for v in WORLD_SIZE_VARS:
+        monkeypatch.delenv(v, raising=False)
+    assert launcher_world_size() == 1
+    monkeypatch.setenv(var, "3")
+    assert launcher_world_size() == 3
 
 
 def test_interrupt_and_resume_under_two_ranks(case, script):
