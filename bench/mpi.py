@@ -2,7 +2,7 @@
 """Data-parallel training throughput on MPI: images/s of one rank x T threads against R ranks x
 1 thread, and the time of the gradient Allreduce per step.  See bench/README.md.
 
-    python bench/mpi.py                              # lenet5, fashion_convnet: 1x2 vs 2x1
+    python bench/mpi.py                              # lenet5, fashion_convnet: 1x1, 1x2, 2x1
     python bench/mpi.py --nets lenet5 --steps 50 --batch 64 --json out.json
 
 The parent launches `mpirun -np R python bench/mpi.py --worker ...` once per configuration
@@ -78,7 +78,9 @@ def launch(args, net: str, ranks: int, threads: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads))
     if os.geteuid() == 0:  # Open MPI refuses to run as root unless told
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [args.mpirun, "-np", str(ranks), "--oversubscribe", "--bind-to", "none", "-x", "PYTHONPATH",
+    # mpirun binds each rank of a small job to one core: right for one thread per rank, wrong for more
+    bind = ["--bind-to", "none"] if threads > 1 else []
+    cmd = [args.mpirun, "-np", str(ranks), "--oversubscribe", *bind, "-x", "PYTHONPATH",
            "-x", "OMP_NUM_THREADS", sys.executable, str(Path(__file__).resolve()), "--worker", "--net", net,
            "--threads", str(threads), "--batch", str(args.batch), "--steps", str(args.steps), "--reps",
            str(args.reps), "--allreduce-reps", str(args.allreduce_reps)]
@@ -98,7 +100,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="steps per repetition (default 60)")
     ap.add_argument("--reps", type=int, default=5, help="repetitions, median printed (default 5)")
     ap.add_argument("--allreduce-reps", type=int, default=200, help="timed Allreduce calls (default 200)")
-    ap.add_argument("--configs", default="1x2,2x1", help="RANKSxTHREADS, comma-separated (default 1x2,2x1)")
+    ap.add_argument("--configs", default="1x1,1x2,2x1",
+                    help="RANKSxTHREADS, comma-separated (default 1x1,1x2,2x1; the computed table needs 1x1)")
     ap.add_argument("--json", metavar="FILE", help="also write the numbers to FILE")
     args = ap.parse_args()
     if args.worker:
@@ -122,22 +125,22 @@ def main() -> None:
         print(f"{r['net']:<16} {r['params']:>8,} {str(r['ranks']) + ' x ' + str(r['threads']):>15} "
               f"{r['images_per_s']:>8,.0f} {r['step_ms']:>8.2f} {ar:>12} {r['allreduce_bytes']:>8,}")
     print(f"# load average {os.getloadavg()[0]:.2f} at the end")
-    print("\nComputed from the rows above (not measured across machines): a ring Allreduce sends and receives "
-          "2(N-1)/N x 4 bytes x parameters per rank and step, about 2 x 4P for large N; the step waits for it "
-          "(no overlap), so a link is 'free' while that transfer is under 10% of the step.")
-    print(f"{'net':<16} {'4P bytes':>10} {'us/img/rank':>11} {'10G us':>7} {'free above':>10} {'min batch':>9} "
+    print("\nComputed, not measured across machines: a ring Allreduce sends and receives 2(N-1)/N x 4 bytes x "
+          "parameters per rank and step, about 2 x 4P for large N; the step waits for it (no overlap), so a link "
+          "is 'free' while that transfer is under 10% of the step.  'us/img' is one rank's compute per image, "
+          "measured above (the 1 x 1 row); 'min batch' the per-rank batch whose step reaches 'free above'.")
+    print(f"{'net':<16} {'4P bytes':>10} {'us/img':>7} {'10G us':>7} {'free above':>10} {'min batch':>9} "
           f"{'100G us':>7} {'free above':>10} {'min batch':>9}")
     for r in rows:
-        if r["ranks"] < 2:
+        if (r["ranks"], r["threads"]) != (1, 1):
             continue
-        per_image = 1e3 * r["step_ms"] / (r["batch"] / r["ranks"])  # us of one rank's compute per image
+        per_image = 1e6 / r["images_per_s"]
         cells = []
         for gbps in (10, 100):
             t = 2 * 4 * r["params"] * 8 / (gbps * 1e3)  # us
             cells += [f"{t:>7.0f}", f"{10 * t / 1e3:>8.2f}ms", f"{math.ceil(10 * t / per_image):>9}"]
-        print(f"{r['net']:<16} {4 * r['params']:>10,} {per_image:>11.1f} {cells[0]} {cells[1]:>10} {cells[2]} "
+        print(f"{r['net']:<16} {4 * r['params']:>10,} {per_image:>7.1f} {cells[0]} {cells[1]:>10} {cells[2]} "
               f"{cells[3]} {cells[4]:>10} {cells[5]}")
-        r["computed"] = {"us_per_image_per_rank": per_image}
     if args.json:
         Path(args.json).write_text(json.dumps({"load_start": load, "rows": rows}, indent=2) + "\n")
 

@@ -365,5 +365,5 @@ def test_bench_mpi_quick_runs(tmp_path):
                         "--reps", "1", "--allreduce-reps", "3", "--batch", "8", "--json", str(tmp_path / "o.json")],
                        capture_output=True, text=True, timeout=TIMEOUT, env=mpi_env())
     assert r.returncode == 0, r.stderr
-    assert "cifar" in r.stdout and "1 x 2" in r.stdout and "2 x 1" in r.stdout and "min batch" in r.stdout
+    assert "cifar" in r.stdout and "1 x 2" in r.stdout and "2 x 1" in r.stdout and "min batch" in r.stdout and "1 x 1" in r.stdout
     assert (tmp_path / "o.json").exists()
