@@ -250,9 +250,10 @@ class _Usr1:
     """SIGUSR1 (which Open MPI's mpirun forwards to every rank) asks for a stop, as a first Ctrl-C."""
 
     requested = False
+    quiet = False  # the ranks but 0
 
     def handle(self, signum, frame):
-        if not self.requested:
+        if not self.requested and not self.quiet:
             print(f"\nnetc: SIGUSR1: stopping after the current chunk of batches", file=sys.stderr, flush=True)
         self.requested = True
 
@@ -264,6 +265,7 @@ def train(opts: TrainOptions, **kw) -> dict[str, Any] | None:
     """Run this process's rank of a data-parallel `netc train`.  Errors: rank 0 raises what the
     ranks agreed on, the other ranks exit 1 quietly; anything else aborts the whole job."""
     comm = Comm()
+    _USR1.quiet = comm.rank != 0
     try:
         signal.signal(signal.SIGUSR1, _USR1.handle)
     except ValueError:  # not the main thread
@@ -271,9 +273,9 @@ def train(opts: TrainOptions, **kw) -> dict[str, Any] | None:
     try:
         return DistributedRun(opts, comm, **kw).run()
     except (AgreedError, TrainingDiverged, KeyboardInterrupt) as exc:
-        if comm.rank == 0 or isinstance(exc, KeyboardInterrupt):
+        if comm.rank == 0:
             raise
-        raise SystemExit(1) from None
+        raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
     except (NetcError, OSError) as exc:  # one rank's own error (e.g. it cannot write a file): stop every rank
         print(f"error: rank {comm.rank} of {comm.size}: {exc}; aborting the job", file=sys.stderr, flush=True)
         comm.abort(1)
