@@ -30,6 +30,7 @@ aborts the job (MPI_Abort); a rank that dies makes mpirun stop the others.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -102,10 +103,11 @@ class Comm:
         self.comm.Abort(code)
 
 
-def train_batches(net, comm: Comm, x: np.ndarray, y: np.ndarray, order: np.ndarray, bs: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def train_batches(net, comm: Comm, x: np.ndarray, y: np.ndarray, order: np.ndarray, bs: int,
+                  lrs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Data-parallel `Net.train_batches`: the global batches of `order` (the same on every
-    rank), this rank training its share of each; returns what every rank returns alike: the
+    rank), this rank training its share of each, batch k at learning rate lrs[k] (None: the
+    optimizer's); returns what every rank returns alike: the
     global batches' mean losses and correct counts, up to and including a non-finite loss
     (whose update every rank skips)."""
     g = net.grad_buffer
@@ -118,6 +120,8 @@ def train_batches(net, comm: Comm, x: np.ndarray, y: np.ndarray, order: np.ndarr
         batch = order[k * bs:(k + 1) * bs]
         m = len(batch)
         lo, hi = share(m, comm.rank, comm.size)
+        if lrs is not None:  # as Net.train_batches: lr ends as the last one used
+            net.lr = float(lrs[k])
         loss, right = net.backward_batch(x, y, batch[lo:hi])
         g[:npar] *= (hi - lo) / m  # the sum over ranks: the gradient of the global batch's mean loss
         g[npar] = loss * (hi - lo)
@@ -145,6 +149,7 @@ class DistributedRun(Run):
         self.comm = comm
         self.ranks = comm.size
         if comm.rank != 0:
+            opts = dataclasses.replace(opts, plot=False)  # curves.png: rank 0's
             quiet = open(os.devnull, "w")
             kw.update(out=quiet, err=quiet, progress=False)
         super().__init__(opts, **kw)
@@ -201,8 +206,9 @@ class DistributedRun(Run):
         return n >= self.comm.size and super()._trainable(n // self.comm.size)
 
     # ---- the step ----
-    def _train_batches(self, order: np.ndarray, bs: int) -> tuple[np.ndarray, np.ndarray]:
-        return train_batches(self.net, self.comm, self.X, self.Y, order, bs)
+    def _train_batches(self, order: np.ndarray, bs: int, lrs: np.ndarray | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        return train_batches(self.net, self.comm, self.X, self.Y, order, bs, lrs)
 
     def _next_chunk(self, stop: bool, chunk: int) -> tuple[bool, int]:
         flags = np.array([int(stop or _USR1.requested), -chunk], np.int64)

@@ -34,13 +34,19 @@ class Rendered:
     plan: Plan
 
 
-@functools.lru_cache(maxsize=None)
-def _env() -> jinja2.Environment:
-    env = jinja2.Environment(
+def jinja_env() -> jinja2.Environment:
+    """A Jinja environment over templates/: undefined names are errors, no HTML escaping
+    (everything the templates print is checked, see ctext.py), control lines leave no blank."""
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined, autoescape=False,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _env() -> jinja2.Environment:
+    env = jinja_env()
     env.globals.update(ix=ix, at=at, cint=Ix.of, cloop=loop, prod=prod)
     env.tests["uses"] = uses
     return env
@@ -82,6 +88,7 @@ def render(net, dtype: str = "float32", flags: list[str] | None = None) -> Rende
                   gelu_tanh=any(lp.c.get("needs_gelu_tanh_grad") for lp in plan.layers),
                   math=set().union(*(lp.c.get("math", ()) for lp in plan.layers))),
         banner=banner(plan, dtype, flags or []),
+        image=dict(zip("chw", net.input_shape)) if len(net.input_shape) == 3 else None,  # augmentation's sizes
     )
     api = env.get_template("api.h.j2").render(ctx)
     header = env.get_template("header.h.j2").render(ctx, api=api)

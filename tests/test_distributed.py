@@ -370,3 +370,19 @@ def test_bench_mpi_quick_runs(tmp_path):
     for text in ("cifar", "1 x 1", "1 x 2", "2 x 1", "min batch"):
         assert text in r.stdout, text
     assert (tmp_path / "o.json").exists()
+
+
+def test_two_ranks_equal_one_process_with_a_recipe(case):
+    """lr schedule per batch (onecycle), augmentation (keyed by the image's row), label smoothing
+    and gradient clipping (of the reduced gradient): 2 ranks still give one process's result."""
+    d, spec, data = case
+    recipe = ["--lr-schedule", "onecycle", "--augment", "shift=1,hflip", "--label-smoothing", "0.1",
+              "--clip-grad-norm", "0.5", "--dtype", "float64", "--threads", "1", "--no-progress"]
+    one, two = d / "recipe-one", d / "recipe-two"
+    r = subprocess.run([sys.executable, "-m", "netcompiler", "train", spec, "--data", data, "--out", str(one),
+                        *recipe], capture_output=True, text=True, timeout=TIMEOUT, env=mpi_env())
+    assert r.returncode == 0, r.stderr
+    mpirun(2, "-m", "netcompiler", "train", spec, "--data", data, "--out", two, *recipe)
+    assert rel_diff(final_state(two), final_state(one)) <= 1e-9
+    ma, mb = read_metrics(two / "metrics.csv"), read_metrics(one / "metrics.csv")
+    assert [r["lr"] for r in ma] == [r["lr"] for r in mb]
