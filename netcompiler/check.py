@@ -26,7 +26,7 @@ MAX_NAME = 48
 # batchnorm2d/relu/maxpool2d blocks 10.5 s; relu at 512: 19.9 s.
 MAX_LAYERS = 256
 DEFAULT_MEMORY_BUDGET = 16 * 2**30  # bytes of training memory at batch size 1
-LOSSES = ("cross_entropy", "mse")
+LOSSES = ("cross_entropy", "mse", "binary_cross_entropy")
 TOP_KEYS = ("name", "input", "layers", "loss", "train")
 # Defaults for `netc train`; the spec's optional `train:` section may override them.
 TRAIN_KEYS: dict[str, tuple[str, Any]] = {
