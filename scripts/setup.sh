@@ -38,10 +38,9 @@ if [ "$target" = ".[test]" ]; then
   command -v arm-none-eabi-gcc >/dev/null || need_apt+=(gcc-arm-none-eabi)
   [ -d /usr/lib/arm-none-eabi/newlib ] || need_apt+=(libnewlib-arm-none-eabi)
   command -v qemu-system-arm >/dev/null || need_apt+=(qemu-system-arm)
-  # data-parallel training tests run mpirun (Open MPI) on localhost; mpi4py builds against its headers
+  # data-parallel training tests run mpirun (Open MPI) on localhost; pip builds mpi4py with mpicc
   command -v mpirun >/dev/null || need_apt+=(openmpi-bin)
-  [ -f /usr/include/x86_64-linux-gnu/openmpi/mpi.h ] || [ -f /usr/lib/x86_64-linux-gnu/openmpi/include/mpi.h ] \
-    || command -v mpicc >/dev/null || need_apt+=(libopenmpi-dev)
+  command -v mpicc >/dev/null || need_apt+=(libopenmpi-dev)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install -y ${need_apt[*]}"
