@@ -89,7 +89,13 @@ def register(sub) -> None:
                "lr is the rate of the epoch's first batch), weights.npz (after the last completed epoch), best.npz "
                "(the epoch of lowest validation loss) and checkpoint.npz (all --resume needs).  Ctrl-C "
                "stops after the current chunk of batches and saves a checkpoint; --resume then continues with "
-               "the run's own settings and gives the same weights as an uninterrupted run (same --threads).")
+               "the run's own settings and gives the same weights as an uninterrupted run (same --threads).  "
+               "Data-parallel on N processes, on one machine or many: mpirun -np N netc train SPEC --data SRC "
+               "(or srun -n N ...; --distributed is then implied): --batch-size is the global batch, split "
+               "across the ranks, and lr needs no change (the same global batch and seed give the "
+               "single-process result up to rounding); batch norm uses per-rank statistics; rank 0 writes "
+               "RUN_DIR; kill -USR1 <mpirun pid> stops at the next chunk with a checkpoint (--resume with the "
+               "same N).  Needs mpi4py and an MPI library.")
     t.add_argument("spec", help="network spec (YAML)")
     t.add_argument("--data", required=True, metavar="SRC",
                    help="'fashion-mnist', a directory of MNIST-style IDX files, an .npz with x/y "
@@ -117,6 +123,9 @@ def register(sub) -> None:
                    help="zero-pad images smaller than the spec's input (e.g. 28x28 -> 32x32)")
     t.add_argument("--dtype", choices=["float32", "float64"], help=DTYPE_HELP)
     t.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    t.add_argument("--distributed", action="store_true",
+                   help="one rank of a data-parallel run over MPI (implied under mpirun or srun with more than "
+                        "one process): see below")
     r = t.add_argument_group("recipe", "schedules (torch.optim.lr_scheduler names and semantics), regularisation, "
                                        "early stopping, fine-tuning; also keys of the spec's train: section "
                                        "(lr_schedule, step_size, ..., augment: 'shift=2,hflip')")
@@ -199,10 +208,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 # ---- train --------------------------------------------------------------------------------
 def cmd_train(args) -> int:
+    from .distributed import launcher_world_size
     from .train import TrainOptions, train
 
     from .train import RECIPE_KEYS
 
+    if args.distributed or launcher_world_size() > 1:
+        from .distributed import train
     if args.plot:
         _matplotlib()  # fail before the work
     opts = TrainOptions(spec=args.spec, data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,

@@ -128,10 +128,13 @@ class Net:
         self._ffi, self._lib = ffi, lib
         # the C entry points, looked up once
         self._c = types.SimpleNamespace(**{f: getattr(lib, f"{self.name}_{f}") for f in (
-            "forward", "backward", "zero_grad", "train_step", "train_batches")})
+            "forward", "backward", "zero_grad", "optimizer_step", "train_step", "train_batches")})
         P = self.plan.num_params
         self._params = np.zeros(max(P, 1), self.dtype)
-        self._grads = np.zeros_like(self._params)
+        # the gradients, then two spare slots: a data-parallel step (distributed.py) reduces the
+        # batch's loss and correct count across processes in the same call as the gradients
+        self._grad_ext = np.zeros(self._params.size + 2, self.dtype)
+        self._grads = self._grad_ext[:self._params.size]
         self._opt_m = np.zeros_like(self._params)
         self._opt_v = np.zeros_like(self._params)
         self._buffers = np.zeros(max(self.plan.num_buffers, 1), self.dtype)
@@ -611,6 +614,56 @@ class Net:
             self._optim, lr_ptr, self._ptr(losses, "double"), self._ptr(correct, "int64_t"))
         keep = done + 1 if done < nb else nb  # include the failing batch so callers can see it
         return losses[:keep], correct[:keep]
+
+    @_locked
+    def backward_batch(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> tuple[float, int]:
+        """The first half of a training step on rows `rows` of x/y (checked like everywhere:
+        pass arrays from check_x/check_y): zero_grad, training-mode forward, loss, backward.
+        Leaves the gradient of the batch's mean loss in `grad_buffer` and updates nothing but
+        batch-norm running statistics; `optimizer_step` is the second half.  Returns the mean
+        loss and the correct predictions (0 for an mse network)."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        x = self.check_x(x)
+        y = self.check_y(y, x.shape[0])
+        if rows.ndim != 1 or not rows.size or rows.min() < 0 or rows.max() >= x.shape[0]:
+            raise ValueError("rows must be a non-empty 1-D array of row indices into x")
+        n = rows.size
+        self.check_training_batch(n)
+        self._reserve(n)
+        idx = self._ptr(rows, "int64_t")
+        self._forward_rows(x, idx, n)
+        self._c.zero_grad(self._ctx)
+        loss = float(self._c.backward(self._ctx, self._y_ptr(y), idx, n))
+        if self.network.loss != "cross_entropy":
+            return loss, 0
+        return loss, int(np.count_nonzero(self._out_view[:n].argmax(axis=1) == y[rows]))
+
+    def _forward_rows(self, x: np.ndarray, idx, n: int) -> None:
+        rc = self._c.forward(self._ctx, self._real_ptr(x), idx, n, 1)
+        if rc != 0:  # pragma: no cover - sizes are checked by the callers
+            raise RuntimeError(f"{self.name}_forward returned {rc}")
+
+    @_locked
+    def optimizer_step(self) -> None:
+        """One update of the parameters from `grad_buffer` (the optimizer of `set_optimizer`)."""
+        self._c.optimizer_step(self._ctx, self._optim)
+
+    @property
+    def grad_buffer(self) -> np.ndarray:
+        """The flat gradient array C accumulates into (plan order, as `flat_params`), followed by
+        two spare slots that `backward_batch` leaves alone.  Writing it between
+        `backward_batch` and `optimizer_step` changes the update."""
+        return self._grad_ext
+
+    @property
+    def flat_params(self) -> np.ndarray:
+        """All parameters as one array (the memory `params` views)."""
+        return self._params
+
+    @property
+    def flat_buffers(self) -> np.ndarray:
+        """All buffers (batch-norm running statistics) as one array (the memory `buffers` views)."""
+        return self._buffers
 
     @property
     def step(self) -> int:

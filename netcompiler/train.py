@@ -350,6 +350,8 @@ RUN_FILES = ("spec.yaml", "normalization.json", "metrics.csv", "weights.npz", "c
 class Run:
     """One `netc train` session (a fresh run or a resumed one)."""
 
+    ranks = 1  # processes training the run together (distributed.DistributedRun)
+
     def __init__(self, opts: TrainOptions, out: TextIO | None = None, err: TextIO | None = None,
                  on_chunk: Callable[[ChunkInfo], None] | None = None, progress: bool | None = None):
         self.opts, self.on_chunk = opts, on_chunk
@@ -471,11 +473,8 @@ class Run:
         n = len(self.X)
         self.n_used = n
         rem = n % bs
-        if rem:
-            try:
-                net.check_training_batch(rem)
-            except ValueError:  # e.g. batch-norm on a last batch of one sample: drop it, as drop_last
-                self.n_used = n - rem
+        if rem and not self._trainable(rem):  # e.g. batch-norm on a last batch of one sample: drop it, as drop_last
+            self.n_used = n - rem
         if self.n_used == 0:
             raise DataError(f"{n} training images are too few for one training batch of this network")
         net.set_optimizer(s["optimizer"], lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
@@ -500,6 +499,14 @@ class Run:
             self.position = _Position(0)
         else:
             self._restore(arrays)
+
+    def _trainable(self, n: int) -> bool:
+        """Whether a batch of n samples can be trained on."""
+        try:
+            self.net.check_training_batch(n)
+        except ValueError:
+            return False
+        return True
 
     def _restore(self, arrays: dict[str, np.ndarray]) -> None:
         try:
@@ -532,6 +539,10 @@ class Run:
             W.check_order(order, losses, path, len(self.X), self.n_used, -(-pos["pos"] // bs))
         self.position = _Position(pos["epoch"], pos["pos"], order if pos["pos"] else None,
                                   np.array(losses if pos["pos"] else [], np.float64), pos["correct"], pos["train_seconds"], pos["seconds"])
+        saved_ranks = pos.get("ranks", 1)
+        if saved_ranks != self.ranks:
+            self.say(f"note: the run used {saved_ranks} process{'es' if saved_ranks != 1 else ''}, this session "
+                     f"{self.ranks}: batch-norm statistics and dropout masks differ from an uninterrupted run")
         saved_threads = pos.get("threads")
         if saved_threads and saved_threads != self.net.threads:
             self.say(f"note: the run used {saved_threads} threads, this session {self.net.threads}: the gradient "
@@ -557,7 +568,7 @@ class Run:
             "history": W.json_array(self.history),
             "position": W.json_array({"epoch": p.epoch, "pos": p.pos, "correct": int(p.correct),
                                       "train_seconds": p.train_seconds, "seconds": p.seconds,
-                                      "threads": self.net.threads}),
+                                      "threads": self.net.threads, "ranks": self.ranks}),
         })
         if p.pos:
             meta["order"] = p.order
@@ -565,6 +576,10 @@ class Run:
         W.save_npz(self.ckpt_path, W.with_meta(self.net.state_dict(), meta, self.net.optimizer_state()))
 
     def write_static_files(self) -> None:
+        if self.opts.force and not self.opts.resume:
+            for p in (self.ckpt_path, self.weights_path, self.metrics_path, self.best_path,
+                      self.run_dir / "curves.png"):
+                p.unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         W.atomic_write_text(self.run_dir / "spec.yaml", self.network.source)
         W.atomic_write_text(self.run_dir / "normalization.json", json.dumps(
@@ -585,10 +600,6 @@ class Run:
     def _run(self) -> dict[str, Any]:
         self.setup()
         s, net = self.s, self.net
-        if self.opts.force and not self.opts.resume:
-            for p in (self.ckpt_path, self.weights_path, self.metrics_path, self.best_path,
-                      self.run_dir / "curves.png"):
-                p.unlink(missing_ok=True)
         self.write_static_files()
         self.say(f"{self.network.name}: {self.network.total_params:,} parameters, {s['dtype']}, "
                  f"{net.threads} thread{'s' if net.threads > 1 else ''}; {s['optimizer']} lr {s['lr']:g}"
@@ -619,7 +630,8 @@ class Run:
             try:
                 while p.epoch < s["epochs"] and not (p.pos == 0 and self._early_stop()):
                     self._epoch(ctrl_c)
-                    if ctrl_c.requested and p.epoch < s["epochs"]:  # pressed during validation
+                    stop, self._chunk = self._next_chunk(ctrl_c.requested, self._chunk)
+                    if stop and p.epoch < s["epochs"]:  # pressed during validation
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 self._interrupted()
@@ -677,7 +689,7 @@ class Run:
                 self._consistent = False
                 t0 = time.perf_counter()
                 lrs = recipe.lrs(s, p.epoch, p.pos // bs, -(-(end - p.pos) // bs), nb) if scheduled else None
-                lo, co = net.train_batches(self.X, self.Y, p.order[p.pos:end], bs, lrs)
+                lo, co = self._train_batches(p.order[p.pos:end], bs, lrs)
                 dt = time.perf_counter() - t0
                 if len(lo) and not math.isfinite(lo[-1]):  # C skipped that batch's update and stopped
                     bar.close()
@@ -695,11 +707,13 @@ class Run:
                 bar.update(p.pos, mean_loss(p.losses, p.pos, bs), p.correct / p.pos if self.classify else None)
                 if self.on_chunk is not None:
                     self.on_chunk(ChunkInfo(p.epoch + 1, len(p.losses), nb, p.pos, chunks))
-                if ctrl_c.requested:
-                    raise KeyboardInterrupt
+                chunk = self._chunk
                 if self.opts.chunk_batches is None:
                     per_batch = dt / max(len(lo), 1)
-                    self._chunk = int(min(max(CHUNK_SECONDS / max(per_batch, 1e-9), 1), 1 << 20))
+                    chunk = int(min(max(CHUNK_SECONDS / max(per_batch, 1e-9), 1), 1 << 20))
+                stop, self._chunk = self._next_chunk(ctrl_c.requested, chunk)
+                if stop:
+                    raise KeyboardInterrupt
         finally:
             bar.close()
             p.seconds = time.perf_counter() - t_epoch
@@ -707,7 +721,7 @@ class Run:
         train_loss = mean_loss(p.losses, n, bs)
         train_acc = p.correct / n if self.classify else float("nan")
         if self.VX is not None:
-            val_loss, val_acc = _accuracy_loss(net, self.VX, self.vlabels)
+            val_loss, val_acc = self._evaluate(self.VX, self.vlabels)
         else:
             val_loss = val_acc = float("nan")
         seconds = time.perf_counter() - t_epoch
@@ -716,15 +730,35 @@ class Run:
         self.history.append([p.epoch + 1, train_loss, train_acc, val_loss, val_acc, seconds, ips, lr])
         p.epoch += 1
         p.pos, p.order, p.losses, p.correct, p.train_seconds, p.seconds = 0, None, np.zeros(0), 0, 0.0, 0.0
-        write_metrics(self.metrics_path, self.history)
-        self._write_weights()
-        if self.best_epoch() == p.epoch - 1:
-            W.save_weights(self.best_path, self.net, self._meta())
-        self.save_checkpoint()
+        self._save_epoch()
         val = (f"{self.val_name} loss {val_loss:.4f} acc {_percent(val_acc)}" if math.isfinite(val_loss)
                else f"{self.val_name} -")
         self.say(f"epoch {p.epoch:>{len(str(s['epochs']))}}/{s['epochs']}: train loss {train_loss:.4f} "
                  f"acc {_percent(train_acc)} | {val} | {seconds:.1f} s, {ips:,.0f} img/s")
+
+    # ---- what a data-parallel run (distributed.py) does otherwise ----
+    def _train_batches(self, order: np.ndarray, bs: int, lrs: np.ndarray | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Train on rows `order` in batches of bs (batch k at learning rate lrs[k]; None: the
+        optimizer's): per-batch mean losses and correct counts."""
+        return self.net.train_batches(self.X, self.Y, order, bs, lrs)
+
+    def _next_chunk(self, stop: bool, chunk: int) -> tuple[bool, int]:
+        """After a chunk: (stop now?, batches in the next chunk)."""
+        return stop, chunk
+
+    def _evaluate(self, x: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+        """(loss, accuracy) on the validation images."""
+        return _accuracy_loss(self.net, x, labels)
+
+    def _save_epoch(self) -> None:
+        """At the end of each epoch: metrics.csv, weights.npz, best.npz (when this epoch's
+        validation loss is the lowest), checkpoint.npz."""
+        write_metrics(self.metrics_path, self.history)
+        self._write_weights()
+        if self.best_epoch() == self.position.epoch - 1:
+            W.save_weights(self.best_path, self.net, self._meta())
+        self.save_checkpoint()
 
     def diverging(self, chunk_losses: np.ndarray) -> bool:
         """Whether this chunk's mean loss is far past the session's starting loss (see DIVERGE_FACTOR)."""

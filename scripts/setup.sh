@@ -4,8 +4,9 @@
 # in the checkout (.venv/), the package itself (editable, so the checkout's code is what runs).
 # The machine's own Python is never installed into.
 #   scripts/setup.sh          the package and its run-time dependencies
-#   scripts/setup.sh --test   also the test dependencies (pyproject's `test` extra; torch
-#                             2.13.0, CPU build, is a local file on the project's machines)
+#   scripts/setup.sh --test   also the test dependencies (pyproject's `test` extra, which
+#                             includes the `mpi` extra: mpi4py, built against Debian's Open MPI;
+#                             torch 2.13.0, CPU build, is a local file on the project's machines)
 # Afterwards: `. .venv/bin/activate` puts `netc` on PATH, or call `.venv/bin/netc` directly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,9 @@ if [ "$target" = ".[test]" ]; then
   command -v arm-none-eabi-gcc >/dev/null || need_apt+=(gcc-arm-none-eabi)
   [ -d /usr/lib/arm-none-eabi/newlib ] || need_apt+=(libnewlib-arm-none-eabi)
   command -v qemu-system-arm >/dev/null || need_apt+=(qemu-system-arm)
+  # data-parallel training tests run mpirun (Open MPI) on localhost; pip builds mpi4py with mpicc
+  command -v mpirun >/dev/null || need_apt+=(openmpi-bin)
+  command -v mpicc >/dev/null || need_apt+=(libopenmpi-dev)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install -y ${need_apt[*]}"

@@ -659,3 +659,67 @@ def test_load_weights_changes_nothing_when_the_metadata_is_damaged(ce64, tmp_pat
         ce64.load_weights(path)
     assert all(np.array_equal(v, ce64.state_dict()[k]) for k, v in before.items())
     assert ce64.normalization == {"mean": 0.1, "std": 0.2, "pad": False}
+
+
+@pytest.mark.parametrize("which", ["ce", "mse"])
+def test_backward_batch_then_optimizer_step_is_train_step(which):
+    """The two halves data-parallel training calls around its allreduce make one train_step:
+    the same loss, update, batch-norm statistics and dropout stream; and correct counts."""
+    text = CE if which == "ce" else MSE
+    a = build(text, "float64", 1)
+    rng = np.random.default_rng(5)
+    n = 9
+    x = rng.standard_normal((n, *a.network.input_shape))
+    y = rng.integers(0, 4, n) if which == "ce" else rng.standard_normal((n, 2))
+    rows = np.array([7, 2, 5, 0, 8])
+    X, Y = a.check_x(x), a.check_y(y, n)
+
+    def run(halves: bool):
+        net = build(text, "float64", 1)  # the same library, reset to init(0)
+        net.set_optimizer("adam", lr=0.01)
+        net.seed(3)
+        losses, rights = [], []
+        for _ in range(2):
+            if halves:
+                loss, right = net.backward_batch(X, Y, rows)
+                grads = net.grad_buffer[:-2].copy()
+                net.optimizer_step()
+            else:
+                right = None
+                loss = net.train_step(x[rows], y[rows])
+                grads = net.grad_buffer[:-2].copy()
+            losses.append(loss)
+            rights.append(right)
+        return losses, rights, grads, net.state_dict(), net
+
+    la, ra, ga, sa, net = run(True)
+    assert net.grad_buffer.size == net.flat_params.size + 2
+    lb, _, gb, sb, _ = run(False)
+    assert la == lb
+    assert np.array_equal(ga, gb)
+    for k, v in sb.items():
+        assert np.array_equal(sa[k], v), k
+    if which == "mse":
+        assert ra == [0, 0]
+
+
+def test_backward_batch_counts_correct_as_train_batches():
+    a = build(CE, "float64", 1)
+    rng = np.random.default_rng(6)
+    x, y = rng.standard_normal((8, 2, 6, 5)), rng.integers(0, 4, 8)
+    X, Y = a.check_x(x), a.check_y(y, 8)
+    rights = []
+    for _ in range(3):
+        rights.append(a.backward_batch(X, Y, np.arange(8))[1])
+        a.optimizer_step()
+    a = build(CE, "float64", 1)
+    _, correct = a.train_batches(X, Y, np.tile(np.arange(8), 3), 8)  # counted in C before each update
+    assert rights == list(correct)
+
+
+def test_backward_batch_rejects_bad_rows(ce):
+    x = ce.check_x(np.zeros((3, 2, 6, 5)))
+    y = ce.check_y(np.zeros(3, int), 3)
+    for rows in (np.array([], np.int64), np.array([3]), np.array([-1]), np.zeros((1, 1), np.int64)):
+        with pytest.raises(ValueError, match="rows must be a non-empty 1-D array"):
+            ce.backward_batch(x, y, rows)
