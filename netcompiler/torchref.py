@@ -14,11 +14,33 @@ from .check import Network
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
 
-def torch_model(net: Network, state: dict[str, np.ndarray] | None = None, dtype=torch.float64) -> nn.Sequential:
-    """nn.Sequential with modules named like our layers, so state_dict names match."""
-    model = nn.Sequential()
-    for layer in net.layers:
-        model.add_module(layer.name, layer.kind.torch_module(layer))
+class GraphModule(nn.Module):
+    """Runs the network's layers in order on named tensors; each layer's module sits at its
+    dotted name (layer1.0.conv1), so state_dict names are the spec's."""
+
+    def __init__(self, net: Network):
+        super().__init__()
+        self._steps = [(l.name, list(l.inputs)) for l in net.layers]
+        for layer in net.layers:
+            *path, leaf = layer.name.split(".")
+            parent = self
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(leaf, layer.kind.torch_module(layer))
+
+    def forward(self, x):
+        env = {"input": x}
+        for name, inputs in self._steps:
+            env[name] = self.get_submodule(name)(*[env[t] for t in inputs])
+        return env[self._steps[-1][0]]
+
+
+def torch_model(net: Network, state: dict[str, np.ndarray] | None = None, dtype=torch.float64) -> nn.Module:
+    """An nn.Module running the graph, with modules named like our layers, so state_dict
+    names match (nested modules for dotted names, as PyTorch's own)."""
+    model = GraphModule(net)
     model = model.to(dtype)
     if state is not None:
         sd = model.state_dict()

@@ -14,7 +14,7 @@ from netcompiler.errors import SpecErrors
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CONV_OPTIONS = "out_channels, kernel_size, stride, padding, dilation, groups, bias, in_channels, name, expect"
+CONV_OPTIONS = "out_channels, kernel_size, stride, padding, dilation, groups, bias, in_channels, name, expect, inputs"
 
 GOLDEN = {
     "missing_input": (
@@ -308,13 +308,13 @@ GOLDEN = {
         "  - relu\n"
         "loss: mse\n"
         "optimiser: adam\n",
-        "net.yaml:5:1: error: unknown key 'optimiser'; expected one of name, input, layers, loss, train"),
+        "net.yaml:5:1: error: unknown key 'optimiser'; expected one of name, input, blocks, layers, loss, train"),
     "misspelt_top_level_key": (
         "input: [4]\n"
         "layer:\n"
         "  - relu\n"
         "loss: mse\n",
-        "net.yaml:2:1: error: unknown key 'layer' (did you mean 'layers'?); expected one of name, input, layers, "
+        "net.yaml:2:1: error: unknown key 'layer' (did you mean 'layers'?); expected one of name, input, blocks, layers, "
         "loss, train"),
     "unknown_loss": (
         "input: [4]\n"
@@ -343,7 +343,7 @@ GOLDEN = {
         "  - linear: {out_features: 2, null: 1}\n"
         "loss: mse\n",
         "net.yaml:3:31: error: linear: unknown option 'null'; options are out_features, bias, in_features, name, "
-        "expect"),
+        "expect, inputs"),
     "loss_mapping_shown_as_data": (
         "input: [4]\n"
         "layers:\n"
@@ -422,7 +422,7 @@ def test_several_independent_errors_are_all_reported(monkeypatch):
         f"{f}:6:5: error: unknown layer kind 'maxpool' (did you mean 'maxpool2d'?)",
         f"{f}:7:32: error: conv2d: unknown option 'kernal_size' (did you mean 'kernel_size'?); "
         f"options are {CONV_OPTIONS}",
-        f"{f}:8:12: error: relu: unknown option 'slope'; options are name, expect",
+        f"{f}:8:12: error: relu: unknown option 'slope'; options are name, expect, inputs",
         f"{f}:10:28: error: linear: 'out_features' must be >= 1, got 0",
         f"{f}:11:7: error: unknown loss 'crossentropy' (did you mean 'cross_entropy'?); expected one of "
         "cross_entropy, mse",
