@@ -92,6 +92,7 @@ class _Checker:
         self.diags: list[Diagnostic] = []
         self.context = ""  # where the layer being checked was expanded from a block
         self.blocks: dict[str, _Block] = {}
+        self.bad_params: set[tuple[int, int]] = set()  # where an unknown '$param' stands
 
     # ---- top level --------------------------------------------------------------------
     def run(self, root: Node, source: str, memory_budget: int) -> Network:
@@ -202,6 +203,8 @@ class _Checker:
     # ---- layers -----------------------------------------------------------------------
     def error(self, node: Node, message: str, at_key: bool = False) -> None:
         line, col = (node.key_line, node.key_col) if at_key and node.key_line else (node.line, node.col)
+        if (line, col) in self.bad_params and not message.startswith("block "):
+            return  # an unknown '$param': said once, its value is not checked
         if self.context:
             message += f" ({self.context})"
         self.diags.append(Diagnostic(self.file, line, col, message))
@@ -259,6 +262,9 @@ class _Checker:
             layer = self.layer(len(self.out), entry, kind_name, opts_node, counts, prefix)
             if layer is None:
                 self.broken = True
+                name = opts_node.value.get("name")
+                if name is not None and isinstance(name.value, str):  # later layers may read it
+                    scope.define(name.value, prefix + name.value)
                 continue
             layer.context = self.context
             local = layer.name[len(prefix):]
@@ -267,8 +273,13 @@ class _Checker:
             if layer.inputs is None:
                 self.broken = True
                 layer.inputs = []
+            elif layer.option_nodes.get("inputs") is None and layer.kind.min_inputs > 1:
+                layer.inputs = []  # not a default: add and concat name what they read
+                self.error(layer.node, f"{layer.where()} needs inputs: the names of the {layer.kind.min_inputs} "
+                                       f"or more tensors it reads, e.g. inputs: [conv2, input]")
+                self.broken = True
             n = len(layer.inputs)
-            if not self.broken and not layer.kind.min_inputs <= n <= layer.kind.max_inputs:
+            if layer.inputs and not layer.kind.min_inputs <= n <= layer.kind.max_inputs:
                 need = layer.kind.min_inputs
                 self.error(layer.option_nodes.get("inputs", layer.node),
                            f"{layer.where()} reads {n} tensor{'s' if n != 1 else ''}; it needs "
@@ -432,13 +443,15 @@ class _Checker:
         opts = opts_node.value
         known = list(USE_KEYS) + block.params
         ok = True
+        misspelt: set[str] = set()
         for key, v in opts.items():
             if key not in known:
+                misspelt.update(_close(key, known))
                 self.error(v, f"block '{block.name}': unknown key '{key}'{did_you_mean(key, known)}; "
                               f"expected {', '.join(known)}", at_key=True)
                 ok = False
         for p in block.params:
-            if p not in opts:
+            if p not in opts and p not in misspelt:
                 self.error(entry, f"block '{block.name}': missing parameter '{p}' (its parameters: "
                                   f"{', '.join(block.params)})")
                 ok = False
@@ -496,9 +509,13 @@ class _Checker:
         if isinstance(v, str) and v.startswith("$"):
             got = values.get(v[1:])
             if got is None:
-                self.error(node, f"block '{block.name}': unknown parameter '{v}'"
-                                 f"{did_you_mean(v[1:], block.params)}; its parameters: "
-                                 f"{', '.join(block.params) or '(none)'}")
+                if (node.line, node.col) not in self.bad_params:  # once, not once per use
+                    self.bad_params.add((node.line, node.col))
+                    context, self.context = self.context, ""
+                    self.error(node, f"block '{block.name}': unknown parameter '{v}'"
+                                     f"{did_you_mean(v[1:], block.params)}; its parameters: "
+                                     f"{', '.join(block.params) or '(none)'}")
+                    self.context = context
                 self.broken = True
                 return node
             return Node(got.value, got.line, got.col, node.key_line, node.key_col)
