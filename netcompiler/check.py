@@ -93,6 +93,7 @@ class _Checker:
         self.context = ""  # where the layer being checked was expanded from a block
         self.blocks: dict[str, _Block] = {}
         self.bad_params: set[tuple[int, int]] = set()  # where an unknown '$param' stands
+        self.uses: list[tuple[str, str]] = []  # the block uses being expanded: (name, block)
 
     # ---- top level --------------------------------------------------------------------
     def run(self, root: Node, source: str, memory_budget: int) -> Network:
@@ -266,7 +267,7 @@ class _Checker:
                 if name is not None and isinstance(name.value, str):  # later layers may read it
                     scope.define(name.value, prefix + name.value)
                 continue
-            layer.context = self.context
+            layer.context, layer.blocks = self.context, tuple(self.uses)
             local = layer.name[len(prefix):]
             layer.inputs = self.resolve(layer.option_nodes.get("inputs"), layer.opts.get("inputs"), scope, prev,
                                         local, declared, layer.where())
@@ -496,7 +497,9 @@ class _Checker:
             self.context = (f"in block '{block.name}' used as '{prefix + inst}' at line {entry.line}"
                             + (f", {outer}" if outer else ""))
             child = _Scope(scope, inst, {INPUT: prev})
+            self.uses.append((prefix + inst, block.name))
             prev = self.expand(layers, child, prev, prefix + inst + ".", stack + [block.name])
+            self.uses.pop()
             self.context = outer
             scope.define(inst, prev)
         if len(instances) > 1 or numbers["repeat"] is not None:

@@ -8,6 +8,7 @@ the YAML.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -298,3 +299,37 @@ def test_resnet20_verifies():
                           "--samples", "2"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "verify: ok" in out.stdout
+
+
+def test_show_finds_a_block_layer_by_its_dotted_or_c_name(capsys):
+    from netcompiler.cli import main
+
+    spec_path = str(ROOT / "specs" / "resnet20.yaml")
+    assert main(["show", spec_path, "--layer", "layer2.0.add1", "--backward"]) == 0
+    dotted = capsys.readouterr().out
+    assert "static void layer2_0_add1_backward(real_t *din0, real_t *din1" in dotted
+    assert "layer2_0_add1_forward" not in dotted
+    assert main(["show", spec_path, "--layer", "layer2_0_add1", "--backward"]) == 0
+    assert capsys.readouterr().out == dotted
+    # layer1.0.conv1's functions only, not those of layer1.0.conv10 or of another block's conv1
+    assert main(["show", spec_path, "--layer", "layer1.0.conv1"]) == 0
+    out = capsys.readouterr().out
+    assert "static void layer1_0_conv1_forward(" in out and "layer1_1_conv1" not in out
+
+
+def test_report_lists_each_layers_inputs():
+    from netcompiler.report import build_report, format_report, table_lines
+
+    rep = build_report(load(ROOT / "specs" / "resnet20.yaml"))
+    rows = {r["name"]: r for r in rep["layers"]}
+    assert rows["layer2.0.add1"]["inputs"] == ["layer2.0.bn2", "layer2.0.downsample.1"]
+    assert rows["layer2.0.downsample.0"]["inputs"] == ["layer1.2.relu2"]
+    lines = table_lines(rep)
+    assert lines[0].split()[:5] == ["#", "name", "kind", "inputs", "input"]
+    assert any("layer2.0.bn2, layer2.0.downsample.1" in line for line in lines)
+    assert "inputs" in format_report(rep, "csv").splitlines()[0]
+    header = render(load(ROOT / "specs" / "resnet20.yaml")).source.split("*/")[0]
+    assert re.search(r"\* +\d+  layer2\.0\.add1 +add +layer2\.0\.bn2, layer2\.0\.downsample\.1 ", header)
+    # a chain keeps its table as it was: no inputs column
+    chain = build_report(load(ROOT / "specs" / "lenet5.yaml"))
+    assert not chain["graph"] and "inputs" not in table_lines(chain)[0]

@@ -143,6 +143,7 @@ class Layer:
     inputs: list[str] = field(default_factory=list)
     in_shapes: list[Shape] = field(default_factory=list)
     context: str = ""  # "in block 'basic' used as 'layer1.0' at line 40"
+    blocks: tuple[tuple[str, str], ...] = ()  # the block uses it is in, outermost first: (name, block)
 
     @property
     def output(self) -> str:
