@@ -164,16 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer whose state counts in training memory (adam)")
     r.set_defaults(func=cmd_report)
 
+    from . import cli_build, cli_train
+
+    cli_build.register(sub)
+    cli_train.register(sub)
+
     d = sub.add_parser("draw", help="a diagram of the network (Graphviz dot): a box per layer, an edge per tensor")
     _spec_args(d)
     d.add_argument("-o", "--out", metavar="FILE", required=True,
                    help="the picture to write: FILE.svg, FILE.png, or FILE.dot (the dot text, no Graphviz needed)")
     d.set_defaults(func=cmd_draw)
-
-    from . import cli_build, cli_train
-
-    cli_build.register(sub)
-    cli_train.register(sub)
     return p
 
 
