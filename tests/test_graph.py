@@ -333,3 +333,12 @@ def test_report_lists_each_layers_inputs():
     # a chain keeps its table as it was: no inputs column
     chain = build_report(load(ROOT / "specs" / "lenet5.yaml"))
     assert not chain["graph"] and "inputs" not in table_lines(chain)[0]
+
+
+def test_readme_residual_example_is_a_valid_spec():
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in text.split("```yaml\n")[1:] if "blocks:" in b).split("```")[0]
+    net = check_text(block, "README.md")
+    assert [l.name for l in net.layers][3:6] == ["layer1.0.conv1", "layer1.0.bn1", "layer1.0.relu1"]
+    assert net.layers[-1].name == "fc" and net.output_shape == (10,)
+    assert sum(l.kind.kind == "add" for l in net.layers) == 3
