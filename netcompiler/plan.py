@@ -221,6 +221,61 @@ def without_slot(layers: list[Layer]) -> set[str]:
     return set(aliased) | set(concat_views(layers, aliased))
 
 
+def _slot_macro(name: str) -> str:
+    return "OFF_" + name.replace(".", "_")
+
+
+def gradient_edges(layers: list[Layer], aliased: dict[str, str], views: dict[str, tuple[str, int]],
+                   macro: dict[str, str]):
+    """Backward in reverse order: for every input edge, whether it gets a gradient and whether it
+    stores it, adds it (kinds that accumulate), or stores it into the tensor's '.dsum' slot that
+    is then added.  Returns (layer index -> edges, layer index -> [(dst, src, size)] to add after
+    its backward, tensor -> shape of the '.dsum' slots needed)."""
+    need = needs_grad(layers)
+
+    def grad_key(t: str) -> str:  # tensors sharing one gradient slot (aliases)
+        return grad_key(aliased[t]) if t in aliased else t
+
+    written = {grad_key(layers[-1].output)}  # the loss stores the output's gradient
+    edges: dict[int, list[Edge]] = {}
+    sums: dict[int, list[tuple[str, str, int]]] = {}
+    partial: dict[str, tuple[int, ...]] = {}
+    for layer in reversed(layers):
+        if layer.output in aliased:
+            edges[layer.index] = [Edge(0, layer.inputs[0], macro[layer.inputs[0]], math.prod(layer.in_shape),
+                                       None)]
+            continue
+        es, at = [], 0
+        for i, (t, shape) in enumerate(zip(layer.inputs, layer.in_shapes)):
+            size = math.prod(shape)
+            e = Edge(i, t, macro[t], size, None, at=at)
+            at += size
+            key = grad_key(t)
+            if t in views and views[t][0] == layer.output:
+                e.view = True
+                written.add(key)
+            elif t in need:
+                if key not in written:
+                    e.din = macro[t]
+                    written.add(key)
+                elif layer.kind.accumulates_din(layer):
+                    e.din, e.add = macro[t], True
+                else:
+                    partial.setdefault(t, tuple(shape))
+                    e.din = _slot_macro(f"{t}.dsum")
+                    sums.setdefault(layer.index, []).append((macro[t], e.din, size))
+            es.append(e)
+        edges[layer.index] = es
+    return edges, sums, partial
+
+
+def gradient_sum_slots(layers: list[Layer]) -> dict[str, tuple[int, ...]]:
+    """The '.dsum' slots of a network (the report counts them in training memory)."""
+    aliased = aliased_outputs(layers, fused_relus(layers))
+    views = concat_views(layers, aliased)
+    return gradient_edges(layers, aliased, views, {t: t for t in consumers(layers)})[2]
+
+
 def make_plan(net: Network) -> Plan:
     params, buffers, acts, ints, stats = (_Allocator() for _ in range(5))
     cache = _Allocator("CACHE_")
@@ -269,43 +324,9 @@ def make_plan(net: Network) -> Plan:
                 src = aliased[src]
             macro[name] = macro[src]
 
-    # backward in reverse order: per input edge, store, add, or store into a slot then added
-    need = needs_grad(layers)
-
-    def grad_key(t: str) -> str:  # tensors sharing one gradient slot (aliases)
-        return grad_key(aliased[t]) if t in aliased else t
-
-    written = {grad_key(layers[-1].output)}  # the loss stores the output's gradient
-    edges: dict[int, list[Edge]] = {}
-    sums: dict[int, list[tuple[str, str, int]]] = {}
-    partial: dict[str, Tensor] = {}
-    for layer in reversed(layers):
-        if layer.output in aliased:
-            edges[layer.index] = [Edge(0, layer.inputs[0], macro[layer.inputs[0]], math.prod(layer.in_shape),
-                                       None)]
-            continue
-        es, at = [], 0
-        for i, (t, shape) in enumerate(zip(layer.inputs, layer.in_shapes)):
-            size = math.prod(shape)
-            e = Edge(i, t, macro[t], size, None, at=at)
-            at += size
-            key = grad_key(t)
-            if t in views and views[t][0] == layer.output:
-                e.view = True
-                written.add(key)
-            elif t in need:
-                if key not in written:
-                    e.din = macro[t]
-                    written.add(key)
-                elif layer.kind.accumulates_din(layer):
-                    e.din, e.add = macro[t], True
-                else:
-                    if t not in partial:
-                        partial[t] = acts.add(f"{t}.dsum", shape)
-                    e.din = partial[t].macro
-                    sums.setdefault(layer.index, []).append((macro[t], e.din, size))
-            es.append(e)
-        edges[layer.index] = es
+    edges, sums, partial = gradient_edges(layers, aliased, views, macro)
+    for t, shape in partial.items():
+        acts.add(f"{t}.dsum", shape)
 
     plans: list[LayerPlan] = []
     for layer in layers:

@@ -25,7 +25,7 @@ from typing import Any
 from .check import Network
 from .graph import needs_grad
 from .layers import INPUT, Layer, fmt_shape
-from .plan import fused_relus, without_slot
+from .plan import fused_relus, gradient_sum_slots, without_slot
 
 OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state tensors per parameter
 
@@ -90,6 +90,8 @@ def saved_per_sample(layers: list[Layer]) -> tuple[int, int]:
                 ints += n
             else:
                 reals += n
+    # a tensor's gradient written by a second reader that cannot add in place: a slot of its own
+    reals += sum(math.prod(s) for s in gradient_sum_slots(layers).values())
     return reals, ints
 
 

@@ -342,3 +342,17 @@ def test_readme_residual_example_is_a_valid_spec():
     assert [l.name for l in net.layers][3:6] == ["layer1.0.conv1", "layer1.0.bn1", "layer1.0.relu1"]
     assert net.layers[-1].name == "fc" and net.output_shape == (10,)
     assert sum(l.kind.kind == "add" for l in net.layers) == 3
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("graph_")] + ["resnet20", "lenet5"])
+def test_report_counts_the_plans_activation_slots(case):
+    """The memory the report (and the budget check) counts is the plan's per-sample block: the
+    input, every output with a slot of its own (no concat part in place, no alias), saved
+    slots, and the slots of gradients that are added afterwards."""
+    from netcompiler.report import build_report
+
+    net = load(ROOT / "specs" / f"{case}.yaml") if case in ("resnet20", "lenet5") else check_text(CASES[case])
+    plan = make_plan(net)
+    rep = build_report(net)
+    assert plan.acts_per_sample == plan.in_size + rep["saved_activations"]
+    assert plan.ints_per_sample == rep["saved_indices"]
