@@ -32,7 +32,14 @@ def compile(spec, dtype: str = "float32", threads: int | None = None, flags: lis
     ffi.cdef(rendered.api)
     # RTLD_NODELETE: the library (and its OpenMP runtime) stays mapped until the process
     # exits; unloading it while OpenMP worker threads still spin crashed at exit.
-    lib = ffi.dlopen(str(built.so_path), ffi.RTLD_NOW | ffi.RTLD_NODELETE)
+    try:
+        lib = ffi.dlopen(str(built.load_path), ffi.RTLD_NOW | ffi.RTLD_NODELETE)
+    except OSError as exc:  # e.g. a library damaged in the cache after it was built
+        from .errors import BuildError
+
+        reason = str(exc).split(": ")[-1].split(".  Additionally")[0]
+        raise BuildError(f"cannot load the compiled library {built.load_path}: {reason}; remove "
+                         f"{built.load_path.parent} to rebuild it") from None
     return Net(rendered, ffi, lib, dtype=dtype, threads=threads, paths=built)
 
 

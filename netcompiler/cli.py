@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import re
 import sys
 
 from . import __version__
 from .check import DEFAULT_MEMORY_BUDGET, OPTIMIZERS, load
-from .errors import NetcError, SpecErrors
+from .errors import NetcError, NetcWarning, SpecErrors, os_error_text
 from .layers import did_you_mean, fmt_shape
 
 FORMAT_HELP = "output format (default text)"
@@ -164,10 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer whose state counts in training memory (adam)")
     r.set_defaults(func=cmd_report)
 
-    from . import cli_build, cli_train
+    from . import cli_build, cli_export, cli_train
 
     cli_build.register(sub)
     cli_train.register(sub)
+    cli_export.register(sub)
 
     d = sub.add_parser("draw", help="a diagram of the network (Graphviz dot): a box per layer, an edge per tensor")
     _spec_args(d)
@@ -177,7 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None,
+                  _default=__import__("warnings").showwarning) -> None:
+    if issubclass(category, NetcWarning):
+        print(f"netc: warning: {message}", file=file or sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -199,18 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a file or directory that cannot be read or written: full disk, read-only, ...
         print(f"netc: error: {os_error_text(exc)}", file=sys.stderr)
         return 1
-
-
-def os_error_text(exc: OSError) -> str:
-    """One line for an OSError: the path(s), what went wrong, and a hint for the common cases."""
-    what = exc.strerror or str(exc)
-    hint = {errno.ENOTDIR: " (a file is in the way: a directory is needed there)",
-            errno.EEXIST: " (a file is in the way: a directory is needed there)",
-            errno.ENOSPC: " (free some space; files written before are intact)",
-            errno.EROFS: " (choose a writable location)",
-            errno.EACCES: " (choose another location or change its permissions)"}.get(exc.errno, "")
-    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
-    return f"{paths}: {what}{hint}" if paths else f"{what}{hint}"
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from . import weights as W
 from .check import OPTIMIZERS, TRAIN_KEYS, Network, load
 from .cli import DTYPE_HELP, FORMAT_HELP, THREADS_HELP, int_at_least
 from .errors import DataError, NetcError
@@ -178,28 +178,9 @@ class Model:
         _check_order(args)
         self.network: Network = load(args.spec)
         self.net = nc.compile(self.network, dtype=args.dtype, threads=args.threads)
-        self.meta = W.load_weights(args.weights, self.net)
-        self.mean, self.std, self.norm_source = self._normalisation(Path(args.weights))
-        pad = self.meta.get("pad")
-        self.pad = bool(pad) if pad is not None and pad.shape == () and pad.dtype == np.bool_ else False
-        self.class_names = W.meta_strings(self.meta, "class_names")
-
-    def _normalisation(self, path: Path) -> tuple[float | None, float | None, str]:
-        mean, std = W.meta_float(self.meta, "mean"), W.meta_float(self.meta, "std")
-        if mean is not None and std is not None:
-            return mean, std, f"stored in {path.name}"
-        side = path.parent / "normalization.json"
-        if side.is_file():
-            try:
-                info = json.loads(side.read_text())
-                mean, std = float(info["mean"]), float(info["std"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise NetcError(f"{side}: unreadable normalisation file ({exc})") from None
-            return mean, std, f"from {side}"
-        t = self.network.train
-        if t.get("mean") is not None or t.get("std") is not None:
-            return t.get("mean"), t.get("std"), "from the spec's train: section"
-        return None, None, "none (no mean/std stored with the weights or in the spec)"
+        info = self.net.load_weights(args.weights)  # strict; metadata validated
+        self.mean, self.std, self.norm_source, self.pad = info["mean"], info["std"], info["source"], info["pad"]
+        self.class_names = info["class_names"]
 
     def norm_text(self) -> str:
         if self.mean is None and self.std is None:
@@ -321,36 +302,22 @@ def _plot_confusion(m: dict, path: str) -> None:
 
 # ---- predict ------------------------------------------------------------------------------
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_IMAGE_PIXELS = 1 << 26  # 8192x8192: images are resized to the spec's input; larger is refused unread
 
 
 def _read_npy(path: Path, network: Network) -> tuple[np.ndarray, bool]:
     """-> (array of samples, batch?) with a leading sample axis."""
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (ValueError, OSError, EOFError) as exc:
-        what = "holds pickled objects, refused for safety" if "pickle" in str(exc).lower() else f"unreadable ({exc})"
-        raise DataError(f"{path}: not a valid .npy array: {what}") from None
-    if not isinstance(arr, np.ndarray):
-        raise DataError(f"{path}: is an .npz archive; predict takes .npy arrays (np.save)")
+    from .data import as_batch, batch_shapes_text
+    from .npyfile import read_npy
+
+    arr = read_npy(path, DataError, ".npy array")
     if arr.dtype.kind not in "biuf":
         raise DataError(f"{path}: array has non-numeric dtype {arr.dtype}")
-    shape = tuple(network.input_shape)
-    s = arr.shape
-    if s == shape:
-        return arr[None], False
-    if s[1:] == shape:
-        return arr, True
-    if len(shape) == 3 and shape[0] == 1:
-        if s == shape[1:]:
-            return arr[None, None], False
-        if len(s) == 3 and s[1:] == shape[1:]:
-            return arr[:, None], True
-    dims = ", ".join(map(str, shape))
-    alt = f", ({', '.join(map(str, shape[1:]))}) or (N, {', '.join(map(str, shape[1:]))})" \
-        if len(shape) == 3 and shape[0] == 1 else ""
-    raise DataError(f"{path}: array of shape {s} does not fit the spec's input; expected ({dims}) or (N, {dims}){alt}")
+    fit = as_batch(arr, tuple(network.input_shape))
+    if fit is None:
+        raise DataError(f"{path}: array of shape {arr.shape} does not fit the spec's input; expected "
+                        f"{batch_shapes_text(tuple(network.input_shape))}")
+    return fit
 
 
 def _read_image(path: Path, network: Network) -> np.ndarray:
@@ -366,19 +333,26 @@ def _read_image(path: Path, network: Network) -> np.ndarray:
     if c not in (1, 3):
         raise DataError(f"{path}: the spec's input has {c} channels; images can be made greyscale (1 channel) or "
                         f"RGB (3 channels) only; pass .npy arrays of shape ({c}, {h}, {w})")
+    from .npyfile import open_regular
+
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
-            arr = np.asarray(img, np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
+        with open_regular(path, DataError, "image") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked here
+            with Image.open(f) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:  # from the header, before decoding
+                    raise DataError(f"{path}: image too large: {img.width}x{img.height} pixels, the limit is "
+                                    f"{MAX_IMAGE_PIXELS:,} pixels")
+                img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+                arr = np.asarray(img, np.uint8)
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked when it opens the file
+        raise DataError(f"{path}: image too large ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read the image ({exc})") from None
     return arr[None, None] if c == 1 else arr.transpose(2, 0, 1)[None]
 
 
 def cmd_predict(args) -> int:
-    from .train import predict_outputs, softmax, to_inputs
+    from .train import predict_outputs, softmax
 
     model = Model(args)
     network = model.network
@@ -390,20 +364,11 @@ def cmd_predict(args) -> int:
             arr, batch = _read_npy(path, network)
             if args.raw:
                 x = np.asarray(arr, model.net.dtype)
-            elif arr.dtype.kind == "b":
-                x = to_inputs(network, arr.astype(np.float32), model.mean, model.std, False, args.dtype)
-            elif arr.dtype.kind in "iu":
-                if arr.size and (arr.min() < 0 or arr.max() > 255):
-                    raise DataError(f"{path}: integer pixels must lie in 0..255, found {arr.min()}..{arr.max()} "
-                                    f"(use --raw for network inputs)")
-                x = to_inputs(network, arr.astype(np.uint8), model.mean, model.std, False, args.dtype)
             else:
-                if not np.all(np.isfinite(arr)):
-                    raise DataError(f"{path}: array contains NaN or infinite values")
-                x = to_inputs(network, arr, model.mean, model.std, False, args.dtype)
+                x = model.net.prepare(arr, str(path))  # data.pixel_values' rule, the stored normalisation
             items += [(f"{f}[{i}]" if batch else f, x[i]) for i in range(len(x))]
         elif suffix in IMAGE_SUFFIXES:
-            x = to_inputs(network, _read_image(path, network), model.mean, model.std, False, args.dtype)
+            x = model.net.prepare(_read_image(path, network), str(path))
             items.append((f, x[0]))
         else:
             raise DataError(f"{path}: unsupported file type '{path.suffix}' (expected .npy, .png, .jpg, .jpeg)")

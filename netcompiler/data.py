@@ -19,11 +19,10 @@ what is wrong; no raw ``struct``/``zlib``/``numpy`` exception escapes for a bad 
 from __future__ import annotations
 
 import gzip
-import io
 import math
 import os
 import re
-import zipfile
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,8 @@ from typing import Union
 import numpy as np
 import numpy.typing as npt
 
-from .errors import DataError
+from .errors import DataError, NetcWarning
+from .npyfile import MAX_DATA_BYTES, open_regular, read_npz
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -73,27 +73,21 @@ _GZIP_MAGIC = b"\x1f\x8b"
 # --------------------------------------------------------------------------- IDX files
 
 
-def _read_bytes(path: Path) -> bytes:
-    """Return the (decompressed) content of `path`, as a `DataError` on any failure.
-
-    Gzip is recognised by its magic bytes, so a ``.gz`` file that a browser already
-    decompressed still loads; a ``.gz`` file that is neither gzip nor IDX is an error.
-    """
+def _read_exact(f, n: int, path: Path) -> bytes:
+    """Up to `n` bytes of `f`, in chunks, so memory follows the data really there."""
+    parts, got = [], 0
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read file: {exc.strerror or exc}") from None
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
-                return f.read()
-        except EOFError:
-            raise DataError(f"{path}: gzip data is truncated (file incomplete?)") from None
-        except (OSError, zlib.error) as exc:
-            raise DataError(f"{path}: corrupt gzip data ({exc})") from None
-    if path.suffix == ".gz" and raw[:2] != b"\x00\x00":
-        raise DataError(f"{path}: not a valid gzip file (bad gzip magic bytes)")
-    return raw
+        while got < n:
+            part = f.read(min(n - got, 16 << 20))
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+    except EOFError:
+        raise DataError(f"{path}: gzip data is truncated (file incomplete?)") from None
+    except (OSError, zlib.error) as exc:
+        raise DataError(f"{path}: corrupt gzip data ({exc})") from None
+    return b"".join(parts)
 
 
 def read_idx(path: PathLike) -> np.ndarray:
@@ -102,47 +96,61 @@ def read_idx(path: PathLike) -> np.ndarray:
     The header is two zero bytes, a type byte (0x08 uint8, 0x09 int8, 0x0B int16,
     0x0C int32, 0x0D float32, 0x0E float64), a byte with the number of dimensions, then
     each dimension as a big-endian uint32; the items follow, big-endian, row-major.
+    Gzip is recognised by its magic bytes, so a ``.gz`` file that a browser already
+    decompressed still loads.
 
     Returns a writable array in native byte order with the shape given by the header.
-    Raises `DataError` for an unreadable file, corrupt gzip, wrong magic, unknown type,
-    truncated header, or a data section that is shorter (truncated) or longer (trailing
-    garbage) than the product of the dimensions times the item size.
+    Raises `DataError` for a file that is not a regular file or is unreadable, corrupt
+    gzip, wrong magic, unknown type, truncated header, or a data section that is shorter
+    (truncated) or longer (trailing garbage) than the product of the dimensions times the
+    item size.  The header's size is checked before the data are read: against the file's
+    size (plain files) or `npyfile.MAX_DATA_BYTES`, and gzip data are inflated only as far
+    as the header says (plus one byte to detect trailing garbage).
     """
     path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise DataError(
-            f"{path}: truncated IDX header ({len(data)} bytes, need at least 4)")
-    if data[0] != 0 or data[1] != 0:
-        raise DataError(
-            f"{path}: not an IDX file (magic starts with 0x{data[0]:02x}{data[1]:02x}, "
-            f"expected 0x0000)")
-    type_code, ndims = data[2], data[3]
-    if type_code not in _IDX_TYPES:
-        known = ", ".join(f"0x{c:02X}" for c in _IDX_TYPES)
-        raise DataError(f"{path}: unknown IDX data type 0x{type_code:02X} (known: {known})")
-    if ndims == 0:
-        raise DataError(f"{path}: IDX header declares 0 dimensions")
-    header_len = 4 + 4 * ndims
-    if len(data) < header_len:
-        raise DataError(
-            f"{path}: truncated IDX header ({len(data)} bytes, {ndims} dimensions "
-            f"need {header_len})")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndims))
-    dtype = _IDX_TYPES[type_code]
-    expected = math.prod(shape) * dtype.itemsize
-    actual = len(data) - header_len
-    dims_text = "x".join(str(d) for d in shape)
-    if actual < expected:
-        raise DataError(
-            f"{path}: truncated IDX data: dimensions {dims_text} of {dtype.itemsize}-byte "
-            f"items need {expected} bytes, file has {actual}")
-    if actual > expected:
-        raise DataError(
-            f"{path}: {actual - expected} trailing bytes after IDX data: dimensions "
-            f"{dims_text} of {dtype.itemsize}-byte items need {expected} bytes, file has "
-            f"{actual}")
-    items = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=header_len)
+    with open_regular(path, DataError, "IDX file") as raw:
+        magic = raw.read(2)
+        raw.seek(0)
+        gz = magic == _GZIP_MAGIC
+        if not gz and path.suffix == ".gz" and magic != b"\x00\x00":
+            raise DataError(f"{path}: not a valid gzip file (bad gzip magic bytes)")
+        f = gzip.GzipFile(fileobj=raw) if gz else raw
+        head = _read_exact(f, 4, path)
+        if len(head) < 4:
+            raise DataError(f"{path}: truncated IDX header ({len(head)} bytes, need at least 4)")
+        if head[0] != 0 or head[1] != 0:
+            raise DataError(
+                f"{path}: not an IDX file (magic starts with 0x{head[0]:02x}{head[1]:02x}, expected 0x0000)")
+        type_code, ndims = head[2], head[3]
+        if type_code not in _IDX_TYPES:
+            known = ", ".join(f"0x{c:02X}" for c in _IDX_TYPES)
+            raise DataError(f"{path}: unknown IDX data type 0x{type_code:02X} (known: {known})")
+        if ndims == 0:
+            raise DataError(f"{path}: IDX header declares 0 dimensions")
+        dims = _read_exact(f, 4 * ndims, path)
+        if len(dims) < 4 * ndims:
+            raise DataError(f"{path}: truncated IDX header ({4 + len(dims)} bytes, {ndims} dimensions "
+                            f"need {4 + 4 * ndims})")
+        shape = tuple(int.from_bytes(dims[4 * i: 4 * i + 4], "big") for i in range(ndims))
+        dtype = _IDX_TYPES[type_code]
+        expected = math.prod(shape) * dtype.itemsize
+        dims_text = "x".join(str(d) for d in shape)
+        need = f"dimensions {dims_text} of {dtype.itemsize}-byte items need {expected} bytes"
+        if not gz:
+            actual = os.fstat(raw.fileno()).st_size - 4 - 4 * ndims
+            if actual != expected:
+                raise DataError(f"{path}: truncated IDX data: {need}, file has {actual}" if actual < expected else
+                                f"{path}: {actual - expected} trailing bytes after IDX data: {need}, file has {actual}")
+        elif expected > MAX_DATA_BYTES:
+            raise DataError(f"{path}: IDX header declares {expected:,} bytes of data ({dims_text}), beyond the "
+                            f"limit of {MAX_DATA_BYTES:,} bytes")
+        data = _read_exact(f, expected + 1, path)
+        if len(data) < expected:
+            raise DataError(f"{path}: truncated IDX data: {need}, file has {len(data)}")
+        if len(data) > expected:
+            rest = len(data) - expected + len(_read_exact(f, 1 << 20, path))
+            raise DataError(f"{path}: {rest} trailing bytes after IDX data: {need}, file has {expected + rest}")
+    items = np.frombuffer(data, dtype=dtype, count=math.prod(shape))
     return items.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
 
 
@@ -389,22 +397,7 @@ def _load_idx_dir(directory: Path, *, prefix: str | None, name: str,
 
 def _load_npz(path: Path, *, emnist_letters: bool | None) -> Dataset:
     """Load an ``.npz`` with ``x``/``y`` (or ``x_train``/``y_train``), ``x_test``/``y_test``."""
-    arrays: dict[str, np.ndarray] = {}
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            for key in npz.files:
-                arrays[key] = npz[key]
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise DataError(
-                f"{path}: contains pickled (object) arrays, which are refused for safety; "
-                f"save plain numeric arrays instead") from None
-        raise DataError(f"{path}: corrupt or unreadable .npz file ({exc})") from None
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
-            NotImplementedError, RuntimeError) as exc:
-        raise DataError(f"{path}: corrupt or unreadable .npz file ({exc})") from None
+    arrays = read_npz(path, DataError, "data file (.npz)")
     if not arrays:
         raise DataError(f"{path}: .npz file holds no arrays (expected x and y)")
 
@@ -492,6 +485,8 @@ def load_dataset(source: str, *, emnist_letters: bool | None = None) -> Dataset:
             c.name.startswith(path.name + "-") for c in _safe_listdir(path.parent)):
         return _load_idx_dir(path.parent, prefix=path.name, name=path.name,
                              emnist_letters=emnist_letters, known=None)
+    if path.exists():
+        raise DataError(f"{path}: not a regular file or directory (a FIFO or device is never read)")
     raise DataError(
         f"{source}: no such file or directory (expected a directory of IDX files, a .npz "
         f"file, or 'fashion-mnist')")
@@ -513,6 +508,64 @@ def _is_zip(path: Path) -> bool:
 
 
 # --------------------------------------------------------------------------- preparation
+#: The one pixel-scale rule (train, eval, predict, Net.predict): uint8 pixels are divided by
+#: 255; float images are taken as they are, on the 0..1 scale.
+FLOAT_SCALE_WARNING = (
+    "float images hold values in {lo:g}..{hi:g}, beyond [0, 1]: float images are taken as they are (only uint8 "
+    "pixels are divided by 255), so 0..255 floats do not match PNG/JPEG inputs of netc predict; store uint8 "
+    "pixels or divide by 255")
+
+
+def as_batch(arr: np.ndarray, input_shape: tuple[int, ...]) -> tuple[np.ndarray, bool] | None:
+    """One sample (the input shape, or (H, W) for one channel) or a batch of them -> (array
+    with a leading sample axis, batch?); None when the shape fits neither."""
+    shape, s = tuple(input_shape), arr.shape
+    if s == shape:
+        return arr[None], False
+    if s[1:] == shape:
+        return arr, True
+    if len(shape) == 3 and shape[0] == 1:
+        if s == shape[1:]:
+            return arr[None, None], False
+        if len(s) == 3 and s[1:] == shape[1:]:
+            return arr[:, None], True
+    return None
+
+
+def batch_shapes_text(input_shape: tuple[int, ...]) -> str:
+    dims = ", ".join(map(str, input_shape))
+    alt = f", ({', '.join(map(str, input_shape[1:]))}) or (N, {', '.join(map(str, input_shape[1:]))})" \
+        if len(input_shape) == 3 and input_shape[0] == 1 else ""
+    return f"({dims}) or (N, {dims}){alt}"
+
+
+def pixel_values(arr: np.ndarray, where: str) -> np.ndarray:
+    """Pixels by the rule of `prepare_inputs`: bool -> 0/1 floats, other integers must lie in
+    0..255 (-> uint8), floats must be finite; anything else is a `DataError`."""
+    if arr.dtype.kind == "b":
+        return arr.astype(np.float32)
+    if arr.dtype.kind in "iu":
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise DataError(f"{where}: integer pixels must lie in 0..255, found {arr.min()}..{arr.max()}")
+        return arr.astype(np.uint8)
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise DataError(f"{where}: array contains NaN or infinite values")
+        return arr
+    raise DataError(f"{where}: array has non-numeric dtype {arr.dtype}")
+
+
+def images_batch(images, input_shape: tuple[int, ...], where: str = "images") -> np.ndarray:
+    """Images as netc predict takes them (one or a batch, see `as_batch`; pixels by
+    `pixel_values`) -> a batch for `prepare_inputs`."""
+    arr = np.asarray(images)
+    fit = as_batch(arr, input_shape)
+    if fit is None:
+        raise DataError(f"{where} of shape {arr.shape} do not fit the spec's input; expected "
+                        f"{batch_shapes_text(input_shape)}")
+    return pixel_values(fit[0], where)
+
+
 
 
 def _chw_text(shape: tuple[int, ...]) -> str:
@@ -524,8 +577,10 @@ def prepare_inputs(x: np.ndarray, input_shape: tuple[int, int, int], *,
                    pad: bool = False, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
     """Turn images into the (N, C, H, W) float tensor a network with `input_shape` takes.
 
-    Steps: uint8 images are scaled to [0, 1] (divided by 255; float images are left as
-    they are); (N, H, W) data gets a channel axis; the (C, H, W) of the data must equal
+    Steps: uint8 images are scaled to [0, 1] (divided by 255); float images are taken as
+    they are, on the 0..1 scale (a `NetcWarning` when their values go beyond [0, 1]:
+    0..255 floats would train while PNGs, divided by 255, would not fit); (N, H, W) data
+    gets a channel axis; the (C, H, W) of the data must equal
     `input_shape`, except that with ``pad=True`` smaller images are zero-padded, centered,
     up to the spec's size; finally ``(x - mean) / std`` is applied when given (after
     padding, so the padding becomes ``-mean / std`` like torchvision's Pad+Normalize).
@@ -547,6 +602,9 @@ def prepare_inputs(x: np.ndarray, input_shape: tuple[int, int, int], *,
         out /= 255
     elif np.issubdtype(x.dtype, np.floating):
         out = x.astype(dtype)
+        if out.size and (out.min() < 0 or out.max() > 1):
+            warnings.warn(FLOAT_SCALE_WARNING.format(lo=float(out.min()), hi=float(out.max())), NetcWarning,
+                          stacklevel=2)
     else:
         raise DataError(f"data images must be uint8 or floating point, got dtype {x.dtype}")
 

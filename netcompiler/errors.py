@@ -6,6 +6,7 @@ them, each with file, line and column.
 """
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 
@@ -19,6 +20,11 @@ class DataError(NetcError, ValueError):
 
 class WeightsError(NetcError, ValueError):
     """A weights or checkpoint file is corrupt or does not fit the spec."""
+
+
+class NetcWarning(UserWarning):
+    """Something probably wrong that does not stop the work; the CLI prints it as
+    `netc: warning: ...`."""
 
 
 class BuildError(NetcError):
@@ -43,3 +49,17 @@ class SpecErrors(NetcError):
     def __init__(self, diagnostics: list[Diagnostic]):
         self.diagnostics = list(diagnostics)
         super().__init__("\n".join(str(d) for d in self.diagnostics))
+
+
+def os_error_text(exc: OSError, known: object = None) -> str:
+    """One line for an OSError: the path(s) (but `known`, a path the message names already),
+    what went wrong, and a hint for the common cases."""
+    what = exc.strerror or str(exc)
+    hint = {errno.ENOTDIR: " (a file is in the way: a directory is needed there)",
+            errno.EEXIST: " (a file is in the way: a directory is needed there)",
+            errno.ENOSPC: " (free some space; files written before are intact)",
+            errno.EROFS: " (choose a writable location)",
+            errno.EACCES: " (choose another location or change its permissions)"}.get(exc.errno, "")
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2)
+                       if p is not None and (known is None or str(p) != str(known)))
+    return f"{paths}: {what}{hint}" if paths else f"{what}{hint}"

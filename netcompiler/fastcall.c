@@ -117,7 +117,7 @@ static PyObject *Forward_run(Forward *self, PyObject *x)
         Py_RETURN_NONE;
     int rc;
     const void *data = PyArray_DATA(a);
-    Py_BEGIN_ALLOW_THREADS /* as cffi's call does */
+    Py_BEGIN_ALLOW_THREADS /* as cffi's call does; the caller, Net.forward, holds the Net's lock */
     rc = self->fn(self->ctx, data, NULL, (int)n, 0);
     Py_END_ALLOW_THREADS
     if (rc != 0) {

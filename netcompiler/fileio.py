@@ -1,10 +1,21 @@
 """Files written atomically: a temporary file in the target's directory, flushed and
-renamed over the target, so a reader sees the old file or the new one, never half of one."""
+renamed over the target, so a reader sees the old file or the new one, never half of one.
+Also the lock of a directory one process owns at a time (a run directory), and the
+removal of temporary files such a process left behind when it was killed."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import NetcError, os_error_text
+
+LOCK_NAME = ".netc.lock"
 
 
 def _umask() -> int:
@@ -23,7 +34,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # see TEMP_NAME
     except OSError as exc:
         exc.filename = str(path)  # not the temporary name nobody asked for
         raise
@@ -43,3 +54,70 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# atomic_write's temporary names: mkstemp's 8 random characters between ".NAME." and ".tmp"
+TEMP_NAME = r"\.{name}\.[a-z0-9_]{{8}}\.tmp"
+
+
+def remove_stale_temps(directory: str | os.PathLike, names: Iterable[str], older_than: float | None = None
+                       ) -> list[str]:
+    """Remove the temporary files atomic_write left in `directory` for the files `names`
+    (a process killed while writing one): regular files named exactly as atomic_write names
+    them, nothing else.  Call it while owning the directory (`locked_directory`), when no
+    other writer can be half-way, or with `older_than` (seconds since the file was last
+    written) longer than any writer takes.  Returns the names removed."""
+    pattern = re.compile("|".join(TEMP_NAME.format(name=re.escape(n)) for n in names))
+    removed = []
+    now = time.time()
+    with os.scandir(directory) as entries:
+        for e in entries:
+            if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+                if older_than is not None and now - e.stat(follow_symlinks=False).st_mtime < older_than:
+                    continue
+                os.unlink(e.path)
+                removed.append(e.name)
+    return sorted(removed)
+
+
+@contextlib.contextmanager
+def locked_directory(directory: str | os.PathLike, what: str, hint: str) -> Iterator[Path]:
+    """Own `directory` (created if missing) while the block runs: an exclusive flock on
+    DIRECTORY/.netc.lock, which holds the owner's pid.  The kernel drops the lock when the
+    process ends, however it ends (SIGKILL too), so a lock is never stale.  A second owner
+    gets NetcError naming the holder's pid (`what`: who holds such locks, `hint`: what to do).
+    A directory this call created and the block left empty is removed again (a run that
+    failed before writing anything leaves nothing)."""
+    directory = Path(directory)
+    lock_path = directory / LOCK_NAME
+    try:
+        created = not directory.exists()
+        directory.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                pid = f"pid {holder}" if holder.isdigit() else "pid unknown"
+                raise NetcError(f"{directory} is in use by another {what} ({pid}); {hint}") from None
+            try:
+                same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # locked a file its owner removed on leaving (below): lock the current one
+    except OSError as exc:
+        raise NetcError(f"cannot use {directory} as a directory: {os_error_text(exc, directory)}") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield directory
+    finally:
+        if created and os.listdir(directory) == [LOCK_NAME]:
+            lock_path.unlink(missing_ok=True)  # while still locked: a waiting opener then retries
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        os.close(fd)  # releases the lock

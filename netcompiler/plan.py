@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .check import Network
+from .ctext import comment
 from .graph import consumers, needs_grad, tensors
 from .layers import INPUT, Layer, fmt_shape
 
@@ -336,10 +337,10 @@ def make_plan(net: Network) -> Plan:
         lp = LayerPlan(
             layer=layer, name=layer.cname, kind=kind.kind, template=kind.template,
             c=kind.render_context(layer),
-            comment=f"{kind.kind} '{layer.name}', {net.file}:{layer.line}"
-                    + (f": {kind.describe_options(layer)}" if kind.describe_options(layer) else "")
-                    + (f"; reads {', '.join(layer.inputs)}" if layer.inputs != [_default_input(layers, layer)]
-                       else ""),
+            comment=comment(f"{kind.kind} '{layer.name}', {net.file}:{layer.line}"
+                            + (f": {kind.describe_options(layer)}" if kind.describe_options(layer) else "")
+                            + (f"; reads {', '.join(layer.inputs)}" if layer.inputs != [_default_input(layers, layer)]
+                               else "")),
             in_dims="".join(f"[{d}]" for d in layer.in_shape),
             out_dims="".join(f"[{d}]" for d in layer.out_shape),
             out=own.get(layer.output), out_macro=macro[layer.output], in_macro=ins[0].macro,

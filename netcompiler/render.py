@@ -13,6 +13,7 @@ from pathlib import Path
 import jinja2
 
 from . import __version__
+from .ctext import assert_plan, comment
 from .plan import Plan, make_plan
 from .report import build_report, table_lines
 
@@ -55,14 +56,14 @@ def banner(plan: Plan, dtype: str, flags: list[str]) -> str:
         f"{rep['total_params']:,} parameters; {rep['total_macs']:,} MACs and {rep['total_flops']:,} FLOPs per "
         f"sample forward; {rep['training_flops']:,} FLOPs per sample to train.",
     ]
-    body = "\n".join((" * " + l).rstrip() for l in lines)
-    return "/*\n" + body.replace("*/", "* /") + "\n */"
+    return "/*\n" + "\n".join((" * " + comment(l)).rstrip() for l in lines) + "\n */"
 
 
 def render(net, dtype: str = "float32", flags: list[str] | None = None) -> Rendered:
     if dtype not in CTYPES:
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
     plan = make_plan(net)
+    assert_plan(plan)  # names and sizes only: anything else from outside is in comments, escaped
     env = _env()
     kinds = {lp.kind: env.get_template(f"layers/{lp.template}").module for lp in plan.layers}
     n = net.name

@@ -2,11 +2,19 @@
 
 Every array that reaches C is checked here first (shape, dtype, contiguity, label
 range); C trusts its sizes because Python allocated and checked them.
+
+A Net may be shared by threads: every method that reads or writes its buffers (the C
+calls release the GIL and share one set of activations) holds the Net's lock, so
+concurrent calls run one at a time, in some order.  The arrays in `params` and `buffers`
+are views into those buffers: writing them while another thread trains is the caller's
+business.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+import threading
 import types
 from typing import Any
 
@@ -21,6 +29,17 @@ DTYPES = {"float32": np.float32, "float64": np.float64}
 MAX_BATCH = 2**31 - 1
 
 
+def _locked(method):
+    """`method` holding the Net's lock (re-entrant: locked methods call each other)."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 def available_cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -28,11 +47,23 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def optimizer_value(what: str, value: Any, below: float | None = None) -> float:
+    """The one rule for optimizer settings (set_optimizer, Net.lr): a real, finite number
+    >= 0 (and < `below` when given) -> float; anything else is a ValueError."""
+    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+          and math.isfinite(value) and value >= 0 and (below is None or value < below))
+    if not ok:
+        rule = "a finite number >= 0" + (f" and < {below:g}" if below is not None else "")
+        raise ValueError(f"{what} must be {rule}, got {value!r}")
+    return float(value)
+
+
 class Net:
     """A compiled network: parameters as numpy views, forward/backward/train in C."""
 
     def __init__(self, rendered: Rendered, ffi, lib, dtype: str = "float32", threads: int | None = None,
                  paths: Any = None):
+        self._lock = threading.RLock()  # held by every call that touches the buffers below
         self.network: Network = rendered.plan.net
         self.plan = rendered.plan
         self.name = rendered.name
@@ -72,6 +103,8 @@ class Net:
                            momentum=train.get("momentum", 0.9), weight_decay=train.get("weight_decay", 0.0))
         self.seed(0)
         self.init(0)
+        self.set_normalization(train.get("mean"), train.get("std"))
+        self.class_names: list[str] | None = None  # set by load_weights when the file names the classes
 
     # ---- memory ------------------------------------------------------------------------
     def _bind(self, field: str, arr: np.ndarray) -> None:
@@ -79,6 +112,7 @@ class Net:
         ctype = "int32_t *" if arr.dtype == np.int32 else f"{self.name}_real *"
         setattr(self._ctx, field, self._ffi.cast(ctype, arr.ctypes.data))
 
+    @_locked
     def _reserve(self, n: int) -> None:
         if n <= self._capacity:
             return
@@ -106,6 +140,7 @@ class Net:
         return self._threads
 
     @threads.setter
+    @_locked
     def threads(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"threads must be a positive integer, got {value!r}")
@@ -116,12 +151,14 @@ class Net:
         self._bind("scratch", self._scratch)
         self._ctx.threads = self._threads
 
+    @_locked
     def seed(self, seed: int) -> None:
         """Seed dropout masks (and restart their sequence)."""
         self._ctx.seed = int(seed) & (2**64 - 1)
         self._ctx.counter = 0
 
     # ---- parameters ----------------------------------------------------------------------
+    @_locked
     def init(self, seed: int = 0) -> None:
         """PyTorch's default initialisation (kaiming-uniform conv/linear, batch-norm 1/0),
         drawn from numpy's generator with `seed`; resets gradients and optimizer state."""
@@ -133,32 +170,134 @@ class Net:
         self._grads[:] = 0
         self.reset_optimizer()
 
+    @_locked
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of all parameters and buffers, by PyTorch name."""
         return {k: v.copy() for k, v in {**self.params, **self.buffers}.items()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Strict: every name present, none extra, shapes equal; values must be finite reals."""
+    def state_problems(self, state: dict[str, Any], values: bool = True) -> list[str]:
+        """What keeps `state` (name -> array, or anything with .shape and .dtype when
+        values=False) from loading: missing, extra, misshapen, non-real, or (values=True)
+        not finite in the build's dtype.  Metadata entries of a netc train file ('__meta__/',
+        '__optim__/') get one line pointing to load_weights."""
         expected = {**self.params, **self.buffers}
         problems = []
         for k in sorted(set(expected) - set(state)):
             problems.append(f"missing '{k}' {tuple(expected[k].shape)}")
-        for k in sorted(set(state) - set(expected)):
+        reserved = sorted(k for k in set(state) - set(expected) if str(k).startswith("__"))
+        for k in sorted(set(state) - set(expected) - set(reserved)):
             problems.append(f"unexpected '{k}'")
+        if reserved:
+            problems.append(f"unexpected metadata entries ({', '.join(repr(k) for k in reserved[:3])}"
+                            f"{', ...' if len(reserved) > 3 else ''}): this is a weights or checkpoint file "
+                            f"written by netc train; load it with net.load_weights(path)")
         for k in sorted(set(expected) & set(state)):
-            v = np.asarray(state[k])
-            if v.shape != expected[k].shape:
-                problems.append(f"'{k}' has shape {v.shape}, the network needs {expected[k].shape}")
+            v = state[k] if not values else np.asarray(state[k])
+            if tuple(v.shape) != expected[k].shape:
+                problems.append(f"'{k}' has shape {tuple(v.shape)}, the network needs {expected[k].shape}")
             elif v.dtype.kind not in "fiu":
                 problems.append(f"'{k}' has dtype {v.dtype}, expected a real number array")
-            elif not np.all(np.isfinite(v)):
+            elif values and v.dtype.kind == "f" and not np.all(np.isfinite(v)):
                 problems.append(f"'{k}' contains NaN or infinity")
+            elif values and not np.all(np.abs(v) <= np.finfo(self.dtype).max):
+                problems.append(f"'{k}' has values up to {np.max(np.abs(v)):.3g}, beyond the range of "
+                                f"{self.dtype} (largest {np.finfo(self.dtype).max:.3g})")
+        return problems
+
+    def misfit(self, problems: list[str]) -> WeightsError:
+        """The error for `state_problems`: one line for one problem, else one line each."""
+        head = f"weights do not fit network '{self.name}':"
+        return WeightsError(f"{head} {problems[0]}" if len(problems) == 1 else "\n  ".join([head, *problems]))
+
+    @_locked
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Strict: every name present, none extra, shapes equal; values must be real and
+        finite in the build's dtype.  Files written by netc train: `load_weights`."""
+        problems = self.state_problems(state)
         if problems:
-            raise WeightsError(f"weights do not fit network '{self.name}':\n  " + "\n  ".join(problems))
+            raise self.misfit(problems)
+        expected = {**self.params, **self.buffers}
         for k, v in state.items():
             expected[k][...] = np.asarray(v, dtype=self.dtype)
 
+    # ---- files written by netc train -------------------------------------------------------
+    @_locked
+    def load_weights(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Load a weights.npz or checkpoint.npz written by `netc train` (or `save_weights`):
+        strict names and shapes, checked from the file's headers before anything is read;
+        values finite in the build's dtype.  Sets the input normalisation `predict` applies,
+        as netc eval/predict find it (stored in the file, else normalization.json next to
+        it, else the spec's train: section), and `class_names`.  Returns
+        {'mean', 'std', 'pad', 'source', 'class_names'}.  Raises `WeightsError` and then
+        changes nothing."""
+        from . import weights as W
+
+        state, raw, _ = W.split(W.read_for(self, path))
+        meta = W.read_meta(raw, path, self.network.num_classes)
+        mean, std, source = W.normalisation(path, meta, self.network)
+        W.apply_state(self, state, path)
+        self.set_normalization(mean, std, meta.pad)
+        self.class_names = meta.class_names
+        return {**self.normalization, "source": source, "class_names": meta.class_names}
+
+    @_locked
+    def save_weights(self, path: str | os.PathLike) -> None:
+        """Write parameters, buffers, the normalisation and class names to `path` (atomically)
+        in the format netc train writes: `load_weights`, netc eval and netc predict read it."""
+        from . import weights as W
+
+        meta: dict[str, Any] = {"pad": np.bool_(self._norm_pad), "spec_hash": np.array(self.network.spec_hash)}
+        if self._norm_mean is not None and self._norm_std is not None:
+            meta.update(mean=np.float64(self._norm_mean), std=np.float64(self._norm_std))
+        if self.class_names:
+            meta["class_names"] = np.array(self.class_names)
+        W.save_weights(path, self, meta)
+
+    @_locked
+    def set_normalization(self, mean: float | None = None, std: float | None = None, pad: bool = False) -> None:
+        """The input normalisation of `predict`: x = (pixels/255 - mean) / std (None: skip
+        that step); pad=True zero-pads smaller images, centred, to the input size."""
+        for what, v in (("mean", mean), ("std", std)):
+            if v is not None and not (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
+                    v, (bool, np.bool_)) and math.isfinite(v) and (what == "mean" or v > 0)):
+                raise ValueError(f"normalisation {what} must be a finite number{' > 0' if what == 'std' else ''} "
+                                 f"or None, got {v!r}")
+        self._norm_mean = None if mean is None else float(mean)
+        self._norm_std = None if std is None else float(std)
+        self._norm_pad = bool(pad)
+
+    @property
+    def normalization(self) -> dict[str, Any]:
+        """{'mean', 'std', 'pad'} as `predict` applies them (see `set_normalization`)."""
+        return {"mean": self._norm_mean, "std": self._norm_std, "pad": self._norm_pad}
+
+    def prepare(self, images: Any, what: str = "images") -> np.ndarray:
+        """Images as netc predict takes them -> the checked network input: one image
+        (input shape, or (H, W) for one channel) or a batch; uint8 (and other integer
+        arrays in 0..255) divided by 255, float arrays taken on the 0..1 scale (a warning
+        when they are not); then the normalisation and padding of `normalization`."""
+        from .data import images_batch
+        from .train import to_inputs
+
+        x = images_batch(images, tuple(self.network.input_shape), what)
+        n = self.normalization
+        return self.check_x(to_inputs(self.network, x, n["mean"], n["std"], n["pad"], self.dtype.name), what)
+
+    @_locked
+    def predict(self, images: Any, batch_size: int = 256) -> np.ndarray:
+        """Evaluation-mode outputs of images prepared by `prepare` (the stored normalisation
+        applied): class probabilities (softmax of the logits, rows sum to 1) for a
+        cross_entropy network, the raw outputs for mse; shape (N, classes), N = 1 for one
+        image.  `forward` is the raw call: network inputs in, logits out."""
+        from .train import predict_outputs, softmax
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        out = predict_outputs(self, self.prepare(images), int(batch_size))
+        return softmax(out) if self.network.loss == "cross_entropy" else out
+
     # ---- optimizer ---------------------------------------------------------------------
+    @_locked
     def set_optimizer(self, kind: str = "adam", lr: float = 1e-3, momentum: float = 0.9,
                       weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                       eps: float = 1e-8) -> None:
@@ -167,10 +306,9 @@ class Net:
         torch.optim.AdamW (decoupled decay: p *= 1 - lr * weight_decay, then the Adam step)."""
         if kind not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
-        for what, v in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps),
-                        ("beta1", betas[0]), ("beta2", betas[1])):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{what} must be a finite number >= 0, got {v!r}")
+        lr, momentum, weight_decay, eps = (optimizer_value(w, v) for w, v in (
+            ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps)))
+        betas = (optimizer_value("beta1", betas[0], below=1.0), optimizer_value("beta2", betas[1], below=1.0))
         if getattr(self, "optimizer", kind) != kind:
             self.reset_optimizer()  # another optimizer's moments are not this one's state
         o = self._optim
@@ -180,6 +318,7 @@ class Net:
         o.beta1, o.beta2 = float(betas[0]), float(betas[1])
         self.optimizer = kind
 
+    @_locked
     def reset_optimizer(self) -> None:
         self._opt_m[:] = 0
         self._opt_v[:] = 0
@@ -190,24 +329,37 @@ class Net:
         return self._optim.lr
 
     @lr.setter
+    @_locked
     def lr(self, value: float) -> None:
-        self._optim.lr = float(value)
+        self._optim.lr = optimizer_value("lr", value)
 
+    @_locked
     def optimizer_state(self) -> dict[str, np.ndarray]:
         return {"step": np.array(self._optim.step, np.int64), "m": self._opt_m.copy(), "v": self._opt_v.copy(),
                 "dropout_seed": np.array(self._ctx.seed, np.uint64),
                 "dropout_counter": np.array(self._ctx.counter, np.uint64)}
 
+    @_locked
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        """What `optimizer_state` returned; every entry is checked (KeyError when one is missing)."""
         for k in ("m", "v"):
-            if np.shape(state[k]) != self._opt_m.shape:
-                raise WeightsError(f"optimizer state '{k}' has shape {np.shape(state[k])}, expected "
-                                   f"{self._opt_m.shape}")
+            a = np.asarray(state[k])
+            if a.shape != self._opt_m.shape:
+                raise WeightsError(f"optimizer state '{k}' has shape {a.shape}, expected {self._opt_m.shape}")
+            if a.dtype.kind not in "fiu" or not np.all(np.abs(a) <= np.finfo(self.dtype).max):
+                raise WeightsError(f"optimizer state '{k}' must hold real numbers finite in {self.dtype}")
+        ints = {}
+        for k, top in (("step", 2**63 - 1), ("dropout_seed", 2**64 - 1), ("dropout_counter", 2**64 - 1)):
+            a = np.asarray(state[k])
+            if a.shape != () or a.dtype.kind not in "iu" or not 0 <= int(a) <= top:
+                raise WeightsError(f"optimizer state '{k}' must be one integer in 0..{top}, got {a.dtype} "
+                                   f"{a.shape}")
+            ints[k] = int(a)
         self._opt_m[:] = state["m"]
         self._opt_v[:] = state["v"]
-        self._optim.step = int(state["step"])
-        self._ctx.seed = int(state["dropout_seed"])
-        self._ctx.counter = int(state["dropout_counter"])
+        self._optim.step = ints["step"]
+        self._ctx.seed = ints["dropout_seed"]
+        self._ctx.counter = ints["dropout_counter"]
 
     # ---- checks --------------------------------------------------------------------------
     def check_x(self, x: Any, what: str = "x") -> np.ndarray:
@@ -285,14 +437,19 @@ class Net:
 
     def forward(self, x: Any) -> np.ndarray:
         """Evaluation-mode forward: (N, *input_shape) -> (N, *output_shape) outputs (logits)."""
-        if self._fast_forward is not None and (out := self._fast_forward(x)) is not None:
-            return out  # fastcall.c: an array check_x would pass as it is, checked and run in C
-        x = self.check_x(x)
-        return self._outputs(self._forward(x, training=False))
+        self._lock.acquire()  # fastcall's call releases the GIL, as cffi's does; cheaper than `with`
+        try:
+            if self._fast_forward is not None and (out := self._fast_forward(x)) is not None:
+                return out  # fastcall.c: an array check_x would pass as it is, checked and run in C
+            x = self.check_x(x)
+            return self._outputs(self._forward(x, training=False))
+        finally:
+            self._lock.release()
 
     def __call__(self, x: Any) -> np.ndarray:
         return self.forward(x)
 
+    @_locked
     def loss_and_grad(self, x: Any, y: Any) -> tuple[float, dict[str, np.ndarray]]:
         """Training-mode forward (dropout, batch statistics) + loss + backward.
         Returns the mean loss and the gradients by parameter name; nothing is updated but
@@ -306,6 +463,7 @@ class Net:
         grads = {t.name: self._grads[t.offset:t.offset + t.size].reshape(t.shape).copy() for t in self.plan.params}
         return float(loss), grads
 
+    @_locked
     def train_step(self, x: Any, y: Any) -> float:
         """One optimizer step on a batch (forward, loss, backward, update, all in C).
         A non-finite loss leaves the parameters untouched and is returned as is."""
@@ -316,6 +474,7 @@ class Net:
         return float(self._c.train_step(
             self._ctx, self._real_ptr(x), self._y_ptr(y), self._ffi.NULL, x.shape[0], self._optim))
 
+    @_locked
     def train_batches(self, x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int
                       ) -> tuple[np.ndarray, np.ndarray]:
         """Train on rows `order` of x/y in batches, in one C call.  x and y are checked like

@@ -20,6 +20,10 @@ Run directory (RUN_DIR, default runs/<spec name>), every file written atomically
                          normalisation under '__meta__/' (see weights.py)
     checkpoint.npz       weights + buffers + optimizer state + shuffling RNG state + epoch
                          and position in the epoch + spec hash + settings: what --resume needs
+    .netc.lock           held (flock) by the one `netc train` that owns the directory; holds its pid
+
+A run starts by removing the temporary files a killed run left while writing one of
+these (fileio.remove_stale_temps: atomic_write's names only, never another file).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from . import weights as W
 from .check import TRAIN_KEYS, Network, load
 from .data import Dataset, dataset_stats, load_dataset, prepare_inputs, train_val_split
 from .errors import DataError, NetcError, WeightsError
+from .fileio import locked_directory, remove_stale_temps
 from .progress import Progress, emit, fmt_seconds
 
 METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s")
@@ -289,6 +294,9 @@ class _CtrlC:
 
 
 # ---- the run ----------------------------------------------------------------------------
+RUN_FILES = ("spec.yaml", "normalization.json", "metrics.csv", "weights.npz", "checkpoint.npz")
+
+
 class Run:
     """One `netc train` session (a fresh run or a resumed one)."""
 
@@ -319,17 +327,14 @@ class Run:
             return resolve_settings(self.network, opts), None
         if not self.ckpt_path.exists():
             raise NetcError(f"--resume: no checkpoint {self.ckpt_path} (train without --resume first)")
-        arrays = W.load_npz(self.ckpt_path, "checkpoint")
+        arrays = W.load_npz(self.ckpt_path, "checkpoint", cap=W.network_cap(self.network))  # names, shapes: _restore
         meta = W.split(arrays)[1]
         saved_hash = W.meta_str(meta, "spec_hash")
         if saved_hash != self.network.spec_hash:
             raise NetcError(f"--resume: {self.ckpt_path} was written for a different spec (spec hash {saved_hash}, "
                             f"{opts.spec} has {self.network.spec_hash}); the spec must not change within a run: "
                             f"use --force to start afresh or --out for a new run directory")
-        settings = W.from_json_array(meta, "settings", self.ckpt_path)
-        missing = [k for k in (*TRAIN_KEYS, *FIXED_ON_RESUME) if not isinstance(settings, dict) or k not in settings]
-        if missing:
-            raise WeightsError(f"{self.ckpt_path}: damaged checkpoint (settings lack {', '.join(missing)})")
+        settings = W.check_settings(W.from_json_array(meta, "settings", self.ckpt_path), self.ckpt_path)
         asked = resolve_settings(self.network, opts)
         given = {k for k in FIXED_ON_RESUME if getattr(opts, k, None) is not None}
         clashes = [f"--{k.replace('_', '-')} {asked[k]} (the run used {settings[k]})" for k in sorted(given)
@@ -435,6 +440,7 @@ class Run:
     def _restore_unchecked(self, arrays: dict[str, np.ndarray]) -> None:
         state, meta, optim = W.split(arrays)
         path = self.ckpt_path
+        W.read_meta(meta, path, self.network.num_classes)
         W.apply_state(self.net, state, path)
         try:
             self.net.load_optimizer_state(optim)
@@ -444,15 +450,16 @@ class Run:
             raise WeightsError(f"{path}: {exc}") from None
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = W.from_json_array(meta, "rng", path)
-        pos = W.from_json_array(meta, "position", path)
-        self.history = [list(map(float, r)) for r in W.from_json_array(meta, "history", path)]
+        bs = self.s["batch_size"]
+        pos = W.check_position(W.from_json_array(meta, "position", path), path, self.n_used, bs)
+        self.history = W.check_history(W.from_json_array(meta, "history", path), path, len(METRICS_COLUMNS),
+                                       pos["epoch"])
         order = meta.get("order")
-        losses = meta.get("epoch_losses", np.zeros(0))
-        if pos["pos"] and (order is None or order.shape != (self.n_used,) or
-                           losses.shape != (-(-pos["pos"] // self.s["batch_size"]),)):
-            raise WeightsError(f"{path}: mid-epoch checkpoint has an order or losses of the wrong size")
+        losses = meta.get("epoch_losses")
+        if pos["pos"]:
+            W.check_order(order, losses, path, len(self.X), self.n_used, -(-pos["pos"] // bs))
         self.position = _Position(pos["epoch"], pos["pos"], order if pos["pos"] else None,
-                                  np.array(losses, np.float64), pos["correct"], pos["train_seconds"], pos["seconds"])
+                                  np.array(losses if pos["pos"] else [], np.float64), pos["correct"], pos["train_seconds"], pos["seconds"])
         saved_threads = pos.get("threads")
         if saved_threads and saved_threads != self.net.threads:
             self.say(f"note: the run used {saved_threads} threads, this session {self.net.threads}: results may "
@@ -493,6 +500,16 @@ class Run:
 
     # ---- loop ----
     def run(self) -> dict[str, Any]:
+        """The whole session owns the run directory: a second `netc train` on it is refused."""
+        with locked_directory(self.run_dir, "netc train",
+                              "wait for it to finish, or pass --out to train in another directory"):
+            removed = remove_stale_temps(self.run_dir, RUN_FILES)
+            if removed:
+                print(f"netc: removed {', '.join(removed)} from {self.run_dir} (left by a run that was killed "
+                      f"while writing)", file=self.err, flush=True)
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         self.setup()
         s, net = self.s, self.net
         if self.opts.force and not self.opts.resume:

@@ -31,6 +31,15 @@ venv_ok || "$PYTHON" -c "import ensurepip" 2>/dev/null || need_apt+=(python3-ven
 # Net.forward's C fast path (netcompiler/fastcall.c) is compiled against Python's headers
 "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || need_apt+=(python3-dev)
+if [ "$target" = ".[test]" ]; then
+  # the tests also compile exported C with clang, draw specs with Graphviz, and run exported C
+  # on an emulated Cortex-M4F (the Arm toolchain, newlib for semihosting, QEMU)
+  command -v clang >/dev/null || need_apt+=(clang)
+  command -v dot >/dev/null || need_apt+=(graphviz)
+  command -v arm-none-eabi-gcc >/dev/null || need_apt+=(gcc-arm-none-eabi)
+  [ -d /usr/lib/arm-none-eabi/newlib ] || need_apt+=(libnewlib-arm-none-eabi)
+  command -v qemu-system-arm >/dev/null || need_apt+=(qemu-system-arm)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install -y ${need_apt[*]}"
   $SUDO apt-get update -qq

@@ -109,8 +109,8 @@ def test_train_out_is_a_file(tmp_path, case, capsys):
     spec, data = case
     (tmp_path / "a_file").write_text("mine\n")
     rc, out, err = netc(capsys, "train", spec, "--data", data, "--out", tmp_path / "a_file", "--threads", 1)
-    assert_one_line(rc, err, f"netc: error: {tmp_path}/a_file: File exists (a file is in the way: a directory is "
-                             f"needed there)")
+    assert_one_line(rc, err, f"netc: error: cannot use {tmp_path}/a_file as a directory: File exists (a file is in "
+                             f"the way: a directory is needed there)")
     assert (tmp_path / "a_file").read_text() == "mine\n"
     assert "epoch" not in out  # refused before any training
 
@@ -119,7 +119,8 @@ def test_train_out_read_only(tmp_path, case, capsys, monkeypatch):
     spec, data = case
     fail_mkdir_under(monkeypatch, tmp_path / "ro", errno.EROFS)
     rc, out, err = netc(capsys, "train", spec, "--data", data, "--out", tmp_path / "ro" / "run", "--threads", 1)
-    assert_one_line(rc, err, f"netc: error: {tmp_path}/ro/run: Read-only file system (choose a writable location)")
+    assert_one_line(rc, err, f"netc: error: cannot use {tmp_path}/ro/run as a directory: Read-only file system "
+                             f"(choose a writable location)")
 
 
 def test_train_disk_full_keeps_the_last_checkpoint(tmp_path, case, capsys, monkeypatch):
@@ -136,7 +137,7 @@ def test_train_disk_full_keeps_the_last_checkpoint(tmp_path, case, capsys, monke
     assert_one_line(rc, err, f"netc: error: {run}/metrics.csv: No space left on device (free some space; files "
                              f"written before are intact)")
     assert "epoch 1/3" in out and "epoch 2/3" not in out
-    assert {p.name for p in run.iterdir()} == {"spec.yaml", "normalization.json", "metrics.csv", "weights.npz",
+    assert {p.name for p in run.iterdir()} == {".netc.lock", "spec.yaml", "normalization.json", "metrics.csv", "weights.npz",
                                                "checkpoint.npz"}  # no temporary files
     assert len((run / "metrics.csv").read_text().splitlines()) == 2  # header + epoch 1
     assert int(W.load_npz(run / "checkpoint.npz")["__meta__/epoch"]) == 1
@@ -153,5 +154,6 @@ def test_cache_under_a_file(tmp_path, case, capsys, monkeypatch):
     monkeypatch.setenv("NETC_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
     rc, out, err = netc(capsys, "train", spec, "--data", data, "--out", tmp_path / "run", "--threads", 1)
     assert rc == 1
-    assert err.startswith(f"netc: error: {tmp_path}/a_file/cache/tiny-") and err.count("\n") == 1
+    assert err.startswith(f"netc: error: cannot write the build cache {tmp_path}/a_file/cache/tiny-")
+    assert "(set NETC_CACHE_DIR to a writable directory)" in err and err.count("\n") == 1
     assert err.endswith(": Not a directory (a file is in the way: a directory is needed there)\n")

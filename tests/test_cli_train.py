@@ -17,7 +17,7 @@ from netcompiler import weights as W
 from netcompiler.cli import main
 from netcompiler.train import read_metrics
 
-FILES = {"spec.yaml", "normalization.json", "metrics.csv", "weights.npz", "checkpoint.npz"}
+FILES = {"spec.yaml", "normalization.json", "metrics.csv", "weights.npz", "checkpoint.npz", ".netc.lock"}
 
 
 def netc(capsys, *argv) -> tuple[int, str, str]:

@@ -18,7 +18,10 @@ from netcompiler.data import (
     read_idx,
     train_val_split,
 )
-from netcompiler.errors import DataError, NetcError
+import zipfile
+
+from netcompiler import npyfile
+from netcompiler.errors import DataError, NetcError, NetcWarning
 
 # --------------------------------------------------------------------------- helpers
 
@@ -233,8 +236,8 @@ def test_read_idx_plain_content_under_gz_name(tmp_path: Path) -> None:
 def test_read_idx_missing_file_and_directory(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         read_idx(tmp_path / "nope")
-    assert "cannot read file" in error_of(e) and "nope" in str(e.value)
-    with pytest.raises(DataError, match="cannot read file"):
+    assert "no such IDX file" in error_of(e) and "nope" in str(e.value)
+    with pytest.raises(DataError, match="not a regular file"):
         read_idx(tmp_path)
 
 
@@ -680,7 +683,8 @@ def test_prepare_scales_uint8_and_adds_channel() -> None:
 
 def test_prepare_leaves_float_unscaled_and_does_not_mutate() -> None:
     x = np.array([[[[2.0, -1.0]]]], dtype=np.float64)
-    out = prepare_inputs(x, (1, 1, 2), mean=1.0, std=2.0)
+    with pytest.warns(NetcWarning, match=r"float images hold values in -1..2, beyond \[0, 1\]"):
+        out = prepare_inputs(x, (1, 1, 2), mean=1.0, std=2.0)
     np.testing.assert_allclose(out, [[[[0.5, -1.0]]]])
     assert x[0, 0, 0, 0] == 2.0
 
@@ -799,3 +803,114 @@ def test_dataset_stats() -> None:
     assert std == pytest.approx(ref.std(), rel=1e-9)
     with pytest.raises(DataError, match="empty"):
         dataset_stats(np.zeros((0, 2, 2), np.uint8))
+
+
+# --------------------------------------------------------------------------- the pixel-scale rule
+
+
+def test_float_images_on_the_0_1_scale_give_no_warning(recwarn) -> None:
+    x = np.random.default_rng(0).random((4, 3, 3))
+    prepare_inputs(x, (1, 3, 3))
+    prepare_inputs(np.full((1, 3, 3), 255, np.uint8), (1, 3, 3))
+    assert not [w for w in recwarn if issubclass(w.category, NetcWarning)]
+
+
+def test_float_images_on_the_0_255_scale_warn_in_train(tmp_path: Path, capsys) -> None:
+    from netcompiler import cli
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "f.npz", x=rng.integers(0, 256, (32, 6, 6)).astype(np.float32), y=rng.integers(0, 3, 32))
+    (tmp_path / "s.yaml").write_text("name: f255\ninput: [1, 6, 6]\nlayers:\n  - flatten\n"
+                                     "  - linear: {out_features: 3}\nloss: cross_entropy\n")
+    rc = cli.main(["train", str(tmp_path / "s.yaml"), "--data", str(tmp_path / "f.npz"), "--epochs", "1",
+                   "--out", str(tmp_path / "run"), "--threads", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "netc: warning: float images hold values in 0..255, beyond [0, 1]" in err, err
+    assert "divide by 255" in err
+
+
+# --------------------------------------------------------------------------- bounded reads
+
+
+def no_data_read(*args):
+    raise AssertionError("array data were read (and allocated) before the sizes were checked")
+
+
+def test_read_idx_gzip_header_beyond_the_limit(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "x-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 60000, 10**5, 10**5)))
+    with pytest.raises(DataError, match=r"IDX header declares 600,000,000,000,000 bytes .* beyond the limit"):
+        read_idx(path)
+
+
+def test_read_idx_gzip_bomb_reads_only_what_the_header_declares(tmp_path: Path) -> None:
+    # a 4x4 header followed by 64 MiB of zeros: the inflation stops one byte after the data
+    data = bytes([0, 0, 8, 2]) + struct.pack(">2I", 4, 4) + bytes(16)
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(data)
+        for _ in range(64):
+            f.write(bytes(1 << 20))
+    with pytest.raises(DataError, match="trailing bytes after IDX data"):
+        read_idx(path)
+
+
+def test_read_idx_refuses_a_fifo(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "train-images-idx3-ubyte"
+    os.mkfifo(path)
+    with pytest.raises(DataError, match="not a regular file"):
+        read_idx(path)
+
+
+def test_npz_data_zip_bomb_is_refused_before_inflating(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(npyfile, "read_data", no_data_read)
+    p = tmp_path / "bomb.npz"
+    header = b"\x93NUMPY\x01\x00v\x00{'descr': '|u1', 'fortran_order': False, 'shape': (1024, 1024, 1024), }"
+    header = header.ljust(127, b" ") + b"\n"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open("x.npy", "w", force_zip64=True) as m:
+            m.write(header)
+            for _ in range(80):
+                m.write(bytes(1 << 20))
+    # the member's record says 80 MiB (+ the header), compressed ~80 KB; the header says 1 GiB
+    with pytest.raises(DataError, match="likely zip bomb"):
+        load_dataset(str(p))
+
+
+def test_npz_forged_header_is_refused_without_allocating(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(npyfile, "read_data", no_data_read)
+    import io
+
+    from numpy.lib import format as npformat
+
+    header = io.BytesIO()
+    npformat.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (10**13,)})
+    p = tmp_path / "forged.npz"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("x.npy", header.getvalue() + bytes(18))
+        z.writestr("y.npy", header.getvalue() + bytes(2))
+    with pytest.raises(DataError, match=r"'x': its header declares shape \(10000000000000,\) .* the data hold 18 bytes"):
+        load_dataset(str(p))
+
+
+@pytest.mark.parametrize("content", [b"x,y\n1,2\n", b"# a text file\n"])
+def test_npz_text_file_is_not_called_pickled(tmp_path: Path, content: bytes) -> None:
+    p = tmp_path / "data.npz"
+    p.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_dataset(str(p))
+    assert "not an .npz archive" in error_of(e) and "pickle" not in str(e.value)
+
+
+def test_load_dataset_refuses_a_fifo_or_device(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "data.npz"
+    os.mkfifo(fifo)
+    for source in (fifo, Path("/dev/zero")):
+        with pytest.raises(DataError) as e:
+            load_dataset(str(source))
+        assert "not a regular file or directory" in error_of(e)

@@ -467,3 +467,152 @@ def test_winograd_cache_is_per_net():
     ya, yb = a.forward(x).copy(), b.forward(x).copy()
     assert not np.allclose(ya, yb)
     assert_close(a.forward(x), ya, 1e-15, "net a after net b ran")
+
+
+# ---- values: one rule each ---------------------------------------------------------------------
+def test_load_state_dict_with_netc_train_metadata_points_to_load_weights(ce):
+    state = {**ce.state_dict(), "__meta__/mean": np.float64(0.3), "__meta__/std": np.float64(0.3)}
+    with pytest.raises(WeightsError) as exc:
+        ce.load_state_dict(state)
+    text = str(exc.value)
+    assert "written by netc train; load it with net.load_weights(path)" in text
+    assert "'__meta__/mean'" in text and "unexpected '__meta__" not in text
+
+
+def test_values_beyond_the_builds_range_are_refused(ce, ce64):
+    state = ce.state_dict()
+    state["head.weight"] = np.full(state["head.weight"].shape, 1e300)
+    before = ce.state_dict()
+    with pytest.raises(WeightsError, match=r"'head.weight' has values up to 1e\+300, beyond the range of float32"):
+        ce.load_state_dict(state)
+    assert all(np.array_equal(v, ce.state_dict()[k]) for k, v in before.items())
+    ce64.load_state_dict(state)  # finite in float64
+    assert ce64.params["head.weight"].max() == 1e300
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1, -1e-9, True, "0.1", None])
+def test_lr_follows_the_rule_of_set_optimizer(ce, bad):
+    ce.lr = 0.25
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        ce.lr = bad
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        ce.set_optimizer("sgd", lr=bad)
+    assert ce.lr == 0.25
+    ce.lr = np.float32(0.5)
+    assert ce.lr == 0.5
+
+
+def test_adam_betas_must_be_below_one(ce):
+    for betas in ((1.0, 0.999), (0.9, 1.0), (0.9, float("nan"))):
+        with pytest.raises(ValueError, match="beta"):
+            ce.set_optimizer("adam", betas=betas)
+
+
+# ---- predict: images in, as netc predict takes them -------------------------------------------------
+def _images(net, n=5, seed=3):
+    return np.random.default_rng(seed).integers(0, 256, (n, *net.network.input_shape), dtype=np.uint8)
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_predict_scales_normalises_and_returns_probabilities(ce64):
+    ce64.set_normalization(0.25, 0.5)
+    img = _images(ce64)
+    expected = _softmax(ce64.forward((img / 255.0 - 0.25) / 0.5))
+    p = ce64.predict(img)
+    assert_close(p, expected, 1e-12, "predict vs forward of (x/255 - mean)/std")
+    assert np.allclose(p.sum(axis=1), 1)
+    assert_close(ce64.predict(img / 255.0), expected, 1e-12, "float images on the 0..1 scale")
+    assert_close(ce64.predict(img[0]), expected[:1], 1e-12, "one image (C, H, W)")
+    ce64.set_normalization()  # none: x/255 only
+    assert_close(ce64.predict(img), _softmax(ce64.forward(img / 255.0)), 1e-12, "no normalisation")
+
+
+def test_predict_takes_one_channel_images_without_the_channel_axis():
+    net = build(BN_1X1.replace("[2, 3, 3]", "[1, 3, 3]").replace("api_bn1x1", "api_gray"), "float64")
+    net.set_normalization(0.5, 0.25)
+    img = _images(net, 4)
+    expected = _softmax(net.forward((img / 255.0 - 0.5) / 0.25))
+    assert_close(net.predict(img[:, 0]), expected, 1e-12, "(N, H, W)")
+    assert_close(net.predict(img[0, 0]), expected[:1], 1e-12, "(H, W)")
+
+
+def test_predict_of_an_mse_network_is_its_raw_output(mse):
+    mse.set_normalization()
+    x = np.random.default_rng(0).random((3, 5))
+    assert_close(mse.predict(x), mse.forward(x), 1e-12, "mse predict")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.full((1, 2, 6, 5), 300), "integer pixels must lie in 0..255"),
+    (np.full((1, 2, 6, 5), np.nan), "NaN or infinite"),
+    (np.zeros((1, 6, 5)), "do not fit the spec's input"),
+    (np.array([["a"]]), "do not fit"),
+])
+def test_predict_bad_images_are_value_errors(ce, bad, message):
+    with pytest.raises(ValueError, match=message):
+        ce.predict(bad)
+
+
+def test_set_normalization_rejects_bad_values(ce):
+    for kw in ({"std": 0}, {"std": -1}, {"mean": float("nan")}, {"std": "1"}):
+        with pytest.raises(ValueError, match="normalisation"):
+            ce.set_normalization(**kw)
+
+
+def test_save_weights_then_load_weights_keeps_weights_and_normalisation(ce64, tmp_path):
+    ce64.init(5)
+    ce64.set_normalization(0.1, 0.7, pad=False)
+    ce64.class_names = ["a", "b", "c", "d"]
+    saved = ce64.state_dict()
+    path = tmp_path / "w.npz"
+    ce64.save_weights(path)
+    ce64.init(6)
+    ce64.set_normalization()
+    ce64.class_names = None
+    info = ce64.load_weights(path)
+    assert info == {"mean": 0.1, "std": 0.7, "pad": False, "source": "stored in w.npz",
+                    "class_names": ["a", "b", "c", "d"]}
+    assert ce64.normalization == {"mean": 0.1, "std": 0.7, "pad": False}
+    assert all(np.array_equal(v, ce64.state_dict()[k]) for k, v in saved.items())
+    assert [p.name for p in tmp_path.iterdir()] == ["w.npz"]  # atomic: no temporary left
+
+
+def test_load_weights_falls_back_to_normalization_json(ce64, tmp_path):
+    path = tmp_path / "w.npz"
+    ce64.set_normalization()
+    ce64.save_weights(path)  # no mean/std inside
+    (tmp_path / "normalization.json").write_text('{"mean": 0.2, "std": 0.4}')
+    info = ce64.load_weights(path)
+    assert (info["mean"], info["std"]) == (0.2, 0.4) and "normalization.json" in info["source"]
+
+
+@pytest.mark.parametrize("text", ['{"mean": 0.2}', '{"mean": 0.2, "std": 0}', '{"mean": "a", "std": 1}',
+                                  "[" * 70000, "not json"])
+def test_load_weights_refuses_a_damaged_normalization_json(ce64, tmp_path, text):
+    path = tmp_path / "w.npz"
+    ce64.set_normalization()
+    ce64.save_weights(path)
+    (tmp_path / "normalization.json").write_text(text)
+    with pytest.raises(WeightsError, match="normalization.json: (unreadable normalisation file|normalisation must)"):
+        ce64.load_weights(path)
+
+
+def test_load_weights_changes_nothing_when_the_metadata_is_damaged(ce64, tmp_path):
+    from netcompiler import weights as W
+
+    ce64.init(1)
+    path = tmp_path / "w.npz"
+    ce64.set_normalization(0.5, 0.5)
+    ce64.save_weights(path)
+    W.save_npz(path, {**dict(np.load(path)), "__meta__/std": np.float64(-1)})
+    ce64.init(2)
+    ce64.set_normalization(0.1, 0.2)
+    before = ce64.state_dict()
+    with pytest.raises(WeightsError, match="__meta__/std"):
+        ce64.load_weights(path)
+    assert all(np.array_equal(v, ce64.state_dict()[k]) for k, v in before.items())
+    assert ce64.normalization == {"mean": 0.1, "std": 0.2, "pad": False}

@@ -1,0 +1,421 @@
+"""`netc export`: the standalone C against the cffi build's forward.
+
+For every spec in specs/ and some odd ones (every layer kind and option the exporter
+lowers differently: folded and unfolded batch norm, fused and general pooling, cut
+ceil_mode windows, groups, dilation, 'same' padding, a leading activation, a single step,
+a network that is only a reshape), the test
+- gives the network random weights (`Net.init`, batch norms random running statistics)
+  and saves them with the weights writer, as `netc train` would;
+- runs `netc export SPEC WEIGHTS --format c -o DIR`;
+- compiles NAME.c with tests/c/export_driver.c under `-std=c99 -pedantic -Wall -Wextra
+  -Werror -Wdouble-promotion -Wconversion ...` (gcc, and clang when it is installed);
+- runs the driver on random inputs and compares its outputs with `Net.forward` (float32).
+One spec also runs under AddressSanitizer and UndefinedBehaviorSanitizer with an arena
+of exactly NAME_ARENA_BYTES filled with NaN.
+"""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import netcompiler as nc
+from conftest import ROOT, assert_close, randomize_batchnorm, spec
+from netcompiler.check import check_text, load
+from netcompiler.cli import main
+from netcompiler.errors import SpecErrors
+from netcompiler.export import comment_text, export_c, load_state
+from netcompiler.report import is_graph
+from netcompiler.weights import save_weights
+
+DRIVER = ROOT / "tests" / "c" / "export_driver.c"
+SPECS = [p for p in sorted((ROOT / "specs").glob("*.yaml")) if not is_graph(load(p).layers)]  # export: chains
+STRICT = ["-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror",
+          # no float promoted to double (slow on single-precision FPUs), no implicit narrowing
+          "-Wdouble-promotion", "-Wconversion", "-Wshadow", "-Wcast-qual", "-Wstrict-prototypes"]
+COMPILERS = [c for c in ("gcc", "clang") if shutil.which(c)]
+RTOL, ATOL = 1e-5, 1e-6
+
+ODD = {
+    # batch norm folded into a grouped, dilated, strided, padded conv; general max- and
+    # average pooling (padding, ceil_mode, count_include_pad off); a linear layer without bias
+    "odd_groups": spec([4, 9, 11], [
+        "conv2d: {out_channels: 6, kernel_size: [3, 2], stride: [2, 1], padding: [1, 2], dilation: [1, 2], groups: 2}",
+        "batchnorm2d: {eps: 0.001}",
+        "leaky_relu: {negative_slope: 0.2}",
+        "maxpool2d: {kernel_size: 3, stride: 2, padding: 1, ceil_mode: true}",
+        "avgpool2d: {kernel_size: 2, padding: 1, ceil_mode: true, count_include_pad: false}",
+        "flatten",
+        "linear: {out_features: 7, bias: false}",
+        "sigmoid",
+    ], name="odd_groups"),
+    # an activation and a batch norm on the input (a step of their own), 'same' padding,
+    # a max-pool fused into the conv with a cut last window, GELU both ways, dropout
+    "odd_leading": spec([3, 5, 7], [
+        "tanh",
+        "batchnorm2d",
+        "conv2d: {out_channels: 5, kernel_size: 3, padding: same, bias: false}",
+        "gelu: {approximate: tanh}",
+        "maxpool2d: {kernel_size: 2, ceil_mode: true}",
+        "gelu",
+        "dropout: {p: 0.3}",
+        "flatten",
+        "linear: {out_features: 3}",
+    ], name="odd_leading"),
+    # a batch norm after the activation (applied per channel before a fused max-pool), a
+    # kernel row too long to unroll, average pooling with its padding counted
+    "odd_wide": spec([2, 6, 40], [
+        "conv2d: {out_channels: 3, kernel_size: [2, 17], padding: [0, 3]}",
+        "relu",
+        "batchnorm2d",
+        "maxpool2d: {kernel_size: [1, 3], ceil_mode: true}",
+        "avgpool2d: {kernel_size: 3, stride: 1, padding: 1}",
+        "tanh",
+    ], loss="mse", name="odd_wide"),
+    # odd 'same' padding (0/1 rows, 3/3 columns) with dilation and groups; a dilated
+    # max-pool (general path); a fused max-pool whose only window is cut to the 1-wide row
+    "odd_dilated": spec([2, 7, 3], [
+        "conv2d: {out_channels: 4, kernel_size: [2, 4], padding: same, dilation: [1, 2], groups: 2}",
+        "maxpool2d: {kernel_size: [2, 1], stride: 1, dilation: [2, 1]}",
+        "relu",
+        "conv2d: {out_channels: 3, kernel_size: 3, stride: 2, expect: [3, 2, 1]}",
+        "maxpool2d: {kernel_size: 2, ceil_mode: true, expect: [3, 1, 1]}",
+        "sigmoid",
+        "flatten",
+        "linear: {out_features: 2}",
+    ], name="odd_dilated"),
+    # a batch norm on the input, then flatten: its channels are the input's
+    "odd_bn_flatten": spec([3, 2, 2], ["leaky_relu", "batchnorm2d", "flatten", "linear: {out_features: 2}"],
+                           name="odd_bn_flatten"),
+    # names in mixed case, and layer names that differ only in case (their arena macros must not)
+    "odd_case": spec([1, 6, 6], ["conv2d: {name: Conv, out_channels: 2, kernel_size: 3}",
+                                 "conv2d: {name: conv, out_channels: 2, kernel_size: 1}",
+                                 "conv2d: {name: CONV, out_channels: 2, kernel_size: 1}",
+                                 "flatten", "linear: {out_features: 2}"], name="MixedCase"),
+    # a chain of blocks: nested names (stage.0.conv, C names stage_0_conv)
+    "odd_block": ("input: [2, 6, 6]\nblocks:\n  cbr:\n    params: [c]\n    layers:\n"
+                  "      - conv2d: {name: conv, out_channels: $c, kernel_size: 3, padding: 1}\n"
+                  "      - batchnorm2d: {name: bn}\n      - relu\n"
+                  "layers:\n  - cbr: {name: stage, repeat: 2, c: 3}\n  - flatten\n  - linear: {out_features: 2}\n"
+                  "loss: cross_entropy\nname: odd_block\n"),
+    # one step: no arena at all
+    "odd_linear": spec([5], ["linear: {out_features: 9}", "gelu"], name="odd_linear"),
+    # only a reshape: the output is a copy of the input
+    "odd_flatten": spec([2, 3, 2], ["dropout", "flatten"], name="odd_flatten"),
+}
+
+
+def _net_and_weights(spec_path: Path, tmp: Path, seed: int = 0):
+    network = load(spec_path)
+    net = nc.compile(network, dtype="float32", threads=1)
+    net.init(seed)
+    randomize_batchnorm(net, np.random.default_rng(seed))
+    weights = tmp / "weights.npz"
+    save_weights(weights, net, {"mean": np.float64(0.5), "std": np.float64(0.25)})
+    return network, net, weights
+
+
+def _compile(cc: str, out: Path, name: str, extra: list[str] = ()) -> Path:
+    exe = out / f"driver_{cc}"
+    nu = name.upper()
+    defs = [f'-DNET_HEADER="{name}.h"', f"-DINFER={name}_infer", f"-DINPUT_SIZE={nu}_INPUT_SIZE",
+            f"-DOUTPUT_SIZE={nu}_OUTPUT_SIZE", f"-DARENA_BYTES={nu}_ARENA_BYTES"]
+    cmd = [cc, *STRICT, "-O2", *extra, f"-I{out}", *defs, str(out / f"{name}.c"), str(DRIVER), "-o", str(exe), "-lm"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr}"
+    return exe
+
+
+def _run(exe: Path, x: np.ndarray, out_size: int, tmp: Path) -> np.ndarray:
+    xin, yout = tmp / "x.bin", tmp / "y.bin"
+    np.ascontiguousarray(x, np.float32).tofile(xin)
+    r = subprocess.run([str(exe), str(xin), str(yout), str(len(x))], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{exe.name} exited with {r.returncode}\n{r.stderr}"
+    return np.fromfile(yout, np.float32).reshape(len(x), out_size)
+
+
+def _export_cli(spec_path: Path, weights: Path, out: Path, target: str, capsys) -> str:
+    assert main(["export", str(spec_path), str(weights), "--format", "c", "-o", str(out), "--target", target]) == 0
+    return capsys.readouterr().out
+
+
+def _check(spec_path: Path, tmp_path: Path, capsys, target: str = "generic", n: int = 3) -> dict:
+    network, net, weights = _net_and_weights(spec_path, tmp_path)
+    out = tmp_path / "out"
+    printed = _export_cli(spec_path, weights, out, target, capsys)
+    x = np.random.default_rng(7).standard_normal((n, *network.input_shape)).astype(np.float32)
+    ref = net.forward(x).reshape(n, -1)
+    for cc in COMPILERS:
+        y = _run(_compile(cc, out, network.name), x, ref.shape[1], tmp_path)
+        assert_close(y, ref, RTOL, f"{network.name} ({cc}, {target})", atol=ATOL)
+    return dict(network=network, out=out, printed=printed)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_specs_match_forward(path, tmp_path, capsys):
+    _check(path, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("name", sorted(ODD))
+def test_odd_shapes_match_forward(name, tmp_path, capsys):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(ODD[name])
+    _check(path, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "cifar"])
+def test_host_target_matches_forward(name, tmp_path, capsys):
+    _check(ROOT / "specs" / f"{name}.yaml", tmp_path, capsys, target="host")
+
+
+def test_sanitizers(tmp_path, capsys):
+    """odd_leading (every epilogue, a leading step, fused pooling with a cut window) and
+    cifar (unfused batch norm and pooling) under ASan + UBSan, arena exactly as large as
+    the header says and filled with NaN."""
+    for name in ("odd_leading", "cifar"):
+        tmp = tmp_path / name
+        tmp.mkdir()
+        path = ROOT / "specs" / "cifar.yaml" if name == "cifar" else tmp / f"{name}.yaml"
+        if name != "cifar":
+            path.write_text(ODD[name])
+        network, net, weights = _net_and_weights(path, tmp)
+        _export_cli(path, weights, tmp / "out", "generic", capsys)
+        exe = _compile("gcc", tmp / "out", network.name,
+                       ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"])
+        x = np.random.default_rng(3).standard_normal((2, *network.input_shape)).astype(np.float32)
+        ref = net.forward(x).reshape(2, -1)
+        assert_close(_run(exe, x, ref.shape[1], tmp), ref, RTOL, f"{name} (sanitizers)", atol=ATOL)
+
+
+# ---- random chains against the independent PyTorch reference --------------------------------
+ACTS = ["relu", "tanh", "sigmoid", "gelu", "gelu: {approximate: tanh}", "leaky_relu: {negative_slope: 0.3}", "dropout"]
+
+
+def _random_layer(r, dims: int) -> str:
+    if dims == 1:
+        return r.choice(ACTS + [f"linear: {{out_features: {r.randint(1, 9)}}}",
+                                f"linear: {{out_features: {r.randint(1, 6)}, bias: false}}"])
+    kind = r.choice(["conv", "conv", "max", "max", "avg", "bn", "act", "flatten"])
+    if kind == "conv":
+        pad = r.choice(["0", "1", "same", "[0, 1]", "valid"])
+        return (f"conv2d: {{out_channels: {2 * r.randint(1, 3)}, kernel_size: {r.choice(['1', '2', '3', '[2, 3]'])}, "
+                f"stride: {1 if pad == 'same' else r.choice([1, 2])}, padding: {pad}, dilation: {r.choice([1, 1, 2])}, "
+                f"groups: {r.choice([1, 1, 2])}, bias: {r.choice(['true', 'false'])}}}")
+    k = r.choice([1, 2, 3])
+    if kind == "max":
+        return (f"maxpool2d: {{kernel_size: {k}, stride: {r.choice(['null', '1', '2', str(k)])}, padding: "
+                f"{r.choice([0, k // 2])}, dilation: {r.choice([1, 1, 2])}, ceil_mode: {r.choice(['true', 'false'])}}}")
+    if kind == "avg":
+        return (f"avgpool2d: {{kernel_size: {k}, stride: {r.choice(['null', '1', '2'])}, padding: {r.choice([0, k // 2])}, "
+                f"ceil_mode: {r.choice(['true', 'false'])}, count_include_pad: {r.choice(['true', 'false'])}}}")
+    return {"bn": "batchnorm2d", "act": r.choice(ACTS), "flatten": "flatten"}[kind]
+
+
+def random_chains(count: int, seed: int = 0):
+    """`count` valid random specs: up to 7 layers of every kind and option the exporter treats
+    differently (invalid draws, e.g. a kernel larger than its input, are skipped)."""
+    import random
+
+    r = random.Random(seed)
+    while count:
+        shape = [r.randint(1, 4), r.randint(3, 12), r.randint(3, 12)]
+        layers, dims = [], 3
+        for _ in range(r.randint(1, 7)):
+            layers.append(_random_layer(r, dims))
+            dims = 1 if layers[-1].startswith(("flatten", "linear")) else dims
+        text = spec(shape, layers, loss="mse", name=f"chain{count}")
+        try:
+            network = check_text(text, "chain.yaml")
+        except SpecErrors:
+            continue
+        count -= 1
+        yield text, network
+
+
+def test_random_chains_match_pytorch(tmp_path):
+    """30 random chains (batch norms with random statistics and signed scales) against
+    conftest's PyTorch model built from the raw YAML, in float64."""
+    import types
+
+    import torch
+
+    from conftest import reference_model
+
+    rng = np.random.default_rng(0)
+    for i, (text, network) in enumerate(random_chains(30)):
+        state = _state(network, i)
+        for k, v in state.items():
+            if k.split(".")[0].startswith("bn"):
+                low, high = {"weight": (-1.5, 1.5), "bias": (-0.5, 0.5), "running_mean": (-0.5, 0.5),
+                             "running_var": (0.5, 2.0)}[k.split(".")[1]]
+                state[k] = rng.uniform(low, high, v.shape)
+        state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+        out = tmp_path / str(i)
+        export_c(network, state).write(out)
+        x = rng.standard_normal((2, *network.input_shape)).astype(np.float32)
+        y = _run(_compile("gcc", out, network.name), x, math.prod(network.output_shape), out)
+        model = reference_model(types.SimpleNamespace(network=network), text, state).eval()
+        with torch.no_grad():
+            ref = model(torch.as_tensor(x, dtype=torch.float64)).numpy().reshape(2, -1)
+        assert_close(y, ref, RTOL, f"random chain {i}:\n{text}", atol=ATOL)
+
+
+# ---- the memory plan -----------------------------------------------------------------------
+def _state(network, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"{l.name}.{k}": np.asarray(v) for l in network.layers for k, v in l.kind.init_params(l, rng).items()}
+
+
+def test_lenet5_arena_holds_only_live_tensors():
+    """conv1+relu+pool1 and conv2+relu+pool2 are each one step (the 6x28x28 and 16x10x10
+    conv outputs never exist); the arena is the largest (input + scratch + output) of a
+    step: conv1's padded input 1x32x32 and one conv row of 28, next to its pooled output 6x14x14."""
+    network = load(ROOT / "specs" / "lenet5.yaml")
+    e = export_c(network, _state(network))
+    assert [[l.name for l in s.layers] for s in e.steps] == [
+        ["conv1", "relu1", "pool1"], ["conv2", "relu2", "pool2", "flatten1"], ["fc1", "relu3"], ["fc2", "relu4"], ["fc3"]]
+    assert e.arena_bytes == 4 * (6 * 14 * 14 + 32 * 32 + 28)
+    assert e.weights_bytes == 4 * network.total_params
+    assert f"#define LENET5_ARENA_BYTES {e.arena_bytes} " in e.header
+
+
+def test_ping_pong_offsets_do_not_overlap():
+    """Each step's input, scratch and output are disjoint and inside the arena."""
+    network = check_text(ODD["odd_groups"], "odd.yaml")
+    e = export_c(network, _state(network))
+    offsets = {b.macro: (b.offset, b.size) for b in e.memory.buffers}
+    for s in e.steps:
+        spans = []
+        for ref, size in ((s.in_ref, s.in_size), (s.out_ref, s.out_size), (s.scratch_ref, s.scratch)):
+            if ref.startswith("a + "):
+                key = ref[4:]
+                start = offsets[key][0] if key in offsets else int(key)
+                spans.append((start, start + size))
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), (s.name, spans)
+        assert all(0 <= a and b <= e.memory.arena_floats for a, b in spans), (s.name, spans)
+
+
+def test_elementwise_step_runs_in_place():
+    network = check_text(spec([2, 4, 4], ["conv2d: {out_channels: 2, kernel_size: 1}", "maxpool2d: {kernel_size: 3, stride: 1}",
+                                         "flatten", "linear: {out_features: 2}"]), "x.yaml")
+    e = export_c(network, _state(network))
+    assert [s.op for s in e.steps] == ["conv", "maxpool", "linear"]  # overlapping windows: not fused
+    network = check_text(spec([2, 4, 4], ["relu", "batchnorm2d", "flatten", "linear: {out_features: 2}"]), "x.yaml")
+    e = export_c(network, _state(network))
+    assert e.steps[0].op == "elementwise" and e.steps[0].in_ref == "input"
+    network = check_text(spec([8], ["linear: {out_features: 8}", "linear: {out_features: 8}"]), "x.yaml")
+    assert export_c(network, _state(network)).arena_bytes == 4 * 8
+
+
+def test_batchnorm_folds_into_the_conv():
+    network = load(ROOT / "specs" / "cifar.yaml")
+    e = export_c(network, _state(network))
+    # cifar's batch norms follow a ReLU: applied per channel, not folded
+    assert all(not s.layers[-1].kind.kind == "batchnorm2d" or s.post for s in e.steps)
+    network = check_text(spec([1, 4, 4], ["conv2d: {out_channels: 2, kernel_size: 3, bias: false}", "batchnorm2d",
+                                          "flatten"]), "x.yaml")
+    state = _state(network)
+    state["bn1.running_mean"][:] = [1.0, -2.0]
+    state["bn1.running_var"][:] = [4.0, 0.25]
+    state["bn1.weight"][:] = [3.0, 0.5]
+    state["bn1.bias"][:] = [0.5, 1.0]
+    e = export_c(network, state)
+    (step,) = e.steps
+    assert not step.post and [a.name for a in step.arrays] == ["conv1_weight", "conv1_bias"]
+    eps = 1e-5
+    scale = np.array([3.0 / math.sqrt(4 + eps), 0.5 / math.sqrt(0.25 + eps)])
+    np.testing.assert_allclose(step.arrays[1].values, [0.5 - 1.0 * scale[0], 1.0 + 2.0 * scale[1]], rtol=1e-6)
+    w = state["conv1.weight"].reshape(2, -1)
+    np.testing.assert_allclose(step.arrays[0].values.reshape(2, -1), w * scale[:, None], rtol=1e-6)
+
+
+# ---- the C text ------------------------------------------------------------------------------
+def test_generic_c_uses_no_extensions_and_documents_the_api():
+    network = load(ROOT / "specs" / "alphabet.yaml")
+    e = export_c(network, _state(network))
+    for bad in ("__attribute__", "#pragma", "_Pragma", "omp_", "<omp.h>", "malloc", "vector_size", "__builtin"):
+        assert bad not in e.source, bad
+    assert "static const float conv1_weight[288] = {" in e.source
+    assert not re.search(r"^(?!static )(?:const )?float \w+\[", e.source, re.M), "a global array that is not static const"
+    h = e.header
+    for line in ("#define ALPHABET_INPUT_SIZE 784", "#define ALPHABET_OUTPUT_SIZE 26", "#define ALPHABET_ARENA_BYTES ",
+                 "int alphabet_infer(const float *input, float *output, void *arena);", "returns 0 on success",
+                 "uses only these from <math.h> and <string.h>: copysignf, fabsf, memcpy."):
+        assert line in h, line
+    network = load(ROOT / "specs" / "lenet5.yaml")  # fused pooling only: no INFINITY, no exp
+    assert "uses nothing from the C library." in export_c(network, _state(network)).header
+
+
+def test_outside_text_reaches_c_only_escaped(tmp_path, capsys):
+    """A spec path with comment terminators, a newline and trigraphs is written into comments
+    without them; the C still compiles."""
+    d = tmp_path / "we*/ird\n??/ dir" / "n*"
+    d.mkdir(parents=True)
+    path = d / "et.yaml"
+    path.write_text(ODD["odd_linear"])
+    from netcompiler.weights import save_npz
+
+    weights = tmp_path / "w.npz"
+    save_npz(weights, _state(load(path)))
+    _export_cli(path, weights, tmp_path / "out", "generic", capsys)
+    src = (tmp_path / "out" / "odd_linear.c").read_text()
+    banner = src[:src.index("*/")]
+    assert "we_/ird___/ dir/n_/et.yaml" in banner
+    assert comment_text("a*/b/*c\\d??/e\r\nf") == "a_/b/_c_d__/e__f"
+    _compile(COMPILERS[0], tmp_path / "out", "odd_linear")
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
+def test_cli_prints_flash_and_ram(tmp_path, capsys):
+    path = ROOT / "specs" / "lenet5.yaml"
+    network, net, weights = _net_and_weights(path, tmp_path)
+    printed = _export_cli(path, weights, tmp_path / "out", "generic", capsys)
+    state, norm = load_state(network, weights)
+    assert norm == (0.5, 0.25)  # stored by _net_and_weights
+    e = export_c(network, state, weights_name="weights.npz", normalisation=norm)
+    assert f"flash: {e.weights_bytes + e.code_bytes_estimate:,} B = {e.weights_bytes:,} B weights" in printed
+    assert f"RAM:   {e.arena_bytes + e.stack_bytes_estimate:,} B = {e.arena_bytes:,} B arena" in printed
+    assert (tmp_path / "out" / "lenet5.c").read_text() == e.source
+    header = (tmp_path / "out" / "lenet5.h").read_text()
+    assert header == e.header
+    assert "#define LENET5_INPUT_MEAN 0.5f " in header and "#define LENET5_INPUT_STD 0.25f\n" in header
+
+
+def test_graphs_are_refused_in_one_line(tmp_path, capsys):
+    path = ROOT / "specs" / "resnet20.yaml"
+    from netcompiler.weights import save_npz
+
+    save_npz(tmp_path / "w.npz", _state(load(path)))
+    assert main(["export", str(path), str(tmp_path / "w.npz"), "-o", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err == (
+        "netc: error: add 'layer1.0.add1' reads layer1.0.bn2, relu1: netc export handles chains of layers only "
+        "(each reading the one before)\n")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    path = ROOT / "specs" / "lenet5.yaml"
+    other = tmp_path / "other.npz"
+    network = load(ROOT / "specs" / "lenet5_nobias.yaml")
+    from netcompiler.weights import save_npz
+
+    save_npz(other, _state(network))
+    assert main(["export", str(path), str(other), "-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("netc: error: ") and "missing 'conv1.bias'" in err and "Traceback" not in err
+    assert main(["export", str(path), str(tmp_path / "none.npz"), "-o", str(tmp_path / "o")]) == 1
+    assert "no such weights file" in capsys.readouterr().err
+    bad = _state(load(path))
+    bad["fc1.weight"][0, 0] = np.nan
+    save_npz(other, bad)
+    assert main(["export", str(path), str(other), "-o", str(tmp_path / "o")]) == 1
+    assert "'fc1.weight' contains NaN" in capsys.readouterr().err
+    save_npz(other, _state(load(path)))
+    (tmp_path / "file").write_text("")
+    assert main(["export", str(path), str(other), "-o", str(tmp_path / "file")]) == 1
+    assert capsys.readouterr().err.startswith("netc: error: cannot write to ")
