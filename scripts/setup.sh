@@ -24,8 +24,6 @@ if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
 need_apt=()
 command -v cc >/dev/null || command -v gcc >/dev/null || need_apt+=(gcc)
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
-# netc draw runs Graphviz's dot; the tests draw every spec
-if [ "$target" != "." ]; then command -v dot >/dev/null || need_apt+=(graphviz); fi
 # Debian's python3 makes virtualenvs (with pip) only with python3-venv
 venv_ok || "$PYTHON" -c "import ensurepip" 2>/dev/null || need_apt+=(python3-venv)
 # Net.forward's C fast path (netcompiler/fastcall.c) is compiled against Python's headers
