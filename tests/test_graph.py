@@ -356,3 +356,12 @@ def test_report_counts_the_plans_activation_slots(case):
     rep = build_report(net)
     assert plan.acts_per_sample == plan.in_size + rep["saved_activations"]
     assert plan.ints_per_sample == rep["saved_indices"]
+
+
+def test_templates_write_input_gradients_where_the_plan_says():
+    """Backward writes an input gradient at L.din_macro (u.DIN), never at the input's own slot
+    (L.in_macro): with several readers the plan points it at a slot it adds afterwards."""
+    for path in sorted((ROOT / "templates" / "layers").glob("*.j2")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if "L.in_macro" in line:
+                assert not re.search(r"\bda\b|dacts|\bdin\b|\bdx\b|DX", line), f"{path.name}:{n}: {line.strip()}"
