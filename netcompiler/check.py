@@ -314,11 +314,13 @@ class _Checker:
         if node is None or refs is None:
             return [prev]
         out: list[str] = []
+        ok = True
         for ref, rnode in zip(refs, node.value):
             full = scope.names.get(ref)
             if full is not None:
                 out.append(full)
                 continue
+            ok = False
             if ref == local:
                 self.error(rnode, f"{where}: a layer cannot read its own output '{ref}'")
             elif ref in declared:
@@ -328,8 +330,7 @@ class _Checker:
                 known = list(scope.names)
                 self.error(rnode, f"{where}: unknown input '{ref}'{did_you_mean(ref, known)}; it reads "
                                   f"'{INPUT}' or an earlier layer's name")
-            return None
-        return out
+        return out if ok else None
 
     def layer(self, index: int, entry: Node, kind_name: str, opts_node: Node, counts: dict[str, int],
               prefix: str = "") -> Layer | None:

@@ -509,6 +509,16 @@ GRAPH_GOLDEN = {
         "loss: mse\n",
         "net.yaml:4:40: error: linear 'fc2': unknown input 'frist' (did you mean 'first'?); it reads 'input' or an "
         "earlier layer's name"),
+    "two_unknown_inputs": (
+        "input: [4]\n"
+        "layers:\n"
+        "  - linear: {name: first, out_features: 4}\n"
+        "  - add: {inputs: [frist, inptu]}\n"
+        "loss: mse\n",
+        "net.yaml:4:20: error: add 'add1': unknown input 'frist' (did you mean 'first'?); it reads 'input' or an "
+        "earlier layer's name\n"
+        "net.yaml:4:27: error: add 'add1': unknown input 'inptu' (did you mean 'input'?); it reads 'input' or an "
+        "earlier layer's name"),
     "later_input": (
         "input: [4]\n"
         "layers:\n"
