@@ -55,7 +55,7 @@ def to_dot(net: Network) -> str:
     for layer in net.layers:
         before = INPUT if layer.index == 0 else net.layers[layer.index - 1].output
         for t in layer.inputs:
-            style = "" if t == before else ' [color="#c0392b", penwidth=1.4, constraint=false]'
+            style = "" if t == before else ' [color="#c0392b", penwidth=1.4]'
             lines.append(f"  {ids[t]} -> n{layer.index}{style};")
     lines.append("}")
     return "\n".join(lines) + "\n"
