@@ -365,3 +365,17 @@ def test_templates_write_input_gradients_where_the_plan_says():
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if "L.in_macro" in line:
                 assert not re.search(r"\bda\b|dacts|\bdin\b|\bdx\b|DX", line), f"{path.name}:{n}: {line.strip()}"
+
+
+@pytest.mark.parametrize("text", [BLOCK_SPEC, None], ids=["blocks", "san_graph"])
+def test_verify_passes_on_graphs(text, tmp_path):
+    """netc verify's comparisons (the torch twin running the graph, finite differences) on a
+    repeated block and on the sanitizer test's graph (views, copies, sums, a fused ReLU)."""
+    from netcompiler.verify import verify
+    from test_sanitizers import SAN_SPECS
+
+    path = tmp_path / "g.yaml"
+    path.write_text(text or SAN_SPECS["san_graph"])
+    rows, _ = verify(str(path), batch=3, seed=1, per_tensor=2, use_torch=True, threads=2)
+    assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
+    assert {r.reference for r in rows} == {"torch", "finite-diff"}
