@@ -9,21 +9,41 @@ templates/) -> compile/load (build.py) -> run (runtime.py).
 """
 from __future__ import annotations
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# How idle OpenMP threads wait, set at import, before any network (and so the OpenMP runtime)
+# is loaded: libgomp reads these variables once, when it is loaded.  Its default spins up to
+# 300,000 times (~12 ms at the ~40 ns a `pause` takes here) at every barrier and region start;
+# when another process holds a core, the spinning threads burn the time the working ones need,
+# and 2-thread training fell to 0.03-0.72x the 1-thread speed (bench/busy.py; README, Threads).
+# A short spin (100 ~ 4 us), then sleep: a thread that sleeps is scheduled at once when woken;
+# measured 0.57-7.3x (median 1.9x) the 1-thread speed with a busy core.  Longer spins measured
+# worse, OMP_WAIT_POLICY=passive alone (no spin) about the same.  OMP_WAIT_POLICY=passive says the same to
+# LLVM's libomp (clang builds); libgomp takes its spin count from GOMP_SPINCOUNT.  Nothing is
+# set when the user set either variable.  The setting is inherited by child processes and read
+# by any OpenMP runtime loaded later (torch bundles libgomp.so.1: one copy serves both); when
+# one was loaded before netcompiler was imported (torch imported first), it keeps its own.
+OPENMP_WAIT = {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "100"}
+if not any(k in _os.environ for k in OPENMP_WAIT):
+    _os.environ.update(OPENMP_WAIT)
 
 
 def compile(spec, dtype: str = "float32", threads: int | None = None, flags: list[str] | None = None,
             out_dir=None, memory_budget: int | None = None):
     """Check, generate, build (cached) and load a spec; return a `runtime.Net`.
 
-    `spec` is a path or an already checked `check.Network`."""
+    `spec` is a path or an already checked `check.Network`; `threads` is as for `Net.threads`
+    (1 to runtime.MAX_THREADS, None: all available cores)."""
     import cffi
 
     from .build import compile_rendered, default_flags
     from .check import DEFAULT_MEMORY_BUDGET, Network, load
     from .render import render
-    from .runtime import Net
+    from .runtime import Net, check_threads
 
+    threads = check_threads(threads)  # before the build: a bad count fails at once
     net = spec if isinstance(spec, Network) else load(spec, memory_budget or DEFAULT_MEMORY_BUDGET)
     flags = list(flags) if flags is not None else default_flags()
     rendered = render(net, dtype, flags)

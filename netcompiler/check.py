@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Diagnostic, SpecErrors
-from .layers import COMMON_OPTIONS, INPUT, REGISTRY, Layer, Shape, did_you_mean, fmt_shape
+from .layers import COMMON_OPTIONS, INPUT, REGISTRY, Layer, Shape, did_you_mean, fmt_shape, unknown_kind
+from .layers.base import MAX_ELEMENTS, as_number, yaml11_hint
 from .spec import Node, parse_text, read_spec_text
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_NAME = 48
-MAX_ELEMENTS = 2**31 - 1  # no tensor may hold more (C indexes within a sample with int)
+# With stages of at most plan.MAX_STAGE_LAYERS layers, gcc's time grows with the number of
+# layers; measured (CPU, gcc 12 -O3) at 256: relu chain 9.3 s, tanh 5.1 s, conv2d/
+# batchnorm2d/relu/maxpool2d blocks 10.5 s; relu at 512: 19.9 s.
+MAX_LAYERS = 256
 DEFAULT_MEMORY_BUDGET = 16 * 2**30  # bytes of training memory at batch size 1
 LOSSES = ("cross_entropy", "mse")
 TOP_KEYS = ("name", "input", "blocks", "layers", "loss", "train")
@@ -42,11 +46,44 @@ TRAIN_KEYS: dict[str, tuple[str, Any]] = {
     "std": ("float", None),
 }
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")  # adam and adamw: one optimizer (see runtime.Net.set_optimizer)
+MAX_TRAIN_INT = 1 << 20  # epochs and batch_size: far beyond any run, and within the C int
+# (lowest, highest) of the train: options that are not 1..MAX_TRAIN_INT; val_split < 1 and
+# std > 0 are checked on their own
+TRAIN_RANGE = {"seed": (0, 2**63 - 1), "lr": (0, 1e3), "momentum": (0, 1), "weight_decay": (0, 1e3),
+               "val_split": (0, 1), "mean": (0, 1e6), "std": (0, 1e6)}
+
+def train_value(key: str, value: Any) -> Any:
+    """The one rule for a training setting, wherever it comes from (the spec's train:
+    section, netc train's flags, a checkpoint's settings, Net.set_optimizer and Net.lr):
+    the value (int, float or optimizer name), or ValueError saying what it must be."""
+    kind = TRAIN_KEYS[key][0]
+    if kind == "choice":
+        if value not in OPTIMIZERS:
+            hint = did_you_mean(value, list(OPTIMIZERS)) if isinstance(value, str) else ""
+            raise ValueError(f"must be one of {', '.join(OPTIMIZERS)}, got {_show(value)}{hint}")
+        return value
+    low, high = TRAIN_RANGE.get(key, (1, MAX_TRAIN_INT))
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            what = "a positive integer" if low == 1 else "an integer >= 0"
+            raise ValueError(f"must be {what} (at most {high:,}), got {_show(value)}")
+        return value
+    num = as_number(value)
+    if num is None or not low <= num <= high:
+        raise ValueError(f"must be a number in [{low:g}, {high:g}], got {_show(value)}")
+    if key == "std" and not num > 0:
+        raise ValueError(f"must be positive, got {_show(value)}")
+    if key == "val_split" and not num < 1:
+        raise ValueError(f"must be below 1, got {_show(value)}")
+    return num
+
+
 C_RESERVED = set(
     """auto break case char const continue default do double else enum extern float for goto if
     inline int long register restrict return short signed sizeof static struct switch typedef union
-    unsigned void volatile while _Bool _Complex _Imaginary main real_t size_t int32_t int64_t uint32_t
-    uint64_t float_t double_t errno""".split()
+    unsigned void volatile while asm typeof typeof_unqual bool true false alignas alignof constexpr
+    nullptr static_assert thread_local main real_t size_t int32_t int64_t uint32_t uint64_t float_t
+    double_t errno""".split()
 )
 
 
@@ -122,11 +159,10 @@ class _Checker:
 
     def net_name(self, node: Node | None) -> str:
         if node is None:
-            stem = re.sub(r"[^A-Za-z0-9_]", "_", Path(self.file).stem) or "net"
-            return stem if IDENT.match(stem) else "net_" + stem
+            return name_from_path(self.file)
         if not isinstance(node.value, str) or not IDENT.match(node.value):
             self.error(node, f"name {_show(node.value)} is not a C identifier ([A-Za-z_][A-Za-z0-9_]*)")
-        elif node.value in C_RESERVED or len(node.value) > MAX_NAME:
+        elif _bad_ident(node.value):
             self.error(node, f"name '{node.value}' {_bad_ident(node.value)}")
         return node.value if isinstance(node.value, str) else "net"
 
@@ -143,7 +179,7 @@ class _Checker:
         out = []
         for d in dims:
             if isinstance(d.value, bool) or not isinstance(d.value, int):
-                self.error(d, f"input size must be an integer, got {_show(d.value)}")
+                self.error(d, f"input size must be an integer, got {_show(d.value)}{yaml11_hint(d.value)}")
                 return None
             if d.value <= 0:
                 self.error(d, f"input size must be positive, got {d.value}")
@@ -185,20 +221,11 @@ class _Checker:
                 self.error(v, f"unknown train option '{key}'{did_you_mean(key, list(TRAIN_KEYS))}; expected one of "
                               f"{', '.join(TRAIN_KEYS)}", at_key=True)
                 continue
-            kind = TRAIN_KEYS[key][0]
             val = v.value
-            if kind == "int" and (isinstance(val, bool) or not isinstance(val, int) or val < (0 if key == "seed" else 1)):
-                self.error(v, f"train option '{key}' must be a positive integer, got {_show(val)}")
-            elif kind == "float" and (isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val)
-                                      or val < 0):
-                self.error(v, f"train option '{key}' must be a non-negative number, got {_show(val)}")
-            elif kind == "choice" and val not in OPTIMIZERS:
-                hint = did_you_mean(val, list(OPTIMIZERS)) if isinstance(val, str) else ""
-                self.error(v, f"train option 'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {_show(val)}{hint}")
-            else:
-                out[key] = float(val) if kind == "float" else val
-        if "val_split" in out and not out["val_split"] < 1:
-            self.error(node.value["val_split"], "train option 'val_split' must be below 1")
+            try:
+                out[key] = train_value(key, val)
+            except ValueError as exc:
+                self.error(v, f"train option '{key}' {exc}{yaml11_hint(val)}")
         return out
 
     # ---- layers -----------------------------------------------------------------------
@@ -219,12 +246,25 @@ class _Checker:
         if not isinstance(node.value, list) or not node.value:
             self.error(node, "'layers' must be a non-empty list")
             return []
+        if len(node.value) > MAX_LAYERS:
+            self.error(node.value[MAX_LAYERS], f"layer {MAX_LAYERS + 1:,} of {len(node.value):,}: a network has at "
+                                               f"most {MAX_LAYERS} layers (the C compiler's time grows faster than "
+                                               f"the number of layers)")
+            return []
         self.out: list[Layer] = []
         self.broken = False  # a malformed entry: shapes after it would be guesses
         scope = _Scope(None, "", {INPUT: INPUT})
         self.expand(node.value, scope, INPUT, "", [])
         layers = self.out
         if self.broken or not layers:
+            return layers
+        if len(layers) > MAX_LAYERS:  # blocks expanded
+            extra = layers[MAX_LAYERS]
+            self.context = extra.context
+            self.error(extra.node, f"layer {MAX_LAYERS + 1:,} of {len(layers):,} (blocks expanded): a network has at "
+                                   f"most {MAX_LAYERS} layers (the C compiler's time grows faster than the number "
+                                   f"of layers)")
+            self.context = ""
             return layers
         self.names(layers, net_name)
         shapes: dict[str, Shape | None] = {INPUT: input_shape}
@@ -336,8 +376,12 @@ class _Checker:
               prefix: str = "") -> Layer | None:
         kind = REGISTRY.get(kind_name)
         if kind is None:
-            self.error(entry, f"unknown layer kind {_show(kind_name)}"
-                              f"{did_you_mean(str(kind_name), list(REGISTRY) + list(self.blocks))}")
+            close = did_you_mean(kind_name, list(self.blocks)) if isinstance(kind_name, str) else ""
+            if close and not did_you_mean(kind_name, list(REGISTRY)):
+                self.error(entry, f"unknown layer kind '{kind_name}'{close}")
+            else:
+                self.error(entry, unknown_kind(kind_name) if isinstance(kind_name, str) else
+                           f"unknown layer kind {_show(kind_name)}; kinds are {', '.join(REGISTRY)}")
             return None
         counts[kind.prefix] = counts.get(kind.prefix, 0) + 1
         known = [o.name for o in kind.options] + [o.name for o in COMMON_OPTIONS]
@@ -395,8 +439,9 @@ class _Checker:
             self.error(node, f"{what} '{INPUT}' is reserved for the network input (in a block: the block's input)")
             return False
         cname = (prefix + name).replace(".", "_")
-        if cname in C_RESERVED or len(cname) > MAX_NAME:
-            self.error(node, f"{what} '{prefix + name}' {_bad_ident(cname)}")
+        why = _bad_ident(cname)
+        if why:
+            self.error(node, f"{what} '{prefix + name}' {why}" + (f" (in C: {cname})" if cname != prefix + name else ""))
             return False
         return True
 
@@ -409,7 +454,7 @@ class _Checker:
             return {}
         out = {}
         for bname, bnode in node.value.items():
-            if not IDENT.match(bname) or bname in C_RESERVED or bname == INPUT:
+            if not IDENT.match(bname) or _bad_ident(bname) or bname == INPUT:
                 self.error(bnode, f"block name '{bname}' is not a C identifier or is reserved", at_key=True)
                 continue
             if bname in REGISTRY:
@@ -622,9 +667,34 @@ def _explain(layer: Layer) -> str:
 
 
 def _bad_ident(name: str) -> str:
+    """Why a C identifier cannot name a network or a layer ('' if it can).
+
+    Names become prefixes of C identifiers and macros (NAME_forward, NAME_H, OFF_NAME_out):
+    C reserves identifiers that start with '_' and a capital or with '__' for the compiler
+    and the system headers (`_` gives `__real`, a GCC keyword; `_stdint` the header guard
+    `_STDINT_H` of <stdint.h>), so a name starts with a letter and has no '__'.  That no
+    name can make a generated identifier equal another (the templates' or a system
+    header's) is tested over every identifier the templates make (test_spec_values.py)."""
     if name in C_RESERVED:
         return "is reserved in C (a keyword or a name the generated code uses)"
-    return f"is {len(name)} characters long; at most {MAX_NAME}"
+    if name.startswith("_"):
+        return ("starts with '_': C reserves such identifiers for the compiler and the system headers "
+                f"(the generated {name}_... and {name.upper()}_... could clash with theirs); start it with a letter")
+    if "__" in name:
+        return "contains '__', which C reserves for the compiler and the system headers; use a single '_'"
+    if len(name) > MAX_NAME:
+        return f"is {len(name)} characters long; at most {MAX_NAME}"
+    return ""
+
+
+def name_from_path(file: str) -> str:
+    """The network name of a spec without `name:`: its file name as an identifier
+    ('my-net.v2.yaml' -> my_net_v2), prefixed with 'net_' when it would not be one."""
+    stem = re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9]", "_", Path(file).stem)).strip("_")
+    stem = stem[:MAX_NAME].rstrip("_")
+    if not stem or not stem[0].isalpha() or _bad_ident(stem):
+        stem = ("net_" + stem)[:MAX_NAME].rstrip("_")
+    return stem
 
 
 def _close(word: Any, choices: list[str]) -> list[str]:
@@ -644,6 +714,8 @@ def _show(v: Any) -> str:
         return f"'{v}'"
     if v is None:
         return "nothing"
+    if isinstance(v, int) and abs(v) >= 10**16:
+        return f"about {'-' if v < 0 else ''}10^{len(str(abs(v))) - 1}"
     return repr(v)
 
 

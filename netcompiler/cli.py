@@ -12,7 +12,6 @@ from .layers import did_you_mean, fmt_shape
 
 FORMAT_HELP = "output format (default text)"
 DTYPE_HELP = "floating-point type (real_t) of the generated C code (default float32)"
-THREADS_HELP = "threads of the C code (default: all available cores)"
 
 
 def parse_bytes(text: str) -> int:

@@ -99,25 +99,27 @@ def _layer_functions(src: str, layer: str, names: list[str], backward: bool) -> 
 
 
 def cmd_verify(args) -> int:
-    from .verify import format_rows, tolerances, verify
+    from .verify import DTYPES, format_rows, verify
 
+    dtypes = DTYPES if args.dtype == "both" else (args.dtype,)
     rows, note = verify(args.spec, batch=args.batch_size, seed=args.seed, per_tensor=args.samples,
-                        use_torch=not args.no_torch, threads=args.threads)
-    print(f"{args.spec}: float64 build, batch {args.batch_size}, seed {args.seed}")
+                        use_torch=not args.no_torch, threads=args.threads, dtypes=dtypes)
+    print(f"{args.spec}: {' and '.join(dtypes)} builds, batch {args.batch_size}, seed {args.seed}")
     if note:
         print(f"note: {note}")
     print(format_rows(rows))
-    print(tolerances())
     bad = [r for r in rows if not r.ok]
     if bad:
-        print(f"verify: FAILED: {len(bad)} mismatch(es): {', '.join(f'{r.tensor} ({r.reference})' for r in bad)}")
+        print(f"verify: FAILED: {len(bad)} mismatch(es): "
+              f"{', '.join(f'{r.tensor} ({r.dtype}, {r.reference})' for r in bad)}")
         return 1
     print(f"verify: ok ({len(rows)} comparisons)")
     return 0
 
 
 def register(sub) -> None:
-    from .cli import DTYPE_HELP, THREADS_HELP, positive_int
+    from .cli import DTYPE_HELP, positive_int
+    from .cli_train import THREADS_HELP, thread_count
 
     b = sub.add_parser("build", help="generate C and compile it: DIR/NAME.c, NAME.h, NAME.so")
     b.add_argument("spec", help="network spec (YAML) to build")
@@ -145,8 +147,10 @@ def register(sub) -> None:
                         "(default 0)")
     v.add_argument("--samples", type=positive_int, default=6, metavar="N",
                    help="finite-difference checks per tensor (default 6)")
-    v.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help=THREADS_HELP)
-    v.add_argument("--no-torch", action="store_true", help="finite differences only: do not compare with PyTorch")
+    v.add_argument("--threads", type=thread_count, default=None, metavar="N", help=THREADS_HELP)
+    v.add_argument("--no-torch", action="store_true", help="finite differences only: do not compare with PyTorch (float64 build)")
+    v.add_argument("--dtype", choices=["float32", "float64", "both"], default="both",
+                   help="the build(s) to check (default both): float64 against torch float64 and finite "
+                        "differences, float32 against torch float64 with a float32 tolerance")
     v.set_defaults(func=cmd_verify)
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .check import OPTIMIZERS, TRAIN_KEYS, Network, load
-from .cli import DTYPE_HELP, FORMAT_HELP, THREADS_HELP, int_at_least
+from .check import OPTIMIZERS, TRAIN_KEYS, Network, load, train_value
+from .cli import DTYPE_HELP, FORMAT_HELP, int_at_least
 from .errors import DataError, NetcError
 from .progress import emit
+from .runtime import MAX_THREADS, check_threads
 
 NORMALISATION_HELP = (
     "Normalisation: inputs are pixels/255 (uint8 images), then (x - mean) / std.  netc train takes mean/std "
@@ -30,26 +31,37 @@ OPTIMIZER_HELP = (
     "(betas 0.9, 0.999, eps 1e-8): weight decay decoupled, p *= 1 - lr * wd before each Adam step; that is "
     "not torch.optim.Adam, which adds the decay to the gradient (with --weight-decay 0 the two agree).  "
     "Default {}")
+THREADS_HELP = f"threads of the C code, 1 to {MAX_THREADS} (default: all available cores, within any CPU quota)"
 
 
-def _nonneg_float(text: str) -> float:
+def thread_count(text: str) -> int:
+    """--threads N: the rule of Net.threads and compile(threads=) (runtime.check_threads)."""
     try:
-        v = float(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
+        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
+    try:
+        return check_threads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _fraction(text: str) -> float:
-    v = _nonneg_float(text)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return v
+def train_arg(key: str):
+    """An argparse type for the train setting `key`: the text as a number, then the rule the
+    spec's train: section and checkpoints use too (check.train_value)."""
 
+    def parse(text: str):
+        try:
+            value = int(text) if TRAIN_KEYS[key][0] == "int" else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if TRAIN_KEYS[key][0] == 'int' else 'a number'}: "
+                                             f"'{text}'") from None
+        try:
+            return train_value(key, value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-_seed = int_at_least(0)
+    return parse
 
 
 def register(sub) -> None:
@@ -70,20 +82,20 @@ def register(sub) -> None:
     t.add_argument("--data", required=True, metavar="SRC",
                    help="'fashion-mnist', a directory of MNIST-style IDX files, or an .npz with x/y "
                         "(and x_test/y_test)")
-    t.add_argument("--epochs", metavar="N", type=positive_int, help=f"number of epochs (default {d['epochs']})")
-    t.add_argument("--batch-size", metavar="N", type=positive_int,
+    t.add_argument("--epochs", metavar="N", type=train_arg("epochs"), help=f"number of epochs (default {d['epochs']})")
+    t.add_argument("--batch-size", metavar="N", type=train_arg("batch_size"),
                    help=f"samples per batch (default {d['batch_size']})")
     t.add_argument("--optimizer", choices=OPTIMIZERS, help=OPTIMIZER_HELP.format(d["optimizer"]))
-    t.add_argument("--lr", metavar="X", type=_nonneg_float, help=f"learning rate (default {d['lr']:g})")
-    t.add_argument("--momentum", metavar="X", type=_nonneg_float,
+    t.add_argument("--lr", metavar="X", type=train_arg("lr"), help=f"learning rate (default {d['lr']:g})")
+    t.add_argument("--momentum", metavar="X", type=train_arg("momentum"),
                    help=f"momentum of --optimizer momentum (default {d['momentum']})")
-    t.add_argument("--weight-decay", metavar="X", type=_nonneg_float,
+    t.add_argument("--weight-decay", metavar="X", type=train_arg("weight_decay"),
                    help=f"weight decay (default {d['weight_decay']})")
-    t.add_argument("--seed", metavar="N", type=_seed,
+    t.add_argument("--seed", metavar="N", type=train_arg("seed"),
                    help=f"seed of initialisation, shuffling, dropout and --val-split (default {d['seed']})")
-    t.add_argument("--val-split", type=_fraction, metavar="F",
+    t.add_argument("--val-split", type=train_arg("val_split"), metavar="F",
                    help="validate on this fraction of the training set (seeded); default: validate on the test set")
-    t.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
+    t.add_argument("--threads", type=thread_count, metavar="N", help=THREADS_HELP)
     t.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/<spec name>)")
     t.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--force", action="store_true", help="start afresh even if RUN_DIR holds a checkpoint")
@@ -126,7 +138,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("spec", metavar="SPEC", help="network spec (YAML)")
     p.add_argument("weights", metavar="WEIGHTS", help=WEIGHTS_HELP)
-    p.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
+    p.add_argument("--threads", type=thread_count, metavar="N", help=THREADS_HELP)
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help=DTYPE_HELP)
 
 

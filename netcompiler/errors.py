@@ -9,6 +9,26 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """`text` with control, format and line-separator characters escaped (`\\n`, `\\x1b`,
+    `\\u2028`), so a name or a path from a spec can neither break a diagnostic across
+    lines nor send terminal control sequences."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif not ch.isprintable():  # categories Cc, Cf, Cs, Co, Cn, Zl, Zp, Zs (but ' ')
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}" if ord(ch) < 0x10000
+                       else f"\\U{ord(ch):08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
 
 class NetcError(Exception):
     """A user-facing error: its message is printed as is, without a traceback."""
@@ -40,7 +60,7 @@ class Diagnostic:
     severity: str = "error"
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}: {self.severity}: {self.message}"
+        return f"{printable(self.file)}:{self.line}:{self.col}: {self.severity}: {printable(self.message)}"
 
 
 class SpecErrors(NetcError):

@@ -13,6 +13,7 @@ from pathlib import Path
 import jinja2
 
 from . import __version__
+from .cexpr import Ix, at, ix, loop, prod, uses
 from .ctext import assert_plan, comment
 from .plan import Plan, make_plan
 from .report import build_report, table_lines
@@ -35,11 +36,14 @@ class Rendered:
 
 @functools.lru_cache(maxsize=None)
 def _env() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined, autoescape=False,
     )
+    env.globals.update(ix=ix, at=at, cint=Ix.of, cloop=loop, prod=prod)
+    env.tests["uses"] = uses
+    return env
 
 
 def banner(plan: Plan, dtype: str, flags: list[str]) -> str:
@@ -87,9 +91,12 @@ def render(net, dtype: str = "float32", flags: list[str] | None = None) -> Rende
 
 
 def _tidy(text: str) -> str:
-    """Collapse runs of blank lines that template control blocks leave behind."""
+    """Collapse runs of blank lines that template control blocks leave behind, and drop lines
+    of spaces only (where a template's `{{ cloop(...).head }}` was empty: a loop that runs once)."""
     out: list[str] = []
     for line in text.splitlines():
+        if line and not line.strip():
+            continue
         if not line.strip() and out and not out[-1].strip():
             continue
         out.append(line.rstrip())

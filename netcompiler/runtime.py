@@ -16,17 +16,20 @@ import math
 import os
 import threading
 import types
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .build import load_fastcall
-from .check import OPTIMIZERS, Network
+from .check import DEFAULT_MEMORY_BUDGET, OPTIMIZERS, TRAIN_KEYS, Network, train_value
 from .errors import WeightsError
 from .render import Rendered
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 MAX_BATCH = 2**31 - 1
+THREAD_MEMORY_LIMIT = DEFAULT_MEMORY_BUDGET  # bytes of per-thread buffers (16 GiB)
+MAX_THREADS = 1024  # a fixed cap, not one from this machine's cores: a run made elsewhere can be repeated here
 
 
 def _locked(method):
@@ -41,16 +44,66 @@ def _locked(method):
 
 
 def available_cores() -> int:
+    """The default thread count: the cores this process may run on (its affinity), fewer when
+    its cgroup's CPU quota (a container's --cpus) allows less; threads beyond the quota would
+    only wait for each other at every barrier."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """CPUs' worth of time this process's own cgroup may use (cgroup v2 `cpu.max`, or v1
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us`), or None when unlimited or unreadable.  A quota
+    set only on a parent cgroup is not seen."""
+    try:
+        entries = [line.split(":", 2) for line in Path(self_cgroup).read_text().splitlines()]
+    except OSError:
+        return None
+    for _, controllers, path in (e for e in entries if len(e) == 3):
+        rel = path.strip("/")
+        try:
+            if controllers == "":  # v2: cpu.max holds "max 100000" or "150000 100000"
+                quota, period = Path(root, rel, "cpu.max").read_text().split()[:2]
+            elif "cpu" in controllers.split(","):  # v1, mounted as e.g. /sys/fs/cgroup/cpu,cpuacct
+                d = Path(root, controllers, rel)
+                quota, period = (Path(d, f).read_text().strip() for f in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+            else:
+                continue
+            if quota not in ("max", "-1") and float(period) > 0 and int(quota) > 0:
+                return int(quota) / float(period)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_threads(value) -> int | None:
+    """The one rule for a thread count, wherever it is given (`Net.threads`, `compile(threads=)`,
+    `--threads`): an integer from 1 to MAX_THREADS, or None for the default (available_cores()).
+    0 is refused like any other count out of range, never read as "the default"."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_THREADS:
+        raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS}, got {value!r} (leave it unset "
+                         f"for the default: all available cores, {available_cores()} here)")
+    return int(value)
 
 
 def optimizer_value(what: str, value: Any, below: float | None = None) -> float:
-    """The one rule for optimizer settings (set_optimizer, Net.lr): a real, finite number
-    >= 0 (and < `below` when given) -> float; anything else is a ValueError."""
-    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    """The one rule for optimizer settings (set_optimizer, Net.lr): lr, momentum and
+    weight_decay as check.train_value has them (the spec's and the CLI's rule); eps and the
+    betas a real, finite number >= 0 (and < `below` when given).  -> float, else ValueError."""
+    if isinstance(value, (np.integer, np.floating)):
+        value = value.item()
+    if what in TRAIN_KEYS:  # lr, momentum, weight_decay: the rule of the spec and the CLI
+        try:
+            return float(train_value(what, value))
+        except ValueError as exc:
+            raise ValueError(f"{what} {exc}") from None
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
           and math.isfinite(value) and value >= 0 and (below is None or value < below))
     if not ok:
         rule = "a finite number >= 0" + (f" and < {below:g}" if below is not None else "")
@@ -96,7 +149,8 @@ class Net:
         self._capacity = 0
         self._fast_forward = None  # set by _reserve when the fastcall extension builds here
         self._threads = 0
-        self.threads = threads or available_cores()
+        threads = check_threads(threads)
+        self.threads = available_cores() if threads is None else threads
         self._optim = ffi.new(f"{self.name}_optim *")
         train = self.network.train
         self.set_optimizer(train.get("optimizer", "adam"), lr=train.get("lr", 1e-3),
@@ -141,10 +195,17 @@ class Net:
 
     @threads.setter
     @_locked
-    def threads(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"threads must be a positive integer, got {value!r}")
-        self._threads = int(value)
+    def threads(self, value: int | None) -> None:
+        """Threads of the C code; None: the default, all available cores.  Each thread has its
+        own gradient sums and scratch: their size is checked before anything is allocated."""
+        value = check_threads(value)
+        value = available_cores() if value is None else value
+        per_thread = (max(self.plan.num_params, 1) + max(self.plan.scratch_per_thread, 1)) * self.dtype.itemsize
+        if value * per_thread > THREAD_MEMORY_LIMIT:
+            raise ValueError(f"threads={value} needs {value * per_thread / 2**30:.1f} GiB of per-thread gradient "
+                             f"sums and scratch ({per_thread:,} bytes a thread), over the "
+                             f"{THREAD_MEMORY_LIMIT // 2**30} GiB limit: use fewer threads")
+        self._threads = value
         self._grads_tls = np.zeros(self._threads * max(self.plan.num_params, 1), self.dtype)
         self._bind("grads_tls", self._grads_tls)
         self._scratch = np.zeros(self._threads * max(self.plan.scratch_per_thread, 1), self.dtype)
@@ -180,29 +241,10 @@ class Net:
         values=False) from loading: missing, extra, misshapen, non-real, or (values=True)
         not finite in the build's dtype.  Metadata entries of a netc train file ('__meta__/',
         '__optim__/') get one line pointing to load_weights."""
-        expected = {**self.params, **self.buffers}
-        problems = []
-        for k in sorted(set(expected) - set(state)):
-            problems.append(f"missing '{k}' {tuple(expected[k].shape)}")
-        reserved = sorted(k for k in set(state) - set(expected) if str(k).startswith("__"))
-        for k in sorted(set(state) - set(expected) - set(reserved)):
-            problems.append(f"unexpected '{k}'")
-        if reserved:
-            problems.append(f"unexpected metadata entries ({', '.join(repr(k) for k in reserved[:3])}"
-                            f"{', ...' if len(reserved) > 3 else ''}): this is a weights or checkpoint file "
-                            f"written by netc train; load it with net.load_weights(path)")
-        for k in sorted(set(expected) & set(state)):
-            v = state[k] if not values else np.asarray(state[k])
-            if tuple(v.shape) != expected[k].shape:
-                problems.append(f"'{k}' has shape {tuple(v.shape)}, the network needs {expected[k].shape}")
-            elif v.dtype.kind not in "fiu":
-                problems.append(f"'{k}' has dtype {v.dtype}, expected a real number array")
-            elif values and v.dtype.kind == "f" and not np.all(np.isfinite(v)):
-                problems.append(f"'{k}' contains NaN or infinity")
-            elif values and not np.all(np.abs(v) <= np.finfo(self.dtype).max):
-                problems.append(f"'{k}' has values up to {np.max(np.abs(v)):.3g}, beyond the range of "
-                                f"{self.dtype} (largest {np.finfo(self.dtype).max:.3g})")
-        return problems
+        from .weights import state_problems
+
+        return state_problems({k: v.shape for k, v in {**self.params, **self.buffers}.items()}, state, self.dtype,
+                              values)
 
     def misfit(self, problems: list[str]) -> WeightsError:
         """The error for `state_problems`: one line for one problem, else one line each."""

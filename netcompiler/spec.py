@@ -6,6 +6,9 @@ constructor.  Nothing here knows about layers: this is only "YAML with marks".
 """
 from __future__ import annotations
 
+import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +44,48 @@ class Node:
         return self.value
 
 
+class _Loader(yaml.SafeLoader):
+    """The safe loader with YAML 1.2's core schema for plain scalars.
+
+    PyYAML resolves plain scalars by YAML 1.1, where `1e-5` is a string (a float needs a
+    dot), `yes`/`on`/`off` are booleans, `0x10`, `010` (octal) and `1_000` are integers,
+    `1:30` is sexagesimal and `2024-01-01` a date.  The core schema of YAML 1.2 is what
+    users of JSON and of other YAML libraries expect: decimal integers, floats with or
+    without a dot or exponent (`1e-5`, `.5`, `5e2`, `-1.5e-3`, `+2`), `.inf`/`.nan`,
+    `true`/`false`, `null`/`~`.  Everything else is a string, so `0x10`, `1_000`, `yes`
+    reach the checker as text and are refused where a number or a boolean is needed.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {}
+for _tag, _regexp, _first in (
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("int", r"^[-+]?[0-9]+$", "-+0123456789"),
+    ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", "-+0123456789."),
+):
+    _Loader.add_implicit_resolver("tag:yaml.org,2002:" + _tag, re.compile(_regexp), list(_first))
+
+
 class _Constructor(yaml.constructor.SafeConstructor):
-    pass
+    """Builds the values the core schema resolved (the 1.1 constructor would read `010` as
+    octal 8 and accept `1_0`)."""
+
+    def construct_yaml_int(self, node):
+        return int(self.construct_scalar(node), 10)
+
+    def construct_yaml_float(self, node):
+        text = self.construct_scalar(node).lower()
+        return float(text.replace(".inf", "inf").replace(".nan", "nan"))
+
+    def construct_yaml_bool(self, node):
+        return self.construct_scalar(node).lower() == "true"
+
+
+_Constructor.add_constructor("tag:yaml.org,2002:int", _Constructor.construct_yaml_int)
+_Constructor.add_constructor("tag:yaml.org,2002:float", _Constructor.construct_yaml_float)
+_Constructor.add_constructor("tag:yaml.org,2002:bool", _Constructor.construct_yaml_bool)
 
 
 MAX_VALUES = 100_000  # YAML values after expanding aliases (a real spec has a few hundred)
@@ -109,7 +152,7 @@ def _convert(node: yaml.Node, file: str, errors: list[Diagnostic], state: dict |
 def parse_text(text: str, file: str = "<spec>") -> Node:
     """Parse YAML text into a `Node` tree; raise `SpecErrors` on any problem."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -146,16 +189,55 @@ def parse_text(text: str, file: str = "<spec>") -> Node:
     return tree
 
 
+MAX_SPEC_BYTES = 1 << 20  # 1 MiB; a spec of a hundred layers is a few kB
+
+
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
 def read_spec_text(path: str | Path) -> str:
-    """Read a spec file, turning I/O and encoding problems into diagnostics."""
-    p = Path(path)
+    """Read a spec file, turning I/O and encoding problems into diagnostics.
+
+    Only a regular file of at most MAX_SPEC_BYTES is read: the file is opened without
+    blocking (a FIFO nobody writes would hang a plain open) and its type checked on the
+    open descriptor, so /dev/zero, a pipe or a directory is refused before any read."""
+    where = str(path)
+
+    def refuse(message: str) -> SpecErrors:
+        return SpecErrors([Diagnostic(where, 1, 1, message)])
+
     try:
-        data = p.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise SpecErrors([Diagnostic(str(path), 1, 1, f"cannot read spec: {exc.strerror or exc}")]) from None
-    if len(data) > 1 << 20:
-        raise SpecErrors([Diagnostic(str(path), 1, 1, f"spec is {len(data)} bytes; specs over 1 MiB are refused")])
+        raise refuse(f"cannot read spec: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse(f"cannot read spec: it is {_file_kind(st.st_mode)}, not a regular file")
+        if st.st_size > MAX_SPEC_BYTES:
+            raise refuse(f"spec is {st.st_size:,} bytes; specs over 1 MiB are refused")
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while size <= MAX_SPEC_BYTES:  # the file may grow after fstat: never read past the bound
+            chunk = os.read(fd, MAX_SPEC_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+    except OSError as exc:
+        raise refuse(f"cannot read spec: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SPEC_BYTES:
+        raise refuse(f"spec is over {MAX_SPEC_BYTES:,} bytes; specs over 1 MiB are refused")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SpecErrors([Diagnostic(str(path), 1, 1, f"spec is not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
+        raise refuse(f"spec is not UTF-8 text ({exc.reason} at byte {exc.start})") from None

@@ -462,8 +462,9 @@ class Run:
                                   np.array(losses if pos["pos"] else [], np.float64), pos["correct"], pos["train_seconds"], pos["seconds"])
         saved_threads = pos.get("threads")
         if saved_threads and saved_threads != self.net.threads:
-            self.say(f"note: the run used {saved_threads} threads, this session {self.net.threads}: results may "
-                     f"differ in the last bits from an uninterrupted run")
+            self.say(f"note: the run used {saved_threads} threads, this session {self.net.threads}: the gradient "
+                     f"sums round differently, so the weights will drift from an uninterrupted run's (--threads "
+                     f"{saved_threads} repeats it exactly)")
 
     # ---- files ----
     def _meta(self) -> dict[str, Any]:

@@ -79,6 +79,38 @@ def save_weights(path: str | os.PathLike, net, meta: dict[str, Any] | None = Non
     save_npz(path, with_meta(net.state_dict(), meta))
 
 
+def state_problems(expected: dict[str, tuple[int, ...]], state: dict[str, Any], dtype, values: bool = True
+                   ) -> list[str]:
+    """What keeps `state` (name -> array, or anything with .shape and .dtype when
+    values=False) from loading into tensors of shapes `expected` in `dtype`: missing,
+    extra, misshapen, non-real, or (values=True) not finite in `dtype`.  Metadata entries of
+    a netc train file ('__meta__/', '__optim__/') get one line pointing to load_weights."""
+    dtype = np.dtype(dtype)
+    problems = []
+    for k in sorted(set(expected) - set(state)):
+        problems.append(f"missing '{k}' {tuple(expected[k])}")
+    reserved = sorted(k for k in set(state) - set(expected) if str(k).startswith("__"))
+    for k in sorted(set(state) - set(expected) - set(reserved)):
+        problems.append(f"unexpected '{k}'")
+    if reserved:
+        problems.append(f"unexpected metadata entries ({', '.join(repr(k) for k in reserved[:3])}"
+                        f"{', ...' if len(reserved) > 3 else ''}): this is a weights or checkpoint file "
+                        f"written by netc train; load it with net.load_weights(path)")
+    for k in sorted(set(expected) & set(state)):
+        v = state[k] if not values else np.asarray(state[k])
+        want = tuple(expected[k])
+        if tuple(v.shape) != want:
+            problems.append(f"'{k}' has shape {tuple(v.shape)}, the network needs {want}")
+        elif v.dtype.kind not in "fiu":
+            problems.append(f"'{k}' has dtype {v.dtype}, expected a real number array")
+        elif values and v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+            problems.append(f"'{k}' contains NaN or infinity")
+        elif values and not np.all(np.abs(v) <= np.finfo(dtype).max):
+            problems.append(f"'{k}' has values up to {np.max(np.abs(v)):.3g}, beyond the range of "
+                            f"{dtype} (largest {np.finfo(dtype).max:.3g})")
+    return problems
+
+
 def header_check(net, path, optim: bool = False) -> Callable[[dict[str, Header]], None]:
     """A `load_npz` check refusing, before any data is read, a file whose parameter names
     or shapes do not fit `net` (and, with `optim`, whose optimizer moments do not)."""
@@ -259,11 +291,7 @@ def _is_real(v) -> bool:
 def check_settings(settings: Any, path) -> dict[str, Any]:
     """The run settings of a checkpoint, each checked by the rule its command-line option
     (or spec train: key) has; `WeightsError` naming the first bad one."""
-    import argparse
-
-    from .check import OPTIMIZERS, TRAIN_KEYS
-    from .cli import positive_int
-    from .cli_train import _fraction, _nonneg_float, _seed
+    from .check import OPTIMIZERS, TRAIN_KEYS, train_value
     from .runtime import DTYPES
 
     if not isinstance(settings, dict):
@@ -271,17 +299,13 @@ def check_settings(settings: Any, path) -> dict[str, Any]:
     missing = [k for k in (*TRAIN_KEYS, "limit", "pad", "dtype", "norm_source") if k not in settings]
     if missing:
         raise _damaged(path, f"settings lack {', '.join(missing)}")
-    parsers = {"epochs": positive_int, "batch_size": positive_int, "seed": _seed, "lr": _nonneg_float,
-               "momentum": _nonneg_float, "weight_decay": _nonneg_float, "val_split": _fraction}
-    for key, parse in parsers.items():
-        v = settings[key]
-        typed = _is_int(v) if parse in (positive_int, _seed) else _is_real(v)
+    for key, (kind, _) in TRAIN_KEYS.items():
+        if kind == "choice" or key in ("mean", "std"):
+            continue  # checked below, with what a finished run stores for them
         try:
-            if not typed:
-                raise argparse.ArgumentTypeError(f"not {'an integer' if parse in (positive_int, _seed) else 'a number'}")
-            parse(repr(v))
-        except argparse.ArgumentTypeError as exc:
-            raise _damaged(path, f"setting '{key}' is {json.dumps(v)}: {exc}") from None
+            train_value(key, settings[key])
+        except ValueError as exc:
+            raise _damaged(path, f"setting '{key}' is {json.dumps(settings[key])}: {exc}") from None
     rules = {
         "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
         "mean": (lambda v: _is_real(v) and math.isfinite(v), "a finite number"),

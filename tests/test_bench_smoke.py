@@ -1,6 +1,7 @@
 """Smoke test of the benchmark: it runs and prints its tables.  No time is asserted."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -8,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_quick_runs(tmp_path):
+    pytest.importorskip("torch")
     env = dict(os.environ, NETC_CACHE_DIR=str(tmp_path / "cache"))
     cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--nets", "lenet5", "--threads", "1",
            "--batch", "8", "--no-onnx", "--no-build-time", "--min-time", "0.01", "--warmup", "0.01",
@@ -27,3 +27,21 @@ def test_bench_quick_runs(tmp_path):
     assert "netc/torch" in out
     assert "FP32 peak" in out
     assert (tmp_path / "out.json").exists()
+
+
+def test_busy_mode_runs_and_kills_its_busy_process(tmp_path):
+    """bench/busy.py at minimal size: both thread counts, with and without the busy process,
+    and the busy process gone afterwards.  No time is asserted."""
+    env = dict(os.environ, NETC_CACHE_DIR=str(tmp_path / "cache"))
+    cmd = [sys.executable, str(ROOT / "bench" / "busy.py"), "--nets", "lenet5", "--seconds", "0.01", "--reps", "1",
+           "--samples", "64", "--batch", "8", "--json", str(tmp_path / "busy.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "busy.json").read_text())["results"]
+    assert [r["load"] for r in rows] == ["none", "busy"]
+    assert all(set(r["img_s"]) == {str(r["default_threads"]), "1"} and all(v > 0 for v in r["img_s"].values())
+               for r in rows)
+    assert "default/1" in proc.stdout and "loadavg" in proc.stdout
+    pid = rows[1]["busy_pid"]
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    assert not cmdline.exists() or b"getppid" not in cmdline.read_bytes()  # (unless the pid was reused)

@@ -1,6 +1,7 @@
 """`python -m netcompiler check` in a subprocess: exit status, stdout/stderr, never a traceback."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,7 +102,18 @@ def test_empty_file(tmp_path):
 
 
 def test_directory_as_spec(tmp_path):
-    assert_clean_failure(netc("check", tmp_path), f"{tmp_path}:1:1: error: cannot read spec: Is a directory")
+    assert_clean_failure(netc("check", tmp_path),
+                         f"{tmp_path}:1:1: error: cannot read spec: it is a directory, not a regular file")
+
+
+def test_fifo_and_devices_are_refused_without_reading(tmp_path):
+    # a FIFO nobody writes hung the open; /dev/zero was read without bound
+    fifo = tmp_path / "spec.yaml"
+    os.mkfifo(fifo)
+    r = netc("check", fifo)
+    assert_clean_failure(r, f"{fifo}:1:1: error: cannot read spec: it is a FIFO (named pipe), not a regular file")
+    assert_clean_failure(netc("check", "/dev/zero"),
+                         "/dev/zero:1:1: error: cannot read spec: it is a character device, not a regular file")
 
 
 def test_huge_file_refused(tmp_path):

@@ -345,13 +345,13 @@ def _set(d, **kw):
 
 CHECKPOINT_DAMAGE = {
     "batch_size 0": (lambda a: tamper_json(a, "settings", lambda s: _set(s, batch_size=0)),
-                     "setting 'batch_size' is 0: must be >= 1"),
+                     "setting 'batch_size' is 0: must be a positive integer"),
     "batch_size 'x'": (lambda a: tamper_json(a, "settings", lambda s: _set(s, batch_size="x")),
-                       "setting 'batch_size' is \"x\": not an integer"),
+                       "setting 'batch_size' is \"x\": must be a positive integer"),
     "unknown optimizer": (lambda a: tamper_json(a, "settings", lambda s: _set(s, optimizer="rmsprop")),
                           "setting 'optimizer' is \"rmsprop\", expected one of"),
     "lr -1": (lambda a: tamper_json(a, "settings", lambda s: _set(s, lr=-1)),
-              "setting 'lr' is -1: must be a finite number >= 0"),
+              "setting 'lr' is -1: must be a number in [0, 1000]"),
     "std 0": (lambda a: tamper_json(a, "settings", lambda s: _set(s, std=0)), "setting 'std' is 0"),
     "dtype": (lambda a: tamper_json(a, "settings", lambda s: _set(s, dtype="float16")), "setting 'dtype'"),
     "settings a list": (lambda a: tamper_json(a, "settings", lambda s: [1]), "settings are list, not a mapping"),

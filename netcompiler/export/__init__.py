@@ -79,20 +79,11 @@ class Exported:
 
 
 def check_state(network, state: dict[str, np.ndarray], path) -> None:
-    """Every parameter and buffer present with its shape, nothing extra, finite reals."""
-    expected = {**network.param_shapes(), **network.buffer_shapes()}
-    problems = [f"missing '{k}' {expected[k]}" for k in expected if k not in state]
-    problems += [f"unexpected '{k}'" for k in sorted(set(state) - set(expected))]
-    for k in expected:
-        if k not in state:
-            continue
-        v = np.asarray(state[k])
-        if v.shape != tuple(expected[k]):
-            problems.append(f"'{k}' has shape {v.shape}, the network needs {tuple(expected[k])}")
-        elif v.dtype.kind not in "fiu":
-            problems.append(f"'{k}' has dtype {v.dtype}, expected a real number array")
-        elif not np.all(np.isfinite(v)):
-            problems.append(f"'{k}' contains NaN or infinity")
+    """Every parameter and buffer present with its shape, nothing extra, finite in float32
+    (the exported C's type): the rule Net.load_state_dict applies (weights.state_problems)."""
+    from ..weights import state_problems
+
+    problems = state_problems({**network.param_shapes(), **network.buffer_shapes()}, state, np.float32)
     if problems:
         raise WeightsError(f"{path}: weights do not fit network '{network.name}':\n  " + "\n  ".join(problems))
 
@@ -100,9 +91,9 @@ def check_state(network, state: dict[str, np.ndarray], path) -> None:
 def load_state(network, path) -> tuple[dict[str, np.ndarray], tuple[float, float] | None]:
     """The weights file `path` (as netc train writes it), checked against `network`, and the
     input normalisation (mean, std) stored in it, if any."""
-    from ..weights import load_npz, meta_float, split
+    from ..weights import load_npz, meta_float, network_cap, split
 
-    state, meta, _ = split(load_npz(path))
+    state, meta, _ = split(load_npz(path, cap=network_cap(network)))
     mean, std = meta_float(meta, "mean"), meta_float(meta, "std")
     if not state and (network.param_shapes() or network.buffer_shapes()):
         raise WeightsError(f"{path}: holds no weights (only metadata)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -34,11 +35,42 @@ class OptionError(Exception):
     """Raised by an option parser; the checker turns it into a located diagnostic."""
 
 
-def _int(v: Any, what: str, minimum: int) -> int:
+def yaml11_hint(v: Any) -> str:
+    """Why a string that YAML 1.1 read as a number or a boolean is text here."""
+    if isinstance(v, str):
+        if (re.fullmatch(r"[-+]?0[xXoObB][0-9a-fA-F_]+", v)
+                or "_" in v and re.fullmatch(r"[-+]?[0-9][0-9_]*(\.[0-9_]*)?([eE][-+]?[0-9_]+)?", v)):
+            return " (numbers are decimal, without '_': e.g. 16, 0.5, 1e-5)"
+        if v.lower() in ("yes", "no", "on", "off", "y", "n"):
+            return " (write true or false)"
+    return ""
+
+
+# The largest integer option (a size, stride, padding, dilation or group count): the C
+# code computes with int, and no window, channel count or feature count of a network that
+# fits in memory comes near it.  Tensor sizes are bounded separately (MAX_ELEMENTS).
+MAX_OPTION_INT = 1 << 20
+MAX_ELEMENTS = 2**31 - 1  # no tensor may hold more (C indexes within a sample with int)
+
+
+def as_number(v: Any) -> float | None:
+    """A YAML int or float as a float (an int too large for a float is inf); None for
+    anything else (booleans, strings, lists)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
+def _int(v: Any, what: str, minimum: int, maximum: float = MAX_OPTION_INT) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise OptionError(f"{what} must be an integer, got {_show(v)}")
+        raise OptionError(f"{what} must be an integer, got {_show(v)}{yaml11_hint(v)}")
     if v < minimum:
         raise OptionError(f"{what} must be >= {minimum}, got {v}")
+    if v > maximum:
+        raise OptionError(f"{what} must be at most {int(maximum):,}, got {_show(v)}")
     return v
 
 
@@ -52,6 +84,8 @@ def _show(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, list):
         return "[" + ", ".join("null" if x is None else _show(x) for x in v) + "]"
+    if isinstance(v, int) and abs(v) >= 10**16:  # 10**30 as written would be 31 digits
+        return f"about {'-' if v < 0 else ''}10^{len(str(abs(v))) - 1}"
     return repr(v)
 
 
@@ -73,14 +107,15 @@ class Option:
 
     def parse(self, v: Any) -> Any:
         what = f"'{self.name}'"
+        top = min(self.maximum, MAX_OPTION_INT)
         if self.kind == "int":
-            return _int(v, what, int(self.minimum))
+            return _int(v, what, int(self.minimum), top)
         if self.kind == "pair":
             if isinstance(v, list):
                 if len(v) != 2:
                     raise OptionError(f"{what} must be an integer or a pair [h, w], got a list of {len(v)}")
-                return (_int(v[0], what, int(self.minimum)), _int(v[1], what, int(self.minimum)))
-            n = _int(v, what, int(self.minimum))
+                return (_int(v[0], what, int(self.minimum), top), _int(v[1], what, int(self.minimum), top))
+            n = _int(v, what, int(self.minimum), top)
             return (n, n)
         if self.kind == "padding":  # conv padding: int, pair, 'same' or 'valid'
             if isinstance(v, str):
@@ -91,14 +126,17 @@ class Option:
             return Option(self.name, "pair", minimum=0).parse(v)
         if self.kind == "bool":
             if not isinstance(v, bool):
-                raise OptionError(f"{what} must be true or false, got {_show(v)}")
+                raise OptionError(f"{what} must be true or false, got {_show(v)}{yaml11_hint(v)}")
             return v
         if self.kind == "float":
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise OptionError(f"{what} must be a number, got {_show(v)}")
-            if not (self.minimum <= v <= self.maximum):
-                raise OptionError(f"{what} must be in [{self.minimum}, {self.maximum}], got {v}")
-            return float(v)
+            x = as_number(v)
+            if x is None:
+                raise OptionError(f"{what} must be a number, got {_show(v)}{yaml11_hint(v)}")
+            if isinstance(v, float) and not math.isfinite(x):
+                raise OptionError(f"{what} must be a finite number, got {_show(v)}")
+            if not (self.minimum <= x <= self.maximum):
+                raise OptionError(f"{what} must be in [{self.minimum:g}, {self.maximum:g}], got {_show(v)}")
+            return x
         if self.kind == "choice":
             if v not in self.choices:
                 hint = did_you_mean(v, list(self.choices)) if isinstance(v, str) else ""
@@ -111,7 +149,7 @@ class Option:
         if self.kind == "shape":
             if not isinstance(v, list) or not v:
                 raise OptionError(f"{what} must be a list of sizes, e.g. [16, 10, 10], got {_show(v)}")
-            return tuple(_int(x, what, 1) for x in v)
+            return tuple(_int(x, what, 1, MAX_ELEMENTS) for x in v)
         raise AssertionError(self.kind)
 
 
@@ -194,6 +232,9 @@ class LayerKind:
     doc: ClassVar[str] = ""
     options: ClassVar[tuple[Option, ...]] = ()
     template: ClassVar[str]  # file under templates/layers/
+    # what Keras or PyTorch call this kind, beyond case and '_' (matched case-insensitively,
+    # ignoring '_'): an unknown kind that is one of these gets "did you mean" this kind
+    aliases: ClassVar[tuple[str, ...]] = ()
     # C code runs a layer either once per sample (inside the parallel loop over the batch)
     # or once over the whole batch in training (batch norm needs batch statistics; linear
     # layers reuse each weight across samples and own their gradient rows per thread).

@@ -16,6 +16,7 @@ class BatchNorm2d(LayerKind):
     prefix = "bn"
     doc = "batch normalisation over (N, H, W) per channel, as torch.nn.BatchNorm2d"
     template = "batchnorm2d.c.j2"
+    aliases = ("batch_normalization", "batchnorm", "batch_norm")
     batch_level_in_training = True
     options = (
         Option("eps", "float", 1e-5, "added to the variance", minimum=0, maximum=1),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from .base import Layer, Option, Shape, WeightLayer, fmt_shape, window_out
+from .base import MAX_ELEMENTS, Layer, Option, Shape, WeightLayer, fmt_shape, window_out
 
 
 class Conv2d(WeightLayer):
@@ -11,6 +11,7 @@ class Conv2d(WeightLayer):
     prefix = "conv"
     doc = "2-D convolution (cross-correlation), as torch.nn.Conv2d"
     template = "conv2d.c.j2"
+    aliases = ("convolution2d", "conv")
     options = (
         Option("out_channels", "int", doc="number of output channels"),
         Option("kernel_size", "pair", doc="kernel height and width (int or [h, w])"),
@@ -54,6 +55,11 @@ class Conv2d(WeightLayer):
         if oh <= 0 or ow <= 0:
             error(f"{layer.where()}: {self._too_small(h, w, kh, kw, sh, sw, pads, dh, dw, oh, ow)}", None)
             return None
+        padded = (cin // g) * (h + sum(pads[0])) * (w + sum(pads[1]))
+        if padded > MAX_ELEMENTS:  # the zero-bordered copy of a group's input planes
+            error(f"{layer.where()}: the padded input of a group has {padded:,} elements; at most "
+                  f"{MAX_ELEMENTS:,}", "padding")
+            return None
         layer.derived.update(pad_top=pads[0][0], pad_left=pads[1][0], pads=pads)
         return (o["out_channels"], oh, ow)
 
@@ -93,13 +99,13 @@ class Conv2d(WeightLayer):
         # loads that reach up to KW + VEC - 1 reals either side of a dcol row (masked lanes)
         row_col2im = (o["stride"], o["dilation"]) == ((1, 1), (1, 1))
         if row_col2im:
-            gemm["DPAD_OFF"] += kw + VEC
-            gemm["SCRATCH"] += kw + VEC
+            gemm["DPAD_OFF"] = _round_up(gemm["DPAD_OFF"] + kw + VEC, VEC)
+            gemm["SCRATCH"] = gemm["DPAD_OFF"] + (gemm["SCRATCH"] - gemm["DCOL_OFF"] - gemm["K"] * gemm["NP"])
         (pt, pb), (pl, pr) = d["pads"]
         hp, wp = h + pt + pb, w + pl + pr
         padded = (pt, pb, pl, pr) != (0, 0, 0, 0)
         # the padded copy of a group's input planes follows the GEMM scratch
-        xpad_off = gemm.pop("SCRATCH")
+        xpad_off = _round_up(gemm.pop("SCRATCH"), VEC)
         scratch = xpad_off + ((cin // g) * hp * wp if padded else 0)
         wino = winograd_blocking(cin, cout, oh, ow) if uses_winograd(layer) else {}
         if wino:
@@ -121,7 +127,33 @@ class Conv2d(WeightLayer):
         tail = dot_tail(gemm, gather is not None)
         if tail:
             tail["TAIL_OFF"] = [tap0(p, ow, o["stride"][0], o["stride"][1], wp) for p in range(gemm["N_FULL"], oh * ow)]
+        m, k, np_, kp = gemm["M"], gemm["K"], gemm["NP"], gemm["KP"]
+        # the per-thread scratch regions this layer's paths use: name -> (offset, shape)
+        regions = {}
+        if wino:
+            regions.update(
+                V=(0, f"V [16][{wino['WG_VPS']}]"), YT=(0, f"yt [{2 * wino['WG_TH']}][{2 * wino['WG_TW']}][{wino['WG_COUTP']}]"),
+                M=(wino["WG_M_OFF"], f"M [16][{wino['WG_MPS']}]"),
+                XT=(wino["WG_XT_OFF"], f"xt [{wino['WG_HT']}][{wino['WG_WT']}][{wino['WG_CINP']}]"))
+        elif tail:
+            regions["TAIL"] = (0, f"tail rows of taps [{tail['TAIL_R']}][{tail['TAIL_KT']}]")
+        elif not gather:
+            regions["COL"] = (0, f"col [{kp}][{np_}]")
+        if not dwg:
+            regions["COLT"] = (0, f"colT [{gemm['N']}][{kp}]")
+        needs_din = layer.index > 0  # a convolution is never fused; the first one reads the network input
+        if needs_din:
+            regions["DCOL"] = (gemm["DCOL_OFF"], f"dcol [{k}][{np_}]")
+        if needs_din and np_ != gemm["N"]:
+            regions["DPAD"] = (gemm["DPAD_OFF"], f"d [{m}][{np_}]")
+        if padded:
+            regions["XPAD"] = (xpad_off, f"xpad [{cin // g}][{hp}][{wp}]")
+        prefix = f"{layer.name.upper()}_SCRATCH_"
+        scr = {key: prefix + key for key in regions}
         return dict(
+            SCR=scr, SCRATCH_DEFS=[(prefix + key, off, shape) for key, (off, shape) in regions.items()],
+            # the forward uses scratch (an im2col, a padded input, tail rows or Winograd's buffers)
+            FWD_SCRATCH=bool(wino) or padded or bool(tail) or not gather,
             CIN=cin, H=h, W=w, COUT=cout, OH=oh, OW=ow,
             KH=kh, KW=kw, SH=o["stride"][0], SW=o["stride"][1],
             DH=o["dilation"][0], DW=o["dilation"][1], PT=d["pad_top"], PL=d["pad_left"],

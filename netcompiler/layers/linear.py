@@ -11,6 +11,7 @@ class Linear(WeightLayer):
     prefix = "fc"
     doc = "fully connected layer, as torch.nn.Linear"
     template = "linear.c.j2"
+    aliases = ("dense", "fc", "fully_connected")
     batch_level_in_training = True
     options = (
         Option("out_features", "int", doc="number of outputs"),
@@ -46,7 +47,8 @@ class Linear(WeightLayer):
         outp = -(-fout // 16) * 16  # outputs padded to whole vectors (training forward)
         nvo = max(d for d in range(1, 5) if (outp // 16) % d == 0)  # output vectors per block
         return dict(IN=fin, OUT=fout, bias=layer.opts["bias"], OB=ob, IN_V=in_v, IN_TAIL=fin % 16,
-                    NVI=nvi, OUTP=outp, NVO=nvo,
+                    NVI=nvi, OUTP=outp, NVO=nvo, VEC=16,
+                    OUT_PARTIAL=fout % 16 != 0,  # the last vector of outputs is partly padding
                     SB=4 if nvo > 2 else 8)  # SB: samples per register tile in training
 
     def applies_relu(self, layer: Layer) -> bool:

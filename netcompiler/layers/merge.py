@@ -57,6 +57,7 @@ class Concat(LayerKind):
     kind = "concat"
     prefix = "concat"
     doc = "join tensors along channels (3-D) or features (1-D), as torch.cat(dim=1)"
+    aliases = ("concatenate", "cat")  # Keras, torch
     template = "concat.c.j2"
     min_inputs = 2
     max_inputs = 64

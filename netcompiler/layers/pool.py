@@ -52,6 +52,7 @@ class MaxPool2d(Pool2d):
     kind = "maxpool2d"
     doc = "max pooling, as torch.nn.MaxPool2d; backward routes the gradient to the saved argmax"
     template = "maxpool2d.c.j2"
+    aliases = ("max_pooling2d", "max_pool2d")
     options = (
         Option("kernel_size", "pair", doc="window height and width"),
         Option("stride", "pair", None, "step between windows (default: kernel_size)"),
@@ -158,6 +159,7 @@ class AvgPool2d(Pool2d):
     kind = "avgpool2d"
     doc = "average pooling, as torch.nn.AvgPool2d"
     template = "avgpool2d.c.j2"
+    aliases = ("average_pooling2d", "avg_pool2d")
     options = (
         Option("kernel_size", "pair", doc="window height and width"),
         Option("stride", "pair", None, "step between windows (default: kernel_size)"),

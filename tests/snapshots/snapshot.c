@@ -108,7 +108,6 @@ typedef lane_t vlane __attribute__((vector_size(VEC * sizeof(real_t))));
  * Macros for the same reason; their arguments are evaluated more than once. */
 #define vrelu(v) ((vreal)((vlane)(v) & (vlane)((v) > (vreal){0})))
 #define vpos(v, x) ((vreal)((vlane)(v) & (vlane)((x) > (vreal){0})))
-static inline real_t relu(real_t x) { return x > 0 ? x : 0; }
 static inline real_t vsum(const vreal *v)
 {
     real_t s = 0;
@@ -142,21 +141,20 @@ static inline void vsum16(real_t *restrict y, const vreal *a)
     vstore(y, vshuffle2(l2[0], l2[1], x1) + vshuffle2(l2[0], l2[1], x1 + 1));
 }
 static inline int imin(int a, int b) { return a < b ? a : b; }
-static inline int imax(int a, int b) { return a > b ? a : b; }
-/* first index o >= 0 with o * step >= num: the first window tap inside the input */
-static inline int window_lo(int num, int step) { return num <= 0 ? 0 : (num + step - 1) / step; }
-/* one past the last index o < limit with o * step <= num */
-static inline int window_hi(int num, int step, int limit) { return num < 0 ? 0 : imin(num / step + 1, limit); }
+/* g + 0: -0 becomes +0 (what zeroing then accumulating gives), any other g is unchanged */
+static inline real_t plus_zero(real_t g) { return g + (real_t)0; }
 
 /* ==== layers ============================================================================ */
+#define CONV1_SCRATCH_COLT 0 /* colT [64][16] */
+#define CONV1_SCRATCH_XPAD 1632 /* xpad [1][10][10] */
+
 /* conv1: the group's 1 input planes copied into 10x10 planes with a zero border
  * (1 top, 1 left); returns xp */
 static const real_t *conv1_pad(real_t *restrict xp, const real_t *restrict in)
 {
-    memset(xp, 0, sizeof(real_t) * 1 * 10 * 10);
-    for (int ic = 0; ic < 1; ic++)
+    memset(xp, 0, sizeof(real_t) * 10 * 10);
         for (int y = 0; y < 8; y++)
-            memcpy(xp + (ic * 10 + y + 1) * 10 + 1, in + (ic * 8 + y) * 8,
+            memcpy(xp + (y + 1) * 10 + 1, in + y * 8,
                    sizeof(real_t) * 8);
     return xp;
 }
@@ -179,30 +177,29 @@ static const vlane conv1_lanes[4] = {
 static void conv1_forward(real_t *restrict out, const real_t *restrict in,
         const real_t *restrict weight, const real_t *restrict bias, real_t *restrict scratch)
 {
-    for (int grp = 0; grp < 1; grp++) {
-        const real_t *restrict x = conv1_pad(scratch + 1619, in + grp * (1 * 8 * 8));
+    {
+        const real_t *restrict x = conv1_pad(scratch + CONV1_SCRATCH_XPAD, in);
         for (int p0 = 0; p0 < 64; p0 += 32) /* col's slice of pixels stays in cache */
-            for (int m0 = 0; m0 < 2; m0 += 2) {
-                const real_t *w = weight + (grp * 2 + m0) * 9;
+            {
+                const real_t *w = weight;
                 vreal acc[2][2];
                 #pragma GCC unroll 16
                 for (int i = 0; i < 2; i++)
                     #pragma GCC unroll 16
                     for (int j = 0; j < 2; j++)
-                        acc[i][j] = (vreal){0} + bias[grp * 2 + m0 + i];
+                        acc[i][j] = (vreal){0} + bias[i];
                 vlane lanes[2];
                 const real_t *xs[2];
                 #pragma GCC unroll 16
                 for (int j = 0; j < 2; j++) {
-                    lanes[j] = conv1_lanes[p0 / VEC + j];
-                    xs[j] = x + conv1_start[p0 / VEC + j];
+                    lanes[j] = conv1_lanes[p0 / 16 + j];
+                    xs[j] = x + conv1_start[p0 / 16 + j];
                 }
-                for (int ic = 0; ic < 1; ic++)
                     for (int ky = 0; ky < 3; ky++)
                         #pragma GCC unroll 16
                         for (int kx = 0; kx < 3; kx++) {
-                            const int k = (ic * 3 + ky) * 3 + kx;
-                            const int tap = (ic * 10 + ky * 1) * 10 + kx * 1;
+                            const int k = ky * 3 + kx;
+                            const int tap = ky * 10 + kx;
                             vreal cr[2];
                             #pragma GCC unroll 16
                             for (int j = 0; j < 2; j++)
@@ -215,7 +212,7 @@ static void conv1_forward(real_t *restrict out, const real_t *restrict in,
                         }
                 #pragma GCC unroll 16
                 for (int i = 0; i < 2; i++) {
-                    real_t *o = out + (grp * 2 + m0 + i) * 64 + p0;
+                    real_t *o = out + i * 64 + p0;
                     #pragma GCC unroll 16
                     for (int j = 0; j < 2; j++)
                         vstore(o + j * VEC, vrelu(acc[i][j]));
@@ -231,93 +228,58 @@ static void conv1_im2row(real_t *restrict colT, const real_t *restrict x)
     for (int oy = 0; oy < 8; oy++)
         for (int ox = 0; ox < 8; ox++) {
             real_t *restrict dst = colT + (oy * 8 + ox) * 16;
-            for (int ic = 0; ic < 1; ic++)
                 for (int ky = 0; ky < 3; ky++) {
-                    const real_t *src = x + (ic * 10 + oy * 1 + ky * 1) * 10 + ox * 1;
-                    memcpy(dst + (ic * 3 + ky) * 3, src, sizeof(real_t) * 3);
+                    const real_t *src = x + (oy + ky) * 10 + ox;
+                    memcpy(dst + ky * 3, src, sizeof(real_t) * 3);
                 }
-            for (int k = 9; k < 16; k++)
-                dst[k] = 0;
+            for (int k = 9; k < 16; k++) dst[k] = 0; /* taps 9..15 */
         }
 }
 
 /* conv1 backward: conv2d 'conv1', tests/specs/snapshot.yaml:6: out_channels=2, kernel_size=3, padding=1
  * in [1][8][8] -> out [2][8][8], weight [2][1][3][3], bias [2] */
 /* per group, with colT rebuilt from the saved input and d = dout:
- * dL/dW[m][k] += sum_p d[m][p] colT[p][k]   (a correlation of X with delta),
+ * dL/dW[m][k] += sum_p d[m][p] colT[p][k] (a correlation of X with delta),
  * dcol[k][p] = sum_m W[m][k] d[m][p], scattered back onto the input taps (the full
  * correlation of delta with the flipped kernel). scratch (per thread): colT, dcol. */
 static void conv1_backward(real_t *restrict dweight, real_t *restrict dbias,
         const real_t *restrict dout, const real_t *restrict in,
         const real_t *restrict weight, real_t *restrict scratch)
 {
-    real_t *restrict colT = scratch + 0;
+    real_t *restrict colT = scratch + CONV1_SCRATCH_COLT;
     (void)weight; /* the input gradient of the first layer is not needed */
-    for (int grp = 0; grp < 1; grp++) {
-        const real_t *restrict dg_out = dout + grp * (2 * 64);
+    {
+        const real_t *restrict dg_out = dout;
         for (int m = 0; m < 2; m++) {
             const real_t *src = dg_out + m * 64;
             vreal s = {0};
             for (int p = 0; p + VEC <= 64; p += VEC)
                 s += vload(src + p);
             real_t db = vsum(&s);
-            for (int p = 64 / VEC * VEC; p < 64; p++)
-                db += src[p];
-            dbias[grp * 2 + m] += db;
+            dbias[m] += db;
         }
         /* weight gradient dW[m][k] += sum_p d[m][p] colT[p][k]: 2 channels x 1 vectors of
          * taps accumulate over the pixels */
-        conv1_im2row(colT, conv1_pad(scratch + 1619, in + grp * (1 * 8 * 8)));
-        for (int k0 = 0; k0 < 0; k0 += 1 * VEC) /* a slice of colT stays in cache */
-            for (int m0 = 0; m0 < 2; m0 += 2) {
-                vreal acc[2][1] = {0};
-                for (int p = 0; p < 64; p++) {
-                    vreal cv[1];
-                    #pragma GCC unroll 16
-                    for (int j = 0; j < 1; j++) {
-                        vreal v = vload(colT + p * 16 + k0 + j * VEC);
-                        vkeep(v); /* one load, used 2 times */
-                        cv[j] = v;
-                    }
-                    #pragma GCC unroll 16
-                    for (int i = 0; i < 2; i++)
-                        #pragma GCC unroll 16
-                        for (int j = 0; j < 1; j++)
-                            acc[i][j] += dg_out[(m0 + i) * 64 + p] * cv[j];
-                }
-                #pragma GCC unroll 16
-                for (int i = 0; i < 2; i++) {
-                    real_t *dw = dweight + (grp * 2 + m0 + i) * 9 + k0;
-                    #pragma GCC unroll 16
-                    for (int j = 0; j < 1; j++)
-                        vstore(dw + j * VEC, vload(dw + j * VEC) + acc[i][j]);
-                }
-            }
+        conv1_im2row(colT, conv1_pad(scratch + CONV1_SCRATCH_XPAD, in));
         { /* the last block of taps, 9 of them real */
-            const int k0 = 0;
-            for (int m0 = 0; m0 < 2; m0 += 2) {
+            {
                 vreal acc[2][1] = {0};
                 for (int p = 0; p < 64; p++) {
                     vreal cv[1];
-                    #pragma GCC unroll 16
-                    for (int j = 0; j < 1; j++) {
-                        vreal v = vload(colT + p * 16 + k0 + j * VEC);
+                    {
+                        vreal v = vload(colT + p * 16);
                         vkeep(v); /* one load, used 2 times */
-                        cv[j] = v;
+                        cv[0] = v;
                     }
                     #pragma GCC unroll 16
                     for (int i = 0; i < 2; i++)
-                        #pragma GCC unroll 16
-                        for (int j = 0; j < 1; j++)
-                            acc[i][j] += dg_out[(m0 + i) * 64 + p] * cv[j];
+                            acc[i][0] += dg_out[i * 64 + p] * cv[0];
                 }
                 #pragma GCC unroll 16
                 for (int i = 0; i < 2; i++) {
-                    real_t *dw = dweight + (grp * 2 + m0 + i) * 9 + k0;
-                    real_t part[1 * VEC];
-                    #pragma GCC unroll 16
-                    for (int j = 0; j < 1; j++)
-                        vstore(part + j * VEC, acc[i][j]);
+                    real_t *dw = dweight + i * 9;
+                    real_t part[VEC];
+                        vstore(part, acc[i][0]);
                     for (int k = 0; k < 9; k++)
                         dw[k] += part[k];
                 }
@@ -398,7 +360,7 @@ static void pool1_forward_eval(real_t *restrict out, const real_t *restrict in)
  * (Where OMP(omp simd) asks for it: without OpenMP, gcc's cost model decides.)
  * The windows do not overlap, so each input gradient is written once, with no memset and
  * no scatter: the output gradient of its window where forward chose it, else 0.
- * (+ 0 turns a -0 gradient into +0, as zeroing and accumulating, in PyTorch and in the general path, does.)
+ * (plus_zero turns a -0 gradient into +0, as zeroing and accumulating, in PyTorch and in the general path, does.)
  * A fused ReLU before the pool: gradients go only to windows whose maximum, out, is positive.
  */
 static void pool1_backward(real_t *restrict din, const real_t *restrict dout, const real_t *restrict out, const int32_t *restrict argmax)
@@ -414,7 +376,7 @@ static void pool1_backward(real_t *restrict din, const real_t *restrict dout, co
                 OMP(omp simd)
                 for (int ox = 0; ox < 4; ox++) {
                     const int o = oy * 4 + ox;
-                    const real_t g = (outp[o] > 0 ? doutp[o] + 0 : 0);
+                    const real_t g = (outp[o] > 0 ? plus_zero(doutp[o]) : 0);
                     for (int kx = 0; kx < 2; kx++) {
                         const int i = iy * 8 + ox * 2 + kx;
                         dinp[i] = am[o] == i ? g : 0;
@@ -433,21 +395,20 @@ static void fc1_forward(real_t *restrict out, const real_t *restrict in,
         const real_t *restrict weight, const real_t *restrict bias)
 {
     /* 4 outputs at a time (more streams of weights at once run slower), each a vector of partial
-     * sums over 32 inputs, reduced together     * */
+     * sums over 32 inputs, reduced together */
     { /* the last 3 output(s) */
-        const int o0 = 0;
         vreal acc[16] = {0};
         for (int i = 0; i < 32; i += VEC) {
             const vreal x = vload(in + i);
             #pragma GCC unroll 16
             for (int j = 0; j < 3; j++)
-                acc[j] += vload(weight + (o0 + j) * 32 + i) * x;
+                acc[j] += vload(weight + j * 32 + i) * x;
         }
         real_t y[VEC];
         vsum16(y, acc);
         for (int j = 0; j < 3; j++) {
-            real_t s = y[j] + bias[o0 + j];
-            out[o0 + j] = s;
+            real_t s = y[j] + bias[j];
+            out[j] = s;
         }
     }
 }
@@ -459,6 +420,7 @@ static void fc1_forward(real_t *restrict out, const real_t *restrict in,
 static void fc1_forward_batch(real_t *acts, int n, const real_t *restrict weight,
         const real_t *restrict bias, real_t *restrict wt, int threads)
 {
+    (void)threads; /* read only by OMP(), which is empty without OpenMP */
     if (n < 8 * 2) { /* too few samples to pay for the transpose: the evaluation kernel */
         for (int s = 0; s < n; s++)
             fc1_forward(acts + (size_t)s * ACTS_PER_SAMPLE + OFF_fc1_out, acts + (size_t)s * ACTS_PER_SAMPLE + OFF_pool1_out,
@@ -466,10 +428,9 @@ static void fc1_forward_batch(real_t *acts, int n, const real_t *restrict weight
         return;
     }
     /* transpose in 16 x 16 tiles; padded outputs get zero weights */
-    for (int o0 = 0; o0 < 16; o0 += 16)
         for (int i0 = 0; i0 < 32; i0 += 16)
             for (int i = i0; i < imin(i0 + 16, 32); i++)
-                for (int o = o0; o < o0 + 16; o++)
+                for (int o = 0; o < 16; o++)
                     wt[i * 16 + o] = o < 3 ? weight[o * 32 + i] : 0;
     for (int o = 0; o < 16; o++)
         wt[32 * 16 + o] = o < 3 ? bias[o] : 0;
@@ -479,78 +440,64 @@ static void fc1_forward_batch(real_t *acts, int n, const real_t *restrict weight
             const real_t *x[8];
             for (int s = 0; s < 8; s++)
                 x[s] = acts + (size_t)(s0 + s) * ACTS_PER_SAMPLE + OFF_pool1_out;
-            for (int o0 = 0; o0 < 16; o0 += 1 * VEC) {
+            {
                 vreal acc[8][1];
-                #pragma GCC unroll 8
-                for (int v = 0; v < 1; v++) {
-                    const vreal b0 = vload(wt + 32 * 16 + o0 + v * VEC);
+                {
+                    const vreal b0 = vload(wt + 512);
                     #pragma GCC unroll 8
                     for (int s = 0; s < 8; s++)
-                        acc[s][v] = b0;
+                        acc[s][0] = b0;
                 }
                 for (int i = 0; i < 32; i++) {
                     vreal w[1];
-                    #pragma GCC unroll 8
-                    for (int v = 0; v < 1; v++) {
-                        vreal t = vload(wt + i * 16 + o0 + v * VEC);
+                    {
+                        vreal t = vload(wt + i * 16);
                         vkeep(t); /* one load, used for 8 samples */
-                        w[v] = t;
+                        w[0] = t;
                     }
                     #pragma GCC unroll 8
                     for (int s = 0; s < 8; s++)
-                        #pragma GCC unroll 8
-                        for (int v = 0; v < 1; v++)
-                            acc[s][v] += x[s][i] * w[v];
+                            acc[s][0] += x[s][i] * w[0];
                 }
                 for (int s = 0; s < 8; s++) {
-                    real_t *y = acts + (size_t)(s0 + s) * ACTS_PER_SAMPLE + OFF_fc1_out + o0;
-                    #pragma GCC unroll 8
-                    for (int v = 0; v < 1; v++) {
-                        if (o0 + (v + 1) * VEC <= 3)
-                            vstore(y + v * VEC, acc[s][v]);
+                    real_t *y = acts + (size_t)(s0 + s) * ACTS_PER_SAMPLE + OFF_fc1_out;
+                    {
+                        if (VEC <= 3)
+                            vstore(y, acc[s][0]);
                         else
-                            for (int j = 0; j < VEC && o0 + v * VEC + j < 3; j++)
-                                y[v * VEC + j] = acc[s][v][j];
+                            for (int j = 0; j < VEC && j < 3; j++)
+                                y[j] = acc[s][0][j];
                     }
                 }
             }
         } else {
             for (int s1 = s0; s1 < n; s1++) {
                 const real_t *x[1];
-                for (int s = 0; s < 1; s++)
-                    x[s] = acts + (size_t)(s1 + s) * ACTS_PER_SAMPLE + OFF_pool1_out;
-                for (int o0 = 0; o0 < 16; o0 += 1 * VEC) {
+
+                    x[0] = acts + (size_t)(s1) * ACTS_PER_SAMPLE + OFF_pool1_out;
+                {
                     vreal acc[1][1];
-                    #pragma GCC unroll 8
-                    for (int v = 0; v < 1; v++) {
-                        const vreal b0 = vload(wt + 32 * 16 + o0 + v * VEC);
-                        #pragma GCC unroll 8
-                        for (int s = 0; s < 1; s++)
-                            acc[s][v] = b0;
+                    {
+                        const vreal b0 = vload(wt + 512);
+                            acc[0][0] = b0;
                     }
                     for (int i = 0; i < 32; i++) {
                         vreal w[1];
-                        #pragma GCC unroll 8
-                        for (int v = 0; v < 1; v++) {
-                            vreal t = vload(wt + i * 16 + o0 + v * VEC);
-                            vkeep(t); /* one load, used for 1 samples */
-                            w[v] = t;
+                        {
+                            vreal t = vload(wt + i * 16);
+                            vkeep(t); /* one load, used for 1 sample */
+                            w[0] = t;
                         }
-                        #pragma GCC unroll 8
-                        for (int s = 0; s < 1; s++)
-                            #pragma GCC unroll 8
-                            for (int v = 0; v < 1; v++)
-                                acc[s][v] += x[s][i] * w[v];
+                                acc[0][0] += x[0][i] * w[0];
                     }
-                    for (int s = 0; s < 1; s++) {
-                        real_t *y = acts + (size_t)(s1 + s) * ACTS_PER_SAMPLE + OFF_fc1_out + o0;
-                        #pragma GCC unroll 8
-                        for (int v = 0; v < 1; v++) {
-                            if (o0 + (v + 1) * VEC <= 3)
-                                vstore(y + v * VEC, acc[s][v]);
+                    {
+                        real_t *y = acts + (size_t)(s1) * ACTS_PER_SAMPLE + OFF_fc1_out;
+                        {
+                            if (VEC <= 3)
+                                vstore(y, acc[0][0]);
                             else
-                                for (int j = 0; j < VEC && o0 + v * VEC + j < 3; j++)
-                                    y[v * VEC + j] = acc[s][v][j];
+                                for (int j = 0; j < VEC && j < 3; j++)
+                                    y[j] = acc[0][0][j];
                         }
                     }
                 }
@@ -571,24 +518,25 @@ static void fc1_backward(real_t *dacts, const real_t *acts, int n, real_t *restr
         real_t *restrict dbias,
         const real_t *restrict weight, int threads)
 {
+    (void)threads; /* read only by OMP(), which is empty without OpenMP */
 #define X_(s) (acts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_pool1_out)
 #define DX_(s) (dacts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_pool1_out)
 #define DY_(s) (dacts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_fc1_out)
     /* small batches stay on one thread: waking a second one costs more than it saves */
     OMP(omp parallel num_threads(threads) if ((double)n * 32 * 3 >= PARALLEL_MIN))
     {
-        OMP(omp for schedule(static))
-        for (int o0 = 0; o0 < 3; o0 += 3) {
+        OMP(omp single) /* one block of 3 rows */
+        {
             for (int j = 0; j < 3; j++) {
                 real_t db = 0;
                 for (int s = 0; s < n; s++)
-                    db += DY_(s)[o0 + j];
-                dbias[o0 + j] += db;
+                    db += DY_(s)[j];
+                dbias[j] += db;
             }
-            for (int i0 = 0; i0 < 32; i0 += 2 * VEC) {
+            {
                 vreal acc[3][2] = {0};
                 for (int s = 0; s < n; s++) {
-                    const real_t *xs = X_(s) + i0, *dy = DY_(s) + o0;
+                    const real_t *xs = X_(s), *dy = DY_(s);
                     vreal xv[2];
                     #pragma GCC unroll 8
                     for (int v = 0; v < 2; v++) {
@@ -604,7 +552,7 @@ static void fc1_backward(real_t *dacts, const real_t *acts, int n, real_t *restr
                 }
                 for (int j = 0; j < 3; j++)
                     for (int v = 0; v < 2; v++) {
-                        real_t *dw = dweight + (o0 + j) * 32 + i0 + v * VEC;
+                        real_t *dw = dweight + j * 32 + v * VEC;
                         vstore(dw, vload(dw) + acc[j][v]);
                     }
             }
@@ -615,13 +563,13 @@ static void fc1_backward(real_t *dacts, const real_t *acts, int n, real_t *restr
                 const real_t *dy[8];
                 for (int s = 0; s < 8; s++)
                     dy[s] = DY_(s0 + s);
-                for (int i0 = 0; i0 < 32; i0 += 2 * VEC) {
+                {
                     vreal acc[8][2] = {0};
                     for (int o = 0; o < 3; o++) {
                         vreal wv[2];
                         #pragma GCC unroll 8
                         for (int v = 0; v < 2; v++) {
-                            vreal t = vload(weight + o * 32 + i0 + v * VEC);
+                            vreal t = vload(weight + o * 32 + v * VEC);
                             vkeep(t); /* one load, used for 8 samples */
                             wv[v] = t;
                         }
@@ -633,33 +581,30 @@ static void fc1_backward(real_t *dacts, const real_t *acts, int n, real_t *restr
                     }
                     for (int s = 0; s < 8; s++)
                         for (int v = 0; v < 2; v++)
-                            vstore(DX_(s0 + s) + i0 + v * VEC, acc[s][v]);
+                            vstore(DX_(s0 + s) + v * VEC, acc[s][v]);
                 }
 
             } else {
                 for (int s1 = s0; s1 < n; s1++) {
                     const real_t *dy[1];
-                    for (int s = 0; s < 1; s++)
-                        dy[s] = DY_(s1 + s);
-                    for (int i0 = 0; i0 < 32; i0 += 2 * VEC) {
+
+                        dy[0] = DY_(s1);
+                    {
                         vreal acc[1][2] = {0};
                         for (int o = 0; o < 3; o++) {
                             vreal wv[2];
                             #pragma GCC unroll 8
                             for (int v = 0; v < 2; v++) {
-                                vreal t = vload(weight + o * 32 + i0 + v * VEC);
-                                vkeep(t); /* one load, used for 1 samples */
+                                vreal t = vload(weight + o * 32 + v * VEC);
+                                vkeep(t); /* one load, used for 1 sample */
                                 wv[v] = t;
                             }
-                            #pragma GCC unroll 8
-                            for (int s = 0; s < 1; s++)
                                 #pragma GCC unroll 8
                                 for (int v = 0; v < 2; v++)
-                                    acc[s][v] += dy[s][o] * wv[v];
+                                    acc[0][v] += dy[0][o] * wv[v];
                         }
-                        for (int s = 0; s < 1; s++)
                             for (int v = 0; v < 2; v++)
-                                vstore(DX_(s1 + s) + i0 + v * VEC, acc[s][v]);
+                                vstore(DX_(s1) + v * VEC, acc[0][v]);
                     }
 
                 }
@@ -693,42 +638,35 @@ static double loss_sample(real_t *restrict dlogits, const real_t *restrict logit
 static void forward_eval(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n)
 {
     const real_t *p = c->params;
-    const real_t *b = c->buffers;
-    (void)p;
-    (void)b;
     OMP(omp parallel for num_threads(imin(c->threads, n)) schedule(static))
     for (int s = 0; s < n; s++) {
         real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
-        int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
-        (void)ai; /* a tiled max-pool saves no argmax in evaluation */
         real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
-        (void)ws; /* not every layer kind uses scratch in every mode */
         memcpy(a + OFF_input, x + (size_t)(idx ? idx[s] : s) * IN_SIZE, sizeof(real_t) * IN_SIZE);
         conv1_forward(a + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, p + OFF_conv1_bias, ws);
         pool1_forward_eval(a + OFF_pool1_out, a + OFF_conv1_out);
         fc1_forward(a + OFF_fc1_out, a + OFF_pool1_out, p + OFF_fc1_weight, p + OFF_fc1_bias);
+
     }
+
 }
 
 /* forward in training mode: 2 stage(s) */
 static void forward_train(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n)
 {
     const real_t *p = c->params;
-    const real_t *b = c->buffers;
-    (void)p;
-    (void)b;
     OMP(omp parallel for num_threads(imin(c->threads, n)) schedule(static))
     for (int s = 0; s < n; s++) {
         real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
         int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
-        (void)ai; /* a tiled max-pool saves no argmax in evaluation */
         real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
-        (void)ws; /* not every layer kind uses scratch in every mode */
         memcpy(a + OFF_input, x + (size_t)(idx ? idx[s] : s) * IN_SIZE, sizeof(real_t) * IN_SIZE);
         conv1_forward(a + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, p + OFF_conv1_bias, ws);
         pool1_forward(a + OFF_pool1_out, ai + OFF_pool1_argmax, a + OFF_conv1_out);
+
     }
     fc1_forward_batch(c->acts, n, p + OFF_fc1_weight, p + OFF_fc1_bias, c->scratch, c->threads);
+
 }
 
 int snapshot_forward(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n, int training)
@@ -747,7 +685,6 @@ int snapshot_forward(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n
 double snapshot_backward(snapshot_ctx *c, const int32_t *y, const int64_t *idx, int n)
 {
     const real_t *p = c->params;
-    (void)p;
     double loss = 0;
     for (int s = 0; s < n; s++) {
         const size_t off = (size_t)s * ACTS_PER_SAMPLE + SNAPSHOT_OUT_OFFSET;
@@ -758,22 +695,20 @@ double snapshot_backward(snapshot_ctx *c, const int32_t *y, const int64_t *idx, 
     {
         /* each thread accumulates its samples' gradients privately, then the sums are added
          * in thread order, so results do not depend on timing */
-        const int t = THREAD_ID(), nt = NUM_THREADS();
+        const int t = THREAD_ID();
+        const int nt = NUM_THREADS();
         real_t *g = nt > 1 ? c->grads_tls + (size_t)t * NUM_PARAMS : c->grads;
-        (void)g;
         if (nt > 1)
-            memset(g + 0, 0, sizeof(real_t) * 20);
+            memset(g, 0, sizeof(real_t) * 20);
         OMP(omp for schedule(static))
         for (int s = 0; s < n; s++) {
             real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
             real_t *da = c->dacts + (size_t)s * ACTS_PER_SAMPLE;
-            (void)a;
-            (void)da;
             const int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
             real_t *ws = c->scratch + (size_t)t * SCRATCH_PER_THREAD;
-            (void)ws; /* not every layer kind uses scratch in every mode */
             pool1_backward(da + OFF_conv1_out, da + OFF_pool1_out, a + OFF_pool1_out, ai + OFF_pool1_argmax);
             conv1_backward(g + OFF_conv1_weight, g + OFF_conv1_bias, da + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, ws);
+
         }
         if (nt > 1) {
             OMP(omp for schedule(static))
@@ -786,6 +721,7 @@ double snapshot_backward(snapshot_ctx *c, const int32_t *y, const int64_t *idx, 
         }
     }
     return loss / n;
+
 }
 
 void snapshot_zero_grad(snapshot_ctx *c)

@@ -30,7 +30,7 @@ typedef float snapshot_real;
 #define SNAPSHOT_INTS_PER_SAMPLE 32
 #define SNAPSHOT_STATS_SIZE 0
 #define SNAPSHOT_CACHE_SIZE 0
-#define SNAPSHOT_SCRATCH_PER_THREAD 1719
+#define SNAPSHOT_SCRATCH_PER_THREAD 1732
 #define SNAPSHOT_OUT_OFFSET 224
 
 /* Everything a call works on; the caller allocates every array. */

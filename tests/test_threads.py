@@ -1,0 +1,197 @@
+"""Thread counts: one rule for Net.threads, compile(threads=) and --threads; and the OpenMP
+wait setting that netcompiler puts in the environment before any network is loaded."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import build, spec
+
+import netcompiler as nc
+from netcompiler import build as build_mod
+from netcompiler import runtime
+from netcompiler.check import check_text
+from netcompiler.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = spec([3], ["linear: {out_features: 2}"], name="threads_tiny")
+BAD = [0, -1, 1025, 10**9, 1.5, True, "2"]
+
+
+@pytest.mark.parametrize("bad", BAD)
+def test_one_rule_refuses_the_same_values_everywhere(bad, monkeypatch):
+    net = build(TINY)
+    with pytest.raises(ValueError, match="from 1 to 1024"):
+        net.threads = bad
+    with pytest.raises(ValueError, match="from 1 to 1024"):
+        runtime.check_threads(bad)
+
+    def no_build(*a, **kw):
+        raise AssertionError("compile() built before checking threads")
+
+    monkeypatch.setattr(build_mod, "compile_rendered", no_build)
+    with pytest.raises(ValueError, match="from 1 to 1024"):  # refused before the build
+        nc.compile(check_text(TINY, "tiny.yaml"), dtype="float64", threads=bad)
+    assert net.threads == 1  # unchanged by the refused values
+
+
+def test_none_means_all_available_cores_and_the_cap_is_accepted():
+    net = build(TINY)
+    net.threads = None
+    assert net.threads == len(os.sched_getaffinity(0))
+    net.threads = 1024
+    assert net.threads == 1024
+    net.threads = 1
+    assert nc.compile(check_text(TINY, "tiny.yaml"), dtype="float64").threads == len(os.sched_getaffinity(0))
+
+
+def test_per_thread_memory_is_bounded_before_allocating(monkeypatch):
+    net = build(TINY)
+    per_thread = (net.plan.num_params + max(net.plan.scratch_per_thread, 1)) * 8
+    monkeypatch.setattr(runtime, "THREAD_MEMORY_LIMIT", 3 * per_thread)
+    net.threads = 3
+    with pytest.raises(ValueError, match="per-thread gradient sums.*use fewer threads"):
+        net.threads = 4
+    assert net.threads == 3
+    net.threads = 1
+
+
+@pytest.mark.parametrize("command", ["train", "verify"])
+@pytest.mark.parametrize("value", ["0", "1000000000", "-3", "two"])
+def test_cli_threads_is_a_one_line_error(command, value, tmp_path, capsys):
+    args = [command, str(ROOT / "specs" / "lenet5.yaml"), "--threads", value]
+    if command == "train":
+        args += ["--data", "fashion-mnist", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    want = "not an integer: 'two'" if value == "two" else f"from 1 to 1024, got {value}"
+    assert err.startswith(f"netc {command}: error: argument --threads:") and want in err, err
+    assert not (tmp_path / "run").exists()
+
+
+# ---- the OpenMP wait setting -------------------------------------------------------------------
+PROBE = """
+import os, sys
+before = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+import netcompiler as nc
+from netcompiler.check import check_text
+after = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+net = nc.compile(check_text(sys.argv[1], "tiny.yaml"), dtype="float64", threads=2)
+net.forward(__import__("numpy").zeros((4, 3)))
+print(repr(before), repr(after), sep="\\n")
+"""
+
+
+def run_probe(tmp_path, **env) -> tuple[dict, dict, str]:
+    """before/after the import, and libgomp's own report of what it read (OMP_DISPLAY_ENV)."""
+    e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "PYTHONPATH")}
+    e.update(env, PYTHONPATH=str(ROOT), OMP_DISPLAY_ENV="verbose")
+    proc = subprocess.run([sys.executable, "-c", PROBE, TINY], capture_output=True, text=True, env=e,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = (eval(line) for line in proc.stdout.splitlines()[-2:])  # noqa: S307 (our own repr)
+    gomp = {line.split("=")[0].strip(): line.split("=", 1)[1].strip().strip("'") for line in proc.stderr.splitlines()
+            if line.strip().startswith(("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))}
+    return before, after, gomp
+
+
+def openmp_built() -> bool:
+    """Networks link libgomp here (GCC's OpenMP; clang's libomp reports its settings otherwise)."""
+    from netcompiler.build import compiler, compiler_version, default_flags
+
+    return "-fopenmp" in default_flags() and "clang" not in compiler_version(compiler()).lower()
+
+
+@pytest.mark.skipif(not openmp_built(), reason="no libgomp here")
+def test_import_sets_the_short_spin_before_libgomp_loads(tmp_path):
+    before, after, gomp = run_probe(tmp_path)
+    assert before == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}
+    assert after == {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "100"}
+    assert gomp.get("GOMP_SPINCOUNT") == "100", gomp  # libgomp itself read it (its default is 300000)
+
+
+@pytest.mark.skipif(not openmp_built(), reason="no libgomp here")
+@pytest.mark.parametrize("env, spin", [({"OMP_WAIT_POLICY": "active"}, "30000000000"),
+                                       ({"OMP_WAIT_POLICY": "passive"}, "0"),
+                                       ({"GOMP_SPINCOUNT": "5000"}, "5000")])
+def test_a_user_setting_is_kept(tmp_path, env, spin):
+    before, after, gomp = run_probe(tmp_path, **env)
+    assert before == after == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None, **env}
+    assert gomp.get("GOMP_SPINCOUNT") == spin, gomp
+
+
+@pytest.mark.skipif(not openmp_built(), reason="no libgomp here")
+def test_the_cli_sets_it_too(tmp_path):
+    from test_train import make_case
+
+    spec_path, data = make_case(tmp_path)
+    e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "PYTHONPATH")}
+    proc = subprocess.run([sys.executable, "-m", "netcompiler", "train", str(spec_path), "--data", str(data),
+                           "--epochs", "1", "--threads", "2", "--out", str(tmp_path / "run"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(e, PYTHONPATH=str(ROOT), OMP_DISPLAY_ENV="verbose"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "GOMP_SPINCOUNT = '100'" in proc.stderr, proc.stderr[-2000:]  # libgomp's report of what it read
+
+
+def test_resume_with_another_thread_count_says_what_happens(tmp_path, capsys, monkeypatch):
+    import netcompiler.train
+    from test_train import make_case
+
+    spec_path, data = make_case(tmp_path)
+    update = netcompiler.train.Progress.update
+    calls = {"n": 0}
+
+    def interrupting_update(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return update(self, *a, **kw)
+
+    monkeypatch.setattr(netcompiler.train.Progress, "update", interrupting_update)
+    args = ["train", spec_path, "--data", data, "--out", str(tmp_path / "run")]
+    assert main([*args, "--threads", "1"]) == 130
+    monkeypatch.setattr(netcompiler.train.Progress, "update", update)
+    capsys.readouterr()
+    assert main([*args, "--threads", "2", "--resume"]) == 0
+    out = " ".join(capsys.readouterr())
+    assert "the run used 1 threads, this session 2" in out and "--threads 1 repeats it exactly" in out, out
+
+
+# ---- the default count --------------------------------------------------------------------------
+@pytest.mark.parametrize("cgroup, files, quota", [
+    ("0::/job\n", {"job/cpu.max": "50000 100000\n"}, 0.5),
+    ("0::/job\n", {"job/cpu.max": "250000 100000\n"}, 2.5),
+    ("0::/job\n", {"job/cpu.max": "max 100000\n"}, None),
+    ("0::/\n", {}, None),  # no cpu.max: unknown
+    ("4:cpu,cpuacct:/c\n1:name=systemd:/\n", {"cpu,cpuacct/c/cpu.cfs_quota_us": "100000\n",
+                                               "cpu,cpuacct/c/cpu.cfs_period_us": "100000\n"}, 1.0),
+    ("4:cpu,cpuacct:/c\n", {"cpu,cpuacct/c/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/c/cpu.cfs_period_us": "100000\n"},
+     None),
+])
+def test_cgroup_cpu_quota(tmp_path, cgroup, files, quota):
+    (tmp_path / "self_cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    assert runtime.cgroup_cpu_quota(str(tmp_path / "fs"), str(tmp_path / "self_cgroup")) == quota
+
+
+def test_default_count_is_the_affinity_capped_by_the_quota(monkeypatch):
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: None)
+    assert runtime.available_cores() == affinity
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: 0.5)  # --cpus 0.5: one thread
+    assert runtime.available_cores() == 1
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: affinity + 8.0)  # more than the cores
+    assert runtime.available_cores() == affinity
+    net = build(TINY)
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: 0.5)
+    net.threads = None
+    assert net.threads == 1
+    net.threads = 1
