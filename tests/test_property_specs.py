@@ -261,6 +261,13 @@ def test_every_checked_spec_builds_and_trains(text, dtype):
     run_spec(text, dtype)
 
 
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(text=spec_texts().filter(lambda t: "add:" in t or "concat:" in t), dtype=st.sampled_from(["float32", "float64"]))
+def test_every_checked_graph_spec_builds_and_trains(text, dtype):
+    run_spec(text, dtype)
+
+
 @pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(text=spec_texts(), dtype=st.sampled_from(["float32", "float64"]))
