@@ -270,11 +270,23 @@ def gradient_edges(layers: list[Layer], aliased: dict[str, str], views: dict[str
     return edges, sums, partial
 
 
-def gradient_sum_slots(layers: list[Layer]) -> dict[str, tuple[int, ...]]:
-    """The '.dsum' slots of a network (the report counts them in training memory)."""
+def _edges_of(layers: list[Layer]):
     aliased = aliased_outputs(layers, fused_relus(layers))
     views = concat_views(layers, aliased)
-    return gradient_edges(layers, aliased, views, {t: t for t in consumers(layers)})[2]
+    return gradient_edges(layers, aliased, views, {t: t for t in consumers(layers)})
+
+
+def gradient_sum_slots(layers: list[Layer]) -> dict[str, tuple[int, ...]]:
+    """The '.dsum' slots of a network (the report counts them in training memory)."""
+    return _edges_of(layers)[2]
+
+
+def gradient_add_flops(layers: list[Layer]) -> dict[int, int]:
+    """Layer index -> the adds its backward does into gradients other readers wrote first
+    (an add edge's +=, or a '.dsum' slot added afterwards): one FLOP per element."""
+    edges, sums, _ = _edges_of(layers)
+    return {i: sum(e.size for e in es if e.add) + sum(size for _, _, size in sums.get(i, []))
+            for i, es in edges.items()}
 
 
 def make_plan(net: Network) -> Plan:

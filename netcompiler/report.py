@@ -25,7 +25,7 @@ from typing import Any
 from .check import Network
 from .graph import needs_grad
 from .layers import INPUT, Layer, fmt_shape
-from .plan import fused_relus, gradient_sum_slots, without_slot
+from .plan import fused_relus, gradient_add_flops, gradient_sum_slots, without_slot
 
 OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state tensors per parameter
 
@@ -122,6 +122,9 @@ def build_report(net: Network, batch_size: int = 64, dtype: str = "float32", opt
     no_slot = without_slot(net.layers)
     rows = [layer_row(l, l.index in first, fused.get(l.index), l.output in no_slot and not l.kind.aliases_input(l))
             for l in net.layers]
+    summed = gradient_add_flops(net.layers)  # gradients summed where a tensor has several readers
+    for r, l in zip(rows, net.layers):
+        r["backward_flops"] += summed[l.index]
     train_fwd_extra = sum(l.kind.train_forward_extra_flops(l) for l in net.layers)
     total_flops = sum(r["flops"] for r in rows)
     total_bwd = sum(r["backward_flops"] for r in rows)

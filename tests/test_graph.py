@@ -379,3 +379,17 @@ def test_verify_passes_on_graphs(text, tmp_path):
     rows, _ = verify(str(path), batch=3, seed=1, per_tensor=2, use_torch=True, threads=2)
     assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
     assert {r.reference for r in rows} == {"torch", "finite-diff"}
+
+
+def test_report_counts_the_gradient_sums_as_backward_flops():
+    """x (3x7x6 = 126 values) has three readers: the add stores its gradient, p and q each add
+    theirs (126 FLOPs each); add(x, x) adds its second copy (2x5x4 = 40)."""
+    from netcompiler.report import build_report
+
+    for case, extra in [("graph_three_readers", {"p": 126, "q": 126, "add1": 0}),
+                        ("graph_add_same_twice", {"add1": 2 * 5 * 4, "x": 0})]:
+        net = check_text(CASES[case])
+        rows = {r["name"]: r for r in build_report(net)["layers"]}
+        layers = {l.name: l for l in net.layers}
+        for name, n in extra.items():
+            assert rows[name]["backward_flops"] - layers[name].kind.flops(layers[name])[1] == n, (case, name)
