@@ -6,8 +6,9 @@ Conventions (also in README):
   them (torchinfo adds one per output element of a layer with a bias).
 - FLOPs: every floating-point add, multiply, compare, divide, exp, erf or tanh counts as
   one.  conv/linear forward = 2*MACs (+1 per output for the bias); their backward =
-  4*MACs (input and weight gradients) (+1 per output for the bias gradient); the first
-  layer's input gradient is never computed and not counted.  Element-wise
+  4*MACs (input and weight gradients) (+1 per output for the bias gradient); an input
+  gradient with nothing trainable upstream (the first layer's) is never computed and not
+  counted; a tensor read by several layers adds 1 per element for each further gradient.  Element-wise
   layers count the operations of their C expressions (see layers/activations.py).
   Forward FLOPs are for evaluation mode; training FLOPs = training-mode forward +
   backward + loss, per sample; the optimizer update (per batch) is not included.
