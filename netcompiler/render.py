@@ -34,13 +34,19 @@ class Rendered:
     plan: Plan
 
 
-@functools.lru_cache(maxsize=None)
-def _env() -> jinja2.Environment:
-    env = jinja2.Environment(
+def jinja_env() -> jinja2.Environment:
+    """A Jinja environment over templates/: undefined names are errors, no HTML escaping
+    (everything the templates print is checked, see ctext.py), control lines leave no blank."""
+    return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined, autoescape=False,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _env() -> jinja2.Environment:
+    env = jinja_env()
     env.globals.update(ix=ix, at=at, cint=Ix.of, cloop=loop, prod=prod)
     env.tests["uses"] = uses
     return env

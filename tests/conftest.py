@@ -70,6 +70,25 @@ def prebuild(jobs) -> None:
 
 
 # ---- comparisons ---------------------------------------------------------------------------
+def check_snapshot(text: str, path: Path, label: str, test_file: str) -> None:
+    """`text` must equal the snapshot at `path` (shown as a diff when not); with
+    NETC_UPDATE_SNAPSHOTS=1 the snapshot is rewritten instead."""
+    import difflib
+
+    if os.environ.get("NETC_UPDATE_SNAPSHOTS") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return
+    assert path.exists(), f"{path} is missing: run NETC_UPDATE_SNAPSHOTS=1 python -m pytest {test_file}"
+    expected = path.read_text()
+    if text != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
+                                            f"snapshot/{path.name}", f"{label}/{path.name}", n=2))
+        lines = diff.splitlines()
+        shown = "\n".join(lines[:120]) + (f"\n... {len(lines) - 120} more diff lines" if len(lines) > 120 else "")
+        pytest.fail(f"{label} {path.name} differs from {path} (NETC_UPDATE_SNAPSHOTS=1 to accept):\n{shown}")
+
+
 def maxdiff(actual, expected) -> float:
     a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.max(np.abs(a - e))) if a.size else 0.0

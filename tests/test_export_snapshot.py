@@ -8,19 +8,16 @@ checking that the new output is what you want, rewrite the snapshots with
 """
 from __future__ import annotations
 
-import difflib
-import os
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, check_snapshot
 from netcompiler.check import check_text
 from netcompiler.export import export_c
 
 SPEC = "tests/specs/snapshot.yaml"  # relative, so the banner is the same on every machine
 SNAPSHOTS = ROOT / "tests" / "snapshots"
-UPDATE = os.environ.get("NETC_UPDATE_SNAPSHOTS") == "1"
 
 
 def exported():
@@ -32,19 +29,7 @@ def exported():
 
 @pytest.mark.parametrize("part, filename", [("source", "export_snapshot.c"), ("header", "export_snapshot.h")])
 def test_exported_code_matches_snapshot(part, filename):
-    text = getattr(exported(), part)
-    path = SNAPSHOTS / filename
-    if UPDATE:
-        path.write_text(text)
-        return
-    assert path.exists(), f"{path} is missing: run NETC_UPDATE_SNAPSHOTS=1 python -m pytest {__file__}"
-    expected = path.read_text()
-    if text != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
-                                            f"snapshot/{filename}", f"exported/{filename}", n=2))
-        lines = diff.splitlines()
-        shown = "\n".join(lines[:120]) + (f"\n... {len(lines) - 120} more diff lines" if len(lines) > 120 else "")
-        pytest.fail(f"exported {filename} differs from {path} (NETC_UPDATE_SNAPSHOTS=1 to accept):\n{shown}")
+    check_snapshot(getattr(exported(), part), SNAPSHOTS / filename, "exported", __file__)
 
 
 def test_export_is_deterministic():

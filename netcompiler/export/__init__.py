@@ -12,7 +12,6 @@ Stages: lower (lower.py: layers -> steps, with fusions) -> plan memory -> render
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,15 +100,6 @@ def load_state(network, path) -> tuple[dict[str, np.ndarray], tuple[float, float
     return state, (mean, std) if mean is not None and std is not None and std > 0 else None
 
 
-_COMMENT_SAFE = re.compile(r"[^A-Za-z0-9 _./,:;=+()\[\]<>@#%&!'^~{}|$-]")
-
-
-def comment_text(text: str) -> str:
-    """Text from outside (a path) made safe inside a /* */ comment: printable ASCII without
-    '*', '\\', '?' (no comment end or start, no trigraph, no line splice); others -> '_'."""
-    return _COMMENT_SAFE.sub("_", str(text))
-
-
 def export_c(network, state: dict[str, np.ndarray], target: str = "generic", weights_name: str = "",
              normalisation: tuple[float, float] | None = None) -> Exported:
     """`normalisation`: the (mean, std) training scaled inputs with, documented in the header."""
@@ -123,8 +113,8 @@ def export_c(network, state: dict[str, np.ndarray], target: str = "generic", wei
     from .render import render
 
     source, header = render(network, steps, memory, arrays, weights_bytes, target,
-                            comment_text(network.file), comment_text(weights_name), normalisation)
+                            network.file, weights_name, normalisation)
     return Exported(network.name, source, header, steps, memory, weights_bytes, target)
 
 
-__all__ = ["TARGETS", "Exported", "check_state", "comment_text", "export_c", "load_state"]
+__all__ = ["TARGETS", "Exported", "check_state", "export_c", "load_state"]

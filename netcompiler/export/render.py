@@ -3,16 +3,16 @@
 Every number and name is computed here or in lower.py / memory.py; the templates only lay
 them out.  Names in the C are the spec's layer names (checked C identifiers) with fixed
 suffixes; text from outside (the spec path, the weights file name) reaches the C only
-through `comment_text`, inside comments."""
+through `ctext.comment`, inside comments (escaped)."""
 from __future__ import annotations
 
 import functools
 
-import jinja2
 import numpy as np
 
 from .. import __version__
-from ..render import TEMPLATE_DIR, _tidy
+from ..ctext import comment
+from ..render import _tidy, jinja_env
 from .lower import Array, Epilogue, Step
 from .memory import MemoryPlan
 
@@ -21,12 +21,8 @@ LIBC_MATH = {"fabsf", "copysignf", "memcpy"}  # what templates/float_math.c.j2 c
 
 
 @functools.lru_cache(maxsize=None)
-def _env() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined, autoescape=False,
-    )
+def _env():
+    env = jinja_env()
     env.filters["rstrip"] = str.rstrip  # a macro's text without its last newline
     return env
 
@@ -44,10 +40,6 @@ def array_lines(a: Array) -> list[str]:
     return [", ".join(text[i:i + VALUES_PER_LINE]) for i in range(0, len(text), VALUES_PER_LINE)]
 
 
-def _comment(text: str) -> str:
-    return text.replace("*/", "* /").replace("/*", "/ *")
-
-
 def _dims(shape) -> str:
     return "".join(f"[{d}]" for d in shape)
 
@@ -63,7 +55,7 @@ def describe(step: Step) -> list[str]:
         opts = layer.kind.describe_options(layer)
         lines.append(f"{layer.name}: {layer.kind.kind}{' ' + opts if opts else ''} (spec line {layer.line}), "
                      f"{_dims(layer.in_shape)} -> {_dims(layer.out_shape)}")
-    return [_comment(l) for l in lines]
+    return [comment(l) for l in lines]
 
 
 def render(network, steps: list[Step], memory: MemoryPlan, arrays: list[Array], weights_bytes: int,
@@ -81,8 +73,9 @@ def render(network, steps: list[Step], memory: MemoryPlan, arrays: list[Array], 
         + (f", weights {weights_name}." if weights_name else "."),
         f"Target {target}: {TARGET_DOC[target]}.",
         "",
-        *map(_comment, table_lines(build_report(network, dtype="float32"))),
+        *table_lines(build_report(network, dtype="float32")),
     ]
+    banner = [comment(line) for line in banner]  # a path or name may hold anything
     ctx = dict(
         N=name, NU=name.upper(), banner=banner, steps=steps, memory=memory, arrays=arrays,
         array_lines=array_lines, describe=describe, epilogue=_epilogue_ctx,
