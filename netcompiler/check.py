@@ -16,6 +16,7 @@ from typing import Any
 from .errors import Diagnostic, SpecErrors
 from .layers import COMMON_OPTIONS, INPUT, REGISTRY, Layer, Shape, did_you_mean, fmt_shape, unknown_kind
 from .layers.base import MAX_ELEMENTS, as_number, yaml11_hint
+from .recipe import augment_problem
 from .spec import Node, parse_text, read_spec_text
 
 IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -44,13 +45,34 @@ TRAIN_KEYS: dict[str, tuple[str, Any]] = {
     "val_split": ("float", 0.0),
     "mean": ("float", None),
     "std": ("float", None),
+    # recipes (netcompiler/recipe.py): torch's names and defaults
+    "lr_schedule": ("choice", "none"),
+    "step_size": ("int", None),
+    "gamma": ("float", 0.1),
+    "milestones": ("ints", None),
+    "min_lr": ("float", 0.0),
+    "max_lr": ("float", None),
+    "pct_start": ("float", 0.3),
+    "div_factor": ("float", 25.0),
+    "final_div_factor": ("float", 1e4),
+    "warmup_epochs": ("count", 0),
+    "nesterov": ("bool", False),
+    "label_smoothing": ("float", 0.0),
+    "clip_grad_norm": ("float", 0.0),
+    "patience": ("int", None),
+    "augment": ("augment", None),
 }
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")  # adam and adamw: one optimizer (see runtime.Net.set_optimizer)
+SCHEDULES = ("none", "step", "multistep", "cosine", "onecycle")
+CHOICES = {"optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES}
 MAX_TRAIN_INT = 1 << 20  # epochs and batch_size: far beyond any run, and within the C int
 # (lowest, highest) of the train: options that are not 1..MAX_TRAIN_INT; val_split < 1 and
 # std > 0 are checked on their own
 TRAIN_RANGE = {"seed": (0, 2**63 - 1), "lr": (0, 1e3), "momentum": (0, 1), "weight_decay": (0, 1e3),
-               "val_split": (0, 1), "mean": (0, 1e6), "std": (0, 1e6)}
+               "val_split": (0, 1), "mean": (0, 1e6), "std": (0, 1e6),
+               "gamma": (0, 1e3), "min_lr": (0, 1e3), "max_lr": (0, 1e3), "pct_start": (0, 1),
+               "div_factor": (0, 1e9), "final_div_factor": (0, 1e9), "warmup_epochs": (0, MAX_TRAIN_INT),
+               "label_smoothing": (0, 1), "clip_grad_norm": (0, 1e9)}
 
 def train_value(key: str, value: Any) -> Any:
     """The one rule for a training setting, wherever it comes from (the spec's train:
@@ -58,12 +80,27 @@ def train_value(key: str, value: Any) -> Any:
     the value (int, float or optimizer name), or ValueError saying what it must be."""
     kind = TRAIN_KEYS[key][0]
     if kind == "choice":
-        if value not in OPTIMIZERS:
-            hint = did_you_mean(value, list(OPTIMIZERS)) if isinstance(value, str) else ""
-            raise ValueError(f"must be one of {', '.join(OPTIMIZERS)}, got {_show(value)}{hint}")
+        if value not in CHOICES[key]:
+            hint = did_you_mean(value, list(CHOICES[key])) if isinstance(value, str) else ""
+            raise ValueError(f"must be one of {', '.join(CHOICES[key])}, got {_show(value)}{hint}")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, got {_show(value)}")
+        return value
+    if kind == "ints":
+        vals = [i.value if isinstance(i, Node) else i for i in value] if isinstance(value, list) else None
+        if not (vals and all(isinstance(i, int) and not isinstance(i, bool) and 1 <= i <= MAX_TRAIN_INT
+                             for i in vals) and vals == sorted(set(vals))):
+            raise ValueError(f"must be a list of increasing positive integers, got {_show(value)}")
+        return vals
+    if kind == "augment":
+        problem = augment_problem(value)
+        if problem:
+            raise ValueError(f"is wrong: {problem}")
         return value
     low, high = TRAIN_RANGE.get(key, (1, MAX_TRAIN_INT))
-    if kind == "int":
+    if kind in ("int", "count"):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             what = "a positive integer" if low == 1 else "an integer >= 0"
             raise ValueError(f"must be {what} (at most {high:,}), got {_show(value)}")

@@ -128,6 +128,10 @@ def cmd_report(args) -> int:
     net = load(args.spec, args.memory_budget)
     text = format_report(build_report(net, args.batch_size, args.dtype, args.optimizer), args.format)
     sys.stdout.write(text)
+    if args.format == "text":
+        from .export import export_lines
+
+        sys.stdout.write("\n" + "\n".join(export_lines(net)) + "\n")
     return 0
 
 

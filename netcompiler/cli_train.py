@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .check import OPTIMIZERS, TRAIN_KEYS, Network, load, train_value
+from .check import OPTIMIZERS, SCHEDULES, TRAIN_KEYS, Network, load, train_value
 from .cli import DTYPE_HELP, FORMAT_HELP, int_at_least
 from .errors import DataError, NetcError
+from .perturb import PERTURB_HELP
 from .progress import emit
+from .recipe import AUGMENT_HELP
 from .runtime import MAX_THREADS, check_threads
 
 NORMALISATION_HELP = (
@@ -52,16 +54,25 @@ def train_arg(key: str):
 
     def parse(text: str):
         try:
-            value = int(text) if TRAIN_KEYS[key][0] == "int" else float(text)
+            integer = TRAIN_KEYS[key][0] in ("int", "count")
+            value = int(text) if integer else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not {'an integer' if TRAIN_KEYS[key][0] == 'int' else 'a number'}: "
-                                             f"'{text}'") from None
+            raise argparse.ArgumentTypeError(f"not {'an integer' if integer else 'a number'}: '{text}'") from None
         try:
             return train_value(key, value)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
+
+
+def _perturbations(text: str):
+    from .perturb import parse_perturb
+
+    try:
+        return text, parse_perturb(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub) -> None:
@@ -74,14 +85,16 @@ def register(sub) -> None:
                     "defaults shown; options given here win.  A warning tells when the loss grows far past its "
                     "starting value (a diverging run: lower --lr).  " + NORMALISATION_HELP,
         epilog="RUN_DIR holds spec.yaml, normalization.json, metrics.csv (epoch, train_loss, train_acc, val_loss, "
-               "val_acc, seconds, images_per_s; seconds include validation, images/s counts training only), "
-               "weights.npz (after the last completed epoch) and checkpoint.npz (all --resume needs).  Ctrl-C "
+               "val_acc, seconds, images_per_s, lr; seconds include validation, images/s counts training only, "
+               "lr is the rate of the epoch's first batch), weights.npz (after the last completed epoch), best.npz "
+               "(the epoch of lowest validation loss) and checkpoint.npz (all --resume needs).  Ctrl-C "
                "stops after the current chunk of batches and saves a checkpoint; --resume then continues with "
                "the run's own settings and gives the same weights as an uninterrupted run (same --threads).")
     t.add_argument("spec", help="network spec (YAML)")
     t.add_argument("--data", required=True, metavar="SRC",
-                   help="'fashion-mnist', a directory of MNIST-style IDX files, or an .npz with x/y "
-                        "(and x_test/y_test)")
+                   help="'fashion-mnist', a directory of MNIST-style IDX files, an .npz with x/y "
+                        "(and x_test/y_test), a directory of x.npy/y.npy (and x_test.npy/y_test.npy), or an "
+                        "image folder DIR/CLASS/*.png|jpg (or DIR/train/CLASS and DIR/test/CLASS; Pillow)")
     t.add_argument("--epochs", metavar="N", type=train_arg("epochs"), help=f"number of epochs (default {d['epochs']})")
     t.add_argument("--batch-size", metavar="N", type=train_arg("batch_size"),
                    help=f"samples per batch (default {d['batch_size']})")
@@ -104,6 +117,39 @@ def register(sub) -> None:
                    help="zero-pad images smaller than the spec's input (e.g. 28x28 -> 32x32)")
     t.add_argument("--dtype", choices=["float32", "float64"], help=DTYPE_HELP)
     t.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    r = t.add_argument_group("recipe", "schedules (torch.optim.lr_scheduler names and semantics), regularisation, "
+                                       "early stopping, fine-tuning; also keys of the spec's train: section "
+                                       "(lr_schedule, step_size, ..., augment: 'shift=2,hflip')")
+    r.add_argument("--lr-schedule", choices=SCHEDULES,
+                   help="step: StepLR; multistep: MultiStepLR; cosine: CosineAnnealingLR to --min-lr over the "
+                        "epochs after warm-up (all stepped per epoch); onecycle: OneCycleLR stepped per batch "
+                        "(momentum not cycled).  Default none.  metrics.csv records each epoch's lr")
+    r.add_argument("--step-size", type=train_arg("step_size"), metavar="N", help="step: epochs between decays")
+    r.add_argument("--gamma", type=train_arg("gamma"), metavar="X", help=f"step, multistep: decay factor ({d['gamma']})")
+    r.add_argument("--milestones", type=positive_int, nargs="+", metavar="N",
+                   help="multistep: epochs (counted after warm-up) at which lr is multiplied by --gamma")
+    r.add_argument("--min-lr", type=train_arg("min_lr"), metavar="X", help="cosine: eta_min (0)")
+    r.add_argument("--max-lr", type=train_arg("max_lr"), metavar="X", help="onecycle: max_lr (default --lr)")
+    r.add_argument("--pct-start", type=train_arg("pct_start"), metavar="F", help="onecycle: pct_start (0.3)")
+    r.add_argument("--div-factor", type=train_arg("div_factor"), metavar="X", help="onecycle: div_factor (25)")
+    r.add_argument("--final-div-factor", type=train_arg("final_div_factor"), metavar="X", help="onecycle: final_div_factor (1e4)")
+    r.add_argument("--warmup-epochs", type=train_arg("warmup_epochs"), metavar="N",
+                   help="linear warm-up first: epoch e < N trains at lr (e+1)/(N+1) (LinearLR in SequentialLR)")
+    r.add_argument("--nesterov", action="store_true", default=None,
+                   help="Nesterov momentum (--optimizer momentum), as torch.optim.SGD(nesterov=True)")
+    r.add_argument("--label-smoothing", type=train_arg("label_smoothing"), metavar="X",
+                   help="cross_entropy with label smoothing, as torch's CrossEntropyLoss(label_smoothing) (0)")
+    r.add_argument("--clip-grad-norm", type=train_arg("clip_grad_norm"), metavar="X",
+                   help="scale gradients to global L2 norm <= X, as torch.nn.utils.clip_grad_norm_ (0: off)")
+    r.add_argument("--augment", metavar="LIST", help="augment training images in C: " + AUGMENT_HELP)
+    r.add_argument("--patience", type=train_arg("patience"), metavar="N",
+                   help="stop when validation loss has not improved for N epochs.  Always: RUN_DIR/best.npz "
+                        "holds the weights of the epoch of lowest validation loss")
+    r.add_argument("--init", metavar="WEIGHTS", help="start from these weights (a .npz of the spec's parameters) "
+                                                    "instead of a random initialisation; their normalisation too")
+    r.add_argument("--freeze", nargs="+", metavar="LAYER",
+                   help="layers whose parameters stay fixed (no update, decay or optimizer state)")
+    r.add_argument("--plot", action="store_true", help="write RUN_DIR/curves.png (needs matplotlib)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="loss, accuracy, per-class accuracy and confusion matrix of weights on a data set",
@@ -116,6 +162,15 @@ def register(sub) -> None:
     e.add_argument("--format", choices=["text", "json"], default="text", help=FORMAT_HELP)
     e.add_argument("--plot", metavar="FILE.png", help="draw the confusion matrix (needs matplotlib)")
     e.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="images per forward call (256)")
+    e.add_argument("--quantized", action="store_true",
+                   help="also the int8 accuracy of `netc export --quantize int8` (its integer arithmetic, in numpy)")
+    e.add_argument("--calibration", metavar="DATA",
+                   help="with --quantized: calibration data as for netc export (default: --data)")
+    e.add_argument("--calibration-images", type=positive_int, default=1000, metavar="N",
+                   help="with --quantized: calibration images (default 1000, as netc export)")
+    e.add_argument("--perturb", metavar="LIST", type=_perturbations,
+                   help="also evaluate perturbed copies of the images and show both accuracies: " + PERTURB_HELP)
+    e.add_argument("--seed", type=train_arg("seed"), default=0, metavar="N", help="seed of --perturb (0)")
     e.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="class probabilities for .npy arrays or PNG/JPEG images",
@@ -146,10 +201,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args) -> int:
     from .train import TrainOptions, train
 
+    from .train import RECIPE_KEYS
+
+    if args.plot:
+        _matplotlib()  # fail before the work
     opts = TrainOptions(spec=args.spec, data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
                         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
                         weight_decay=args.weight_decay, seed=args.seed, val_split=args.val_split, limit=args.limit,
-                        pad=args.pad, dtype=args.dtype, threads=args.threads, resume=args.resume, force=args.force)
+                        pad=args.pad, dtype=args.dtype, threads=args.threads, resume=args.resume, force=args.force,
+                        init=args.init, freeze=args.freeze, plot=args.plot,
+                        **{k: getattr(args, k) for k in RECIPE_KEYS})
     train(opts, progress=False if args.no_progress else None)
     return 0
 
@@ -212,6 +273,8 @@ def cmd_eval(args) -> int:
 
     if args.plot:
         _matplotlib()  # fail before the work
+    if args.calibration and not args.quantized:
+        raise NetcError("--calibration is for --quantized (the int8 accuracy)")
     model = Model(args)
     net, network = model.net, model.network
     ds = load_dataset(args.data)
@@ -230,17 +293,55 @@ def cmd_eval(args) -> int:
     outputs = predict_outputs(net, X, args.batch_size)
     names = ds.class_names or model.class_names
     m = classification_metrics(outputs, y, network.loss, k, names)
+    if args.quantized:
+        m["int8"] = _int8_metrics(args, network, X, y, k, names, outputs)
     m.update({"network": network.name, "data": ds.name, "split": args.split, "weights": args.weights,
               "normalization": {"mean": model.mean, "std": model.std, "source": model.norm_source}})
+    if args.perturb:
+        from .perturb import perturb
+
+        text, spec = args.perturb
+        px = perturb(x, spec, args.seed)
+        PX = net.check_x(to_inputs(network, px, model.mean, model.std, model.pad, args.dtype), "perturbed images")
+        pm = classification_metrics(predict_outputs(net, PX, args.batch_size), y, network.loss, k, names)
+        m["perturbed"] = {"perturb": text, "seed": args.seed, "loss": pm["loss"], "accuracy": pm["accuracy"],
+                          "top2_accuracy": pm["top2_accuracy"],
+                          "per_class_accuracy": [c["accuracy"] for c in pm["per_class"]]}
     if args.format == "json":
         emit(json.dumps(_json_safe(m), indent=2))
     else:
         emit(_eval_text(m, model))
+        if args.quantized:
+            q = m["int8"]
+            emit(f"\nint8 (netc export --quantize int8, calibrated on {q['calibration_images']} {q['calibration']} "
+                 f"training images): accuracy {100 * q['accuracy']:.2f}% (float {100 * m['accuracy']:.2f}%, "
+                 f"{100 * (q['accuracy'] - m['accuracy']):+.2f} points); outputs agree on {100 * q['agreement']:.2f}%")
     if args.plot:
         _plot_confusion(m, args.plot)
         if args.format == "text":
             emit(f"confusion matrix plot: {args.plot}")
     return 0
+
+
+def _int8_metrics(args, network, X, y, k: int, names, outputs) -> dict:
+    """Accuracy of the int8 export of the weights on the inputs X (the numpy reference of
+    its integer arithmetic, which the C matches bit for bit), and how often its top class
+    is the float `outputs`' one."""
+    from .export import calibration_inputs, load_state
+    from .export.quant import calibrate, quantize
+    from .export.quant_ref import infer_float
+    from .train import classification_metrics
+
+    state, normalisation = load_state(network, args.weights)
+    source = args.calibration or args.data
+    calib = calibration_inputs(network, source, args.calibration_images, normalisation)
+    qnet = quantize(network, state, calibrate(network, state, calib))
+    out = infer_float(qnet, np.asarray(X, np.float32))
+    q = classification_metrics(out, y, network.loss, k, names)
+    ref = np.asarray(outputs)
+    agree = float(np.mean(out.reshape(len(out), -1).argmax(1) == ref.reshape(len(ref), -1).argmax(1)))
+    return {"accuracy": q["accuracy"], "agreement": agree, "calibration": source,
+            "calibration_images": len(calib)}
 
 
 def _json_safe(v):
@@ -256,13 +357,22 @@ def _json_safe(v):
 def _eval_text(m: dict, model: Model) -> str:
     lines = [f"{m['network']} on {m['data']} {m['split']} set: {m['samples']} images; {model.norm_text()}",
              f"loss {m['loss']:.4f}  accuracy {100 * m['accuracy']:.2f}%  "
-             f"top-2 accuracy {100 * m['top2_accuracy']:.2f}%",
-             "", "per-class accuracy:"]
+             f"top-2 accuracy {100 * m['top2_accuracy']:.2f}%"]
+    if "perturbed" in m:
+        p = m["perturbed"]
+        lines.append(f"perturbed ({p['perturb']}, seed {p['seed']}): loss {p['loss']:.4f}  accuracy "
+                     f"{100 * p['accuracy']:.2f}%  top-2 accuracy {100 * p['top2_accuracy']:.2f}%  "
+                     f"(clean {100 * m['accuracy']:.2f}%)")
+    lines += ["", "per-class accuracy:"]
     width = max([len(c["name"] or "") for c in m["per_class"]] + [0])
+    perturbed = m["perturbed"]["per_class_accuracy"] if "perturbed" in m else None
     for c in m["per_class"]:
         acc = f"{100 * c['accuracy']:6.2f}%" if c["accuracy"] is not None else "      -"
         name = f" {c['name']:<{width}}" if width else ""
-        lines.append(f"  {c['class']:>3}{name}  {acc}  ({c['correct']}/{c['count']})")
+        line = f"  {c['class']:>3}{name}  {acc}  ({c['correct']}/{c['count']})"
+        if perturbed is not None and perturbed[c["class"]] is not None:
+            line += f"  perturbed {100 * perturbed[c['class']]:6.2f}%"
+        lines.append(line)
     cm = m["confusion_matrix"]
     k = len(cm)
     cell = max(4, len(str(max(max(r) for r in cm))) + 1)
@@ -308,6 +418,33 @@ def _plot_confusion(m: dict, path: str) -> None:
 
     try:  # an OSError is reported by cli.main, as for every file written
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)
+
+
+def plot_curves(history: list[list[float]], path, title: str, val_name: str = "val") -> None:
+    """curves.png of a run: loss, accuracy and lr per epoch (rows of train.METRICS_COLUMNS)."""
+    plt = _matplotlib()
+    h = np.array(history, np.float64).reshape(-1, 8)
+    ep = h[:, 0]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, (col, what) in zip(axes[:2], ((1, "loss"), (2, "accuracy"))):
+        ax.plot(ep, h[:, col], "o-", label="train")
+        ax.plot(ep, h[:, col + 2], "o-", label=val_name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    axes[2].plot(ep, h[:, 7], "o-")
+    axes[2].set_xlabel("epoch")
+    axes[2].set_ylabel("learning rate")
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    from .weights import atomic_write
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
 

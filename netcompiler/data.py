@@ -429,6 +429,99 @@ def _load_npz(path: Path, *, emnist_letters: bool | None) -> Dataset:
                    letters=letters, transpose=letters, known=None)
 
 
+IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg")
+NPY_PAIR = ("x.npy", "y.npy")  # and optionally x_test.npy, y_test.npy
+
+
+def _class_dirs(directory: Path) -> list[Path]:
+    """Subdirectories holding at least one image (torchvision ImageFolder's classes), sorted."""
+    return sorted(d for d in _safe_listdir(directory) if d.is_dir() and any(
+        f.suffix.lower() in IMAGE_FILE_SUFFIXES for f in _safe_listdir(d)))
+
+
+def _is_image_folder(directory: Path) -> bool:
+    return bool(_class_dirs(directory)) or (directory / "train").is_dir() and bool(_class_dirs(directory / "train"))
+
+
+def _read_folder(directory: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Every DIR/CLASS/*.png|jpg|jpeg -> uint8 (N, H, W) (all greyscale) or (N, 3, H, W), labels."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError(f"{directory}: reading an image folder needs Pillow, which is not installed: "
+                        f"pip install Pillow") from None
+    from .npyfile import open_regular
+
+    files, labels = [], []
+    for k, c in enumerate(classes):
+        for f in sorted(_safe_listdir(directory / c)):
+            if f.suffix.lower() in IMAGE_FILE_SUFFIXES:
+                files.append(f)
+                labels.append(k)
+    images, grey = [], True
+    for f in files:
+        try:
+            with open_regular(f, DataError, "image") as fh, Image.open(fh) as img:
+                if img.width * img.height > 1 << 24:
+                    raise DataError(f"{f}: image too large ({img.width}x{img.height})")
+                grey = grey and img.mode in ("1", "L", "I;16", "I", "F")
+                images.append(img.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{f}: cannot read the image ({exc})") from None
+    sizes = {im.size for im in images}
+    if len(sizes) > 1:
+        (w0, h0), (w1, h1) = sorted(sizes)[:2]
+        raise DataError(f"{directory}: images differ in size ({w0}x{h0} and {w1}x{h1}, width x height); "
+                        f"an image folder's images must all have one size")
+    arr = np.stack([np.asarray(im, np.uint8) for im in images])  # (N, H, W, 3)
+    x = arr[..., 0].copy() if grey else np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
+    return x, np.array(labels, np.int64)
+
+
+def _load_image_folder(directory: Path) -> Dataset:
+    """DIR/CLASS/*.png|jpg (all training images), or DIR/train/CLASS/... and DIR/test/CLASS/...
+    Classes are the sorted subdirectory names (as torchvision's ImageFolder)."""
+    root = directory / "train" if not _class_dirs(directory) else directory
+    classes = [d.name for d in _class_dirs(root)]
+    x, y = _read_folder(root, classes)
+    test = directory / "test"
+    if root != directory and test.is_dir():
+        extra = sorted({d.name for d in _class_dirs(test)} - set(classes))
+        if extra:
+            raise DataError(f"{test}: classes {', '.join(extra)} are not in {root}")
+        tx, ty = _read_folder(test, classes)  # a class missing from test/ has no test images
+    else:
+        tx, ty = np.empty((0,) + x.shape[1:], np.uint8), np.empty(0, np.int64)
+    where = {"train images": str(root), "train labels": str(root), "test images": str(test), "test labels": str(test)}
+    ds = _finish(x, y, tx, ty, name=directory.resolve().name, where=where, letters=False, transpose=False,
+                 known=None)
+    ds.num_classes, ds.class_names = len(classes), classes
+    return ds
+
+
+def _load_npy_pair(directory: Path) -> Dataset:
+    """x.npy / y.npy (and x_test.npy / y_test.npy) in `directory`."""
+    from .npyfile import read_npy
+
+    arrays = {}
+    for key in ("x", "y", "x_test", "y_test"):
+        f = directory / f"{key}.npy"
+        if f.exists():
+            arrays[key] = read_npy(f, DataError, ".npy array")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise DataError(f"{directory}: has {'x_test' if 'x_test' in arrays else 'y_test'}.npy but not its pair")
+    x, y = arrays["x"], arrays["y"]
+    tx = arrays.get("x_test", np.empty((0,) + x.shape[1:], x.dtype))
+    ty = arrays.get("y_test", np.empty(0, np.int64))
+    for key, arr in (("x", x), ("y", y), ("x_test", tx), ("y_test", ty)):
+        if arr.dtype.kind not in "biuf":
+            raise DataError(f"{directory / (key + '.npy')}: non-numeric dtype {arr.dtype}")
+    where = {"train images": str(directory / "x.npy"), "train labels": str(directory / "y.npy"),
+             "test images": str(directory / "x_test.npy"), "test labels": str(directory / "y_test.npy")}
+    return _finish(x, y, tx, ty, name=directory.resolve().name, where=where, letters=False, transpose=False,
+                   known=None)
+
+
 def _fashion_mnist_dir() -> Path:
     override = os.environ.get(FASHION_MNIST_ENV)
     return Path(override) if override else FASHION_MNIST_DIR
@@ -445,7 +538,12 @@ def load_dataset(source: str, *, emnist_letters: bool | None = None) -> Dataset:
       plain or ``.gz``);
     * a path prefix such as ``DIR/emnist-letters`` selecting one EMNIST split in a
       directory that holds several;
-    * a ``.npz`` file (loaded with ``allow_pickle=False``).
+    * a ``.npz`` file (loaded with ``allow_pickle=False``);
+    * a directory holding ``x.npy`` and ``y.npy`` (and ``x_test.npy``, ``y_test.npy``), or
+      its ``x.npy``;
+    * an image folder (Pillow): ``DIR/CLASS/*.png|jpg|jpeg`` (training images only) or
+      ``DIR/train/CLASS/...`` with ``DIR/test/CLASS/...``; classes are the sorted folder
+      names, images greyscale when every file is, else RGB (N, 3, H, W).
 
     EMNIST letters (file names containing ``letters``, or ``emnist_letters=True``) have
     labels 1..26 shifted to 0..25 and 26 classes named a..z.  EMNIST images are stored
@@ -471,6 +569,12 @@ def load_dataset(source: str, *, emnist_letters: bool | None = None) -> Dataset:
                              emnist_letters=False, known=_FASHION)
 
     path = Path(source).expanduser()
+    if path.is_file() and path.name == NPY_PAIR[0]:
+        path = path.parent
+    if path.is_dir() and all((path / f).is_file() for f in NPY_PAIR):
+        return _load_npy_pair(path)
+    if path.is_dir() and _is_image_folder(path):
+        return _load_image_folder(path)
     if path.is_dir():
         name = path.resolve().name or str(path)
         return _load_idx_dir(path, prefix=None, name=name,

@@ -89,6 +89,7 @@ def render(net, dtype: str = "float32", flags: list[str] | None = None) -> Rende
                   gelu_tanh=any(lp.c.get("needs_gelu_tanh_grad") for lp in plan.layers),
                   math=set().union(*(lp.c.get("math", ()) for lp in plan.layers))),
         banner=banner(plan, dtype, flags or []),
+        image=dict(zip("chw", net.input_shape)) if len(net.input_shape) == 3 else None,  # augmentation's sizes
     )
     api = env.get_template("api.h.j2").render(ctx)
     header = env.get_template("header.h.j2").render(ctx, api=api)

@@ -152,6 +152,7 @@ class Net:
         threads = check_threads(threads)
         self.threads = available_cores() if threads is None else threads
         self._optim = ffi.new(f"{self.name}_optim *")
+        self.frozen: list[str] = []  # layers whose parameters stay fixed (freeze)
         train = self.network.train
         self.set_optimizer(train.get("optimizer", "adam"), lr=train.get("lr", 1e-3),
                            momentum=train.get("momentum", 0.9), weight_decay=train.get("weight_decay", 0.0))
@@ -342,14 +343,19 @@ class Net:
     @_locked
     def set_optimizer(self, kind: str = "adam", lr: float = 1e-3, momentum: float = 0.9,
                       weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                      eps: float = 1e-8) -> None:
+                      eps: float = 1e-8, nesterov: bool = False, clip_grad_norm: float = 0.0) -> None:
         """sgd: torch.optim.SGD without momentum; momentum: torch.optim.SGD with `momentum` (both
-        add weight_decay * p to the gradient); adam and adamw, two names of one optimizer:
-        torch.optim.AdamW (decoupled decay: p *= 1 - lr * weight_decay, then the Adam step)."""
+        add weight_decay * p to the gradient; nesterov=True as torch's, momentum only); adam and
+        adamw, two names of one optimizer: torch.optim.AdamW (decoupled decay: p *= 1 - lr *
+        weight_decay, then the Adam step).  clip_grad_norm > 0 scales the gradients first as
+        torch.nn.utils.clip_grad_norm_(trainable parameters, clip_grad_norm) (0: no clipping)."""
         if kind not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
-        lr, momentum, weight_decay, eps = (optimizer_value(w, v) for w, v in (
-            ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps)))
+        lr, momentum, weight_decay, eps, clip_grad_norm = (optimizer_value(w, v) for w, v in (
+            ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps),
+            ("clip_grad_norm", clip_grad_norm)))
+        if nesterov and not (kind == "momentum" and momentum > 0):
+            raise ValueError("nesterov needs optimizer 'momentum' with momentum > 0 (as torch.optim.SGD)")
         betas = (optimizer_value("beta1", betas[0], below=1.0), optimizer_value("beta2", betas[1], below=1.0))
         if getattr(self, "optimizer", kind) != kind:
             self.reset_optimizer()  # another optimizer's moments are not this one's state
@@ -358,7 +364,60 @@ class Net:
         o.lr, o.weight_decay, o.eps = float(lr), float(weight_decay), float(eps)
         o.momentum = float(momentum) if kind == "momentum" else 0.0
         o.beta1, o.beta2 = float(betas[0]), float(betas[1])
+        o.nesterov, o.clip_norm = int(bool(nesterov)), float(clip_grad_norm)
         self.optimizer = kind
+
+    @_locked
+    def freeze(self, layers: Any = ()) -> None:
+        """Keep the parameters of these layers (names) fixed: no update, no weight decay, no
+        optimizer state change, and left out of clip_grad_norm (as requires_grad=False in torch;
+        batch-norm running statistics still update in training mode, as there).  () unfreezes."""
+        names = [str(n) for n in layers]
+        known = [l.name for l in self.network.layers]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"no layer {', '.join(repr(n) for n in unknown)} in network '{self.name}' "
+                             f"(layers: {', '.join(known)})")
+        frozen = {f"{l.name}.{k}" for l in self.network.layers if l.name in names for k in l.param_shapes()}
+        ranges: list[int] = []
+        for t in sorted(self.plan.params, key=lambda t: t.offset):
+            if t.name in frozen:
+                continue
+            if ranges and ranges[-1] == t.offset:
+                ranges[-1] = t.offset + t.size
+            else:
+                ranges += [t.offset, t.offset + t.size]
+        self.frozen = [n for n in known if n in names]
+        self._ranges = np.array(ranges or [0, 0], np.int64)
+        o = self._optim
+        o.ranges = self._ffi.NULL if not frozen else self._ffi.cast("int64_t *", self._ranges.ctypes.data)
+        o.nranges = len(ranges) // 2
+
+    @_locked
+    def set_label_smoothing(self, eps: float) -> None:
+        """cross_entropy against (1 - eps) one-hot + eps / classes, as torch's CrossEntropyLoss(label_smoothing)."""
+        eps = optimizer_value("label_smoothing", eps)
+        if eps > 1 or (eps and self.network.loss != "cross_entropy"):
+            raise ValueError(f"label smoothing must be in [0, 1] and needs loss cross_entropy, got {eps}")
+        self._ctx.label_smoothing = eps
+
+    @_locked
+    def set_augment(self, shift: int = 0, hflip: bool = False, erase: float = 0.0, fill: float = 0.0,
+                    seed: int = 0, epoch: int = 0) -> None:
+        """Augment training inputs in C (training forwards only): a random shift by up to `shift`
+        pixels (`fill` outside), a left-right flip with probability 1/2, and with probability
+        `erase` a zeroed rectangle (torchvision RandomErasing's defaults), each drawn from
+        (seed, epoch, sample row), so any chunking or resume draws the same."""
+        if (shift or hflip or erase) and len(self.network.input_shape) != 3:
+            raise ValueError("augmentation needs an image input (C, H, W)")
+        h, w = self.network.input_shape[1:] if len(self.network.input_shape) == 3 else (1, 1)
+        if not (isinstance(shift, (int, np.integer)) and 0 <= shift < min(h, w)):
+            raise ValueError(f"augment shift must be an integer in 0..{min(h, w) - 1}, got {shift!r}")
+        if not (0 <= erase <= 1) or not math.isfinite(fill):
+            raise ValueError(f"augment erase must be a probability in [0, 1], got {erase!r}")
+        c = self._ctx
+        c.aug_shift, c.aug_hflip, c.aug_erase, c.aug_fill = int(shift), int(bool(hflip)), float(erase), float(fill)
+        c.aug_seed, c.aug_epoch = int(seed) & (2**64 - 1), int(epoch)
 
     @_locked
     def reset_optimizer(self) -> None:
@@ -517,12 +576,13 @@ class Net:
             self._ctx, self._real_ptr(x), self._y_ptr(y), self._ffi.NULL, x.shape[0], self._optim))
 
     @_locked
-    def train_batches(self, x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
+    def train_batches(self, x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int,
+                      lrs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Train on rows `order` of x/y in batches, in one C call.  x and y are checked like
-        everywhere (pass arrays from check_x/check_y to avoid a copy per call).  Returns
-        per-batch losses and correct counts, up to and including a batch whose loss was
-        not finite (that batch's update is skipped)."""
+        everywhere (pass arrays from check_x/check_y to avoid a copy per call).  `lrs`: the
+        learning rate of each batch (None: `lr` throughout; given, `lr` ends as the last one
+        used).  Returns per-batch losses and correct counts, up to and including a batch whose
+        loss was not finite (that batch's update is skipped)."""
         order = np.ascontiguousarray(order, dtype=np.int64)
         if order.ndim != 1 or (order.size and (order.min() < 0 or order.max() >= x.shape[0])):
             raise ValueError("order must be a 1-D array of row indices into x")
@@ -536,9 +596,15 @@ class Net:
         nb = -(-order.size // batch_size)
         losses = np.zeros(nb, np.float64)
         correct = np.zeros(nb, np.int64)
+        lr_ptr = self._ffi.NULL
+        if lrs is not None:
+            lrs = np.ascontiguousarray(lrs, np.float64)
+            if lrs.shape != (nb,) or not (np.all(np.isfinite(lrs)) and np.all(lrs >= 0)):
+                raise ValueError(f"lrs must hold {nb} finite numbers >= 0 (one per batch), got shape {lrs.shape}")
+            lr_ptr = self._ptr(lrs, "double")
         done = self._c.train_batches(
             self._ctx, self._real_ptr(x), self._y_ptr(y), self._ptr(order, "int64_t"), order.size, batch_size,
-            self._optim, self._ptr(losses, "double"), self._ptr(correct, "int64_t"))
+            self._optim, lr_ptr, self._ptr(losses, "double"), self._ptr(correct, "int64_t"))
         keep = done + 1 if done < nb else nb  # include the failing batch so callers can see it
         return losses[:keep], correct[:keep]
 

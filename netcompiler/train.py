@@ -18,6 +18,8 @@ Run directory (RUN_DIR, default runs/<spec name>), every file written atomically
     metrics.csv          one row per epoch (see METRICS_COLUMNS)
     weights.npz          latest weights (after the last completed epoch), with the
                          normalisation under '__meta__/' (see weights.py)
+    best.npz             the same for the epoch of the lowest validation loss so far
+    curves.png           with --plot: loss, accuracy and lr per epoch
     checkpoint.npz       weights + buffers + optimizer state + shuffling RNG state + epoch
                          and position in the epoch + spec hash + settings: what --resume needs
     .netc.lock           held (flock) by the one `netc train` that owns the directory; holds its pid
@@ -41,14 +43,15 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
+from . import recipe
 from . import weights as W
-from .check import TRAIN_KEYS, Network, load
+from .check import TRAIN_KEYS, Network, load, train_value
 from .data import Dataset, dataset_stats, load_dataset, prepare_inputs, train_val_split
 from .errors import DataError, NetcError, WeightsError
 from .fileio import locked_directory, remove_stale_temps
 from .progress import Progress, emit, fmt_seconds
 
-METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s")
+METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s", "lr")
 CHUNK_SECONDS = 0.3  # target duration of one train_batches call between progress updates
 EVAL_BATCH = 256
 CHECKPOINT_VERSION = 1
@@ -59,8 +62,13 @@ CHECKPOINT_VERSION = 1
 DIVERGE_FACTOR = 10.0
 DIVERGE_MARGIN = 1.0
 # Settings that must not change when a run is resumed (they change the result).
+# Train options beyond the optimizer's basics (recipe.py): spec train: keys and command-line options.
+RECIPE_KEYS = ("lr_schedule", "step_size", "gamma", "milestones", "min_lr", "max_lr", "pct_start", "div_factor",
+               "final_div_factor", "warmup_epochs", "nesterov", "label_smoothing", "clip_grad_norm", "patience",
+               "augment")
 FIXED_ON_RESUME = ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "seed", "val_split", "limit",
-                   "pad", "dtype", "mean", "std")
+                   "pad", "dtype", "mean", "std", "init", "freeze",
+                   *(k for k in RECIPE_KEYS if k != "patience"))
 
 
 class TrainingDiverged(NetcError):
@@ -90,6 +98,24 @@ class TrainOptions:
     resume: bool = False
     force: bool = False
     chunk_batches: int | None = None  # fixed chunk size (tests); None: adaptive
+    lr_schedule: str | None = None
+    step_size: int | None = None
+    gamma: float | None = None
+    milestones: list[int] | None = None
+    min_lr: float | None = None
+    max_lr: float | None = None
+    pct_start: float | None = None
+    div_factor: float | None = None
+    final_div_factor: float | None = None
+    warmup_epochs: int | None = None
+    nesterov: bool | None = None
+    label_smoothing: float | None = None
+    clip_grad_norm: float | None = None
+    patience: int | None = None
+    augment: str | None = None
+    init: str | None = None  # weights to start from (a fresh run only)
+    freeze: list[str] | None = None  # layers whose parameters stay fixed
+    plot: bool = False  # write curves.png
 
 
 @dataclass
@@ -121,9 +147,12 @@ def resolve_settings(network: Network, opts: TrainOptions) -> dict[str, Any]:
     """Built-in defaults <- spec `train:` section <- command-line options."""
     s = {k: default for k, (_, default) in TRAIN_KEYS.items()}
     s.update(network.train)
-    for k in ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "seed", "val_split"):
+    for k in ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "seed", "val_split",
+              *RECIPE_KEYS):
         if getattr(opts, k) is not None:
             s[k] = getattr(opts, k)
+    s["init"] = str(opts.init) if opts.init else None
+    s["freeze"] = list(opts.freeze or [])
     s["limit"] = opts.limit
     s["pad"] = bool(opts.pad)
     s["dtype"] = opts.dtype or "float32"
@@ -132,6 +161,22 @@ def resolve_settings(network: Network, opts: TrainOptions) -> dict[str, Any]:
     for k in ("lr", "momentum", "weight_decay"):
         if not (math.isfinite(s[k]) and s[k] >= 0):
             raise NetcError(f"--{k.replace('_', '-')} must be a finite number >= 0, got {s[k]}")
+    if s["milestones"] is not None:
+        try:
+            s["milestones"] = train_value("milestones", list(s["milestones"]))
+        except ValueError as exc:
+            raise NetcError(f"--milestones {exc}") from None
+    problem = recipe.check_schedule(s)
+    if problem:
+        raise NetcError(problem)
+    try:
+        recipe.parse_augment(s["augment"])
+    except ValueError as exc:
+        raise NetcError(f"--augment: {exc}") from None
+    if s["nesterov"] and not (s["optimizer"] == "momentum" and s["momentum"] > 0):
+        raise NetcError("--nesterov needs --optimizer momentum with --momentum > 0 (as torch.optim.SGD)")
+    if s["label_smoothing"] > 1 or (s["label_smoothing"] and network.loss != "cross_entropy"):
+        raise NetcError(f"--label-smoothing must be in [0, 1] and needs loss cross_entropy, got {s['label_smoothing']}")
     return s
 
 
@@ -294,7 +339,8 @@ class _CtrlC:
 
 
 # ---- the run ----------------------------------------------------------------------------
-RUN_FILES = ("spec.yaml", "normalization.json", "metrics.csv", "weights.npz", "checkpoint.npz")
+RUN_FILES = ("spec.yaml", "normalization.json", "metrics.csv", "weights.npz", "checkpoint.npz", "best.npz",
+             "curves.png")
 
 
 class Run:
@@ -309,6 +355,7 @@ class Run:
         self.run_dir = Path(opts.out) if opts.out else Path("runs") / self.network.name
         self.ckpt_path = self.run_dir / "checkpoint.npz"
         self.weights_path = self.run_dir / "weights.npz"
+        self.best_path = self.run_dir / "best.npz"
         self.metrics_path = self.run_dir / "metrics.csv"
         self.classify = self.network.loss == "cross_entropy"  # C counts correct predictions only then
         self._start_loss: float | None = None  # the session's first batch loss
@@ -369,11 +416,14 @@ class Run:
         self.raw_train, self.raw_val = (x, y), (vx, vy)
         self.data_name = ds.name
 
-    def _normalisation(self, s: dict[str, Any]) -> None:
+    def _normalisation(self, s: dict[str, Any], init: dict[str, Any] | None) -> None:
         if "norm_source" in s:  # resuming: as recorded by the first session
             self.norm_source = s["norm_source"]
         elif s["mean"] is not None and s["std"] is not None:
             self.norm_source = "from the spec's train: section"
+        elif init is not None and init["mean"] is not None and init["std"] is not None:
+            s["mean"], s["std"] = (init[k] if s[k] is None else s[k] for k in ("mean", "std"))
+            self.norm_source = f"from --init {s['init']}"
         else:
             mean, std = dataset_stats(self.raw_train[0])
             s["mean"] = s["mean"] if s["mean"] is not None else mean
@@ -389,14 +439,19 @@ class Run:
         s, arrays = self._settings()
         self.s = s
         self._data(s)
-        self._normalisation(s)
+        net = nc.compile(self.network, dtype=s["dtype"], threads=self.opts.threads)
+        self.net = net
+        init = None
+        if arrays is None and s["init"]:
+            net.init(s["seed"])
+            init = net.load_weights(s["init"])  # WeightsError: one line
+            self._init_state = net.state_dict()
+        self._normalisation(s, init)
         if arrays is not None:
             meta = W.split(arrays)[1]
             if W.meta_str(meta, "data_fingerprint") != self.fingerprint:
                 raise NetcError(f"--resume: the training data differ from the run's (--data {self.opts.data}, "
                                 f"--limit, --val-split must select the same images)")
-        net = nc.compile(self.network, dtype=s["dtype"], threads=self.opts.threads)
-        self.net = net
         mean, std, pad, dt = s["mean"], s["std"], s["pad"], s["dtype"]
         tx, ty = self.raw_train
         self.X = net.check_x(to_inputs(self.network, tx, mean, std, pad, dt), "training images")
@@ -419,9 +474,22 @@ class Run:
                 self.n_used = n - rem
         if self.n_used == 0:
             raise DataError(f"{n} training images are too few for one training batch of this network")
-        net.set_optimizer(s["optimizer"], lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"])
+        net.set_optimizer(s["optimizer"], lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"],
+                          nesterov=s["nesterov"], clip_grad_norm=s["clip_grad_norm"])
+        net.set_label_smoothing(s["label_smoothing"])
+        try:
+            net.freeze(s["freeze"])
+        except ValueError as exc:
+            raise NetcError(f"--freeze: {exc}") from None
+        self.augment = recipe.parse_augment(s["augment"])
+        if any(self.augment.values()) and len(self.network.input_shape) != 3:
+            raise NetcError("--augment needs an image input (C, H, W); the spec's input is a vector")
+        if s["patience"] and self.VX is None:
+            raise NetcError("--patience needs validation data: the data has no test set; use --val-split")
         if arrays is None:
             net.init(s["seed"])
+            if s["init"]:
+                net.load_state_dict(self._init_state)
             net.seed(s["seed"])
             self.rng = np.random.default_rng(s["seed"])
             self.history: list[list[float]] = []
@@ -514,7 +582,8 @@ class Run:
         self.setup()
         s, net = self.s, self.net
         if self.opts.force and not self.opts.resume:
-            for p in (self.ckpt_path, self.weights_path, self.metrics_path):
+            for p in (self.ckpt_path, self.weights_path, self.metrics_path, self.best_path,
+                      self.run_dir / "curves.png"):
                 p.unlink(missing_ok=True)
         self.write_static_files()
         self.say(f"{self.network.name}: {self.network.total_params:,} parameters, {s['dtype']}, "
@@ -536,18 +605,30 @@ class Run:
             self.say(f"the run already trained {p.epoch} epochs; pass --epochs N (N > {p.epoch}) to train more")
             self._write_weights()
             return self._result()
+        if self._early_stop() and p.pos == 0:
+            self.say(f"the run stopped early after epoch {p.epoch} (--patience {s['patience']})")
+            return self._result()
         self._chunk = self.opts.chunk_batches or 2
         self._consistent = True
         t_start = time.perf_counter()
         with _CtrlC(self.err) as ctrl_c:
             try:
-                while p.epoch < s["epochs"]:
+                while p.epoch < s["epochs"] and not (p.pos == 0 and self._early_stop()):
                     self._epoch(ctrl_c)
                     if ctrl_c.requested and p.epoch < s["epochs"]:  # pressed during validation
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 self._interrupted()
                 raise
+        if self._early_stop():
+            self.say(f"early stop: {self.val_name} loss has not improved for {s['patience']} epochs")
+        best = self.best_epoch()
+        if best is not None:
+            self.say(f"best epoch {best + 1}: {self.val_name} loss {self.history[best][3]:.4f}; weights: {self.best_path}")
+        if self.opts.plot:
+            from .cli_train import plot_curves
+
+            plot_curves(self.history, self.run_dir / "curves.png", f"{self.network.name}", self.val_name)
         last = self.history[-1] if self.history else None
         summary = f"done: {len(self.history)} epochs, this session {fmt_seconds(time.perf_counter() - t_start)}"
         if last is not None and math.isfinite(last[4]):
@@ -561,6 +642,17 @@ class Run:
     def _write_weights(self) -> None:
         W.save_weights(self.weights_path, self.net, self._meta())
 
+    def best_epoch(self) -> int | None:
+        """0-based index of the completed epoch with the lowest validation loss (the first such)."""
+        losses = [row[3] for row in self.history]
+        finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
+        return min(finite, key=lambda i: losses[i]) if finite else None
+
+    def _early_stop(self) -> bool:
+        """--patience N: N epochs since the best validation loss (from the history: resume agrees)."""
+        best = self.best_epoch()
+        return bool(self.s["patience"]) and best is not None and len(self.history) - 1 - best >= self.s["patience"]
+
     def _epoch(self, ctrl_c: _CtrlC) -> None:
         s, net, p = self.s, self.net, self.position
         bs, n = int(s["batch_size"]), self.n_used
@@ -568,6 +660,9 @@ class Run:
         if p.pos == 0:
             p.order = self.rng.permutation(len(self.X))[:n]
             p.losses, p.correct, p.train_seconds, p.seconds = np.zeros(0), 0, 0.0, 0.0
+        a = self.augment
+        net.set_augment(a["shift"], a["hflip"], a["erase"], fill=-s["mean"] / s["std"], seed=s["seed"], epoch=p.epoch)
+        scheduled = not recipe.constant(s)
         label = f"epoch {p.epoch + 1}/{s['epochs']}"
         bar = Progress(n, label, self.out, enabled=self.progress, start_done=p.pos)
         t_epoch = time.perf_counter() - p.seconds
@@ -577,7 +672,8 @@ class Run:
                 end = min(n, p.pos + self._chunk * bs)
                 self._consistent = False
                 t0 = time.perf_counter()
-                lo, co = net.train_batches(self.X, self.Y, p.order[p.pos:end], bs)
+                lrs = recipe.lrs(s, p.epoch, p.pos // bs, -(-(end - p.pos) // bs), nb) if scheduled else None
+                lo, co = net.train_batches(self.X, self.Y, p.order[p.pos:end], bs, lrs)
                 dt = time.perf_counter() - t0
                 if len(lo) and not math.isfinite(lo[-1]):  # C skipped that batch's update and stopped
                     bar.close()
@@ -612,11 +708,14 @@ class Run:
             val_loss = val_acc = float("nan")
         seconds = time.perf_counter() - t_epoch
         ips = n / p.train_seconds if p.train_seconds > 0 else float("nan")
-        self.history.append([p.epoch + 1, train_loss, train_acc, val_loss, val_acc, seconds, ips])
+        lr = float(recipe.lrs(s, p.epoch, 0, 1, nb)[0])  # the rate of the epoch's first batch
+        self.history.append([p.epoch + 1, train_loss, train_acc, val_loss, val_acc, seconds, ips, lr])
         p.epoch += 1
         p.pos, p.order, p.losses, p.correct, p.train_seconds, p.seconds = 0, None, np.zeros(0), 0, 0.0, 0.0
         write_metrics(self.metrics_path, self.history)
         self._write_weights()
+        if self.best_epoch() == p.epoch - 1:
+            W.save_weights(self.best_path, self.net, self._meta())
         self.save_checkpoint()
         val = (f"{self.val_name} loss {val_loss:.4f} acc {_percent(val_acc)}" if math.isfinite(val_loss)
                else f"{self.val_name} -")

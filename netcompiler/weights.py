@@ -296,12 +296,12 @@ def check_settings(settings: Any, path) -> dict[str, Any]:
 
     if not isinstance(settings, dict):
         raise _damaged(path, f"settings are {type(settings).__name__}, not a mapping")
-    missing = [k for k in (*TRAIN_KEYS, "limit", "pad", "dtype", "norm_source") if k not in settings]
+    missing = [k for k in (*TRAIN_KEYS, "limit", "pad", "dtype", "norm_source", "init", "freeze") if k not in settings]
     if missing:
         raise _damaged(path, f"settings lack {', '.join(missing)}")
-    for key, (kind, _) in TRAIN_KEYS.items():
-        if kind == "choice" or key in ("mean", "std"):
-            continue  # checked below, with what a finished run stores for them
+    for key, (kind, default) in TRAIN_KEYS.items():
+        if key in ("optimizer", "mean", "std") or (default is None and settings[key] is None):
+            continue  # checked below, with what a finished run stores for them; or not set
         try:
             train_value(key, settings[key])
         except ValueError as exc:
@@ -314,6 +314,8 @@ def check_settings(settings: Any, path) -> dict[str, Any]:
         "pad": (lambda v: type(v) is bool, "true or false"),
         "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
         "norm_source": (lambda v: isinstance(v, str), "a string"),
+        "init": (lambda v: v is None or isinstance(v, str), "null or a path"),
+        "freeze": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of layer names"),
     }
     for key, (ok, want) in rules.items():
         if not ok(settings[key]):

@@ -17,7 +17,7 @@ from netcompiler import weights as W
 from netcompiler.cli import main
 from netcompiler.train import read_metrics
 
-FILES = {"spec.yaml", "normalization.json", "metrics.csv", "weights.npz", "checkpoint.npz", ".netc.lock"}
+FILES = {"spec.yaml", "normalization.json", "metrics.csv", "weights.npz", "checkpoint.npz", "best.npz", ".netc.lock"}
 
 
 def netc(capsys, *argv) -> tuple[int, str, str]:
@@ -43,11 +43,11 @@ def test_train_writes_the_run_directory(trained, capsys):
     assert (run / "spec.yaml").read_text() == TINY
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s"]
+    assert rows[0] == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s", "lr"]
     assert [r[0] for r in rows[1:]] == ["1", "2", "3"]
     for r in rows[1:]:
-        loss, acc, vloss, vacc, secs, ips = map(float, r[1:])
-        assert loss > 0 and 0 <= acc <= 1 and vloss >= 0 and 0 <= vacc <= 1 and secs > 0 and ips > 0
+        loss, acc, vloss, vacc, secs, ips, lr = map(float, r[1:])
+        assert loss > 0 and 0 <= acc <= 1 and vloss >= 0 and 0 <= vacc <= 1 and secs > 0 and ips > 0 and lr == 0.01
     assert float(rows[-1][4]) > 0.9  # the quadrant task is easy
     norm = json.loads((run / "normalization.json").read_text())
     assert norm["source"] == "computed on the 200 training images" and 0 < norm["std"] < 1

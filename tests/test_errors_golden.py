@@ -331,7 +331,25 @@ GOLDEN = {
         "loss: mse\n"
         "train: {epoch: 3}\n",
         "net.yaml:5:9: error: unknown train option 'epoch' (did you mean 'epochs'?); expected one of epochs, "
-        "batch_size, optimizer, lr, momentum, weight_decay, seed, val_split, mean, std"),
+        "batch_size, optimizer, lr, momentum, weight_decay, seed, val_split, mean, std, lr_schedule, step_size, "
+        "gamma, milestones, min_lr, max_lr, pct_start, div_factor, final_div_factor, warmup_epochs, nesterov, "
+        "label_smoothing, clip_grad_norm, patience, augment"),
+    "bad_train_recipe_options": (
+        "input: [1, 4, 4]\n"
+        "layers:\n"
+        "  - flatten\n"
+        "  - linear: {out_features: 3}\n"
+        "loss: mse\n"
+        "train:\n"
+        "  lr_schedule: cosin\n"
+        "  milestones: [5, 2]\n"
+        "  nesterov: 1\n"
+        "  augment: shift=2,flip\n",
+        "net.yaml:7:16: error: train option 'lr_schedule' must be one of none, step, multistep, cosine, onecycle, "
+        "got 'cosin' (did you mean 'cosine'?)\n"
+        "net.yaml:8:15: error: train option 'milestones' must be a list of increasing positive integers, got [5, 2]\n"
+        "net.yaml:9:13: error: train option 'nesterov' must be true or false, got 1\n"
+        "net.yaml:10:12: error: train option 'augment' is wrong: unknown augmentation 'flip' (expected shift, hflip, erase)"),
     "dropout_p_one": (
         "input: [4]\n"
         "layers:\n"

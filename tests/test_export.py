@@ -168,9 +168,54 @@ def test_odd_shapes_match_forward(name, tmp_path, capsys):
     _check(path, tmp_path, capsys)
 
 
-@pytest.mark.parametrize("name", ["lenet5", "cifar"])
+ODD["odd_channels"] = spec([4, 9, 9], [  # host: 8 output channels at a time (strided, short rows, groups)
+    "conv2d: {out_channels: 16, kernel_size: 3, stride: 2, padding: 1, groups: 2}",
+    "relu",
+    "conv2d: {out_channels: 8, kernel_size: [2, 3], padding: same, bias: false}",
+    "maxpool2d: {kernel_size: 2, ceil_mode: true}",
+    "tanh",
+    "flatten",
+    "linear: {out_features: 3}",
+], name="odd_channels")
+
+
+@pytest.mark.parametrize("name", ["lenet5", "cifar", "alphabet", "odd_channels"])
 def test_host_target_matches_forward(name, tmp_path, capsys):
-    _check(ROOT / "specs" / f"{name}.yaml", tmp_path, capsys, target="host")
+    """host: GCC vectors (rows of 8 outputs, 8 channels at a time, linear dot products), and
+    the same C with -DNETC_NO_VECTORS (plain C)."""
+    if name in ODD:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(ODD[name])
+    else:
+        path = ROOT / "specs" / f"{name}.yaml"
+    r = _check(path, tmp_path, capsys, target="host")
+    e = export_c(r["network"], load_state(r["network"], tmp_path / "weights.npz")[0], "host")
+    # cifar: stride-2 convs of 5, 7 and 10 channels and no linear layer: nothing to vectorise
+    assert any(s.c.get("VEC") or s.c.get("VECC") for s in e.steps) == (name != "cifar")
+    assert name in ("lenet5", "cifar") or any(s.c.get("VECC") for s in e.steps)
+    network, net, _ = _net_and_weights(path, tmp_path)
+    x = np.random.default_rng(7).standard_normal((3, *network.input_shape)).astype(np.float32)
+    y = _run(_compile(COMPILERS[0], r["out"], network.name, ["-DNETC_NO_VECTORS"]), x, math.prod(network.output_shape),
+             tmp_path)
+    assert_close(y, net.forward(x).reshape(3, -1), RTOL, f"{name} (host, no vectors)", atol=ATOL)
+
+
+def test_cortex_m_targets_match_forward(tmp_path, capsys):
+    """float32 --target cortex-m4 / cortex-m7: the generic C (the DSP forms are int8's)."""
+    for target in ("cortex-m4", "cortex-m7"):
+        (tmp_path / target).mkdir()
+        r = _check(ROOT / "specs" / "lenet5.yaml", tmp_path / target, capsys, target=target)
+        assert f"Target {target}: " in (r["out"] / "lenet5.c").read_text()
+
+
+def test_bench_export_speed_runs():
+    """bench/export_speed.py --quick runs and prints its table (no time is asserted)."""
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "export_speed.py"), "--quick", "--nets", "lenet5",
+                        "--min-time", "0.005", "--reps", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "export/NAME_forward" in r.stdout and re.search(r"^\s*lenet5\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+", r.stdout, re.M)
 
 
 def test_sanitizers(tmp_path, capsys):

@@ -10,6 +10,11 @@ text + data of NAME.o (arm-none-eabi-size), RAM the arena plus that stack.  The 
 holds them to the targets against onnx2c (commit ea045cc, -O2, same machine):
 flash <= weights + 8 KB, RAM <= 50% and instructions <= 1/3 of onnx2c's.
 
+The int8 exports (--target cortex-m4, calibrated on random inputs) run the same way with
+`make INT8=1`, their convolutions on SMLAD (and once with -DNETC_NO_DSP, in plain C); their
+int8 outputs must equal the numpy reference (quant_ref.py) exactly, and they are held to
+flash <= 30% of the float build's, RAM <= 25% and instructions <= 1/5 of onnx2c's.
+
 Needs gcc-arm-none-eabi, libnewlib-arm-none-eabi, qemu-system-arm and make; skipped
 with the reason when one is missing.
 """
@@ -98,3 +103,80 @@ def test_cortex_m4_matches_host_and_meets_targets(name, tmp_path, capsys):
     assert ram_used <= 0.5 * ram, f"RAM {ram_used:,} B > 50% of onnx2c's {ram:,}"
     assert m["instructions"] <= instructions / 3, f"{m['instructions']:,} instructions > 1/3 of onnx2c's"
     assert 50 <= m["stack"] <= 1024  # the stack measurement saw INFER's frames, and they are small
+
+
+# ---- int8 ------------------------------------------------------------------------------------
+def _qemu(elf) -> str:
+    r = subprocess.run(["qemu-system-arm", "-M", "mps2-an386", "-nographic", "-semihosting", "-icount", "shift=0",
+                        "-kernel", str(elf)], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, f"qemu exited with {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def _object_bytes(path) -> int:
+    size = subprocess.run(["arm-none-eabi-size", str(path)], capture_output=True, text=True, check=True)
+    text, data = map(int, size.stdout.splitlines()[1].split()[:2])
+    return text + data
+
+
+def run_firmware_int8(name: str, tmp_path, capsys, dsp: bool = True) -> dict:
+    from netcompiler.export import export_int8, quant_ref
+    from netcompiler.export.quant import quantize_input
+
+    spec_path = ROOT / "specs" / f"{name}.yaml"
+    network = load(spec_path)
+    state = {k: np.asarray(v, np.float32) for k, v in _state(network, 1).items()}
+    rng = np.random.default_rng(2)
+    e = export_int8(network, state, rng.standard_normal((16, *network.input_shape)).astype(np.float32),
+                    target="cortex-m4")
+    assert any(s.c.get("DSP") for s in e.steps)
+    out = tmp_path / "c8"
+    e.write(out)
+    xq = quantize_input(rng.standard_normal((1, *network.input_shape)).astype(np.float32), e.qnet.input)
+    (tmp_path / "input.h").write_text("static const elem_t net_input[INPUT_SIZE] = {\n    "
+                                      + ", ".join(str(int(v)) for v in xq.ravel()) + "\n};\n")
+    build = tmp_path / "fw8"
+    r = subprocess.run(["make", "-C", str(FIRMWARE), f"NET={name}", f"EXPORT={out}", f"INPUT={tmp_path / 'input.h'}",
+                        f"OUT={build}", "INT8=1", f"NETDEFS={'' if dsp else '-DNETC_NO_DSP'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    stdout = _qemu(build / f"{name}.elf")
+    lines = dict(re.findall(r"^(status|stack|ticks) (\d+)$", stdout, re.M))
+    y = [int(v) for _, v in sorted((int(i), v) for i, v in re.findall(r"^output (\d+) (-?\d+)$", stdout, re.M))]
+    assert lines.get("status") == "0" and len(y) == network.num_classes, stdout
+    if not dsp:
+        return dict(y=np.array(y), ref=quant_ref.run(e.qnet, xq)[0])
+    # the float build of the same weights, for its flash
+    from netcompiler.export import export_c
+
+    export_c(network, state).write(tmp_path / "c32")
+    r = subprocess.run(["make", "-C", str(FIRMWARE), f"NET={name}", f"EXPORT={tmp_path / 'c32'}", f"OUT={tmp_path / 'fw32'}",
+                        str(tmp_path / "fw32" / f"{name}.o")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return dict(y=np.array(y), ref=quant_ref.run(e.qnet, xq)[0], flash=_object_bytes(build / f"{name}.o"),
+                float_flash=_object_bytes(tmp_path / "fw32" / f"{name}.o"), weights=e.weights_bytes,
+                arena=e.arena_bytes, stack=int(lines["stack"]),
+                instructions=int(lines["ticks"]) * INSTRUCTIONS_PER_TICK)
+
+
+@pytest.mark.parametrize("name", sorted(ONNX2C))
+def test_cortex_m4_int8_matches_reference_and_meets_targets(name, tmp_path, capsys):
+    m = run_firmware_int8(name, tmp_path, capsys)
+    assert np.array_equal(m["y"], m["ref"].astype(int)), (m["y"], m["ref"])
+    flash, ram, instructions = ONNX2C[name]
+    ram_used = m["arena"] + m["stack"]
+    with capsys.disabled():
+        print(f"\n{name} int8 on Cortex-M4F: flash {m['flash']:,} B (weights and tables {m['weights']:,} + code "
+              f"{m['flash'] - m['weights']:,}; float build {m['float_flash']:,}), RAM {ram_used:,} B (arena "
+              f"{m['arena']:,} + stack {m['stack']}), {m['instructions']:,} instructions; onnx2c: RAM {ram:,}, "
+              f"{instructions:,}")
+    assert m["flash"] <= 0.3 * m["float_flash"], f"flash {m['flash']:,} B > 30% of float's {m['float_flash']:,}"
+    assert ram_used <= 0.25 * ram, f"RAM {ram_used:,} B > 25% of onnx2c's {ram:,}"
+    assert m["instructions"] <= instructions / 5, f"{m['instructions']:,} instructions > 1/5 of onnx2c's"
+    assert 20 <= m["stack"] <= 1024
+
+
+def test_cortex_m4_int8_without_dsp_matches_reference(tmp_path, capsys):
+    """-DNETC_NO_DSP: the plain-C convolutions on the same Cortex-M4 give the same outputs."""
+    m = run_firmware_int8("lenet5", tmp_path, capsys, dsp=False)
+    assert np.array_equal(m["y"], m["ref"].astype(int)), (m["y"], m["ref"])

@@ -3,8 +3,11 @@
  * Build (see Makefile): the exported NET.c and NET.h, a header INPUT_HEADER holding
  *   static const float net_input[INPUT_SIZE] = {...};
  * and this file, with -DNET_HEADER='"NET.h"' -DINFER=NET_infer and the NET_ size macros
- * passed as INPUT_SIZE, OUTPUT_SIZE and ARENA_BYTES.  Prints, over semihosting:
+ * passed as INPUT_SIZE, OUTPUT_SIZE and ARENA_BYTES.  With -DNET_INT8 (make INT8=1) the
+ * network is an int8 export: INFER is NET_infer_int8 and net_input is int8_t.  Prints, over
+ * semihosting:
  *   output I 0xBITS   the float32 bits of each output (exact, for the comparison with the host)
+ *   output I Q        int8 builds: each int8 output
  *   stack BYTES       the most stack INFER used (the stack is painted below the stack pointer first)
  *   ticks N           SysTick ticks of one inference at the 25 MHz processor clock; under
  *                     qemu -icount shift=0 one tick is 40 instructions
@@ -14,7 +17,12 @@
 #include <string.h>
 
 #include NET_HEADER
-#include INPUT_HEADER /* static const float net_input[INPUT_SIZE] */
+#ifdef NET_INT8
+typedef int8_t elem_t;
+#else
+typedef float elem_t;
+#endif
+#include INPUT_HEADER /* static const elem_t net_input[INPUT_SIZE] */
 
 #define SYST_CSR (*(volatile uint32_t *)0xE000E010u)
 #define SYST_RVR (*(volatile uint32_t *)0xE000E014u)
@@ -26,7 +34,7 @@
 extern volatile uint32_t systick_wraps;
 
 static float arena[(ARENA_BYTES + sizeof(float) - 1) / sizeof(float) + 1] __attribute__((aligned(16)));
-static float output[OUTPUT_SIZE];
+static elem_t output[OUTPUT_SIZE];
 
 /* paint the stack below the stack pointer, run INFER, return how deep it wrote */
 static __attribute__((noinline)) uint32_t stack_used(void)
@@ -61,6 +69,10 @@ int main(void)
     const uint64_t ticks = (uint64_t)wraps * (SYST_RELOAD + 1) + start - end;
     printf("status %d\n", status);
     for (int i = 0; i < OUTPUT_SIZE; i++) {
+#ifdef NET_INT8
+        printf("output %d %d\n", i, (int)output[i]);
+        continue;
+#endif
         uint32_t bits;
         memcpy(&bits, &output[i], sizeof bits);
         printf("output %d 0x%08lx\n", i, (unsigned long)bits);

@@ -19,14 +19,18 @@ import numpy as np
 
 from ..errors import WeightsError
 from ..fileio import atomic_write_text
-from .lower import Step, lower
+from .lower import Step, lower, vectorise_channels
 from .memory import MemoryPlan, plan_memory
 
-TARGETS = ("generic", "host")
+TARGETS = ("generic", "host", "cortex-m4", "cortex-m7")
 TARGET_DOC = {
     "generic": "portable C99: no compiler extensions; register blocks of 4 (for 32-bit MCUs)",
     "host": "portable C99 too, with register blocks of 8 (for CPUs with 16 or more vector registers)",
+    "cortex-m4": "as generic; int8 convolutions use the DSP extension's dual 16-bit multiply-accumulate "
+                 "(SMLAD, <arm_acle.h>) where __ARM_FEATURE_DSP is defined, plain C elsewhere",
+    "cortex-m7": "as cortex-m4",
 }
+DSP_TARGETS = ("cortex-m4", "cortex-m7")
 # Estimates for the report, from arm-none-eabi-gcc 12.2 -O2 for a Cortex-M4F (code of
 # NAME.o: lenet5 1,852 B, alphabet 2,784 B of which 544 B are GELU's erf and exp; the
 # stack NAME_infer used: 104 B and 112 B, measured in examples/cortex-m4)
@@ -34,6 +38,12 @@ CODE_BYTES = {"conv": 400, "linear": 300, "maxpool": 250, "avgpool": 300, "eleme
 CODE_BYTES_BASE = 150  # NAME_infer and its checks
 MATH_CODE_BYTES = {"EXP": 200, "ERF": 350, "TANH": 200}
 STACK_BYTES = 128  # the deepest call: NAME_infer and one step's function, spills included
+# int8 (the same compiler and flags; code of NAME.o: lenet5 4,266 B generic, 6,072 B with
+# SMLAD; alphabet 5,270 B and 6,050 B; stack of NAME_infer_int8 up to 260 B)
+CODE_BYTES_INT8 = {"conv": 1300, "linear": 450, "maxpool": 250, "avgpool": 300, "elementwise": 100}
+CODE_BYTES_INT8_DSP_CONV = 1500
+CODE_BYTES_INT8_BASE = 1000  # requant, NAME_infer_int8 and the float wrapper
+STACK_BYTES_INT8 = 288
 
 @dataclass
 class Exported:
@@ -44,6 +54,7 @@ class Exported:
     memory: MemoryPlan
     weights_bytes: int
     target: str
+    qnet: object = None  # quant.QNet of an int8 build
 
     @property
     def arena_bytes(self) -> int:
@@ -51,6 +62,9 @@ class Exported:
 
     @property
     def code_bytes_estimate(self) -> int:
+        if self.qnet is not None:
+            return CODE_BYTES_INT8_BASE + sum(CODE_BYTES_INT8_DSP_CONV if s.c.get("DSP") else CODE_BYTES_INT8[s.op]
+                                              for s in self.steps)
         math_fns = set().union(*(s.math for s in self.steps))
         math_fns |= {"EXP"} if math_fns else set()  # erf and tanh are made from exp
         return (CODE_BYTES_BASE + sum(CODE_BYTES[s.op] for s in self.steps)
@@ -58,7 +72,7 @@ class Exported:
 
     @property
     def stack_bytes_estimate(self) -> int:
-        return STACK_BYTES
+        return STACK_BYTES_INT8 if self.qnet is not None else STACK_BYTES
 
     def write(self, out_dir: str | Path) -> tuple[Path, Path]:
         out = Path(out_dir)
@@ -107,6 +121,8 @@ def export_c(network, state: dict[str, np.ndarray], target: str = "generic", wei
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     check_state(network, state, weights_name or "weights")
     steps = lower(network.layers, state, target)
+    if target == "host":
+        vectorise_channels(steps)
     memory = plan_memory(steps)
     arrays = [a for s in steps for a in s.arrays]
     weights_bytes = 4 * sum(a.values.size for a in arrays)
@@ -117,4 +133,114 @@ def export_c(network, state: dict[str, np.ndarray], target: str = "generic", wei
     return Exported(network.name, source, header, steps, memory, weights_bytes, target)
 
 
-__all__ = ["TARGETS", "Exported", "check_state", "export_c", "load_state"]
+def _int8_scratch(qs) -> None:
+    """The scratch of a step in bytes when its tensors are int8: the padded input and the
+    conv row, each rounded up to 16 bytes.  A fused max-pool with no table before it runs
+    on the int32 accumulators (requantisation is monotonic, so the max commutes with it):
+    its row and the row of window maxima are int32."""
+    step = qs.step
+    c = step.c
+    if step.op != "conv":
+        return
+    r16 = lambda n: -(-n // 16) * 16  # noqa: E731
+    cin, hp, wp = c["CIN"], c["HP"], c["WP"]
+    step.scratch = r16(c["XPAD_SIZE"]) if c["PADDED"] else 0
+    docs = [f"the padded input int8 [{cin}][{hp}][{wp}] at +0"] if c["PADDED"] else []
+    c.setdefault("DSP", False)
+    c["POOL_ACC"] = c["POOL"] and qs.pre_lut is None
+    if c["DSP"]:  # the input as int16, channels interleaved in pairs (see quant.dsp_layout)
+        step.scratch = r16(2 * c["X16_SIZE"])
+        docs = [f"the input int16, channels in pairs [{c['GROUPS'] * c['CPG']}][{hp}][{wp}][2] at +0"]
+    if c["POOL"]:
+        c["ROW_OFF"] = step.scratch
+        docs.append(f"one conv output row {'int32' if c['POOL_ACC'] else 'int8'} [{c['OW']}] at +{step.scratch}")
+        step.scratch += r16(c["OW"] * (4 if c["POOL_ACC"] else 1))
+    if c["POOL_ACC"]:
+        c["PROW_OFF"] = step.scratch
+        docs.append(f"the window maxima int32 [{c['POW']}] at +{step.scratch}")
+        step.scratch += r16(4 * c["POW"])
+    step.scratch_doc = ", ".join(docs)
+
+
+def calibration_inputs(network, data: str, count: int, normalisation: tuple[float, float] | None) -> np.ndarray:
+    """The first `count` training images of `data` (as netc train's --data), scaled as in training."""
+    from ..data import load_dataset
+    from ..train import to_inputs
+
+    ds = load_dataset(data)
+    mean, std = normalisation if normalisation else (None, None)
+    return to_inputs(network, ds.train_x[:count], mean, std, False, "float32")
+
+
+def export_int8(network, state: dict[str, np.ndarray], calibration: np.ndarray | None, target: str = "generic",
+                weights_name: str = "", normalisation: tuple[float, float] | None = None,
+                calibration_name: str = "", ranges: dict | None = None, render: bool = True) -> Exported:
+    """int8 post-training static quantisation (quant.py), calibrated on the float32 inputs
+    `calibration` (N, *input shape), or on given `ranges`; the C does integer arithmetic
+    only.  render=False: the plan and sizes only (source and header empty)."""
+    from .quant import calibrate, quantize
+    from .render import int8_arrays, render_int8
+
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    check_state(network, state, weights_name or "weights")
+    qnet = quantize(network, state, ranges or calibrate(network, state, calibration), target)
+    if target in DSP_TARGETS:
+        from .quant import dsp_layout
+
+        for qs in qnet.steps:
+            dsp_layout(qs)
+    steps = [qs.step for qs in qnet.steps]
+    for qs in qnet.steps:
+        _int8_scratch(qs)
+    memory = plan_memory(steps, elem_bytes=1)
+    arrays = [a for qs in qnet.steps for a in int8_arrays(qs)]
+    weights_bytes = sum(a.nbytes for a in arrays)
+    if not render:
+        return Exported(network.name, "", "", steps, memory, weights_bytes, target, qnet)
+    what = (calibration_name or "the calibration images") + (
+        f" ({len(calibration)} images, min/max per tensor)" if calibration is not None else "")
+    source, header = render_int8(network, qnet, memory, arrays, weights_bytes, target, network.file,
+                                 weights_name, what, normalisation)
+    return Exported(network.name, source, header, steps, memory, weights_bytes, target, qnet)
+
+
+def estimates(network) -> list[tuple[str, str, int, int]]:
+    """(target, build, flash, RAM) of the export of `network` per target, float32 and int8,
+    from its shapes alone (flash: weights + code estimate; RAM: arena + stack estimate)."""
+    from .quant import dsp_layout  # noqa: F401 (export_int8 applies it)
+
+    rng = np.random.default_rng(0)
+    state = {f"{l.name}.{k}": np.asarray(v, np.float32) for l in network.layers
+             for k, v in l.kind.init_params(l, rng).items()}
+    ranges = {"": (-1.0, 1.0), **{l.name: (-1.0, 1.0) for l in network.layers}}
+    rows = []
+    for target in TARGETS:
+        steps = lower(network.layers, state, target)
+        if target == "host":
+            vectorise_channels(steps)
+        memory = plan_memory(steps)
+        e = Exported(network.name, "", "", steps, memory, 4 * sum(a.values.size for s in steps for a in s.arrays), target)
+        q = export_int8(network, state, None, target, ranges=ranges, render=False)
+        for build, x in (("float32", e), ("int8", q)):
+            rows.append((target, build, x.weights_bytes + x.code_bytes_estimate, x.arena_bytes + x.stack_bytes_estimate))
+    return rows
+
+
+def export_lines(network) -> list[str]:
+    """The `netc report` lines: flash and RAM of `netc export` per target, float32 and int8."""
+    from ..errors import NetcError
+
+    try:
+        rows = estimates(network)
+    except NetcError as exc:
+        return [f"netc export: not available ({exc})"]
+    lines = ["netc export, per target: flash = weights + code (estimate), RAM = arena + stack (estimate):"]
+    for target in TARGETS:
+        cells = [f"{b} flash {f:,} B, RAM {r:,} B" for t, b, f, r in rows if t == target]
+        lines.append(f"  {target:<10} " + "; ".join(cells))
+    return lines
+
+
+__all__ = ["TARGETS", "Exported", "calibration_inputs", "check_state", "estimates", "export_c", "export_int8",
+           "export_lines", "load_state"]

@@ -29,7 +29,7 @@ from ..layers import INPUT, Layer
 from ..layers.activations import MATH_MACROS, Activation, _idents
 
 # floats per register block: output pixels of a conv row, outputs of a linear layer
-BLOCK = {"generic": 4, "host": 8}
+BLOCK = {"generic": 4, "host": 8, "cortex-m4": 4, "cortex-m7": 4}
 # a conv's kernel row is written out tap by tap (the loads of neighbouring outputs shared)
 # when it has at most this many multiply-adds per block; longer rows stay a loop
 UNROLL_MAX = 64
@@ -195,7 +195,12 @@ def conv_step(layer: Layer, state, target: str) -> Step:
              PADDED=padded, PT=pt, PL=pl, HP=hp, WP=wp, XPAD_SIZE=cin * hp * wp,
              W_STRIDE=cin_g * kh * kw, X_GROUP=cin_g * hp * wp, X_ROW=sh * wp,
              BLOCK=block, FULL=full, TAIL=tail, UNROLL=unroll,
-             TAPS_BLOCK=taps(block), TAPS_TAIL=taps(tail), XPAD_OFF=0, ROW_OFF=0, POOL=False)
+             TAPS_BLOCK=taps(block), TAPS_TAIL=taps(tail), XPAD_OFF=0, ROW_OFF=0, POOL=False,
+             # host: a block of 8 neighbouring outputs as one GCC vector (stride 1: one load per tap)
+             VEC=target == "host" and sw == 1 and ow >= block, VECC=False)
+    # ... and the row's tail as the block of 8 ending at the row's end (its first outputs are
+    # computed twice, with the same arithmetic)
+    c["VEC_TAIL"] = c["VEC"] and tail > 0 and ow >= block
     step = Step(layer.cname, "conv", [layer], layer.in_shape, layer.out_shape, c, _weights(layer, state, layer.cname))
     if padded:
         step.scratch = _round4(c["XPAD_SIZE"])
@@ -221,7 +226,9 @@ def linear_step(layer: Layer, state, target: str) -> Step:
     fin, fout = layer.in_shape[0], layer.out_shape[0]
     block = BLOCK[target]
     full, tail = _row_blocks(fout, block)
-    c = dict(IN=fin, OUT=fout, bias=layer.opts["bias"], BLOCK=block, FULL=full, TAIL=tail)
+    c = dict(IN=fin, OUT=fout, bias=layer.opts["bias"], BLOCK=block, FULL=full, TAIL=tail,
+             # host: each output's dot product in GCC vectors of 8 inputs, then summed across
+             VEC=target == "host" and fin >= 8, VEC_IN=fin - fin % 8)
     return Step(layer.cname, "linear", [layer], layer.in_shape, layer.out_shape, c,
                 _weights(layer, state, layer.cname))
 
@@ -282,6 +289,26 @@ def lower(layers: list[Layer], state: dict[str, np.ndarray], target: str) -> lis
         s.c.setdefault("C", 1)
         s.c["PLANE"] = s.out_size // s.c["C"]  # element-wise steps: values per channel
     return steps
+
+
+def vectorise_channels(steps: list[Step]) -> None:
+    """host, float32: a conv whose rows are too short for vectors of 8 outputs (or strided)
+    computes 8 output channels at once instead, its weights reordered to
+    [COUT/8][CIN_G][KH][KW][8]; with a fused max-pool, its scratch row holds the 8 channels'
+    rows [8][OW]."""
+    for s in steps:
+        c = s.c
+        if s.op != "conv" or c.get("VEC") or c["COUT_G"] % 8:
+            continue
+        w = s.arrays[0]
+        k = c["CIN_G"] * c["KH"] * c["KW"]
+        w.values = np.ascontiguousarray(w.values.reshape(c["COUT"] // 8, 8, k).transpose(0, 2, 1)).ravel()
+        w.what += f", reordered [{c['COUT'] // 8}][{c['CIN_G']}][{c['KH']}][{c['KW']}][8] (8 output channels at once)"
+        c.update(VECC=True, CB=c["COUT"] // 8, WB=k * 8)
+        if c["POOL"]:
+            s.scratch += _round4(8 * c["OW"]) - _round4(c["OW"])
+            s.scratch_doc = s.scratch_doc.replace(f"one conv output row [{c['OW']}]",
+                                                  f"8 channels' conv output rows [8][{c['OW']}]")
 
 
 def _round4(n: int) -> int:

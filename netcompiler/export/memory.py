@@ -17,7 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .lower import Step, _round4
+from .lower import Step
+
+
+def _round16(n: int, elem_bytes: int) -> int:
+    """n elements of elem_bytes rounded up to 16 bytes, in elements."""
+    per = 16 // elem_bytes
+    return -(-n // per) * per
 
 
 @dataclass
@@ -38,14 +44,16 @@ class Buffer:
 @dataclass
 class MemoryPlan:
     buffers: list[Buffer]
-    arena_floats: int
+    arena_floats: int  # in elements: floats, or bytes for int8
+    elem_bytes: int = 4
 
     @property
     def arena_bytes(self) -> int:
-        return 4 * self.arena_floats
+        return self.elem_bytes * self.arena_floats
 
 
-def plan_memory(steps: list[Step]) -> MemoryPlan:
+def plan_memory(steps: list[Step], elem_bytes: int = 4) -> MemoryPlan:
+    """elem_bytes: 4 for float32 tensors, 1 for int8 (sizes and offsets are in elements)."""
     buffers: list[Buffer] = []
     outs: list[Buffer | None] = []  # the arena buffer each step writes (None: the caller's output)
     for i, s in enumerate(steps):
@@ -56,7 +64,7 @@ def plan_memory(steps: list[Step]) -> MemoryPlan:
             outs.append(src)
         else:
             side = "top" if src is not None and src.side == "bottom" else "bottom"
-            b = Buffer(s.name, _round4(s.out_size), f"{s.name}'s output {''.join(f'[{d}]' for d in s.out_shape)}", side)
+            b = Buffer(s.name, _round16(s.out_size, elem_bytes), f"{s.name}'s output {''.join(f'[{d}]' for d in s.out_shape)}", side)
             buffers.append(b)
             outs.append(b)
     arena = 0
@@ -85,4 +93,4 @@ def plan_memory(steps: list[Step]) -> MemoryPlan:
         s.in_ref = "input" if src is None else f"a + {src.macro}"
         s.out_ref = "output" if dst is None else f"a + {dst.macro}"
         s.scratch_ref = next((f"a + {b.macro}" for b in regions if b.side == "scratch" and b.name == s.name), "")
-    return MemoryPlan(sorted(regions, key=lambda b: b.offset), arena)
+    return MemoryPlan(sorted(regions, key=lambda b: b.offset), arena, elem_bytes)

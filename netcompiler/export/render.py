@@ -7,6 +7,7 @@ through `ctext.comment`, inside comments (escaped)."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,6 +25,7 @@ LIBC_MATH = {"fabsf", "copysignf", "memcpy"}  # what templates/float_math.c.j2 c
 def _env():
     env = jinja_env()
     env.filters["rstrip"] = str.rstrip  # a macro's text without its last newline
+    env.filters["e_fmt"] = lambda v: f"{v:.6g}"
     return env
 
 
@@ -82,7 +84,7 @@ def render(network, steps: list[Step], memory: MemoryPlan, arrays: list[Array], 
         in_dims=_dims(network.input_shape), out_dims=_dims(network.output_shape),
         in_size=int(np.prod(network.input_shape)), out_size=int(np.prod(network.output_shape)),
         arena_bytes=memory.arena_bytes, weights_bytes=weights_bytes,
-        uses=dict(math=math_used), weights_name=weights_name,
+        uses=dict(math=math_used, vec=any(s.c.get("VEC") or s.c.get("VECC") for s in steps)),
         norm=normalisation and [c_float(np.float32(v)) for v in normalisation],
         libc=sorted((LIBC_MATH if math_used else set()) | ({"INFINITY"} if any(s.op == "maxpool" for s in steps) else set())),
     )
@@ -91,4 +93,115 @@ def render(network, steps: list[Step], memory: MemoryPlan, arrays: list[Array], 
     return _tidy(source), _tidy(header)
 
 
-__all__ = ["array_lines", "c_float", "render"]
+
+
+# ---- int8 ------------------------------------------------------------------------------------
+INTS_PER_LINE = 16
+
+
+@dataclass
+class IntArray:
+    """A `static const` integer array of the int8 build."""
+
+    name: str
+    ctype: str  # int8_t | int32_t | uint8_t
+    values: np.ndarray  # [n] or [rows][256]
+    what: str
+
+    @property
+    def dims(self) -> str:
+        return _dims(self.values.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.size * {"int8_t": 1, "uint8_t": 1, "int32_t": 4}[self.ctype]
+
+    @property
+    def lines(self) -> list[str]:
+        if self.values.ndim == 2:  # one brace per row
+            return ["{" + ", ".join(map(str, r.tolist())) + "}" for r in self.values]
+        text = [str(v) for v in self.values.tolist()]
+        return [", ".join(text[i:i + INTS_PER_LINE]) for i in range(0, len(text), INTS_PER_LINE)]
+
+
+def int8_arrays(qs) -> list[IntArray]:
+    s = qs.step
+    out = []
+    if qs.weight is not None:
+        what = s.arrays[0].what
+        out += [IntArray(f"{s.name}_weight", "int8_t", qs.weight.ravel(),
+                         f"{what}, int8 per output channel {s.arrays[0].dims}") if qs.weight_dsp is None else
+                IntArray(f"{s.name}_weight", "int8_t", qs.weight_dsp.ravel(),
+                         f"{what}, int8 per output channel {s.arrays[0].dims}, in the order of the dual "
+                         f"multiply-accumulates: [{s.c['COUT']}][{s.c['CPG']} channel pairs][{len(s.c['WORDS'])} words]"
+                         "[A.lo, B.lo, A.hi, B.hi]"),
+                IntArray(f"{s.name}_bias", "int32_t", qs.bias,
+                         f"{s.arrays[1].what if len(s.arrays) > 1 else 'no bias'}, int32 at input scale x weight scale, "
+                         f"minus the input zero point times the weights' sum"),
+                IntArray(f"{s.name}_mult", "int32_t", qs.mult, "requantisation multiplier m per output channel"),
+                IntArray(f"{s.name}_shift", "uint8_t", qs.shift.astype(np.uint8), "requantisation shift n per output channel")]
+    for which, table, layers in (("pre", qs.pre_lut, qs.pre_layers), ("post", qs.post_lut, qs.post_layers)):
+        if table is not None:
+            names = ", ".join(l.name for l in layers)
+            values = table[0] if table.shape[0] == 1 else table
+            out.append(IntArray(f"{s.name}_{which}_lut", "int8_t", values,
+                                f"{names} as a table: int8 in (offset by 128) -> int8 out"
+                                + (", per channel" if table.shape[0] > 1 else "")))
+    return out
+
+
+def _luts(qs) -> dict:
+    lo = qs.a.zero if qs.relu_clamp else -128
+    return {which: dict(name=f"{qs.step.name}_{which}_lut" if t is not None else "",
+                        pc=t is not None and t.shape[0] > 1, lo=lo)
+            for which, t in (("pre", qs.pre_lut), ("post", qs.post_lut))}
+
+
+def _qdoc(qs) -> list[str]:
+    lines = []
+    if qs.weight is not None:
+        lines.append(f"accumulator requantised per channel to scale {qs.a.scale:.6g} zero {qs.a.zero}"
+                     + (" (the ReLU is the clamp at the zero point)" if qs.relu_clamp else ""))
+    for which, layers in (("pre", qs.pre_layers), ("post", qs.post_layers)):
+        if layers and (qs.pre_lut if which == "pre" else qs.post_lut) is not None:
+            lines.append(f"{', '.join(l.name for l in layers)}: the table {qs.step.name}_{which}_lut")
+    return [comment(l) for l in lines]
+
+
+def render_int8(network, qnet, memory: MemoryPlan, arrays: list[IntArray], weights_bytes: int, target: str,
+                spec_path: str, weights_name: str, calibration: str,
+                normalisation: tuple[float, float] | None = None) -> tuple[str, str]:
+    from ..report import build_report, table_lines
+    from . import TARGET_DOC
+
+    env = _env()
+    name = network.name
+    banner = [
+        f"Generated by netcompiler {__version__} (netc export --format c --target {target} --quantize int8). Do not edit.",
+        f"Network '{name}' from {spec_path} (sha256 {network.spec_hash})"
+        + (f", weights {weights_name}." if weights_name else "."),
+        f"int8: per-channel symmetric weights, per-tensor affine activations calibrated on {calibration}.",
+        f"Target {target}: {TARGET_DOC[target]}.",
+        "",
+        *table_lines(build_report(network, dtype="float32")),
+    ]
+    banner = [comment(line) for line in banner]  # a path or name may hold anything
+    in_size, out_size = int(np.prod(network.input_shape)), int(np.prod(network.output_shape))
+    ctx = dict(
+        N=name, NU=name.upper(), banner=banner, steps=qnet.steps, memory=memory, arrays=arrays,
+        describe=describe, luts=_luts, qdoc=_qdoc, uses_requant=any(qs.weight is not None for qs in qnet.steps),
+        uses_dsp=any(qs.weight_dsp is not None for qs in qnet.steps),
+        in_dims=_dims(network.input_shape), out_dims=_dims(network.output_shape),
+        in_size=in_size, out_size=out_size, arena_bytes=memory.arena_bytes,
+        float_arena_bytes=memory.arena_bytes + -(-(in_size + out_size) // 16) * 16,
+        weights_bytes=weights_bytes,
+        in_scale=c_float(np.float32(qnet.input.scale)), in_zero=qnet.input.zero,
+        out_scale=c_float(np.float32(qnet.output.scale)), out_zero=qnet.output.zero,
+        norm=normalisation and [c_float(np.float32(v)) for v in normalisation],
+    )
+    source = env.get_template("export/net_int8.c.j2").render(ctx)
+    header = env.get_template("export/net_int8.h.j2").render(ctx)
+    return _tidy(source), _tidy(header)
+
+
+__all__ = ["IntArray", "array_lines", "c_float", "int8_arrays", "render", "render_int8"]

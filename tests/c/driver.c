@@ -179,7 +179,7 @@ static void run(int cap, int threads)
         loss = F(train_step)(&c, x, y, rows, cap, opt);
         snprintf(what, sizeof what, "%s train_step (rows) loss is finite", name);
         check(isfinite(loss), what, cap, threads);
-        int64_t done = F(train_batches)(&c, x, y, rows, DATA_ROWS, cap, opt, losses, correct);
+        int64_t done = F(train_batches)(&c, x, y, rows, DATA_ROWS, cap, opt, NULL, losses, correct);
         snprintf(what, sizeof what, "%s train_batches does every batch with a finite loss", name);
         check(done == batches, what, cap, threads);
         for (int k = 0; k < done; k++) {
@@ -188,6 +188,28 @@ static void run(int cap, int threads)
         }
         check(opt->step == 3 + batches, "optimizer steps counted", cap, threads);
     }
+    /* the recipe options at once: augmented inputs, a rate per batch, Nesterov, clipping,
+     * half the parameters frozen, label smoothing (cross_entropy only) */
+    double *lrs = alloc(sizeof(double) * (size_t)batches, 0);
+    for (int k = 0; k < batches; k++)
+        lrs[k] = 0.01 / (k + 1);
+    const int64_t ranges[2] = {0, M(NUM_PARAMS) / 2};
+    sgd.nesterov = 1;
+    sgd.clip_norm = 0.5;
+    sgd.ranges = ranges;
+    sgd.nranges = 1;
+    c.aug_shift = 1;
+    c.aug_hflip = 1;
+    c.aug_erase = 0.5;
+    c.aug_fill = -1;
+    c.aug_seed = 7;
+    c.aug_epoch = 3;
+    c.label_smoothing = 0.1;
+    int64_t done = F(train_batches)(&c, x, y, rows, DATA_ROWS, cap, &sgd, lrs, losses, correct);
+    check(done == batches && sgd.lr == lrs[batches - 1], "train_batches with the recipe options", cap, threads);
+    c.aug_shift = c.aug_hflip = 0;
+    c.aug_erase = c.label_smoothing = 0;
+    free(lrs);
     check(all_finite(c.params, M(NUM_PARAMS)), "parameters stay finite", cap, threads);
     check(all_finite(c.buffers, M(NUM_BUFFERS)), "buffers stay finite", cap, threads);
 

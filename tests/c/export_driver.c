@@ -2,16 +2,22 @@
  *
  * Compiled together with NET.c, where the test passes
  *   -DNET_HEADER='"<name>.h"' -DINFER=<name>_infer -DNETU_INPUT_SIZE=<NAME>_INPUT_SIZE ...
- * (see the test).  Usage: driver INPUTS OUTPUTS N: reads N samples of float32 (INPUT_SIZE
- * each) from INPUTS, runs INFER on each with an arena from malloc filled with NaN (a value
- * read before it was written shows up as a non-finite output), writes N * OUTPUT_SIZE
- * floats to OUTPUTS.  Exit status: 0 ok, 2 usage or I/O, 3 INFER did not return 0.
+ * (see the test), and -DELEM=int8_t for NAME_infer_int8.  Usage: driver INPUTS OUTPUTS N:
+ * reads N samples of ELEM (float32 by default; INPUT_SIZE each) from INPUTS, runs INFER on each
+ * with an arena from malloc filled with 0xff bytes (NaN as floats: a value read before it
+ * was written shows up as a non-finite output), writes N * OUTPUT_SIZE values to OUTPUTS.
+ * Exit status: 0 ok, 2 usage or I/O, 3 INFER did not return 0.
  */
-#include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include NET_HEADER
+
+#ifndef ELEM
+#define ELEM float
+#endif
 
 int main(int argc, char **argv)
 {
@@ -22,26 +28,25 @@ int main(int argc, char **argv)
     FILE *fo = fopen(argv[2], "wb");
     if (fi == NULL || fo == NULL || n <= 0)
         return 2;
-    float *x = malloc(sizeof(float) * INPUT_SIZE);
-    float *y = malloc(sizeof(float) * OUTPUT_SIZE);
+    ELEM *x = malloc(sizeof(ELEM) * INPUT_SIZE);
+    ELEM *y = malloc(sizeof(ELEM) * OUTPUT_SIZE);
     /* malloc's blocks are 16-byte aligned on the hosts the tests run on */
-    float *arena = malloc(ARENA_BYTES ? ARENA_BYTES : 1);
+    char *arena = malloc(ARENA_BYTES ? ARENA_BYTES : 1);
     if (x == NULL || y == NULL || arena == NULL)
         return 2;
     for (long i = 0; i < n; i++) {
-        for (long k = 0; k < (long)(ARENA_BYTES / sizeof(float)); k++)
-            arena[k] = NAN;
-        if (fread(x, sizeof(float), INPUT_SIZE, fi) != INPUT_SIZE)
+        memset(arena, 0xff, ARENA_BYTES ? ARENA_BYTES : 1);
+        if (fread(x, sizeof(ELEM), INPUT_SIZE, fi) != INPUT_SIZE)
             return 2;
         if (INFER(x, y, arena) != 0)
             return 3;
-        if (fwrite(y, sizeof(float), OUTPUT_SIZE, fo) != OUTPUT_SIZE)
+        if (fwrite(y, sizeof(ELEM), OUTPUT_SIZE, fo) != OUTPUT_SIZE)
             return 2;
     }
     /* the checks of the arguments */
     if (INFER(NULL, y, arena) != 1 || INFER(x, NULL, arena) != 1)
         return 3;
-    if (ARENA_BYTES && (INFER(x, y, NULL) != 1 || INFER(x, y, (char *)arena + 4) != 2))
+    if (ARENA_BYTES && (INFER(x, y, NULL) != 1 || INFER(x, y, arena + 4) != 2))
         return 3;
     free(x);
     free(y);

@@ -143,6 +143,13 @@ static inline void vsum16(real_t *restrict y, const vreal *a)
 static inline int imin(int a, int b) { return a < b ? a : b; }
 /* g + 0: -0 becomes +0 (what zeroing then accumulating gives), any other g is unchanged */
 static inline real_t plus_zero(real_t g) { return g + (real_t)0; }
+/* splitmix64's finaliser: a counter-based random stream (same draws for any thread count) */
+static inline uint64_t mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
 
 /* ==== layers ============================================================================ */
 #define CONV1_SCRATCH_COLT 0 /* colT [64][16] */
@@ -616,20 +623,81 @@ static void fc1_backward(real_t *dacts, const real_t *acts, int n, real_t *restr
 #undef DY_
 }
 
+/* ==== training input: the sample, augmented when c->aug_* ask for it ===================== */
+#define IMAGE_CHANNELS 1
+#define IMAGE_HEIGHT 8
+#define IMAGE_WIDTH 8
+/* a uniform draw in [0, 1) from a 64-bit random value */
+static inline double unit(uint64_t r) { return (double)(r >> 11) * (1.0 / 9007199254740992.0); }
+/* dst = sample `row` of x, shifted by (dy, dx) in -aug_shift..aug_shift (aug_fill where it
+ * leaves the image), flipped left-right with probability 1/2 (aug_hflip), then with probability
+ * aug_erase one rectangle zeroed as torchvision's RandomErasing (area 0.02..0.33 of the image,
+ * aspect 0.3..3.3 log-uniform, up to 10 tries).  Every draw comes from (aug_seed, aug_epoch, row):
+ * the same for any chunking, thread count or resume. */
+static void input_sample(const snapshot_ctx *c, real_t *restrict dst, const real_t *restrict x, int64_t row)
+{
+    const real_t *restrict src = x + (size_t)row * IN_SIZE;
+    if (!c->aug_shift && !c->aug_hflip && c->aug_erase <= 0) {
+        memcpy(dst, src, sizeof(real_t) * IN_SIZE);
+        return;
+    }
+    const uint64_t key = mix64(c->aug_seed ^ mix64(mix64((uint64_t)c->aug_epoch) + (uint64_t)row));
+    const int span = 2 * c->aug_shift + 1;
+    const int dy = c->aug_shift ? (int)(mix64(key + 1) % (uint64_t)span) - c->aug_shift : 0;
+    const int dx = c->aug_shift ? (int)(mix64(key + 2) % (uint64_t)span) - c->aug_shift : 0;
+    const int flip = c->aug_hflip && (mix64(key + 3) & 1);
+    const real_t fill = (real_t)c->aug_fill;
+    for (int ch = 0; ch < IMAGE_CHANNELS; ch++)
+        for (int i = 0; i < IMAGE_HEIGHT; i++) {
+            const int si = i + dy;
+            real_t *restrict d = dst + ((size_t)ch * IMAGE_HEIGHT + i) * IMAGE_WIDTH;
+            if (si < 0 || si >= IMAGE_HEIGHT) {
+                for (int j = 0; j < IMAGE_WIDTH; j++)
+                    d[j] = fill;
+                continue;
+            }
+            const real_t *restrict r = src + ((size_t)ch * IMAGE_HEIGHT + si) * IMAGE_WIDTH;
+            for (int j = 0; j < IMAGE_WIDTH; j++) {
+                const int sj = (flip ? IMAGE_WIDTH - 1 - j : j) + dx;
+                d[j] = sj >= 0 && sj < IMAGE_WIDTH ? r[sj] : fill;
+            }
+        }
+    if (c->aug_erase > 0 && unit(mix64(key + 4)) < c->aug_erase) {
+        for (uint64_t t = 0; t < 10; t++) {
+            const uint64_t k = key + 16 * (t + 1);
+            const double area = IMAGE_HEIGHT * IMAGE_WIDTH * (0.02 + (0.33 - 0.02) * unit(mix64(k)));
+            const double ratio = exp(log(0.3) + (log(3.3) - log(0.3)) * unit(mix64(k + 1)));
+            const int h = (int)lround(sqrt(area * ratio)), w = (int)lround(sqrt(area / ratio));
+            if (h < 1 || w < 1 || h >= IMAGE_HEIGHT || w >= IMAGE_WIDTH)
+                continue;
+            const int top = (int)(mix64(k + 2) % (uint64_t)(IMAGE_HEIGHT - h + 1));
+            const int left = (int)(mix64(k + 3) % (uint64_t)(IMAGE_WIDTH - w + 1));
+            for (int ch = 0; ch < IMAGE_CHANNELS; ch++)
+                for (int i = top; i < top + h; i++)
+                    memset(dst + ((size_t)ch * IMAGE_HEIGHT + i) * IMAGE_WIDTH + left, 0, sizeof(real_t) * (size_t)w);
+            break;
+        }
+    }
+}
+
 /* ==== loss: cross_entropy ==================================================================== */
-/* log-softmax + negative log-likelihood of one sample; writes dlogits = scale * (softmax - onehot) */
-static double loss_sample(real_t *restrict dlogits, const real_t *restrict logits, int32_t label, real_t scale)
+/* log-softmax + negative log-likelihood of one sample against the target (1 - eps) onehot + eps / K
+ * (label smoothing eps, as torch's CrossEntropyLoss); writes dlogits = scale * (softmax - target) */
+static double loss_sample(real_t *restrict dlogits, const real_t *restrict logits, int32_t label, real_t scale,
+                          double eps)
 {
     real_t m = logits[0];
     for (int k = 1; k < OUT_SIZE; k++)
         m = logits[k] > m ? logits[k] : m;
-    double sum = 0;
-    for (int k = 0; k < OUT_SIZE; k++)
+    double sum = 0, total = 0;
+    for (int k = 0; k < OUT_SIZE; k++) {
         sum += exp((double)(logits[k] - m));
+        total += (double)logits[k];
+    }
     const double lse = (double)m + log(sum);
     for (int k = 0; k < OUT_SIZE; k++)
-        dlogits[k] = scale * (real_t)(exp((double)logits[k] - lse) - (k == label));
-    return lse - (double)logits[label];
+        dlogits[k] = scale * (real_t)(exp((double)logits[k] - lse) - (1 - eps) * (k == label) - eps / OUT_SIZE);
+    return (1 - eps) * (lse - (double)logits[label]) + eps * (lse - total / OUT_SIZE);
 }
 #define TARGET(y, j) ((y)[j])
 
@@ -660,7 +728,7 @@ static void forward_train(snapshot_ctx *c, const real_t *x, const int64_t *idx, 
         real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
         int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
         real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
-        memcpy(a + OFF_input, x + (size_t)(idx ? idx[s] : s) * IN_SIZE, sizeof(real_t) * IN_SIZE);
+        input_sample(c, a + OFF_input, x, idx ? idx[s] : s);
         conv1_forward(a + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, p + OFF_conv1_bias, ws);
         pool1_forward(a + OFF_pool1_out, ai + OFF_pool1_argmax, a + OFF_conv1_out);
 
@@ -688,7 +756,8 @@ double snapshot_backward(snapshot_ctx *c, const int32_t *y, const int64_t *idx, 
     double loss = 0;
     for (int s = 0; s < n; s++) {
         const size_t off = (size_t)s * ACTS_PER_SAMPLE + SNAPSHOT_OUT_OFFSET;
-        loss += loss_sample(c->dacts + off, c->acts + off, TARGET(y, idx ? idx[s] : s), (real_t)(1.0 / n));
+        loss += loss_sample(c->dacts + off, c->acts + off, TARGET(y, idx ? idx[s] : s), (real_t)(1.0 / n),
+                            c->label_smoothing);
     }
     fc1_backward(c->dacts, c->acts, n, c->grads + OFF_fc1_weight, c->grads + OFF_fc1_bias, p + OFF_fc1_weight, c->threads);
     OMP(omp parallel num_threads(imin(c->threads, n)))
@@ -729,33 +798,55 @@ void snapshot_zero_grad(snapshot_ctx *c)
     memset(c->grads, 0, sizeof(real_t) * NUM_PARAMS);
 }
 
-/* SGD as torch.optim.SGD (g += wd * p; buf = momentum * buf + g; p -= lr * buf), or Adam with
- * decoupled weight decay as torch.optim.AdamW (p *= 1 - lr * wd, then the Adam update). */
-void snapshot_optimizer_step(snapshot_ctx *c, snapshot_optim *o)
+/* SGD as torch.optim.SGD (g += wd * p; buf = momentum * buf + g; p -= lr * buf, or with nesterov
+ * p -= lr * (g + momentum * buf)), or Adam with decoupled weight decay as torch.optim.AdamW
+ * (p *= 1 - lr * wd, then the Adam update).  Only parameters in o->ranges change (all when NULL);
+ * o->clip_norm > 0 first scales their gradients as torch.nn.utils.clip_grad_norm_. */
+static void update_range(snapshot_ctx *c, const snapshot_optim *o, int lo, int hi, real_t gscale)
 {
     real_t *restrict p = c->params, *restrict g = c->grads, *restrict m = c->opt_m, *restrict v = c->opt_v;
-    o->step++;
     if (o->kind == 0) {
         const real_t lr = (real_t)o->lr, mu = (real_t)o->momentum, wd = (real_t)o->weight_decay;
-        OMP(omp parallel for num_threads(c->threads) schedule(static) if (NUM_PARAMS >= PARALLEL_MIN))
-        for (int i = 0; i < NUM_PARAMS; i++) {
-            const real_t gi = g[i] + wd * p[i];
+        const int nesterov = o->nesterov && mu != 0;
+        OMP(omp parallel for num_threads(c->threads) schedule(static) if (hi - lo >= PARALLEL_MIN))
+        for (int i = lo; i < hi; i++) {
+            const real_t gi = gscale * g[i] + wd * p[i];
             m[i] = mu * m[i] + gi;
-            p[i] -= lr * (mu != 0 ? m[i] : gi);
+            p[i] -= lr * (nesterov ? gi + mu * m[i] : mu != 0 ? m[i] : gi);
         }
     } else {
         const real_t lr = (real_t)o->lr, b1 = (real_t)o->beta1, b2 = (real_t)o->beta2, eps = (real_t)o->eps;
         const real_t decay = (real_t)(1 - o->lr * o->weight_decay);
         const real_t c1 = (real_t)(1 - pow(o->beta1, (double)o->step));
         const real_t c2sqrt = (real_t)sqrt(1 - pow(o->beta2, (double)o->step));
-        OMP(omp parallel for num_threads(c->threads) schedule(static) if (NUM_PARAMS >= PARALLEL_MIN))
-        for (int i = 0; i < NUM_PARAMS; i++) {
+        OMP(omp parallel for num_threads(c->threads) schedule(static) if (hi - lo >= PARALLEL_MIN))
+        for (int i = lo; i < hi; i++) {
+            const real_t gi = gscale * g[i];
             p[i] *= decay;
-            m[i] = b1 * m[i] + (1 - b1) * g[i];
-            v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i];
+            m[i] = b1 * m[i] + (1 - b1) * gi;
+            v[i] = b2 * v[i] + (1 - b2) * gi * gi;
             p[i] -= (lr / c1) * m[i] / (SQRT(v[i]) / c2sqrt + eps);
         }
     }
+}
+
+void snapshot_optimizer_step(snapshot_ctx *c, snapshot_optim *o)
+{
+    static const int64_t all[2] = {0, NUM_PARAMS};
+    const int64_t *r = o->ranges ? o->ranges : all;
+    const int nr = o->ranges ? o->nranges : 1;
+    o->step++;
+    real_t gscale = 1;
+    if (o->clip_norm > 0) {
+        double sq = 0;
+        for (int k = 0; k < nr; k++)
+            for (int64_t i = r[2 * k]; i < r[2 * k + 1]; i++)
+                sq += (double)c->grads[i] * c->grads[i];
+        const double coef = o->clip_norm / (sqrt(sq) + 1e-6);
+        gscale = coef < 1 ? (real_t)coef : 1;
+    }
+    for (int k = 0; k < nr; k++)
+        update_range(c, o, (int)r[2 * k], (int)r[2 * k + 1], gscale);
 }
 
 double snapshot_train_step(snapshot_ctx *c, const real_t *x, const int32_t *y, const int64_t *idx, int n,
@@ -784,11 +875,14 @@ static int64_t count_correct(const snapshot_ctx *c, const int32_t *y, const int6
 }
 
 int64_t snapshot_train_batches(snapshot_ctx *c, const real_t *x, const int32_t *y, const int64_t *order,
-                              int64_t count, int batch, snapshot_optim *opt, double *losses, int64_t *correct)
+                              int64_t count, int batch, snapshot_optim *opt, const double *lrs, double *losses,
+                              int64_t *correct)
 {
     int64_t k = 0;
     for (int64_t start = 0; start < count; start += batch, k++) {
         const int n = (int)(count - start < batch ? count - start : batch);
+        if (lrs)
+            opt->lr = lrs[k];
         losses[k] = snapshot_train_step(c, x, y, order + start, n, opt);
         correct[k] = count_correct(c, y, order + start, n);
         if (!isfinite(losses[k]))

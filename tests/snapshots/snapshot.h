@@ -52,6 +52,14 @@ typedef struct {
     int threads;             /* threads to use (>= 1) */
     uint64_t seed;           /* dropout seed */
     uint64_t counter;        /* training forwards so far (dropout draws differ per call) */
+    double label_smoothing;  /* cross_entropy: torch's CrossEntropyLoss(label_smoothing) */
+    /* augmentation of training inputs (0: none), drawn from (aug_seed, aug_epoch, sample row) */
+    int aug_shift;           /* random shift by -aug_shift..aug_shift pixels each way, aug_fill outside */
+    int aug_hflip;           /* 1: flip left-right with probability 1/2 */
+    double aug_erase;        /* probability of erasing (zeroing) one random rectangle, as RandomErasing */
+    double aug_fill;         /* the value of a black pixel (after normalisation) */
+    uint64_t aug_seed;
+    int64_t aug_epoch;
 } snapshot_ctx;
 
 /* kind: 0 = SGD (momentum 0 for plain SGD), 1 = Adam with decoupled (AdamW) weight decay */
@@ -59,6 +67,10 @@ typedef struct {
     int kind;
     double lr, momentum, beta1, beta2, eps, weight_decay;
     int64_t step;            /* optimizer steps taken; the next update increments it */
+    int nesterov;            /* SGD: torch's nesterov=True */
+    double clip_norm;        /* > 0: scale the gradients to at most this global L2 norm (clip_grad_norm_) */
+    const int64_t *ranges;   /* NULL: every parameter trains; else nranges [lo, hi) pairs, the others stay fixed */
+    int nranges;
 } snapshot_optim;
 
 /* x: n samples of SNAPSHOT_IN_SIZE, or rows idx[0..n) of x when idx is not NULL.
@@ -71,10 +83,11 @@ void snapshot_optimizer_step(snapshot_ctx *c, snapshot_optim *opt);
 /* zero_grad + training forward + backward + optimizer step; a non-finite loss skips the step. */
 double snapshot_train_step(snapshot_ctx *c, const snapshot_real *x, const int32_t *y, const int64_t *idx, int n,
                           snapshot_optim *opt);
-/* train_step over batches of rows order[0..count); losses[k] and correct[k] per batch.
- * Returns the batches done: fewer than asked when a loss is not finite (that batch's
- * update is skipped). */
+/* train_step over batches of rows order[0..count); losses[k] and correct[k] per batch; batch k
+ * uses learning rate lrs[k] (lrs NULL: opt->lr throughout).  Returns the batches done: fewer than
+ * asked when a loss is not finite (that batch's update is skipped). */
 int64_t snapshot_train_batches(snapshot_ctx *c, const snapshot_real *x, const int32_t *y, const int64_t *order,
-                              int64_t count, int batch, snapshot_optim *opt, double *losses, int64_t *correct);
+                              int64_t count, int batch, snapshot_optim *opt, const double *lrs, double *losses,
+                              int64_t *correct);
 
 #endif /* SNAPSHOT_H */
