@@ -1,4 +1,6 @@
-"""`netc export`: standalone inference C (NAME.c, NAME.h) for microcontrollers and servers."""
+"""`netc export`: standalone inference C (NAME.c, NAME.h) for microcontrollers and servers,
+an ONNX model (--format onnx) or PyTorch source (--format torch); `netc import`: an ONNX
+model -> spec and weights."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,13 +9,9 @@ from .check import load
 from .errors import NetcError
 
 
-def cmd_export(args) -> int:
-    from .export import calibration_inputs, export_c, export_int8, load_state
+def _export_c(args, net, state, normalisation) -> int:
+    from .export import calibration_inputs, export_c, export_int8
 
-    if (args.quantize is None) != (args.calibration is None):
-        raise NetcError("--quantize int8 and --calibration DATA go together")
-    net = load(args.spec)
-    state, normalisation = load_state(net, args.weights)
     if args.quantize:
         x = calibration_inputs(net, args.calibration, args.calibration_images, normalisation)
         exported = export_int8(net, state, x, args.target, weights_name=Path(args.weights).name,
@@ -35,6 +33,70 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _export_onnx(args, net, state, normalisation) -> int:
+    from .onnx_export import write_onnx
+
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise NetcError(f"--format onnx needs the onnx package: {ONNX_HINT}") from None
+    write_onnx(net, state, args.out, normalisation)
+    print(f"model: {args.out}")
+    print(f"{net.name}: input 'input' [batch, {', '.join(map(str, net.input_shape))}] -> output 'output' "
+          f"[batch, {', '.join(map(str, net.output_shape))}], opset 17, evaluation mode")
+    if normalisation:
+        print(f"inputs in [0, 1] are normalised outside the model: (x - {normalisation[0]:.6g}) / "
+              f"{normalisation[1]:.6g} (also in the model's metadata netc.mean, netc.std)")
+    return 0
+
+
+def _export_torch(args, net, state, normalisation) -> int:
+    from .fileio import atomic_write_text
+
+    try:
+        from .torchref import torch_source
+    except ImportError:
+        raise NetcError("--format torch needs torch: pip install torch") from None
+
+    atomic_write_text(args.out, torch_source(net))
+    print(f"module: {args.out}")
+    print(f"{net.name}: load with load_netc_weights(model, {str(args.weights)!r}) from that file")
+    return 0
+
+
+ONNX_HINT = "pip install 'netcompiler[onnx]' (or pip install onnx)"
+FORMATS = {"c": _export_c, "onnx": _export_onnx, "torch": _export_torch}
+
+
+def cmd_export(args) -> int:
+    from .export import load_state
+
+    if (args.quantize is None) != (args.calibration is None):
+        raise NetcError("--quantize int8 and --calibration DATA go together")
+    if args.quantize and args.format != "c":
+        raise NetcError(f"--quantize int8 is for --format c, not {args.format}")
+    net = load(args.spec)
+    state, normalisation = load_state(net, args.weights)
+    return FORMATS[args.format](args, net, state, normalisation)
+
+
+def cmd_import(args) -> int:
+    from .onnx_import import import_onnx
+
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise NetcError(f"netc import needs the onnx package: {ONNX_HINT}") from None
+    imported = import_onnx(args.model, args.name)
+    yaml_path, npz_path = imported.write(args.out)
+    print(f"spec: {yaml_path}")
+    print(f"weights: {npz_path}")
+    for note in imported.notes:
+        print(f"note: {note}")
+    print(f"{yaml_path}: ok ({imported.summary()})")
+    return 0
+
+
 def register(sub) -> None:
     from .cli import positive_int
     from .export import TARGET_DOC, TARGETS
@@ -44,8 +106,11 @@ def register(sub) -> None:
                        "(no heap, no Python, weights as static const arrays)")
     e.add_argument("spec", help="network spec (YAML)")
     e.add_argument("weights", help="weights file (.npz, as written by netc train)")
-    e.add_argument("--format", choices=["c"], default="c", help="output format (c)")
-    e.add_argument("-o", "--out", metavar="DIR", required=True, help="output directory")
+    e.add_argument("--format", choices=list(FORMATS), default="c",
+                   help="c: DIR/NAME.c and NAME.h; onnx: FILE.onnx (opset 17, evaluation mode); torch: a Python "
+                        "file with an nn.Module whose state_dict names are the weights' (default c)")
+    e.add_argument("-o", "--out", metavar="DIR|FILE", required=True,
+                   help="output directory (c) or file (onnx, torch)")
     e.add_argument("--target", choices=TARGETS, default="generic",
                    help="; ".join(f"{t}: {d}" for t, d in TARGET_DOC.items()) + " (default generic)")
     e.add_argument("--quantize", choices=["int8"], help="int8 post-training static quantisation: per-channel "
@@ -55,3 +120,10 @@ def register(sub) -> None:
     e.add_argument("--calibration-images", type=positive_int, default=CALIBRATION_IMAGES, metavar="N",
                    help=f"how many training images calibrate (default {CALIBRATION_IMAGES})")
     e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("import", help="an ONNX model -> DIR/NAME.yaml (spec) and DIR/NAME.npz (weights, as netc "
+                                      "train writes them)")
+    i.add_argument("model", help="ONNX model file (.onnx)")
+    i.add_argument("-o", "--out", metavar="DIR", required=True, help="output directory")
+    i.add_argument("--name", help="network name (default: from the model's file name)")
+    i.set_defaults(func=cmd_import)

@@ -65,3 +65,79 @@ def torch_loss_and_grad(net: Network, state, x, y, dtype=torch.float64, train: b
     loss.backward()
     grads = {k: p.grad.detach().numpy().copy() for k, p in model.named_parameters()}
     return float(loss), grads, out.detach().numpy(), model
+
+
+def _ctor_source(module: nn.Module) -> str:
+    """`nn.Conv2d(1, 6, kernel_size=(5, 5), ...)` for a torch.nn module: every argument of its
+    constructor that the module keeps under the same name (bias as true/false)."""
+    import inspect
+
+    cls = type(module)
+    if getattr(nn, cls.__name__, None) is not cls:
+        raise TypeError(f"{cls.__name__} is not a torch.nn module; no source for it")
+    args = []
+    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if p.name in ("device", "dtype") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if not hasattr(module, p.name):
+            continue
+        v = getattr(module, p.name)
+        if p.name == "bias":
+            v = v is not None
+        if p.default is not inspect.Parameter.empty and v == p.default:
+            continue
+        args.append(f"{p.name}={v!r}")
+    return f"nn.{cls.__name__}({', '.join(args)})"
+
+
+def torch_source(net: Network) -> str:
+    """Python source of an nn.Module for `net` (an nn.Sequential whose modules are named like
+    the layers, so state_dict names match), with `load_netc_weights` for a weights file
+    written by netc train."""
+    from .errors import NetcError
+    from .report import is_graph
+
+    if is_graph(net.layers) or any("." in l.name for l in net.layers):
+        raise NetcError(f"netc export --format torch writes an nn.Sequential: {net.name} is a graph or has blocks "
+                        f"(nested names); export it as ONNX (--format onnx)")
+    model = torch_model(net)
+    cls = "".join(p.capitalize() for p in net.name.split("_")) or "Net"
+    body = "\n".join(f"            ({name!r}, {_ctor_source(m)}),  # {layer.where()}"
+                     for (name, m), layer in zip(model.named_children(), net.layers))
+    return f'''"""{net.name}: {"x".join(map(str, net.input_shape))} -> {"x".join(map(str, net.output_shape))}, \
+{net.total_params:,} parameters; written by netc export --format torch.
+
+    model = {cls}()
+    load_netc_weights(model, "weights.npz")     # the file netc train writes
+    model.eval()
+    logits = model(x)                           # x: [batch, {", ".join(map(str, net.input_shape))}]
+"""
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+class {cls}(nn.Sequential):
+    def __init__(self):
+        super().__init__(OrderedDict([
+{body}
+        ]))
+
+
+def load_netc_weights(model: nn.Module, path) -> dict:
+    """Load parameters and buffers by name (strict: none missing, none extra); returns the
+    metadata netc train stored (input normalisation 'mean' and 'std': apply
+    (x - mean) / std to inputs scaled to [0, 1] before calling the model)."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {{k: f[k] for k in f.files}}
+    state = {{k: torch.from_numpy(v) for k, v in arrays.items() if not k.startswith("__")}}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        raise ValueError(f"{{path}}: missing {{missing}}, unexpected {{extra}}")
+    model.load_state_dict({{**own, **{{k: v.to(own[k].dtype) for k, v in state.items()}}}})
+    return {{k[len("__meta__/"):]: v for k, v in arrays.items() if k.startswith("__meta__/")}}
+'''
