@@ -26,7 +26,7 @@ MAX_NAME = 48
 # batchnorm2d/relu/maxpool2d blocks 10.5 s; relu at 512: 19.9 s.
 MAX_LAYERS = 256
 DEFAULT_MEMORY_BUDGET = 16 * 2**30  # bytes of training memory at batch size 1
-LOSSES = ("cross_entropy", "mse")
+LOSSES = ("cross_entropy", "mse", "binary_cross_entropy")
 TOP_KEYS = ("name", "input", "blocks", "layers", "loss", "train")
 # a layer's name: a C identifier, or PyTorch's nested module path (layer1.0.conv1; C sees
 # layer1_0_conv1)

@@ -525,22 +525,23 @@ def cmd_predict(args) -> int:
         raise DataError("no samples to predict (empty arrays)")
     X = model.net.check_x(np.stack([x for _, x in items]), "inputs")
     out = predict_outputs(model.net, X)
-    ce = network.loss == "cross_entropy"
-    scores = softmax(out) if ce else out
+    # probabilities: softmax of cross-entropy logits, sigmoid of binary cross-entropy logits
+    probs = network.loss in ("cross_entropy", "binary_cross_entropy")
+    scores = softmax(out) if network.loss == "cross_entropy" else (1 + np.tanh(out / 2)) / 2 if probs else out
     results = []
     for (label, _), row in zip(items, scores):
         top = np.argsort(-row, kind="stable")[:args.top]
         results.append({"input": label, "predicted": int(top[0]),
                         "top": [{"class": int(c), "name": model.class_name(int(c)),
-                                 ("probability" if ce else "output"): float(row[c])} for c in top],
-                        ("probabilities" if ce else "outputs"): [float(v) for v in row]})
+                                 ("probability" if probs else "output"): float(row[c])} for c in top],
+                        ("probabilities" if probs else "outputs"): [float(v) for v in row]})
     if args.format == "json":
         emit(json.dumps({"network": network.name, "weights": args.weights, "class_names": model.class_names,
                          "normalization": {"mean": model.mean, "std": model.std, "source": model.norm_source},
                          "predictions": results}, indent=2))
         return 0
     print(f"# {network.name}, {model.norm_text()}", file=sys.stderr)
-    key = "probability" if ce else "output"
+    key = "probability" if probs else "output"
     lines = []
     for r in results:
         tops = ", ".join(f"{t['name'] or 'class ' + str(t['class'])} {t[key]:.3f}" for t in r["top"])

@@ -8,8 +8,10 @@ Conventions (also in README):
   one.  conv/linear forward = 2*MACs (+1 per output for the bias); their backward =
   4*MACs (input and weight gradients) (+1 per output for the bias gradient); an input
   gradient with nothing trainable upstream (the first layer's) is never computed and not
-  counted; a tensor read by several layers adds 1 per element for each further gradient.  Element-wise
-  layers count the operations of their C expressions (see layers/activations.py).
+  counted; a tensor read by several layers adds 1 per element for each further gradient.
+  Element-wise layers count the operations of their C expressions (see layers/activations.py);
+  pooling, upsampling and batch norm count theirs (their `flops`); the loss 5 per output (13
+  for binary_cross_entropy, see loss_flops).
   Forward FLOPs are for evaluation mode; training FLOPs = training-mode forward +
   backward + loss, per sample; the optimizer update (per batch) is not included.
 - Activations: elements of each layer's output per sample.  Memory saved for backward is
@@ -38,8 +40,10 @@ def dtype_bytes(dtype: str) -> int:
 def loss_flops(net: Network) -> int:
     k = net.num_classes
     # cross_entropy: max, exp and sum for log-sum-exp (3 per class) + softmax-minus-onehot
-    # gradient (2 per class); mse: difference, square, sum (3) + gradient (2) per output.
-    return 5 * k
+    # gradient (2 per class); mse: difference, square, sum (3) + gradient (2) per output;
+    # binary_cross_entropy: |x|, negation, exp, max, x t, subtraction, log1p, sum (8) + gradient
+    # (1 + e, compare, division, - t, * scale: 5) per output.
+    return 13 * k if net.loss == "binary_cross_entropy" else 5 * k
 
 
 def reads_network_input(layers: list[Layer]) -> set[int]:

@@ -498,6 +498,9 @@ class Net:
             raise ValueError(f"targets must be a real-valued array, got dtype {arr.dtype}")
         if arr.shape != (n, *out):
             raise ValueError(f"targets must have shape ({n}, {', '.join(map(str, out))}), got {arr.shape}")
+        if self.network.loss == "binary_cross_entropy" and arr.size and not np.all((arr >= 0) & (arr <= 1)):
+            bad = arr[~((arr >= 0) & (arr <= 1))].flat[0]
+            raise ValueError(f"targets must be in [0, 1] for loss binary_cross_entropy, found {bad}")
         return np.ascontiguousarray(arr, dtype=self.dtype)
 
     def check_training_batch(self, n: int) -> None:
@@ -505,8 +508,9 @@ class Net:
         than one value per channel)."""
         for layer in self.network.layers:
             if layer.kind.batch_stats(layer) and n * math.prod(layer.in_shape[1:]) < 2:
+                maps = f" with {'x'.join(map(str, layer.in_shape[1:]))} maps" if len(layer.in_shape) > 1 else ""
                 raise ValueError(f"{layer.where()} needs more than one value per channel in training "
-                                 f"(batch of {n} with {layer.in_shape[1]}x{layer.in_shape[2]} maps)")
+                                 f"(batch of {n}{maps})")
 
     def _ptr(self, arr: np.ndarray, ctype: str):
         """A pointer to C-contiguous arr for a `ctype *` argument.  ffi.from_buffer is several

@@ -4,12 +4,57 @@ torch is optional: importing this module without torch raises ImportError.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .check import Network
+
+class PaddedConv2d(nn.Conv2d):
+    """nn.Conv2d after F.pad: explicit padding ((top, bottom), (left, right)), which PyTorch's
+    own padding (the same on both sides) cannot express (TensorFlow's 'SAME' with stride 2)."""
+
+    def __init__(self, *args, pads, **kw):
+        super().__init__(*args, padding=0, **kw)
+        (self.pad_top, self.pad_bottom), (self.pad_left, self.pad_right) = pads
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (self.pad_left, self.pad_right, self.pad_top, self.pad_bottom)))
+
+
+class PaddedMaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d after padding with -inf on each side ((top, bottom), (left, right))."""
+
+    def __init__(self, *args, pads, **kw):
+        super().__init__(*args, padding=0, **kw)
+        self.pads = pads
+
+    def forward(self, x):
+        (t, b), (l, r) = self.pads
+        return super().forward(F.pad(x, (l, r, t, b), value=-math.inf))
+
+
+class PaddedAvgPool2d(nn.AvgPool2d):
+    """nn.AvgPool2d after zero padding on each side ((top, bottom), (left, right)).
+
+    count_include_pad=True divides by the whole window (padding zeros included);
+    count_include_pad=False by the input elements in the window only, as TensorFlow's 'SAME'
+    average pooling (the mean of the padded input over the mean of a padded mask of ones)."""
+
+    def __init__(self, *args, pads, count_include_pad=True, **kw):
+        super().__init__(*args, padding=0, **kw)
+        self.pads, self.include = pads, count_include_pad
+
+    def forward(self, x):
+        (t, b), (l, r) = self.pads
+        mean = super().forward(F.pad(x, (l, r, t, b)))
+        if self.include:
+            return mean
+        return mean / super().forward(F.pad(torch.ones_like(x[:1, :1]), (l, r, t, b)))
+
 
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -53,6 +98,8 @@ def torch_model(net: Network, state: dict[str, np.ndarray] | None = None, dtype=
 def torch_loss(net: Network, out: torch.Tensor, y) -> torch.Tensor:
     if net.loss == "cross_entropy":
         return F.cross_entropy(out, torch.as_tensor(np.asarray(y), dtype=torch.long))
+    if net.loss == "binary_cross_entropy":
+        return F.binary_cross_entropy_with_logits(out, torch.as_tensor(np.asarray(y), dtype=out.dtype))
     return F.mse_loss(out, torch.as_tensor(np.asarray(y), dtype=out.dtype))
 
 

@@ -199,7 +199,8 @@ def to_inputs(network: Network, images: np.ndarray, mean: float | None, std: flo
 
 
 def to_targets(net, labels: np.ndarray, where: str) -> np.ndarray:
-    """Integer class labels -> what the network's loss takes (labels, or one-hot for mse)."""
+    """Integer class labels -> what the network's loss takes (labels, or one-hot targets for mse
+    and binary_cross_entropy)."""
     network = net.network
     k = network.num_classes
     if labels.size and labels.max() >= k:
@@ -208,8 +209,8 @@ def to_targets(net, labels: np.ndarray, where: str) -> np.ndarray:
     if network.loss == "cross_entropy":
         return net.check_y(labels, len(labels))
     if len(network.output_shape) != 1:
-        raise DataError(f"network '{network.name}' uses loss mse with output {network.output_shape}; training on "
-                        f"labelled images needs a 1-D output with one value per class (one-hot targets)")
+        raise DataError(f"network '{network.name}' uses loss {network.loss} with output {network.output_shape}; "
+                        f"training on labelled images needs a 1-D output with one value per class (one-hot targets)")
     onehot = np.zeros((len(labels), k), net.dtype)
     onehot[np.arange(len(labels)), labels] = 1
     return net.check_y(onehot, len(labels))
@@ -237,7 +238,8 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def loss_of(loss: str, outputs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean loss, as the C code computes it (cross-entropy of logits, or mse vs one-hot)."""
+    """Mean loss, as the C code computes it (cross-entropy of logits, or mse or binary cross-entropy
+    of logits vs one-hot)."""
     z = np.asarray(outputs, np.float64)
     if len(z) == 0:
         return float("nan")
@@ -247,6 +249,8 @@ def loss_of(loss: str, outputs: np.ndarray, labels: np.ndarray) -> float:
         return float(np.mean(lse - z[np.arange(len(z)), labels]))
     onehot = np.zeros_like(z)
     onehot[np.arange(len(z)), labels] = 1
+    if loss == "binary_cross_entropy":
+        return float(np.mean(np.maximum(z, 0) - z * onehot + np.log1p(np.exp(-np.abs(z)))))
     return float(np.mean((z - onehot) ** 2))
 
 

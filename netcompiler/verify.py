@@ -49,10 +49,13 @@ def _rel(a: np.ndarray, b: np.ndarray, floor: float = 1e-300) -> tuple[float, fl
 
 
 def random_batch(net, n: int, rng):
-    """n standard-normal inputs and random labels (cross_entropy) or targets (mse)."""
+    """n standard-normal inputs and random labels (cross_entropy) or targets (mse: standard normal;
+    binary_cross_entropy: uniform in [0, 1])."""
     x = rng.standard_normal((n, *net.network.input_shape))
     if net.network.loss == "cross_entropy":
         y = rng.integers(0, net.network.num_classes, n)
+    elif net.network.loss == "binary_cross_entropy":
+        y = rng.uniform(0, 1, (n, *net.network.output_shape))
     else:
         y = rng.standard_normal((n, *net.network.output_shape))
     return x, y

@@ -146,22 +146,62 @@ def masked_dropout():
     return MaskedDropout()
 
 
+def _after_pad(cls, pad: list, value: float = 0.0):
+    """A subclass of the torch module `cls` that pads its input first: padding
+    [top, bottom, left, right] as F.pad(x, (left, right, top, bottom), value=value)."""
+    F = _torch().nn.functional
+    top, bottom, left, right = pad
+
+    class AfterPad(cls):
+        def forward(self, x):
+            return super().forward(F.pad(x, (left, right, top, bottom), value=value))
+
+    return AfterPad
+
+
+def _avg_excluding_pad(kernel, stride, pad: list):
+    """Average pooling over zero padding [top, bottom, left, right] that divides by the input
+    elements of each window only: window sums of the padded input over window sums of a
+    padded mask of ones."""
+    torch = _torch()
+    F = torch.nn.functional
+    top, bottom, left, right = pad
+
+    class AvgExcludingPad(torch.nn.Module):
+        def forward(self, x):
+            sums = F.avg_pool2d(F.pad(x, (left, right, top, bottom)), kernel, stride, divisor_override=1)
+            ones = F.pad(torch.ones_like(x), (left, right, top, bottom))
+            return sums / F.avg_pool2d(ones, kernel, stride, divisor_override=1)
+
+    return AvgExcludingPad()
+
+
 def _module(kind: str, o: dict, in_shape: tuple[int, ...]):
     nn = _torch().nn
+    pad4 = o.get("padding") if isinstance(o.get("padding"), list) and len(o["padding"]) == 4 else None
     if kind == "conv2d":
         pad = o.get("padding", 0)
         pad = pad if isinstance(pad, str) else _pair(pad)
-        return nn.Conv2d(in_shape[0], o["out_channels"], _pair(o["kernel_size"]), stride=_pair(o.get("stride", 1)),
-                         padding=pad, dilation=_pair(o.get("dilation", 1)), groups=o.get("groups", 1),
-                         bias=o.get("bias", True))
+        cls = _after_pad(nn.Conv2d, pad4) if pad4 else nn.Conv2d
+        return cls(in_shape[0], o["out_channels"], _pair(o["kernel_size"]), stride=_pair(o.get("stride", 1)),
+                   padding=0 if pad4 else pad, dilation=_pair(o.get("dilation", 1)), groups=o.get("groups", 1),
+                   bias=o.get("bias", True))
     if kind == "maxpool2d":
-        return nn.MaxPool2d(_pair(o["kernel_size"]), _pair(o["stride"]) if "stride" in o else None,
-                            _pair(o.get("padding", 0)), _pair(o.get("dilation", 1)),
-                            ceil_mode=o.get("ceil_mode", False))
+        cls = _after_pad(nn.MaxPool2d, pad4, float("-inf")) if pad4 else nn.MaxPool2d
+        return cls(_pair(o["kernel_size"]), _pair(o["stride"]) if "stride" in o else None,
+                   0 if pad4 else _pair(o.get("padding", 0)), _pair(o.get("dilation", 1)),
+                   ceil_mode=o.get("ceil_mode", False))
     if kind == "avgpool2d":
-        return nn.AvgPool2d(_pair(o["kernel_size"]), _pair(o["stride"]) if "stride" in o else None,
-                            _pair(o.get("padding", 0)), ceil_mode=o.get("ceil_mode", False),
-                            count_include_pad=o.get("count_include_pad", True))
+        stride = _pair(o["stride"]) if "stride" in o else _pair(o["kernel_size"])
+        if pad4 and not o.get("count_include_pad", True):
+            return _avg_excluding_pad(_pair(o["kernel_size"]), stride, pad4)
+        cls = _after_pad(nn.AvgPool2d, pad4) if pad4 else nn.AvgPool2d
+        return cls(_pair(o["kernel_size"]), stride, 0 if pad4 else _pair(o.get("padding", 0)),
+                   ceil_mode=o.get("ceil_mode", False), count_include_pad=o.get("count_include_pad", True))
+    if kind == "adaptive_avgpool2d":
+        return nn.AdaptiveAvgPool2d(_pair(o["output_size"]))
+    if kind == "global_avgpool2d":
+        return nn.AdaptiveAvgPool2d(1)
     if kind == "linear":
         return nn.Linear(in_shape[0], o["out_features"], bias=o.get("bias", True))
     if kind == "flatten":
@@ -176,10 +216,21 @@ def _module(kind: str, o: dict, in_shape: tuple[int, ...]):
         return nn.Tanh()
     if kind == "sigmoid":
         return nn.Sigmoid()
+    if kind == "relu6":
+        return nn.ReLU6()
+    if kind == "hardswish":
+        return nn.Hardswish()
+    if kind == "silu":
+        return nn.SiLU()
     if kind == "batchnorm2d":
         return nn.BatchNorm2d(in_shape[0], eps=o.get("eps", 1e-5), momentum=o.get("momentum", 0.1))
+    if kind == "batchnorm1d":
+        return nn.BatchNorm1d(in_shape[0], eps=o.get("eps", 1e-5), momentum=o.get("momentum", 0.1))
     if kind == "dropout":
         return masked_dropout()
+    if kind == "upsample":
+        return nn.Upsample(scale_factor=tuple(float(f) for f in _pair(o["scale_factor"])),
+                           mode=o.get("mode", "nearest"))
     raise KeyError(f"the reference does not know layer kind '{kind}': add it to tests/conftest.py")
 
 
@@ -277,6 +328,8 @@ def reference_loss_and_grad(net, spec_text: str, x, y, masks: dict | None = None
     out = model(torch.as_tensor(np.asarray(x, np.float64)))
     if net.network.loss == "cross_entropy":
         loss = F.cross_entropy(out, torch.as_tensor(np.asarray(y), dtype=torch.long))
+    elif net.network.loss == "binary_cross_entropy":
+        loss = torch.nn.BCEWithLogitsLoss()(out, torch.as_tensor(np.asarray(y, np.float64)))
     else:
         loss = F.mse_loss(out, torch.as_tensor(np.asarray(y, np.float64)))
     loss.backward()
@@ -286,10 +339,11 @@ def reference_loss_and_grad(net, spec_text: str, x, y, masks: dict | None = None
 
 def randomize_batchnorm(net, rng) -> None:
     """Give batch-norm layers non-trivial gamma/beta and running statistics."""
+    bn = ("batchnorm2d", "batchnorm1d")
     for k, v in net.params.items():
-        if any(k == f"{l.name}.weight" and l.kind.kind == "batchnorm2d" for l in net.network.layers):
+        if any(k == f"{l.name}.weight" and l.kind.kind in bn for l in net.network.layers):
             v[...] = rng.uniform(0.5, 1.5, v.shape)
-        elif any(k == f"{l.name}.bias" and l.kind.kind == "batchnorm2d" for l in net.network.layers):
+        elif any(k == f"{l.name}.bias" and l.kind.kind in bn for l in net.network.layers):
             v[...] = rng.uniform(-0.5, 0.5, v.shape)
     for k, v in net.buffers.items():
         v[...] = rng.uniform(0.5, 2.0, v.shape) if k.endswith("running_var") else rng.normal(0, 0.3, v.shape)

@@ -62,6 +62,36 @@ layers:
   - linear: {out_features: 4}
 loss: mse
 """,
+    "kinds": """
+name: kinds
+input: [3, 9, 8]
+layers:
+  - conv2d: {out_channels: 40, kernel_size: 3, stride: 2, padding: [0, 1, 0, 1]}
+  - relu6
+  - maxpool2d: {kernel_size: 2, stride: 1, padding: [0, 1, 0, 1]}
+  - hardswish
+  - upsample: {scale_factor: [1, 2]}
+  - upsample: {scale_factor: 2}
+  - avgpool2d: {kernel_size: 3, stride: 1, padding: [1, 1, 0, 1], count_include_pad: false}
+  - adaptive_avgpool2d: {output_size: [3, 4]}
+  - silu
+  - global_avgpool2d
+  - flatten
+  - batchnorm1d
+  - linear: {out_features: 3}
+loss: binary_cross_entropy
+""",
+    "kinds_unit": """
+name: kinds_unit
+input: [1, 1, 5]
+layers:
+  - upsample: {scale_factor: [2, 1]}
+  - adaptive_avgpool2d: {output_size: [1, 3]}
+  - upsample: {scale_factor: [1, 2]}
+  - global_avgpool2d
+  - flatten
+loss: mse
+""",
     "wide": """
 name: wide
 input: [16, 12, 12]

@@ -138,7 +138,7 @@ def test_train_disk_full_keeps_the_last_checkpoint(tmp_path, case, capsys, monke
                              f"written before are intact)")
     assert "epoch 1/3" in out and "epoch 2/3" not in out
     assert {p.name for p in run.iterdir()} == {".netc.lock", "spec.yaml", "normalization.json", "metrics.csv", "weights.npz",
-                                               "checkpoint.npz"}  # no temporary files
+                                               "best.npz", "checkpoint.npz"}  # no temporary files
     assert len((run / "metrics.csv").read_text().splitlines()) == 2  # header + epoch 1
     assert int(W.load_npz(run / "checkpoint.npz")["__meta__/epoch"]) == 1
     monkeypatch.undo()

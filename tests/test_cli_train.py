@@ -235,6 +235,27 @@ def test_predict_npy(trained, tmp_path, capsys):
     assert rc == 0 and out.count("class ") == 2 and out.startswith(str(tmp_path / "one.npy") + ": class ")
 
 
+def test_predict_binary_cross_entropy_gives_sigmoid_probabilities(tmp_path, capsys):
+    """Each output of a binary cross-entropy network is its own probability: sigmoid(logit)."""
+    bce = TINY.replace("loss: cross_entropy", "loss: binary_cross_entropy").replace("epochs: 3", "epochs: 1")
+    spec, data = make_case(tmp_path, spec=bce)
+    assert main(["train", spec, "--data", data, "--out", str(tmp_path / "run"), "--threads", "1"]) == 0
+    x = np.random.default_rng(5).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "one.npy", x)
+    capsys.readouterr()
+    rc, out, err = netc(capsys, "predict", spec, tmp_path / "run" / "weights.npz", tmp_path / "one.npy", "--raw",
+                        "--format", "json", "--top", 4)
+    assert rc == 0, err
+    import netcompiler as nc
+    from netcompiler import weights as W
+
+    net = nc.compile(spec, threads=1)
+    net.load_state_dict(W.split(W.load_npz(tmp_path / "run" / "weights.npz"))[0])
+    want = 1 / (1 + np.exp(-net.forward(x)[0].astype(np.float64)))
+    probs = json.loads(out)["predictions"][0]["probabilities"]
+    assert probs == pytest.approx(want.tolist(), rel=1e-5)
+
+
 def test_predict_errors(trained, tmp_path, capsys):
     d, spec, data, run = trained
     np.save(tmp_path / "bad.npy", np.zeros((3, 9, 9), np.uint8))

@@ -34,7 +34,7 @@ GOLDEN = {
         "input: [4]\n"
         "layers:\n"
         "  - relu\n",
-        "net.yaml:1:1: error: missing 'loss': one of cross_entropy, mse"),
+        "net.yaml:1:1: error: missing 'loss': one of cross_entropy, mse, binary_cross_entropy"),
     "empty_layers": (
         "input: [4]\n"
         "layers: []\n"
@@ -248,8 +248,8 @@ GOLDEN = {
         "  - conv2d: {out_channels: 2, kernel_size: 3, padding: sam}\n"
         "  - flatten\n"
         "loss: mse\n",
-        "net.yaml:3:56: error: conv2d: 'padding' must be an integer, a pair, 'same' or 'valid', got 'sam' "
-        "(did you mean 'same'?)"),
+        "net.yaml:3:56: error: conv2d: 'padding' must be an integer, a pair, [top, bottom, left, right], 'same' or "
+        "'valid', got 'sam' (did you mean 'same'?)"),
     "linear_without_flatten": (
         "input: [1, 28, 28]\n"
         "layers:\n"
@@ -323,7 +323,7 @@ GOLDEN = {
         "  - linear: {out_features: 3}\n"
         "loss: crossentropy\n",
         "net.yaml:4:7: error: unknown loss 'crossentropy' (did you mean 'cross_entropy'?); expected one of "
-        "cross_entropy, mse"),
+        "cross_entropy, mse, binary_cross_entropy"),
     "unknown_train_option": (
         "input: [4]\n"
         "layers:\n"
@@ -368,7 +368,8 @@ GOLDEN = {
         "layers:\n"
         "  - linear: {out_features: 2}\n"
         "loss: {kind: mse}\n",
-        "net.yaml:4:7: error: unknown loss {'kind': 'mse'}; expected one of cross_entropy, mse"),
+        "net.yaml:4:7: error: unknown loss {'kind': 'mse'}; expected one of cross_entropy, mse, "
+        "binary_cross_entropy"),
     "options_not_a_mapping": (
         "input: [4]\n"
         "layers:\n"
@@ -403,6 +404,64 @@ GOLDEN = {
     "only_comments": (
         "# nothing here\n",
         "net.yaml:1:1: error: empty spec: expected a mapping with 'input', 'layers' and 'loss'"),
+    "global_pool_on_features": (
+        "input: [8]\n"
+        "layers:\n"
+        "  - global_avgpool2d\n"
+        "loss: mse\n",
+        "net.yaml:3:5: error: global_avgpool2d 'pool1': needs a 3-D input (channels, height, width), got 8"),
+    "adaptive_pool_zero_size": (
+        "input: [2, 6, 6]\n"
+        "layers:\n"
+        "  - adaptive_avgpool2d: {output_size: [3, 0]}\n"
+        "loss: mse\n",
+        "net.yaml:3:39: error: adaptive_avgpool2d: 'output_size' must be >= 1, got 0"),
+    "batchnorm1d_on_maps": (
+        "input: [2, 4, 4]\n"
+        "layers:\n"
+        "  - batchnorm1d\n"
+        "loss: mse\n",
+        "net.yaml:3:5: error: batchnorm1d 'bn1': needs a 1-D input (features), got 2x4x4: use batchnorm2d for "
+        "(channels, height, width), or flatten first"),
+    "upsample_bilinear": (
+        "input: [2, 4, 4]\n"
+        "layers:\n"
+        "  - upsample: {scale_factor: 2, mode: bilinear}\n"
+        "loss: mse\n",
+        "net.yaml:3:39: error: upsample: 'mode' must be one of nearest; got 'bilinear'"),
+    "upsample_fractional_scale": (
+        "input: [2, 4, 4]\n"
+        "layers:\n"
+        "  - upsample: {scale_factor: 1.5}\n"
+        "loss: mse\n",
+        "net.yaml:3:30: error: upsample: 'scale_factor' must be an integer, got 1.5"),
+    "padding_list_of_3": (
+        "input: [1, 8, 8]\n"
+        "layers:\n"
+        "  - conv2d: {out_channels: 2, kernel_size: 3, padding: [0, 1, 0]}\n"
+        "loss: mse\n",
+        "net.yaml:3:56: error: conv2d: 'padding' must be an integer, a pair, [top, bottom, left, right], 'same' or "
+        "'valid', got a list of 3"),
+    "pool_padding_same": (
+        "input: [1, 8, 8]\n"
+        "layers:\n"
+        "  - maxpool2d: {kernel_size: 2, padding: same}\n"
+        "loss: mse\n",
+        "net.yaml:3:42: error: maxpool2d: 'padding' must be an integer, a pair [h, w] or [top, bottom, left, right], "
+        "got 'same'"),
+    "pool_padding4_over_half": (
+        "input: [1, 8, 8]\n"
+        "layers:\n"
+        "  - avgpool2d: {kernel_size: 3, stride: 2, padding: [0, 2, 0, 1]}\n"
+        "loss: mse\n",
+        "net.yaml:3:53: error: avgpool2d 'pool1': padding 2 is more than half the kernel size 3"),
+    "pool_padding4_ceil_mode": (
+        "input: [1, 8, 8]\n"
+        "layers:\n"
+        "  - maxpool2d: {kernel_size: 2, padding: [0, 1, 0, 1], ceil_mode: true}\n"
+        "loss: mse\n",
+        "net.yaml:3:67: error: maxpool2d 'pool1': ceil_mode needs the same padding on both sides; with padding "
+        "[top, bottom, left, right] give the extra rows and columns as bottom and right padding"),
     "recursive_alias": (
         "input: &a [1, *a]\n"
         "layers: [relu]\n"
@@ -410,7 +469,8 @@ GOLDEN = {
         "net.yaml:1:8: error: recursive YAML alias (a value that contains itself)"),
 }
 
-KINDS = "conv2d, maxpool2d, avgpool2d, linear, flatten, relu, leaky_relu, gelu, tanh, sigmoid, batchnorm2d, dropout, add, concat"
+KINDS = ("conv2d, maxpool2d, avgpool2d, adaptive_avgpool2d, global_avgpool2d, linear, flatten, relu, leaky_relu, "
+         "gelu, tanh, sigmoid, relu6, hardswish, silu, batchnorm2d, batchnorm1d, dropout, upsample, add, concat")
 
 
 def _one_layer(layer: str, input_shape: str = "[4]") -> str:
@@ -451,9 +511,20 @@ UNKNOWN_KINDS = {
     "maxpool1d": "layer kind 'maxpool1d' is not supported: only 2-D pooling (maxpool2d, avgpool2d)",
     "lstm": "layer kind 'lstm' is not supported: recurrent, embedding and attention layers are not available",
     "LSTM": "layer kind 'LSTM' is not supported: recurrent, embedding and attention layers are not available",
-    "elu": "layer kind 'elu' is not supported; the activations are relu, leaky_relu, gelu, tanh, sigmoid",
-    "AdaptiveAvgPool2d": "layer kind 'AdaptiveAvgPool2d' is not supported: use avgpool2d or maxpool2d with "
-                         "kernel_size equal to the input's height and width",
+    "elu": "layer kind 'elu' is not supported; the activations are relu, leaky_relu, gelu, tanh, sigmoid, relu6, "
+           "hardswish, silu",
+    "AdaptiveAvgPool2d": "unknown layer kind 'AdaptiveAvgPool2d' (did you mean 'adaptive_avgpool2d'?)",
+    "GlobalAveragePooling2D": "unknown layer kind 'GlobalAveragePooling2D' (did you mean 'global_avgpool2d'?)",
+    "AdaptiveMaxPool2d": "layer kind 'AdaptiveMaxPool2d' is not supported: use maxpool2d with kernel_size equal to "
+                         "the input's height and width (average pooling: adaptive_avgpool2d, global_avgpool2d)",
+    "BatchNorm1d": "unknown layer kind 'BatchNorm1d' (did you mean 'batchnorm1d'?)",
+    "LayerNorm": "layer kind 'LayerNorm' is not supported: only batchnorm2d and batchnorm1d",
+    "ReLU6": "unknown layer kind 'ReLU6' (did you mean 'relu6'?)",
+    "Hardswish": "unknown layer kind 'Hardswish' (did you mean 'hardswish'?)",
+    "SiLU": "unknown layer kind 'SiLU' (did you mean 'silu'?)",
+    "swish": "unknown layer kind 'swish' (did you mean 'silu'?)",
+    "UpSampling2D": "unknown layer kind 'UpSampling2D' (did you mean 'upsample'?)",
+    "Upsample": "unknown layer kind 'Upsample' (did you mean 'upsample'?)",
     # (not 'frobnicate': difflib finds it 0.625 close to 'concat', over the 0.6 cutoff)
     "xyzzy": f"unknown layer kind 'xyzzy'; kinds are {KINDS}",
     "conv2": "unknown layer kind 'conv2' (did you mean 'conv2d'?)",
@@ -509,7 +580,7 @@ def test_several_independent_errors_are_all_reported(monkeypatch):
         f"{f}:8:12: error: relu: unknown option 'slope'; options are name, expect, inputs",
         f"{f}:10:28: error: linear: 'out_features' must be >= 1, got 0",
         f"{f}:11:7: error: unknown loss 'crossentropy' (did you mean 'cross_entropy'?); expected one of "
-        "cross_entropy, mse",
+        "cross_entropy, mse, binary_cross_entropy",
     ]
 
 

@@ -54,6 +54,19 @@ ODD = {
         "linear: {out_features: 7, bias: false}",
         "sigmoid",
     ], name="odd_groups"),
+    # explicit padding [top, bottom, left, right] (TensorFlow's 'SAME' with stride 2) on a conv and
+    # both pools, and the activations relu6, hardswish and silu as epilogues
+    "odd_pads4": spec([3, 10, 9], [
+        "conv2d: {out_channels: 5, kernel_size: 3, stride: 2, padding: [0, 1, 1, 1]}",
+        "relu6",
+        "maxpool2d: {kernel_size: 3, stride: 1, padding: [1, 0, 0, 1]}",
+        "hardswish",
+        "avgpool2d: {kernel_size: 2, stride: 2, padding: [0, 1, 0, 1], count_include_pad: false}",
+        "silu",
+        "avgpool2d: {kernel_size: 2, stride: 1, padding: [1, 0, 0, 1]}",
+        "flatten",
+        "linear: {out_features: 4}",
+    ], name="odd_pads4"),
     # an activation and a batch norm on the input (a step of their own), 'same' padding,
     # a max-pool fused into the conv with a cut last window, GELU both ways, dropout
     "odd_leading": spec([3, 5, 7], [
@@ -464,3 +477,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["export", str(path), str(other), "-o", str(tmp_path / "file")]) == 1
     assert capsys.readouterr().err.startswith("netc: error: cannot write to ")
+
+
+@pytest.mark.parametrize("layer", ["global_avgpool2d", "adaptive_avgpool2d: {output_size: 2}",
+                                   "upsample: {scale_factor: 2}"])
+def test_kinds_without_export_c_are_a_one_line_error(layer, tmp_path, capsys):
+    """Kinds netc export has no C for yet are refused in one line naming the layer (the
+    first one met: batchnorm1d, later in the spec, has no C either)."""
+    path = tmp_path / "net.yaml"
+    path.write_text(spec([2, 4, 4], ["conv2d: {out_channels: 2, kernel_size: 1}", layer, "flatten",
+                                     "batchnorm1d", "linear: {out_features: 2}"], name="net"))
+    _, _, weights = _net_and_weights(path, tmp_path)
+    assert main(["export", str(path), str(weights), "-o", str(tmp_path / "o")]) == 1
+    kind = layer.split(":")[0]
+    name = "up1" if kind == "upsample" else "pool1"
+    assert capsys.readouterr().err == f"netc: error: {kind} '{name}': netc export has no C for layer kind '{kind}'\n"

@@ -117,6 +117,14 @@ CASES: dict[str, str] = {
                                        input_shape=(2, 6, 6), pre="conv2d: {out_channels: 17, kernel_size: 1}"),
     "conv_winograd_same": around("conv2d: {out_channels: 48, kernel_size: 3, padding: same}",
                                  input_shape=(2, 8, 8), pre="conv2d: {out_channels: 16, kernel_size: 1}"),
+    # explicit padding [top, bottom, left, right]: TensorFlow's 'SAME' for kernel 3, stride 2 on an
+    # even input; lopsided pads over a gathered im2col; a Winograd convolution
+    "conv_pad4_tf_same_stride2": around("conv2d: {out_channels: 3, kernel_size: 3, stride: 2, padding: [0, 1, 0, 1]}",
+                                        input_shape=(2, 8, 8)),
+    "conv_pad4_gather": around("conv2d: {out_channels: 4, kernel_size: [5, 3], padding: [2, 0, 3, 1]}",
+                               input_shape=(2, 9, 12)),
+    "conv_winograd_pad4": around("conv2d: {out_channels: 16, kernel_size: 3, padding: [1, 0, 0, 2]}",
+                                 input_shape=(2, 7, 9), pre="conv2d: {out_channels: 16, kernel_size: 1}"),
     # ---- maxpool2d ------------------------------------------------------------------------
     "maxpool_k2": around("maxpool2d: {kernel_size: 2}"),
     "maxpool_k3_s2_p1": around("maxpool2d: {kernel_size: 3, stride: 2, padding: 1}"),
@@ -146,6 +154,11 @@ CASES: dict[str, str] = {
                                           pre="conv2d: {out_channels: 6, kernel_size: 1}"),
     # not tiled: stride > kernel leaves gaps between the windows
     "maxpool_gaps": around("maxpool2d: {kernel_size: 2, stride: 3}", input_shape=(2, 8, 9)),
+    # explicit padding [top, bottom, left, right] (-inf): TensorFlow's 'SAME' for 2x2 windows on an
+    # odd input, and a lopsided one with dilation
+    "maxpool_pad4_tf_same": around("maxpool2d: {kernel_size: 2, padding: [0, 1, 0, 1]}", input_shape=(2, 7, 7)),
+    "maxpool_pad4_dilation": around("maxpool2d: {kernel_size: 3, stride: 2, padding: [1, 0, 0, 1], dilation: [1, 2]}",
+                                    input_shape=(2, 8, 9)),
     # ---- avgpool2d ------------------------------------------------------------------------
     "avgpool_k2": around("avgpool2d: {kernel_size: 2}"),
     "avgpool_pad_incl": around("avgpool2d: {kernel_size: 3, stride: 2, padding: 1}"),
@@ -157,6 +170,20 @@ CASES: dict[str, str] = {
     "avgpool_ceil_nopad": around("avgpool2d: {kernel_size: 3, stride: 2, ceil_mode: true}"),
     "avgpool_first_layer": around("avgpool2d: {kernel_size: [2, 3], stride: 1, padding: [1, 0]}", pre=None,
                                   head=["conv2d: {out_channels: 2, kernel_size: 2}", *HEAD]),
+    # explicit padding: the divisor with (TensorFlow's 'SAME': count_include_pad false) and without
+    # the padding zeros
+    "avgpool_pad4_excl": around("avgpool2d: {kernel_size: 3, stride: 2, padding: [0, 1, 0, 1], "
+                                "count_include_pad: false}", input_shape=(2, 8, 8)),
+    "avgpool_pad4_incl": around("avgpool2d: {kernel_size: [3, 2], stride: [2, 1], padding: [1, 0, 0, 1]}"),
+    # ---- adaptive_avgpool2d, global_avgpool2d ----------------------------------------------
+    # uneven, overlapping bins (7 -> 3 rows: [0, 3), [2, 5), [4, 7)), even bins, more outputs than
+    # inputs (6 -> 8 columns), the first layer; global means before and after other layers
+    "adaptive_uneven": around("adaptive_avgpool2d: {output_size: [3, 4]}"),
+    "adaptive_int_even": around("adaptive_avgpool2d: {output_size: 2}", input_shape=(2, 8, 6)),
+    "adaptive_upscale_first": around("adaptive_avgpool2d: {output_size: [5, 8]}", pre=None,
+                                     head=["conv2d: {out_channels: 2, kernel_size: 2}", *HEAD]),
+    "global_avgpool": around(["global_avgpool2d", "flatten", "linear: {out_features: 4}"]),
+    "global_avgpool_first_mse": spec([3, 5, 4], ["global_avgpool2d", "conv2d: {out_channels: 2, kernel_size: 1}"], "mse"),
     # ---- linear -----------------------------------------------------------------------------
     "linear_bias": spec([5], ["linear: {out_features: 4, in_features: 5}", "tanh", "linear: {out_features: 3}"]),
     "linear_nobias": spec([5], ["linear: {out_features: 4, bias: false}", "relu",
@@ -177,6 +204,12 @@ CASES: dict[str, str] = {
     "activations_first_gelu_tanh": spec([2, 4, 4], ["gelu: {approximate: tanh}",
                                                     "conv2d: {out_channels: 2, kernel_size: 3}",
                                                     "leaky_relu", *HEAD]),
+    # relu6 and hardswish: inputs around their kinks (0 and 6, -3 and 3) come from a wide first layer
+    "relu6_hardswish": around(["relu6", "flatten", "linear: {out_features: 6}", "hardswish"],
+                              head=["linear: {out_features: 3}"]),
+    "silu": around(["silu", "conv2d: {out_channels: 2, kernel_size: 2}", "silu"]),
+    "silu_hardswish_relu6_first_mse": spec([7], ["silu", "linear: {out_features: 5}", "relu6", "hardswish"],
+                                           "mse"),
     # ---- batchnorm2d ------------------------------------------------------------------------
     # a ReLU between conv2d/linear and maxpool2d/linear is fused (plan.fused_relus): the layer
     # before stores max(0, y), the layer after masks its input gradient; every pool path
@@ -203,6 +236,12 @@ CASES: dict[str, str] = {
                                             "maxpool2d: {kernel_size: 2}"]),
     "batchnorm_last_mse": around(["conv2d: {out_channels: 2, kernel_size: 3}", "batchnorm2d"], head=[],
                                  loss="mse"),
+    # ---- batchnorm1d --------------------------------------------------------------------------
+    "batchnorm1d": spec([5], ["linear: {out_features: 6}", "batchnorm1d", "relu", "linear: {out_features: 3}"]),
+    "batchnorm1d_eps_momentum_after_pool": around(["relu", "global_avgpool2d", "flatten",
+                                                   "batchnorm1d: {eps: 0.01, momentum: 0.4}"]),
+    "batchnorm1d_first_last_mse": spec([4], ["batchnorm1d: {momentum: 0.0}", "linear: {out_features: 3}",
+                                             "batchnorm1d: {momentum: 1.0}"], "mse"),
     # ---- dropout ----------------------------------------------------------------------------
     "dropout_conv": around(["dropout: {p: 0.3}", "conv2d: {out_channels: 2, kernel_size: 2}"]),
     "dropout_default_two": around(["relu", "flatten", "dropout", "linear: {out_features: 5}", "dropout: {p: 0.25}"],
@@ -211,10 +250,20 @@ CASES: dict[str, str] = {
     "dropout_last_mse": spec([6], ["linear: {out_features: 5}", "dropout: {p: 0.4}"], "mse"),
     "dropout_p0": spec([6], ["linear: {out_features: 5}", "dropout: {p: 0.0}", "linear: {out_features: 3}"]),
     "batchnorm_dropout": around(["batchnorm2d", "dropout: {p: 0.5}"]),
+    # ---- upsample ----------------------------------------------------------------------------
+    "upsample_2": around(["upsample: {scale_factor: 2}", "conv2d: {out_channels: 2, kernel_size: 3, padding: 1}"]),
+    "upsample_pair_mode_first": around("upsample: {scale_factor: [1, 3], mode: nearest}", pre=None,
+                                       head=["conv2d: {out_channels: 2, kernel_size: 2}", *HEAD]),
+    "upsample_last_mse": around("upsample: {scale_factor: [3, 2]}", head=[], loss="mse"),
     # ---- flatten and losses ---------------------------------------------------------------------
     "flatten_first_layer": spec([2, 3, 3], ["flatten", "linear: {out_features: 3}"]),
     "flatten_twice": around(["flatten", "flatten"], head=["linear: {out_features: 3}"]),
     "flatten_last_ce": around("conv2d: {out_channels: 4, kernel_size: [7, 6]}", head=["flatten"]),
+    # binary cross-entropy on logits: a 3-D output (an autoencoder's image), a 1-D multi-label one
+    "bce_image_output": around(["upsample: {scale_factor: 2}", "conv2d: {out_channels: 1, kernel_size: 3, "
+                                "padding: 1}"], head=[], loss="binary_cross_entropy"),
+    "bce_multilabel": spec([6], ["linear: {out_features: 5}", "silu", "linear: {out_features: 4}"],
+                           "binary_cross_entropy"),
     "flatten_1d_mse": spec([5], ["flatten", "linear: {out_features: 2}", "flatten"], "mse"),
     # ---- graphs: add, concat, tensors with several readers ---------------------------------------
     # a residual block: x read by the branch and the add; the ReLU after the add is fused (the add
@@ -551,6 +600,20 @@ def test_cross_entropy_with_huge_logits_matches_torch(dtype):
         assert_close(grads[k], rg[k], 1e-6, f"d{k} with logits of +-1000")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_new_activations_treat_nan_inf_and_signed_zero_like_torch(dtype):
+    F = torch.nn.functional
+    x = np.array([[np.nan, -0.0, np.inf, -np.inf, 0.0, 6.0, -3.0, 3.0]])
+    for act, ref in (("relu6", F.relu6), ("hardswish", F.hardswish), ("silu", F.silu)):
+        net = build(spec([8], [act], "mse"), dtype)
+        got = net.forward(x)
+        want = ref(torch.as_tensor(x, dtype=torch.float64)).numpy()
+        special = slice(0, 5)  # NaN, -0, inf, -inf, +0: the same values and signs exactly
+        assert np.array_equal(got[:, special], want[:, special], equal_nan=True), (act, got, want)
+        assert np.array_equal(np.signbit(got[:, special]), np.signbit(want[:, special])), (act, got, want)
+        assert_close(got[:, 5:], want[:, 5:], 1e-6, f"{act} at the kinks")
+
+
 def test_maxpool_propagates_nan_like_torch():
     text = spec([1, 2, 4], ["maxpool2d: {kernel_size: 2}", "flatten", "linear: {out_features: 2}"])
     net = build(text)
@@ -561,6 +624,39 @@ def test_maxpool_propagates_nan_like_torch():
     got = net._acts[0, pooled.offset:pooled.offset + pooled.size]
     ref = torch.nn.functional.max_pool2d(torch.as_tensor(x), 2).numpy().reshape(-1)
     assert pooled.name == "pool1.out" and np.array_equal(np.isnan(got), np.isnan(ref)), (got, ref)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("act", ["relu6", "hardswish", "silu"])
+def test_activation_derivatives_at_the_kinks_match_torch(act, dtype):
+    """Inputs exactly at relu6's kinks (0, 6) and hardswish's (-3, 3): an identity linear layer
+    passes them on unchanged, so its weight gradient holds the activation's derivative there."""
+    text = spec([6], ["linear: {out_features: 6, bias: false}", act, "linear: {out_features: 2}"], "mse")
+    net = build(text, dtype)
+    net.params["fc1.weight"][...] = np.eye(6)
+    x = np.array([[0.0, 6, -3, 3, -0.0, 1e-30], [3, -3, 6, 0, 7, -7]])
+    y = np.zeros((2, 2))
+    loss, grads = net.loss_and_grad(x, y)
+    rl, rg, _, _ = reference_loss_and_grad(net, text, x, y)
+    assert abs(loss - rl) <= 1e-6 * rl
+    for k in rg:
+        assert_close(grads[k], rg[k], 1e-6, f"{act}: d{k} at the kinks")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_binary_cross_entropy_with_huge_logits_matches_torch(dtype):
+    """max(x, 0) - x t + log1p(e^-|x|) stays finite where log(sigmoid(x)) would not (x = +-1000),
+    with targets 0, 1 and in between."""
+    text = spec([2], ["linear: {out_features: 4}"], "binary_cross_entropy")
+    net = build(text, dtype)
+    net.params["fc1.weight"][...] = [[1000, 0], [-1000, 0], [0, 30], [0, -0.5]]
+    net.params["fc1.bias"][...] = 0
+    x, y = np.array([[1.0, 1], [-1, 2]]), np.array([[0, 1, 0.25, 1], [1, 0, 0.5, 0]])
+    loss, grads = net.loss_and_grad(x, y)
+    rl, rg, _, _ = reference_loss_and_grad(net, text, x, y)
+    assert np.isfinite(loss) and abs(loss - rl) <= 1e-6 * rl, (loss, rl)
+    for k in rg:
+        assert_close(grads[k], rg[k], 1e-6, f"d{k} with logits of +-1000")
 
 
 # ---- windows that hold only padding ------------------------------------------------------------

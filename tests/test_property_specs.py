@@ -38,9 +38,10 @@ def _pair(draw, lo: int, hi: int) -> tuple[str, tuple[int, int]]:
     return f"[{a}, {b}]", (a, b)
 
 
-def _window(size: int, k: int, s: int, pad: int, d: int, ceil: bool = False) -> int:
-    """PyTorch's output size (written out here, independently of layers/base.py)."""
-    span = size + 2 * pad - d * (k - 1) - 1
+def _window(size: int, k: int, s: int, pad: int, d: int, ceil: bool = False, pad_end: int | None = None) -> int:
+    """PyTorch's output size (written out here, independently of layers/base.py); `pad_end`:
+    the padding after the input when it differs from `pad` before it."""
+    span = size + pad + (pad if pad_end is None else pad_end) - d * (k - 1) - 1
     if span < 0:
         return 0
     out = (math.ceil(span / s) if ceil else span // s) + 1
@@ -56,17 +57,21 @@ def conv2d(draw, shape):
     cout = groups * draw(st.integers(1, 2))
     opts = [f"out_channels: {cout}"]
     dil_text, (dh, dw) = _pair(draw, 1, 2)
-    pad_kind = draw(st.sampled_from(["int", "same", "valid", "none"]))
+    pad_kind = draw(st.sampled_from(["int", "same", "valid", "none", "four"]))
     stride_text, (sh, sw) = _pair(draw, 1, 3) if pad_kind != "same" else ("1", (1, 1))
     ph = pw = 0
+    pb = pr = None  # bottom and right padding when they differ from top and left
     if pad_kind == "int":
         pad_text, (ph, pw) = _pair(draw, 0, 2)
         opts.append(f"padding: {pad_text}")
+    elif pad_kind == "four":
+        ph, pb, pw, pr = (draw(st.integers(0, 2)) for _ in range(4))
+        opts.append(f"padding: [{ph}, {pb}, {pw}, {pr}]")
     elif pad_kind in ("same", "valid"):
         opts.append(f"padding: {pad_kind}")
     # the largest kernel that still gives an output (so most specs are valid)
-    kh_max = max(1, (h + 2 * ph - 1) // dh + 1) if pad_kind != "same" else 3
-    kw_max = max(1, (w + 2 * pw - 1) // dw + 1) if pad_kind != "same" else 3
+    kh_max = max(1, (h + ph + (ph if pb is None else pb) - 1) // dh + 1) if pad_kind != "same" else 3
+    kw_max = max(1, (w + pw + (pw if pr is None else pr) - 1) // dw + 1) if pad_kind != "same" else 3
     kh, kw = draw(st.integers(1, min(kh_max, 4))), draw(st.integers(1, min(kw_max, 4)))
     opts.append(f"kernel_size: {kh}" if kh == kw and draw(st.booleans()) else f"kernel_size: [{kh}, {kw}]")
     if (sh, sw) != (1, 1) or draw(st.booleans()):
@@ -82,7 +87,7 @@ def conv2d(draw, shape):
     if pad_kind == "same":
         oh, ow = h, w
     else:
-        oh, ow = _window(h, kh, sh, ph, dh), _window(w, kw, sw, pw, dw)
+        oh, ow = _window(h, kh, sh, ph, dh, pad_end=pb), _window(w, kw, sw, pw, dw, pad_end=pr)
     return "conv2d: {" + ", ".join(opts) + "}", (cout, oh, ow)
 
 
@@ -95,19 +100,25 @@ def pool2d(draw, shape, kind):
     if draw(st.booleans()):
         s = draw(st.integers(1, 3))
         opts.append(f"stride: {s}")
-    p = draw(st.integers(0, k // 2))
-    if p:
-        opts.append(f"padding: {p}")
+    four = draw(st.integers(0, 3)) == 0  # padding [top, bottom, left, right] (no ceil_mode)
+    if four:
+        pt, pb, pl, pr = (draw(st.integers(0, k // 2)) for _ in range(4))
+        opts.append(f"padding: [{pt}, {pb}, {pl}, {pr}]")
+    else:
+        pt = pb = pl = pr = draw(st.integers(0, k // 2))
+        if pt:
+            opts.append(f"padding: {pt}")
     d = 1
     if kind == "maxpool2d" and draw(st.booleans()):
         d = draw(st.integers(1, 2))
         opts.append(f"dilation: {d}")
-    ceil = draw(st.booleans())
+    ceil = not four and draw(st.booleans())
     if ceil:
         opts.append("ceil_mode: true")
     if kind == "avgpool2d" and draw(st.booleans()):
         opts.append(f"count_include_pad: {draw(st.sampled_from(['true', 'false']))}")
-    return f"{kind}: {{" + ", ".join(opts) + "}", (c, _window(h, k, s, p, d, ceil), _window(w, k, s, p, d, ceil))
+    out = (c, _window(h, k, s, pt, d, ceil, pb), _window(w, k, s, pl, d, ceil, pr))
+    return f"{kind}: {{" + ", ".join(opts) + "}", out
 
 
 @st.composite
@@ -115,10 +126,11 @@ def layer(draw, shape):
     """(YAML layer entry, output shape) for a layer that fits `shape` (or, rarely, not)."""
     if len(shape) == 3:
         kind = draw(st.sampled_from(["conv2d", "conv2d", "maxpool2d", "avgpool2d", "batchnorm2d", "flatten", "relu",
-                                     "leaky_relu", "gelu", "tanh", "sigmoid", "dropout"]))
+                                     "leaky_relu", "gelu", "tanh", "sigmoid", "dropout", "relu6", "hardswish", "silu",
+                                     "adaptive_avgpool2d", "global_avgpool2d", "upsample"]))
     else:
         kind = draw(st.sampled_from(["linear", "linear", "flatten", "relu", "leaky_relu", "gelu", "tanh", "sigmoid",
-                                     "dropout"]))
+                                     "dropout", "relu6", "hardswish", "silu", "batchnorm1d"]))
     if kind == "conv2d":
         return draw(conv2d(shape))
     if kind in ("maxpool2d", "avgpool2d"):
@@ -135,6 +147,18 @@ def layer(draw, shape):
                 shape)
     if kind == "dropout":
         return f"dropout: {{p: {draw(st.sampled_from(P))}}}", shape
+    if kind == "batchnorm1d":
+        return (f"batchnorm1d: {{eps: {draw(st.sampled_from(EPS))}, momentum: {draw(st.sampled_from(MOMENTUM))}}}",
+                shape)
+    if kind == "adaptive_avgpool2d":
+        text, (oh, ow) = _pair(draw, 1, 4)
+        return f"adaptive_avgpool2d: {{output_size: {text}}}", (shape[0], oh, ow)
+    if kind == "global_avgpool2d":
+        return "global_avgpool2d", (shape[0], 1, 1)
+    if kind == "upsample":
+        text, (sh, sw) = _pair(draw, 1, 2)
+        mode = draw(st.sampled_from(["", ", mode: nearest"]))
+        return f"upsample: {{scale_factor: {text}{mode}}}", (shape[0], shape[1] * sh, shape[2] * sw)
     if kind == "gelu":
         return draw(st.sampled_from(["gelu", "gelu: {approximate: tanh}", "gelu: {approximate: none}"])), shape
     if kind == "leaky_relu":
@@ -157,7 +181,7 @@ def spec_texts(draw) -> str:
         entries.append(entry)
         if 0 in shape:
             break  # an empty output: check must refuse it
-    loss = draw(st.sampled_from(["cross_entropy", "mse"]))
+    loss = draw(st.sampled_from(["cross_entropy", "mse", "binary_cross_entropy"]))
     if loss == "cross_entropy" and not (len(shape) == 1 and shape[0] >= 2):
         if len(shape) == 3:
             entries.append("flatten")
@@ -217,6 +241,8 @@ def run_spec(text: str, dtype: str) -> None:
     x = rng.standard_normal((n, *net.input_shape)).astype(dtype)
     if net.loss == "cross_entropy":
         y = rng.integers(0, net.num_classes, n).astype(np.int32)
+    elif net.loss == "binary_cross_entropy":
+        y = rng.uniform(0, 1, (n, *net.output_shape)).astype(dtype)
     else:
         y = rng.standard_normal((n, *net.output_shape)).astype(dtype)
     out = built.forward(x)

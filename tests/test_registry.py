@@ -58,9 +58,14 @@ def _value_classes(kind: str, opt) -> dict[str, object]:
         if opt.name in ("stride", "dilation", "kernel_size"):
             classes["above 1"] = lambda v: (v if isinstance(v, int) else max(v)) > 1
         return classes
+    four = {"[top, bottom, left, right]": lambda v: isinstance(v, list) and len(v) == 4
+            and (v[0] != v[1] or v[2] != v[3])}  # asymmetric
     if opt.kind == "padding":
-        return {"int": lambda v: isinstance(v, int) and v > 0, "pair": lambda v: isinstance(v, list),
-                "same": lambda v: v == "same", "valid": lambda v: v == "valid"}
+        return {"int": lambda v: isinstance(v, int) and v > 0, "pair": lambda v: isinstance(v, list) and len(v) == 2,
+                "same": lambda v: v == "same", "valid": lambda v: v == "valid", **four}
+    if opt.kind == "pads":
+        return {"int": lambda v: isinstance(v, int) and v > 0,
+                "non-square pair": lambda v: isinstance(v, list) and len(v) == 2 and v[0] != v[1], **four}
     if opt.kind == "int" and opt.name == "groups":
         return {"groups > 1": lambda v: v > 1}
     if opt.kind == "float":

@@ -211,6 +211,40 @@ def test_bad_mse_targets_are_a_clear_value_error(mse, bad, message):
         mse.loss_and_grad(x_for(mse), bad)
 
 
+BCE = spec([3, 4, 4], ["conv2d: {out_channels: 2, kernel_size: 3, padding: 1}", "silu",
+                      "conv2d: {out_channels: 3, kernel_size: 3, padding: 1}"], "binary_cross_entropy", name="api_bce")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.full((3, 2, 4, 4), 0.5), "shape"),
+    (np.full((3, 3, 4, 4), 1.5), r"targets must be in \[0, 1\] for loss binary_cross_entropy, found 1.5"),
+    (np.full((3, 3, 4, 4), -0.25), r"in \[0, 1\].*found -0.25"),
+    (np.full((3, 3, 4, 4), np.nan), r"in \[0, 1\].*found nan"),
+    (np.full((3, 3, 4, 4), 0.5, complex), "real"),
+])
+def test_bad_binary_cross_entropy_targets_are_a_clear_value_error(bad, message):
+    net = build(BCE, "float64")
+    with pytest.raises(ValueError, match=message):
+        net.loss_and_grad(x_for(net, 3), bad)
+    with pytest.raises(ValueError, match=message):
+        net.train_step(x_for(net, 3), bad)
+    assert net.step == 0
+
+
+def test_binary_cross_entropy_trains_an_autoencoder_from_python():
+    """Targets are the inputs themselves, as images in [0, 1] (integer 0/1 targets are taken
+    too); a few Adam steps lower the loss."""
+    net = build(BCE, "float32")
+    net.set_optimizer("adam", lr=0.01)
+    rng = np.random.default_rng(3)
+    x = (rng.uniform(0, 1, (16, 3, 4, 4)) > 0.5).astype(np.float32)
+    first = net.train_step(x, x)
+    losses = [net.train_step(x, x.astype(np.int64)) for _ in range(30)]
+    assert np.isfinite(first) and losses[-1] < 0.8 * first, (first, losses[-1])
+    out, _ = net.train_batches(net.check_x(x), net.check_y(x, 16), np.arange(16), 4)
+    assert len(out) == 4 and np.all(np.isfinite(out))
+
+
 def test_float64_input_to_float32_net_is_converted(ce):
     x = x_for(ce)
     assert_close(ce.forward(x), ce.forward(x.astype(np.float32)), 0, "float64 vs float32 input")
@@ -293,6 +327,15 @@ def test_batchnorm_batch_of_one_with_1x1_maps_is_a_value_error():
     assert net.step == 0
     assert np.all(np.isfinite(net.forward(x)))  # evaluation uses running statistics: fine
     loss, _ = net.loss_and_grad(x_for(net, 2), np.array([0, 1]))  # two samples: fine
+    assert np.isfinite(loss)
+
+
+def test_batchnorm1d_batch_of_one_is_a_value_error():
+    net = build(spec([4], ["linear: {out_features: 3}", "batchnorm1d", "linear: {out_features: 2}"]), "float64")
+    with pytest.raises(ValueError, match=r"batchnorm1d 'bn1' needs more than one value per channel in training "
+                                         r"\(batch of 1\)"):
+        net.loss_and_grad(x_for(net, 1), np.array([0]))
+    loss, _ = net.loss_and_grad(x_for(net, 2), np.array([0, 1]))
     assert np.isfinite(loss)
 
 

@@ -63,6 +63,9 @@ CASES = [
      [3, 15, 13], (6, 8, 7)),
     ("conv2d: {out_channels: 4, kernel_size: 1, in_channels: 3}", [3, 5, 5], (4, 5, 5)),
     ("conv2d: {out_channels: 4, kernel_size: 8}", [1, 8, 8], (4, 1, 1)),
+    # explicit padding [top, bottom, left, right]: TensorFlow 'SAME' with stride 2 (32 -> 16), lopsided
+    ("conv2d: {out_channels: 16, kernel_size: 3, stride: 2, padding: [0, 1, 0, 1]}", [3, 32, 32], (16, 16, 16)),
+    ("conv2d: {out_channels: 2, kernel_size: [3, 2], padding: [2, 0, 0, 3]}", [1, 5, 5], (2, 5, 7)),
     # maxpool2d: stride default, explicit stride, padding, dilation, ceil_mode
     ("maxpool2d: {kernel_size: 2}", [6, 28, 28], (6, 14, 14)),
     ("maxpool2d: {kernel_size: 2}", [6, 11, 11], (6, 5, 5)),
@@ -75,6 +78,8 @@ CASES = [
     ("maxpool2d: {kernel_size: [2, 3], stride: [1, 2]}", [1, 6, 9], (1, 5, 4)),
     ("maxpool2d: {kernel_size: 2, dilation: 2, stride: 1, padding: 1}", [1, 8, 8], (1, 8, 8)),
     ("maxpool2d: {kernel_size: 3, dilation: 2, stride: 2, ceil_mode: true}", [1, 10, 10], (1, 4, 4)),
+    ("maxpool2d: {kernel_size: 2, padding: [0, 1, 0, 1]}", [2, 7, 7], (2, 4, 4)),
+    ("maxpool2d: {kernel_size: 3, stride: 2, padding: [1, 0, 0, 1], dilation: [1, 2]}", [1, 8, 9], (1, 4, 3)),
     # avgpool2d: padding, ceil_mode, count_include_pad
     ("avgpool2d: {kernel_size: 2}", [3, 8, 8], (3, 4, 4)),
     ("avgpool2d: {kernel_size: 3, stride: 2, padding: 1}", [3, 8, 8], (3, 4, 4)),
@@ -82,6 +87,14 @@ CASES = [
     ("avgpool2d: {kernel_size: 2, ceil_mode: true}", [3, 11, 11], (3, 6, 6)),
     ("avgpool2d: {kernel_size: 2, stride: 2, padding: 1, ceil_mode: true, count_include_pad: false}",
      [1, 3, 3], (1, 2, 2)),
+    # adaptive_avgpool2d (even, uneven, larger than the input), global_avgpool2d
+    ("adaptive_avgpool2d: {output_size: 2}", [3, 8, 8], (3, 2, 2)),
+    ("adaptive_avgpool2d: {output_size: [3, 4]}", [2, 7, 6], (2, 3, 4)),
+    ("adaptive_avgpool2d: {output_size: [5, 8]}", [1, 3, 6], (1, 5, 8)),
+    ("global_avgpool2d", [16, 8, 8], (16, 1, 1)),
+    ("global_avgpool2d", [3, 1, 5], (3, 1, 1)),
+    ("avgpool2d: {kernel_size: 3, stride: 2, padding: [0, 1, 0, 1], count_include_pad: false}", [3, 8, 8],
+     (3, 4, 4)),
     # linear, flatten
     ("linear: {out_features: 10}", [20], (10,)),
     ("linear: {out_features: 10, bias: false}", [20], (10,)),
@@ -97,10 +110,17 @@ CASES = [
     ("gelu: {approximate: tanh}", [5], (5,)),
     ("tanh", [2, 3, 4], (2, 3, 4)),
     ("sigmoid", [5], (5,)),
+    ("relu6", [2, 3, 4], (2, 3, 4)),
+    ("hardswish", [5], (5,)),
+    ("silu", [2, 3, 4], (2, 3, 4)),
     # batchnorm2d, dropout
     ("batchnorm2d", [5, 15, 15], (5, 15, 15)),
     ("batchnorm2d: {eps: 0.001, momentum: 0.2}", [3, 4, 4], (3, 4, 4)),
+    ("batchnorm1d", [7], (7,)),
+    ("batchnorm1d: {eps: 0.001, momentum: 0.2}", [3], (3,)),
     ("dropout", [10], (10,)),
+    ("upsample: {scale_factor: 2}", [3, 4, 5], (3, 8, 10)),
+    ("upsample: {scale_factor: [1, 3], mode: nearest}", [2, 3, 2], (2, 3, 6)),
     ("dropout: {p: 0.3}", [2, 3, 3], (2, 3, 3)),
     ("dropout: {p: 0}", [4], (4,)),
 ]
@@ -138,6 +158,7 @@ def test_layer_matches_torch(spec_line, input_shape, expected):
     ("dropout", [3], dict(p=0.5)),
     ("batchnorm2d: {eps: 0.001, momentum: 0.2}", [3, 2, 2], dict(eps=0.001, momentum=0.2)),
     ("batchnorm2d", [3, 2, 2], dict(eps=1e-5, momentum=0.1)),
+    ("batchnorm1d: {eps: 0.001, momentum: 0.2}", [3], dict(eps=0.001, momentum=0.2)),
     ("linear: {out_features: 4, bias: false}", [3], dict(bias=None)),
 ])
 def test_options_reach_torch_module(spec_line, input_shape, attrs):
@@ -167,6 +188,82 @@ def test_same_padding_matches_torch_values(kernel, dilation):
     assert got.shape == want.shape
     assert torch.allclose(got, want, atol=1e-6)
     assert (layer.derived["pad_top"], layer.derived["pad_left"]) == (top, left)
+
+
+def test_adaptive_bins_are_pytorchs():
+    """Bins [floor(i * In / Out), ceil((i + 1) * In / Out)), worked out by hand."""
+    from netcompiler.layers.adaptive_pool import adaptive_bins
+
+    assert adaptive_bins(7, 3) == [(0, 3), (2, 5), (4, 7)]  # uneven and overlapping
+    assert adaptive_bins(8, 2) == [(0, 4), (4, 8)]
+    assert adaptive_bins(3, 5) == [(0, 1), (0, 2), (1, 2), (1, 3), (2, 3)]  # more outputs than inputs
+    assert adaptive_bins(5, 1) == [(0, 5)]
+
+
+def test_adaptive_pool_flops_follow_the_avgpool_convention():
+    """Forward: one add or division per input element of each output's window; backward: that
+    plus one division per output.  [2, 7, 6] -> [3, 4]: row bins 3, 3, 3 (sum 9), column bins
+    [0, 2), [1, 3), [3, 5), [4, 6) (sum 8): 2 * 9 * 8 = 144; 24 outputs."""
+    layer = one_layer("adaptive_avgpool2d: {output_size: [3, 4]}", [2, 7, 6])
+    assert layer.kind.flops(layer) == (144, 144 + 24)
+    glob = one_layer("global_avgpool2d", [16, 8, 8])
+    assert glob.kind.flops(glob) == (16 * 64, 16 * 64 + 16) and glob.params == 0
+
+
+def test_flatten_after_global_pool_gives_channels():
+    net = check_text("input: [5, 4, 3]\nlayers:\n  - global_avgpool2d\n  - flatten\nloss: mse\n")
+    assert net.output_shape == (5,)
+
+
+def test_upsample_flops():
+    """Forward copies (0 FLOPs); backward adds each input pixel's 2 x 3 output gradients: 5 adds."""
+    layer = one_layer("upsample: {scale_factor: [2, 3]}", [2, 3, 4])
+    assert layer.kind.flops(layer) == (0, 2 * 3 * 4 * 5)
+
+
+@pytest.mark.parametrize("size, kernel, stride", [(32, 3, 2), (7, 2, 2), (8, 3, 2), (9, 3, 2), (5, 4, 1),
+                                                 (10, 1, 3)])
+def test_tensorflow_same_padding(size, kernel, stride):
+    """TensorFlow's 'SAME': output ceil(size / stride), total padding max((out - 1) * stride +
+    kernel - size, 0), the odd pixel at the bottom/right.  Written as [top, bottom, left, right],
+    conv2d and both pools give that output size, and the torch twins the values of F.pad then
+    the layer with padding 0."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    pad = [total // 2, total - total // 2] * 2
+    x = torch.randn(1, 2, size, size, generator=torch.Generator().manual_seed(size))
+    padded = nn.functional.pad(x, (pad[2], pad[3], pad[0], pad[1]))
+    for line in (f"conv2d: {{out_channels: 3, kernel_size: {kernel}, stride: {stride}, padding: {pad}}}",
+                 f"maxpool2d: {{kernel_size: {kernel}, stride: {stride}, padding: {pad}}}",
+                 f"avgpool2d: {{kernel_size: {kernel}, stride: {stride}, padding: {pad}}}"):
+        if "pool" in line and max(pad) > kernel // 2:
+            continue
+        layer = one_layer(line, [2, size, size])
+        assert layer.out_shape[1:] == (out, out), line
+        module = layer.kind.torch_module(layer)
+        with torch.no_grad():
+            got = module(x)
+            if line.startswith("conv2d"):
+                want = nn.functional.conv2d(padded, module.weight, module.bias, stride=stride)
+            elif line.startswith("maxpool2d"):
+                want = nn.functional.max_pool2d(nn.functional.pad(x, (pad[2], pad[3], pad[0], pad[1]),
+                                                                  value=-float("inf")), kernel, stride)
+            else:
+                want = nn.functional.avg_pool2d(padded, kernel, stride)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6), line
+
+
+def test_avgpool_explicit_padding_count_include_pad():
+    """count_include_pad with padding [top, bottom, left, right]: true divides a corner window by
+    the whole kernel; false by its input elements only (TensorFlow's 'SAME' average)."""
+    x = torch.ones(1, 1, 4, 4)
+    for include, corner in ((True, 4 / 9), (False, 1.0)):
+        layer = one_layer(f"avgpool2d: {{kernel_size: 3, stride: 2, padding: [0, 1, 0, 1], "
+                          f"count_include_pad: {str(include).lower()}}}", [1, 4, 4])
+        out = layer.kind.torch_module(layer)(x)
+        assert out.shape == (1, 1, 2, 2)
+        assert out[0, 0, 1, 1].item() == pytest.approx(corner)  # rows 2..4 and columns 2..4: 4 inputs
+        assert out[0, 0, 0, 0].item() == pytest.approx(1.0)  # a window of inputs only
 
 
 def test_avgpool_count_include_pad_changes_values():

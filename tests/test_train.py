@@ -125,6 +125,15 @@ def test_mse_loss_is_mean_over_elements():
     assert loss_of("mse", z, np.array([0, 0])) == pytest.approx((0 + 0 + 0.25 + 0.25) / 4)
 
 
+def test_binary_cross_entropy_loss_is_torchs_on_one_hot_targets():
+    torch = pytest.importorskip("torch")
+    z = np.array([[3.0, -1.0, 0.0], [-40.0, 2.5, 800.0]])
+    y = np.array([1, 2])
+    onehot = torch.nn.functional.one_hot(torch.as_tensor(y), 3).double()
+    want = torch.nn.BCEWithLogitsLoss()(torch.as_tensor(z), onehot).item()
+    assert loss_of("binary_cross_entropy", z, y) == pytest.approx(want, rel=1e-12)
+
+
 # ---- training -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
@@ -220,6 +229,15 @@ def test_mse_network_trains_on_one_hot_targets(tmp_path):
     assert np.isnan(rows[-1]["train_acc"])  # C counts correct predictions for cross-entropy only
     assert rows[-1]["val_acc"] > 0.5 and rows[-1]["val_loss"] < rows[0]["train_loss"]
     assert out["history"][-1][0] == 2
+
+
+def test_binary_cross_entropy_network_trains_on_one_hot_targets(tmp_path):
+    """netc train on labelled images: one-hot float targets, one per class (multi-label style)."""
+    spec, data = make_case(tmp_path, spec=TINY.replace("loss: cross_entropy", "loss: binary_cross_entropy"))
+    train(options(spec, data, tmp_path / "run", epochs=2))
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert np.isnan(rows[-1]["train_acc"])  # C counts correct predictions for cross-entropy only
+    assert rows[-1]["val_acc"] > 0.5 and rows[-1]["val_loss"] < rows[0]["train_loss"]
 
 
 def test_history_and_files(tmp_path):

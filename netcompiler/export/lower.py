@@ -235,9 +235,11 @@ def linear_step(layer: Layer, state, target: str) -> Step:
 
 def pool_step(layer: Layer, state, target: str) -> Step:
     c = layer.kind.render_context(layer)
+    # where the padded input ends: after the bottom and right padding (PB, PR)
+    ends = dict(H_END=c["H"] + c["PB"], W_END=c["W"] + c["PR"])
     c = {k: c[k] for k in ("C", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW",
                            "count_include_pad")}
-    c.update(H_END=c["H"] + c["PH"], W_END=c["W"] + c["PW"])  # where the padded input ends
+    c.update(ends)
     return Step(layer.cname, layer.kind.kind[:-2], [layer], layer.in_shape, layer.out_shape, c)
 
 

@@ -1,20 +1,23 @@
 """The layer registry: every layer kind the compiler knows, by its spec name."""
 from __future__ import annotations
 
-from .activations import Activation, GELU, LeakyReLU, ReLU, Sigmoid, Tanh
+from .activations import Activation, GELU, Hardswish, LeakyReLU, ReLU, ReLU6, Sigmoid, SiLU, Tanh
+from .adaptive_pool import AdaptiveAvgPool2d, GlobalAvgPool2d
 from .base import COMMON_OPTIONS, INPUT, Layer, LayerKind, Option, Shape, did_you_mean, fmt_shape
-from .batchnorm import BatchNorm2d
+from .batchnorm import BatchNorm1d, BatchNorm2d
 from .conv2d import Conv2d
 from .dropout import Dropout
 from .flatten import Flatten
 from .linear import Linear
 from .merge import Add, Concat
 from .pool import AvgPool2d, MaxPool2d
+from .upsample import Upsample
 
 REGISTRY: dict[str, LayerKind] = {
     k.kind: k
-    for k in (Conv2d(), MaxPool2d(), AvgPool2d(), Linear(), Flatten(), ReLU(), LeakyReLU(), GELU(),
-              Tanh(), Sigmoid(), BatchNorm2d(), Dropout(), Add(), Concat())
+    for k in (Conv2d(), MaxPool2d(), AvgPool2d(), AdaptiveAvgPool2d(), GlobalAvgPool2d(), Linear(), Flatten(),
+              ReLU(), LeakyReLU(), GELU(), Tanh(), Sigmoid(), ReLU6(), Hardswish(), SiLU(), BatchNorm2d(),
+              BatchNorm1d(), Dropout(), Upsample(), Add(), Concat())
 }
 
 _SOFTMAX = "not needed: cross_entropy applies log-softmax to the logits; forward returns logits"
@@ -33,19 +36,17 @@ UNSUPPORTED: dict[str, str] = {
     **dict.fromkeys(("maxpool1d", "maxpool3d", "avgpool1d", "avgpool3d", "max_pooling1d", "max_pooling3d",
                      "average_pooling1d", "average_pooling3d"),
                     "not supported: only 2-D pooling (maxpool2d, avgpool2d)"),
-    **dict.fromkeys(("adaptive_avgpool2d", "adaptive_avg_pool2d", "global_average_pooling2d", "global_avgpool2d",
-                     "adaptive_maxpool2d", "global_max_pooling2d"),
-                    "not supported: use avgpool2d or maxpool2d with kernel_size equal to the input's height and "
-                    "width"),
-    **dict.fromkeys(("batchnorm1d", "batchnorm3d", "layernorm", "layer_normalization", "groupnorm",
-                     "instancenorm2d"), "not supported: only batchnorm2d"),
+    **dict.fromkeys(("adaptive_maxpool2d", "global_max_pooling2d", "global_maxpool2d"),
+                    "not supported: use maxpool2d with kernel_size equal to the input's height and width (average "
+                    "pooling: adaptive_avgpool2d, global_avgpool2d)"),
+    **dict.fromkeys(("batchnorm3d", "layernorm", "layer_normalization", "groupnorm",
+                     "instancenorm2d"), "not supported: only batchnorm2d and batchnorm1d"),
     **dict.fromkeys(("lstm", "gru", "rnn", "simple_rnn", "embedding", "attention", "multihead_attention",
                      "transformer"), "not supported: recurrent, embedding and attention layers are not available"),
     **dict.fromkeys(("multiply", "residual", "skip", "shortcut"),
                     "not supported as a kind: a layer reads earlier tensors by name (inputs: [a, b]); add sums "
                     "them, concat joins them"),
-    **dict.fromkeys(("elu", "selu", "silu", "swish", "softplus", "mish", "relu6", "hardtanh", "hardswish",
-                     "prelu", "softsign"), _ACTIVATIONS),
+    **dict.fromkeys(("elu", "selu", "softplus", "mish", "hardtanh", "prelu", "softsign"), _ACTIVATIONS),
     **dict.fromkeys(("reshape", "view", "unflatten"), "not supported: flatten is the only reshape"),
 }
 
@@ -73,4 +74,5 @@ def unknown_kind(name: str) -> str:
     return f"unknown layer kind '{name}'{hint}" if hint else f"unknown layer kind '{name}'{listing}"
 
 
-__all__ = ["REGISTRY", "UNSUPPORTED", "unknown_kind", "COMMON_OPTIONS", "INPUT", "Layer", "LayerKind", "Option", "Shape", "did_you_mean", "fmt_shape"]
+__all__ = ["REGISTRY", "UNSUPPORTED", "unknown_kind", "COMMON_OPTIONS", "INPUT", "Layer", "LayerKind", "Option", "Shape",
+           "did_you_mean", "fmt_shape"]

@@ -137,6 +137,53 @@ class Sigmoid(Activation):
         return nn.Sigmoid()
 
 
+class ReLU6(Activation):
+    kind = "relu6"
+    prefix = "relu6_"  # relu6_1, not relu61
+    doc = "min(max(0, x), 6)"
+
+    def formula(self, layer):
+        # as PyTorch, NaN stays NaN and -0 stays -0 (both compares are false for them); the
+        # derivative (hardtanh's) is 1 strictly inside (0, 6), else 0
+        return Elementwise("x < 0 ? 0 : (x > 6 ? 6 : x)", "x > 0 && x < 6 ? 1 : 0", 2, 3)
+
+    def torch_module(self, layer):
+        import torch.nn as nn
+
+        return nn.ReLU6()
+
+
+class Hardswish(Activation):
+    kind = "hardswish"
+    doc = "x * relu6(x + 3) / 6"
+
+    def formula(self, layer):
+        # PyTorch's derivative: 0 up to -3 (included), x / 3 + 1/2 strictly between -3 and 3,
+        # 1 from 3 on (tests/test_gradients.py, test_activation_derivatives_at_the_kinks_match_torch)
+        return Elementwise("x * (x + 3 > 0 ? (x + 3 < 6 ? x + 3 : 6) : 0) / 6",
+                           "x <= -3 ? 0 : (x < 3 ? x / 3 + (real_t)0.5 : 1)", 5, 5)
+
+    def torch_module(self, layer):
+        import torch.nn as nn
+
+        return nn.Hardswish()
+
+
+class SiLU(Activation):
+    kind = "silu"
+    aliases = ("swish",)
+    doc = "x * sigmoid(x) (swish)"
+
+    def formula(self, layer):
+        # y = x s, s = 1 / (1 + e^-x); dy/dx = s (1 + x (1 - s)) = s (1 + x - y): one exp
+        return Elementwise("x / (1 + EXP(-x))", "(1 + x - y) / (1 + EXP(-x))", 4, 7)
+
+    def torch_module(self, layer):
+        import torch.nn as nn
+
+        return nn.SiLU()
+
+
 def _c_real(v: float) -> str:
     """A float literal C reads exactly (repr round-trips) and that is typed by real_t."""
     return f"(real_t){float(v)!r}"

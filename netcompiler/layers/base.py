@@ -94,7 +94,7 @@ class Option:
     """One option of a layer kind: its parser, PyTorch default and documentation."""
 
     name: str
-    kind: str  # int | pair | bool | float | choice | padding | shape
+    kind: str  # int | pair | bool | float | choice | padding | pads | shape
     default: Any = REQUIRED
     doc: str = ""
     minimum: float = 1
@@ -117,12 +117,21 @@ class Option:
                 return (_int(v[0], what, int(self.minimum), top), _int(v[1], what, int(self.minimum), top))
             n = _int(v, what, int(self.minimum), top)
             return (n, n)
-        if self.kind == "padding":  # conv padding: int, pair, 'same' or 'valid'
+        if self.kind in ("padding", "pads"):
+            # conv padding: int, pair, [top, bottom, left, right], 'same' or 'valid'; pooling
+            # padding ("pads"): the numeric forms
+            words = ("same", "valid") if self.kind == "padding" else ()
+            forms = ("an integer, a pair, [top, bottom, left, right], 'same' or 'valid'" if words
+                     else "an integer, a pair [h, w] or [top, bottom, left, right]")
             if isinstance(v, str):
-                if v in ("same", "valid"):
+                if v in words:
                     return v
-                raise OptionError(f"{what} must be an integer, a pair, 'same' or 'valid', got '{v}'"
-                                  + did_you_mean(v, ["same", "valid"]))
+                hint = did_you_mean(v, list(words)) if words else ""
+                raise OptionError(f"{what} must be {forms}, got '{v}'{hint}")
+            if isinstance(v, list) and len(v) == 4:
+                return tuple(_int(x, what, 0) for x in v)
+            if isinstance(v, list) and len(v) != 2:
+                raise OptionError(f"{what} must be {forms}, got a list of {len(v)}")
             return Option(self.name, "pair", minimum=0).parse(v)
         if self.kind == "bool":
             if not isinstance(v, bool):
@@ -344,6 +353,8 @@ class LayerKind:
 
 
 def _fmt_opt(v: Any) -> str:
+    if isinstance(v, tuple) and len(v) == 4:  # padding [top, bottom, left, right]
+        return "[" + ", ".join(map(str, v)) + "]"
     if isinstance(v, tuple):
         return "x".join(str(x) for x in v)
     if isinstance(v, bool):
@@ -364,6 +375,13 @@ def window_out(size: int, k: int, stride: int, pad_total: int, dilation: int, ce
             out -= 1
         return out
     return span // stride + 1
+
+
+def side_pads(padding: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((top, bottom), (left, right)) of a parsed numeric padding: n, (h, w) or (t, b, l, r)."""
+    if len(padding) == 4:
+        return (padding[0], padding[1]), (padding[2], padding[3])
+    return (padding[0], padding[0]), (padding[1], padding[1])
 
 
 class WeightLayer(LayerKind):

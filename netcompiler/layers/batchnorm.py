@@ -1,10 +1,15 @@
-"""batchnorm2d: per-channel batch normalisation, as torch.nn.BatchNorm2d.
+"""batchnorm2d and batchnorm1d: per-channel batch normalisation, as torch.nn.BatchNorm2d
+and torch.nn.BatchNorm1d.
 
 Training mode normalises with the batch statistics (biased variance) and updates the
 running statistics (unbiased variance) with `momentum`; evaluation mode uses the running
 statistics.  Training mode needs the whole batch, so it runs as a batch-level step.
+batchnorm1d is the same computation on (features,) samples: each feature a channel of
+one value per sample (the template's HW is 1).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -54,8 +59,9 @@ class BatchNorm2d(LayerKind):
         return 5 * layer.out_size  # dx per element; the reductions feed dgamma/dbeta too
 
     def render_context(self, layer: Layer) -> dict:
-        c, h, w = layer.in_shape
-        return dict(C=c, HW=h * w, eps=repr(layer.opts["eps"]), momentum=repr(layer.opts["momentum"]))
+        c = layer.in_shape[0]
+        return dict(C=c, HW=math.prod(layer.in_shape[1:]), eps=repr(layer.opts["eps"]),
+                    momentum=repr(layer.opts["momentum"]))
 
     def torch_module(self, layer: Layer):
         import torch.nn as nn
@@ -65,3 +71,21 @@ class BatchNorm2d(LayerKind):
     def init_params(self, layer: Layer, rng) -> dict:
         c = layer.in_shape[0]
         return {"weight": np.ones(c), "bias": np.zeros(c), "running_mean": np.zeros(c), "running_var": np.ones(c)}
+
+
+class BatchNorm1d(BatchNorm2d):
+    kind = "batchnorm1d"
+    aliases = ()  # batch_normalization and the like stay batchnorm2d's
+    doc = "batch normalisation over the batch per feature, as torch.nn.BatchNorm1d on (N, features)"
+
+    def infer(self, layer: Layer, in_shape: Shape, error) -> Shape | None:
+        if len(in_shape) != 1:
+            error(f"{layer.where()}: needs a 1-D input (features), got {fmt_shape(in_shape)}: use batchnorm2d "
+                  f"for (channels, height, width), or flatten first", None)
+            return None
+        return in_shape
+
+    def torch_module(self, layer: Layer):
+        import torch.nn as nn
+
+        return nn.BatchNorm1d(layer.in_shape[0], eps=layer.opts["eps"], momentum=layer.opts["momentum"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from .base import MAX_ELEMENTS, Layer, Option, Shape, WeightLayer, fmt_shape, window_out
+from .base import MAX_ELEMENTS, Layer, Option, Shape, WeightLayer, fmt_shape, side_pads, window_out
 
 
 class Conv2d(WeightLayer):
@@ -16,7 +16,8 @@ class Conv2d(WeightLayer):
         Option("out_channels", "int", doc="number of output channels"),
         Option("kernel_size", "pair", doc="kernel height and width (int or [h, w])"),
         Option("stride", "pair", 1, "step between windows"),
-        Option("padding", "padding", 0, "zeros added on each side: int, [h, w], 'same' or 'valid'", minimum=0),
+        Option("padding", "padding", 0, "zeros added on each side: int, [h, w], [top, bottom, left, right], "
+               "'same' or 'valid'", minimum=0),
         Option("dilation", "pair", 1, "spacing between kernel taps"),
         Option("groups", "int", 1, "split channels into this many independent groups"),
         Option("bias", "bool", True, "add a learnable bias per output channel"),
@@ -48,8 +49,7 @@ class Conv2d(WeightLayer):
             tot = (dh * (kh - 1), dw * (kw - 1))
             pads = ((tot[0] // 2, tot[0] - tot[0] // 2), (tot[1] // 2, tot[1] - tot[1] // 2))
         else:
-            ph, pw = (0, 0) if pad == "valid" else pad
-            pads = ((ph, ph), (pw, pw))
+            pads = side_pads((0, 0) if pad == "valid" else pad)
         oh = window_out(h, kh, sh, sum(pads[0]), dh)
         ow = window_out(w, kw, sw, sum(pads[1]), dw)
         if oh <= 0 or ow <= 0:
@@ -186,9 +186,13 @@ class Conv2d(WeightLayer):
         o = layer.opts
         pads = layer.derived["pads"]
         symmetric = pads[0][0] == pads[0][1] and pads[1][0] == pads[1][1]
-        padding = (pads[0][0], pads[1][0]) if symmetric else o["padding"]
-        return nn.Conv2d(layer.in_shape[0], o["out_channels"], o["kernel_size"], stride=o["stride"],
-                         padding=padding, dilation=o["dilation"], groups=o["groups"], bias=o["bias"])
+        args = (layer.in_shape[0], o["out_channels"], o["kernel_size"])
+        kw = dict(stride=o["stride"], dilation=o["dilation"], groups=o["groups"], bias=o["bias"])
+        if symmetric or o["padding"] == "same":
+            return nn.Conv2d(*args, padding=(pads[0][0], pads[1][0]) if symmetric else "same", **kw)
+        from ..torchref import PaddedConv2d
+
+        return PaddedConv2d(*args, pads=pads, **kw)
 
 
 VEC = 16  # floats per AVX-512 register; blocks are multiples of it

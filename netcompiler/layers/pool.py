@@ -1,7 +1,7 @@
 """maxpool2d and avgpool2d: one sliding-window base owns kernel/stride/padding/ceil_mode."""
 from __future__ import annotations
 
-from .base import Layer, LayerKind, Option, Shape, fmt_shape, window_out
+from .base import Layer, LayerKind, Option, Shape, fmt_shape, side_pads, window_out
 
 
 class Pool2d(LayerKind):
@@ -16,32 +16,46 @@ class Pool2d(LayerKind):
         c, h, w = in_shape
         if o["stride"] is None:
             o["stride"] = o["kernel_size"]
-        (kh, kw), (sh, sw), (ph, pw) = o["kernel_size"], o["stride"], o["padding"]
+        (kh, kw), (sh, sw) = o["kernel_size"], o["stride"]
+        (pt, pb), (pl, pr) = pads = side_pads(o["padding"])
         dh, dw = o.get("dilation", (1, 1))
-        # PyTorch: padding at most half of the kernel size (whatever the dilation).
-        for p, k in ((ph, kh), (pw, kw)):
+        # PyTorch: padding at most half of the kernel size (whatever the dilation), on each side.
+        for p, k in ((pt, kh), (pb, kh), (pl, kw), (pr, kw)):
             if p > k // 2:
                 error(f"{layer.where()}: padding {p} is more than half the kernel size {k}", "padding")
                 return None
         ceil = o["ceil_mode"]
-        oh = window_out(h, kh, sh, 2 * ph, dh, ceil, ph)
-        ow = window_out(w, kw, sw, 2 * pw, dw, ceil, pw)
+        if ceil and (pt != pb or pl != pr):
+            error(f"{layer.where()}: ceil_mode needs the same padding on both sides; with padding "
+                  f"[top, bottom, left, right] give the extra rows and columns as bottom and right padding",
+                  "ceil_mode")
+            return None
+        oh = window_out(h, kh, sh, pt + pb, dh, ceil, pt)
+        ow = window_out(w, kw, sw, pl + pr, dw, ceil, pl)
         if oh <= 0 or ow <= 0:
-            if (ph, pw, dh, dw) == (0, 0, 1, 1) and not ceil:
+            if (pt, pb, pl, pr, dh, dw) == (0, 0, 0, 0, 1, 1) and not ceil:
                 error(f"{layer.where()}: input {h}x{w} is smaller than kernel {kh}x{kw}", None)
             else:
+                shown = f"{pt}x{pl}" if (pt, pl) == (pb, pr) else f"[{pt}, {pb}, {pl}, {pr}]"
                 error(f"{layer.where()}: input {h}x{w} gives an empty output ({oh}x{ow}) for kernel {kh}x{kw}, "
-                      f"stride {sh}x{sw}, padding {ph}x{pw}", None)
+                      f"stride {sh}x{sw}, padding {shown}", None)
             return None
+        layer.derived["pads"] = pads
         return (c, oh, ow)
+
+    def asymmetric(self, layer: Layer) -> bool:
+        (pt, pb), (pl, pr) = layer.derived["pads"]
+        return (pt, pl) != (pb, pr)
 
     def render_context(self, layer: Layer) -> dict:
         o = layer.opts
         c, h, w = layer.in_shape
         _, oh, ow = layer.out_shape
         dh, dw = o.get("dilation", (1, 1))
+        (pt, pb), (pl, pr) = layer.derived["pads"]
+        # PH, PW: padding above and left of the input; PB, PR: below and right
         return dict(C=c, H=h, W=w, OH=oh, OW=ow, KH=o["kernel_size"][0], KW=o["kernel_size"][1],
-                    SH=o["stride"][0], SW=o["stride"][1], PH=o["padding"][0], PW=o["padding"][1],
+                    SH=o["stride"][0], SW=o["stride"][1], PH=pt, PW=pl, PB=pb, PR=pr,
                     DH=dh, DW=dw, count_include_pad=o.get("count_include_pad", True))
 
     def window(self, layer: Layer) -> int:
@@ -56,7 +70,8 @@ class MaxPool2d(Pool2d):
     options = (
         Option("kernel_size", "pair", doc="window height and width"),
         Option("stride", "pair", None, "step between windows (default: kernel_size)"),
-        Option("padding", "pair", 0, "implicit -inf padding on each side (at most half the kernel)", minimum=0),
+        Option("padding", "pads", 0, "implicit -inf padding on each side (at most half the kernel): int, [h, w] "
+               "or [top, bottom, left, right]", minimum=0),
         Option("dilation", "pair", 1, "spacing between window taps"),
         Option("ceil_mode", "bool", False, "round the output size up instead of down"),
     )
@@ -82,7 +97,13 @@ class MaxPool2d(Pool2d):
         import torch.nn as nn
 
         o = layer.opts
-        return nn.MaxPool2d(o["kernel_size"], o["stride"], o["padding"], o["dilation"], ceil_mode=o["ceil_mode"])
+        if self.asymmetric(layer):
+            from ..torchref import PaddedMaxPool2d
+
+            return PaddedMaxPool2d(o["kernel_size"], o["stride"], dilation=o["dilation"], pads=layer.derived["pads"])
+        pads = layer.derived["pads"]
+        return nn.MaxPool2d(o["kernel_size"], o["stride"], (pads[0][0], pads[1][0]), o["dilation"],
+                            ceil_mode=o["ceil_mode"])
 
 
 def _count(n: int, what: str) -> str:
@@ -108,7 +129,8 @@ def tiling(c: dict) -> dict | None:
     SCALAR_COLUMNS; backward ("channels") zeroes the PLANE values of a plane and then sets
     the gradients of its OUT_PLANE windows.
     """
-    if (c["SH"], c["SW"]) != (c["KH"], c["KW"]) or (c["PH"], c["PW"], c["DH"], c["DW"]) != (0, 0, 1, 1):
+    if (c["SH"], c["SW"]) != (c["KH"], c["KW"]) or (c["PH"], c["PW"], c["PB"], c["PR"]) != (0, 0, 0, 0) \
+            or (c["DH"], c["DW"]) != (1, 1):
         return None
     kh, kw = c["KH"], c["KW"]
     full_oh, full_ow = c["H"] // kh, c["W"] // kw
@@ -163,7 +185,8 @@ class AvgPool2d(Pool2d):
     options = (
         Option("kernel_size", "pair", doc="window height and width"),
         Option("stride", "pair", None, "step between windows (default: kernel_size)"),
-        Option("padding", "pair", 0, "implicit zero padding on each side (at most half the kernel)", minimum=0),
+        Option("padding", "pads", 0, "implicit zero padding on each side (at most half the kernel): int, [h, w] "
+               "or [top, bottom, left, right]", minimum=0),
         Option("ceil_mode", "bool", False, "round the output size up instead of down"),
         Option("count_include_pad", "bool", True, "count padding zeros in the divisor"),
     )
@@ -177,5 +200,11 @@ class AvgPool2d(Pool2d):
         import torch.nn as nn
 
         o = layer.opts
-        return nn.AvgPool2d(o["kernel_size"], o["stride"], o["padding"], ceil_mode=o["ceil_mode"],
+        if self.asymmetric(layer):
+            from ..torchref import PaddedAvgPool2d
+
+            return PaddedAvgPool2d(o["kernel_size"], o["stride"], pads=layer.derived["pads"],
+                                   count_include_pad=o["count_include_pad"])
+        pads = layer.derived["pads"]
+        return nn.AvgPool2d(o["kernel_size"], o["stride"], (pads[0][0], pads[1][0]), ceil_mode=o["ceil_mode"],
                             count_include_pad=o["count_include_pad"])
