@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Diagnostic, SpecErrors
-from .layers import COMMON_OPTIONS, REGISTRY, Layer, Shape, did_you_mean, fmt_shape, unknown_kind
+from .layers import COMMON_OPTIONS, INPUT, REGISTRY, Layer, Shape, did_you_mean, fmt_shape, unknown_kind
 from .layers.base import MAX_ELEMENTS, as_number, yaml11_hint
 from .recipe import augment_problem
 from .spec import Node, parse_text, read_spec_text
@@ -27,7 +27,12 @@ MAX_NAME = 48
 MAX_LAYERS = 256
 DEFAULT_MEMORY_BUDGET = 16 * 2**30  # bytes of training memory at batch size 1
 LOSSES = ("cross_entropy", "mse", "binary_cross_entropy")
-TOP_KEYS = ("name", "input", "layers", "loss", "train")
+TOP_KEYS = ("name", "input", "blocks", "layers", "loss", "train")
+# a layer's name: a C identifier, or PyTorch's nested module path (layer1.0.conv1; C sees
+# layer1_0_conv1)
+DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*\Z")
+BLOCK_KEYS = ("params", "layers")
+USE_KEYS = ("name", "repeat", "start", "inputs")  # what a block's use sets besides its parameters
 # Defaults for `netc train`; the spec's optional `train:` section may override them.
 TRAIN_KEYS: dict[str, tuple[str, Any]] = {
     "epochs": ("int", 10),
@@ -159,10 +164,10 @@ class _Checker:
     def __init__(self, file: str):
         self.file = file
         self.diags: list[Diagnostic] = []
-
-    def error(self, node: Node, message: str, at_key: bool = False) -> None:
-        line, col = (node.key_line, node.key_col) if at_key and node.key_line else (node.line, node.col)
-        self.diags.append(Diagnostic(self.file, line, col, message))
+        self.context = ""  # where the layer being checked was expanded from a block
+        self.blocks: dict[str, _Block] = {}
+        self.bad_params: set[tuple[int, int]] = set()  # where an unknown '$param' stands
+        self.uses: list[tuple[str, str]] = []  # the block uses being expanded: (name, block)
 
     # ---- top level --------------------------------------------------------------------
     def run(self, root: Node, source: str, memory_budget: int) -> Network:
@@ -180,6 +185,7 @@ class _Checker:
         input_shape = self.input_shape(root, top.get("input"))
         loss = self.loss(root, top.get("loss"))
         train = self.train_section(top.get("train"))
+        self.blocks = self.blocks_section(top.get("blocks"))
         layers = self.layers(root, top.get("layers"), input_shape, name)
         if layers and all(l.out_shape is not None for l in layers):
             self.check_loss_output(top.get("loss") or root, loss, layers[-1])
@@ -260,6 +266,14 @@ class _Checker:
         return out
 
     # ---- layers -----------------------------------------------------------------------
+    def error(self, node: Node, message: str, at_key: bool = False) -> None:
+        line, col = (node.key_line, node.key_col) if at_key and node.key_line else (node.line, node.col)
+        if (line, col) in self.bad_params and not message.startswith("block "):
+            return  # an unknown '$param': said once, its value is not checked
+        if self.context:
+            message += f" ({self.context})"
+        self.diags.append(Diagnostic(self.file, line, col, message))
+
     def layers(self, root: Node, node: Node | None, input_shape: Shape | None, net_name: str) -> list[Layer]:
         if node is None:
             if "layers" not in self.misspelt:
@@ -274,27 +288,91 @@ class _Checker:
                                                f"most {MAX_LAYERS} layers (the C compiler's time grows faster than "
                                                f"the number of layers)")
             return []
-        layers: list[Layer] = []
-        counts: dict[str, int] = {}
-        for i, entry in enumerate(node.value):
-            layer = self.layer(i, entry, counts)
-            if layer is not None:
-                layers.append(layer)
-        if len(layers) != len(node.value):
-            return layers  # a malformed entry: shapes after it would be guesses
+        self.out: list[Layer] = []
+        self.broken = False  # a malformed entry: shapes after it would be guesses
+        scope = _Scope(None, "", {INPUT: INPUT})
+        self.expand(node.value, scope, INPUT, "", [])
+        layers = self.out
+        if self.broken or not layers:
+            return layers
+        if len(layers) > MAX_LAYERS:  # blocks expanded
+            extra = layers[MAX_LAYERS]
+            self.context = extra.context
+            self.error(extra.node, f"layer {MAX_LAYERS + 1:,} of {len(layers):,} (blocks expanded): a network has at "
+                                   f"most {MAX_LAYERS} layers (the C compiler's time grows faster than the number "
+                                   f"of layers)")
+            self.context = ""
+            return layers
         self.names(layers, net_name)
-        shape = input_shape
+        shapes: dict[str, Shape | None] = {INPUT: input_shape}
         for layer in layers:
-            if shape is None:
-                break
-            layer.in_shape = shape
-            shape = self.infer(layer, shape)
+            self.context = layer.context
+            ins = [shapes.get(t) for t in layer.inputs]
+            shapes[layer.output] = None
+            if input_shape is None or any(s is None for s in ins):
+                continue
+            layer.in_shapes, layer.in_shape = ins, ins[0]
+            shapes[layer.output] = self.infer(layer)
+        self.context = ""
+        self.unread(layers)
         return layers
 
-    def layer(self, index: int, entry: Node, counts: dict[str, int]) -> Layer | None:
+    # a list of layer entries (the spec's, or a block's) into self.out; returns the tensor the
+    # last one writes
+    def expand(self, entries: list[Node], scope: "_Scope", prev: str, prefix: str, stack: list[str]) -> str:
+        declared = {}  # local names of the entries, to tell "defined later" from "unknown"
+        for entry in entries:
+            if isinstance(entry.value, dict) and len(entry.value) == 1:
+                opts = next(iter(entry.value.values())).value
+                if isinstance(opts, dict) and isinstance(opts.get("name", Node(None, 0, 0)).value, str):
+                    declared.setdefault(opts["name"].value, opts["name"].line)
+        counts: dict[str, int] = {}
+        for entry in entries:
+            split = self.split_entry(entry)
+            if split is None:
+                self.broken = True
+                continue
+            kind_name, opts_node = split
+            if kind_name in self.blocks:
+                prev = self.use_block(entry, self.blocks[kind_name], opts_node, scope, prev, prefix, counts,
+                                      declared, stack)
+                continue
+            layer = self.layer(len(self.out), entry, kind_name, opts_node, counts, prefix)
+            if layer is None:
+                self.broken = True
+                name = opts_node.value.get("name")
+                if name is not None and isinstance(name.value, str):  # later layers may read it
+                    scope.define(name.value, prefix + name.value)
+                continue
+            layer.context, layer.blocks = self.context, tuple(self.uses)
+            local = layer.name[len(prefix):]
+            layer.inputs = self.resolve(layer.option_nodes.get("inputs"), layer.opts.get("inputs"), scope, prev,
+                                        local, declared, layer.where())
+            if layer.inputs is None:
+                self.broken = True
+                layer.inputs = []
+            elif layer.option_nodes.get("inputs") is None and layer.kind.min_inputs > 1:
+                layer.inputs = []  # not a default: add and concat name what they read
+                self.error(layer.node, f"{layer.where()} needs inputs: the names of the {layer.kind.min_inputs} "
+                                       f"or more tensors it reads, e.g. inputs: [conv2, input]")
+                self.broken = True
+            n = len(layer.inputs)
+            if layer.inputs and not layer.kind.min_inputs <= n <= layer.kind.max_inputs:
+                need = layer.kind.min_inputs
+                self.error(layer.option_nodes.get("inputs", layer.node),
+                           f"{layer.where()} reads {n} tensor{'s' if n != 1 else ''}; it needs "
+                           + (f"at least {need}, e.g. inputs: [a, b]" if n < need else
+                              f"at most {layer.kind.max_inputs}"))
+                self.broken = True
+            scope.define(local, layer.output)
+            self.out.append(layer)
+            prev = layer.output
+        return prev
+
+    def split_entry(self, entry: Node) -> tuple[str, Node] | None:
         if isinstance(entry.value, str):
-            kind_name, opts_node = entry.value, Node({}, entry.line, entry.col)
-        elif isinstance(entry.value, dict) and len(entry.value) == 1:
+            return entry.value, Node({}, entry.line, entry.col)
+        if isinstance(entry.value, dict) and len(entry.value) == 1:
             kind_name, opts_node = next(iter(entry.value.items()))
             if opts_node.value is None:
                 opts_node = Node({}, opts_node.line, opts_node.col)
@@ -302,14 +380,45 @@ class _Checker:
                 self.error(opts_node, f"options of '{kind_name}' must be a mapping, e.g. "
                                       f"{kind_name}: {{...}}, got {_show(opts_node.plain())}")
                 return None
-        else:
-            self.error(entry, "a layer is a kind (e.g. '- relu') or a one-key mapping "
-                              "(e.g. '- conv2d: {out_channels: 6, kernel_size: 5}')")
-            return None
+            return kind_name, opts_node
+        self.error(entry, "a layer is a kind (e.g. '- relu') or a one-key mapping "
+                          "(e.g. '- conv2d: {out_channels: 6, kernel_size: 5}')")
+        return None
+
+    def resolve(self, node: Node | None, refs, scope: "_Scope", prev: str, local: str, declared: dict[str, int],
+                where: str) -> list[str] | None:
+        """Tensor names of a layer's `inputs` (default: the tensor before it), or None."""
+        if node is None or refs is None:
+            return [prev]
+        out: list[str] = []
+        ok = True
+        for ref, rnode in zip(refs, node.value):
+            full = scope.names.get(ref)
+            if full is not None:
+                out.append(full)
+                continue
+            ok = False
+            if ref == local:
+                self.error(rnode, f"{where}: a layer cannot read its own output '{ref}'")
+            elif ref in declared:
+                self.error(rnode, f"{where}: input '{ref}' is defined later (line {declared[ref]}); a layer "
+                                  f"reads only the network input and layers before it")
+            else:
+                known = list(scope.names)
+                self.error(rnode, f"{where}: unknown input '{ref}'{did_you_mean(ref, known)}; it reads "
+                                  f"'{INPUT}' or an earlier layer's name")
+        return out if ok else None
+
+    def layer(self, index: int, entry: Node, kind_name: str, opts_node: Node, counts: dict[str, int],
+              prefix: str = "") -> Layer | None:
         kind = REGISTRY.get(kind_name)
         if kind is None:
-            self.error(entry, unknown_kind(kind_name) if isinstance(kind_name, str) else
-                       f"unknown layer kind {_show(kind_name)}; kinds are {', '.join(REGISTRY)}")
+            close = did_you_mean(kind_name, list(self.blocks)) if isinstance(kind_name, str) else ""
+            if close and not did_you_mean(kind_name, list(REGISTRY)):
+                self.error(entry, f"unknown layer kind '{kind_name}'{close}")
+            else:
+                self.error(entry, unknown_kind(kind_name) if isinstance(kind_name, str) else
+                           f"unknown layer kind {_show(kind_name)}; kinds are {', '.join(REGISTRY)}")
             return None
         counts[kind.prefix] = counts.get(kind.prefix, 0) + 1
         known = [o.name for o in kind.options] + [o.name for o in COMMON_OPTIONS]
@@ -340,36 +449,195 @@ class _Checker:
         name = f"{kind.prefix}{counts[kind.prefix]}"
         if name_node is not None:
             name = name_node.value
-            if not isinstance(name, str) or not IDENT.match(name):
-                self.error(name_node, f"{kind_name}: layer name {_show(name)} is not a C identifier "
-                                      f"([A-Za-z_][A-Za-z0-9_]*)")
-                ok = False
-            elif _bad_ident(name):
-                self.error(name_node, f"{kind_name}: layer name '{name}' {_bad_ident(name)}")
-                ok = False
-        expect_node = opts_node.value.get("expect")
-        layer = Layer(index, kind, str(name), opts, entry, dict(opts_node.value))
-        if expect_node is not None:
-            try:
-                layer.derived["expect"] = COMMON_OPTIONS[1].parse(expect_node.plain())
-            except Exception as exc:
-                self.error(expect_node, f"{kind_name}: {exc}")
-                ok = False
+            ok = self.check_name(name_node, f"{kind_name}: layer name", prefix) and ok
+        layer = Layer(index, kind, prefix + str(name), opts, entry, dict(opts_node.value))
+        for opt in COMMON_OPTIONS[1:]:
+            vnode = opts_node.value.get(opt.name)
+            if vnode is not None:
+                try:
+                    value = opt.parse(vnode.plain())
+                except Exception as exc:
+                    self.error(vnode, f"{kind_name}: {exc}")
+                    ok = False
+                    continue
+                if opt.name == "expect":
+                    layer.derived["expect"] = value
+                else:
+                    layer.opts[opt.name] = value
         return layer if ok else None
+
+    def check_name(self, node: Node, what: str, prefix: str) -> bool:
+        name = node.value
+        if not isinstance(name, str) or not DOTTED.match(name):
+            nested = "; a nested name joins them with dots, as layer1.0.conv1" if isinstance(name, str) and "." in name else ""
+            self.error(node, f"{what} {_show(name)} is not a C identifier ([A-Za-z_][A-Za-z0-9_]*{nested})")
+            return False
+        if name == INPUT:
+            self.error(node, f"{what} '{INPUT}' is reserved for the network input (in a block: the block's input)")
+            return False
+        cname = (prefix + name).replace(".", "_")
+        why = _bad_ident(cname)
+        if why:
+            self.error(node, f"{what} '{prefix + name}' {why}" + (f" (in C: {cname})" if cname != prefix + name else ""))
+            return False
+        return True
+
+    # ---- blocks -------------------------------------------------------------------------
+    def blocks_section(self, node: Node | None) -> dict[str, "_Block"]:
+        if node is None:
+            return {}
+        if not isinstance(node.value, dict):
+            self.error(node, "'blocks' must be a mapping of block names to {params: [...], layers: [...]}")
+            return {}
+        out = {}
+        for bname, bnode in node.value.items():
+            if not IDENT.match(bname) or _bad_ident(bname) or bname == INPUT:
+                self.error(bnode, f"block name '{bname}' is not a C identifier or is reserved", at_key=True)
+                continue
+            if bname in REGISTRY:
+                self.error(bnode, f"block name '{bname}' is a layer kind; choose another", at_key=True)
+                continue
+            if not isinstance(bnode.value, dict):
+                self.error(bnode, f"block '{bname}' must be a mapping: {{params: [...], layers: [...]}}")
+                continue
+            for key, v in bnode.value.items():
+                if key not in BLOCK_KEYS:
+                    self.error(v, f"block '{bname}': unknown key '{key}'{did_you_mean(key, list(BLOCK_KEYS))}; "
+                                  f"expected {' or '.join(BLOCK_KEYS)}", at_key=True)
+            params_node = bnode.value.get("params", Node([], bnode.line, bnode.col))
+            params = []
+            if not isinstance(params_node.value, list):
+                self.error(params_node, f"block '{bname}': params must be a list of names, e.g. [channels, stride]")
+                continue
+            for p in params_node.value:
+                if not isinstance(p.value, str) or not IDENT.match(p.value) or p.value in USE_KEYS:
+                    self.error(p, f"block '{bname}': parameter {_show(p.value)} must be a name other than "
+                                  f"{', '.join(USE_KEYS)}")
+                else:
+                    params.append(p.value)
+            layers = bnode.value.get("layers")
+            if layers is None or not isinstance(layers.value, list) or not layers.value:
+                self.error(layers or bnode, f"block '{bname}' needs 'layers': a non-empty list")
+                continue
+            out[bname] = _Block(bname, bnode, params, layers)
+        return out
+
+    def use_block(self, entry: Node, block: "_Block", opts_node: Node, scope: "_Scope", prev: str, prefix: str,
+                  counts: dict[str, int], declared: dict[str, int], stack: list[str]) -> str:
+        opts = opts_node.value
+        known = list(USE_KEYS) + block.params
+        ok = True
+        misspelt: set[str] = set()
+        for key, v in opts.items():
+            if key not in known:
+                misspelt.update(_close(key, known))
+                self.error(v, f"block '{block.name}': unknown key '{key}'{did_you_mean(key, known)}; "
+                              f"expected {', '.join(known)}", at_key=True)
+                ok = False
+        for p in block.params:
+            if p not in opts and p not in misspelt:
+                self.error(entry, f"block '{block.name}': missing parameter '{p}' (its parameters: "
+                                  f"{', '.join(block.params)})")
+                ok = False
+        if block.name in stack:
+            self.error(entry, f"block '{block.name}' uses itself ({' -> '.join(stack + [block.name])})")
+            ok = False
+        counts[block.name] = counts.get(block.name, 0) + 1
+        name = f"{block.name}{counts[block.name]}"
+        if "name" in opts:
+            ok = self.check_name(opts["name"], f"block '{block.name}': name", prefix) and ok
+            name = str(opts["name"].value)
+        numbers = {}
+        for key, low in (("repeat", 1), ("start", 0)):
+            v = opts.get(key)
+            if v is not None and (isinstance(v.value, bool) or not isinstance(v.value, int) or v.value < low):
+                self.error(v, f"block '{block.name}': '{key}' must be an integer >= {low}, got {_show(v.value)}")
+                ok = False
+            numbers[key] = v.value if v is not None and ok else None
+        if not ok:
+            self.broken = True
+            return prev
+        if "inputs" in opts:
+            refs = opts["inputs"].plain()
+            if not isinstance(refs, list) or len(refs) != 1 or not isinstance(refs[0], str):
+                self.error(opts["inputs"], f"block '{block.name}': inputs must name one tensor, e.g. inputs: [conv1]")
+                self.broken = True
+                return prev
+            got = self.resolve(opts["inputs"], refs, scope, prev, name, declared, f"block '{block.name}'")
+            if got is None:
+                self.broken = True
+                return prev
+            prev = got[0]
+        values = {p: opts[p] for p in block.params}
+        layers = [self.substitute(n, values, block) for n in block.layers.value]
+        if numbers["repeat"] is None:
+            instances = [name]
+        else:
+            first = numbers["start"] or 0
+            instances = [f"{name}.{first + r}" for r in range(numbers["repeat"])]
+        outer = self.context
+        for inst in instances:
+            self.context = (f"in block '{block.name}' used as '{prefix + inst}' at line {entry.line}"
+                            + (f", {outer}" if outer else ""))
+            child = _Scope(scope, inst, {INPUT: prev})
+            self.uses.append((prefix + inst, block.name))
+            prev = self.expand(layers, child, prev, prefix + inst + ".", stack + [block.name])
+            self.uses.pop()
+            self.context = outer
+            scope.define(inst, prev)
+        if len(instances) > 1 or numbers["repeat"] is not None:
+            scope.define(name, prev)
+        return prev
+
+    def substitute(self, node: Node, values: dict[str, Node], block: "_Block") -> Node:
+        """A block's layer entry with every '$param' replaced by the use's value (located there)."""
+        v = node.value
+        if isinstance(v, str) and v.startswith("$"):
+            got = values.get(v[1:])
+            if got is None:
+                if (node.line, node.col) not in self.bad_params:  # once, not once per use
+                    self.bad_params.add((node.line, node.col))
+                    context, self.context = self.context, ""
+                    self.error(node, f"block '{block.name}': unknown parameter '{v}'"
+                                     f"{did_you_mean(v[1:], block.params)}; its parameters: "
+                                     f"{', '.join(block.params) or '(none)'}")
+                    self.context = context
+                self.broken = True
+                return node
+            return Node(got.value, got.line, got.col, node.key_line, node.key_col)
+        if isinstance(v, list):
+            return Node([self.substitute(n, values, block) for n in v], node.line, node.col, node.key_line, node.key_col)
+        if isinstance(v, dict):
+            return Node({k: self.substitute(n, values, block) for k, n in v.items()}, node.line, node.col,
+                        node.key_line, node.key_col)
+        return node
 
     def names(self, layers: list[Layer], net_name: str) -> None:
         seen: dict[str, Layer] = {}
         for layer in layers:
+            self.context = layer.context
             node = layer.option_nodes.get("name", layer.node)
-            if layer.name in seen:
-                first = seen[layer.name]
-                self.error(node, f"duplicate layer name '{layer.name}' (also layer {first.index + 1}, "
+            if layer.cname in seen:
+                first = seen[layer.cname]
+                also = "" if first.name == layer.name else f" '{first.name}', the same in C"
+                self.error(node, f"duplicate layer name '{layer.name}' (also layer {first.index + 1}{also}, "
                                  f"line {first.line})")
-            elif layer.name == net_name:
+            elif layer.cname == net_name:
                 self.error(node, f"layer name '{layer.name}' is the network's name; choose another")
-            seen.setdefault(layer.name, layer)
+            seen.setdefault(layer.cname, layer)
+        self.context = ""
 
-    def infer(self, layer: Layer, shape: Shape) -> Shape | None:
+    def unread(self, layers: list[Layer]) -> None:
+        """Every output but the last is read by a later layer (else its gradient is undefined)."""
+        read = {t for l in layers for t in l.inputs}
+        for layer in layers[:-1]:
+            if layer.output not in read and layer.out_shape is not None:
+                self.context = layer.context
+                self.error(layer.node, f"{layer.where()}: its output is never read (only the last layer's output "
+                                       f"is the network's); name it in a later layer's inputs or remove it")
+        self.context = ""
+
+    def infer(self, layer: Layer) -> Shape | None:
         failed = False
 
         def error(message: str, option: str | None) -> None:
@@ -377,7 +645,7 @@ class _Checker:
             failed = True
             self.error(layer.option_nodes.get(option, layer.node) if option else layer.node, message)
 
-        out = layer.kind.infer(layer, shape, error)
+        out = layer.kind.infer_inputs(layer, layer.in_shapes, error)
         if failed or out is None:
             return None
         layer.out_shape = out
@@ -404,6 +672,31 @@ class _Checker:
                 need_s, budget_s = f"{need_s} ({need:,} bytes)", f"{budget_s} ({budget:,} bytes)"
             self.error(root, f"network '{name}' needs {need_s} to train one sample, over the "
                              f"memory budget of {budget_s} (--memory-budget)")
+
+
+@dataclass
+class _Block:
+    """A block defined once under `blocks:` and used like a layer kind."""
+
+    name: str
+    node: Node
+    params: list[str]
+    layers: Node  # the list of layer entries, '$param' values still in place
+
+
+@dataclass
+class _Scope:
+    """Names a layer may read: inside a block use, its own layers (relative) and INPUT;
+    each name is also visible in the enclosing scope with the use's name before it."""
+
+    parent: "_Scope | None"
+    rel: str  # this scope's name in its parent ("layer1.0")
+    names: dict[str, str]  # visible name -> tensor name
+
+    def define(self, name: str, tensor: str) -> None:
+        self.names.setdefault(name, tensor)
+        if self.parent is not None:
+            self.parent.define(f"{self.rel}.{name}", tensor)
 
 
 def _explain(layer: Layer) -> str:

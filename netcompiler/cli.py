@@ -135,6 +135,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_draw(args) -> int:
+    from .draw import draw
+
+    net = load(args.spec, args.memory_budget)
+    draw(net, args.out)
+    print(f"{args.out}: {len(net.layers)} layers of {net.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="netc", description="netcompiler: check, report, build and train neural networks written "
                                         "as YAML specs.")
@@ -162,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     cli_build.register(sub)
     cli_train.register(sub)
     cli_export.register(sub)
+
+    d = sub.add_parser("draw", help="a diagram of the network (Graphviz dot): a box per layer, an edge per tensor")
+    _spec_args(d)
+    d.add_argument("-o", "--out", metavar="FILE", required=True,
+                   help="the picture to write: FILE.svg, FILE.png, or FILE.dot (the dot text, no Graphviz needed)")
+    d.set_defaults(func=cmd_draw)
     return p
 
 

@@ -51,21 +51,24 @@ def cmd_show(args) -> int:
         sys.stdout.write(src)
         return 0
     names = [l.name for l in net.layers]
-    if args.layer not in names:
+    cnames = [l.cname for l in net.layers]  # the C name (layer1_0_conv1) is accepted too
+    if args.layer not in names and args.layer not in cnames:
         from .layers import did_you_mean
 
         raise NetcError(f"no layer '{args.layer}' in {net.name}{did_you_mean(args.layer, names)}; layers: "
                         f"{', '.join(names)}")
-    fused = fused_relus(net.layers).get(names.index(args.layer))
+    index = names.index(args.layer) if args.layer in names else cnames.index(args.layer)
+    layer = net.layers[index].cname
+    fused = fused_relus(net.layers).get(index)
     if fused:
         by = fused[1] if args.backward else fused[0]
         print(f"/* {args.layer}: fused, no function of its own: {by.name}'s "
               + ("backward keeps its input gradient only where its input is positive */" if args.backward
                  else "forward stores max(0, y) as its output */"))
-        args.layer = by.name
-    chunks = _layer_functions(src, args.layer, names, args.backward)
+        layer = by.cname
+    chunks = _layer_functions(src, layer, cnames, args.backward)
     if not chunks:
-        print(f"/* {args.layer}: no {'backward' if args.backward else 'forward'} function "
+        print(f"/* {layer}: no {'backward' if args.backward else 'forward'} function "
               f"(see the layer's comment in the full source) */")
     sys.stdout.write("\n".join(chunks))
     return 0

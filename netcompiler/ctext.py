@@ -13,7 +13,8 @@ import re
 
 from .check import IDENT
 
-DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")  # tensor names: conv1.weight
+# tensor names: conv1.weight, layer1.0.conv1.weight (PyTorch's nested module names)
+DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z_][A-Za-z0-9_]*|[0-9]+))*\Z")
 _SHORT = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
@@ -65,9 +66,19 @@ def assert_plan(plan) -> None:
     for lp in plan.layers:
         identifier(lp.name, "layer name")
         identifier(lp.kind, "layer kind")
-        for macro in (lp.in_macro, lp.out_macro):
+        for macro in (lp.in_macro, lp.out_macro, lp.din_macro):
             identifier(macro, "offset macro")
-    for group in (plan.params, plan.buffers, plan.activations, plan.int_slots, plan.stats, plan.cache):
+        for e in lp.ins:
+            identifier(e.macro, "offset macro")
+            if e.din is not None:
+                identifier(e.din, "offset macro")
+            number(e.size, "size")
+            number(e.at, "offset")
+        for dst, src, size in lp.grad_sums:
+            identifier(dst, "offset macro")
+            identifier(src, "offset macro")
+            number(size, "size")
+    for group in (plan.params, plan.buffers, plan.activations, plan.int_slots, plan.stats, plan.cache, plan.views):
         for t in group:
             identifier(t.macro, "offset macro")
             if not DOTTED.match(t.name):

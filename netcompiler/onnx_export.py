@@ -201,6 +201,9 @@ EMIT: dict[str, Emit | None] = {
     "adaptive_avgpool2d": _adaptive_avgpool,
     "upsample": _upsample,
     "dropout": None,
+    # several inputs: x is the list of their names
+    "add": lambda g, layer, xs, y, state: g.node("Sum", list(xs), y, layer.name),
+    "concat": lambda g, layer, xs, y, state: g.node("Concat", list(xs), y, layer.name, axis=1),
 }
 
 
@@ -218,16 +221,17 @@ def onnx_model(network, state: dict[str, np.ndarray], normalisation: tuple[float
     for l, e in emits:
         if e is False:
             raise OnnxExportError(f"{l.where()}: layer kind {l.kind.kind} has no ONNX form yet")
-    x = INPUT
+    names = {INPUT: INPUT}  # tensor (a layer's output) -> its ONNX value name
     written = [l for l, e in emits if e is not None]
     for l, e in emits:
-        if e is None:
+        xs = [names[t] for t in l.inputs]
+        if e is None:  # the identity: its output is its input
+            names[l.output] = xs[0]
             continue
-        y = OUTPUT if l is written[-1] else f"{l.name}.out"
-        e(g, l, x, y, state)
-        x = y
+        y = names[l.output] = OUTPUT if l is written[-1] else f"{l.name}.out"
+        e(g, l, xs[0] if l.kind.max_inputs == 1 else xs, y, state)
     if not written:
-        g.node("Identity", [x], OUTPUT, "identity")
+        g.node("Identity", [INPUT], OUTPUT, "identity")
     elem = TensorProto.DOUBLE if g.dtype == np.float64 else TensorProto.FLOAT
     graph = helper.make_graph(
         g.nodes, network.name,

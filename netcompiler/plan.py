@@ -8,6 +8,12 @@
   Gradients of activations use the activation layout.
 - Cache: arrays derived from parameters and kept between calls (Winograd-transformed conv
   weights), each next to a copy of the parameters it was made from.
+- Graphs: every tensor between layers is named (graph.py).  A concat part is written in
+  place into its slice of the concat's output when the concat is its last reader (a view:
+  storage + offset, no copy).  Gradients: backward walks the layers in reverse; a tensor's
+  first gradient writer in that walk stores, every later one adds (`Edge.add`, for kinds
+  whose template can add), or stores into a slot of its own that is then added
+  (`LayerPlan.grad_sums`).  Tensors with no trainable parameter upstream get no gradient.
 - Stages: consecutive layers that work sample by sample run inside one parallel loop over
   the batch; a layer that needs the whole batch (batch norm in training) is its own stage.
 """
@@ -20,7 +26,8 @@ from typing import Any
 
 from .check import Network
 from .ctext import comment
-from .layers import Layer, fmt_shape
+from .graph import consumers, needs_grad, tensors
+from .layers import INPUT, Layer, fmt_shape
 
 
 @dataclass
@@ -40,6 +47,20 @@ class Tensor:
 
 
 @dataclass
+class Edge:
+    """One input of a layer: where it is read and where its gradient goes."""
+
+    index: int  # position in the layer's inputs
+    tensor: str
+    macro: str  # offset macro of the input in a sample's activations
+    size: int
+    din: str | None  # offset macro its gradient is written at; None: no gradient wanted
+    add: bool = False  # din += (another reader of the tensor wrote its gradient first), else din =
+    view: bool = False  # a concat part already in place in the output (no copy, no gradient code)
+    at: int = 0  # a concat part: where it starts in the output
+
+
+@dataclass
 class LayerPlan:
     layer: Layer
     name: str
@@ -52,7 +73,12 @@ class LayerPlan:
     out: Tensor | None  # None when aliasing
     out_macro: str  # offset macro of the output (the input's, for flatten)
     in_macro: str
-    need_din: bool  # False for layers that read the network input (its gradient is unused)
+    need_din: bool  # the first input's gradient is wanted (something upstream is trainable)
+    din_macro: str = ""  # where backward writes the first input's gradient (its slot, or a slot to add)
+    ins: list[Edge] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # names of the tensors read (dotted)
+    # after backward: (tensor slot, slot written, size): add the second into the first
+    grad_sums: list[tuple[str, str, int]] = field(default_factory=list)
     params: dict[str, Tensor] = field(default_factory=dict)  # "weight" -> Tensor
     buffers: dict[str, Tensor] = field(default_factory=dict)
     slots: dict[str, Tensor] = field(default_factory=dict)  # per-sample saved (reals or ints)
@@ -111,6 +137,8 @@ class Plan:
     out_size: int
     train_stages: list[Stage]
     eval_stages: list[Stage]
+    views: list[Tensor] = field(default_factory=list)  # tensors inside another's slot (concat parts)
+    tensors: dict[str, Any] = field(default_factory=dict)  # graph.Tensor by name, with storage and offset
 
     @property
     def last(self) -> LayerPlan:
@@ -119,7 +147,7 @@ class Plan:
     @functools.cached_property
     def out_offset(self) -> int:
         """Offset of the network output (logits) in a sample's activation block."""
-        return next(t.offset for t in self.activations if t.macro == self.last.out_macro)
+        return next(t.offset for t in self.activations + self.views if t.macro == self.last.out_macro)
 
 
 class _Allocator:
@@ -138,57 +166,215 @@ class _Allocator:
 def fused_relus(layers: list[Layer]) -> dict[int, tuple[Layer, Layer]]:
     """ReLUs computed inside their neighbours: index -> (the layer before, the layer after).
 
-    A ReLU between a layer that can store max(0, y) (conv2d, linear) and one whose backward
-    can zero its input gradient where its input is not positive (maxpool2d, linear) costs
-    no pass of its own: the first applies it as it stores its output, the second applies its
+    A ReLU that is the only reader of a tensor written by a layer that can store max(0, y)
+    (conv2d, linear, add), and whose own output is read only by one layer whose backward can
+    zero its input gradient where its input is not positive (maxpool2d, linear), costs no
+    pass of its own: the first applies it as it stores its output, the second applies its
     derivative (input > 0, the same as the ReLU's own input > 0) as it writes its input
     gradient.  The ReLU's output is then its input, like flatten's: no slot, no call."""
-    return {
-        i: (layers[i - 1], layers[i + 1]) for i in range(1, len(layers) - 1)
-        if layers[i].kind.kind == "relu" and layers[i - 1].kind.applies_relu(layers[i - 1])
-        and layers[i + 1].kind.masks_relu_grad(layers[i + 1])
-    }
+    readers = consumers(layers)
+    by_name = {l.name: l for l in layers}
+    out = {}
+    for l in layers:
+        if l.kind.kind != "relu" or len(readers[l.output]) != 1:
+            continue
+        before, after = by_name.get(l.inputs[0]), readers[l.output][0]
+        if (before is not None and readers[before.output] == [l] and before.kind.applies_relu(before)
+                and after.inputs == [l.output] and after.kind.masks_relu_grad(after)):
+            out[l.index] = (before, after)
+    return out
+
+
+def concat_views(layers: list[Layer], aliased: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """Concat parts written in place: part -> (the concat's output, offset of the part in it).
+
+    A part can live in the concat's output when it has a producer of its own (not the network
+    input, not an alias) and the concat is its last reader, aliases of it included: every
+    other reader then runs earlier, and in backward later, adding to the gradient the concat's
+    readers stored."""
+    readers = consumers(layers)
+
+    def last_use(t: str) -> int:
+        return max([c.index for c in readers[t]] + [last_use(c.output) for c in readers[t]
+                                                     if aliased.get(c.output) == t])
+
+    out: dict[str, tuple[str, int]] = {}
+    for layer in layers:
+        if not layer.kind.concat_parts(layer):
+            continue
+        at = 0
+        for t, shape in zip(layer.inputs, layer.in_shapes):
+            if (t != INPUT and t not in aliased and t not in out and layer.inputs.count(t) == 1
+                    and last_use(t) == layer.index):
+                out[t] = (layer.output, at)
+            at += math.prod(shape)
+    return out
+
+
+def aliased_outputs(layers: list[Layer], fused: dict[int, tuple[Layer, Layer]]) -> dict[str, str]:
+    """Outputs that are their input's memory (flatten, a fused ReLU): output -> input."""
+    return {l.output: l.inputs[0] for l in layers if l.kind.aliases_input(l) or l.index in fused}
+
+
+def without_slot(layers: list[Layer]) -> set[str]:
+    """Outputs with no slot of their own: aliases of their input, and concat parts in place."""
+    aliased = aliased_outputs(layers, fused_relus(layers))
+    return set(aliased) | set(concat_views(layers, aliased))
+
+
+def _slot_macro(name: str) -> str:
+    return "OFF_" + name.replace(".", "_")
+
+
+def gradient_edges(layers: list[Layer], aliased: dict[str, str], views: dict[str, tuple[str, int]],
+                   macro: dict[str, str]):
+    """Backward in reverse order: for every input edge, whether it gets a gradient and whether it
+    stores it, adds it (kinds that accumulate), or stores it into the tensor's '.dsum' slot that
+    is then added.  Returns (layer index -> edges, layer index -> [(dst, src, size)] to add after
+    its backward, tensor -> shape of the '.dsum' slots needed)."""
+    need = needs_grad(layers)
+
+    def grad_key(t: str) -> str:  # tensors sharing one gradient slot (aliases)
+        return grad_key(aliased[t]) if t in aliased else t
+
+    written = {grad_key(layers[-1].output)}  # the loss stores the output's gradient
+    edges: dict[int, list[Edge]] = {}
+    sums: dict[int, list[tuple[str, str, int]]] = {}
+    partial: dict[str, tuple[int, ...]] = {}
+    for layer in reversed(layers):
+        if layer.output in aliased:
+            edges[layer.index] = [Edge(0, layer.inputs[0], macro[layer.inputs[0]], math.prod(layer.in_shape),
+                                       None)]
+            continue
+        es, at = [], 0
+        for i, (t, shape) in enumerate(zip(layer.inputs, layer.in_shapes)):
+            size = math.prod(shape)
+            e = Edge(i, t, macro[t], size, None, at=at)
+            at += size
+            key = grad_key(t)
+            if t in views and views[t][0] == layer.output:
+                e.view = True
+                written.add(key)
+            elif t in need:
+                if key not in written:
+                    e.din = macro[t]
+                    written.add(key)
+                elif layer.kind.accumulates_din(layer):
+                    e.din, e.add = macro[t], True
+                else:
+                    partial.setdefault(t, tuple(shape))
+                    e.din = _slot_macro(f"{t}.dsum")
+                    sums.setdefault(layer.index, []).append((macro[t], e.din, size))
+            es.append(e)
+        edges[layer.index] = es
+    return edges, sums, partial
+
+
+def _edges_of(layers: list[Layer]):
+    aliased = aliased_outputs(layers, fused_relus(layers))
+    views = concat_views(layers, aliased)
+    return gradient_edges(layers, aliased, views, {t: t for t in consumers(layers)})
+
+
+def gradient_sum_slots(layers: list[Layer]) -> dict[str, tuple[int, ...]]:
+    """The '.dsum' slots of a network (the report counts them in training memory)."""
+    return _edges_of(layers)[2]
+
+
+def gradient_add_flops(layers: list[Layer]) -> dict[int, int]:
+    """Layer index -> the adds its backward does into gradients other readers wrote first
+    (an add edge's +=, or a '.dsum' slot added afterwards): one FLOP per element."""
+    edges, sums, _ = _edges_of(layers)
+    return {i: sum(e.size for e in es if e.add) + sum(size for _, _, size in sums.get(i, []))
+            for i, es in edges.items()}
 
 
 def make_plan(net: Network) -> Plan:
     params, buffers, acts, ints, stats = (_Allocator() for _ in range(5))
     cache = _Allocator("CACHE_")
-    plans: list[LayerPlan] = []
+    layers = net.layers
+    fused = fused_relus(layers)
+    # tensors that are another's memory: flatten's output and a fused ReLU's are their input
+    aliased = aliased_outputs(layers, fused)
+    views = concat_views(layers, aliased)
     # The network input is copied into the first slot of each sample's activation block,
     # so every layer reads its input the same way.
-    prev_macro = acts.add("input", net.input_shape).macro
-    fused = fused_relus(net.layers)
-    for layer in net.layers:
+    own: dict[str, Tensor] = {INPUT: acts.add(INPUT, net.input_shape)}
+    slots_of: dict[int, dict[str, tuple[str, Tensor]]] = {}
+    for layer in layers:
+        if layer.output not in aliased and layer.output not in views:
+            own[layer.output] = acts.add(f"{layer.name}.out", layer.out_shape)
+        slots_of[layer.index] = {}
+        for sname, (ctype, count) in layer.kind.saved_slots(layer).items():
+            alloc = ints if ctype == "int32_t" else acts
+            slots_of[layer.index][sname] = (ctype, alloc.add(f"{layer.name}.{sname}", (count,)))
+    graph = tensors(layers, net.input_shape)
+    view_tensors: list[Tensor] = []
+
+    def place(t: str) -> tuple[str, int]:
+        """(tensor owning the slot, element offset in it)"""
+        if t in aliased:
+            return place(aliased[t])
+        if t in views:
+            storage, off = place(views[t][0])
+            return storage, off + views[t][1]
+        return t, 0
+
+    macro: dict[str, str] = {}
+    for name, gt in graph.items():
+        gt.storage, gt.offset = place(name)
+        if name in own:
+            macro[name] = own[name].macro
+        elif name in views:
+            base = own[gt.storage]
+            v = Tensor(f"{name}.out", "OFF_" + f"{name}.out".replace(".", "_"), gt.shape, base.offset + gt.offset)
+            view_tensors.append(v)
+            macro[name] = v.macro
+    for name in graph:  # aliases: their source's macro
+        if name not in macro:
+            src = name
+            while src in aliased:
+                src = aliased[src]
+            macro[name] = macro[src]
+
+    edges, sums, partial = gradient_edges(layers, aliased, views, macro)
+    for t, shape in partial.items():
+        acts.add(f"{t}.dsum", shape)
+
+    plans: list[LayerPlan] = []
+    for layer in layers:
         kind = layer.kind
-        aliases = kind.aliases_input(layer) or layer.index in fused
-        out = None if aliases else acts.add(f"{layer.name}.out", layer.out_shape)
+        ins = edges[layer.index]
+        aliases = layer.output in aliased or bool(ins) and all(e.view for e in ins)
         lp = LayerPlan(
-            layer=layer, name=layer.name, kind=kind.kind, template=kind.template,
+            layer=layer, name=layer.cname, kind=kind.kind, template=kind.template,
             c=kind.render_context(layer),
             comment=comment(f"{kind.kind} '{layer.name}', {net.file}:{layer.line}"
-                            + (f": {kind.describe_options(layer)}" if kind.describe_options(layer) else "")),
+                            + (f": {kind.describe_options(layer)}" if kind.describe_options(layer) else "")
+                            + (f"; reads {', '.join(layer.inputs)}" if layer.inputs != [_default_input(layers, layer)]
+                               else "")),
             in_dims="".join(f"[{d}]" for d in layer.in_shape),
             out_dims="".join(f"[{d}]" for d in layer.out_shape),
-            out=out, out_macro=prev_macro if aliases else out.macro, in_macro=prev_macro,
-            need_din=prev_macro != "OFF_input",
+            out=own.get(layer.output), out_macro=macro[layer.output], in_macro=ins[0].macro,
+            need_din=ins[0].din is not None, din_macro=ins[0].din or ins[0].macro, ins=ins,
+            inputs=list(layer.inputs), grad_sums=sums.get(layer.index, []),
             batch_level_in_training=kind.batch_level_in_training, aliases=aliases,
-            relu_out=layer.index + 1 in fused, relu_din=layer.index - 1 in fused,
-            fused_into=(fused[layer.index][0].name, fused[layer.index][1].name) if layer.index in fused else None,
+            relu_out=any(b is layer for b, _ in fused.values()),
+            relu_din=any(a is layer for _, a in fused.values()),
+            fused_into=(fused[layer.index][0].cname, fused[layer.index][1].cname) if layer.index in fused else None,
         )
         for pname, shape in layer.param_shapes().items():
             lp.params[pname] = params.add(f"{layer.name}.{pname}", shape)
         for bname, shape in layer.buffer_shapes().items():
             lp.buffers[bname] = buffers.add(f"{layer.name}.{bname}", shape)
-        for sname, (ctype, count) in kind.saved_slots(layer).items():
-            alloc = ints if ctype == "int32_t" else acts
-            lp.slots[sname] = alloc.add(f"{layer.name}.{sname}", (count,))
+        for sname, (ctype, t) in slots_of[layer.index].items():
+            lp.slots[sname] = t
             lp.slot_types[sname] = ctype
         for cname, shape in kind.cache_shapes(layer).items():
             lp.cache[cname] = cache.add(f"{layer.name}.{cname}", shape)
         if kind.batch_stats(layer):
             lp.stats = stats.add(f"{layer.name}.stats", (kind.batch_stats(layer),))
         plans.append(lp)
-        prev_macro = lp.out_macro
     return Plan(
         net=net, layers=plans, params=params.tensors, buffers=buffers.tensors, activations=acts.tensors,
         int_slots=ints.tensors, stats=stats.tensors, cache=cache.tensors, num_params=params.size,
@@ -197,7 +383,13 @@ def make_plan(net: Network) -> Plan:
         scratch_per_thread=max([l.kind.scratch(l) for l in net.layers] + [0]),
         in_size=math.prod(net.input_shape), out_size=math.prod(net.output_shape),
         train_stages=_stages(plans, training=True), eval_stages=_stages(plans, training=False),
+        views=view_tensors, tensors=graph,
     )
+
+
+def _default_input(layers: list[Layer], layer: Layer) -> str:
+    """The tensor a layer reads when its spec entry has no `inputs`: the layer before it."""
+    return INPUT if layer.index == 0 else layers[layer.index - 1].output
 
 
 # The most layers one per-sample stage runs.  gcc inlines a stage's layers into its

@@ -85,6 +85,7 @@ def render(net, dtype: str = "float32", flags: list[str] | None = None) -> Rende
         loss_scale="(1.0 / n)" if ce else "(1.0 / ((double)n * OUT_SIZE))",
         loss_divide=" / n" if ce else " / ((double)n * OUT_SIZE)",
         uses=dict(dropout=any(lp.kind == "dropout" for lp in plan.layers),
+                  grad_sums=any(lp.grad_sums for lp in plan.layers),
                   gelu_tanh=any(lp.c.get("needs_gelu_tanh_grad") for lp in plan.layers),
                   math=set().union(*(lp.c.get("math", ()) for lp in plan.layers))),
         banner=banner(plan, dtype, flags or []),

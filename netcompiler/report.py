@@ -6,11 +6,12 @@ Conventions (also in README):
   them (torchinfo adds one per output element of a layer with a bias).
 - FLOPs: every floating-point add, multiply, compare, divide, exp, erf or tanh counts as
   one.  conv/linear forward = 2*MACs (+1 per output for the bias); their backward =
-  4*MACs (input and weight gradients) (+1 per output for the bias gradient); the first
-  layer's input gradient is never computed and not counted.  Element-wise
-  layers count the operations of their C expressions (see layers/activations.py); pooling,
-  upsampling and batch norm count theirs (their `flops`); the loss 5 per output (13 for
-  binary_cross_entropy, see loss_flops).
+  4*MACs (input and weight gradients) (+1 per output for the bias gradient); an input
+  gradient with nothing trainable upstream (the first layer's) is never computed and not
+  counted; a tensor read by several layers adds 1 per element for each further gradient.
+  Element-wise layers count the operations of their C expressions (see layers/activations.py);
+  pooling, upsampling and batch norm count theirs (their `flops`); the loss 5 per output (13
+  for binary_cross_entropy, see loss_flops).
   Forward FLOPs are for evaluation mode; training FLOPs = training-mode forward +
   backward + loss, per sample; the optimizer update (per batch) is not included.
 - Activations: elements of each layer's output per sample.  Memory saved for backward is
@@ -25,8 +26,9 @@ import math
 from typing import Any
 
 from .check import Network
-from .layers import Layer, fmt_shape
-from .plan import fused_relus
+from .graph import needs_grad
+from .layers import INPUT, Layer, fmt_shape
+from .plan import fused_relus, gradient_add_flops, gradient_sum_slots, without_slot
 
 OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state tensors per parameter
 
@@ -45,17 +47,20 @@ def loss_flops(net: Network) -> int:
 
 
 def reads_network_input(layers: list[Layer]) -> set[int]:
-    """Indices of the layers whose input is the network input (the first layer, and any
-    after flatten views of it): their input gradient is never computed."""
-    out = set()
-    for l in layers:
-        out.add(l.index)
-        if not l.kind.aliases_input(l):
-            break
-    return out
+    """Indices of the layers none of whose inputs needs a gradient (nothing trainable
+    upstream: the network input and what is computed from it alone): their input gradient
+    is never computed."""
+    need = needs_grad(layers)
+    return {l.index for l in layers if not any(t in need for t in l.inputs)}
 
 
-def layer_row(layer: Layer, first: bool = False, fused: tuple[Layer, Layer] | None = None) -> dict[str, Any]:
+def is_graph(layers: list[Layer]) -> bool:
+    """Some layer reads something other than the layer before it."""
+    return any(l.inputs != [INPUT if l.index == 0 else layers[l.index - 1].output] for l in layers)
+
+
+def layer_row(layer: Layer, first: bool = False, fused: tuple[Layer, Layer] | None = None,
+              in_place: bool = False) -> dict[str, Any]:
     fwd, bwd = layer.kind.flops(layer)
     if first:
         bwd -= layer.kind.input_grad_flops(layer)
@@ -65,13 +70,14 @@ def layer_row(layer: Layer, first: bool = False, fused: tuple[Layer, Layer] | No
         "kind": layer.kind.kind,
         "options": layer.kind.describe_options(layer),
         "line": layer.line,
+        "inputs": list(layer.inputs),
         "input_shape": list(layer.in_shape),
         "output_shape": list(layer.out_shape),
         "params": layer.params,
         "macs": layer.kind.macs(layer),
         "flops": fwd,
         "backward_flops": bwd,
-        "activations": 0 if layer.kind.aliases_input(layer) or fused else layer.out_size,
+        "activations": 0 if layer.kind.aliases_input(layer) or fused or in_place else layer.out_size,
         # a ReLU computed by its neighbours (plan.fused_relus): [forward by, backward by]
         "fused_into": [fused[0].name, fused[1].name] if fused else None,
     }
@@ -80,15 +86,17 @@ def layer_row(layer: Layer, first: bool = False, fused: tuple[Layer, Layer] | No
 def saved_per_sample(layers: list[Layer]) -> tuple[int, int]:
     """(real elements, int32 elements) per sample kept for backward."""
     reals = ints = 0
-    fused = fused_relus(layers)
+    no_slot = without_slot(layers)
     for l in layers:
-        if not l.kind.aliases_input(l) and l.index not in fused:
+        if l.output not in no_slot:
             reals += l.out_size
         for ctype, n in l.kind.saved_slots(l).values():
             if ctype == "int32_t":
                 ints += n
             else:
                 reals += n
+    # a tensor's gradient written by a second reader that cannot add in place: a slot of its own
+    reals += sum(math.prod(s) for s in gradient_sum_slots(layers).values())
     return reals, ints
 
 
@@ -116,7 +124,12 @@ def training_memory(layers: list[Layer], batch_size: int, dtype: str = "float32"
 def build_report(net: Network, batch_size: int = 64, dtype: str = "float32", optimizer: str = "adam") -> dict:
     first = reads_network_input(net.layers)
     fused = fused_relus(net.layers)
-    rows = [layer_row(l, l.index in first, fused.get(l.index)) for l in net.layers]
+    no_slot = without_slot(net.layers)
+    rows = [layer_row(l, l.index in first, fused.get(l.index), l.output in no_slot and not l.kind.aliases_input(l))
+            for l in net.layers]
+    summed = gradient_add_flops(net.layers)  # gradients summed where a tensor has several readers
+    for r, l in zip(rows, net.layers):
+        r["backward_flops"] += summed[l.index]
     train_fwd_extra = sum(l.kind.train_forward_extra_flops(l) for l in net.layers)
     total_flops = sum(r["flops"] for r in rows)
     total_bwd = sum(r["backward_flops"] for r in rows)
@@ -132,6 +145,7 @@ def build_report(net: Network, batch_size: int = 64, dtype: str = "float32", opt
         "loss": net.loss,
         "dtype": dtype,
         "layers": rows,
+        "graph": is_graph(net.layers),
         "total_params": net.total_params,
         "total_param_bytes": net.total_params * dtype_bytes(dtype),
         "total_buffers": buffers,
@@ -154,7 +168,14 @@ COLUMNS = [("index", "#"), ("name", "name"), ("kind", "kind"), ("input_shape", "
            ("activations", "activations")]
 
 
+def _columns(rep: dict) -> list[tuple[str, str]]:
+    """The table's columns: a graph's also name each layer's inputs."""
+    return COLUMNS[:3] + [("inputs", "inputs")] + COLUMNS[3:] if rep.get("graph") else COLUMNS
+
+
 def _cell(key: str, v: Any) -> str:
+    if key == "inputs":
+        return ", ".join(v)
     if key.endswith("_shape"):
         return fmt_shape(tuple(v))
     if isinstance(v, int) and key != "index":
@@ -172,13 +193,16 @@ def human_bytes(n: int) -> str:
 
 def table_lines(rep: dict) -> list[str]:
     """The per-layer table as aligned text lines (also used in the generated C header)."""
-    head = [h for _, h in COLUMNS]
-    body = [[_cell(k, r[k]) for k, _ in COLUMNS] for r in rep["layers"]]
-    total = ["", "total", "", fmt_shape(tuple(rep["input"])), fmt_shape(tuple(rep["output"])),
-             f"{rep['total_params']:,}", f"{rep['total_macs']:,}", f"{rep['total_flops']:,}",
-             f"{sum(r['activations'] for r in rep['layers']):,}"]
+    cols = _columns(rep)
+    head = [h for _, h in cols]
+    body = [[_cell(k, r[k]) for k, _ in cols] for r in rep["layers"]]
+    totals = {"name": "total", "input_shape": fmt_shape(tuple(rep["input"])),
+              "output_shape": fmt_shape(tuple(rep["output"])), "params": f"{rep['total_params']:,}",
+              "macs": f"{rep['total_macs']:,}", "flops": f"{rep['total_flops']:,}",
+              "activations": f"{sum(r['activations'] for r in rep['layers']):,}"}
+    total = [totals.get(k, "") for k, _ in cols]
     widths = [max(len(row[i]) for row in [head, *body, total]) for i in range(len(head))]
-    numeric = {0, 5, 6, 7, 8}
+    numeric = {i for i, (k, _) in enumerate(cols) if k in ("index", "params", "macs", "flops", "activations")}
 
     def fmt(row: list[str]) -> str:
         return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
@@ -224,18 +248,21 @@ def format_report(rep: dict, fmt: str = "text") -> str:
     if fmt == "csv":
         buf = io.StringIO()
         keys = ["index", "name", "kind", "options", "input_shape", "output_shape", "params", "macs", "flops",
-                "backward_flops", "activations"]
+                "backward_flops", "activations"] + (["inputs"] if rep.get("graph") else [])
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(keys)
         for r in rep["layers"]:
-            w.writerow([fmt_shape(tuple(r[k])) if k.endswith("_shape") else r[k] for k in keys])
+            w.writerow([fmt_shape(tuple(r[k])) if k.endswith("_shape") else " ".join(r[k]) if k == "inputs" else r[k]
+                        for k in keys])
         return buf.getvalue()
     if fmt == "markdown":
-        head = [h for _, h in COLUMNS]
+        cols = _columns(rep)
+        head = [h for _, h in cols]
         lines = [f"# {rep['name']} ({rep['spec']})", "", "| " + " | ".join(head) + " |",
-                 "|" + "|".join("---:" if i in (0, 5, 6, 7, 8) else "---" for i in range(len(head))) + "|"]
+                 "|" + "|".join("---:" if k in ("index", "params", "macs", "flops", "activations") else "---"
+                                for k, _ in cols) + "|"]
         for r in rep["layers"]:
-            lines.append("| " + " | ".join(_cell(k, r[k]) for k, _ in COLUMNS) + " |")
+            lines.append("| " + " | ".join(_cell(k, r[k]) for k, _ in cols) + " |")
         lines.append("")
         lines += [f"- {s}" for s in summary_lines(rep)]
         lines += ["", f"_{CONVENTIONS}_"]

@@ -72,11 +72,33 @@ PADDED = (PaddedConv2d, PaddedMaxPool2d, PaddedAvgPool2d)
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
 
-def torch_model(net: Network, state: dict[str, np.ndarray] | None = None, dtype=torch.float64) -> nn.Sequential:
-    """nn.Sequential with modules named like our layers, so state_dict names match."""
-    model = nn.Sequential()
-    for layer in net.layers:
-        model.add_module(layer.name, layer.kind.torch_module(layer))
+class GraphModule(nn.Module):
+    """Runs the network's layers in order on named tensors; each layer's module sits at its
+    dotted name (layer1.0.conv1), so state_dict names are the spec's."""
+
+    def __init__(self, net: Network):
+        super().__init__()
+        self._steps = [(l.name, list(l.inputs)) for l in net.layers]
+        for layer in net.layers:
+            *path, leaf = layer.name.split(".")
+            parent = self
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(leaf, layer.kind.torch_module(layer))
+
+    def forward(self, x):
+        env = {"input": x}
+        for name, inputs in self._steps:
+            env[name] = self.get_submodule(name)(*[env[t] for t in inputs])
+        return env[self._steps[-1][0]]
+
+
+def torch_model(net: Network, state: dict[str, np.ndarray] | None = None, dtype=torch.float64) -> nn.Module:
+    """An nn.Module running the graph, with modules named like our layers, so state_dict
+    names match (nested modules for dotted names, as PyTorch's own)."""
+    model = GraphModule(net)
     model = model.to(dtype)
     if state is not None:
         sd = model.state_dict()
@@ -139,6 +161,12 @@ def torch_source(net: Network) -> str:
     """Python source of an nn.Module for `net` (an nn.Sequential whose modules are named like
     the layers, so state_dict names match), with `load_netc_weights` for a weights file
     written by netc train."""
+    from .errors import NetcError
+    from .report import is_graph
+
+    if is_graph(net.layers) or any("." in l.name for l in net.layers):
+        raise NetcError(f"netc export --format torch writes an nn.Sequential: {net.name} is a graph or has blocks "
+                        f"(nested names); export it as ONNX (--format onnx)")
     model = torch_model(net)
     cls = "".join(p.capitalize() for p in net.name.split("_")) or "Net"
     body = "\n".join(f"            ({name!r}, {_ctor_source(m)}),  # {layer.where()}"

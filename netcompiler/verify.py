@@ -67,7 +67,7 @@ def dropout_masks(net, n: int) -> dict[str, np.ndarray]:
     for t in net.plan.activations:
         if t.name.endswith(".mask"):
             layer = t.name[: -len(".mask")]
-            lp = next(lp for lp in net.plan.layers if lp.name == layer)
+            lp = next(lp for lp in net.plan.layers if lp.layer.name == layer)
             masks[layer] = net._acts[:n, t.offset:t.offset + t.size].reshape(n, *lp.layer.out_shape).copy()
     return masks
 
@@ -88,7 +88,8 @@ def compare_torch(net, x, y, state, buffers_before) -> list[Row]:
     full = {k: np.asarray(v, np.float64) for k, v in {**state, **buffers_before}.items()}
     model = torch_model(net.network, full)
     for name, mask in masks.items():
-        setattr(model, name, _FixedMask(torch.as_tensor(mask, dtype=torch.float64)))
+        *path, leaf = name.split(".")
+        setattr(model.get_submodule(".".join(path)), leaf, _FixedMask(torch.as_tensor(mask, dtype=torch.float64)))
     model.train()
     x64 = torch.as_tensor(np.asarray(x, net.dtype), dtype=torch.float64)
     out = model(x64)

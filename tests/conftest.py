@@ -234,18 +234,65 @@ def _module(kind: str, o: dict, in_shape: tuple[int, ...]):
     raise KeyError(f"the reference does not know layer kind '{kind}': add it to tests/conftest.py")
 
 
+class _Sum:
+    """add: the element-wise sum of its inputs (built here, not from netcompiler's twin)."""
+
+    def __new__(cls):
+        class Sum(_torch().nn.Module):
+            def forward(self, *xs):
+                return sum(xs[1:], xs[0])
+
+        return Sum()
+
+
+class _Cat:
+    def __new__(cls):
+        class Cat(_torch().nn.Module):
+            def forward(self, *xs):
+                return _torch().cat(xs, dim=1)
+
+        return Cat()
+
+
+def _graph_module(steps):
+    """Runs (name, input names) in order on named tensors ('input' is the network input)."""
+    torch = _torch()
+
+    class Graph(torch.nn.Module):
+        def forward(self, x):
+            env = {"input": x}
+            for name, inputs in steps:
+                env[name] = getattr(self, name)(*[env[t] for t in inputs])
+            return env[steps[-1][0]]
+
+    return Graph()
+
+
 def reference_model(net, spec_text: str, state: dict | None = None, dtype=None):
-    """nn.Sequential for `spec_text` from its raw options, named like `net`'s layers,
-    loaded with `state` (default: net.state_dict())."""
+    """A PyTorch model for `spec_text` from its raw options (each layer reads the one before
+    it, or the names in its `inputs`), its modules named like `net`'s layers, loaded with
+    `state` (default: net.state_dict())."""
     torch = _torch()
     dtype = dtype or torch.float64
-    model = torch.nn.Sequential()
-    shape = tuple(yaml.safe_load(spec_text)["input"])
+    shapes = {"input": tuple(yaml.safe_load(spec_text)["input"])}
     names = [l.name for l in net.network.layers]
+    steps, modules, prev = [], {}, "input"
     for name, (kind, o) in zip(names, raw_layers(spec_text), strict=True):
-        m = _module(kind, o, shape).to(dtype)
+        o = dict(o)
+        inputs = o.pop("inputs", None) or [prev]
+        if kind == "add":
+            m = _Sum()
+        elif kind == "concat":
+            m = _Cat()
+        else:
+            m = _module(kind, o, shapes[inputs[0]]).to(dtype)
         with torch.no_grad():
-            shape = tuple(m.eval()(torch.zeros((1, *shape), dtype=dtype)).shape[1:])
+            shapes[name] = tuple(m.eval()(*[torch.zeros((1, *shapes[t]), dtype=dtype) for t in inputs]).shape[1:])
+        steps.append((name, inputs))
+        modules[name] = m
+        prev = name
+    model = _graph_module(steps)
+    for name, m in modules.items():
         model.add_module(name, m)
     model = model.to(dtype)
     state = net.state_dict() if state is None else state

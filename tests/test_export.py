@@ -30,10 +30,11 @@ from netcompiler.check import check_text, load
 from netcompiler.cli import main
 from netcompiler.errors import SpecErrors
 from netcompiler.export import export_c, load_state
+from netcompiler.report import is_graph
 from netcompiler.weights import save_weights
 
 DRIVER = ROOT / "tests" / "c" / "export_driver.c"
-SPECS = sorted((ROOT / "specs").glob("*.yaml"))
+SPECS = [p for p in sorted((ROOT / "specs").glob("*.yaml")) if not is_graph(load(p).layers)]  # export: chains
 STRICT = ["-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror",
           # no float promoted to double (slow on single-precision FPUs), no implicit narrowing
           "-Wdouble-promotion", "-Wconversion", "-Wshadow", "-Wcast-qual", "-Wstrict-prototypes"]
@@ -109,6 +110,12 @@ ODD = {
                                  "conv2d: {name: conv, out_channels: 2, kernel_size: 1}",
                                  "conv2d: {name: CONV, out_channels: 2, kernel_size: 1}",
                                  "flatten", "linear: {out_features: 2}"], name="MixedCase"),
+    # a chain of blocks: nested names (stage.0.conv, C names stage_0_conv)
+    "odd_block": ("input: [2, 6, 6]\nblocks:\n  cbr:\n    params: [c]\n    layers:\n"
+                  "      - conv2d: {name: conv, out_channels: $c, kernel_size: 3, padding: 1}\n"
+                  "      - batchnorm2d: {name: bn}\n      - relu\n"
+                  "layers:\n  - cbr: {name: stage, repeat: 2, c: 3}\n  - flatten\n  - linear: {out_features: 2}\n"
+                  "loss: cross_entropy\nname: odd_block\n"),
     # one step: no arena at all
     "odd_linear": spec([5], ["linear: {out_features: 9}", "gelu"], name="odd_linear"),
     # only a reshape: the output is a copy of the input
@@ -436,6 +443,17 @@ def test_cli_prints_flash_and_ram(tmp_path, capsys):
     header = (tmp_path / "out" / "lenet5.h").read_text()
     assert header == e.header
     assert "#define LENET5_INPUT_MEAN 0.5f " in header and "#define LENET5_INPUT_STD 0.25f\n" in header
+
+
+def test_graphs_are_refused_in_one_line(tmp_path, capsys):
+    path = ROOT / "specs" / "resnet20.yaml"
+    from netcompiler.weights import save_npz
+
+    save_npz(tmp_path / "w.npz", _state(load(path)))
+    assert main(["export", str(path), str(tmp_path / "w.npz"), "-o", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err == (
+        "netc: error: add 'layer1.0.add1' reads layer1.0.bn2, relu1: netc export handles chains of layers only "
+        "(each reading the one before)\n")
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -265,6 +265,47 @@ CASES: dict[str, str] = {
     "bce_multilabel": spec([6], ["linear: {out_features: 5}", "silu", "linear: {out_features: 4}"],
                            "binary_cross_entropy"),
     "flatten_1d_mse": spec([5], ["flatten", "linear: {out_features: 2}", "flatten"], "mse"),
+    # ---- graphs: add, concat, tensors with several readers ---------------------------------------
+    # a residual block: x read by the branch and the add; the ReLU after the add is fused (the add
+    # stores max(0, y), the max-pool masks its gradient)
+    "graph_residual_fused_relu": around(["conv2d: {name: x, out_channels: 3, kernel_size: 3, padding: 1}",
+                                         "conv2d: {out_channels: 3, kernel_size: 3, padding: 1, bias: false}",
+                                         "batchnorm2d: {name: bn}", "add: {inputs: [bn, x]}", "relu",
+                                         "maxpool2d: {kernel_size: 2}"]),
+    # 1-D: a ReLU fused between two linear layers inside the branch, three inputs to one add
+    "graph_add_three_1d": spec([6], ["linear: {name: x, out_features: 5}", "linear: {name: h, out_features: 5}",
+                                     "relu", "linear: {name: y, out_features: 5}", "add: {inputs: [y, x, h]}",
+                                     "linear: {out_features: 3}"]),
+    # x read by three layers: a convolution (stores its gradient), a second one (into a slot then
+    # added), and the add (adds)
+    "graph_three_readers": around(["conv2d: {name: x, out_channels: 3, kernel_size: 1}",
+                                   "conv2d: {name: p, out_channels: 3, kernel_size: 3, padding: 1, inputs: [x]}",
+                                   "conv2d: {name: q, out_channels: 3, kernel_size: 1, inputs: [x]}",
+                                   "add: {inputs: [p, q, x]}"], pre=None),
+    # two readers that both store (linear layers, batch-level in training): one adds from a slot
+    "graph_two_readers_linear": spec([6], ["linear: {name: x, out_features: 4}",
+                                           "linear: {name: p, out_features: 3, inputs: [x]}",
+                                           "linear: {name: q, out_features: 3, inputs: [x]}",
+                                           "add: {inputs: [p, q]}", "linear: {out_features: 3}"]),
+    # the same tensor twice in one add
+    "graph_add_same_twice": around(["conv2d: {name: x, out_channels: 2, kernel_size: 3}", "add: {inputs: [x, x]}"]),
+    # concat along channels: two convolutions written in place, the network input copied; the
+    # first part is also read by a later layer (so it is copied too)
+    "graph_concat_3d": around(["conv2d: {name: a, out_channels: 2, kernel_size: 3, padding: 1, inputs: [input]}",
+                               "conv2d: {name: b, out_channels: 3, kernel_size: 1, inputs: [input]}",
+                               "concat: {name: cat, inputs: [a, input, b]}", "batchnorm2d",
+                               "conv2d: {name: c, out_channels: 2, kernel_size: 1, inputs: [b]}",
+                               "concat: {inputs: [c, bn1]}"], pre=None),
+    # concat of a concat (DenseNet-like growth): views of views
+    "graph_concat_nested": around(["conv2d: {name: a, out_channels: 2, kernel_size: 1}",
+                                   "conv2d: {name: b, out_channels: 2, kernel_size: 3, padding: 1}",
+                                   "concat: {name: ab, inputs: [a, b]}",
+                                   "conv2d: {name: c, out_channels: 3, kernel_size: 3, padding: 1}",
+                                   "concat: {inputs: [ab, c]}"]),
+    # concat of 1-D features: a linear layer's output and a flatten view
+    "graph_concat_1d": spec([2, 3, 3], ["conv2d: {name: x, out_channels: 2, kernel_size: 2}", "flatten",
+                                        "linear: {name: h, out_features: 4}", "relu",
+                                        "concat: {inputs: [relu1, flatten1, h]}", "linear: {out_features: 3}"]),
 }
 
 

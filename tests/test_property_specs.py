@@ -186,12 +186,46 @@ def spec_texts(draw) -> str:
         if len(shape) == 3:
             entries.append("flatten")
         entries.append(f"linear: {{out_features: {draw(st.integers(2, 4))}}}")
-    if draw(st.booleans()):  # explicit layer names, some equal to identifiers of the templates
+    if draw(st.integers(0, 2)) == 0:  # a graph: sums and a concat of earlier tensors
+        entries = draw(_with_merges(input_shape, entries))
+    elif draw(st.booleans()):  # explicit layer names, some equal to identifiers of the templates
         names = draw(st.permutations(["count", "forward", "OFF", "x1", "real", "Layer_2", "window", "EOF"]))
         entries = [f"{e}: {{name: {n}}}" if ":" not in e else f"{e[:-1]}, name: {n}}}"
                    for e, n in zip(entries, names + ["more"] * len(entries))]
     body = "".join(f"  - {e}\n" for e in entries)
     return f"input: {list(input_shape)}\nlayers:\n{body}loss: {loss}\n"
+
+
+def _named(entry: str, name: str) -> str:
+    return f"{entry}: {{name: {name}}}" if ":" not in entry else f"{entry[:-1]}, name: {name}}}"
+
+
+@st.composite
+def _with_merges(draw, input_shape, entries):
+    """The chain's entries named t0, t1, ...; after some of them an add of the output and one or
+    two earlier tensors of its shape (the next entry reads the sum), and at the end maybe a
+    concat of the output with an earlier tensor of its rank and spatial size.  The shapes are
+    check's, which the chain passed."""
+    try:
+        net = check_text(f"input: {list(input_shape)}\nlayers:\n" + "".join(f"  - {e}\n" for e in entries)
+                         + "loss: mse\n")
+    except SpecErrors:
+        return entries  # refused already: nothing to add
+    seen, out = [("input", tuple(input_shape))], []
+    for i, (entry, layer) in enumerate(zip(entries, net.layers)):
+        out.append(_named(entry, f"t{i}"))
+        same = [t for t, shape in seen if shape == layer.out_shape]
+        seen.append((f"t{i}", layer.out_shape))
+        if same and draw(st.booleans()):
+            others = draw(st.lists(st.sampled_from(same), min_size=1, max_size=2))
+            out.append(f"add: {{name: m{i}, inputs: [{', '.join([f't{i}', *others])}]}}")
+    last = net.layers[-1].out_shape
+    joinable = [t for t, shape in seen[:-1] if len(shape) == len(last) and shape[1:] == last[1:]]
+    if joinable and draw(st.booleans()):
+        parts = draw(st.permutations([out[-1].split("name: ")[1].split(",")[0].split("}")[0],
+                                      draw(st.sampled_from(joinable))]))
+        out.append(f"concat: {{inputs: [{', '.join(parts)}]}}")
+    return out
 
 
 def run_spec(text: str, dtype: str) -> None:
@@ -250,6 +284,13 @@ def _kinds_and_options(text: str) -> set:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(text=spec_texts(), dtype=st.sampled_from(["float32", "float64"]))
 def test_every_checked_spec_builds_and_trains(text, dtype):
+    run_spec(text, dtype)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(text=spec_texts().filter(lambda t: "add:" in t or "concat:" in t), dtype=st.sampled_from(["float32", "float64"]))
+def test_every_checked_graph_spec_builds_and_trains(text, dtype):
     run_spec(text, dtype)
 
 

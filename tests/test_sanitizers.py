@@ -68,6 +68,24 @@ SAN_SPECS = {
         "conv2d: {out_channels: 2, kernel_size: 1, padding: [1, 0]}",
         "batchnorm2d",
     ], loss="mse", name="san_mse"),
+    # a graph: a residual add with a fused ReLU, a tensor with three readers (one of them
+    # batch-level, adding from its own slot), concat parts in place and copied, 1-D concat
+    "san_graph": spec([2, 6, 6], [
+        "conv2d: {name: x, out_channels: 3, kernel_size: 3, padding: 1}",
+        "conv2d: {name: y, out_channels: 3, kernel_size: 3, padding: 1, bias: false}",
+        "batchnorm2d: {name: bn, inputs: [y]}",
+        "add: {name: sum, inputs: [bn, x]}",
+        "relu",
+        "maxpool2d: {name: pool, kernel_size: 2}",
+        "conv2d: {name: z, out_channels: 2, kernel_size: 2, stride: 2, inputs: [x]}",
+        "avgpool2d: {name: pin, kernel_size: 2, inputs: [input]}",
+        "concat: {name: cat, inputs: [pool, pin, z, pool]}",
+        "flatten",
+        "linear: {name: h, out_features: 6}",
+        "linear: {name: g, out_features: 6, inputs: [h]}",
+        "concat: {inputs: [g, h]}",
+        "linear: {out_features: 3}",
+    ], name="san_graph"),
     # convolution GEMMs with several register blocks, a prime channel count and > 128 taps
     "san_gemm": spec([3, 9, 8], [
         "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
@@ -143,7 +161,8 @@ CASES = [("san_all", "float32"), ("san_all", "float64"), ("san_mse", "float32"),
          ("san_gemm", "float32"), ("san_gemm", "float64"),
          ("san_wino", "float32"), ("san_wino", "float64"), ("san_pool", "float32"), ("san_pool", "float64"),
          ("san_fused", "float32"), ("san_fused", "float64"), ("san_1d", "float64"),
-         ("san_kinds", "float32"), ("san_kinds", "float64")]
+         ("san_kinds", "float32"), ("san_kinds", "float64"),
+         ("san_graph", "float32"), ("san_graph", "float64")]
 
 
 def _write(rendered, directory: Path) -> Path:
@@ -160,8 +179,8 @@ def _omp_flags(cc: str) -> list[str]:
 def test_san_specs_use_every_layer_kind():
     from netcompiler.layers import REGISTRY
 
-    used = {l.kind.kind for name in ("san_all", "san_kinds") for l in check_text(SAN_SPECS[name]).layers}
-    assert used == set(REGISTRY), f"kinds missing from san_all and san_kinds: {set(REGISTRY) - used}"
+    used = {l.kind.kind for name in ("san_all", "san_kinds", "san_graph") for l in check_text(SAN_SPECS[name]).layers}
+    assert used == set(REGISTRY), f"kinds missing from san_all, san_kinds and san_graph: {set(REGISTRY) - used}"
 
 
 @pytest.mark.parametrize("name, dtype", CASES)

@@ -279,19 +279,18 @@ def test_avgpool_count_include_pad_changes_values():
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_whole_spec_matches_torch(path):
+    """Each layer's torch module, run on the tensors the layer reads (a graph: by name)."""
     net = load(path)
-    model = nn.Sequential(*[l.kind.torch_module(l) for l in net.layers]).eval()
+    modules = [l.kind.torch_module(l).eval() for l in net.layers]
+    assert sum(p.numel() for m in modules for p in m.parameters()) == net.total_params
+    # shapes and MACs of the whole network from torch's shapes, layer by layer
+    env, macs = {"input": torch.zeros(2, *net.input_shape)}, 0
     with torch.no_grad():
-        out = model(torch.zeros(2, *net.input_shape))
-    assert tuple(out.shape) == (2, *net.output_shape)
-    assert sum(p.numel() for p in model.parameters()) == net.total_params
-    # MACs of the whole network from torch's shapes, layer by layer
-    x, macs = torch.zeros(1, *net.input_shape), 0
-    with torch.no_grad():
-        for layer, module in zip(net.layers, model):
-            x = module(x)
+        for layer, module in zip(net.layers, modules):
+            x = env[layer.output] = module(*[env[t] for t in layer.inputs])
             assert tuple(x.shape[1:]) == layer.out_shape, layer.name
             macs += torch_macs(module, x)
+    assert tuple(x.shape) == (2, *net.output_shape)
     assert macs == sum(l.kind.macs(l) for l in net.layers)
 
 

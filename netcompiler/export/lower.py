@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import NetcError
-from ..layers import Layer
+from ..layers import INPUT, Layer
 from ..layers.activations import MATH_MACROS, Activation, _idents
 
 # floats per register block: output pixels of a conv row, outputs of a linear layer
@@ -124,11 +124,11 @@ def epilogue(layer: Layer, state: dict[str, np.ndarray], arrays: list[Array]) ->
     if layer.kind.kind == "batchnorm2d":
         scale, shift = _bn_affine(layer, state)
         c = len(scale)
-        arrays.append(Array(f"{layer.name}_scale", scale.astype(np.float32), f"[{c}]",
+        arrays.append(Array(f"{layer.cname}_scale", scale.astype(np.float32), f"[{c}]",
                             f"{layer.name}: weight / sqrt(running_var + eps)"))
-        arrays.append(Array(f"{layer.name}_shift", shift.astype(np.float32), f"[{c}]",
+        arrays.append(Array(f"{layer.cname}_shift", shift.astype(np.float32), f"[{c}]",
                             f"{layer.name}: bias - running_mean * scale"))
-        return Epilogue(where(layer), scale=f"{layer.name}_scale", shift=f"{layer.name}_shift")
+        return Epilogue(where(layer), scale=f"{layer.cname}_scale", shift=f"{layer.cname}_shift")
     return None
 
 
@@ -201,7 +201,7 @@ def conv_step(layer: Layer, state, target: str) -> Step:
     # ... and the row's tail as the block of 8 ending at the row's end (its first outputs are
     # computed twice, with the same arithmetic)
     c["VEC_TAIL"] = c["VEC"] and tail > 0 and ow >= block
-    step = Step(layer.name, "conv", [layer], layer.in_shape, layer.out_shape, c, _weights(layer, state, layer.name))
+    step = Step(layer.cname, "conv", [layer], layer.in_shape, layer.out_shape, c, _weights(layer, state, layer.cname))
     if padded:
         step.scratch = _round4(c["XPAD_SIZE"])
         step.scratch_doc = f"the padded input [{cin}][{hp}][{wp}] at +0"
@@ -229,7 +229,8 @@ def linear_step(layer: Layer, state, target: str) -> Step:
     c = dict(IN=fin, OUT=fout, bias=layer.opts["bias"], BLOCK=block, FULL=full, TAIL=tail,
              # host: each output's dot product in GCC vectors of 8 inputs, then summed across
              VEC=target == "host" and fin >= 8, VEC_IN=fin - fin % 8)
-    return Step(layer.name, "linear", [layer], layer.in_shape, layer.out_shape, c, _weights(layer, state, layer.name))
+    return Step(layer.cname, "linear", [layer], layer.in_shape, layer.out_shape, c,
+                _weights(layer, state, layer.cname))
 
 
 def pool_step(layer: Layer, state, target: str) -> Step:
@@ -239,14 +240,14 @@ def pool_step(layer: Layer, state, target: str) -> Step:
     c = {k: c[k] for k in ("C", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW",
                            "count_include_pad")}
     c.update(ends)
-    return Step(layer.name, layer.kind.kind[:-2], [layer], layer.in_shape, layer.out_shape, c)
+    return Step(layer.cname, layer.kind.kind[:-2], [layer], layer.in_shape, layer.out_shape, c)
 
 
 def elementwise_step(layer: Layer, state, target: str) -> Step:
     """An element-wise layer with no step before it to take it in (it reads the network
     input): a step of its own, which later element-wise layers join."""
     c = dict(C=layer.in_shape[0] if len(layer.in_shape) == 3 else 1)  # the channels an epilogue sees
-    step = Step(layer.name, "elementwise", [], layer.in_shape, layer.in_shape, c)
+    step = Step(layer.cname, "elementwise", [], layer.in_shape, layer.in_shape, c)
     step.in_place = True
     taken = step.absorb(layer, state)
     assert taken, layer.where()
@@ -266,6 +267,11 @@ IDENTITY = {"flatten", "dropout"}  # no computation in evaluation mode
 
 def lower(layers: list[Layer], state: dict[str, np.ndarray], target: str) -> list[Step]:
     steps: list[Step] = []
+    for i, layer in enumerate(layers):
+        before = INPUT if i == 0 else layers[i - 1].output
+        if layer.inputs != [before]:
+            raise NetcError(f"{layer.where()} reads {', '.join(layer.inputs)}: netc export handles chains of "
+                            f"layers only (each reading the one before)")
     for layer in layers:
         kind = layer.kind.kind
         if kind in IDENTITY:

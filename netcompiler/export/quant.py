@@ -134,9 +134,9 @@ def calibrate(network, state: dict[str, np.ndarray], x: np.ndarray, batch: int =
         for i in range(0, len(x), batch):
             t = torch.as_tensor(np.ascontiguousarray(x[i:i + batch], np.float32))
             note("", t)
-            for name, module in model.named_children():
-                t = module(t)
-                note(name, t)
+            for layer in network.layers:  # a chain (lower refuses graphs); nested names for blocks
+                t = model.get_submodule(layer.name)(t)
+                note(layer.name, t)
     return ranges
 
 
@@ -178,7 +178,8 @@ def quantize(network, state: dict[str, np.ndarray], ranges: dict[str, tuple[floa
 
     from ..torchref import torch_model
 
-    modules = dict(torch_model(network, state, torch.float64).eval().named_children())
+    model = torch_model(network, state, torch.float64).eval()
+    modules = {l.name: model.get_submodule(l.name) for l in network.layers}
     steps = lower(network.layers, state, target)
     x_q = QParams.from_range(*ranges[""])
     first = x_q

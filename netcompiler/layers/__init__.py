@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from .activations import Activation, GELU, Hardswish, LeakyReLU, ReLU, ReLU6, Sigmoid, SiLU, Tanh
 from .adaptive_pool import AdaptiveAvgPool2d, GlobalAvgPool2d
-from .base import COMMON_OPTIONS, Layer, LayerKind, Option, Shape, did_you_mean, fmt_shape
+from .base import COMMON_OPTIONS, INPUT, Layer, LayerKind, Option, Shape, did_you_mean, fmt_shape
 from .batchnorm import BatchNorm1d, BatchNorm2d
 from .conv2d import Conv2d
 from .dropout import Dropout
 from .flatten import Flatten
 from .linear import Linear
+from .merge import Add, Concat
 from .pool import AvgPool2d, MaxPool2d
 from .upsample import Upsample
 
@@ -16,7 +17,7 @@ REGISTRY: dict[str, LayerKind] = {
     k.kind: k
     for k in (Conv2d(), MaxPool2d(), AvgPool2d(), AdaptiveAvgPool2d(), GlobalAvgPool2d(), Linear(), Flatten(),
               ReLU(), LeakyReLU(), GELU(), Tanh(), Sigmoid(), ReLU6(), Hardswish(), SiLU(), BatchNorm2d(),
-              BatchNorm1d(), Dropout(), Upsample())
+              BatchNorm1d(), Dropout(), Upsample(), Add(), Concat())
 }
 
 _SOFTMAX = "not needed: cross_entropy applies log-softmax to the logits; forward returns logits"
@@ -42,8 +43,9 @@ UNSUPPORTED: dict[str, str] = {
                      "instancenorm2d"), "not supported: only batchnorm2d and batchnorm1d"),
     **dict.fromkeys(("lstm", "gru", "rnn", "simple_rnn", "embedding", "attention", "multihead_attention",
                      "transformer"), "not supported: recurrent, embedding and attention layers are not available"),
-    **dict.fromkeys(("add", "concat", "concatenate", "multiply", "residual", "skip"),
-                    "not supported: a spec is a chain in which each layer reads the previous layer's output"),
+    **dict.fromkeys(("multiply", "residual", "skip", "shortcut"),
+                    "not supported as a kind: a layer reads earlier tensors by name (inputs: [a, b]); add sums "
+                    "them, concat joins them"),
     **dict.fromkeys(("elu", "selu", "softplus", "mish", "hardtanh", "prelu", "softsign"), _ACTIVATIONS),
     **dict.fromkeys(("reshape", "view", "unflatten"), "not supported: flatten is the only reshape"),
 }
@@ -72,5 +74,5 @@ def unknown_kind(name: str) -> str:
     return f"unknown layer kind '{name}'{hint}" if hint else f"unknown layer kind '{name}'{listing}"
 
 
-__all__ = ["REGISTRY", "UNSUPPORTED", "unknown_kind", "COMMON_OPTIONS", "Layer", "LayerKind", "Option", "Shape",
+__all__ = ["REGISTRY", "UNSUPPORTED", "unknown_kind", "COMMON_OPTIONS", "INPUT", "Layer", "LayerKind", "Option", "Shape",
            "did_you_mean", "fmt_shape"]

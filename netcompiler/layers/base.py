@@ -151,6 +151,10 @@ class Option:
                 hint = did_you_mean(v, list(self.choices)) if isinstance(v, str) else ""
                 raise OptionError(f"{what} must be one of {', '.join(self.choices)}; got {_show(v)}{hint}")
             return v
+        if self.kind == "names":  # tensor names; the checker resolves them
+            if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+                raise OptionError(f"{what} must be a list of layer names, e.g. [conv1, input], got {_show(v)}")
+            return tuple(v)
         if self.kind == "shape":
             if not isinstance(v, list) or not v:
                 raise OptionError(f"{what} must be a list of sizes, e.g. [16, 10, 10], got {_show(v)}")
@@ -162,7 +166,10 @@ class Option:
 COMMON_OPTIONS = (
     Option("name", "choice", None, "layer name: a C identifier, unique in the network"),
     Option("expect", "shape", None, "expected output shape; a mismatch is an error"),
+    Option("inputs", "names", None, "tensors the layer reads: earlier layers' names or 'input' (default: the "
+                                    "layer before)"),
 )
+INPUT = "input"  # the reserved name of the network input (of a block's input, inside a block)
 
 
 @dataclass
@@ -178,6 +185,22 @@ class Layer:
     in_shape: Shape | None = None
     out_shape: Shape | None = None
     derived: dict[str, Any] = field(default_factory=dict)  # kind-specific numbers (padding...)
+    # the graph: names of the tensors read (a tensor is named after the layer producing it,
+    # or INPUT), their shapes, and where a layer expanded from a block was used
+    inputs: list[str] = field(default_factory=list)
+    in_shapes: list[Shape] = field(default_factory=list)
+    context: str = ""  # "in block 'basic' used as 'layer1.0' at line 40"
+    blocks: tuple[tuple[str, str], ...] = ()  # the block uses it is in, outermost first: (name, block)
+
+    @property
+    def output(self) -> str:
+        """The name of the tensor this layer writes (its own name)."""
+        return self.name
+
+    @property
+    def cname(self) -> str:
+        """The name in C: PyTorch's dotted module path with '_' for '.' (layer1_0_conv1)."""
+        return self.name.replace(".", "_")
 
     @property
     def line(self) -> int:
@@ -225,11 +248,18 @@ class LayerKind:
     # or once over the whole batch in training (batch norm needs batch statistics; linear
     # layers reuse each weight across samples and own their gradient rows per thread).
     batch_level_in_training: ClassVar[bool] = False
+    # how many tensors the layer reads (add and concat: two or more)
+    min_inputs: ClassVar[int] = 1
+    max_inputs: ClassVar[float] = 1
 
     # ---- shapes --------------------------------------------------------------------
     def infer(self, layer: Layer, in_shape: Shape, error: ErrorFn) -> Shape | None:
         """Return the output shape, or call error(message, option) and return None."""
         return in_shape
+
+    def infer_inputs(self, layer: Layer, in_shapes: list[Shape], error: ErrorFn) -> Shape | None:
+        """The output shape from every input's shape; one-input kinds: `infer`."""
+        return self.infer(layer, in_shapes[0], error)
 
     def param_shapes(self, layer: Layer) -> dict[str, Shape]:
         return {}
@@ -273,6 +303,17 @@ class LayerKind:
 
     def aliases_input(self, layer: Layer) -> bool:
         """True when the output is the input reinterpreted (flatten): no copy, no slot."""
+        return False
+
+    def concat_parts(self, layer: Layer) -> bool:
+        """The inputs are adjacent slices of the output (concat): the plan may let their
+        producers write them in place (plan.py, concat_views)."""
+        return False
+
+    def accumulates_din(self, layer: Layer) -> bool:
+        """The template can add its input gradients into the tensor's gradient (L.ins[i].add)
+        instead of storing them; other kinds store into a separate slot that the plan adds
+        (plan.py, grad_sums) when another reader wrote that gradient first."""
         return False
 
     # ---- fusion of a ReLU between two layers (plan.py, fused_relus) -------------------

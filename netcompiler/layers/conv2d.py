@@ -148,7 +148,7 @@ class Conv2d(WeightLayer):
             regions["DPAD"] = (gemm["DPAD_OFF"], f"d [{m}][{np_}]")
         if padded:
             regions["XPAD"] = (xpad_off, f"xpad [{cin // g}][{hp}][{wp}]")
-        prefix = f"{layer.name.upper()}_SCRATCH_"
+        prefix = f"{layer.cname.upper()}_SCRATCH_"
         scr = {key: prefix + key for key in regions}
         return dict(
             SCR=scr, SCRATCH_DEFS=[(prefix + key, off, shape) for key, (off, shape) in regions.items()],
