@@ -121,3 +121,59 @@ def locked_directory(directory: str | os.PathLike, what: str, hint: str) -> Iter
             with contextlib.suppress(OSError):
                 directory.rmdir()
         os.close(fd)  # releases the lock
+
+
+class Refused(Exception):
+    """Why `read_bounded` read nothing: `why` is "unreadable" (detail: the OS's words),
+    "not_regular" (detail: what the file is) or "too_big" (size: its size, None when it
+    grew past the limit while being read)."""
+
+    def __init__(self, why: str, detail: str = "", size: int | None = None):
+        super().__init__(why, detail, size)
+        self.why, self.detail, self.size = why, detail, size
+
+
+def file_kind(mode: int) -> str:
+    """'a directory', 'a FIFO (named pipe)', ... for a stat mode that is not a regular file."""
+    import stat
+
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def read_bounded(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of `path` when it is a regular file of at most `limit` bytes, else `Refused`.
+    The file is opened without blocking (a FIFO nobody writes would hang a plain open) and its
+    type checked on the open descriptor, so /dev/zero, a pipe or a directory is refused
+    before any read; reading stops past `limit` even if the file grows meanwhile."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise Refused("unreadable", exc.strerror or str(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused("not_regular", file_kind(st.st_mode))
+        if st.st_size > limit:
+            raise Refused("too_big", size=st.st_size)
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(16 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise Refused("unreadable", exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise Refused("too_big")
+    return b"".join(chunks)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import NetcError, SpecErrors, printable
+from .fileio import Refused, read_bounded
 
 MAX_MODEL_BYTES = 1 << 30  # 1 GiB: protobuf's own limit is 2 GiB; a model of 250M float32 weights
 MAX_NODES = 100_000
@@ -56,32 +56,19 @@ def read_model(path: str | os.PathLike):
 
     where = str(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise OnnxImportError(f"{where}: cannot read model: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        data = read_bounded(path, MAX_MODEL_BYTES)
+    except Refused as r:
+        if r.why == "not_regular":
             raise OnnxImportError(f"{where}: not a regular file (an ONNX model must be a file, not a directory, "
-                                  f"FIFO or device)")
-        if st.st_size > MAX_MODEL_BYTES:
-            raise OnnxImportError(f"{where}: {st.st_size:,} bytes; models over {MAX_MODEL_BYTES:,} bytes are refused")
-        os.set_blocking(fd, True)
-        chunks, size = [], 0
-        while size <= MAX_MODEL_BYTES:
-            chunk = os.read(fd, min(16 << 20, MAX_MODEL_BYTES + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise OnnxImportError(f"{where}: cannot read model: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if size > MAX_MODEL_BYTES:
-        raise OnnxImportError(f"{where}: over {MAX_MODEL_BYTES:,} bytes; refused")
+                                  f"FIFO or device)") from None
+        if r.why == "too_big" and r.size is not None:
+            raise OnnxImportError(f"{where}: {r.size:,} bytes; models over {MAX_MODEL_BYTES:,} bytes are "
+                                  f"refused") from None
+        if r.why == "too_big":
+            raise OnnxImportError(f"{where}: over {MAX_MODEL_BYTES:,} bytes; refused") from None
+        raise OnnxImportError(f"{where}: cannot read model: {r.detail}") from None
     try:
-        model = onnx.load_from_string(b"".join(chunks))
+        model = onnx.load_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise OnnxImportError(f"{where}: not an ONNX model ({exc or 'protobuf parse error'})") from None
     if not model.HasField("graph") or not model.graph.node:

@@ -6,9 +6,7 @@ constructor.  Nothing here knows about layers: this is only "YAML with marks".
 """
 from __future__ import annotations
 
-import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import Diagnostic, SpecErrors
+from .fileio import Refused, read_bounded
 
 # Tags the safe constructor turns into plain data; anything else (python/object, ...)
 # is refused before any value is constructed.
@@ -192,15 +191,6 @@ def parse_text(text: str, file: str = "<spec>") -> Node:
 MAX_SPEC_BYTES = 1 << 20  # 1 MiB; a spec of a hundred layers is a few kB
 
 
-def _file_kind(mode: int) -> str:
-    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return what
-    return "not a regular file"
-
-
 def read_spec_text(path: str | Path) -> str:
     """Read a spec file, turning I/O and encoding problems into diagnostics.
 
@@ -213,30 +203,15 @@ def read_spec_text(path: str | Path) -> str:
         return SpecErrors([Diagnostic(where, 1, 1, message)])
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise refuse(f"cannot read spec: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise refuse(f"cannot read spec: it is {_file_kind(st.st_mode)}, not a regular file")
-        if st.st_size > MAX_SPEC_BYTES:
-            raise refuse(f"spec is {st.st_size:,} bytes; specs over 1 MiB are refused")
-        os.set_blocking(fd, True)
-        chunks, size = [], 0
-        while size <= MAX_SPEC_BYTES:  # the file may grow after fstat: never read past the bound
-            chunk = os.read(fd, MAX_SPEC_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        data = b"".join(chunks)
-    except OSError as exc:
-        raise refuse(f"cannot read spec: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SPEC_BYTES:
-        raise refuse(f"spec is over {MAX_SPEC_BYTES:,} bytes; specs over 1 MiB are refused")
+        data = read_bounded(path, MAX_SPEC_BYTES)
+    except Refused as r:
+        if r.why == "not_regular":
+            raise refuse(f"cannot read spec: it is {r.detail}, not a regular file") from None
+        if r.why == "too_big" and r.size is not None:
+            raise refuse(f"spec is {r.size:,} bytes; specs over 1 MiB are refused") from None
+        if r.why == "too_big":
+            raise refuse(f"spec is over {MAX_SPEC_BYTES:,} bytes; specs over 1 MiB are refused") from None
+        raise refuse(f"cannot read spec: {r.detail}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
