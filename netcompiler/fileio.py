@@ -72,11 +72,16 @@ def remove_stale_temps(directory: str | os.PathLike, names: Iterable[str], older
     now = time.time()
     with os.scandir(directory) as entries:
         for e in entries:
-            if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False):
-                if older_than is not None and now - e.stat(follow_symlinks=False).st_mtime < older_than:
+            if not pattern.fullmatch(e.name):
+                continue
+            try:  # a concurrent writer may rename its temporary between the listing and here
+                if not e.is_file(follow_symlinks=False) or (
+                        older_than is not None and now - e.stat(follow_symlinks=False).st_mtime < older_than):
                     continue
                 os.unlink(e.path)
-                removed.append(e.name)
+            except FileNotFoundError:
+                continue
+            removed.append(e.name)
     return sorted(removed)
 
 

@@ -25,3 +25,32 @@ def test_old_build_temporaries_are_removed_and_others_kept(tmp_path):
     assert not names & set(stale)
     assert set(fresh) | set(kept) <= names
     assert built.so_path.exists() and not [n for n in names - set(fresh) - set(kept) if n.endswith(".tmp")]
+
+
+def test_a_temporary_renamed_while_scanning_is_skipped(tmp_path, monkeypatch):
+    """Another build renames its temporary between the listing and the stat: no error."""
+    import os
+
+    from netcompiler import fileio
+
+    (tmp_path / ".net.h.abcdefgh.tmp").write_text("x")
+    real = os.scandir
+
+    class Vanishing:
+        def __init__(self, entries):
+            self.entries = entries
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.entries.close()
+
+        def __iter__(self):
+            for e in self.entries:
+                os.unlink(e.path)  # renamed into place by its writer just now
+                yield e
+
+    monkeypatch.setattr(fileio.os, "scandir", lambda d: Vanishing(real(d)))
+    assert fileio.remove_stale_temps(tmp_path, ["net.h"], older_than=1200) == []
+    assert fileio.remove_stale_temps(tmp_path, ["net.h"]) == []
