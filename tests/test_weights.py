@@ -276,17 +276,7 @@ def test_member_that_is_not_an_npy_array(net, tmp_path):
 
 
 # ---- damaged metadata and checkpoints: one line, exit 1, never a traceback -----------------
-TINY = """name: dmg
-input: [1, 6, 6]
-layers:
-  - conv2d: {out_channels: 2, kernel_size: 3}
-  - batchnorm2d
-  - relu
-  - flatten
-  - linear: {out_features: 3}
-loss: cross_entropy
-train: {epochs: 2, batch_size: 8, lr: 0.01}
-"""
+TINY = SPEC.replace("name: wnet", "name: dmg") + "train: {epochs: 2, batch_size: 8, lr: 0.01}\n"
 
 
 @pytest.fixture(scope="module")
