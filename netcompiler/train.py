@@ -789,9 +789,9 @@ class Run:
         p = self.position
         if self._consistent:
             self.save_checkpoint()
-            where = (f"epoch {p.epoch + 1}, after sample {p.pos} of {self.n_used}" if p.pos
+            where = (f"at epoch {p.epoch + 1}, after sample {p.pos} of {self.n_used}" if p.pos
                      else f"after epoch {p.epoch}")
-            print(f"netc: interrupted; checkpoint saved at {where} in {self.ckpt_path}; continue with the same "
+            print(f"netc: interrupted; checkpoint saved {where} in {self.ckpt_path}; continue with the same "
                   f"command and --resume", file=self.err, flush=True)
         else:
             print(f"netc: interrupted in the middle of a chunk; {self._last_good()}", file=self.err, flush=True)

@@ -299,3 +299,21 @@ def test_lenet5_learns_fashion_mnist(tmp_path, capsys):
     preds = json.loads(capsys.readouterr().out)["predictions"]
     assert np.mean([p["predicted"] == y for p, y in zip(preds, ds.test_y[:20])]) > 0.5
     assert preds[0]["top"][0]["name"] in ds.class_names
+
+
+def test_ctrl_c_during_validation_saves_the_finished_epoch(tmp_path, capsys, monkeypatch):
+    from netcompiler import train as T
+
+    spec, data = make_case(tmp_path)  # has test images: every epoch ends with their evaluation
+    evaluate = T.Run._evaluate
+
+    def press_ctrl_c(self, x, labels):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler only asks the loop to stop
+        return evaluate(self, x, labels)
+
+    monkeypatch.setattr(T.Run, "_evaluate", press_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(options(spec, data, tmp_path / "run", epochs=2))
+    err = capsys.readouterr().err
+    assert "netc: interrupted; checkpoint saved after epoch 1 in " in err, err
+    assert "order" not in W.split(W.load_npz(tmp_path / "run" / "checkpoint.npz"))[1]  # an epoch-end checkpoint
