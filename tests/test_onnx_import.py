@@ -482,11 +482,11 @@ def test_damaged_files_are_one_error(tmp_path):
             assert "\n" not in str(exc)
 
 
-def test_branch_is_refused(tmp_path):
+def test_branch_imports_as_a_graph(tmp_path):
+    # x read by two nodes (fan-out) and an Add of two tensors: the spec names what add reads
     nodes = [H("Relu", ["x"], "a", name="r"), H("Add", ["a", "x"], "y", name="residual")]
-    with pytest.raises(OnnxImportError, match="node 'r' \\(Relu\\): its input 'x' is read by 2 nodes: the graph "
-                                              "branches; a spec is a chain of layers"):
-        import_onnx(save(make_model(nodes, {}, (2, 3, 3), (2, 3, 3)), tmp_path / "m.onnx"))
+    imported = check_against_ort(make_model(nodes, {}, (2, 3, 3), (2, 3, 3)), tmp_path, (2, 3, 3))
+    assert imported.spec.splitlines()[-3:-1] == ["  - relu: {name: r}", "  - add: {name: residual, inputs: [r, input]}"]
 
 
 def test_channels_last_flatten_is_refused(tmp_path):
@@ -555,8 +555,9 @@ def test_names_from_torch_scopes_and_clashes():
     layers = [L("conv2d", "/features/0/Conv", "features.0", "features_0"), L("relu", "conv1"),
               L("conv2d", "x y"), L("relu", "_bad"), L("linear", "net")]
     assign_names(layers, "net")
-    # invalid identifiers, '_' starts and the network's name are passed over
-    assert [l.name for l in layers] == ["features_0", "conv1", None, None, None]
+    # invalid identifiers, '_' starts and the network's name are passed over; dotted names
+    # (PyTorch's nested modules) are kept, so parameters are named as in the state_dict
+    assert [l.name for l in layers] == ["features.0", "conv1", None, None, None]
     clash = [L("conv2d"), L("relu", "conv1")]  # 'conv1' is the conv's automatic name
     assign_names(clash, "net")
     assert [l.name for l in clash] == [None, None]
