@@ -1091,7 +1091,7 @@ UNSUPPORTED_OPS: dict[str, str] = {
 
 
 # ---- naming, writing --------------------------------------------------------------------------
-YAML_WORDS = {"true", "false", "null", "yes", "no", "on", "off", "y", "n", "nan", "inf"}
+YAML_WORDS = {"true", "false", "null"}  # YAML 1.2 core values an unquoted name would be (any case)
 
 
 def _name_ok(name: str) -> bool:

@@ -82,20 +82,24 @@ def test_onnx_runtime_matches(case, tmp_path):
     x = np.random.default_rng(1).standard_normal((5, *net.network.input_shape)).astype(np.float32)
     assert_close(ort_forward(model, x), net.forward(x), 1e-5, f"{case}: ONNX Runtime")
 
-    # export -> import: the same layers and weights (dropout, the identity in evaluation, is left out);
-    # netc import reads chains
-    if is_graph(net.network.layers):
-        return
+    # export -> import: the same layers, graph edges and weights (dropout, the identity in
+    # evaluation, is left out: what read it reads its input)
     path = tmp_path / f"{case}.onnx"
     path.write_bytes(model.SerializeToString())
     back = import_onnx(path, name=net.network.name)
-    kept = [l for l in net.network.layers if l.kind.kind != "dropout"]
 
-    def layer_facts(l):
-        opts = {k: v for k, v in l.opts.items() if k not in ("padding", "in_channels", "in_features")}
-        return (l.kind.kind, l.name, opts, l.derived.get("pads"), l.in_shape, l.out_shape)
+    def layer_facts(layers):
+        alias, out = {}, []
+        for l in layers:
+            ins = [alias.get(t, t) for t in l.inputs]
+            if l.kind.kind == "dropout":
+                alias[l.output] = ins[0]
+                continue
+            opts = {k: v for k, v in l.opts.items() if k not in ("padding", "in_channels", "in_features", "inputs")}
+            out.append((l.kind.kind, l.name, opts, l.derived.get("pads"), ins, l.in_shape, l.out_shape))
+        return out
 
-    assert [layer_facts(l) for l in back.network.layers] == [layer_facts(l) for l in kept]
+    assert layer_facts(back.network.layers) == layer_facts(net.network.layers)
     state = net.state_dict()
     assert set(back.state) == set(state)
     for k, v in state.items():

@@ -7,8 +7,9 @@ evaluation mode (float64 rel 1e-9, float32 rel 1e-5), loss and every parameter g
 training mode (float64 rel 1e-9, float32 rel 1e-4), by PyTorch's own parameter names (the
 import keeps the nested module names, layer1.0.conv1.weight).  They are exported without
 constant folding, which would fold batch norm into the convolution before it (that export
-is checked too, forward only).  Also: export -> import of every spec in specs/, ONNX's own
-Add/Sum/Concat node cases, and the refusals (broadcasting, other axes) naming the node.
+is checked too, forward only).  Also ONNX's own Add/Sum/Concat node cases, and the refusals
+(broadcasting, other axes) naming the node.  Export -> import of every spec in specs/ is in
+test_onnx_export.py.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_close
+from conftest import assert_close
 from test_onnx_import import H, case_tol, compiled, make_model, node_cases, randomized, save  # noqa: F401
 
 torch = pytest.importorskip("torch")
@@ -27,7 +28,6 @@ nn = torch.nn
 F = torch.nn.functional
 
 import netcompiler as nc  # noqa: E402
-from netcompiler.check import load  # noqa: E402
 from netcompiler.onnx_import import OnnxImportError, import_onnx  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",
@@ -238,46 +238,6 @@ def test_concat_spec(tmp_path):
            "kernel_size: 3, padding: 1}" in lines
     assert "  - concat: {name: features.3.concat, inputs: [features.3.expand1x1_activation, " \
            "features.3.expand3x3_activation]}" in lines
-
-
-# ---- export -> import of every shipped spec --------------------------------------------------------------
-def structure(network) -> list[tuple]:
-    """(name, kind, options, inputs) of each layer, dropout left out (the ONNX model is for
-    evaluation) and what read it reading its input instead."""
-    from netcompiler.onnx_export import _pads
-
-    alias: dict[str, str] = {}
-    out = []
-    for l in network.layers:
-        ins = [alias.get(t, t) for t in l.inputs]
-        if l.kind.kind == "dropout":
-            alias[l.output] = ins[0]
-            continue
-        opts = {k: v for k, v in l.opts.items() if k != "inputs"}
-        if "padding" in opts:  # 'same' and 'valid' as the pads they mean
-            opts["padding"] = tuple(_pads(l))
-        out.append((l.name, l.kind.kind, opts, ins))
-    return out
-
-
-@pytest.mark.parametrize("spec", sorted(p.name for p in (ROOT / "specs").glob("*.yaml")))
-def test_every_spec_exports_and_imports_back(spec, tmp_path):
-    from netcompiler.onnx_export import write_onnx
-
-    network = load(ROOT / "specs" / spec)
-    rng = np.random.default_rng(0)
-    shapes = network.param_shapes() | network.buffer_shapes()
-    state = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    for k in state:
-        if k.endswith("running_var"):
-            state[k] = np.abs(state[k]) + 0.5
-    path = tmp_path / f"{network.name}.onnx"
-    write_onnx(network, state, path)
-    imported = import_onnx(path)
-    assert structure(imported.network) == structure(network)
-    assert imported.state.keys() == state.keys()
-    for k, v in state.items():
-        np.testing.assert_array_equal(imported.state[k], v, err_msg=k)
 
 
 # ---- ONNX's operator cases: Add, Sum, Concat ------------------------------------------------------------

@@ -558,6 +558,10 @@ def test_names_from_torch_scopes_and_clashes():
     # invalid identifiers, '_' starts and the network's name are passed over; dotted names
     # (PyTorch's nested modules) are kept, so parameters are named as in the state_dict
     assert [l.name for l in layers] == ["features.0", "conv1", None, None, None]
+    # 'Null' would be YAML's null unquoted; 'y' is text in YAML 1.2; 'a.b' and 'a_b' are one name in C
+    odd = [L("relu", "Null"), L("relu", "y"), L("relu", "a.b"), L("relu", "a_b"), L("relu", "input")]
+    assign_names(odd, "net")
+    assert [l.name for l in odd] == [None, "y", None, None, None]
     clash = [L("conv2d"), L("relu", "conv1")]  # 'conv1' is the conv's automatic name
     assign_names(clash, "net")
     assert [l.name for l in clash] == [None, None]
