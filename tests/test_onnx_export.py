@@ -8,6 +8,7 @@ again must give the same layers (kinds, names, options, shapes) and the same wei
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,6 @@ import netcompiler as nc  # noqa: E402
 from netcompiler.check import check_text, load  # noqa: E402
 from netcompiler.onnx_export import OnnxExportError, onnx_model  # noqa: E402
 from netcompiler.onnx_import import import_onnx  # noqa: E402
-from netcompiler.report import is_graph  # noqa: E402
 from netcompiler.errors import NetcError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -181,15 +181,13 @@ def test_every_layer_kind_has_an_onnx_form():
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_torch_source_matches(case, tmp_path):
-    """The written module, its state_dict loaded from the weights file, gives Net.forward."""
+    """The written module, its state_dict loaded from the weights file (strictly: the same
+    names), gives Net.forward: an nn.Sequential for chains, a graph's forward with nested
+    modules for graphs and blocks (resnet20)."""
     torch = pytest.importorskip("torch")
     from netcompiler.torchref import torch_source
 
     net = trained_like(CASES[case], f"{case}.yaml")
-    if is_graph(net.network.layers) or any("." in l.name for l in net.network.layers):
-        with pytest.raises(NetcError, match="writes an nn.Sequential"):
-            torch_source(net.network)
-        return
     weights = tmp_path / "w.npz"
     net.save_weights(weights)
     py = tmp_path / f"{case}_model.py"
@@ -216,3 +214,37 @@ def test_quantize_is_for_c_only(tmp_path, capsys):
                  str(tmp_path / "m.onnx"), "--quantize", "int8", "--calibration", "fashion-mnist"]) == 1
     assert capsys.readouterr().err == "netc: error: --quantize int8 is for --format c, not onnx\n"
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_torch_source_of_a_graph_reads_as_the_spec():
+    from netcompiler.torchref import torch_source
+
+    src = torch_source(check_text(CASES["graph"], "graph.yaml"))
+    assert "class Graph(nn.Module):" in src
+    forward = src[src.index("    def forward(self, x):"):].splitlines()
+    assert forward[1:10] == [
+        "        x_ = self.x(x)  # 3x6x6",  # the layer named x: its local takes a '_'
+        "        r = self.r(x_)  # 3x6x6",
+        "        y = self.y(r)  # 3x6x6",
+        "        d = self.d(y)  # 3x6x6",
+        "        add1 = d + x_ + r  # 3x6x6",
+        "        cat = torch.cat([x, add1, x_], 1)  # 8x6x6",
+        "        flatten1 = self.flatten1(cat)  # 288",
+        "        fc1 = self.fc1(flatten1)  # 3",
+        "        return fc1",
+    ]
+    src = torch_source(load(ROOT / "specs" / "resnet20.yaml"))
+    assert "        self.layer1 = nn.Sequential(*(nn.Module() for _ in range(3)))" in src
+    assert "        layer2_0_downsample_1 = self.layer2[0].downsample[1](layer2_0_downsample_0)  # 32x16x16" in src
+    assert "        layer2_0_add1 = layer2_0_bn2 + layer2_0_downsample_1  # 32x16x16" in src
+
+
+@pytest.mark.parametrize("layers, message", [
+    (["relu: {name: a}", "relu: {name: a.b}"], "relu 'a': its name is also the start of other layers' names (a.b)"),
+    (["relu: {name: blk.train}", "relu"], "layer name 'blk.train': 'train' is an attribute of torch's nn.Module"),
+])
+def test_torch_source_refuses_names_no_module_can_have(layers, message):
+    from netcompiler.torchref import torch_source
+
+    with pytest.raises(NetcError, match=re.escape(message)):
+        torch_source(check_text(spec((2,), layers, "mse")))
