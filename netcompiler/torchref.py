@@ -272,8 +272,8 @@ def _graph_source(net: Network) -> str:
     # a container whose children are 0, 1, ... in order is an nn.Sequential, indexable as
     # torchvision's layer1[0] and downsample[1]; any other is an nn.Module
     sequential = {p for p, cs in children.items() if p and cs == [str(i) for i in range(len(cs))]}
-    # of empty modules when none of its children is a layer: made whole (nn.Sequential(*...))
-    whole = {p for p in sequential if not any(f"{p}.{c}" in leaves for c in children[p])}
+    # of plain modules when each child is one (no layer, no Sequential): made whole
+    whole = {p for p in sequential if not any(f"{p}.{c}" in leaves | sequential for c in children[p])}
 
     def access(path: str) -> str:
         expr, parent = "self", ""

@@ -343,3 +343,26 @@ def test_unused_nodes_are_left_out(tmp_path):
     imported = import_onnx(save(make_model(nodes, {}, (2, 3, 3), (2, 3, 3)), tmp_path / "m.onnx"))
     assert [l.kind.kind for l in imported.network.layers] == ["relu"]
     assert any("1 node the output does not depend on" in n for n in imported.notes)
+
+
+@pytest.mark.parametrize("case", sorted(GRAPHS))
+def test_import_then_torch_source_takes_the_original_state_dict(case, tmp_path):
+    """PyTorch -> ONNX -> netc import -> netc's PyTorch source: a module that loads the original
+    model's state_dict (strict) and computes what it computes."""
+    import importlib.util
+
+    from netcompiler.torchref import torch_source
+
+    builder, shape = GRAPHS[case]
+    model = randomized(builder).double().eval()
+    imported = import_onnx(export(model, shape, tmp_path / f"{case}.onnx", torch.float64))
+    py = tmp_path / f"{case}_model.py"
+    py.write_text(torch_source(imported.network))
+    spec = importlib.util.spec_from_file_location(f"{case}_model", py)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    written = getattr(mod, "".join(p.capitalize() for p in imported.name.split("_")))().double().eval()
+    written.load_state_dict(model.state_dict())
+    x = torch.as_tensor(np.random.default_rng(3).standard_normal((2, *shape)))
+    with torch.no_grad():
+        assert_close(written(x).numpy(), model(x).numpy(), 1e-12, what=case)
