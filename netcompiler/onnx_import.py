@@ -46,6 +46,7 @@ from .fileio import Refused, read_bounded
 MAX_MODEL_BYTES = 1 << 30  # 1 GiB: protobuf's own limit is 2 GiB; a model of 250M float32 weights
 MAX_NODES = 100_000
 MAX_ATTR_INT = 1 << 20  # as the spec's integer options (layers/base.py MAX_OPTION_INT)
+MAX_CONST_ELEMENTS = 1 << 28  # a folded constant (ConstantOfShape): as a 1 GiB model's float32 weights
 PROBE_BATCHES = (2, 3)  # shape arithmetic is folded for both: batch-dependent values differ
 
 
@@ -212,6 +213,29 @@ def _axes_input(ins, a: Attrs, rank: int) -> list[int]:
     return [int(x) % rank for x in np.asarray(axes).reshape(-1)]
 
 
+def _unsqueeze(ins, a: Attrs) -> np.ndarray:
+    """Unsqueeze: the axes are its second input (opset 13) or its attribute (before)."""
+    axes = np.asarray(ins[1] if len(ins) > 1 and ins[1] is not None else a.ints(
+        "axes", [], len(a.raw["axes"].ints) if "axes" in a.raw else 0, -64, 64)).reshape(-1)
+    rank = ins[0].ndim + len(axes)
+    return np.expand_dims(ins[0], tuple(int(x) % rank for x in axes))
+
+
+def _constant_of_shape(ins, a: Attrs) -> np.ndarray:
+    """ConstantOfShape: a tensor of the given shape filled with `value` (one element; 0.0 by
+    default); at most MAX_CONST_ELEMENTS elements."""
+    import onnx.numpy_helper as nh
+
+    shape = [int(d) for d in np.asarray(ins[0]).reshape(-1)]
+    if any(d < 0 for d in shape) or math.prod(shape) > MAX_CONST_ELEMENTS:
+        raise ValueError(f"shape {shape}: at most {MAX_CONST_ELEMENTS:,} elements")
+    a.read.add("value")
+    value = nh.to_array(a.raw["value"].t).reshape(-1) if "value" in a.raw else np.zeros(1, np.float32)
+    if value.size != 1:
+        raise ValueError(f"value of {value.size} elements, expected 1")
+    return np.full(shape, value[0], dtype=value.dtype)
+
+
 def _slice(ins, a: Attrs):
     data, starts, ends = ins[0], ins[1], ins[2]
     axes = ins[3] if len(ins) > 3 and ins[3] is not None else np.arange(len(starts))
@@ -245,8 +269,8 @@ FOLD: dict[str, Callable[[list, Attrs], np.ndarray]] = {
     "Cast": lambda ins, a: ins[0].astype(_np_dtype(a.int("to", 1, 1, 16))),
     "Gather": lambda ins, a: np.take(ins[0], ins[1].astype(np.int64), axis=_axis(a, "axis", ins[0].ndim)),
     "Concat": lambda ins, a: np.concatenate([np.atleast_1d(x) for x in ins], axis=_axis(a, "axis", ins[0].ndim)),
-    "Unsqueeze": lambda ins, a: np.expand_dims(ins[0], tuple(
-        int(x) % (ins[0].ndim + len(np.asarray(ins[1]).reshape(-1))) for x in np.asarray(ins[1]).reshape(-1))),
+    "Unsqueeze": lambda ins, a: _unsqueeze(ins, a),
+    "ConstantOfShape": lambda ins, a: _constant_of_shape(ins, a),
     "Squeeze": lambda ins, a: np.squeeze(ins[0], axis=tuple(_axes_input(ins, a, ins[0].ndim)) or None),
     "Slice": lambda ins, a: _slice(ins, a),
     "Transpose": lambda ins, a: np.transpose(ins[0], a.ints("perm", None, ins[0].ndim, 0, 64)),
@@ -300,6 +324,8 @@ class _Importer:
                                   f"netcompiler networks have one input and one output")
         self.input, self.output = inputs[0].name, g.output[0].name
         self.input_shape = self._sample_shape(inputs[0], "input")
+        batch = inputs[0].type.tensor_type.shape.dim[0]
+        self.fixed_batch = batch.dim_value if batch.HasField("dim_value") and batch.dim_value > 0 else None
         try:
             # data propagation evaluates shape arithmetic (Shape -> Gather -> Concat -> Reshape)
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -850,6 +876,15 @@ def _reshape(imp: _Importer, node, a: Attrs) -> list[ImportedLayer]:
     if not imp.is_const(node.input[1]):
         raise imp.fail(node, "the target shape is not a constant (it depends on values, not only on shapes)")
     in_shape = imp.sample_shape(node, imp.cur)
+    target = imp.consts[0][node.input[1]]
+    if imp.fixed_batch and all(np.array_equal(c[node.input[1]], target) for c in imp.consts[1:]):
+        # a model exported for one batch size (Caffe2's, batch 1): a constant [1, C*H*W] is
+        # that batch's flatten
+        out = _reshape_target((imp.fixed_batch, *in_shape), target, allowzero)
+        if out is not None and out[0] == imp.fixed_batch:
+            imp.notes.append(f"{describe(node)}: the model's batch size is fixed at {imp.fixed_batch}; its reshape to "
+                             f"{target.tolist()} is that batch's flatten, imported as flatten for any batch")
+            return _flatten_to(imp, node, out[1:])
     for b, consts in zip(PROBE_BATCHES, imp.consts):
         out = _reshape_target((b, *in_shape), consts[node.input[1]], allowzero)
         if out is None or out[0] != b:

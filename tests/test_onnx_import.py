@@ -579,3 +579,42 @@ def test_network_name_that_is_a_layer_name(tmp_path):
     assert import_onnx(path).name == "fc1_net"
     with pytest.raises(OnnxImportError, match="network name 'fc2' is also a layer's name"):
         import_onnx(path, name="fc2")
+
+
+def test_constant_of_shape_and_old_unsqueeze(tmp_path):
+    # weights made by ConstantOfShape (as the ONNX model zoo's light models have them), a
+    # bias through opset 11's Unsqueeze with an axes attribute, then Squeeze back
+    nodes = [H("ConstantOfShape", ["wshape"], "W", value=onnx.numpy_helper.from_array(np.array([0.25], np.float32))),
+             H("Unsqueeze", ["b0"], "b1", axes=[0]), H("Squeeze", ["b1"], "b", axes=[0]),
+             H("Conv", ["x", "W", "b"], "c", name="c1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             H("Relu", ["c"], "y")]
+    inits = {"wshape": np.array([3, 2, 3, 3]), "b0": np.array([0.5, -1.0, 2.0], np.float32)}
+    imported = check_against_ort(make_model(nodes, inits, (2, 4, 4), (3, 4, 4), opset=11), tmp_path, (2, 4, 4))
+    assert (imported.state["c1.weight"] == 0.25).all() and imported.state["c1.weight"].shape == (3, 2, 3, 3)
+    np.testing.assert_array_equal(imported.state["c1.bias"], inits["b0"])
+
+
+def test_fixed_batch_reshape_is_a_flatten(tmp_path):
+    """A model exported for batch 1 (Caffe2's ResNet-50 and VGG-19) flattens with a constant
+    [1, C*H*W]: imported as flatten, with a note; a target that keeps no batch is refused."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def model(target):
+        nodes = [H("Reshape", ["x", "t"], "f", name="flat"), H("Gemm", ["f", "W"], "y", transB=1)]
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+            [numpy_helper.from_array(np.array(target), "t"),
+             numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 18)).astype(np.float32), "W")])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        m.ir_version = 8
+        return m
+
+    path = save(model([1, 18]), tmp_path / "fixed.onnx")
+    imported = import_onnx(path)
+    assert [l.kind.kind for l in imported.network.layers] == ["flatten", "linear"]
+    assert any("batch size is fixed at 1" in n for n in imported.notes)
+    x = np.random.default_rng(1).standard_normal((1, 2, 3, 3)).astype(np.float32)
+    assert_close(compiled(imported, "float32").forward(x), ort_run(path, x), 1e-5, "fixed batch")
+    with pytest.raises(OnnxImportError, match="node 'flat' \\(Reshape\\): reshapes a batch of 2 samples"):
+        import_onnx(save(model([2, 9]), tmp_path / "bad.onnx"))
