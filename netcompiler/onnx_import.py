@@ -340,6 +340,9 @@ class _Importer:
         self.nodes = self._fold(list(g.node))
         self.notes: list[str] = []
         self.layers: list[ImportedLayer] = []
+        # ONNX tensor -> the layer that computes it (None: the network input); an identity
+        # (Dropout, a Flatten of a flat tensor) maps its output to its input's layer
+        self.source: dict[str, ImportedLayer | None] = {self.input: None}
 
     # -- messages
     def fail(self, node, message: str, alternative: str = "") -> OnnxImportError:
@@ -403,17 +406,17 @@ class _Importer:
 
     # -- shapes
     def sample_shape(self, node, name: str) -> tuple[int, ...]:
-        """The per-sample shape of a tensor: from ONNX's shape inference, else (for the
-        current tensor) by checking the layers converted so far."""
+        """The per-sample shape of a tensor: from ONNX's shape inference, else (for a tensor
+        the layers converted so far compute) by checking them."""
         full = self.shapes.get(name)
         if full is not None and None not in full[1:]:
             return tuple(full[1:])
         if name == self.input:
             return self.input_shape
-        src = self.source.get(name, False) if hasattr(self, "source") else False
-        if src is None:
+        if name in self.source and self.source[name] is None:
             return self.input_shape
-        if src is not False and self.layers:
+        if name in self.source and self.layers:
+            src = self.source[name]
             from .check import check_text
 
             assign_names(self.layers, "net")
@@ -432,9 +435,6 @@ class _Importer:
             for t in n.input:
                 consumers.setdefault(t, []).append(i)
         self.consumers = consumers
-        # ONNX tensor -> the layer that computes it (None: the network input); an identity
-        # (Dropout, a Flatten of a flat tensor) maps its output to its input's layer
-        self.source: dict[str, ImportedLayer | None] = {self.input: None}
         self.cur, self.pos = self.input, 0
         self.layers = layers = []
         while self.pos < len(self.nodes):

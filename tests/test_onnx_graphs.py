@@ -366,3 +366,23 @@ def test_import_then_torch_source_takes_the_original_state_dict(case, tmp_path):
     x = torch.as_tensor(np.random.default_rng(3).standard_normal((2, *shape)))
     with torch.no_grad():
         assert_close(written(x).numpy(), model(x).numpy(), 1e-12, what=case)
+
+
+def test_shapes_without_onnx_shape_inference(tmp_path, monkeypatch):
+    """When ONNX's shape inference fails, the shapes come from checking the layers converted
+    so far, branches included."""
+    from test_onnx_import import ort_run
+
+    rng = np.random.default_rng(0)
+    nodes = [H("Relu", ["x"], "r", name="r"), H("Add", ["r", "x"], "a", name="res"),
+             H("Flatten", ["a"], "f"), H("Gemm", ["f", "W"], "y", transB=1)]
+    path = save(make_model(nodes, {"W": rng.standard_normal((3, 18))}, (2, 3, 3), (3,)), tmp_path / "m.onnx")
+
+    def fail(*args, **kw):
+        raise RuntimeError("no shape inference")
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", fail)
+    imported = import_onnx(path)
+    assert [l.kind.kind for l in imported.network.layers] == ["relu", "add", "flatten", "linear"]
+    x = rng.standard_normal((2, 2, 3, 3)).astype(np.float32)
+    assert_close(compiled(imported, "float32").forward(x), ort_run(path, x), 1e-5, "no shape inference")
