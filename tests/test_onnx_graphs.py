@@ -386,3 +386,14 @@ def test_shapes_without_onnx_shape_inference(tmp_path, monkeypatch):
     assert [l.kind.kind for l in imported.network.layers] == ["relu", "add", "flatten", "linear"]
     x = rng.standard_normal((2, 2, 3, 3)).astype(np.float32)
     assert_close(compiled(imported, "float32").forward(x), ort_run(path, x), 1e-5, "no shape inference")
+
+
+def test_activation_of_a_tensor_with_other_readers(tmp_path):
+    # x read by Sigmoid and Tanh (no SiLU pair): each its own layer; then an Add of three
+    from test_onnx_import import check_against_ort
+
+    nodes = [H("Sigmoid", ["x"], "s", name="s"), H("Tanh", ["x"], "t", name="t"),
+             H("Sum", ["s", "t", "x"], "y", name="total")]
+    imported = check_against_ort(make_model(nodes, {}, (2, 3, 3), (2, 3, 3)), tmp_path, (2, 3, 3))
+    assert imported.spec.splitlines()[-4:-1] == [
+        "  - sigmoid: {name: s}", "  - tanh: {name: t, inputs: [input]}", "  - add: {name: total, inputs: [s, t, input]}"]
