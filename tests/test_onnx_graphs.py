@@ -397,3 +397,35 @@ def test_activation_of_a_tensor_with_other_readers(tmp_path):
     imported = check_against_ort(make_model(nodes, {}, (2, 3, 3), (2, 3, 3)), tmp_path, (2, 3, 3))
     assert imported.spec.splitlines()[-4:-1] == [
         "  - sigmoid: {name: s}", "  - tanh: {name: t, inputs: [input]}", "  - add: {name: total, inputs: [s, t, input]}"]
+
+
+def test_cli_graph_import_and_torch_export(tmp_path):
+    """README's flow: a PyTorch residual net -> ONNX -> netc import -> netc export --format torch
+    -> a module that takes the original state_dict and computes what the original does."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    model = randomized(ResNetish).eval()
+    onnx_path = export(model, (3, 8, 8), tmp_path / "resnetish.onnx", torch.float32)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "netcompiler", *map(str, args)], capture_output=True,
+                                       text=True, cwd=ROOT)
+    r = run("import", onnx_path, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    params = sum(p.numel() for p in model.parameters())  # PyTorch's count
+    assert r.stdout.splitlines()[-1] == f"{tmp_path / 'out' / 'resnetish.yaml'}: ok (resnetish: 3x8x8 -> 5, " \
+                                        f"{params:,} parameters)"
+    py = tmp_path / "resnetish_model.py"
+    r = run("export", tmp_path / "out" / "resnetish.yaml", tmp_path / "out" / "resnetish.npz", "--format", "torch",
+            "-o", py)
+    assert r.returncode == 0, r.stderr
+    spec = importlib.util.spec_from_file_location("resnetish_model", py)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    written = mod.Resnetish().eval()
+    written.load_state_dict(model.state_dict())
+    x = torch.as_tensor(np.random.default_rng(5).standard_normal((2, 3, 8, 8)), dtype=torch.float32)
+    with torch.no_grad():
+        assert_close(written(x).numpy(), model(x).numpy(), 1e-6, what="written module")
