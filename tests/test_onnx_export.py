@@ -56,6 +56,10 @@ KINDS["graph"] = spec((2, 6, 6), [
     "conv2d: {name: y, out_channels: 3, kernel_size: 3, padding: 1, inputs: [r]}", "dropout: {name: d}",
     "add: {inputs: [d, x, r]}", "concat: {name: cat, inputs: [input, add1, x]}", "flatten",
     "linear: {out_features: 3}"])
+KINDS["graph_padded"] = spec((2, 7, 6), [  # the Padded* modules inside a graph's torch source
+    "conv2d: {name: a, out_channels: 3, kernel_size: 3, stride: 2, padding: [0, 1, 1, 1]}", "relu: {name: r}",
+    "maxpool2d: {name: p, kernel_size: 2, stride: 1, padding: [1, 0, 0, 1], inputs: [a]}", "add: {inputs: [r, p]}",
+    "flatten", "linear: {out_features: 2}"])
 CASES = {p.stem: p.read_text() for p in SPECS} | KINDS
 
 
