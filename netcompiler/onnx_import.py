@@ -998,8 +998,12 @@ def _identity(imp: _Importer, node, a: Attrs) -> list[ImportedLayer]:
 
 def _softmax(imp: _Importer, node, a: Attrs) -> list[ImportedLayer]:
     shape = imp.sample_shape(node, imp.cur)
-    axis = a.int("axis", -1 if imp.opset >= 13 else 1, -2, 1)
-    if node.output[0] != imp.output or len(shape) != 1 or axis not in (1, -1):
+    rank = len(shape) + 1
+    axis = a.int("axis", -1 if imp.opset >= 13 else 1, -rank, rank - 1) % rank
+    # over the features, or over the channels of (C, 1, 1) (a classifier ending in a global
+    # pool, as SqueezeNet): every value but the batch in both readings of axis 1
+    over_all = rank == 2 or (rank == 4 and shape[1:] == (1, 1))
+    if node.output[0] != imp.output or not over_all or axis != 1:
         raise imp.fail(node, "only a final Softmax/LogSoftmax over the features is supported (it is dropped)",
                        "netcompiler's cross_entropy applies log-softmax to the logits")
     imp.advance(node)

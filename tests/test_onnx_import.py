@@ -618,3 +618,18 @@ def test_fixed_batch_reshape_is_a_flatten(tmp_path):
     assert_close(compiled(imported, "float32").forward(x), ort_run(path, x), 1e-5, "fixed batch")
     with pytest.raises(OnnxImportError, match="node 'flat' \\(Reshape\\): reshapes a batch of 2 samples"):
         import_onnx(save(model([2, 9]), tmp_path / "bad.onnx"))
+
+
+def test_final_softmax_over_channels_of_a_pooled_map(tmp_path):
+    """SqueezeNet's classifier ends in a global pool and a Softmax over (C, 1, 1): dropped as the
+    Softmax over features is; opset 13's default axis (the last, of size 1) is refused."""
+    rng = np.random.default_rng(0)
+    nodes = [H("Conv", ["x", "W"], "c", kernel_shape=[1, 1]), H("GlobalAveragePool", ["c"], "g"),
+             H("Softmax", ["g"], "y", name="prob", axis=1)]
+    inits = {"W": rng.standard_normal((4, 2, 1, 1))}
+    imported = import_onnx(save(make_model(nodes, inits, (2, 3, 3), (4, 1, 1), opset=11), tmp_path / "s.onnx"))
+    assert [l.kind.kind for l in imported.network.layers] == ["conv2d", "global_avgpool2d"]
+    assert any("'prob' (Softmax, axis=1): dropped" in n for n in imported.notes)
+    nodes[-1] = H("Softmax", ["g"], "y", name="prob")
+    with pytest.raises(OnnxImportError, match="node 'prob' \\(Softmax\\): only a final Softmax"):
+        import_onnx(save(make_model(nodes, inits, (2, 3, 3), (4, 1, 1), opset=13), tmp_path / "s13.onnx"))
