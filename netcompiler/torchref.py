@@ -1,4 +1,5 @@
-"""The PyTorch twin of a checked network, for `netc verify` and the tests.
+"""The PyTorch twin of a checked network, for `netc verify` and the tests, and its Python
+source for `netc export --format torch` (`torch_source`).
 
 torch is optional: importing this module without torch raises ImportError.
 """
