@@ -1066,7 +1066,7 @@ def _add(imp: _Importer, node, a: Attrs) -> list[ImportedLayer]:
     shapes = [s for _, s in ins]
     if any(len(s) != len(shapes[0]) or any(x is not None and y is not None and x != y for x, y in zip(s, shapes[0]))
            for s in shapes[1:]):
-        shown = " and ".join(str(["N" if d is None else d for d in s]) for s in shapes)
+        shown = " and ".join("[" + ", ".join("N" if d is None else str(d) for d in s) + "]" for s in shapes)
         raise imp.fail(node, f"broadcasts: it adds tensors of shapes {shown}",
                        "add sums tensors of one shape (a residual connection); expand the smaller one in the "
                        "model")

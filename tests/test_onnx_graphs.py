@@ -311,7 +311,7 @@ def test_onnx_merge_node_cases(node_cases, tmp_path):
 # ---- refusals -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("nodes, inits, out_shape, message", [
     ([H("GlobalAveragePool", ["x"], "g", name="gap"), H("Add", ["x", "g"], "y", name="res")], {}, (2, 3, 3),
-     "node 'res' (Add): broadcasts: it adds tensors of shapes ['N', 2, 3, 3] and ['N', 2, 1, 1]; add sums "
+     "node 'res' (Add): broadcasts: it adds tensors of shapes [N, 2, 3, 3] and [N, 2, 1, 1]; add sums "
      "tensors of one shape"),
     ([H("Relu", ["x"], "r", name="r"), H("Concat", ["x", "r"], "y", name="cat", axis=2)], {}, (2, 6, 3),
      "node 'cat' (Concat, axis=2): concatenates along axis 2 (height); concat joins channels"),
