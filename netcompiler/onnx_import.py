@@ -11,11 +11,17 @@ Stages, each a table (nothing here switches on an operator's name outside a tabl
    onnx-simplifier does.  Shape arithmetic is evaluated for two batch sizes, so a value
    that depends on the batch (the target of `x.reshape(x.shape[0], -1)`) is told apart
    from one that does not.
-3. convert: the remaining nodes, in order, must form a chain; each is matched by a row
-   of `OPS` (one per ONNX operator) that turns it, and sometimes the nodes right after
-   it (MatMul + Add, Pad + Conv), into layers.  A run of element-wise nodes on scalars
+3. convert: the nodes the output depends on, in order (a valid execution order), each
+   matched by a row of `OPS` (one per ONNX operator) that turns it, and sometimes the
+   nodes right after it (MatMul + Add, Pad + Conv), into layers; Add, Sum and Concat of
+   several tensors are rows of `MULTI_INPUT` (add, concat).  A tensor may be read by any
+   number of nodes: each layer records the layers it reads, and the spec names them in
+   `inputs:` only where the graph is not a chain.  A run of element-wise nodes on scalars
    (PyTorch's Erf and Tanh decompositions of GELU) is identified by evaluating it on probe
    points against `COMPOSITES` (one row per activation).
+   Layer names come from the nodes: ONNX node names, the weight's module path
+   (layer1.0.conv1 of 'layer1.0.conv1.weight'), PyTorch's scope ('/layer1/layer1.0/relu/Relu'),
+   so parameters are named as in the model's state_dict.
 4. check: the spec text is checked by check.py, and each layer's output shape is compared
    with the shape ONNX's own shape inference gives the node: a difference (PyTorch's
    ceil_mode rule against ONNX's, say) is an error, never a silently different network.
@@ -40,6 +46,7 @@ from .fileio import Refused, read_bounded
 MAX_MODEL_BYTES = 1 << 30  # 1 GiB: protobuf's own limit is 2 GiB; a model of 250M float32 weights
 MAX_NODES = 100_000
 MAX_ATTR_INT = 1 << 20  # as the spec's integer options (layers/base.py MAX_OPTION_INT)
+MAX_CONST_ELEMENTS = 1 << 28  # a folded constant (ConstantOfShape): as a 1 GiB model's float32 weights
 PROBE_BATCHES = (2, 3)  # shape arithmetic is folded for both: batch-dependent values differ
 
 
@@ -206,6 +213,29 @@ def _axes_input(ins, a: Attrs, rank: int) -> list[int]:
     return [int(x) % rank for x in np.asarray(axes).reshape(-1)]
 
 
+def _unsqueeze(ins, a: Attrs) -> np.ndarray:
+    """Unsqueeze: the axes are its second input (opset 13) or its attribute (before)."""
+    axes = np.asarray(ins[1] if len(ins) > 1 and ins[1] is not None else a.ints(
+        "axes", [], len(a.raw["axes"].ints) if "axes" in a.raw else 0, -64, 64)).reshape(-1)
+    rank = ins[0].ndim + len(axes)
+    return np.expand_dims(ins[0], tuple(int(x) % rank for x in axes))
+
+
+def _constant_of_shape(ins, a: Attrs) -> np.ndarray:
+    """ConstantOfShape: a tensor of the given shape filled with `value` (one element; 0.0 by
+    default); at most MAX_CONST_ELEMENTS elements."""
+    import onnx.numpy_helper as nh
+
+    shape = [int(d) for d in np.asarray(ins[0]).reshape(-1)]
+    if any(d < 0 for d in shape) or math.prod(shape) > MAX_CONST_ELEMENTS:
+        raise ValueError(f"shape {shape}: at most {MAX_CONST_ELEMENTS:,} elements")
+    a.read.add("value")
+    value = nh.to_array(a.raw["value"].t).reshape(-1) if "value" in a.raw else np.zeros(1, np.float32)
+    if value.size != 1:
+        raise ValueError(f"value of {value.size} elements, expected 1")
+    return np.full(shape, value[0], dtype=value.dtype)
+
+
 def _slice(ins, a: Attrs):
     data, starts, ends = ins[0], ins[1], ins[2]
     axes = ins[3] if len(ins) > 3 and ins[3] is not None else np.arange(len(starts))
@@ -239,8 +269,8 @@ FOLD: dict[str, Callable[[list, Attrs], np.ndarray]] = {
     "Cast": lambda ins, a: ins[0].astype(_np_dtype(a.int("to", 1, 1, 16))),
     "Gather": lambda ins, a: np.take(ins[0], ins[1].astype(np.int64), axis=_axis(a, "axis", ins[0].ndim)),
     "Concat": lambda ins, a: np.concatenate([np.atleast_1d(x) for x in ins], axis=_axis(a, "axis", ins[0].ndim)),
-    "Unsqueeze": lambda ins, a: np.expand_dims(ins[0], tuple(
-        int(x) % (ins[0].ndim + len(np.asarray(ins[1]).reshape(-1))) for x in np.asarray(ins[1]).reshape(-1))),
+    "Unsqueeze": lambda ins, a: _unsqueeze(ins, a),
+    "ConstantOfShape": lambda ins, a: _constant_of_shape(ins, a),
     "Squeeze": lambda ins, a: np.squeeze(ins[0], axis=tuple(_axes_input(ins, a, ins[0].ndim)) or None),
     "Slice": lambda ins, a: _slice(ins, a),
     "Transpose": lambda ins, a: np.transpose(ins[0], a.ints("perm", None, ins[0].ndim, 0, 64)),
@@ -263,6 +293,8 @@ class ImportedLayer:
     params: dict[str, np.ndarray] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)  # candidate layer names, best first
     name: str | None = None  # the name written to the spec (None: the automatic name)
+    reads: list["ImportedLayer | None"] = field(default_factory=list)  # the layers it reads (None: the input)
+    final: str = ""  # its name in the spec, written or automatic (assign_names)
 
 
 class _Importer:
@@ -292,6 +324,8 @@ class _Importer:
                                   f"netcompiler networks have one input and one output")
         self.input, self.output = inputs[0].name, g.output[0].name
         self.input_shape = self._sample_shape(inputs[0], "input")
+        batch = inputs[0].type.tensor_type.shape.dim[0]
+        self.fixed_batch = batch.dim_value if batch.HasField("dim_value") and batch.dim_value > 0 else None
         try:
             # data propagation evaluates shape arithmetic (Shape -> Gather -> Concat -> Reshape)
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -306,6 +340,9 @@ class _Importer:
         self.nodes = self._fold(list(g.node))
         self.notes: list[str] = []
         self.layers: list[ImportedLayer] = []
+        # ONNX tensor -> the layer that computes it (None: the network input); an identity
+        # (Dropout, a Flatten of a flat tensor) maps its output to its input's layer
+        self.source: dict[str, ImportedLayer | None] = {self.input: None}
 
     # -- messages
     def fail(self, node, message: str, alternative: str = "") -> OnnxImportError:
@@ -369,26 +406,30 @@ class _Importer:
 
     # -- shapes
     def sample_shape(self, node, name: str) -> tuple[int, ...]:
-        """The per-sample shape of a tensor: from ONNX's shape inference, else (for the
-        current tensor) by checking the layers converted so far."""
+        """The per-sample shape of a tensor: from ONNX's shape inference, else (for a tensor
+        the layers converted so far compute) by checking them."""
         full = self.shapes.get(name)
         if full is not None and None not in full[1:]:
             return tuple(full[1:])
         if name == self.input:
             return self.input_shape
-        if name == self.cur and self.layers:
+        if name in self.source and self.source[name] is None:
+            return self.input_shape
+        if name in self.source and self.layers:
+            src = self.source[name]
             from .check import check_text
 
             assign_names(self.layers, "net")
+            text = spec_text("net", self.input_shape, self.layers, "mse", [])
             try:
-                return check_text(spec_text("net", self.input_shape, self.layers, "mse", []), "net.yaml").output_shape
+                return check_text(text, "net.yaml").layers[self.layers.index(src)].out_shape
             except SpecErrors as exc:
-                raise _located(exc, spec_text("net", self.input_shape, self.layers, "mse", []), self.layers,
-                               self) from None
+                raise _located(exc, text, self.layers, self) from None
         raise self.fail(node, f"the shape of '{printable(name)}' is unknown (ONNX shape inference gave none)")
 
     # -- conversion
     def run(self) -> list[ImportedLayer]:
+        self.nodes = self._live(self.nodes)
         consumers: dict[str, list[int]] = {}
         for i, n in enumerate(self.nodes):
             for t in n.input:
@@ -399,30 +440,67 @@ class _Importer:
         while self.pos < len(self.nodes):
             node = self.nodes[self.pos]
             data = [t for t in node.input if not self.is_const(t)]
-            if self.cur not in data or len(set(data)) != 1 and node.op_type not in MULTI_INPUT:
-                raise self.fail(node, "reads tensors other than the previous node's output: the graph branches",
-                                "a spec is a chain of layers, each reading the one before (residual add and "
-                                "concat are not supported yet)")
+            if not data:
+                raise self.fail(node, "reads only constants, and is not an operator netcompiler evaluates at import",
+                                "constant shape arithmetic: " + ", ".join(sorted(FOLD)))
+            unknown = [t for t in data if t not in self.source]
+            if unknown:
+                raise self.fail(node, f"reads '{printable(unknown[0])}', which no node before it computes (the "
+                                      f"nodes are not in execution order)")
+            multi = MULTI_INPUT.get(node.op_type)
+            if len(set(data)) > 1 and multi is None:
+                raise self.fail(node, f"reads {len(set(data))} activation tensors ({', '.join(map(printable, data))})",
+                                "netcompiler's layers read one tensor, except add (Add, Sum of tensors of one "
+                                "shape) and concat (Concat along channels)")
+            self.cur = data[0]
             users = consumers.get(self.cur, [])
-            if len(users) > 1 and node.op_type not in ELEMENTWISE:
-                raise self.fail(node, f"its input '{printable(self.cur)}' is read by {len(users)} nodes: the graph "
-                                      f"branches", "a spec is a chain of layers")
+            if multi is not None and (len(data) > 1 or node.op_type not in ELEMENTWISE):
+                a = Attrs(node, lambda m, alt=multi.alternative, n=node: self.fail(n, m, alt))
+                new = multi.convert(self, node, a)
+                a.done()
+                self.pos += 1
+                self.source[node.output[0]] = new[-1] if new else self.source[data[0]]
+                self.layers.extend(new)
+                continue
+            src = self.source[self.cur]
             if node.op_type in ELEMENTWISE and (node.op_type not in OPS or len(users) > 1):
                 new = self.composite(node)
             else:
+                new = None
+            if new is None:
                 rule = OPS.get(node.op_type)
                 if rule is None:
                     raise self.fail(node, "operator not supported", UNSUPPORTED_OPS.get(
-                        node.op_type, "supported operators: " + ", ".join(sorted(OPS))))
+                        node.op_type, "supported operators: " + ", ".join(sorted({*OPS, *MULTI_INPUT}))))
                 a = Attrs(node, lambda m, alt=rule.alternative, n=node: self.fail(n, m, alt))
                 new = rule.convert(self, node, a)
                 a.done()
                 self.pos += 1
+            if new:
+                new[0].reads = [src]
+                for before, l in zip(new, new[1:]):
+                    l.reads = [before]
+            self.source[self.cur] = new[-1] if new else src
             layers.extend(new)
-        if self.cur != self.output:
-            raise OnnxImportError(f"{self.path}: the graph output '{printable(self.output)}' is not the end of the "
-                                  f"chain of nodes")
+        if self.output not in self.source:
+            raise OnnxImportError(f"{self.path}: no node computes the graph output '{printable(self.output)}'")
+        if layers and self.source[self.output] is not layers[-1]:
+            raise OnnxImportError(f"{self.path}: the graph output '{printable(self.output)}' is not the last "
+                                  f"layer's output")
         return layers
+
+    def _live(self, nodes: list) -> list:
+        """The nodes the graph output depends on (in their order); the others are noted."""
+        need = {self.output}
+        live = []
+        for node in reversed(nodes):
+            if any(o in need for o in node.output):
+                live.append(node)
+                need.update(t for t in node.input if t)
+        dead = len(nodes) - len(live)
+        if dead:
+            self.notes.append(f"{dead} node{'s' if dead > 1 else ''} the output does not depend on: not imported")
+        return live[::-1]
 
     def advance(self, node, out_index: int = 0) -> None:
         self.cur = node.output[out_index]
@@ -435,7 +513,9 @@ class _Importer:
         return None
 
     # element-wise runs: identified by their values on probe points
-    def composite(self, first) -> list[ImportedLayer]:
+    def composite(self, first) -> list[ImportedLayer] | None:
+        """The activation a run of element-wise nodes from `first` computes; None when there
+        is none and `first` has a row of its own."""
         x = self.cur
         run, known = [], {x}
         for node in self.nodes[self.pos:]:
@@ -451,8 +531,9 @@ class _Importer:
             part = run[:end]
             inside = {n.output[0] for n in part}
             positions = set(range(self.pos, self.pos + end))
+            # nothing outside the run reads its inner tensors (its input may have other readers)
             closed = all(set(self.consumers.get(t, [])) <= positions and t != self.output
-                         for t in inside - {part[-1].output[0]}) and set(self.consumers.get(x, [])) <= positions
+                         for t in inside - {part[-1].output[0]})
             if not closed:
                 continue
             values = self._evaluate(part, x)
@@ -462,6 +543,14 @@ class _Importer:
                     self.pos += end
                     self.cur = part[-1].output[0]
                     return [ImportedLayer(kind, dict(opts), part[-1], names=self.scope_names(part[-1]))]
+        if first.op_type in OPS:
+            return None  # a Sigmoid or Tanh on its own: its row converts it
+        consts = [t for t in first.input if self.is_const(t) and t and self.const(first, t).size > 1]
+        if consts:
+            shape = list(self.const(first, consts[0]).shape)
+            raise self.fail(first, f"combines the activations with a constant tensor of shape {shape}",
+                            "element-wise layers with scalar constants are activations; per-channel scales and "
+                            "shifts: batchnorm2d; a bias belongs to its conv2d or linear")
         ops = ", ".join(n.op_type for n in run) or first.op_type
         raise self.fail(first, f"starts an element-wise computation ({ops}) that is none of the activations "
                                f"netcompiler has", f"{ACTIVATIONS} (gelu exact or tanh); per-channel scales "
@@ -484,6 +573,15 @@ class _Importer:
         m = re.fullmatch(r"/(.+)/[A-Za-z]+(_\d+)?", node.name or "")
         if m:
             out.append(m.group(1))
+            # PyTorch's scope: each module qualified by its container ('/layer1/layer1.0/conv1'),
+            # the dotted module path (layer1.0.conv1) is the state_dict's
+            path: list[str] = []
+            for part in m.group(1).split("/"):
+                if path and part.startswith(path[-1] + "."):
+                    path[-1] = part
+                else:
+                    path.append(part)
+            out.append(".".join(path))
         out += [re.sub(r"[./]+", "_", n).strip("_") for n in out[1:]]
         return out
 
@@ -508,9 +606,6 @@ COMPOSITES: list[tuple[str, dict, Callable[[np.ndarray], np.ndarray]]] = [
      lambda x: x / 2 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))),
     ("silu", {}, lambda x: x / (1 + np.exp(-x))),
 ]
-
-
-MULTI_INPUT: set[str] = set()  # ops reading several activation tensors (graph constructs: Add, Concat)
 
 
 # ---- operator rows --------------------------------------------------------------------------
@@ -781,6 +876,15 @@ def _reshape(imp: _Importer, node, a: Attrs) -> list[ImportedLayer]:
     if not imp.is_const(node.input[1]):
         raise imp.fail(node, "the target shape is not a constant (it depends on values, not only on shapes)")
     in_shape = imp.sample_shape(node, imp.cur)
+    target = imp.consts[0][node.input[1]]
+    if imp.fixed_batch and all(np.array_equal(c[node.input[1]], target) for c in imp.consts[1:]):
+        # a model exported for one batch size (Caffe2's, batch 1): a constant [1, C*H*W] is
+        # that batch's flatten
+        out = _reshape_target((imp.fixed_batch, *in_shape), target, allowzero)
+        if out is not None and out[0] == imp.fixed_batch:
+            imp.notes.append(f"{describe(node)}: the model's batch size is fixed at {imp.fixed_batch}; its reshape to "
+                             f"{target.tolist()} is that batch's flatten, imported as flatten for any batch")
+            return _flatten_to(imp, node, out[1:])
     for b, consts in zip(PROBE_BATCHES, imp.consts):
         out = _reshape_target((b, *in_shape), consts[node.input[1]], allowzero)
         if out is None or out[0] != b:
@@ -894,8 +998,12 @@ def _identity(imp: _Importer, node, a: Attrs) -> list[ImportedLayer]:
 
 def _softmax(imp: _Importer, node, a: Attrs) -> list[ImportedLayer]:
     shape = imp.sample_shape(node, imp.cur)
-    axis = a.int("axis", -1 if imp.opset >= 13 else 1, -2, 1)
-    if node.output[0] != imp.output or len(shape) != 1 or axis not in (1, -1):
+    rank = len(shape) + 1
+    axis = a.int("axis", -1 if imp.opset >= 13 else 1, -rank, rank - 1) % rank
+    # over the features, or over the channels of (C, 1, 1) (a classifier ending in a global
+    # pool, as SqueezeNet): every value but the batch in both readings of axis 1
+    over_all = rank == 2 or (rank == 4 and shape[1:] == (1, 1))
+    if node.output[0] != imp.output or not over_all or axis != 1:
         raise imp.fail(node, "only a final Softmax/LogSoftmax over the features is supported (it is dropped)",
                        "netcompiler's cross_entropy applies log-softmax to the logits")
     imp.advance(node)
@@ -934,6 +1042,68 @@ OPS: dict[str, OpRule] = {
     "Softmax": OpRule(_softmax),
     "LogSoftmax": OpRule(_softmax),
 }
+
+
+def _merge_inputs(imp: _Importer, node, what: str) -> list[tuple[str, tuple]]:
+    """The tensors an Add, Sum or Concat reads, with their sample shapes; constants refused."""
+    ins = [t for t in node.input if t]
+    consts = [t for t in ins if imp.is_const(t)]
+    if consts:
+        raise imp.fail(node, f"{what} a constant ('{printable(consts[0])}') with activations",
+                       "add and concat read only tensors computed from the input; a bias belongs to its conv2d "
+                       "or linear")
+    out = []
+    for t in ins:
+        full = imp.shapes.get(t)
+        shape = imp.sample_shape(node, t)
+        out.append((t, (None, *shape) if full is None else tuple(full)))
+    return out
+
+
+def _add(imp: _Importer, node, a: Attrs) -> list[ImportedLayer]:
+    """Add / Sum of tensors of one shape: add (a residual connection); broadcasting is refused."""
+    ins = _merge_inputs(imp, node, "adds")
+    shapes = [s for _, s in ins]
+    if any(len(s) != len(shapes[0]) or any(x is not None and y is not None and x != y for x, y in zip(s, shapes[0]))
+           for s in shapes[1:]):
+        shown = " and ".join("[" + ", ".join("N" if d is None else str(d) for d in s) + "]" for s in shapes)
+        raise imp.fail(node, f"broadcasts: it adds tensors of shapes {shown}",
+                       "add sums tensors of one shape (a residual connection); expand the smaller one in the "
+                       "model")
+    imp.advance(node)
+    if len(ins) == 1:  # Sum of one tensor: the identity
+        return []
+    return [ImportedLayer("add", {}, node, names=imp.scope_names(node),
+                          reads=[imp.source[t] for t, _ in ins])]
+
+
+AXIS_NAMES = {4: ("the batch", "channels", "height", "width"), 2: ("the batch", "features")}
+
+
+def _concat(imp: _Importer, node, a: Attrs) -> list[ImportedLayer]:
+    """Concat along channels (N, C, H, W) or features (N, F): concat, as torch.cat(dim=1)."""
+    ins = _merge_inputs(imp, node, "concatenates")
+    rank = len(ins[0][1])
+    if rank not in AXIS_NAMES:
+        raise imp.fail(node, f"concatenates tensors of rank {rank}", "concat joins (batch, channels, height, width) "
+                                                                     "or (batch, features) tensors")
+    axis = a.int("axis", 1, -rank, rank - 1) % rank
+    if axis != 1:
+        raise imp.fail(node, f"concatenates along axis {axis} ({AXIS_NAMES[rank][axis]})",
+                       "concat joins channels (3-D samples) or features (1-D): axis 1, as torch.cat(dim=1)")
+    imp.advance(node)
+    if len(ins) == 1:
+        return []
+    return [ImportedLayer("concat", {}, node, names=imp.scope_names(node),
+                          reads=[imp.source[t] for t, _ in ins])]
+
+
+# operators that read several activation tensors (rows as OPS; they set the layers they read)
+MULTI_INPUT: dict[str, OpRule] = {
+    "Add": OpRule(_add, "add (tensors of one shape)"),
+    "Sum": OpRule(_add, "add (tensors of one shape)"),
+    "Concat": OpRule(_concat, "concat (along channels or features)"),
+}
 # Pad + next node: (does the padding value fit, converter of the next node with the extra pads)
 PAD_FOLDS: dict[str, tuple[Callable[[float], bool], Callable]] = {
     "Conv": (lambda v: v == 0, _conv),
@@ -943,8 +1113,6 @@ PAD_FOLDS: dict[str, tuple[Callable[[float], bool], Callable]] = {
 ACTIVATIONS = "activations are relu, relu6, leaky_relu, sigmoid, tanh, gelu, hardswish, silu"
 # operators with no row, and the nearest thing netcompiler has
 UNSUPPORTED_OPS: dict[str, str] = {
-    "Add": "residual add is a graph construct, not supported yet: a spec is a chain",
-    "Concat": "concat is a graph construct, not supported yet: a spec is a chain",
     "HardSigmoid": ACTIVATIONS,
     "ConvTranspose": "only conv2d (no transposed convolution)",
     "GlobalMaxPool": "maxpool2d with kernel_size equal to the input's height and width",
@@ -962,10 +1130,17 @@ UNSUPPORTED_OPS: dict[str, str] = {
 
 
 # ---- naming, writing --------------------------------------------------------------------------
-def _name_ok(name: str) -> bool:
-    from .check import IDENT, _bad_ident
+YAML_WORDS = {"true", "false", "null"}  # YAML 1.2 core values an unquoted name would be (any case)
 
-    return bool(name) and bool(IDENT.match(name)) and not _bad_ident(name)
+
+def _name_ok(name: str) -> bool:
+    """A layer name the spec takes: an identifier, or dotted ones as PyTorch's nested modules
+    (layer1.0.conv1), whose C form (dots as '_') is not reserved."""
+    from .check import DOTTED, _bad_ident
+    from .layers import INPUT
+
+    return (bool(name) and bool(DOTTED.match(name)) and not _bad_ident(name.replace(".", "_"))
+            and name != INPUT and name.lower() not in YAML_WORDS)
 
 
 def assign_names(layers: list[ImportedLayer], net_name: str) -> list[str]:
@@ -981,20 +1156,29 @@ def assign_names(layers: list[ImportedLayer], net_name: str) -> list[str]:
         auto.append(f"{prefix}{counts[prefix]}")
     chosen: list[str | None] = []
     for l, a in zip(layers, auto):
-        pick = next((n for n in l.names if _name_ok(n) and n != net_name), None)
+        pick = next((n for n in l.names if _name_ok(n) and n.replace(".", "_") != net_name), None)
         chosen.append(pick)
-    # a name is kept only if it is unique and does not take another layer's automatic name
+    # a layer named after a module that holds other layers (PyTorch's scope of an add written
+    # in a block's forward: layer1.0) is named inside it (layer1.0.add), as modules nest
+    picked = {c for c in chosen if c}
+    chosen = [f"{c}.{REGISTRY[l.kind].prefix}" if c and any(p.startswith(c + ".") for p in picked) else c
+              for c, l in zip(chosen, layers)]
+    chosen = [c if c is None or _name_ok(c) else None for c in chosen]
+    # a name is kept only if it is unique in C (dots as '_') and does not take another
+    # layer's automatic name
     final = [c if c is not None else a for c, a in zip(chosen, auto)]
     for _ in range(len(layers)):
-        clash = {n for n in final if final.count(n) > 1}
+        cnames = [n.replace(".", "_") for n in final]
+        clash = {n for n in cnames if cnames.count(n) > 1}
         if not clash:
             break
-        final = [a if (n in clash and c is not None) else n for n, c, a in zip(final, chosen, auto)]
+        final = [a if (n in clash and c is not None) else f for f, n, c, a in zip(final, cnames, chosen, auto)]
         chosen = [None if n == a else c for n, c, a in zip(final, chosen, auto)]
-    if len(set(final)) != len(final):  # only automatic names left clashing cannot happen; be safe
+    if len({n.replace(".", "_") for n in final}) != len(final):  # cannot happen (automatic names differ)
         final = auto
     for l, n, a in zip(layers, final, auto):
         l.name = None if n == a else n
+        l.final = n
     return final
 
 
@@ -1012,12 +1196,17 @@ def spec_text(name: str, input_shape: tuple[int, ...], layers: list[ImportedLaye
               header: list[str]) -> str:
     from .layers import REGISTRY
 
+    from .layers import INPUT
+
     lines = [f"# {printable(h)}" for h in header] + [f"name: {name}", f"input: {list(input_shape)}", "layers:"]
-    for l in layers:
+    for i, l in enumerate(layers):
         kind = REGISTRY[l.kind]
-        opts = {}
+        opts: dict[str, Any] = {}
         if l.name:
             opts["name"] = l.name
+        before = layers[i - 1] if i else None
+        if kind.min_inputs > 1 or len(l.reads) != 1 or l.reads[0] is not before:  # not a chain here
+            opts["inputs"] = [INPUT if r is None else r.final for r in l.reads]
         for opt in kind.options:
             if opt.name not in l.opts:
                 continue

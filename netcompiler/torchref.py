@@ -1,4 +1,5 @@
-"""The PyTorch twin of a checked network, for `netc verify` and the tests.
+"""The PyTorch twin of a checked network, for `netc verify` and the tests, and its Python
+source for `netc export --format torch` (`torch_source`).
 
 torch is optional: importing this module without torch raises ImportError.
 """
@@ -157,35 +158,76 @@ def _ctor_source(module: nn.Module) -> str:
     return f"nn.{cls.__name__}({', '.join(args)})"
 
 
+# layers that read several tensors: the expression of their forward in the written source
+# (they have no parameters, so no module: torchvision writes `out + identity` the same way)
+MERGE_SOURCE = {
+    "add": lambda ins: " + ".join(ins),
+    "concat": lambda ins: f"torch.cat([{', '.join(ins)}], 1)",
+}
+# names the written forward uses itself (a layer's local variable takes a '_' after them)
+_SOURCE_NAMES = {"x", "self", "torch", "nn", "F", "np", "math", "OrderedDict"}
+
+
+def _class_name(net: Network) -> str:
+    return "".join(p.capitalize() for p in net.name.split("_")) or "Net"
+
+
+def _header(net: Network, cls: str) -> str:
+    shape = ", ".join(map(str, net.input_shape))
+    return (f'"""{net.name}: {"x".join(map(str, net.input_shape))} -> {"x".join(map(str, net.output_shape))}, '
+            f'{net.total_params:,} parameters; written by netc export --format torch.\n\n'
+            f'    model = {cls}()\n'
+            f'    load_netc_weights(model, "weights.npz")     # the file netc train writes\n'
+            f'    model.eval()\n'
+            f'    logits = model(x)                           # x: [batch, {shape}]\n'
+            f'"""\n')
+
+
+LOAD_SOURCE = '''
+
+def load_netc_weights(model: nn.Module, path) -> dict:
+    """Load parameters and buffers by name (strict: none missing, none extra); returns the
+    metadata netc train stored (input normalisation 'mean' and 'std': apply
+    (x - mean) / std to inputs scaled to [0, 1] before calling the model)."""
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    state = {k: torch.from_numpy(v) for k, v in arrays.items() if not k.startswith("__")}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        raise ValueError(f"{path}: missing {missing}, unexpected {extra}")
+    model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in state.items()}})
+    return {k[len("__meta__/"):]: v for k, v in arrays.items() if k.startswith("__meta__/")}
+'''
+
+
+def _helpers(modules) -> tuple[str, str, str]:
+    """(source of the Padded* classes used, the imports they need, the F import)."""
+    import inspect
+
+    used = [c for c in PADDED if any(type(m) is c for m in modules)]
+    helpers = "".join("\n\n" + inspect.getsource(c) for c in used)
+    return helpers, ("import math\n" if used else ""), ("import torch.nn.functional as F\n" if used else "")
+
+
 def torch_source(net: Network) -> str:
-    """Python source of an nn.Module for `net` (an nn.Sequential whose modules are named like
-    the layers, so state_dict names match), with `load_netc_weights` for a weights file
-    written by netc train."""
-    from .errors import NetcError
+    """Python source of an nn.Module for `net`, with modules named like the layers so that
+    state_dict names match, and `load_netc_weights` for a weights file written by netc train:
+    an nn.Sequential for a chain with plain names; for a graph or nested names (blocks), a
+    module whose forward follows the graph (each tensor a local variable, add and concat as
+    expressions) and whose submodules nest as the names do (layer1.0.conv1 is
+    self.layer1[0].conv1), as torchvision's models are built."""
     from .report import is_graph
 
     if is_graph(net.layers) or any("." in l.name for l in net.layers):
-        raise NetcError(f"netc export --format torch writes an nn.Sequential: {net.name} is a graph or has blocks "
-                        f"(nested names); export it as ONNX (--format onnx)")
+        return _graph_source(net)
     model = torch_model(net)
-    cls = "".join(p.capitalize() for p in net.name.split("_")) or "Net"
+    cls = _class_name(net)
     body = "\n".join(f"            ({name!r}, {_ctor_source(m)}),  # {layer.where()}"
                      for (name, m), layer in zip(model.named_children(), net.layers))
-    import inspect
-
-    used = [c for c in PADDED if any(type(m) is c for m in model.children())]
-    helpers = "".join("\n\n" + inspect.getsource(c) for c in used)
-    imports = "import math\n" if used else ""
-    f_import = "import torch.nn.functional as F\n" if used else ""
-    return f'''"""{net.name}: {"x".join(map(str, net.input_shape))} -> {"x".join(map(str, net.output_shape))}, \
-{net.total_params:,} parameters; written by netc export --format torch.
-
-    model = {cls}()
-    load_netc_weights(model, "weights.npz")     # the file netc train writes
-    model.eval()
-    logits = model(x)                           # x: [batch, {", ".join(map(str, net.input_shape))}]
-"""
-{imports}from collections import OrderedDict
+    helpers, imports, f_import = _helpers(model.children())
+    return _header(net, cls) + f"""{imports}from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -198,20 +240,110 @@ class {cls}(nn.Sequential):
 {body}
         ]))
 {helpers}
+""" + LOAD_SOURCE
 
 
-def load_netc_weights(model: nn.Module, path) -> dict:
-    """Load parameters and buffers by name (strict: none missing, none extra); returns the
-    metadata netc train stored (input normalisation 'mean' and 'std': apply
-    (x - mean) / std to inputs scaled to [0, 1] before calling the model)."""
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {{k: f[k] for k in f.files}}
-    state = {{k: torch.from_numpy(v) for k, v in arrays.items() if not k.startswith("__")}}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    extra = [k for k in state if k not in own]
-    if missing or extra:
-        raise ValueError(f"{{path}}: missing {{missing}}, unexpected {{extra}}")
-    model.load_state_dict({{**own, **{{k: v.to(own[k].dtype) for k, v in state.items()}}}})
-    return {{k[len("__meta__/"):]: v for k, v in arrays.items() if k.startswith("__meta__/")}}
-'''
+def _graph_source(net: Network) -> str:
+    import keyword
+
+    from .errors import NetcError
+    from .layers import INPUT, fmt_shape
+
+    module_layers = [l for l in net.layers if l.kind.kind not in MERGE_SOURCE]
+    # containers: the dotted prefixes of layer names, each with its children in order
+    children: dict[str, list[str]] = {}
+    for l in module_layers:
+        parts = l.name.split(".")
+        for i in range(len(parts)):
+            parent, child = ".".join(parts[:i]), parts[i]
+            if child not in children.setdefault(parent, []):
+                children[parent].append(child)
+    leaves = {l.name for l in module_layers}
+    for l in module_layers:
+        if l.name in children:
+            raise NetcError(f"{l.where()}: its name is also the start of other layers' names "
+                            f"({l.name}.{children[l.name][0]}); a PyTorch module cannot be both")
+    reserved = set(dir(nn.Module))
+    for p, cs in children.items():
+        for c in cs:
+            if c in reserved:
+                full = f"{p}.{c}" if p else c
+                raise NetcError(f"layer name '{full}': '{c}' is an attribute of torch's nn.Module (a method or "
+                                f"field), which no submodule can be named; rename the layer")
+    # a container whose children are 0, 1, ... in order is an nn.Sequential, indexable as
+    # torchvision's layer1[0] and downsample[1]; any other is an nn.Module
+    sequential = {p for p, cs in children.items() if p and cs == [str(i) for i in range(len(cs))]}
+    # of plain modules when each child is one (no layer, no Sequential): made whole
+    whole = {p for p in sequential if not any(f"{p}.{c}" in leaves | sequential for c in children[p])}
+
+    def access(path: str) -> str:
+        expr, parent = "self", ""
+        for part in path.split("."):
+            if parent in sequential:
+                expr = f"{expr}[{part}]"
+            elif part.isidentifier() and not keyword.iskeyword(part):
+                expr = f"{expr}.{part}"
+            else:
+                expr = f"getattr({expr}, {part!r})"
+            parent = f"{parent}.{part}" if parent else part
+        return expr
+
+    def assign(path: str, value: str) -> str:
+        parent, _, part = path.rpartition(".")
+        target = access(parent) if parent else "self"
+        if parent in sequential:
+            return f"{target}.append({value})"
+        if part.isidentifier() and not keyword.iskeyword(part):
+            return f"{target}.{part} = {value}"
+        return f"{target}.add_module({part!r}, {value})"
+
+    model = torch_model(net)
+    init: list[str] = []
+    made: set[str] = set()
+    for l in module_layers:
+        parts = l.name.split(".")
+        for i in range(1, len(parts)):
+            path = ".".join(parts[:i])
+            parent = ".".join(parts[:i - 1])
+            if path in made or parent in whole:  # made, or made with its parent
+                made.add(path)
+                continue
+            made.add(path)
+            n = len(children[path])
+            value = (f"nn.Sequential(*(nn.Module() for _ in range({n})))" if path in whole else
+                     "nn.Sequential()" if path in sequential else "nn.Module()")
+            init.append(f"        {assign(path, value)}" + (f"  # {path}" if parent in sequential else ""))
+        init.append(f"        {assign(l.name, _ctor_source(model.get_submodule(l.name)))}  # {l.where()}")
+
+    local = {INPUT: "x"}
+    used = set(_SOURCE_NAMES)
+    for l in net.layers:
+        name = l.name.replace(".", "_")
+        while name in used or keyword.iskeyword(name):
+            name += "_"
+        used.add(name)
+        local[l.output] = name
+    forward = []
+    for l in net.layers:
+        ins = [local[t] for t in l.inputs]
+        merge = MERGE_SOURCE.get(l.kind.kind)
+        expr = merge(ins) if merge else f"{access(l.name)}({', '.join(ins)})"
+        forward.append(f"        {local[l.output]} = {expr}  # {fmt_shape(l.out_shape)}")
+    forward.append(f"        return {local[net.layers[-1].output]}")
+    cls = _class_name(net)
+    helpers, imports, f_import = _helpers(model.modules())
+    init_text, forward_text = "\n".join(init), "\n".join(forward)
+    return _header(net, cls) + f"""{imports}import numpy as np
+import torch
+import torch.nn as nn
+{f_import}
+
+class {cls}(nn.Module):
+    def __init__(self):
+        super().__init__()
+{init_text}
+
+    def forward(self, x):  # x: [batch, {", ".join(map(str, net.input_shape))}]
+{forward_text}
+{helpers}
+""" + LOAD_SOURCE

@@ -8,6 +8,7 @@ again must give the same layers (kinds, names, options, shapes) and the same wei
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,6 @@ import netcompiler as nc  # noqa: E402
 from netcompiler.check import check_text, load  # noqa: E402
 from netcompiler.onnx_export import OnnxExportError, onnx_model  # noqa: E402
 from netcompiler.onnx_import import import_onnx  # noqa: E402
-from netcompiler.report import is_graph  # noqa: E402
 from netcompiler.errors import NetcError  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -56,6 +56,10 @@ KINDS["graph"] = spec((2, 6, 6), [
     "conv2d: {name: y, out_channels: 3, kernel_size: 3, padding: 1, inputs: [r]}", "dropout: {name: d}",
     "add: {inputs: [d, x, r]}", "concat: {name: cat, inputs: [input, add1, x]}", "flatten",
     "linear: {out_features: 3}"])
+KINDS["graph_padded"] = spec((2, 7, 6), [  # the Padded* modules inside a graph's torch source
+    "conv2d: {name: a, out_channels: 3, kernel_size: 3, stride: 2, padding: [0, 1, 1, 1]}", "relu: {name: r}",
+    "maxpool2d: {name: p, kernel_size: 2, stride: 1, padding: [1, 0, 0, 1], inputs: [a]}", "add: {inputs: [r, p]}",
+    "flatten", "linear: {out_features: 2}"])
 CASES = {p.stem: p.read_text() for p in SPECS} | KINDS
 
 
@@ -82,20 +86,24 @@ def test_onnx_runtime_matches(case, tmp_path):
     x = np.random.default_rng(1).standard_normal((5, *net.network.input_shape)).astype(np.float32)
     assert_close(ort_forward(model, x), net.forward(x), 1e-5, f"{case}: ONNX Runtime")
 
-    # export -> import: the same layers and weights (dropout, the identity in evaluation, is left out);
-    # netc import reads chains
-    if is_graph(net.network.layers):
-        return
+    # export -> import: the same layers, graph edges and weights (dropout, the identity in
+    # evaluation, is left out: what read it reads its input)
     path = tmp_path / f"{case}.onnx"
     path.write_bytes(model.SerializeToString())
     back = import_onnx(path, name=net.network.name)
-    kept = [l for l in net.network.layers if l.kind.kind != "dropout"]
 
-    def layer_facts(l):
-        opts = {k: v for k, v in l.opts.items() if k not in ("padding", "in_channels", "in_features")}
-        return (l.kind.kind, l.name, opts, l.derived.get("pads"), l.in_shape, l.out_shape)
+    def layer_facts(layers):
+        alias, out = {}, []
+        for l in layers:
+            ins = [alias.get(t, t) for t in l.inputs]
+            if l.kind.kind == "dropout":
+                alias[l.output] = ins[0]
+                continue
+            opts = {k: v for k, v in l.opts.items() if k not in ("padding", "in_channels", "in_features", "inputs")}
+            out.append((l.kind.kind, l.name, opts, l.derived.get("pads"), ins, l.in_shape, l.out_shape))
+        return out
 
-    assert [layer_facts(l) for l in back.network.layers] == [layer_facts(l) for l in kept]
+    assert layer_facts(back.network.layers) == layer_facts(net.network.layers)
     state = net.state_dict()
     assert set(back.state) == set(state)
     for k, v in state.items():
@@ -177,15 +185,13 @@ def test_every_layer_kind_has_an_onnx_form():
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_torch_source_matches(case, tmp_path):
-    """The written module, its state_dict loaded from the weights file, gives Net.forward."""
+    """The written module, its state_dict loaded from the weights file (strictly: the same
+    names), gives Net.forward: an nn.Sequential for chains, a graph's forward with nested
+    modules for graphs and blocks (resnet20)."""
     torch = pytest.importorskip("torch")
     from netcompiler.torchref import torch_source
 
     net = trained_like(CASES[case], f"{case}.yaml")
-    if is_graph(net.network.layers) or any("." in l.name for l in net.network.layers):
-        with pytest.raises(NetcError, match="writes an nn.Sequential"):
-            torch_source(net.network)
-        return
     weights = tmp_path / "w.npz"
     net.save_weights(weights)
     py = tmp_path / f"{case}_model.py"
@@ -212,3 +218,37 @@ def test_quantize_is_for_c_only(tmp_path, capsys):
                  str(tmp_path / "m.onnx"), "--quantize", "int8", "--calibration", "fashion-mnist"]) == 1
     assert capsys.readouterr().err == "netc: error: --quantize int8 is for --format c, not onnx\n"
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_torch_source_of_a_graph_reads_as_the_spec():
+    from netcompiler.torchref import torch_source
+
+    src = torch_source(check_text(CASES["graph"], "graph.yaml"))
+    assert "class Graph(nn.Module):" in src
+    forward = src[src.index("    def forward(self, x):"):].splitlines()
+    assert forward[1:10] == [
+        "        x_ = self.x(x)  # 3x6x6",  # the layer named x: its local takes a '_'
+        "        r = self.r(x_)  # 3x6x6",
+        "        y = self.y(r)  # 3x6x6",
+        "        d = self.d(y)  # 3x6x6",
+        "        add1 = d + x_ + r  # 3x6x6",
+        "        cat = torch.cat([x, add1, x_], 1)  # 8x6x6",
+        "        flatten1 = self.flatten1(cat)  # 288",
+        "        fc1 = self.fc1(flatten1)  # 3",
+        "        return fc1",
+    ]
+    src = torch_source(load(ROOT / "specs" / "resnet20.yaml"))
+    assert "        self.layer1 = nn.Sequential(*(nn.Module() for _ in range(3)))" in src
+    assert "        layer2_0_downsample_1 = self.layer2[0].downsample[1](layer2_0_downsample_0)  # 32x16x16" in src
+    assert "        layer2_0_add1 = layer2_0_bn2 + layer2_0_downsample_1  # 32x16x16" in src
+
+
+@pytest.mark.parametrize("layers, message", [
+    (["relu: {name: a}", "relu: {name: a.b}"], "relu 'a': its name is also the start of other layers' names (a.b)"),
+    (["relu: {name: blk.train}", "relu"], "layer name 'blk.train': 'train' is an attribute of torch's nn.Module"),
+])
+def test_torch_source_refuses_names_no_module_can_have(layers, message):
+    from netcompiler.torchref import torch_source
+
+    with pytest.raises(NetcError, match=re.escape(message)):
+        torch_source(check_text(spec((2,), layers, "mse")))

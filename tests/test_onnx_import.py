@@ -482,11 +482,11 @@ def test_damaged_files_are_one_error(tmp_path):
             assert "\n" not in str(exc)
 
 
-def test_branch_is_refused(tmp_path):
+def test_branch_imports_as_a_graph(tmp_path):
+    # x read by two nodes (fan-out) and an Add of two tensors: the spec names what add reads
     nodes = [H("Relu", ["x"], "a", name="r"), H("Add", ["a", "x"], "y", name="residual")]
-    with pytest.raises(OnnxImportError, match="node 'r' \\(Relu\\): its input 'x' is read by 2 nodes: the graph "
-                                              "branches; a spec is a chain of layers"):
-        import_onnx(save(make_model(nodes, {}, (2, 3, 3), (2, 3, 3)), tmp_path / "m.onnx"))
+    imported = check_against_ort(make_model(nodes, {}, (2, 3, 3), (2, 3, 3)), tmp_path, (2, 3, 3))
+    assert imported.spec.splitlines()[-3:-1] == ["  - relu: {name: r}", "  - add: {name: residual, inputs: [r, input]}"]
 
 
 def test_channels_last_flatten_is_refused(tmp_path):
@@ -555,8 +555,13 @@ def test_names_from_torch_scopes_and_clashes():
     layers = [L("conv2d", "/features/0/Conv", "features.0", "features_0"), L("relu", "conv1"),
               L("conv2d", "x y"), L("relu", "_bad"), L("linear", "net")]
     assign_names(layers, "net")
-    # invalid identifiers, '_' starts and the network's name are passed over
-    assert [l.name for l in layers] == ["features_0", "conv1", None, None, None]
+    # invalid identifiers, '_' starts and the network's name are passed over; dotted names
+    # (PyTorch's nested modules) are kept, so parameters are named as in the state_dict
+    assert [l.name for l in layers] == ["features.0", "conv1", None, None, None]
+    # 'Null' would be YAML's null unquoted; 'y' is text in YAML 1.2; 'a.b' and 'a_b' are one name in C
+    odd = [L("relu", "Null"), L("relu", "y"), L("relu", "a.b"), L("relu", "a_b"), L("relu", "input")]
+    assign_names(odd, "net")
+    assert [l.name for l in odd] == [None, "y", None, None, None]
     clash = [L("conv2d"), L("relu", "conv1")]  # 'conv1' is the conv's automatic name
     assign_names(clash, "net")
     assert [l.name for l in clash] == [None, None]
@@ -574,3 +579,57 @@ def test_network_name_that_is_a_layer_name(tmp_path):
     assert import_onnx(path).name == "fc1_net"
     with pytest.raises(OnnxImportError, match="network name 'fc2' is also a layer's name"):
         import_onnx(path, name="fc2")
+
+
+def test_constant_of_shape_and_old_unsqueeze(tmp_path):
+    # weights made by ConstantOfShape (as the ONNX model zoo's light models have them), a
+    # bias through opset 11's Unsqueeze with an axes attribute, then Squeeze back
+    nodes = [H("ConstantOfShape", ["wshape"], "W", value=onnx.numpy_helper.from_array(np.array([0.25], np.float32))),
+             H("Unsqueeze", ["b0"], "b1", axes=[0]), H("Squeeze", ["b1"], "b", axes=[0]),
+             H("Conv", ["x", "W", "b"], "c", name="c1", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             H("Relu", ["c"], "y")]
+    inits = {"wshape": np.array([3, 2, 3, 3]), "b0": np.array([0.5, -1.0, 2.0], np.float32)}
+    imported = check_against_ort(make_model(nodes, inits, (2, 4, 4), (3, 4, 4), opset=11), tmp_path, (2, 4, 4))
+    assert (imported.state["c1.weight"] == 0.25).all() and imported.state["c1.weight"].shape == (3, 2, 3, 3)
+    np.testing.assert_array_equal(imported.state["c1.bias"], inits["b0"])
+
+
+def test_fixed_batch_reshape_is_a_flatten(tmp_path):
+    """A model exported for batch 1 (Caffe2's ResNet-50 and VGG-19) flattens with a constant
+    [1, C*H*W]: imported as flatten, with a note; a target that keeps no batch is refused."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def model(target):
+        nodes = [H("Reshape", ["x", "t"], "f", name="flat"), H("Gemm", ["f", "W"], "y", transB=1)]
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+            [numpy_helper.from_array(np.array(target), "t"),
+             numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 18)).astype(np.float32), "W")])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        m.ir_version = 8
+        return m
+
+    path = save(model([1, 18]), tmp_path / "fixed.onnx")
+    imported = import_onnx(path)
+    assert [l.kind.kind for l in imported.network.layers] == ["flatten", "linear"]
+    assert any("batch size is fixed at 1" in n for n in imported.notes)
+    x = np.random.default_rng(1).standard_normal((1, 2, 3, 3)).astype(np.float32)
+    assert_close(compiled(imported, "float32").forward(x), ort_run(path, x), 1e-5, "fixed batch")
+    with pytest.raises(OnnxImportError, match="node 'flat' \\(Reshape\\): reshapes a batch of 2 samples"):
+        import_onnx(save(model([2, 9]), tmp_path / "bad.onnx"))
+
+
+def test_final_softmax_over_channels_of_a_pooled_map(tmp_path):
+    """SqueezeNet's classifier ends in a global pool and a Softmax over (C, 1, 1): dropped as the
+    Softmax over features is; opset 13's default axis (the last, of size 1) is refused."""
+    rng = np.random.default_rng(0)
+    nodes = [H("Conv", ["x", "W"], "c", kernel_shape=[1, 1]), H("GlobalAveragePool", ["c"], "g"),
+             H("Softmax", ["g"], "y", name="prob", axis=1)]
+    inits = {"W": rng.standard_normal((4, 2, 1, 1))}
+    imported = import_onnx(save(make_model(nodes, inits, (2, 3, 3), (4, 1, 1), opset=11), tmp_path / "s.onnx"))
+    assert [l.kind.kind for l in imported.network.layers] == ["conv2d", "global_avgpool2d"]
+    assert any("'prob' (Softmax, axis=1): dropped" in n for n in imported.notes)
+    nodes[-1] = H("Softmax", ["g"], "y", name="prob")
+    with pytest.raises(OnnxImportError, match="node 'prob' \\(Softmax\\): only a final Softmax"):
+        import_onnx(save(make_model(nodes, inits, (2, 3, 3), (4, 1, 1), opset=13), tmp_path / "s13.onnx"))
