@@ -158,12 +158,6 @@ def _ctor_source(module: nn.Module) -> str:
     return f"nn.{cls.__name__}({', '.join(args)})"
 
 
-# layers that read several tensors: the expression of their forward in the written source
-# (they have no parameters, so no module: torchvision writes `out + identity` the same way)
-MERGE_SOURCE = {
-    "add": lambda ins: " + ".join(ins),
-    "concat": lambda ins: f"torch.cat([{', '.join(ins)}], 1)",
-}
 # names the written forward uses itself (a layer's local variable takes a '_' after them)
 _SOURCE_NAMES = {"x", "self", "torch", "nn", "F", "np", "math", "OrderedDict"}
 
@@ -249,7 +243,7 @@ def _graph_source(net: Network) -> str:
     from .errors import NetcError
     from .layers import INPUT, fmt_shape
 
-    module_layers = [l for l in net.layers if l.kind.kind not in MERGE_SOURCE]
+    module_layers = [l for l in net.layers if l.kind.torch_expression([]) is None]
     # containers: the dotted prefixes of layer names, each with its children in order
     children: dict[str, list[str]] = {}
     for l in module_layers:
@@ -326,8 +320,7 @@ def _graph_source(net: Network) -> str:
     forward = []
     for l in net.layers:
         ins = [local[t] for t in l.inputs]
-        merge = MERGE_SOURCE.get(l.kind.kind)
-        expr = merge(ins) if merge else f"{access(l.name)}({', '.join(ins)})"
+        expr = l.kind.torch_expression(ins) or f"{access(l.name)}({', '.join(ins)})"
         forward.append(f"        {local[l.output]} = {expr}  # {fmt_shape(l.out_shape)}")
     forward.append(f"        return {local[net.layers[-1].output]}")
     cls = _class_name(net)

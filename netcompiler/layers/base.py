@@ -332,6 +332,12 @@ class LayerKind:
         return {}
 
     # ---- reference -------------------------------------------------------------------
+    def torch_expression(self, inputs: list[str]) -> str | None:
+        """For `netc export --format torch`: the Python expression of a parameterless layer that
+        reads several tensors (the local variables `inputs`), written into the module's forward
+        instead of a submodule; None for a layer that is a submodule."""
+        return None
+
     def torch_module(self, layer: Layer):  # pragma: no cover - overridden
         raise NotImplementedError
 

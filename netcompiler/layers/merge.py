@@ -40,6 +40,9 @@ class Add(LayerKind):
     def render_context(self, layer: Layer) -> dict:
         return dict(N=layer.out_size, SUM=" + ".join(f"in{i}[i]" for i in range(len(layer.inputs))))
 
+    def torch_expression(self, inputs: list[str]) -> str:
+        return " + ".join(inputs)  # as torchvision writes `out + identity`
+
     def torch_module(self, layer: Layer):
         import torch.nn as nn
 
@@ -82,6 +85,9 @@ class Concat(LayerKind):
 
     def render_context(self, layer: Layer) -> dict:
         return dict(N=layer.out_size)
+
+    def torch_expression(self, inputs: list[str]) -> str:
+        return f"torch.cat([{', '.join(inputs)}], 1)"
 
     def torch_module(self, layer: Layer):
         import torch
