@@ -73,12 +73,39 @@ PADDED = (PaddedConv2d, PaddedMaxPool2d, PaddedAvgPool2d)
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
 
+def _containers(layers) -> dict[str, list[str]]:
+    """The dotted prefixes of the layers' names (the containers), each with its children in order."""
+    children: dict[str, list[str]] = {}
+    for l in layers:
+        parts = l.name.split(".")
+        for i in range(len(parts)):
+            parent, child = ".".join(parts[:i]), parts[i]
+            if child not in children.setdefault(parent, []):
+                children[parent].append(child)
+    return children
+
+
+def check_module_names(layers, children: dict[str, list[str]] | None = None) -> None:
+    """Refuse (NetcError) a layer name with a part named like an nn.Module attribute (train,
+    forward): no submodule can have it."""
+    from .errors import NetcError
+
+    reserved = set(dir(nn.Module))
+    for p, cs in (_containers(layers) if children is None else children).items():
+        for c in cs:
+            if c in reserved:
+                full = f"{p}.{c}" if p else c
+                raise NetcError(f"layer name '{full}': '{c}' is an attribute of torch's nn.Module (a method or "
+                                f"field), which no submodule can be named; rename the layer")
+
+
 class GraphModule(nn.Module):
     """Runs the network's layers in order on named tensors; each layer's module sits at its
     dotted name (layer1.0.conv1), so state_dict names are the spec's."""
 
     def __init__(self, net: Network):
         super().__init__()
+        check_module_names(net.layers)
         self._steps = [(l.name, list(l.inputs)) for l in net.layers]
         for layer in net.layers:
             *path, leaf = layer.name.split(".")
@@ -241,29 +268,17 @@ def _graph_source(net: Network) -> str:
     import keyword
 
     from .errors import NetcError
+
     from .layers import INPUT, fmt_shape
 
     module_layers = [l for l in net.layers if l.kind.torch_expression([]) is None]
-    # containers: the dotted prefixes of layer names, each with its children in order
-    children: dict[str, list[str]] = {}
-    for l in module_layers:
-        parts = l.name.split(".")
-        for i in range(len(parts)):
-            parent, child = ".".join(parts[:i]), parts[i]
-            if child not in children.setdefault(parent, []):
-                children[parent].append(child)
+    children = _containers(module_layers)
     leaves = {l.name for l in module_layers}
     for l in module_layers:
         if l.name in children:
             raise NetcError(f"{l.where()}: its name is also the start of other layers' names "
-                            f"({l.name}.{children[l.name][0]}); a PyTorch module cannot be both")
-    reserved = set(dir(nn.Module))
-    for p, cs in children.items():
-        for c in cs:
-            if c in reserved:
-                full = f"{p}.{c}" if p else c
-                raise NetcError(f"layer name '{full}': '{c}' is an attribute of torch's nn.Module (a method or "
-                                f"field), which no submodule can be named; rename the layer")
+                            f"({l.name}.{children[l.name][0]}); a written module cannot be both")
+    check_module_names(module_layers, children)
     # a container whose children are 0, 1, ... in order is an nn.Sequential, indexable as
     # torchvision's layer1[0] and downsample[1]; any other is an nn.Module
     sequential = {p for p, cs in children.items() if p and cs == [str(i) for i in range(len(cs))]}

@@ -139,3 +139,13 @@ def test_a_wrong_gradient_where_the_true_one_is_zero_still_fails(monkeypatch):
     monkeypatch.setattr(Net, "loss_and_grad", broken)
     bad = _bad(v.verify(check_text(BIAS_BEFORE_BN, "biasbn.yaml"), per_tensor=2)[0])
     assert ("float64", "conv1.bias", "torch") in bad and ("float32", "conv1.bias", "torch") in bad
+
+
+@pytest.mark.parametrize("name", ["train", "block.forward"])
+def test_a_name_no_pytorch_module_can_have_is_an_error_not_a_traceback(tmp_path, name):
+    # netc's C does not care, but the PyTorch twin verify builds cannot hold such a submodule
+    spec = tmp_path / "t.yaml"
+    spec.write_text(f"name: t\ninput: [4]\nlayers:\n  - linear: {{out_features: 4, name: {name}}}\nloss: mse\n")
+    r = netc("verify", spec)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: layer name '{name}': '{name.split('.')[-1]}' is an attribute of torch's nn.Module" in r.stderr
