@@ -45,7 +45,7 @@ class Row:
     checked: int  # elements compared
 
 
-GRAD_FLOOR = 1e-3  # see compare_torch
+GRAD_FLOOR = 1e-2  # see compare_torch
 
 
 def _rel(a: np.ndarray, b: np.ndarray, floor: float = 1e-300) -> tuple[float, float]:
@@ -107,7 +107,10 @@ def compare_torch(net, x, y, state, buffers_before) -> list[Row]:
     ref_grads = {k: p.grad.numpy() for k, p in model.named_parameters()}
     # A gradient that is zero in exact arithmetic (a conv bias right before batch norm) is
     # rounding noise in both builds: gradients are measured against GRAD_FLOOR times the
-    # largest gradient of the network when they are smaller than that.
+    # largest gradient of the network when they are smaller than that.  1e-2: on resnet8 (a
+    # conv bias before each batch norm, 4 x 32x32 pixels summed) the float32 build's noise
+    # was 2.6e-8 and PyTorch's own float32 9.6e-8, with a largest gradient of 0.18; 1e-3 of
+    # that scale (tolerance 1.8e-8) would fail both.
     floor = GRAD_FLOOR * max((float(np.abs(g).max(initial=0.0)) for g in ref_grads.values()), default=0.0)
     for k, g in ref_grads.items():
         a, r = _rel(grads[k], g, max(floor, 1e-300))
