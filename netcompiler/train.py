@@ -531,8 +531,9 @@ class Run:
         vx, vy = self.raw_val
         if vx is not None:
             self.VX = net.check_x(to_inputs(self.network, vx, mean, std, pad, dt), "validation images")
-            vt = to_targets(net, self._targets(vy), f"{self.opts.data} ({self.val_name} {self._what})")  # range check
-            self.vlabels = vt if is_float_targets(vt) else vy
+            t = self._targets(vy)
+            vt = to_targets(net, t, f"{self.opts.data} ({self.val_name} {self._what})")  # labels: range check
+            self.vlabels = vt if is_float_targets(t) else vy  # labels stay labels (accuracy), one-hot or not
         else:
             self.VX = self.vlabels = None
         bs = int(s["batch_size"])
