@@ -446,8 +446,6 @@ class Run:
                             f"{opts.spec} has {self.network.spec_hash}); the spec must not change within a run: "
                             f"use --force to start afresh or --out for a new run directory")
         settings = W.check_settings(W.from_json_array(meta, "settings", self.ckpt_path), self.ckpt_path)
-        settings.setdefault("target", "labels")  # checkpoints from before --target
-        settings.setdefault("perturb", None)
         asked = resolve_settings(self.network, opts)
         given = {k for k in FIXED_ON_RESUME if getattr(opts, k, None) is not None}
         clashes = [f"--{k.replace('_', '-')} {asked[k]} (the run used {settings[k]})" for k in sorted(given)

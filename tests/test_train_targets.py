@@ -164,3 +164,20 @@ def test_resume_keeps_the_runs_target(tmp_path, capsys):
                         "--no-progress")
     assert rc == 0, err
     assert len(read_metrics(run / "metrics.csv")) == 2
+
+
+def test_a_checkpoint_from_before_target_resumes_with_labels(tmp_path, capsys):
+    spec = tmp_path / "tiny_ae.yaml"
+    spec.write_text(TINY_AE)
+    data = _npz(tmp_path / "d.npz", lambda x: (x[:, None] / 255).astype(np.float32))
+    run = tmp_path / "run"
+    assert netc(capsys, "train", spec, "--data", data, "--epochs", 1, "--out", run, "--no-progress")[0] == 0
+    arrays = dict(np.load(run / "checkpoint.npz", allow_pickle=False))
+    settings = json.loads(str(arrays["__meta__/settings"]))
+    assert (settings.pop("target"), settings.pop("perturb")) == ("labels", None)
+    arrays["__meta__/settings"] = np.array(json.dumps(settings))
+    np.savez(run / "checkpoint.npz", **arrays)
+    rc, out, err = netc(capsys, "train", spec, "--data", data, "--epochs", 2, "--out", run, "--resume",
+                        "--no-progress")
+    assert rc == 0, err
+    assert len(read_metrics(run / "metrics.csv")) == 2
