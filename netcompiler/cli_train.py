@@ -34,8 +34,8 @@ OPTIMIZER_HELP = (
     "(betas 0.9, 0.999, eps 1e-8): weight decay decoupled, p *= 1 - lr * wd before each Adam step; that is "
     "not torch.optim.Adam, which adds the decay to the gradient (with --weight-decay 0 the two agree).  "
     "Default {}")
-TARGET_HELP = ("what the outputs are trained towards: labels (default): the data's y, class labels (N,) or, in an .npz, "
-               "float targets of the output's shape (N, *output; (N, H, W) for one channel), for loss mse or "
+TARGET_HELP = ("what the outputs are trained towards: labels (default): the data's y, class labels (N,) or, in an "
+               ".npz, float targets of the output's shape (N, *output; (N, H, W) for one channel), for loss mse or "
                "binary_cross_entropy; input: the input images themselves on the 0..1 scale (pixels/255, not "
                "normalised), for a network whose output has the input's shape (an autoencoder)")
 THREADS_HELP = f"threads of the C code, 1 to {MAX_THREADS} (default: all available cores, within any CPU quota)"
