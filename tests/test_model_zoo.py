@@ -270,7 +270,7 @@ def _verify(spec: str, *options: str) -> subprocess.CompletedProcess:
 
 # Measured on a 2-core machine shared with other jobs (load 7-12), compile included:
 # mobilenetv2_cifar 198 s, densenet_cifar 1,103 s (float64 only: 362 tensors, 2 finite
-# differences each).  densenet_cifar's float32 gradients at batch 2 are
+# differences each), squeezenet1_1 176 s (float64 only, 1 finite difference per tensor).  densenet_cifar's float32 gradients at batch 2 are
 # ill-conditioned (batch norm over 2 x 4x4 maps, 58 times): PyTorch's own float32 gradients
 # were up to 12% off its float64 ones, 143 of 362 tensors beyond verify's 1e-4 (the C float32
 # build: up to 3.3%, 338 tensors beyond), so only the float64 build is checked; squeezenet1_1
