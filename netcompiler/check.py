@@ -23,8 +23,9 @@ IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_NAME = 48
 # With stages of at most plan.MAX_STAGE_LAYERS layers, gcc's time grows with the number of
 # layers; measured (CPU, gcc 12 -O3) at 256: relu chain 9.3 s, tanh 5.1 s, conv2d/
-# batchnorm2d/relu/maxpool2d blocks 10.5 s; relu at 512: 19.9 s.
-MAX_LAYERS = 256
+# batchnorm2d/relu/maxpool2d blocks 10.5 s; relu at 512: 19.9 s; densenet_cifar (424 layers,
+# float64) 35 s.  512 admits DenseNet-121-style networks.
+MAX_LAYERS = 512
 DEFAULT_MEMORY_BUDGET = 16 * 2**30  # bytes of training memory at batch size 1
 LOSSES = ("cross_entropy", "mse", "binary_cross_entropy")
 TOP_KEYS = ("name", "input", "blocks", "layers", "loss", "train")

@@ -17,6 +17,7 @@ from .perturb import PERTURB_HELP
 from .progress import emit
 from .recipe import AUGMENT_HELP
 from .runtime import MAX_THREADS, check_threads
+from .train import TARGETS
 
 NORMALISATION_HELP = (
     "Normalisation: inputs are pixels/255 (uint8 images), then (x - mean) / std.  netc train takes mean/std "
@@ -33,6 +34,10 @@ OPTIMIZER_HELP = (
     "(betas 0.9, 0.999, eps 1e-8): weight decay decoupled, p *= 1 - lr * wd before each Adam step; that is "
     "not torch.optim.Adam, which adds the decay to the gradient (with --weight-decay 0 the two agree).  "
     "Default {}")
+TARGET_HELP = ("what the outputs are trained towards: labels (default): the data's y, class labels (N,) or, in an "
+               ".npz, float targets of the output's shape (N, *output; (N, H, W) for one channel), for loss mse or "
+               "binary_cross_entropy; input: the input images themselves on the 0..1 scale (pixels/255, not "
+               "normalised), for a network whose output has the input's shape (an autoencoder)")
 THREADS_HELP = f"threads of the C code, 1 to {MAX_THREADS} (default: all available cores, within any CPU quota)"
 
 
@@ -119,6 +124,11 @@ def register(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
     t.add_argument("--force", action="store_true", help="start afresh even if RUN_DIR holds a checkpoint")
     t.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N training images")
+    t.add_argument("--target", choices=TARGETS, help=TARGET_HELP)
+    t.add_argument("--perturb", metavar="LIST",
+                   help="perturb the training and validation images once (seeded by --seed), before normalisation; "
+                        "with --target input the targets stay the clean images (a denoising autoencoder): "
+                        + PERTURB_HELP)
     t.add_argument("--pad", action="store_true", default=None,
                    help="zero-pad images smaller than the spec's input (e.g. 28x28 -> 32x32)")
     t.add_argument("--dtype", choices=["float32", "float64"], help=DTYPE_HELP)
@@ -168,6 +178,8 @@ def register(sub) -> None:
     e.add_argument("--split", choices=["test", "train"], default="test",
                    help="which part of the data set (default test)")
     e.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N images")
+    e.add_argument("--target", choices=TARGETS, default="labels",
+                   help="as for netc train; with float targets (or input) eval reports the loss only")
     e.add_argument("--format", choices=["text", "json"], default="text", help=FORMAT_HELP)
     e.add_argument("--plot", metavar="FILE.png", help="draw the confusion matrix (needs matplotlib)")
     e.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="images per forward call (256)")
@@ -221,7 +233,8 @@ def cmd_train(args) -> int:
                         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
                         weight_decay=args.weight_decay, seed=args.seed, val_split=args.val_split, limit=args.limit,
                         pad=args.pad, dtype=args.dtype, threads=args.threads, resume=args.resume, force=args.force,
-                        init=args.init, freeze=args.freeze, plot=args.plot,
+                        init=args.init, freeze=args.freeze, plot=args.plot, target=args.target,
+                        perturb=args.perturb,
                         **{k: getattr(args, k) for k in RECIPE_KEYS})
     train(opts, progress=False if args.no_progress else None)
     return 0
@@ -281,7 +294,7 @@ class Model:
 # ---- eval ---------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
     from .data import load_dataset
-    from .train import classification_metrics, predict_outputs, to_inputs
+    from .train import classification_metrics, is_float_targets, predict_outputs, to_inputs
 
     if args.plot:
         _matplotlib()  # fail before the work
@@ -296,6 +309,8 @@ def cmd_eval(args) -> int:
                         (" (use --split train)" if args.split == "test" else ""))
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
+    if args.target == "input" or is_float_targets(y):
+        return _eval_targets(args, model, ds, x, y)
     k = network.num_classes
     if y.max() >= k:
         raise DataError(f"{args.data}: labels go up to {y.max()}, but network '{network.name}' has {k} outputs")
@@ -332,6 +347,42 @@ def cmd_eval(args) -> int:
         _plot_confusion(m, args.plot)
         if args.format == "text":
             emit(f"confusion matrix plot: {args.plot}")
+    return 0
+
+
+def _eval_targets(args, model: Model, ds, x: np.ndarray, y: np.ndarray) -> int:
+    """eval with float targets (the data's, or the input images): the loss, clean and perturbed."""
+    from .train import input_targets, loss_of, predict_outputs, to_inputs, to_targets
+
+    net, network = model.net, model.network
+    what = "the input images" if args.target == "input" else "float targets"
+    t = input_targets(network, x, model.pad, args.dtype) if args.target == "input" else y
+    T = to_targets(net, t, f"{args.data} ({args.split} targets)")
+    if args.quantized:
+        raise NetcError("--quantized reports accuracy: it needs class labels, not float targets")
+
+    def loss(images) -> float:
+        X = net.check_x(to_inputs(network, images, model.mean, model.std, model.pad, args.dtype), "images")
+        return loss_of(network.loss, predict_outputs(net, X, args.batch_size), T)
+
+    m = {"network": network.name, "data": ds.name, "split": args.split, "weights": args.weights, "samples": len(x),
+         "targets": args.target if args.target == "input" else "float", "loss": loss(x),
+         "normalization": {"mean": model.mean, "std": model.std, "source": model.norm_source}}
+    if args.perturb:
+        from .perturb import perturb
+
+        text, spec = args.perturb
+        m["perturbed"] = {"perturb": text, "seed": args.seed, "loss": loss(perturb(x, spec, args.seed))}
+    if args.format == "json":
+        emit(json.dumps(_json_safe(m), indent=2))
+        return 0
+    lines = [f"{m['network']} on {m['data']} {m['split']} set: {m['samples']} images; {model.norm_text()}",
+             f"loss {m['loss']:.4f} ({network.loss} against {what})"]
+    if "perturbed" in m:
+        p = m["perturbed"]
+        lines.append(f"perturbed inputs ({p['perturb']}, seed {p['seed']}): loss {p['loss']:.4f} (clean inputs "
+                     f"{m['loss']:.4f})")
+    emit("\n".join(lines))
     return 0
 
 

@@ -162,7 +162,9 @@ class Dataset:
     """A labelled image dataset split into training and test parts.
 
     ``*_x`` are uint8 or floating images of shape (N, H, W) or (N, C, H, W); ``*_y`` are
-    int64 labels of shape (N,) in ``range(num_classes)``.  The test part may be empty
+    int64 labels of shape (N,) in ``range(num_classes)``, or float targets of shape
+    (N, *output shape) (an .npz's floating ``y`` of 2 or more dimensions; then
+    ``num_classes`` is 0).  The test part may be empty
     (shape (0, ...)).  ``class_names`` is known for Fashion-MNIST and EMNIST letters.
     """
 
@@ -310,7 +312,13 @@ def _check_images(x: np.ndarray, where: str) -> np.ndarray:
 
 
 def _check_labels(y: np.ndarray, where: str) -> np.ndarray:
-    """Validate labels: 1-D, non-negative integer values; returns them as int64."""
+    """Validate labels: 1-D, non-negative integer values; returns them as int64.  A floating
+    array of two or more dimensions holds float targets instead, (N, *output shape) (an
+    autoencoder's images, multi-label outputs): returned as they are, once checked finite."""
+    if y.ndim >= 2 and np.issubdtype(y.dtype, np.floating):
+        if not np.isfinite(y).all():
+            raise DataError(f"{where}: float targets must be finite, found {y[~np.isfinite(y)].flat[0]}")
+        return y
     if y.ndim != 1:
         raise DataError(f"{where}: labels must be 1-D (N,), got shape {_shape_text(y.shape)}")
     if np.issubdtype(y.dtype, np.floating):
@@ -352,6 +360,12 @@ def _finish(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
             f"test images {where['test images']} have shape {_shape_text(test_x.shape[1:])} "
             f"but train images {where['train images']} have {_shape_text(train_x.shape[1:])}")
 
+    if train_y.ndim > 1 or (test_y.ndim > 1 and test_y.size):  # float targets: no classes
+        if test_y.size and test_y.shape[1:] != train_y.shape[1:]:
+            raise DataError(f"{where['test labels']} has shape {_shape_text(test_y.shape[1:])} per sample, "
+                            f"{where['train labels']} {_shape_text(train_y.shape[1:])} (labels are 1-D, float "
+                            f"targets 2-D or more)")
+        return Dataset(train_x, train_y, test_x, test_y, name=name, num_classes=0)
     if letters:
         known = _LETTERS
         for ys, role in ((train_y, "train labels"), (test_y, "test labels")):

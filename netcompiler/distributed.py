@@ -221,11 +221,11 @@ class DistributedRun(Run):
         sums = np.zeros(3, np.float64)
         if hi > lo:
             sums[:] = (loss_of(self.network.loss, z, labels[lo:hi]) * (hi - lo),
-                       np.count_nonzero(z.argmax(axis=1) == labels[lo:hi]), hi - lo)
+                       np.count_nonzero(z.argmax(axis=1) == labels[lo:hi]) if labels.ndim == 1 else 0, hi - lo)
         self.comm.sum_(sums)
         if not sums[2]:
             return float("nan"), float("nan")
-        return float(sums[0] / sums[2]), float(sums[1] / sums[2])
+        return float(sums[0] / sums[2]), float(sums[1] / sums[2]) if labels.ndim == 1 else float("nan")
 
     # ---- files: rank 0 only ----
     def _save_epoch(self) -> None:

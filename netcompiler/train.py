@@ -67,7 +67,7 @@ RECIPE_KEYS = ("lr_schedule", "step_size", "gamma", "milestones", "min_lr", "max
                "final_div_factor", "warmup_epochs", "nesterov", "label_smoothing", "clip_grad_norm", "patience",
                "augment")
 FIXED_ON_RESUME = ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "seed", "val_split", "limit",
-                   "pad", "dtype", "mean", "std", "init", "freeze",
+                   "pad", "dtype", "mean", "std", "init", "freeze", "target", "perturb",
                    *(k for k in RECIPE_KEYS if k != "patience"))
 
 
@@ -116,6 +116,8 @@ class TrainOptions:
     init: str | None = None  # weights to start from (a fresh run only)
     freeze: list[str] | None = None  # layers whose parameters stay fixed
     plot: bool = False  # write curves.png
+    target: str | None = None  # "labels" (default: the data's y) or "input" (reconstruct the input images)
+    perturb: str | None = None  # perturb.parse_perturb text: applied once to the training and validation inputs
 
 
 @dataclass
@@ -156,6 +158,17 @@ def resolve_settings(network: Network, opts: TrainOptions) -> dict[str, Any]:
     s["limit"] = opts.limit
     s["pad"] = bool(opts.pad)
     s["dtype"] = opts.dtype or "float32"
+    s["target"] = opts.target or "labels"
+    s["perturb"] = opts.perturb
+    if s["target"] not in TARGETS:
+        raise NetcError(f"--target must be one of {', '.join(TARGETS)}, got '{s['target']}'")
+    if s["perturb"]:
+        from .perturb import parse_perturb
+
+        try:
+            parse_perturb(s["perturb"])
+        except ValueError as exc:
+            raise NetcError(f"--perturb: {exc}") from None
     if not 0 <= s["val_split"] < 1:
         raise NetcError(f"--val-split must be in [0, 1), got {s['val_split']}")
     for k in ("lr", "momentum", "weight_decay"):
@@ -198,10 +211,52 @@ def to_inputs(network: Network, images: np.ndarray, mean: float | None, std: flo
     return x.reshape(len(x), shape[0])
 
 
+TARGETS = ("labels", "input")  # --target: the data's y, or the input images themselves
+
+
+def input_targets(network: Network, images: np.ndarray, pad: bool, dtype: str) -> np.ndarray:
+    """--target input: images -> the targets of a network trained to reproduce its input: the
+    clean images on the 0..1 scale (pixels / 255, padded as the inputs, not normalised)."""
+    if tuple(network.output_shape) != tuple(network.input_shape):
+        raise NetcError(f"--target input trains network '{network.name}' to reproduce its input "
+                        f"({'x'.join(map(str, network.input_shape))}), but it outputs "
+                        f"{'x'.join(map(str, network.output_shape))}")
+    return to_inputs(network, images, None, None, pad, dtype)
+
+
+def perturbed_images(images: np.ndarray, text: str, seed: int) -> np.ndarray:
+    """--perturb on training data: seeded perturbed copies of images (perturb.py), 0..1 floats."""
+    from .perturb import parse_perturb, perturb
+
+    if images.ndim not in (3, 4):
+        raise DataError(f"--perturb needs images (N, H, W) or (N, C, H, W); the data are {images.shape[1:]} "
+                        f"per sample")
+    return perturb(images, parse_perturb(text), seed)
+
+
+def is_float_targets(y: np.ndarray) -> bool:
+    """Whether the data's y holds float targets (N, *output) rather than class labels (N,)."""
+    return y.ndim > 1
+
+
 def to_targets(net, labels: np.ndarray, where: str) -> np.ndarray:
     """Integer class labels -> what the network's loss takes (labels, or one-hot targets for mse
-    and binary_cross_entropy)."""
+    and binary_cross_entropy); float targets (N, *output shape; (N, H, W) for an output of one
+    channel) -> the checked target tensor."""
     network = net.network
+    if is_float_targets(labels):
+        out = tuple(network.output_shape)
+        per = tuple(labels.shape[1:])
+        if network.loss == "cross_entropy":
+            raise DataError(f"{where}: float targets need loss mse or binary_cross_entropy; network "
+                            f"'{network.name}' uses cross_entropy, which takes class labels (N,)")
+        if per != out and not (len(out) == 3 and out[0] == 1 and per == out[1:]):
+            raise DataError(f"{where}: targets are {'x'.join(map(str, per))} per sample, but network "
+                            f"'{network.name}' outputs {'x'.join(map(str, out))}")
+        try:
+            return net.check_y(labels.reshape(len(labels), *out), len(labels))
+        except ValueError as exc:
+            raise DataError(f"{where}: {exc}") from None
     k = network.num_classes
     if labels.size and labels.max() >= k:
         raise DataError(f"{where}: labels go up to {labels.max()}, but network '{network.name}' has {k} outputs "
@@ -239,7 +294,7 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 def loss_of(loss: str, outputs: np.ndarray, labels: np.ndarray) -> float:
     """Mean loss, as the C code computes it (cross-entropy of logits, or mse or binary cross-entropy
-    of logits vs one-hot)."""
+    of logits vs one-hot, or vs float targets (N, ...) of the outputs' size)."""
     z = np.asarray(outputs, np.float64)
     if len(z) == 0:
         return float("nan")
@@ -247,8 +302,11 @@ def loss_of(loss: str, outputs: np.ndarray, labels: np.ndarray) -> float:
         m = z.max(axis=1, keepdims=True)
         lse = (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
         return float(np.mean(lse - z[np.arange(len(z)), labels]))
-    onehot = np.zeros_like(z)
-    onehot[np.arange(len(z)), labels] = 1
+    if is_float_targets(np.asarray(labels)):
+        onehot = np.asarray(labels, np.float64).reshape(z.shape)
+    else:
+        onehot = np.zeros_like(z)
+        onehot[np.arange(len(z)), labels] = 1
     if loss == "binary_cross_entropy":
         return float(np.mean(np.maximum(z, 0) - z * onehot + np.log1p(np.exp(-np.abs(z)))))
     return float(np.mean((z - onehot) ** 2))
@@ -297,7 +355,7 @@ def _percent(v: float) -> str:
 
 def _accuracy_loss(net, x: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     z = predict_outputs(net, x)
-    acc = float((z.argmax(axis=1) == labels).mean()) if len(z) else float("nan")
+    acc = float((z.argmax(axis=1) == labels).mean()) if len(z) and not is_float_targets(labels) else float("nan")
     return loss_of(net.network.loss, z, labels), acc
 
 
@@ -402,7 +460,10 @@ class Run:
     def _data(self, s: dict[str, Any]) -> None:
         ds: Dataset = load_dataset(self.opts.data)
         self.class_names = ds.class_names
-        x, y = ds.train_x, ds.train_y
+        x, y, test_y = ds.train_x, ds.train_y, ds.test_y
+        if s.get("target", "labels") == "input":  # the clean images are the targets (converted in setup)
+            y, test_y = x, ds.test_x
+            self.class_names = None
         if s["limit"]:
             x, y = x[:s["limit"]], y[:s["limit"]]
         if s["val_split"] > 0:
@@ -412,12 +473,15 @@ class Run:
             self.val_name = "val"
             self.val_desc = f"a validation split of {len(vx)} training images ({100 * s['val_split']:g}%)"
         elif len(ds.test_x):
-            vx, vy = ds.test_x, ds.test_y
+            vx, vy = ds.test_x, test_y
             self.val_name = "test"
             self.val_desc = f"the test set ({len(vx)} images)"
         else:
             vx = vy = None
             self.val_name, self.val_desc = "val", "nothing (the data has no test set; use --val-split)"
+        if s.get("perturb"):  # once, seeded: a denoising autoencoder's noisy inputs (targets stay clean)
+            x = perturbed_images(x, s["perturb"], s["seed"])
+            vx = perturbed_images(vx, s["perturb"], s["seed"] + 1) if vx is not None else None
         self.fingerprint = fingerprint(x, y)
         self.raw_train, self.raw_val = (x, y), (vx, vy)
         self.data_name = ds.name
@@ -461,12 +525,13 @@ class Run:
         mean, std, pad, dt = s["mean"], s["std"], s["pad"], s["dtype"]
         tx, ty = self.raw_train
         self.X = net.check_x(to_inputs(self.network, tx, mean, std, pad, dt), "training images")
-        self.Y = to_targets(net, ty, f"{self.opts.data} (training labels)")
+        self.Y = to_targets(net, self._targets(ty), f"{self.opts.data} (training {self._what})")
         vx, vy = self.raw_val
         if vx is not None:
             self.VX = net.check_x(to_inputs(self.network, vx, mean, std, pad, dt), "validation images")
-            to_targets(net, vy, f"{self.opts.data} ({self.val_name} labels)")  # label range check
-            self.vlabels = vy
+            t = self._targets(vy)
+            vt = to_targets(net, t, f"{self.opts.data} ({self.val_name} {self._what})")  # labels: range check
+            self.vlabels = vt if is_float_targets(t) else vy  # labels stay labels (accuracy), one-hot or not
         else:
             self.VX = self.vlabels = None
         bs = int(s["batch_size"])
@@ -499,6 +564,14 @@ class Run:
             self.position = _Position(0)
         else:
             self._restore(arrays)
+
+    @property
+    def _what(self) -> str:
+        return "targets: the input images" if self.s["target"] == "input" else "labels"
+
+    def _targets(self, y: np.ndarray) -> np.ndarray:
+        """The data's labels or float targets; with --target input, the clean images."""
+        return input_targets(self.network, y, self.s["pad"], self.s["dtype"]) if self.s["target"] == "input" else y
 
     def _trainable(self, n: int) -> bool:
         """Whether a batch of n samples can be trained on."""
@@ -609,6 +682,8 @@ class Run:
         dropped = len(self.X) - self.n_used
         self.say(f"data: {self.data_name}: {len(self.X)} training images"
                  + (f" ({dropped} left out of each epoch: too few for a batch)" if dropped else "")
+                 + (f", perturbed once ({s['perturb']})" if s["perturb"] else "")
+                 + ("; targets: the clean input images" if s["target"] == "input" else "")
                  + f"; validating on {self.val_desc}")
         self.say(f"normalisation: mean {s['mean']:.4f} std {s['std']:.4f} ({self.norm_source})")
         p = self.position

@@ -24,6 +24,13 @@ TORCH_RTOL = {
 }
 FD_RTOL = 1e-4  # central differences with h = 1e-6 on float64
 FD_ATOL = 1e-7
+# A coordinate that fails at h is measured again at each smaller step h * FD_RETRY[i] until it
+# passes: in a deep, wide ReLU network a step of 1e-6 in an early weight moves some of the
+# millions of ReLU inputs across 0, and the central difference then measures the kink, not the
+# gradient (mobilenetv2_cifar, conv1.weight: off by 1.5e-3 at h = 1e-6, the one-sided
+# differences 2.5e-3 apart, 2.4e-8 at 1e-7; densenet_cifar's: 1.4e-4 at 1e-6, 6.2e-5 at 1e-7,
+# 2.2e-8 at 1e-8, where float64 rounding is still below 1e-7).  A wrong gradient fails at every step.
+FD_RETRY = (0.1, 0.01)
 DTYPES = ("float64", "float32")
 
 
@@ -38,7 +45,7 @@ class Row:
     checked: int  # elements compared
 
 
-GRAD_FLOOR = 1e-3  # see compare_torch
+GRAD_FLOOR = 1e-2  # see compare_torch
 
 
 def _rel(a: np.ndarray, b: np.ndarray, floor: float = 1e-300) -> tuple[float, float]:
@@ -100,7 +107,10 @@ def compare_torch(net, x, y, state, buffers_before) -> list[Row]:
     ref_grads = {k: p.grad.numpy() for k, p in model.named_parameters()}
     # A gradient that is zero in exact arithmetic (a conv bias right before batch norm) is
     # rounding noise in both builds: gradients are measured against GRAD_FLOOR times the
-    # largest gradient of the network when they are smaller than that.
+    # largest gradient of the network when they are smaller than that.  1e-2: on resnet8 (a
+    # conv bias before each batch norm, 4 x 32x32 pixels summed) the float32 build's noise
+    # was 2.6e-8 and PyTorch's own float32 9.6e-8, with a largest gradient of 0.18; 1e-3 of
+    # that scale (tolerance 1.8e-8) would fail both.
     floor = GRAD_FLOOR * max((float(np.abs(g).max(initial=0.0)) for g in ref_grads.values()), default=0.0)
     for k, g in ref_grads.items():
         a, r = _rel(grads[k], g, max(floor, 1e-300))
@@ -154,16 +164,21 @@ def finite_differences(net, x, y, per_tensor: int, seed: int, h: float = 1e-6) -
         top = np.argsort(-g, kind="stable")[: max(1, per_tensor // 2)]
         rest = np.setdiff1d(np.arange(flat.size), top)
         idx = np.concatenate([top, rng.choice(rest, size=min(per_tensor - top.size, rest.size), replace=False)])
-        num = np.empty(idx.size)
-        for j, i in enumerate(idx):
+
+        def central(i: int, step: float) -> float:
             old = flat[i]
-            flat[i] = old + h
+            flat[i] = old + step
             up = loss_at()
-            flat[i] = old - h
+            flat[i] = old - step
             down = loss_at()
             flat[i] = old
-            num[j] = (up - down) / (2 * h)
+            return (up - down) / (2 * step)
+
         ana = grads[name].reshape(-1)[idx]
+        num = np.array([central(i, h) for i in idx])
+        for factor in FD_RETRY:  # a ReLU kink within h? (see FD_RETRY)
+            for j in np.flatnonzero(np.abs(num - ana) > FD_ATOL + FD_RTOL * np.abs(ana)):
+                num[j] = central(idx[j], h * factor)
         diff = np.abs(num - ana)
         ok = bool(np.all(diff <= FD_ATOL + FD_RTOL * np.abs(ana)))
         a, r = _rel(num, ana)
@@ -235,7 +250,8 @@ def tolerances(dtype: str) -> str:
     """The pass conditions of one build's rows (max rel err: relative to the tensor's largest element)."""
     torch_part = f"torch (float64) max rel err <= {TORCH_RTOL[dtype]:g}"
     if dtype == "float64":
-        return (f"{torch_part}; finite differences (h=1e-6, float64) |fd - grad| <= "
-                f"{FD_ATOL:g} + {FD_RTOL:g}*|grad|")
+        return (f"{torch_part}; finite differences (h=1e-6, float64; "
+                f"{', then '.join(f'{f * 1e-6:g}' for f in FD_RETRY)} where that fails) "
+                f"|fd - grad| <= {FD_ATOL:g} + {FD_RTOL:g}*|grad|")
     return f"{torch_part} (float32 rounding); no finite differences (float32 rounding would swamp them)"
 

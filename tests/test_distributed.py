@@ -386,3 +386,22 @@ def test_two_ranks_equal_one_process_with_a_recipe(case):
     assert rel_diff(final_state(two), final_state(one)) <= 1e-9
     ma, mb = read_metrics(two / "metrics.csv"), read_metrics(one / "metrics.csv")
     assert [r["lr"] for r in ma] == [r["lr"] for r in mb]
+
+
+def test_two_ranks_train_towards_float_targets(tmp_path):
+    """--target input on 2 ranks: the validation loss is the shares' losses weighted and summed,
+    as one process computes it, and there is no accuracy (float targets have no classes)."""
+    from test_train_targets import TINY_AE
+
+    spec = tmp_path / "tiny_ae.yaml"
+    spec.write_text(TINY_AE)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(40, np.int64), x_test=x[:13], y_test=np.zeros(13, np.int64))
+    data, one, two = tmp_path / "d.npz", tmp_path / "one", tmp_path / "two"
+    train(TrainOptions(spec=str(spec), data=str(data), out=str(one), target="input", epochs=1, batch_size=8,
+                       threads=1), progress=False)
+    netc_mpi(2, spec, "--data", data, "--out", two, "--target", "input", "--epochs", 1, "--batch-size", 8)
+    (ra,), (rb,) = read_metrics(two / "metrics.csv"), read_metrics(one / "metrics.csv")
+    assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-5)
+    assert np.isnan(ra["val_acc"]) and np.isnan(rb["val_acc"])

@@ -35,6 +35,17 @@ from netcompiler.weights import save_weights
 
 DRIVER = ROOT / "tests" / "c" / "export_driver.c"
 SPECS = [p for p in sorted((ROOT / "specs").glob("*.yaml")) if not is_graph(load(p).layers)]  # export: chains
+# chains in specs/ that netc export cannot translate yet (non-strict: support makes them XPASS)
+EXPORT_XFAIL = {"conv_autoencoder": "netc export has no C for layer kind 'upsample' (netcompiler/export/lower.py: "
+                                    "no STARTS entry)"}
+
+
+def spec_case(path, value=None):
+    """The parametrize case of a spec of SPECS (its path, or `value`), expected to fail while
+    EXPORT_XFAIL names it."""
+    reason = EXPORT_XFAIL.get(path.stem)
+    return pytest.param(path if value is None else value, id=path.stem,
+                        marks=[pytest.mark.xfail(reason=reason, strict=False)] if reason else [])
 STRICT = ["-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror",
           # no float promoted to double (slow on single-precision FPUs), no implicit narrowing
           "-Wdouble-promotion", "-Wconversion", "-Wshadow", "-Wcast-qual", "-Wstrict-prototypes"]
@@ -169,7 +180,7 @@ def _check(spec_path: Path, tmp_path: Path, capsys, target: str = "generic", n: 
     return dict(network=network, out=out, printed=printed)
 
 
-@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+@pytest.mark.parametrize("path", [spec_case(p) for p in SPECS])
 def test_specs_match_forward(path, tmp_path, capsys):
     _check(path, tmp_path, capsys)
 

@@ -24,7 +24,7 @@ from netcompiler.cli import main
 from netcompiler.export import export_int8
 from netcompiler.export import quant_ref
 from netcompiler.export.quant import QParams, dequantize, multiplier, quantize_input
-from test_export import COMPILERS, DRIVER, ODD, SPECS, STRICT, _state, random_chains
+from test_export import COMPILERS, DRIVER, ODD, SPECS, STRICT, _state, random_chains, spec_case
 
 import shutil
 import subprocess
@@ -75,7 +75,7 @@ def _check(network, tmp: Path, seed: int = 0, compilers=COMPILERS, extra=(), sta
     return dict(e=e, net=net, x=x, ref=ref)
 
 
-@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+@pytest.mark.parametrize("path", [spec_case(p) for p in SPECS])
 def test_specs_match_reference(path, tmp_path):
     r = _check(load(path), tmp_path)
     # and the int8 network computes roughly the float one: within 5% of the outputs' range
@@ -92,7 +92,7 @@ def test_odd_shapes_match_reference(name, tmp_path):
 ARM_GCC = shutil.which("arm-none-eabi-gcc")
 
 
-@pytest.mark.parametrize("name", [p.stem for p in SPECS] + sorted(ODD))
+@pytest.mark.parametrize("name", [spec_case(p, p.stem) for p in SPECS] + sorted(ODD))
 def test_cortex_m4_target_matches_reference(name, tmp_path):
     """--target cortex-m4: convolutions in the DSP weight order; on the host (no
     __ARM_FEATURE_DSP) their plain-C form must equal the reference, and the SMLAD form

@@ -149,3 +149,39 @@ def test_a_name_no_pytorch_module_can_have_is_an_error_not_a_traceback(tmp_path,
     r = netc("verify", spec)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"error: layer name '{name}': '{name.split('.')[-1]}' is an attribute of torch's nn.Module" in r.stderr
+
+
+KINK = """
+input: [2]
+layers:
+  - linear: {out_features: 1}
+  - relu
+  - linear: {out_features: 1}
+loss: mse
+"""
+
+
+def _kinked_net():
+    """fc1's output is 3e-7 for the one sample: a step of 1e-6 in fc1.bias crosses the ReLU's kink."""
+    from conftest import build
+
+    net = build(KINK)
+    net.params["fc1.weight"][...] = [[1.0, 0.0]]
+    net.params["fc1.bias"][...] = 0.0
+    net.params["fc2.weight"][...] = 1.0
+    net.params["fc2.bias"][...] = 0.0
+    return net, np.array([[3e-7, 0.5]]), np.array([[5.0]])
+
+
+def test_finite_differences_step_across_a_relu_kink_are_measured_again_closer():
+    net, x, y = _kinked_net()
+    rows = {r.tensor: r for r in v.finite_differences(net, x, y, per_tensor=1, seed=0)}
+    assert all(r.ok for r in rows.values()), rows
+    assert rows["fc1.bias"].max_abs < 1e-6  # 3.5 at h = 1e-6: (1.3e-6 - 0) / 2e-6 of the slope
+
+
+def test_a_wrong_gradient_at_a_kink_still_fails(monkeypatch):
+    _break(monkeypatch, "float64", 1.01, "fc1.bias")
+    net, x, y = _kinked_net()
+    rows = {r.tensor: r for r in v.finite_differences(net, x, y, per_tensor=1, seed=0)}
+    assert not rows["fc1.bias"].ok and rows["fc2.weight"].ok
