@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..layers import Layer
+from ..layers.batchnorm import BatchNorm2d
 from .lower import Step, lower
 
 CALIBRATION_IMAGES = 1000
@@ -102,8 +103,8 @@ def _chains(step: Step) -> tuple[list[Layer], list[Layer], Layer | None]:
     acc = None
     if step.op in ("conv", "linear"):
         acc = layers.pop(0)
-        if step.op == "conv" and layers and layers[0].kind.kind == "batchnorm2d":
-            acc = layers.pop(0)  # folded
+        if step.folded is not None:
+            acc = layers.pop(0)
     elif step.op in ("maxpool", "avgpool"):
         layers.pop(0)
     pre, post, seen_pool = [], [], False
@@ -171,6 +172,28 @@ def _qweights(qs: QStep, step: Step) -> None:
     qs.shift = np.array([n for _, n in mn], np.int32)
 
 
+INT8_OPS = ("conv", "linear", "maxpool", "avgpool", "elementwise")  # the steps with an integer kernel
+
+
+def refuse(steps: list[Step]) -> None:
+    """What the int8 build does not do, as one-line errors: steps without an integer kernel,
+    and graphs (a step reading anything but the step before it)."""
+    from ..errors import NetcError
+
+    for i, s in enumerate(steps):
+        first = s.layers[0] if s.layers else None
+        if s.op not in INT8_OPS:
+            raise NetcError(f"{first.where()}: netc export --quantize int8 has no integer kernel for layer kind "
+                            f"'{first.kind.kind}' (the float32 export has)")
+        if s.inputs != [steps[i - 1] if i else None]:
+            raise NetcError(f"{first.where()} reads {', '.join(first.inputs)}: netc export --quantize int8 handles "
+                            f"chains of layers only (each reading the one before; the float32 export takes graphs)")
+        if any(isinstance(l.kind, BatchNorm2d) and len(l.in_shape) == 1 and l is not s.folded for l in s.layers):
+            bn = next(l for l in s.layers if isinstance(l.kind, BatchNorm2d) and l is not s.folded)
+            raise NetcError(f"{bn.where()}: netc export --quantize int8 folds batchnorm1d into the linear layer "
+                            f"before it only")
+
+
 def quantize(network, state: dict[str, np.ndarray], ranges: dict[str, tuple[float, float]],
              target: str = "generic") -> QNet:
     """The lowered steps of `network` with their int8 parameters, from calibrated `ranges`."""
@@ -181,6 +204,7 @@ def quantize(network, state: dict[str, np.ndarray], ranges: dict[str, tuple[floa
     model = torch_model(network, state, torch.float64).eval()
     modules = {l.name: model.get_submodule(l.name) for l in network.layers}
     steps = lower(network.layers, state, target)
+    refuse(steps)
     x_q = QParams.from_range(*ranges[""])
     first = x_q
     out: list[QStep] = []

@@ -86,7 +86,8 @@ def render(network, steps: list[Step], memory: MemoryPlan, arrays: list[Array], 
         arena_bytes=memory.arena_bytes, weights_bytes=weights_bytes,
         uses=dict(math=math_used, vec=any(s.c.get("VEC") or s.c.get("VECC") for s in steps)),
         norm=normalisation and [c_float(np.float32(v)) for v in normalisation],
-        libc=sorted((LIBC_MATH if math_used else set()) | ({"INFINITY"} if any(s.op == "maxpool" for s in steps) else set())),
+        libc=sorted((LIBC_MATH if math_used else set()) | ({"INFINITY"} if any(s.op == "maxpool" for s in steps) else set())
+                    | ({"memcpy"} if any(s.copies for s in steps) else set())),
     )
     source = env.get_template("export/net.c.j2").render(ctx)
     header = env.get_template("export/net.h.j2").render(ctx)
