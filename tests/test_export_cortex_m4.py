@@ -1,6 +1,7 @@
 """The exported C on a Cortex-M4F: examples/cortex-m4 under QEMU's mps2-an386.
 
-For lenet5 and alphabet with random weights: `netc export`, build the example firmware
+For lenet5, alphabet and a small residual graph (tests/specs/export_residual.yaml) with
+random weights: `netc export`, build the example firmware
 (its Makefile: arm-none-eabi-gcc -O2, hard float) with one random input embedded, run it
 under `qemu-system-arm -M mps2-an386 -semihosting -icount shift=0`, and compare its
 outputs (printed as float32 bits) with the same C built for the host (rel 1e-5).  The
@@ -58,8 +59,8 @@ def _input_header(path, x: np.ndarray) -> None:
     path.write_text(f"static const float net_input[INPUT_SIZE] = {{\n{body}\n}};\n")
 
 
-def run_firmware(name: str, tmp_path, capsys) -> dict:
-    spec_path = ROOT / "specs" / f"{name}.yaml"
+def run_firmware(name: str, tmp_path, capsys, spec_path=None) -> dict:
+    spec_path = spec_path or ROOT / "specs" / f"{name}.yaml"
     network = load(spec_path)
     weights = tmp_path / "weights.npz"
     save_npz(weights, _state(network, 1))
@@ -103,6 +104,16 @@ def test_cortex_m4_matches_host_and_meets_targets(name, tmp_path, capsys):
     assert ram_used <= 0.5 * ram, f"RAM {ram_used:,} B > 50% of onnx2c's {ram:,}"
     assert m["instructions"] <= instructions / 3, f"{m['instructions']:,} instructions > 1/3 of onnx2c's"
     assert 50 <= m["stack"] <= 1024  # the stack measurement saw INFER's frames, and they are small
+
+
+def test_cortex_m4_runs_a_residual_graph(tmp_path, capsys):
+    """tests/specs/export_residual.yaml (fan-out, adds in place, a projection shortcut,
+    global average pooling) on the Cortex-M4F equals the host build of the same C."""
+    m = run_firmware("export_residual", tmp_path, capsys, ROOT / "tests" / "specs" / "export_residual.yaml")
+    assert_close(m["y"], m["host"], 1e-5, "export_residual on Cortex-M4F vs host", atol=1e-6)
+    with capsys.disabled():
+        print(f"\nexport_residual on Cortex-M4F: flash {m['flash']:,} B (weights {m['weights']:,}), RAM "
+              f"{m['arena'] + m['stack']:,} B (arena {m['arena']:,} + stack {m['stack']}), {m['instructions']:,} instructions")
 
 
 # ---- int8 ------------------------------------------------------------------------------------
