@@ -96,15 +96,10 @@ def _greedy(buffers: list[Buffer]) -> int:
     return max((b.offset + b.size for b in buffers), default=0)
 
 
-def plan_memory(steps: list[Step], elem_bytes: int = 4) -> MemoryPlan:
-    """elem_bytes: 4 for float32 tensors, 1 for int8 (sizes and offsets are in elements)."""
-    index = {id(s): i for i, s in enumerate(steps)}
-    last = {id(s): i for i, s in enumerate(steps)}  # the last step reading each output
-    for i, s in enumerate(steps):
-        for src in s.inputs:
-            if src is not None:
-                last[id(src)] = max(last[id(src)], i)
-    # views: a concat's parts inside its output
+def concat_views(steps: list[Step]) -> dict[int, tuple[Step, int]]:
+    """id(part) -> (the concat whose output holds it, its offset there in elements), for the
+    concat parts written in place; each concat's `copies` lists the others (the network
+    input, a part listed twice, a part already inside an earlier concat)."""
     parent: dict[int, tuple[Step, int]] = {}
     for s in steps:
         if s.op != "concat":
@@ -115,6 +110,18 @@ def plan_memory(steps: list[Step], elem_bytes: int = 4) -> MemoryPlan:
                 s.copies.append((k, off, s.c["SIZES"][k]))
             else:
                 parent[id(src)] = (s, off)
+    return parent
+
+
+def plan_memory(steps: list[Step], elem_bytes: int = 4) -> MemoryPlan:
+    """elem_bytes: 4 for float32 tensors, 1 for int8 (sizes and offsets are in elements)."""
+    index = {id(s): i for i, s in enumerate(steps)}
+    last = {id(s): i for i, s in enumerate(steps)}  # the last step reading each output
+    for i, s in enumerate(steps):
+        for src in s.inputs:
+            if src is not None:
+                last[id(src)] = max(last[id(src)], i)
+    parent = concat_views(steps)
 
     def root(s: Step) -> tuple[Step, int]:
         off = 0
