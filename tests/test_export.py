@@ -192,7 +192,18 @@ ODD["odd_channels"] = spec([4, 9, 9], [  # host: 8 output channels at a time (st
 ], name="odd_channels")
 
 
-@pytest.mark.parametrize("name", ["lenet5", "cifar", "alphabet", "odd_channels"])
+ODD["odd_pixels"] = spec([3, 5, 13], [  # host: 8 channels x blocks of 8 pixels, with a tail of 5 and of 3
+    "conv2d: {out_channels: 8, kernel_size: 3, padding: 1}",
+    "gelu",
+    "conv2d: {out_channels: 16, kernel_size: [1, 3], padding: [0, 0, 0, 1], dilation: [1, 2]}",
+    "maxpool2d: {kernel_size: [1, 1]}",
+    "relu",
+    "flatten",
+    "linear: {out_features: 3}",
+], name="odd_pixels")
+
+
+@pytest.mark.parametrize("name", ["lenet5", "cifar", "alphabet", "odd_channels", "odd_pixels"])
 def test_host_target_matches_forward(name, tmp_path, capsys):
     """host: GCC vectors (rows of 8 outputs, 8 channels at a time, linear dot products), and
     the same C with -DNETC_NO_VECTORS (plain C)."""

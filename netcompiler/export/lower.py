@@ -360,20 +360,26 @@ def lower(layers: list[Layer], state: dict[str, np.ndarray], target: str) -> lis
     return steps
 
 
+PIXEL_BLOCK = 8  # host, 8 channels at a time: pixels of a row whose sums stay in registers together
+
+
 def vectorise_channels(steps: list[Step]) -> None:
-    """host, float32: a conv whose rows are too short for vectors of 8 outputs (or strided)
-    computes 8 output channels at once instead, its weights reordered to
-    [COUT/8][CIN_G][KH][KW][8]; with a fused max-pool, its scratch row holds the 8 channels'
-    rows [8][OW]."""
+    """host, float32: a conv whose groups have a multiple of 8 output channels computes 8
+    output channels at once (one vector), for blocks of PIXEL_BLOCK neighbouring pixels of a
+    row (each weight vector loaded once for them, their sums independent), its weights
+    reordered to [COUT/8][CIN_G][KH][KW][8]; with a fused max-pool, its scratch row holds the
+    8 channels' rows [8][OW].  Other convs keep vectors of 8 neighbouring outputs (VEC)."""
     for s in steps:
         c = s.c
-        if s.op != "conv" or c.get("VEC") or c["COUT_G"] % 8:
+        if s.op != "conv" or c["COUT_G"] % 8:
             continue
         w = s.arrays[0]
         k = c["CIN_G"] * c["KH"] * c["KW"]
         w.values = np.ascontiguousarray(w.values.reshape(c["COUT"] // 8, 8, k).transpose(0, 2, 1)).ravel()
         w.what += f", reordered [{c['COUT'] // 8}][{c['CIN_G']}][{c['KH']}][{c['KW']}][8] (8 output channels at once)"
-        c.update(VECC=True, CB=c["COUT"] // 8, WB=k * 8)
+        pb = min(PIXEL_BLOCK, c["OW"])
+        c.update(VECC=True, VEC=False, VEC_TAIL=False, CB=c["COUT"] // 8, WB=k * 8, PB=pb,
+                 PB_FULL=c["OW"] - c["OW"] % pb, PB_TAIL=c["OW"] % pb)
         if c["POOL"]:
             s.scratch += _round4(8 * c["OW"]) - _round4(c["OW"])
             s.scratch_doc = s.scratch_doc.replace(f"one conv output row [{c['OW']}]",
