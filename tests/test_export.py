@@ -217,6 +217,7 @@ def test_host_target_matches_forward(name, tmp_path, capsys):
     # cifar: stride-2 convs of 5, 7 and 10 channels and no linear layer: nothing to vectorise
     assert any(s.c.get("VEC") or s.c.get("VECC") for s in e.steps) == (name != "cifar")
     assert name in ("lenet5", "cifar") or any(s.c.get("VECC") for s in e.steps)
+    assert (name in ("alphabet", "lenet5", "odd_pixels")) == any(s.c.get("VL") == 16 for s in e.steps)  # 16-channel groups
     network, net, _ = _net_and_weights(path, tmp_path)
     x = np.random.default_rng(7).standard_normal((3, *network.input_shape)).astype(np.float32)
     y = _run(_compile(COMPILERS[0], r["out"], network.name, ["-DNETC_NO_VECTORS"]), x, math.prod(network.output_shape),
@@ -266,6 +267,24 @@ def test_sanitizers(tmp_path, capsys):
         x = np.random.default_rng(3).standard_normal((2, *network.input_shape)).astype(np.float32)
         ref = net.forward(x).reshape(2, -1)
         assert_close(_run(exe, x, ref.shape[1], tmp), ref, RTOL, f"{name} (sanitizers)", atol=ATOL)
+
+
+def test_host_target_under_sanitizers(tmp_path, capsys):
+    """--target host (vectors of 16 and 8 channels, blocks of 8 pixels and their tails) under
+    ASan + UBSan, arena exactly as large as the header says."""
+    for name in ("alphabet", "odd_pixels"):
+        tmp = tmp_path / name
+        tmp.mkdir()
+        path = ROOT / "specs" / f"{name}.yaml" if name not in ODD else tmp / f"{name}.yaml"
+        if name in ODD:
+            path.write_text(ODD[name])
+        network, net, weights = _net_and_weights(path, tmp)
+        _export_cli(path, weights, tmp / "out", "host", capsys)
+        exe = _compile("gcc", tmp / "out", network.name,
+                       ["-O2", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"])
+        x = np.random.default_rng(3).standard_normal((2, *network.input_shape)).astype(np.float32)
+        ref = net.forward(x).reshape(2, -1)
+        assert_close(_run(exe, x, ref.shape[1], tmp), ref, RTOL, f"{name} (host, sanitizers)", atol=ATOL)
 
 
 # ---- random chains against the independent PyTorch reference --------------------------------

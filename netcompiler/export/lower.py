@@ -360,30 +360,33 @@ def lower(layers: list[Layer], state: dict[str, np.ndarray], target: str) -> lis
     return steps
 
 
-PIXEL_BLOCK = 8  # host, 8 channels at a time: pixels of a row whose sums stay in registers together
+PIXEL_BLOCK = 8  # host, channels at a time: pixels of a row whose sums stay in registers together
 
 
 def vectorise_channels(steps: list[Step]) -> None:
-    """host, float32: a conv whose groups have a multiple of 8 output channels computes 8
-    output channels at once (one vector), for blocks of PIXEL_BLOCK neighbouring pixels of a
-    row (each weight vector loaded once for them, their sums independent), its weights
-    reordered to [COUT/8][CIN_G][KH][KW][8]; with a fused max-pool, its scratch row holds the
-    8 channels' rows [8][OW].  Other convs keep vectors of 8 neighbouring outputs (VEC)."""
+    """host, float32: a conv whose groups have a multiple of 8 output channels computes VL =
+    16 (when they divide) or 8 output channels at once (one GCC vector), for blocks of
+    PIXEL_BLOCK neighbouring pixels of a row (each weight vector loaded once for them, their
+    sums independent), its weights reordered to [COUT/VL][CIN_G][KH][KW][VL]; with a fused
+    max-pool, its scratch row holds the VL channels' rows [VL][OW].  Other convs keep
+    vectors of 8 neighbouring outputs (VEC)."""
     for s in steps:
         c = s.c
         if s.op != "conv" or c["COUT_G"] % 8:
             continue
+        vl = 16 if c["COUT_G"] % 16 == 0 else 8
         w = s.arrays[0]
         k = c["CIN_G"] * c["KH"] * c["KW"]
-        w.values = np.ascontiguousarray(w.values.reshape(c["COUT"] // 8, 8, k).transpose(0, 2, 1)).ravel()
-        w.what += f", reordered [{c['COUT'] // 8}][{c['CIN_G']}][{c['KH']}][{c['KW']}][8] (8 output channels at once)"
+        w.values = np.ascontiguousarray(w.values.reshape(c["COUT"] // vl, vl, k).transpose(0, 2, 1)).ravel()
+        w.what += (f", reordered [{c['COUT'] // vl}][{c['CIN_G']}][{c['KH']}][{c['KW']}][{vl}] "
+                   f"({vl} output channels at once)")
         pb = min(PIXEL_BLOCK, c["OW"])
-        c.update(VECC=True, VEC=False, VEC_TAIL=False, CB=c["COUT"] // 8, WB=k * 8, PB=pb,
+        c.update(VECC=True, VEC=False, VEC_TAIL=False, VL=vl, CB=c["COUT"] // vl, WB=k * vl, PB=pb,
                  PB_FULL=c["OW"] - c["OW"] % pb, PB_TAIL=c["OW"] % pb)
         if c["POOL"]:
-            s.scratch += _round4(8 * c["OW"]) - _round4(c["OW"])
+            s.scratch += _round4(vl * c["OW"]) - _round4(c["OW"])
             s.scratch_doc = s.scratch_doc.replace(f"one conv output row [{c['OW']}]",
-                                                  f"8 channels' conv output rows [8][{c['OW']}]")
+                                                  f"{vl} channels' conv output rows [{vl}][{c['OW']}]")
 
 
 def _round4(n: int) -> int:
