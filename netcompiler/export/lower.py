@@ -372,17 +372,31 @@ def vectorise_channels(steps: list[Step]) -> None:
     vectors of 8 neighbouring outputs (VEC)."""
     for s in steps:
         c = s.c
-        if s.op != "conv" or c["COUT_G"] % 8:
+        if s.op != "conv":
+            continue
+        cout = c["COUT"]
+        # one group whose channels round up to 8 with at most a quarter more: zero channels pad it
+        padded = c["GROUPS"] == 1 and cout % 8 and 3 * -(-cout // 8) * 8 <= 4 * cout
+        if c["COUT_G"] % 8 and not padded:
             continue
         vl = 16 if c["COUT_G"] % 16 == 0 else 8
+        cb = -(-cout // vl)
         w = s.arrays[0]
         k = c["CIN_G"] * c["KH"] * c["KW"]
-        w.values = np.ascontiguousarray(w.values.reshape(c["COUT"] // vl, vl, k).transpose(0, 2, 1)).ravel()
-        w.what += (f", reordered [{c['COUT'] // vl}][{c['CIN_G']}][{c['KH']}][{c['KW']}][{vl}] "
-                   f"({vl} output channels at once)")
+        wp = np.zeros((cb * vl, k), np.float32)
+        wp[:cout] = w.values.reshape(cout, k)
+        w.values = np.ascontiguousarray(wp.reshape(cb, vl, k).transpose(0, 2, 1)).ravel()
+        w.what += (f", reordered [{cb}][{c['CIN_G']}][{c['KH']}][{c['KW']}][{vl}] ({vl} output channels at once"
+                   + (f"; channels {cout} to {cb * vl - 1} are zeros" if cb * vl != cout else "") + ")")
+        if cb * vl != cout and c["bias"]:
+            b = s.arrays[1]
+            b.values = np.concatenate([b.values, np.zeros(cb * vl - cout, np.float32)])
+            b.what += f", then {cb * vl - cout} zeros (the padding channels)"
         pb = min(PIXEL_BLOCK, c["OW"])
-        c.update(VECC=True, VEC=False, VEC_TAIL=False, VL=vl, CB=c["COUT"] // vl, WB=k * vl, PB=pb,
-                 PB_FULL=c["OW"] - c["OW"] % pb, PB_TAIL=c["OW"] % pb)
+        c.update(VECC=True, VEC=False, VEC_TAIL=False, VL=vl, CB=cb, WB=k * vl, PB=pb,
+                 PB_FULL=c["OW"] - c["OW"] % pb, PB_TAIL=c["OW"] % pb,
+                 # the channels a block stores: the last one only the real ones
+                 QN=str(vl) if cb * vl == cout else f"(cb < {cb - 1} ? {vl} : {cout - (cb - 1) * vl})")
         if c["POOL"]:
             s.scratch += _round4(vl * c["OW"]) - _round4(c["OW"])
             s.scratch_doc = s.scratch_doc.replace(f"one conv output row [{c['OW']}]",
