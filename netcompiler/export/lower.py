@@ -368,7 +368,8 @@ def vectorise_channels(steps: list[Step]) -> None:
     16 (when they divide) or 8 output channels at once (one GCC vector), for blocks of
     PIXEL_BLOCK neighbouring pixels of a row (each weight vector loaded once for them, their
     sums independent), its weights reordered to [COUT/VL][CIN_G][KH][KW][VL]; with a fused
-    max-pool, its scratch row holds the VL channels' rows [VL][OW].  Other convs keep
+    max-pool, its scratch holds the VL channels' conv output row pixel-major [OW][VL], so that
+    the max over a window runs over the channels side by side.  Other convs keep
     vectors of 8 neighbouring outputs (VEC)."""
     for s in steps:
         c = s.c
@@ -400,7 +401,7 @@ def vectorise_channels(steps: list[Step]) -> None:
         if c["POOL"]:
             s.scratch += _round4(vl * c["OW"]) - _round4(c["OW"])
             s.scratch_doc = s.scratch_doc.replace(f"one conv output row [{c['OW']}]",
-                                                  f"{vl} channels' conv output rows [{vl}][{c['OW']}]")
+                                                  f"{vl} channels' conv output row, pixel-major [{c['OW']}][{vl}]")
 
 
 def _round4(n: int) -> int:
