@@ -361,6 +361,18 @@ def lower(layers: list[Layer], state: dict[str, np.ndarray], target: str) -> lis
 
 
 PIXEL_BLOCK = 8  # host, channels at a time: pixels of a row whose sums stay in registers together
+PIXEL_ROW_MAX = 12  # a row this short is one block (12 sums + a weight vector: within 32 AVX-512 registers)
+PIXEL_CHAINS = 6  # independent sums that keep two multiply-add units busy (latency 4: about 8; 6 with the loads)
+
+
+def _pixel_block(ow: int) -> int:
+    """Pixels per block of a row of OW: the whole row up to PIXEL_ROW_MAX (its sums fit the
+    registers), else the block of 6 to PIXEL_BLOCK whose blocks cost least, a block of n
+    counting as max(n, PIXEL_CHAINS): fewer independent sums wait on the multiply-add latency."""
+    if ow <= PIXEL_ROW_MAX:
+        return ow
+    return min(range(6, PIXEL_BLOCK + 1), key=lambda pb: (ow // pb * max(pb, PIXEL_CHAINS)
+                                                          + (max(ow % pb, PIXEL_CHAINS) if ow % pb else 0)) / ow - pb * 1e-3)
 
 
 def vectorise_channels(steps: list[Step]) -> None:
@@ -393,7 +405,7 @@ def vectorise_channels(steps: list[Step]) -> None:
             b = s.arrays[1]
             b.values = np.concatenate([b.values, np.zeros(cb * vl - cout, np.float32)])
             b.what += f", then {cb * vl - cout} zeros (the padding channels)"
-        pb = min(PIXEL_BLOCK, c["OW"])
+        pb = _pixel_block(c["OW"])
         c.update(VECC=True, VEC=False, VEC_TAIL=False, VL=vl, CB=cb, WB=k * vl, PB=pb,
                  PB_FULL=c["OW"] - c["OW"] % pb, PB_TAIL=c["OW"] % pb,
                  # the channels a block stores: the last one only the real ones
