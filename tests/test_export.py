@@ -203,7 +203,13 @@ ODD["odd_pixels"] = spec([3, 5, 13], [  # host: 8 channels x blocks of 8 pixels,
 ], name="odd_pixels")
 
 
-@pytest.mark.parametrize("name", ["lenet5", "cifar", "alphabet", "odd_channels", "odd_pixels"])
+# host: rows of 3 pixels, too few sums: even and odd input channels (3: one left over) sum apart
+ODD["odd_split"] = spec([3, 7, 7], ["conv2d: {out_channels: 8, kernel_size: 3, stride: 2}", "relu",
+                                    "conv2d: {out_channels: 8, kernel_size: 2, padding: 1}", "maxpool2d: {kernel_size: 2}",
+                                    "flatten", "linear: {out_features: 2}"], name="odd_split")
+
+
+@pytest.mark.parametrize("name", ["lenet5", "cifar", "alphabet", "odd_channels", "odd_pixels", "odd_split"])
 def test_host_target_matches_forward(name, tmp_path, capsys):
     """host: GCC vectors (rows of 8 outputs, 8 channels at a time, linear dot products), and
     the same C with -DNETC_NO_VECTORS (plain C)."""
@@ -273,7 +279,7 @@ def test_sanitizers(tmp_path, capsys):
 def test_host_target_under_sanitizers(tmp_path, capsys):
     """--target host (vectors of 16 and 8 channels, zero channels padding 6 to 8, blocks of 8 pixels and their tails) under
     ASan + UBSan, arena exactly as large as the header says."""
-    for name in ("alphabet", "odd_pixels", "lenet5"):  # lenet5: conv1 padded to 8 channels
+    for name in ("alphabet", "odd_pixels", "lenet5", "odd_split"):  # lenet5: conv1 padded to 8 channels
         tmp = tmp_path / name
         tmp.mkdir()
         path = ROOT / "specs" / f"{name}.yaml" if name not in ODD else tmp / f"{name}.yaml"

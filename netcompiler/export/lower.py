@@ -406,7 +406,7 @@ def vectorise_channels(steps: list[Step]) -> None:
             b.values = np.concatenate([b.values, np.zeros(cb * vl - cout, np.float32)])
             b.what += f", then {cb * vl - cout} zeros (the padding channels)"
         pb = _pixel_block(c["OW"])
-        c.update(VECC=True, VEC=False, VEC_TAIL=False, VL=vl, CB=cb, WB=k * vl, PB=pb,
+        c.update(VECC=True, VEC=False, VEC_TAIL=False, VL=vl, CB=cb, WB=k * vl, PB=pb, CHAINS=PIXEL_CHAINS,
                  PB_FULL=c["OW"] - c["OW"] % pb, PB_TAIL=c["OW"] % pb,
                  # the channels a block stores: the last one only the real ones
                  QN=str(vl) if cb * vl == cout else f"(cb < {cb - 1} ? {vl} : {cout - (cb - 1) * vl})")
