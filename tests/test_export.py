@@ -30,22 +30,11 @@ from netcompiler.check import check_text, load
 from netcompiler.cli import main
 from netcompiler.errors import SpecErrors
 from netcompiler.export import export_c, load_state
-from netcompiler.report import is_graph
 from netcompiler.weights import save_weights
 
 DRIVER = ROOT / "tests" / "c" / "export_driver.c"
-SPECS = [p for p in sorted((ROOT / "specs").glob("*.yaml")) if not is_graph(load(p).layers)]  # export: chains
-# chains in specs/ that netc export cannot translate yet (non-strict: support makes them XPASS)
-EXPORT_XFAIL = {"conv_autoencoder": "netc export has no C for layer kind 'upsample' (netcompiler/export/lower.py: "
-                                    "no STARTS entry)"}
-
-
-def spec_case(path, value=None):
-    """The parametrize case of a spec of SPECS (its path, or `value`), expected to fail while
-    EXPORT_XFAIL names it."""
-    reason = EXPORT_XFAIL.get(path.stem)
-    return pytest.param(path if value is None else value, id=path.stem,
-                        marks=[pytest.mark.xfail(reason=reason, strict=False)] if reason else [])
+# every spec, and the graph test specs (fan-out, add, concat, the newer kinds)
+SPECS = sorted((ROOT / "specs").glob("*.yaml")) + sorted((ROOT / "tests" / "specs").glob("export_*.yaml"))
 STRICT = ["-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror",
           # no float promoted to double (slow on single-precision FPUs), no implicit narrowing
           "-Wdouble-promotion", "-Wconversion", "-Wshadow", "-Wcast-qual", "-Wstrict-prototypes"]
@@ -180,7 +169,7 @@ def _check(spec_path: Path, tmp_path: Path, capsys, target: str = "generic", n: 
     return dict(network=network, out=out, printed=printed)
 
 
-@pytest.mark.parametrize("path", [spec_case(p) for p in SPECS])
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_specs_match_forward(path, tmp_path, capsys):
     _check(path, tmp_path, capsys)
 
@@ -203,7 +192,24 @@ ODD["odd_channels"] = spec([4, 9, 9], [  # host: 8 output channels at a time (st
 ], name="odd_channels")
 
 
-@pytest.mark.parametrize("name", ["lenet5", "cifar", "alphabet", "odd_channels"])
+ODD["odd_pixels"] = spec([3, 5, 13], [  # host: 8 channels x blocks of 8 pixels, with a tail of 5 and of 3
+    "conv2d: {out_channels: 8, kernel_size: 3, padding: 1}",
+    "gelu",
+    "conv2d: {out_channels: 16, kernel_size: [1, 3], padding: [0, 0, 0, 1], dilation: [1, 2]}",
+    "maxpool2d: {kernel_size: [1, 1]}",
+    "relu",
+    "flatten",
+    "linear: {out_features: 3}",
+], name="odd_pixels")
+
+
+# host: rows of 3 pixels, too few sums: even and odd input channels (3: one left over) sum apart
+ODD["odd_split"] = spec([3, 7, 7], ["conv2d: {out_channels: 8, kernel_size: 3, stride: 2}", "relu",
+                                    "conv2d: {out_channels: 8, kernel_size: 2, padding: 1}", "maxpool2d: {kernel_size: 2}",
+                                    "flatten", "linear: {out_features: 2}"], name="odd_split")
+
+
+@pytest.mark.parametrize("name", ["lenet5", "cifar", "alphabet", "odd_channels", "odd_pixels", "odd_split"])
 def test_host_target_matches_forward(name, tmp_path, capsys):
     """host: GCC vectors (rows of 8 outputs, 8 channels at a time, linear dot products), and
     the same C with -DNETC_NO_VECTORS (plain C)."""
@@ -214,14 +220,22 @@ def test_host_target_matches_forward(name, tmp_path, capsys):
         path = ROOT / "specs" / f"{name}.yaml"
     r = _check(path, tmp_path, capsys, target="host")
     e = export_c(r["network"], load_state(r["network"], tmp_path / "weights.npz")[0], "host")
-    # cifar: stride-2 convs of 5, 7 and 10 channels and no linear layer: nothing to vectorise
-    assert any(s.c.get("VEC") or s.c.get("VECC") for s in e.steps) == (name != "cifar")
-    assert name in ("lenet5", "cifar") or any(s.c.get("VECC") for s in e.steps)
+    # every net here has a conv of 8 channels at once: a multiple of 8, or padded to 8 with zero
+    # channels (lenet5's 6, cifar's 7; not cifar's 5 and 10: more than a quarter of padding)
+    assert all(s.c.get("VECC") == (s.c["COUT"] % 8 == 0 or s.c["COUT"] in (6, 7)) for s in e.steps if s.op == "conv")
+    assert any(s.c.get("VECC") for s in e.steps)
+    assert (name in ("alphabet", "lenet5", "odd_pixels")) == any(s.c.get("VL") == 16 for s in e.steps)  # 16-channel groups
     network, net, _ = _net_and_weights(path, tmp_path)
     x = np.random.default_rng(7).standard_normal((3, *network.input_shape)).astype(np.float32)
     y = _run(_compile(COMPILERS[0], r["out"], network.name, ["-DNETC_NO_VECTORS"]), x, math.prod(network.output_shape),
              tmp_path)
     assert_close(y, net.forward(x).reshape(3, -1), RTOL, f"{name} (host, no vectors)", atol=ATOL)
+
+
+@pytest.mark.parametrize("path", [ROOT / "specs" / "resnet20.yaml", ROOT / "tests" / "specs" / "export_graph.yaml"],
+                         ids=["resnet20", "export_graph"])
+def test_host_target_matches_forward_on_graphs(path, tmp_path, capsys):
+    _check(path, tmp_path, capsys, target="host", n=2)
 
 
 def test_cortex_m_targets_match_forward(tmp_path, capsys):
@@ -243,14 +257,15 @@ def test_bench_export_speed_runs():
 
 
 def test_sanitizers(tmp_path, capsys):
-    """odd_leading (every epilogue, a leading step, fused pooling with a cut window) and
-    cifar (unfused batch norm and pooling) under ASan + UBSan, arena exactly as large as
+    """odd_leading (every epilogue, a leading step, fused pooling with a cut window),
+    cifar (unfused batch norm and pooling) and export_graph (views, in-place adds) under ASan + UBSan, arena exactly as large as
     the header says and filled with NaN."""
-    for name in ("odd_leading", "cifar"):
+    for name in ("odd_leading", "cifar", "export_graph"):
         tmp = tmp_path / name
         tmp.mkdir()
-        path = ROOT / "specs" / "cifar.yaml" if name == "cifar" else tmp / f"{name}.yaml"
-        if name != "cifar":
+        path = {"cifar": ROOT / "specs" / "cifar.yaml",
+                "export_graph": ROOT / "tests" / "specs" / "export_graph.yaml"}.get(name, tmp / f"{name}.yaml")
+        if name in ODD:
             path.write_text(ODD[name])
         network, net, weights = _net_and_weights(path, tmp)
         _export_cli(path, weights, tmp / "out", "generic", capsys)
@@ -259,6 +274,24 @@ def test_sanitizers(tmp_path, capsys):
         x = np.random.default_rng(3).standard_normal((2, *network.input_shape)).astype(np.float32)
         ref = net.forward(x).reshape(2, -1)
         assert_close(_run(exe, x, ref.shape[1], tmp), ref, RTOL, f"{name} (sanitizers)", atol=ATOL)
+
+
+def test_host_target_under_sanitizers(tmp_path, capsys):
+    """--target host (vectors of 16 and 8 channels, zero channels padding 6 to 8, blocks of 8 pixels and their tails) under
+    ASan + UBSan, arena exactly as large as the header says."""
+    for name in ("alphabet", "odd_pixels", "lenet5", "odd_split"):  # lenet5: conv1 padded to 8 channels
+        tmp = tmp_path / name
+        tmp.mkdir()
+        path = ROOT / "specs" / f"{name}.yaml" if name not in ODD else tmp / f"{name}.yaml"
+        if name in ODD:
+            path.write_text(ODD[name])
+        network, net, weights = _net_and_weights(path, tmp)
+        _export_cli(path, weights, tmp / "out", "host", capsys)
+        exe = _compile("gcc", tmp / "out", network.name,
+                       ["-O2", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"])
+        x = np.random.default_rng(3).standard_normal((2, *network.input_shape)).astype(np.float32)
+        ref = net.forward(x).reshape(2, -1)
+        assert_close(_run(exe, x, ref.shape[1], tmp), ref, RTOL, f"{name} (host, sanitizers)", atol=ATOL)
 
 
 # ---- random chains against the independent PyTorch reference --------------------------------
@@ -370,6 +403,101 @@ def test_ping_pong_offsets_do_not_overlap():
         assert all(0 <= a and b <= e.memory.arena_floats for a, b in spans), (s.name, spans)
 
 
+def check_plan(e) -> None:
+    """Run the memory plan of an export step by step, tracking which step's value each
+    element of the arena and of the output holds: every input a step reads must still be
+    there (its producer's, or a concat's that took it in place), a scratch must not overlap
+    the step's input or output, every region must lie inside its buffer, and the last
+    value must be the whole output."""
+    plan = e.memory
+    sizes = {"arena": plan.arena_floats, "output": e.steps[-1].out_size}
+    owner = {base: [None] * n for base, n in sizes.items()}
+    provides: dict = {}  # owner -> the steps whose values it holds (itself; concats that took it in place)
+
+    def span(step):
+        base, start, n = plan.region(step)
+        assert base == "input" or 0 <= start and start + n <= sizes[base], (step.name, base, start, n)
+        return base, start, n
+
+    for s in e.steps:
+        for src in s.inputs:
+            if src is None:
+                continue
+            base, start, n = span(src)
+            held = owner[base][start:start + n]
+            assert all(id(src) in provides.get(h, ()) for h in held), f"{s.name} reads {src.name}, overwritten"
+        base, start, n = span(s)
+        if s.scratch:
+            sbase, sstart = "arena", next(b.offset for b in plan.buffers if f"a + {b.macro}" == s.scratch_ref)
+            assert sstart + s.scratch <= plan.arena_floats
+            for src in [*s.inputs, s]:
+                if src is not None:
+                    b2, st2, n2 = span(src)
+                    assert b2 != "arena" or st2 + n2 <= sstart or sstart + s.scratch <= st2, (s.name, "scratch")
+            owner["arena"][sstart:sstart + s.scratch] = [("scratch", s.name)] * s.scratch
+        provides[id(s)] = {id(s)}
+        if s.op == "concat":
+            for k, src in enumerate(s.inputs):
+                off = s.c["OFFSETS"][k]
+                if src is not None and span(src) == (base, start + off, src.out_size):  # in place
+                    for h in provides.values():
+                        if id(src) in h:
+                            h.add(id(s))
+                elif src is not None or k in [c[0] for c in s.copies]:
+                    assert k in [c[0] for c in s.copies], (s.name, k)
+                    owner[base][start + off:start + off + s.c["SIZES"][k]] = [id(s)] * s.c["SIZES"][k]
+        else:
+            owner[base][start:start + n] = [id(s)] * n
+    final = next(s for s in e.steps if s.output)
+    assert span(final) == ("output", 0, sizes["output"])
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_memory_plan_keeps_every_value_until_its_last_reader(path):
+    network = load(path)
+    for target in ("generic", "host"):
+        check_plan(export_c(network, _state(network), target))
+
+
+@pytest.mark.parametrize("name", sorted(ODD))
+def test_memory_plan_of_odd_chains(name):
+    network = check_text(ODD[name], f"{name}.yaml")
+    check_plan(export_c(network, _state(network)))
+
+
+def test_check_plan_catches_an_overwritten_input():
+    """The checker above fails when a buffer is reused while a reader is still to come."""
+    network = load(ROOT / "tests" / "specs" / "export_graph.yaml")
+    e = export_c(network, _state(network))
+    stem = next(s for s in e.steps if s.name == "stem")
+    e.memory.places[id(stem)].base.end = e.memory.places[id(stem)].base.start  # as if dead after it ran
+    from netcompiler.export.memory import _greedy
+
+    regions = e.memory.buffers
+    e.memory.arena_floats = _greedy(regions)
+    with pytest.raises(AssertionError, match="overwritten|scratch"):
+        check_plan(e)
+
+
+def test_graph_plan_shares_memory():
+    """export_graph: concat parts written in place (cat1, cat3 copy nothing; cat2 copies only
+    the network input), an add in place in its dying input (res2 over mix), a batch norm in
+    place on the features it alone reads; the arena is smaller than the sum of the buffers."""
+    network = load(ROOT / "tests" / "specs" / "export_graph.yaml")
+    e = export_c(network, _state(network))
+    steps = {s.name: s for s in e.steps}
+    assert steps["cat1"].copies == [] and steps["cat3"].copies == []
+    assert steps["cat2"].copies == [(2, 900, 300)]  # after up [4][10][10] and res1_act [5][10][10]
+    assert steps["res2"].out_ref == steps["res2"].in_refs[0] == steps["mix"].out_ref
+    assert steps["feats_bn"].out_ref == steps["feats_bn"].in_ref
+    assert steps["mix_bn"].out_ref != steps["mix_bn"].in_ref  # mix is read by res2 too
+    assert steps["b"].out_ref == steps["cat1"].out_ref + " + 300"
+    assert [l.name for l in steps["fc1"].layers] == ["fc1", "fc1_bn", "gelu1"]  # batchnorm1d folded
+    assert steps["fc1"].folded.name == "fc1_bn"
+    own = sum(-(-s.out_size // 4) * 4 for s in e.steps if not s.output and s.op != "concat")
+    assert e.memory.arena_floats < own
+
+
 def test_elementwise_step_runs_in_place():
     network = check_text(spec([2, 4, 4], ["conv2d: {out_channels: 2, kernel_size: 1}", "maxpool2d: {kernel_size: 3, stride: 1}",
                                          "flatten", "linear: {out_features: 2}"]), "x.yaml")
@@ -456,17 +584,6 @@ def test_cli_prints_flash_and_ram(tmp_path, capsys):
     assert "#define LENET5_INPUT_MEAN 0.5f " in header and "#define LENET5_INPUT_STD 0.25f\n" in header
 
 
-def test_graphs_are_refused_in_one_line(tmp_path, capsys):
-    path = ROOT / "specs" / "resnet20.yaml"
-    from netcompiler.weights import save_npz
-
-    save_npz(tmp_path / "w.npz", _state(load(path)))
-    assert main(["export", str(path), str(tmp_path / "w.npz"), "-o", str(tmp_path / "o")]) == 1
-    assert capsys.readouterr().err == (
-        "netc: error: add 'layer1.0.add1' reads layer1.0.bn2, relu1: netc export handles chains of layers only "
-        "(each reading the one before)\n")
-
-
 def test_cli_errors_are_one_line(tmp_path, capsys):
     path = ROOT / "specs" / "lenet5.yaml"
     other = tmp_path / "other.npz"
@@ -490,16 +607,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("netc: error: cannot write to ")
 
 
-@pytest.mark.parametrize("layer", ["global_avgpool2d", "adaptive_avgpool2d: {output_size: 2}",
-                                   "upsample: {scale_factor: 2}"])
-def test_kinds_without_export_c_are_a_one_line_error(layer, tmp_path, capsys):
-    """Kinds netc export has no C for yet are refused in one line naming the layer (the
-    first one met: batchnorm1d, later in the spec, has no C either)."""
+def test_kinds_without_export_c_are_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """A layer kind the exporter has no step for is refused in one line naming the layer."""
+    import importlib
+
+    monkeypatch.delitem(importlib.import_module("netcompiler.export.lower").STARTS, "upsample")
     path = tmp_path / "net.yaml"
-    path.write_text(spec([2, 4, 4], ["conv2d: {out_channels: 2, kernel_size: 1}", layer, "flatten",
-                                     "batchnorm1d", "linear: {out_features: 2}"], name="net"))
+    path.write_text(spec([2, 4, 4], ["conv2d: {out_channels: 2, kernel_size: 1}", "upsample: {scale_factor: 2}",
+                                     "flatten", "linear: {out_features: 2}"], name="net"))
     _, _, weights = _net_and_weights(path, tmp_path)
     assert main(["export", str(path), str(weights), "-o", str(tmp_path / "o")]) == 1
-    kind = layer.split(":")[0]
-    name = "up1" if kind == "upsample" else "pool1"
-    assert capsys.readouterr().err == f"netc: error: {kind} '{name}': netc export has no C for layer kind '{kind}'\n"
+    assert capsys.readouterr().err == "netc: error: upsample 'up1': netc export has no C for layer kind 'upsample'\n"

@@ -1,6 +1,7 @@
 """The exported C on a Cortex-M4F: examples/cortex-m4 under QEMU's mps2-an386.
 
-For lenet5 and alphabet with random weights: `netc export`, build the example firmware
+For lenet5, alphabet and a small residual graph (tests/specs/export_residual.yaml) with
+random weights: `netc export`, build the example firmware
 (its Makefile: arm-none-eabi-gcc -O2, hard float) with one random input embedded, run it
 under `qemu-system-arm -M mps2-an386 -semihosting -icount shift=0`, and compare its
 outputs (printed as float32 bits) with the same C built for the host (rel 1e-5).  The
@@ -10,7 +11,7 @@ text + data of NAME.o (arm-none-eabi-size), RAM the arena plus that stack.  The 
 holds them to the targets against onnx2c (commit ea045cc, -O2, same machine):
 flash <= weights + 8 KB, RAM <= 50% and instructions <= 1/3 of onnx2c's.
 
-The int8 exports (--target cortex-m4, calibrated on random inputs) run the same way with
+The int8 exports (--target cortex-m4, calibrated on random inputs; the residual graph too) run the same way with
 `make INT8=1`, their convolutions on SMLAD (and once with -DNETC_NO_DSP, in plain C); their
 int8 outputs must equal the numpy reference (quant_ref.py) exactly, and they are held to
 flash <= 30% of the float build's, RAM <= 25% and instructions <= 1/5 of onnx2c's.
@@ -58,8 +59,8 @@ def _input_header(path, x: np.ndarray) -> None:
     path.write_text(f"static const float net_input[INPUT_SIZE] = {{\n{body}\n}};\n")
 
 
-def run_firmware(name: str, tmp_path, capsys) -> dict:
-    spec_path = ROOT / "specs" / f"{name}.yaml"
+def run_firmware(name: str, tmp_path, capsys, spec_path=None) -> dict:
+    spec_path = spec_path or ROOT / "specs" / f"{name}.yaml"
     network = load(spec_path)
     weights = tmp_path / "weights.npz"
     save_npz(weights, _state(network, 1))
@@ -105,6 +106,16 @@ def test_cortex_m4_matches_host_and_meets_targets(name, tmp_path, capsys):
     assert 50 <= m["stack"] <= 1024  # the stack measurement saw INFER's frames, and they are small
 
 
+def test_cortex_m4_runs_a_residual_graph(tmp_path, capsys):
+    """tests/specs/export_residual.yaml (fan-out, adds in place, a projection shortcut,
+    global average pooling) on the Cortex-M4F equals the host build of the same C."""
+    m = run_firmware("export_residual", tmp_path, capsys, ROOT / "tests" / "specs" / "export_residual.yaml")
+    assert_close(m["y"], m["host"], 1e-5, "export_residual on Cortex-M4F vs host", atol=1e-6)
+    with capsys.disabled():
+        print(f"\nexport_residual on Cortex-M4F: flash {m['flash']:,} B (weights {m['weights']:,}), RAM "
+              f"{m['arena'] + m['stack']:,} B (arena {m['arena']:,} + stack {m['stack']}), {m['instructions']:,} instructions")
+
+
 # ---- int8 ------------------------------------------------------------------------------------
 def _qemu(elf) -> str:
     r = subprocess.run(["qemu-system-arm", "-M", "mps2-an386", "-nographic", "-semihosting", "-icount", "shift=0",
@@ -119,11 +130,11 @@ def _object_bytes(path) -> int:
     return text + data
 
 
-def run_firmware_int8(name: str, tmp_path, capsys, dsp: bool = True) -> dict:
+def run_firmware_int8(name: str, tmp_path, capsys, dsp: bool = True, spec_path=None) -> dict:
     from netcompiler.export import export_int8, quant_ref
     from netcompiler.export.quant import quantize_input
 
-    spec_path = ROOT / "specs" / f"{name}.yaml"
+    spec_path = spec_path or ROOT / "specs" / f"{name}.yaml"
     network = load(spec_path)
     state = {k: np.asarray(v, np.float32) for k, v in _state(network, 1).items()}
     rng = np.random.default_rng(2)
@@ -180,3 +191,13 @@ def test_cortex_m4_int8_without_dsp_matches_reference(tmp_path, capsys):
     """-DNETC_NO_DSP: the plain-C convolutions on the same Cortex-M4 give the same outputs."""
     m = run_firmware_int8("lenet5", tmp_path, capsys, dsp=False)
     assert np.array_equal(m["y"], m["ref"].astype(int)), (m["y"], m["ref"])
+
+
+def test_cortex_m4_int8_residual_graph_matches_reference(tmp_path, capsys):
+    """The residual graph in int8 with SMLAD on the Cortex-M4F: the adds rescale their
+    inputs in integers; the outputs equal the numpy reference exactly."""
+    m = run_firmware_int8("export_residual", tmp_path, capsys, spec_path=ROOT / "tests" / "specs" / "export_residual.yaml")
+    assert np.array_equal(m["y"], m["ref"].astype(int)), (m["y"], m["ref"])
+    with capsys.disabled():
+        print(f"\nexport_residual int8 on Cortex-M4F: flash {m['flash']:,} B (float build {m['float_flash']:,}), RAM "
+              f"{m['arena'] + m['stack']:,} B (arena {m['arena']:,} + stack {m['stack']}), {m['instructions']:,} instructions")

@@ -24,7 +24,7 @@ from netcompiler.cli import main
 from netcompiler.export import export_int8
 from netcompiler.export import quant_ref
 from netcompiler.export.quant import QParams, dequantize, multiplier, quantize_input
-from test_export import COMPILERS, DRIVER, ODD, SPECS, STRICT, _state, random_chains, spec_case
+from test_export import COMPILERS, DRIVER, ODD, SPECS, STRICT, _state, random_chains
 
 import shutil
 import subprocess
@@ -75,7 +75,19 @@ def _check(network, tmp: Path, seed: int = 0, compilers=COMPILERS, extra=(), sta
     return dict(e=e, net=net, x=x, ref=ref)
 
 
-@pytest.mark.parametrize("path", [spec_case(p) for p in SPECS])
+def test_kinds_without_int8_kernel_are_refused_in_one_line(monkeypatch):
+    from netcompiler.errors import NetcError
+    from netcompiler.export import quant
+
+    monkeypatch.setattr(quant, "INT8_OPS", tuple(op for op in quant.INT8_OPS if op != "add"))
+    network = load(ROOT / "specs" / "resnet20.yaml")
+    with pytest.raises(NetcError) as exc:
+        export_int8(network, _state(network), np.zeros((1, 3, 32, 32), np.float32))
+    assert str(exc.value) == ("add 'layer1.0.add1': netc export --quantize int8 has no integer kernel for layer kind "
+                              "'add' (the float32 export has)")
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_specs_match_reference(path, tmp_path):
     r = _check(load(path), tmp_path)
     # and the int8 network computes roughly the float one: within 5% of the outputs' range
@@ -92,12 +104,13 @@ def test_odd_shapes_match_reference(name, tmp_path):
 ARM_GCC = shutil.which("arm-none-eabi-gcc")
 
 
-@pytest.mark.parametrize("name", [spec_case(p, p.stem) for p in SPECS] + sorted(ODD))
+@pytest.mark.parametrize("name", [p.stem for p in SPECS] + sorted(ODD))
 def test_cortex_m4_target_matches_reference(name, tmp_path):
     """--target cortex-m4: convolutions in the DSP weight order; on the host (no
     __ARM_FEATURE_DSP) their plain-C form must equal the reference, and the SMLAD form
     must compile warning-free for the Cortex-M4 (QEMU runs it: test_export_cortex_m4.py)."""
-    network = load(ROOT / "specs" / f"{name}.yaml") if name not in ODD else check_text(ODD[name], f"{name}.yaml")
+    paths = {p.stem: p for p in SPECS}
+    network = load(paths[name]) if name not in ODD else check_text(ODD[name], f"{name}.yaml")
     r = _check(network, tmp_path, compilers=COMPILERS[:1], target="cortex-m4")
     assert any(s.c.get("DSP") for s in r["e"].steps) == any(s.op == "conv" for s in r["e"].steps)
     if ARM_GCC:
@@ -152,6 +165,41 @@ def test_multiplier_and_requant_round_half_up():
             assert g == max(-128, min(127, want)), (m, a)
     # the halves: +2.5 -> 3, -2.5 -> -2
     assert quant_ref.requant(np.array([[5, -5]]), np.array([2 ** 30, 2 ** 30]), np.array([31, 31]), 0, -128).tolist() == [[3, -2]]
+
+
+def test_rescale_is_exact_rounding_half_up():
+    """add and concat rescale q - zero by m 2^-n: floor(v m / 2^n + 1/2), unclamped."""
+    rng = np.random.default_rng(5)
+    for m in [0.01, 0.5, 0.7, 1.0, 1.9, 37.0]:
+        m0, n = multiplier(m)
+        v = np.arange(-255, 256)
+        got = quant_ref.rescale(v, m0, n)
+        for a, g in zip(v.tolist(), got.tolist()):
+            assert g == math.floor(Fraction(a * m0, 2 ** n) + Fraction(1, 2)), (m, a)
+    m0, n = multiplier(1.0)
+    assert quant_ref.rescale(np.arange(-255, 256), m0, n).tolist() == list(range(-255, 256))  # the identity
+    del rng
+
+
+def test_int8_graph_concat_parts_take_the_concat_scale():
+    """export_graph, int8: every part written inside a concat has that concat's scale and
+    zero point (cat2 inside cat3 too), so the concat copies nothing but the network input,
+    which it rescales; the memory plan passes the step-by-step check."""
+    from test_export import check_plan
+
+    network = load(ROOT / "tests" / "specs" / "export_graph.yaml")
+    state, _ = _float_state(network)
+    # inputs small next to the features, so that the input part needs rescaling
+    calib = 0.2 * np.random.default_rng(0).standard_normal((16, 3, 10, 10)).astype(np.float32)
+    e = export_int8(network, state, calib)
+    q = {qs.step.name: qs for qs in e.qnet.steps}
+    for part, cat in [("a", "cat1"), ("b", "cat1"), ("up", "cat2"), ("res1", "cat2"), ("cat2", "cat3"),
+                      ("cat2_act", "cat3"), ("pool_a", "feats"), ("pool_g", "feats")]:
+        assert q[part].out == q[cat].out, (part, cat)
+    assert q["cat2"].out == q["cat3"].out and q["cat1"].step.copies == [] and q["cat3"].step.copies == []
+    assert [k for k, _, _ in q["cat2"].step.copies] == [2] and q["cat2"].ins[2] == e.qnet.input
+    assert q["cat2"].ins[2] != q["cat2"].out and "rescale(in2[i]" in e.source
+    check_plan(e)
 
 
 def test_avgpool_rounds_half_away_from_zero(tmp_path):

@@ -3,7 +3,8 @@
     exported = export_c(network, state)        # check.Network, weights by PyTorch name
     exported.write(out_dir)                    # NAME.c and NAME.h, atomically
 
-The C is float32 inference only: weights as `static const` arrays (flash on a
+The network may be a graph (fan-out, add, concat).  The C is float32 inference (or int8,
+export_int8): weights as `static const` arrays (flash on a
 microcontroller), no heap, no state between calls, no OpenMP, no compiler extensions.
 The caller passes an arena of `NAME_ARENA_BYTES` for the intermediate tensors; the
 memory plan (memory.py) keeps in it only the tensors alive at the same time.
@@ -34,7 +35,11 @@ DSP_TARGETS = ("cortex-m4", "cortex-m7")
 # Estimates for the report, from arm-none-eabi-gcc 12.2 -O2 for a Cortex-M4F (code of
 # NAME.o: lenet5 1,852 B, alphabet 2,784 B of which 544 B are GELU's erf and exp; the
 # stack NAME_infer used: 104 B and 112 B, measured in examples/cortex-m4)
-CODE_BYTES = {"conv": 400, "linear": 300, "maxpool": 250, "avgpool": 300, "elementwise": 100}
+CODE_BYTES = {"conv": 400, "linear": 300, "maxpool": 250, "avgpool": 300, "elementwise": 100,
+              # graph steps, from the functions of tests/specs/export_graph.yaml's NAME.o (the same
+              # compiler, -O2 -fno-inline): add with a hardswish 66 + 72 B, a concat's copy 12 B
+              # (memcpy), adaptive_avgpool2d 244 B (global: 64 B), upsample 66 B
+              "add": 140, "concat": 20, "adaptive_avgpool": 250, "upsample": 70}
 CODE_BYTES_BASE = 150  # NAME_infer and its checks
 MATH_CODE_BYTES = {"EXP": 200, "ERF": 350, "TANH": 200}
 STACK_BYTES = 128  # the deepest call: NAME_infer and one step's function, spills included
@@ -178,12 +183,13 @@ def export_int8(network, state: dict[str, np.ndarray], calibration: np.ndarray |
     """int8 post-training static quantisation (quant.py), calibrated on the float32 inputs
     `calibration` (N, *input shape), or on given `ranges`; the C does integer arithmetic
     only.  render=False: the plan and sizes only (source and header empty)."""
-    from .quant import calibrate, quantize
+    from .quant import calibrate, quantize, refuse
     from .render import int8_arrays, render_int8
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     check_state(network, state, weights_name or "weights")
+    refuse(lower(network.layers, state, target))  # before calibrating
     qnet = quantize(network, state, ranges or calibrate(network, state, calibration), target)
     if target in DSP_TARGETS:
         from .quant import dsp_layout
@@ -205,15 +211,22 @@ def export_int8(network, state: dict[str, np.ndarray], calibration: np.ndarray |
     return Exported(network.name, source, header, steps, memory, weights_bytes, target, qnet)
 
 
+def _random_state_and_ranges(network) -> tuple[dict[str, np.ndarray], dict[str, tuple[float, float]]]:
+    """Weights and calibration ranges for sizes only (they do not change any size)."""
+    rng = np.random.default_rng(0)
+    state = {f"{l.name}.{k}": np.asarray(v, np.float32) for l in network.layers
+             for k, v in l.kind.init_params(l, rng).items()}
+    return state, {"": (-1.0, 1.0), **{l.name: (-1.0, 1.0) for l in network.layers}}
+
+
 def estimates(network) -> list[tuple[str, str, int, int]]:
     """(target, build, flash, RAM) of the export of `network` per target, float32 and int8,
     from its shapes alone (flash: weights + code estimate; RAM: arena + stack estimate)."""
     from .quant import dsp_layout  # noqa: F401 (export_int8 applies it)
 
-    rng = np.random.default_rng(0)
-    state = {f"{l.name}.{k}": np.asarray(v, np.float32) for l in network.layers
-             for k, v in l.kind.init_params(l, rng).items()}
-    ranges = {"": (-1.0, 1.0), **{l.name: (-1.0, 1.0) for l in network.layers}}
+    from ..errors import NetcError
+
+    state, ranges = _random_state_and_ranges(network)
     rows = []
     for target in TARGETS:
         steps = lower(network.layers, state, target)
@@ -221,9 +234,12 @@ def estimates(network) -> list[tuple[str, str, int, int]]:
             vectorise_channels(steps)
         memory = plan_memory(steps)
         e = Exported(network.name, "", "", steps, memory, 4 * sum(a.values.size for s in steps for a in s.arrays), target)
-        q = export_int8(network, state, None, target, ranges=ranges, render=False)
-        for build, x in (("float32", e), ("int8", q)):
-            rows.append((target, build, x.weights_bytes + x.code_bytes_estimate, x.arena_bytes + x.stack_bytes_estimate))
+        rows.append((target, "float32", e.weights_bytes + e.code_bytes_estimate, e.arena_bytes + e.stack_bytes_estimate))
+        try:
+            q = export_int8(network, state, None, target, ranges=ranges, render=False)
+        except NetcError:  # export_lines says why
+            continue
+        rows.append((target, "int8", q.weights_bytes + q.code_bytes_estimate, q.arena_bytes + q.stack_bytes_estimate))
     return rows
 
 
@@ -239,6 +255,12 @@ def export_lines(network) -> list[str]:
     for target in TARGETS:
         cells = [f"{b} flash {f:,} B, RAM {r:,} B" for t, b, f, r in rows if t == target]
         lines.append(f"  {target:<10} " + "; ".join(cells))
+    if not any(b == "int8" for _, b, _, _ in rows):
+        try:
+            state, ranges = _random_state_and_ranges(network)
+            export_int8(network, state, None, ranges=ranges, render=False)
+        except NetcError as exc:
+            lines.append(f"  int8: not available ({exc})")
     return lines
 
 

@@ -2,9 +2,11 @@
 
 Evaluation mode only.  Dropout is the identity and flatten a reshape of a flat buffer, so
 neither becomes a step.  Every other layer starts a step or is absorbed into the step
-before it:
+before it, when it reads only that step's output and nothing else reads that (a tensor
+with several readers - fan-out - is kept; add and concat read several steps, `Step.inputs`):
 
-* a batchnorm2d right after a conv2d is folded into its weights and bias;
+* a batchnorm2d right after a conv2d (batchnorm1d after a linear layer) is folded into its
+  weights and bias;
 * element-wise layers (activations, a batchnorm2d in evaluation mode: y = x * scale[c] +
   shift[c]) become an *epilogue*, applied to each value before the step stores it;
 * a max-pool whose windows tile the conv output (stride = kernel, no padding, no
@@ -25,8 +27,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import NetcError
+from ..graph import consumers
 from ..layers import INPUT, Layer
 from ..layers.activations import MATH_MACROS, Activation, _idents
+from ..layers.batchnorm import BatchNorm2d
 
 # floats per register block: output pixels of a conv row, outputs of a linear layer
 BLOCK = {"generic": 4, "host": 8, "cortex-m4": 4, "cortex-m7": 4}
@@ -70,11 +74,17 @@ class Step:
     pool: Layer | None = None  # the fused max-pool
     scratch: int = 0  # floats of arena scratch the step needs while it runs
     scratch_doc: str = ""  # what the scratch holds, for the comment
-    in_place: bool = False  # may write its output over its input
+    output: bool = False  # writes the network output (the caller's buffer)
+    in_place: bool = False  # may write its output over one of its inputs (when that input dies here)
+    inputs: list["Step | None"] = field(default_factory=list)  # the steps it reads (None: the network input)
+    chan_rank: int = 3  # the rank of the shape whose first index the epilogues' channel c is
+    folded: Layer | None = None  # the batch norm folded into the conv's or linear layer's weights
     # filled by the memory plan
-    in_ref: str = ""
+    in_ref: str = ""  # the first input's
+    in_refs: list[str] = field(default_factory=list)
     out_ref: str = ""
     scratch_ref: str = ""
+    copies: list[tuple[int, int, int]] = field(default_factory=list)  # concat: (input, offset, size) it copies
 
     @property
     def in_size(self) -> int:
@@ -95,7 +105,8 @@ class Step:
     def absorb(self, layer: Layer, state: dict[str, np.ndarray]) -> bool:
         """Take `layer` into this step if it can; False: it starts a new step."""
         kind = layer.kind.kind
-        if kind == "batchnorm2d" and self.op == "conv" and not self.pre and not self.post and self.pool is None:
+        if (isinstance(layer.kind, BatchNorm2d) and self.op in ("conv", "linear") and not self.pre and not self.post
+                and self.pool is None and self.chan_rank == len(layer.in_shape)):
             _fold_batchnorm(self, layer, state)
             self.layers.append(layer)
             return True
@@ -103,8 +114,10 @@ class Step:
             _fuse_pool(self, layer)
             self.layers.append(layer)
             return True
+        if self.op == "concat":  # its parts may be views: no loop to apply an epilogue in
+            return False
         epi = epilogue(layer, state, self.arrays)
-        if epi is None or (epi.scale and len(self.out_shape) != 3):
+        if epi is None or (epi.scale and len(layer.in_shape) != self.chan_rank):
             return False
         self.post.append(epi)
         self.layers.append(layer)
@@ -121,7 +134,7 @@ def epilogue(layer: Layer, state: dict[str, np.ndarray], arrays: list[Array]) ->
     if isinstance(layer.kind, Activation):
         f = layer.kind.formula(layer)
         return Epilogue(where(layer), expr=f.forward, math=frozenset(_idents(f.forward) & MATH_MACROS))
-    if layer.kind.kind == "batchnorm2d":
+    if isinstance(layer.kind, BatchNorm2d):  # and batchnorm1d (features are its channels)
         scale, shift = _bn_affine(layer, state)
         c = len(scale)
         arrays.append(Array(f"{layer.cname}_scale", scale.astype(np.float32), f"[{c}]",
@@ -152,6 +165,7 @@ def _fold_batchnorm(step: Step, bn: Layer, state) -> None:
                  (b.what if b is not None else "0") + f" with {bn.name} folded in")
     step.arrays[1:] = [bias]
     step.c["bias"] = True
+    step.folded = bn
 
 
 def _tiles(pool: Layer) -> bool:
@@ -230,7 +244,7 @@ def linear_step(layer: Layer, state, target: str) -> Step:
              # host: each output's dot product in GCC vectors of 8 inputs, then summed across
              VEC=target == "host" and fin >= 8, VEC_IN=fin - fin % 8)
     return Step(layer.cname, "linear", [layer], layer.in_shape, layer.out_shape, c,
-                _weights(layer, state, layer.cname))
+                _weights(layer, state, layer.cname), chan_rank=1)
 
 
 def pool_step(layer: Layer, state, target: str) -> Step:
@@ -243,74 +257,163 @@ def pool_step(layer: Layer, state, target: str) -> Step:
     return Step(layer.cname, layer.kind.kind[:-2], [layer], layer.in_shape, layer.out_shape, c)
 
 
+def adaptive_pool_step(layer: Layer, state, target: str) -> Step:
+    """adaptive_avgpool2d and global_avgpool2d: PyTorch's bins, computed in the C with
+    integer division (row oy: floor(oy H / OH) to ceil((oy + 1) H / OH))."""
+    c = layer.kind.render_context(layer)
+    c = {k: c[k] for k in ("C", "H", "W", "OH", "OW", "HW", "GLOBAL")}
+    return Step(layer.cname, "adaptive_avgpool", [layer], layer.in_shape, layer.out_shape, c)
+
+
+def upsample_step(layer: Layer, state, target: str) -> Step:
+    return Step(layer.cname, "upsample", [layer], layer.in_shape, layer.out_shape, layer.kind.render_context(layer))
+
+
 def elementwise_step(layer: Layer, state, target: str) -> Step:
     """An element-wise layer with no step before it to take it in (it reads the network
-    input): a step of its own, which later element-wise layers join."""
-    c = dict(C=layer.in_shape[0] if len(layer.in_shape) == 3 else 1)  # the channels an epilogue sees
-    step = Step(layer.cname, "elementwise", [], layer.in_shape, layer.in_shape, c)
+    input, or a tensor other layers read too): a step of its own, which later element-wise
+    layers join.  On a 1-D tensor every feature is a channel (batchnorm1d's scale[c])."""
+    c = dict(C=layer.in_shape[0] if layer.in_shape else 1)  # the channels an epilogue sees
+    step = Step(layer.cname, "elementwise", [], layer.in_shape, layer.in_shape, c, chan_rank=len(layer.in_shape))
     step.in_place = True
     taken = step.absorb(layer, state)
     assert taken, layer.where()
     return step
 
 
+def add_step(layer: Layer, state, target: str) -> Step:
+    """The element-wise sum of the inputs; it may run in place in an input that dies here."""
+    shape = layer.out_shape
+    c = dict(C=shape[0] if shape else 1, K=len(layer.inputs), SUM=" + ".join(f"in{k}[j]" for k in range(len(layer.inputs))))
+    return Step(layer.cname, "add", [layer], shape, shape, c, in_place=True, chan_rank=len(shape))
+
+
+def concat_step(layer: Layer, state, target: str) -> Step:
+    """The parts one after the other (channels or features: contiguous in C order).  The
+    memory plan places what it can of them inside the output (views): the concat then
+    copies only the rest (Step.copies)."""
+    sizes = [math.prod(shape) for shape in layer.in_shapes]
+    offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+    return Step(layer.cname, "concat", [layer], layer.out_shape, layer.out_shape, dict(SIZES=sizes, OFFSETS=offsets))
+
+
 def copy_step(in_shape: tuple[int, ...]) -> Step:
     """The whole network is reshapes (flatten, dropout): the output is a copy of the input."""
-    step = Step("copy", "elementwise", [], in_shape, in_shape, {})
+    step = Step("copy", "elementwise", [], in_shape, in_shape, {}, inputs=[None], chan_rank=len(in_shape))
     return step
 
 
 STARTS = {"conv2d": conv_step, "linear": linear_step, "maxpool2d": pool_step, "avgpool2d": pool_step,
-          "batchnorm2d": elementwise_step}
+          "batchnorm2d": elementwise_step, "batchnorm1d": elementwise_step, "add": add_step,
+          "concat": concat_step, "adaptive_avgpool2d": adaptive_pool_step, "global_avgpool2d": adaptive_pool_step,
+          "upsample": upsample_step}
 IDENTITY = {"flatten", "dropout"}  # no computation in evaluation mode
 
 
 def lower(layers: list[Layer], state: dict[str, np.ndarray], target: str) -> list[Step]:
+    """The steps in the spec's order (a valid schedule); each step's `inputs` are the steps
+    whose outputs it reads.  A layer joins the last step when it reads only that step's
+    output and nothing else reads it (a tensor with several readers stays a tensor)."""
+    readers = consumers(layers)
+    value: dict[str, Step | None] = {INPUT: None}  # tensor -> the step whose output holds it
+    holds: dict[int, set[str]] = {}  # step -> the tensors its output holds (identities alias it)
     steps: list[Step] = []
-    for i, layer in enumerate(layers):
-        before = INPUT if i == 0 else layers[i - 1].output
-        if layer.inputs != [before]:
-            raise NetcError(f"{layer.where()} reads {', '.join(layer.inputs)}: netc export handles chains of "
-                            f"layers only (each reading the one before)")
+
+    def only_reader(step: Step, layer: Layer) -> bool:
+        names = holds[id(step)]
+        rs = [r for t in names for r in readers[t] if not (r.kind.kind in IDENTITY and r.output in names)]
+        return rs == [layer]
+
     for layer in layers:
         kind = layer.kind.kind
+        srcs = [value[t] for t in layer.inputs]
         if kind in IDENTITY:
-            if steps:  # listed in the step's comment; the flat buffer is already the reshape
-                steps[-1].out_shape = layer.out_shape
-                steps[-1].layers.append(layer)
+            src = value[layer.output] = srcs[0]
+            if src is not None:
+                if src is steps[-1] and only_reader(src, layer):  # listed in the step's comment
+                    src.out_shape = layer.out_shape
+                    src.layers.append(layer)
+                holds[id(src)].add(layer.output)
             continue
-        if steps and steps[-1].absorb(layer, state):
+        last = steps[-1] if steps else None
+        if len(srcs) == 1 and last is not None and srcs[0] is last and only_reader(last, layer) \
+                and last.absorb(layer, state):
+            value[layer.output] = last
+            holds[id(last)] = {layer.output}
             continue
         start = STARTS.get(kind, elementwise_step if isinstance(layer.kind, Activation) else None)
         if start is None:
             raise NetcError(f"{layer.where()}: netc export has no C for layer kind '{kind}'")
-        steps.append(start(layer, state, target))
-    if not steps:
-        steps.append(copy_step(layers[0].in_shape if layers else ()))
+        step = start(layer, state, target)
+        step.inputs = srcs
+        steps.append(step)
+        value[layer.output] = step
+        holds[id(step)] = {layer.output}
+    final = value[layers[-1].output] if layers else None
+    if final is None:  # the output is the input, reshaped
+        final = copy_step(layers[0].in_shape if layers else ())
+        steps.append(final)
+    final.output = True
     for s in steps:
         s.c.setdefault("C", 1)
         s.c["PLANE"] = s.out_size // s.c["C"]  # element-wise steps: values per channel
     return steps
 
 
+PIXEL_BLOCK = 8  # host, channels at a time: pixels of a row whose sums stay in registers together
+PIXEL_ROW_MAX = 12  # a row this short is one block (12 sums + a weight vector: within 32 AVX-512 registers)
+PIXEL_CHAINS = 6  # independent sums that keep two multiply-add units busy (latency 4: about 8; 6 with the loads)
+
+
+def _pixel_block(ow: int) -> int:
+    """Pixels per block of a row of OW: the whole row up to PIXEL_ROW_MAX (its sums fit the
+    registers), else the block of 6 to PIXEL_BLOCK whose blocks cost least, a block of n
+    counting as max(n, PIXEL_CHAINS): fewer independent sums wait on the multiply-add latency."""
+    if ow <= PIXEL_ROW_MAX:
+        return ow
+    return min(range(6, PIXEL_BLOCK + 1), key=lambda pb: (ow // pb * max(pb, PIXEL_CHAINS)
+                                                          + (max(ow % pb, PIXEL_CHAINS) if ow % pb else 0)) / ow - pb * 1e-3)
+
+
 def vectorise_channels(steps: list[Step]) -> None:
-    """host, float32: a conv whose rows are too short for vectors of 8 outputs (or strided)
-    computes 8 output channels at once instead, its weights reordered to
-    [COUT/8][CIN_G][KH][KW][8]; with a fused max-pool, its scratch row holds the 8 channels'
-    rows [8][OW]."""
+    """host, float32: a conv whose groups have a multiple of 8 output channels computes VL =
+    16 (when they divide) or 8 output channels at once (one GCC vector), for blocks of
+    PIXEL_BLOCK neighbouring pixels of a row (each weight vector loaded once for them, their
+    sums independent), its weights reordered to [COUT/VL][CIN_G][KH][KW][VL]; with a fused
+    max-pool, its scratch holds the VL channels' conv output row pixel-major [OW][VL], so that
+    the max over a window runs over the channels side by side.  Other convs keep
+    vectors of 8 neighbouring outputs (VEC)."""
     for s in steps:
         c = s.c
-        if s.op != "conv" or c.get("VEC") or c["COUT_G"] % 8:
+        if s.op != "conv":
             continue
+        cout = c["COUT"]
+        # one group whose channels round up to 8 with at most a quarter more: zero channels pad it
+        padded = c["GROUPS"] == 1 and cout % 8 and 3 * -(-cout // 8) * 8 <= 4 * cout
+        if c["COUT_G"] % 8 and not padded:
+            continue
+        vl = 16 if c["COUT_G"] % 16 == 0 else 8
+        cb = -(-cout // vl)
         w = s.arrays[0]
         k = c["CIN_G"] * c["KH"] * c["KW"]
-        w.values = np.ascontiguousarray(w.values.reshape(c["COUT"] // 8, 8, k).transpose(0, 2, 1)).ravel()
-        w.what += f", reordered [{c['COUT'] // 8}][{c['CIN_G']}][{c['KH']}][{c['KW']}][8] (8 output channels at once)"
-        c.update(VECC=True, CB=c["COUT"] // 8, WB=k * 8)
+        wp = np.zeros((cb * vl, k), np.float32)
+        wp[:cout] = w.values.reshape(cout, k)
+        w.values = np.ascontiguousarray(wp.reshape(cb, vl, k).transpose(0, 2, 1)).ravel()
+        w.what += (f", reordered [{cb}][{c['CIN_G']}][{c['KH']}][{c['KW']}][{vl}] ({vl} output channels at once"
+                   + (f"; channels {cout} to {cb * vl - 1} are zeros" if cb * vl != cout else "") + ")")
+        if cb * vl != cout and c["bias"]:
+            b = s.arrays[1]
+            b.values = np.concatenate([b.values, np.zeros(cb * vl - cout, np.float32)])
+            b.what += f", then {cb * vl - cout} zeros (the padding channels)"
+        pb = _pixel_block(c["OW"])
+        c.update(VECC=True, VEC=False, VEC_TAIL=False, VL=vl, CB=cb, WB=k * vl, PB=pb, CHAINS=PIXEL_CHAINS,
+                 PB_FULL=c["OW"] - c["OW"] % pb, PB_TAIL=c["OW"] % pb,
+                 # the channels a block stores: the last one only the real ones
+                 QN=str(vl) if cb * vl == cout else f"(cb < {cb - 1} ? {vl} : {cout - (cb - 1) * vl})")
         if c["POOL"]:
-            s.scratch += _round4(8 * c["OW"]) - _round4(c["OW"])
+            s.scratch += _round4(vl * c["OW"]) - _round4(c["OW"])
             s.scratch_doc = s.scratch_doc.replace(f"one conv output row [{c['OW']}]",
-                                                  f"8 channels' conv output rows [8][{c['OW']}]")
+                                                  f"{vl} channels' conv output row, pixel-major [{c['OW']}][{vl}]")
 
 
 def _round4(n: int) -> int:

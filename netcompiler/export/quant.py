@@ -20,8 +20,16 @@ Inside a step, with x the step's int8 input (scale s_x, zero z_x):
 * any other chain of element-wise layers (activations, batch norm in evaluation mode) is
   one lookup table int8 -> int8 of 256 entries (per channel when a batch norm is in it),
   computed here in float64 from the calibrated scales at its two ends.
-* max-pool: the max of int8 values (same scale); avg-pool: the integer mean of q - z_x
-  over the window, rounded half away from zero, plus z_x (same scale).
+* max-pool: the max of int8 values (same scale); avg-pool (adaptive and global too): the
+  integer mean of q - z_x over the window, rounded half away from zero, plus z_x (same
+  scale); upsample copies.
+* add: each input k rescaled to the output scale s_a by the integer multiplier and shift
+  of M_k = s_k / s_a, q = clamp(z_a + sum_k round((q_k - z_k) M_k), lo, 127).
+* concat: a part written in place inside the concat's output (memory.concat_views) is
+  quantised to the concat's parameters by its producer (its last table, or its
+  requantisation, targets them; a step that keeps its input's scale gets a table that only
+  requantises); the parts the concat copies are rescaled as add's inputs when their
+  parameters differ.
 
 No float is used by the int8 kernels.  quant_ref.py runs the same integer arithmetic in
 numpy; the C matches it bit for bit.
@@ -33,7 +41,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..layers import Layer
+from ..graph import consumers
+from ..layers import INPUT, Layer
+from ..layers.batchnorm import BatchNorm2d
 from .lower import Step, lower
 
 CALIBRATION_IMAGES = 1000
@@ -83,9 +93,15 @@ class QStep:
     shift: np.ndarray | None = None  # int [cout]
     pre_lut: np.ndarray | None = None  # int8 [channels or 1, 256]: before the max-pool
     post_lut: np.ndarray | None = None
+    weight_scale: np.ndarray | None = None  # float64 [cout]: s_w per output channel
+    mid: QParams | None = None  # between the pre table (or the accumulator) and the post table
     weight_dsp: np.ndarray | None = None  # int8 [cout, cin_g * words * 4]: the DSP layout (dsp_layout)
     pre_layers: list[Layer] = field(default_factory=list)
     post_layers: list[Layer] = field(default_factory=list)
+    ins: list[QParams] = field(default_factory=list)  # every input's (add, concat)
+    in_mult: list[int] = field(default_factory=list)  # add, concat: M_k = s_k / s_a = m 2^-n per input
+    in_shift: list[int] = field(default_factory=list)
+    forced: str = ""  # the concat whose scale this output takes (it is written inside that concat)
 
 
 @dataclass
@@ -102,9 +118,9 @@ def _chains(step: Step) -> tuple[list[Layer], list[Layer], Layer | None]:
     acc = None
     if step.op in ("conv", "linear"):
         acc = layers.pop(0)
-        if step.op == "conv" and layers and layers[0].kind.kind == "batchnorm2d":
-            acc = layers.pop(0)  # folded
-    elif step.op in ("maxpool", "avgpool"):
+        if step.folded is not None:
+            acc = layers.pop(0)
+    elif step.op != "elementwise":  # the step's own layer (a pool, add, concat, upsample)
         layers.pop(0)
     pre, post, seen_pool = [], [], False
     for layer in layers:
@@ -130,13 +146,19 @@ def calibrate(network, state: dict[str, np.ndarray], x: np.ndarray, batch: int =
         old = ranges.get(key)
         ranges[key] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
 
+    readers = consumers(network.layers)
     with torch.no_grad():
         for i in range(0, len(x), batch):
             t = torch.as_tensor(np.ascontiguousarray(x[i:i + batch], np.float32))
             note("", t)
-            for layer in network.layers:  # a chain (lower refuses graphs); nested names for blocks
-                t = model.get_submodule(layer.name)(t)
-                note(layer.name, t)
+            vals, left = {INPUT: t}, {k: len(v) for k, v in readers.items()}
+            for layer in network.layers:  # the graph in schedule order; nested names for blocks
+                vals[layer.output] = model.get_submodule(layer.name)(*[vals[n] for n in layer.inputs])
+                note(layer.name, vals[layer.output])
+                for n in layer.inputs:  # a tensor is dropped after its last reader
+                    left[n] -= 1
+                    if left[n] == 0:
+                        del vals[n]
     return ranges
 
 
@@ -146,13 +168,18 @@ def _lut(chain: list[Layer], modules, src: QParams, dst: QParams, channels: int 
 
     q = np.arange(-128, 128)
     v = (q - src.zero) * src.scale
-    per_channel = channels is not None and any(l.kind.kind == "batchnorm2d" for l in chain)
+    bns = [l for l in chain if isinstance(l.kind, BatchNorm2d)]
+    per_channel = channels is not None and bool(bns)
     c = channels if per_channel else 1
-    t = torch.as_tensor(np.tile(v, (c, 1))[None, :, None, :] if per_channel else v[None, :], dtype=torch.float64)
+    if per_channel:  # the 256 values as a batch, each channel holding all of them: (256, C[, 1, 1])
+        t = torch.as_tensor(np.tile(v[:, None], (1, c)).reshape((256, c) + (1,) * (len(bns[0].in_shape) - 1)),
+                            dtype=torch.float64)
+    else:
+        t = torch.as_tensor(v[None, :], dtype=torch.float64)
     with torch.no_grad():
         for layer in chain:
             t = modules[layer.name](t)
-    y = t.numpy().reshape(c, 256)
+    y = t.numpy().reshape(256, c).T if per_channel else t.numpy().reshape(1, 256)
     return np.clip(np.round(y / dst.scale) + dst.zero, -128, 127).astype(np.int8)
 
 
@@ -165,10 +192,25 @@ def _qweights(qs: QStep, step: Step) -> None:
     wq = np.clip(np.round(w / sw[:, None]), -127, 127).astype(np.int64)
     bq = np.round(b / (qs.x.scale * sw)).astype(np.int64) - qs.x.zero * wq.sum(axis=1)
     qs.weight = wq.astype(np.int8)
+    qs.weight_scale = sw
     qs.bias = np.clip(bq, -2 ** 31 + 1, 2 ** 31 - 1).astype(np.int32)
     mn = [multiplier(qs.x.scale * s / qs.a.scale) for s in sw]
     qs.mult = np.array([m for m, _ in mn], np.int32)
     qs.shift = np.array([n for _, n in mn], np.int32)
+
+
+INT8_OPS = ("conv", "linear", "maxpool", "avgpool", "elementwise", "add", "concat", "adaptive_avgpool", "upsample")  # the steps with an integer kernel
+
+
+def refuse(steps: list[Step]) -> None:
+    """What the int8 build does not do, as one-line errors: steps without an integer kernel."""
+    from ..errors import NetcError
+
+    for s in steps:
+        first = s.layers[0] if s.layers else None
+        if s.op not in INT8_OPS:
+            raise NetcError(f"{first.where()}: netc export --quantize int8 has no integer kernel for layer kind "
+                            f"'{first.kind.kind}' (the float32 export has)")
 
 
 def quantize(network, state: dict[str, np.ndarray], ranges: dict[str, tuple[float, float]],
@@ -181,35 +223,95 @@ def quantize(network, state: dict[str, np.ndarray], ranges: dict[str, tuple[floa
     model = torch_model(network, state, torch.float64).eval()
     modules = {l.name: model.get_submodule(l.name) for l in network.layers}
     steps = lower(network.layers, state, target)
-    x_q = QParams.from_range(*ranges[""])
-    first = x_q
-    out: list[QStep] = []
+    refuse(steps)
+    from .memory import concat_views
+
+    first = QParams.from_range(*ranges[""])
+    views = concat_views(steps)
+    done: dict[int, QStep] = {}
+    own: dict[int, QParams] = {}  # a concat's own parameters, or those of the concat it sits in
+
+    def target_of(step: Step) -> QParams | None:
+        """The parameters a step's output must have: those of the concat it is written in."""
+        if id(step) not in views:
+            return None
+        outer = views[id(step)][0]
+        return target_of(outer) or QParams.from_range(*ranges[outer.layers[-1].name])
+
     for step in steps:
-        pre, post, acc = _chains(step)
-        last = step.layers[-1].name if step.layers else ""
-        qs = QStep(step, x_q, x_q, QParams.from_range(*ranges[last]) if last else x_q,
-                   pre_layers=pre, post_layers=post)
-        channels = step.c.get("COUT", step.c.get("C")) if step.op != "linear" else None
-        if acc is not None:
-            first_chain = pre if step.pool is not None else post
-            if len(first_chain) == 1 and first_chain[0].kind.kind == "relu":
-                qs.relu_clamp = True
-                qs.a = QParams.from_range(*ranges[first_chain[0].name])
-                first_chain.clear()
-            else:
-                qs.a = QParams.from_range(*ranges[acc.name])
-            _qweights(qs, step)
-        b = qs.a
-        if pre:
-            b = QParams.from_range(*ranges[pre[-1].name])
-            qs.pre_lut = _lut(pre, modules, qs.a, b, channels)
-        if post:
-            qs.post_lut = _lut(post, modules, b, qs.out, channels)
+        ins = [first if src is None else done[id(src)].out for src in step.inputs]
+        qs = _qstep(step, ins, ranges, modules)
+        forced = target_of(step)
+        if forced is not None and forced != qs.out:
+            _force(qs, forced, modules)
+            qs.forced = views[id(step)][0].name
+        done[id(step)] = qs
+    out = [done[id(s)] for s in steps]
+    final = next(qs for qs in out if qs.step.output)
+    return QNet(out, first, final.out)
+
+
+def _qstep(step: Step, ins: list[QParams], ranges, modules) -> QStep:
+    x_q = ins[0]
+    pre, post, acc = _chains(step)
+    last = step.layers[-1].name if step.layers else ""
+    qs = QStep(step, x_q, x_q, QParams.from_range(*ranges[last]) if last else x_q,
+               pre_layers=pre, post_layers=post, ins=ins)
+    channels = _channels(step)
+    if acc is not None or step.op in ("add", "concat"):
+        first_chain = pre if step.pool is not None else post
+        if len(first_chain) == 1 and first_chain[0].kind.kind == "relu":
+            qs.relu_clamp = True
+            qs.a = QParams.from_range(*ranges[first_chain[0].name])
+            first_chain.clear()
         else:
-            qs.out = b  # the pool and reshapes keep the scale
-        out.append(qs)
-        x_q = qs.out
-    return QNet(out, first, x_q)
+            qs.a = QParams.from_range(*ranges[(acc or step.layers[0]).name])
+        if acc is not None:
+            _qweights(qs, step)
+        else:
+            _qinputs(qs)
+    b = qs.a
+    if pre:
+        b = QParams.from_range(*ranges[pre[-1].name])
+        qs.pre_lut = _lut(pre, modules, qs.a, b, channels)
+    qs.mid = b
+    if post:
+        qs.post_lut = _lut(post, modules, b, qs.out, channels)
+    else:
+        qs.out = b  # the pool and reshapes keep the scale
+    return qs
+
+
+def _channels(step: Step) -> int:
+    """The channel count of a step's tables (batch norm: one table per channel or feature)."""
+    return step.c["OUT"] if step.op == "linear" else step.c.get("COUT", step.c.get("C"))
+
+
+def _qinputs(qs: QStep) -> None:
+    """add and concat: each input k rescaled to the output's scale by M_k = s_k / s_a."""
+    mn = [multiplier(x.scale / qs.a.scale) for x in qs.ins]
+    qs.in_mult, qs.in_shift = [m for m, _ in mn], [n for _, n in mn]
+
+
+def _force(qs: QStep, p: QParams, modules) -> None:
+    """Make the step's output have the parameters p (a concat's part written inside it):
+    the last table maps to p, or the accumulator is requantised to p, or (steps that keep
+    their input's scale) a table that only requantises is added."""
+    step = qs.step
+    channels = _channels(step)
+    if qs.post_lut is not None:
+        qs.post_lut = _lut(qs.post_layers, modules, qs.mid, p, channels)
+    elif qs.pre_lut is None and (qs.weight is not None or step.op in ("add", "concat")):
+        qs.a = p
+        if qs.weight is not None:
+            mn = [multiplier(qs.x.scale * s / p.scale) for s in qs.weight_scale]
+            qs.mult = np.array([m for m, _ in mn], np.int32)
+            qs.shift = np.array([n for _, n in mn], np.int32)
+        else:
+            _qinputs(qs)
+    else:
+        qs.post_lut = _lut([], modules, qs.out, p, None)
+    qs.out = p
 
 
 def dsp_layout(qs: QStep) -> None:

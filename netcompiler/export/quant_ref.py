@@ -102,31 +102,84 @@ def _avgpool(qs: QStep, x: np.ndarray) -> np.ndarray:
         count = np.outer(y1 - y0, x1 - x0)
     else:
         count = np.outer(np.minimum(y1, c["H"]) - np.maximum(y0, 0), np.minimum(x1, c["W"]) - np.maximum(x0, 0))
-    half = count // 2
-    v = np.where(s >= 0, (s + half) // count, -((-s + half) // count))  # half away from zero
-    return _lut(np.clip(v + qs.x.zero, -128, 127), qs.post_lut)
+    return _lut(np.clip(_mean(s, count) + qs.x.zero, -128, 127), qs.post_lut)
 
 
 def _elementwise(qs: QStep, x: np.ndarray) -> np.ndarray:
     shape = (len(x), *qs.step.in_shape)
     v = x.reshape(shape).astype(np.int64)
-    if len(shape) != 4:
-        v = v.reshape(len(x), 1, -1)
+    if len(shape) != 4:  # features as channels (batchnorm1d's table per feature)
+        v = v.reshape(len(x), qs.step.c["C"], -1)
     return _lut(v, qs.post_lut)
 
 
-KERNELS = {"conv": _conv, "linear": _linear, "maxpool": _maxpool, "avgpool": _avgpool, "elementwise": _elementwise}
+def rescale(v: np.ndarray, m: int, n: int) -> np.ndarray:
+    """floor((v * m + 2^(n-1)) / 2^n): v times m 2^-n, rounded half up, not clamped."""
+    return (v.astype(np.int64) * np.int64(m) + (np.int64(1) << np.int64(n - 1))) >> np.int64(n)
+
+
+def _add(qs: QStep, *xs: np.ndarray) -> np.ndarray:
+    acc = np.full(xs[0].shape, qs.a.zero, np.int64)
+    for x, p, m, n in zip(xs, qs.ins, qs.in_mult, qs.in_shift):
+        acc += rescale(x.astype(np.int64) - p.zero, m, n)
+    v = np.clip(acc, qs.a.zero if qs.relu_clamp else -128, 127)
+    if v.ndim == 2:
+        v = v.reshape(len(v), -1, 1)
+    return _lut(v, qs.post_lut)
+
+
+def _concat(qs: QStep, *xs: np.ndarray) -> np.ndarray:
+    parts = []
+    for x, p, m, n in zip(xs, qs.ins, qs.in_mult, qs.in_shift):
+        x = x.reshape(len(x), -1).astype(np.int64)
+        parts.append(x if p == qs.out else np.clip(rescale(x - p.zero, m, n) + qs.out.zero, -128, 127))
+    return np.concatenate(parts, axis=1)
+
+
+def _mean(s: np.ndarray, count) -> np.ndarray:
+    """s / count rounded half away from zero, as C99's truncating division does it."""
+    half = count // 2
+    return np.where(s >= 0, (s + half) // count, -((-s + half) // count))
+
+
+def _adaptive_avgpool(qs: QStep, x: np.ndarray) -> np.ndarray:
+    from ..layers.adaptive_pool import adaptive_bins
+
+    c = qs.step.c
+    v = x.astype(np.int64) - qs.x.zero
+    out = np.zeros((len(x), c["C"], c["OH"], c["OW"]), np.int64)
+    for i, (y0, y1) in enumerate(adaptive_bins(c["H"], c["OH"])):
+        for j, (x0, x1) in enumerate(adaptive_bins(c["W"], c["OW"])):
+            out[:, :, i, j] = _mean(v[:, :, y0:y1, x0:x1].sum(axis=(2, 3)), (y1 - y0) * (x1 - x0))
+    return _lut(np.clip(out + qs.x.zero, -128, 127), qs.post_lut)
+
+
+def _upsample(qs: QStep, x: np.ndarray) -> np.ndarray:
+    c = qs.step.c
+    v = x.astype(np.int64).repeat(c["SH"], axis=2).repeat(c["SW"], axis=3)
+    return _lut(v, qs.post_lut)
+
+
+KERNELS = {"conv": _conv, "linear": _linear, "maxpool": _maxpool, "avgpool": _avgpool, "elementwise": _elementwise,
+           "add": _add, "concat": _concat, "adaptive_avgpool": _adaptive_avgpool, "upsample": _upsample}
 
 
 def run(qnet: QNet, x: np.ndarray) -> np.ndarray:
     """int8 inputs (N, *input shape) -> int8 outputs (N, output size)."""
-    v = np.asarray(x).astype(np.int64)
+    x = np.asarray(x).astype(np.int64)
+    vals: dict[int, np.ndarray] = {}
+    final = None
     for qs in qnet.steps:
-        v = KERNELS[qs.step.op](qs, v.reshape(len(v), *qs.step.in_shape))
-    return v.reshape(len(v), -1).astype(np.int8)
+        s = qs.step
+        ins = [x if src is None else vals[id(src)] for src in s.inputs]
+        shapes = [s.in_shape] * len(ins) if s.op != "concat" else [(v.size // len(v),) for v in ins]
+        vals[id(s)] = v = KERNELS[s.op](qs, *[i.reshape(len(i), *sh) for i, sh in zip(ins, shapes)])
+        if s.output:
+            final = v
+    return final.reshape(len(final), -1).astype(np.int8)
 
 
-__all__ = ["KERNELS", "requant", "run"]
+__all__ = ["KERNELS", "requant", "rescale", "run"]
 
 
 def infer_float(qnet: QNet, x: np.ndarray, batch: int = 500) -> np.ndarray:

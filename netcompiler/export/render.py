@@ -84,9 +84,11 @@ def render(network, steps: list[Step], memory: MemoryPlan, arrays: list[Array], 
         in_dims=_dims(network.input_shape), out_dims=_dims(network.output_shape),
         in_size=int(np.prod(network.input_shape)), out_size=int(np.prod(network.output_shape)),
         arena_bytes=memory.arena_bytes, weights_bytes=weights_bytes,
-        uses=dict(math=math_used, vec=any(s.c.get("VEC") or s.c.get("VECC") for s in steps)),
+        uses=dict(math=math_used, vec=any(s.c.get("VEC") or s.c.get("VECC") for s in steps),
+                  vec16=any(s.c.get("VL") == 16 for s in steps)),
         norm=normalisation and [c_float(np.float32(v)) for v in normalisation],
-        libc=sorted((LIBC_MATH if math_used else set()) | ({"INFINITY"} if any(s.op == "maxpool" for s in steps) else set())),
+        libc=sorted((LIBC_MATH if math_used else set()) | ({"INFINITY"} if any(s.op == "maxpool" for s in steps) else set())
+                    | ({"memcpy"} if any(s.copies for s in steps) else set())),
     )
     source = env.get_template("export/net.c.j2").render(ctx)
     header = env.get_template("export/net.h.j2").render(ctx)
@@ -145,7 +147,7 @@ def int8_arrays(qs) -> list[IntArray]:
             names = ", ".join(l.name for l in layers)
             values = table[0] if table.shape[0] == 1 else table
             out.append(IntArray(f"{s.name}_{which}_lut", "int8_t", values,
-                                f"{names} as a table: int8 in (offset by 128) -> int8 out"
+                                f"{names or 'requantisation'} as a table: int8 in (offset by 128) -> int8 out"
                                 + (", per channel" if table.shape[0] > 1 else "")))
     return out
 
@@ -165,6 +167,9 @@ def _qdoc(qs) -> list[str]:
     for which, layers in (("pre", qs.pre_layers), ("post", qs.post_layers)):
         if layers and (qs.pre_lut if which == "pre" else qs.post_lut) is not None:
             lines.append(f"{', '.join(l.name for l in layers)}: the table {qs.step.name}_{which}_lut")
+    if qs.forced:
+        lines.append(f"written inside {qs.forced}'s output, so at its scale"
+                     + (f" (the table {qs.step.name}_post_lut)" if not qs.post_layers and qs.post_lut is not None else ""))
     return [comment(l) for l in lines]
 
 
@@ -191,6 +196,9 @@ def render_int8(network, qnet, memory: MemoryPlan, arrays: list[IntArray], weigh
         N=name, NU=name.upper(), banner=banner, steps=qnet.steps, memory=memory, arrays=arrays,
         describe=describe, luts=_luts, qdoc=_qdoc, uses_requant=any(qs.weight is not None for qs in qnet.steps),
         uses_dsp=any(qs.weight_dsp is not None for qs in qnet.steps),
+        uses_rescale=any(qs.step.op == "add" or any(qs.ins[k] != qs.out for k, _, _ in qs.step.copies)
+                         for qs in qnet.steps),
+        uses_memcpy=any(qs.ins[k] == qs.out for qs in qnet.steps for k, _, _ in qs.step.copies),
         in_dims=_dims(network.input_shape), out_dims=_dims(network.output_shape),
         in_size=in_size, out_size=out_size, arena_bytes=memory.arena_bytes,
         float_arena_bytes=memory.arena_bytes + -(-(in_size + out_size) // 16) * 16,

@@ -63,8 +63,8 @@ static int8_t requant(int32_t acc, int32_t m, int n, int32_t zero, int32_t lo)
 }
 
 /* ---- the arena: offsets in bytes of the int8 tensors alive between steps, and scratch ---- */
-#define CONV1_OUT 0 /* conv1's output [32] */
-#define CONV1_SCRATCH 32 /* conv1's scratch: the input int16, channels in pairs [1][10][10][2] at +0, one conv output row int32 [8] at +400, the window maxima int32 [4] at +432 */
+#define CONV1_SCRATCH 0 /* conv1's scratch: the input int16, channels in pairs [1][10][10][2] at +0, one conv output row int32 [8] at +400, the window maxima int32 [4] at +432 */
+#define CONV1_OUT 448 /* conv1's output [32] */
 
 /* ---- weights and tables: 181 bytes, read-only (flash on a microcontroller) ---- */
 

@@ -23,8 +23,8 @@
 typedef float real_t; /* the type the element-wise formulas are written in */
 
 /* ---- the arena: offsets in floats of the tensors alive between steps, and scratch ---- */
-#define CONV1_OUT 0 /* conv1's output [32] */
-#define CONV1_SCRATCH 32 /* conv1's scratch: the padded input [1][10][10] at +0, one conv output row [8] at +100 */
+#define CONV1_SCRATCH 0 /* conv1's scratch: the padded input [1][10][10] at +0, one conv output row [8] at +100 */
+#define CONV1_OUT 108 /* conv1's output [32] */
 #define ARENA_FLOATS 140
 
 /* ---- weights: 476 bytes, read-only (flash on a microcontroller) ---- */
