@@ -238,7 +238,7 @@ def pointwise_context(layer: Layer) -> dict:
     kb = _largest_divisor(cin, 8)  # input-gradient tiles: KB channels x NV vectors
     dmb, dkb = _largest_divisor(cout, 4), _largest_divisor(cin, 4)  # weight gradient: DMB x DKB lane sums
     return dict(CIN=cin, COUT=cout, N=n, MB=mb, NV=nv, NB=nv * VEC, N_MAIN=n - n % (nv * VEC),
-                N_VEC=n - n % VEC, N_LAST=n - VEC, N_REM=n % VEC, KB=kb, DMB=dmb, DKB=dkb,
+                N_VEC=n - n % VEC, N_LAST=n - VEC, N_REM=n % VEC, N_DONE=(VEC - n % VEC) % VEC, KB=kb, DMB=dmb, DKB=dkb,
                 bias=layer.opts["bias"], SCRATCH=0, VEC=VEC)
 
 
@@ -258,8 +258,9 @@ def depthwise_context(layer: Layer) -> dict:
     regions = {"XPAD": (0, f"xp [{hp}][{wp}] + slack")}
     if layer.grad_input:
         regions["DZ"] = (plane, f"dz [{hp}][{wp}] + slack")
-    return dict(C=c, H=h, W=w, OH=oh, OW=ow, S=s, HP=hp, WP=wp, PLANE=plane,
-                OW_FULL=ow - ow % VEC, OW_REM=ow % VEC, W_FULL=w - w % VEC, W_REM=w % VEC,
+    return dict(C=c, H=h, W=w, OH=oh, OW=ow, S=s, HP=hp, WP=wp, PLANE=plane, IN_PLANE=h * w, OUT_PLANE=oh * ow,
+                ROW_STEP=s * wp, OW_FULL=ow - ow % VEC, OW_REM=ow % VEC, OW_FULL_IN=s * (ow - ow % VEC),
+                W_FULL=w - w % VEC, W_REM=w % VEC,
                 bias=layer.opts["bias"], VEC=VEC, EVEN=list(range(0, 2 * VEC, 2)),
                 SCR={k: prefix + k for k in regions},
                 SCRATCH_DEFS=[(prefix + k, off, shape) for k, (off, shape) in regions.items()],
