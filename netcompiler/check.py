@@ -219,11 +219,11 @@ class _Checker:
         self.blocks = self.blocks_section(top.get("blocks"))
         layers = self.layers(root, top.get("layers"), input_shape, name)
         if layers and all(l.out_shape is not None for l in layers):
+            mark_input_grads(layers)
             self.check_loss_output(top.get("loss") or root, loss, layers[-1])
             self.check_budget(root, name, layers, memory_budget)
         if self.diags:
             raise SpecErrors(sorted(self.diags, key=lambda d: (d.line, d.col)))
-        mark_input_grads(layers)
         return Network(name, self.file, source, input_shape, layers, loss, train)
 
     def net_name(self, node: Node | None) -> str:

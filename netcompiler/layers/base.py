@@ -341,12 +341,17 @@ class LayerKind:
         paths = self.kernel_paths()
         if not paths:
             return None
-        costs = {p.name: p.cost(layer) for p in paths if p.applies(layer)}
-        if layer.kernel is not None:
-            path = next(p for p in paths if p.name == layer.kernel)
-        else:
-            path = min((p for p in paths if p.name in costs), key=lambda p: costs[p.name])
-        return KernelChoice(path, layer.kernel is not None, costs)
+        # made once per layer (and forced path, and input gradient): the plan, the scratch size,
+        # the cache and the render context all ask
+        key = f"kernel_choice:{layer.kernel}:{layer.grad_input}"
+        if key not in layer.derived:
+            costs = {p.name: p.cost(layer) for p in paths if p.applies(layer)}
+            if layer.kernel is not None:
+                path = next(p for p in paths if p.name == layer.kernel)
+            else:
+                path = min((p for p in paths if p.name in costs), key=lambda p: costs[p.name])
+            layer.derived[key] = KernelChoice(path, layer.kernel is not None, costs)
+        return layer.derived[key]
 
     # ---- rendering --------------------------------------------------------------------
     def render_context(self, layer: Layer) -> dict[str, Any]:
