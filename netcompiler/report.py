@@ -295,6 +295,10 @@ def format_report(rep: dict, fmt: str = "text") -> str:
             lines.append("| " + " | ".join(_cell(k, r[k]) for k, _ in cols) + " |")
         lines.append("")
         lines += [f"- {s}" for s in summary_lines(rep)]
+        if rep.get("kernels"):
+            lines += ["", "| name | kernel path | forward | backward | why |", "|---|---|---|---|---|"]
+            lines += [f"| {r['name']} | {r['path']} | {r['forward']} | {r['backward']} | {r['why']} |"
+                      for r in rep["kernels"]]
         lines += ["", f"_{CONVENTIONS}_"]
         return "\n".join(lines) + "\n"
     lines = [f"{rep['name']}: {rep['spec']} (input {fmt_shape(tuple(rep['input']))}, loss {rep['loss']})", ""]

@@ -107,6 +107,8 @@ def test_report_names_each_convs_path_and_why():
     assert line.split()[1] == "depthwise" and "cost" in line
     assert "kernel paths (cost: estimated vector operations per sample" in out
     assert "kernel paths" not in format_report(build_report(load(path)))
+    md = format_report(build_report(load(path), kernels=True), "markdown")
+    assert "| block1.conv2 | depthwise | direct 3x3 per channel" in md
 
 
 def test_input_gradient_comes_from_the_graph():
