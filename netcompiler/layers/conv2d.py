@@ -236,9 +236,14 @@ def pointwise_context(layer: Layer) -> dict:
     mb = _largest_divisor(cout, 8)
     nv = 2 if n >= 2 * VEC else 1
     kb = _largest_divisor(cin, 8)  # input-gradient tiles: KB channels x NV vectors
-    dmb, dkb = _largest_divisor(cout, 4), _largest_divisor(cin, 4)  # weight gradient: DMB x DKB lane sums
+    # weight gradient: DMB x DKB lane sums, the tile with the fewest loads per FMA (DMB + DKB per
+    # DMB x DKB) among those that fit the registers (DMB x DKB accumulators, DMB output-gradient
+    # vectors, one input vector: at most 30)
+    dmb, dkb = max(((a, b) for a in range(1, 9) for b in range(1, 9)
+                    if cout % a == 0 and cin % b == 0 and a * b + a + 1 <= 30 and a * b <= 24),
+                   key=lambda t: (t[0] * t[1] / (t[0] + t[1]), t[0] * t[1]))
     return dict(CIN=cin, COUT=cout, N=n, MB=mb, NV=nv, NB=nv * VEC, N_MAIN=n - n % (nv * VEC),
-                N_VEC=n - n % VEC, N_LAST=n - VEC, N_REM=n % VEC, N_DONE=(VEC - n % VEC) % VEC, KB=kb, DMB=dmb, DKB=dkb,
+                N_VEC=n - n % VEC, N_LAST=n - VEC, N_REM=n % VEC, N_DONE=(VEC - n % VEC) % VEC, KB=kb, DMB=dmb, DKB=dkb, DW_ACC=_round_up(dmb * dkb, 16), DW_SUMS=list(range(0, dmb * dkb, 16)),
                 bias=layer.opts["bias"], SCRATCH=0, VEC=VEC)
 
 
