@@ -31,20 +31,24 @@ if not any(k in _os.environ for k in OPENMP_WAIT):
 
 
 def compile(spec, dtype: str = "float32", threads: int | None = None, flags: list[str] | None = None,
-            out_dir=None, memory_budget: int | None = None):
+            out_dir=None, memory_budget: int | None = None, kernels: dict[str, str] | None = None):
     """Check, generate, build (cached) and load a spec; return a `runtime.Net`.
 
     `spec` is a path or an already checked `check.Network`; `threads` is as for `Net.threads`
-    (1 to runtime.MAX_THREADS, None: all available cores)."""
+    (1 to runtime.MAX_THREADS, None: all available cores).  `kernels` forces kernel paths,
+    layer name -> path (`{"conv1": "im2col"}`; `netc report --kernels` lists the choices); a
+    path that does not apply to its layer is an `errors.KernelError`."""
     import cffi
 
     from .build import compile_rendered, default_flags
-    from .check import DEFAULT_MEMORY_BUDGET, Network, load
+    from .check import DEFAULT_MEMORY_BUDGET, Network, force_kernels, load
     from .render import render
     from .runtime import Net, check_threads
 
     threads = check_threads(threads)  # before the build: a bad count fails at once
     net = spec if isinstance(spec, Network) else load(spec, memory_budget or DEFAULT_MEMORY_BUDGET)
+    if kernels:
+        net = force_kernels(net, kernels)
     flags = list(flags) if flags is not None else default_flags()
     rendered = render(net, dtype, flags)
     built = compile_rendered(rendered, out_dir=out_dir, flags=flags)

@@ -5,6 +5,7 @@ each pointing at the line and column of the offending layer or option.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import math
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import Diagnostic, SpecErrors
+from .errors import Diagnostic, KernelError, SpecErrors
+from .graph import mark_input_grads
 from .layers import COMMON_OPTIONS, INPUT, REGISTRY, Layer, Shape, did_you_mean, fmt_shape, unknown_kind
 from .layers.base import MAX_ELEMENTS, as_number, yaml11_hint
 from .recipe import augment_problem
@@ -161,6 +163,35 @@ class Network:
         return sum(l.params for l in self.layers)
 
 
+def force_kernels(net: Network, kernels: dict[str, str]) -> Network:
+    """A copy of `net` whose layers named in `kernels` run the kernel path given there
+    (layer name -> path name, see LayerKind.kernel_paths) instead of the cheapest.  A name
+    that is no layer, a layer with one implementation, an unknown path or one that does not
+    apply to the layer is a KernelError naming the layer and the paths that apply."""
+    by_name = {l.name: l for l in net.layers}
+    forced = {}
+    for name, path in kernels.items():
+        layer = by_name.get(name)
+        if layer is None:
+            with_paths = [l.name for l in net.layers if l.kind.kernel_paths()]
+            raise KernelError(f"kernels: no layer '{name}' in '{net.name}'{did_you_mean(name, list(by_name))}; "
+                              f"layers with kernel paths: {', '.join(with_paths) or 'none'}")
+        paths = layer.kind.kernel_paths()
+        if not paths:
+            raise KernelError(f"kernels: {layer.where()} has one implementation, no kernel paths")
+        ok = [p.name for p in paths if p.applies(layer)]
+        known = next((p for p in paths if p.name == path), None)
+        if known is None:
+            raise KernelError(f"kernels: {layer.where()}: unknown kernel path '{path}'"
+                              f"{did_you_mean(str(path), [p.name for p in paths])}; paths that apply: {', '.join(ok)}")
+        if path not in ok:
+            raise KernelError(f"kernels: {layer.where()}: kernel path '{path}' does not apply ({known.needs}); "
+                              f"paths that apply: {', '.join(ok)}")
+        forced[name] = path
+    layers = [dataclasses.replace(l, kernel=forced.get(l.name, l.kernel)) for l in net.layers]
+    return dataclasses.replace(net, layers=layers)
+
+
 class _Checker:
     def __init__(self, file: str):
         self.file = file
@@ -189,6 +220,7 @@ class _Checker:
         self.blocks = self.blocks_section(top.get("blocks"))
         layers = self.layers(root, top.get("layers"), input_shape, name)
         if layers and all(l.out_shape is not None for l in layers):
+            mark_input_grads(layers)
             self.check_loss_output(top.get("loss") or root, loss, layers[-1])
             self.check_budget(root, name, layers, memory_budget)
         if self.diags:

@@ -126,7 +126,7 @@ def cmd_report(args) -> int:
     from .report import build_report, format_report
 
     net = load(args.spec, args.memory_budget)
-    text = format_report(build_report(net, args.batch_size, args.dtype, args.optimizer), args.format)
+    text = format_report(build_report(net, args.batch_size, args.dtype, args.optimizer, args.kernels), args.format)
     sys.stdout.write(text)
     if args.format == "text":
         from .export import export_lines
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size of the reals counted in memory (default float32)")
     r.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="optimizer whose state counts in training memory (adam)")
+    r.add_argument("--kernels", action="store_true",
+                   help="also list the kernel path each convolution runs (forward, backward) and why")
     r.set_defaults(func=cmd_report)
 
     from . import cli_build, cli_export, cli_train

@@ -47,6 +47,10 @@ class NetcWarning(UserWarning):
     `netc: warning: ...`."""
 
 
+class KernelError(NetcError, ValueError):
+    """A forced kernel path that names no layer, no path of it, or one that does not apply."""
+
+
 class BuildError(NetcError):
     """The C compiler failed on generated code."""
 

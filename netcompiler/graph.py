@@ -45,6 +45,13 @@ def needs_grad(layers: list[Layer]) -> set[str]:
     return need
 
 
+def mark_input_grads(layers: list[Layer]) -> None:
+    """Set each layer's `grad_input`: whether its backward computes its first input's gradient."""
+    need = needs_grad(layers)
+    for layer in layers:
+        layer.grad_input = bool(layer.inputs) and layer.inputs[0] in need
+
+
 def consumers(layers: list[Layer]) -> dict[str, list[Layer]]:
     """Tensor name -> the layers reading it, in execution order."""
     out: dict[str, list[Layer]] = {INPUT: []}

@@ -90,6 +90,7 @@ class LayerPlan:
     relu_out: bool = False  # forward stores max(0, output): the ReLU after it is fused
     relu_din: bool = False  # backward zeroes din where the input is not positive (a fused ReLU before it)
     fused_into: tuple[str, str] | None = None  # a fused ReLU: (the layer doing its forward, its backward)
+    kernel: Any = None  # layers.KernelChoice: the kernel path of a kind with several (conv2d), else None
 
 
 @dataclass
@@ -348,7 +349,7 @@ def make_plan(net: Network) -> Plan:
         aliases = layer.output in aliased or bool(ins) and all(e.view for e in ins)
         lp = LayerPlan(
             layer=layer, name=layer.cname, kind=kind.kind, template=kind.template,
-            c=kind.render_context(layer),
+            c=kind.render_context(layer), kernel=kind.kernel_choice(layer),
             comment=comment(f"{kind.kind} '{layer.name}', {net.file}:{layer.line}"
                             + (f": {kind.describe_options(layer)}" if kind.describe_options(layer) else "")
                             + (f"; reads {', '.join(layer.inputs)}" if layer.inputs != [_default_input(layers, layer)]

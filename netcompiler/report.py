@@ -121,7 +121,36 @@ def training_memory(layers: list[Layer], batch_size: int, dtype: str = "float32"
     return out
 
 
-def build_report(net: Network, batch_size: int = 64, dtype: str = "float32", optimizer: str = "adam") -> dict:
+def kernel_rows(layers: list[Layer]) -> list[dict[str, Any]]:
+    """The kernel path each layer of a kind with several runs (conv2d), and why."""
+    rows = []
+    for l in layers:
+        choice = l.kind.kernel_choice(l)
+        if choice is not None:
+            rows.append({"name": l.name, "kind": l.kind.kind, "path": choice.path.name,
+                         "forward": choice.path.forward, "backward": choice.path.backward
+                         if l.grad_input else choice.path.backward + " (no input gradient)",
+                         "why": choice.why, "costs": choice.costs})
+    return rows
+
+
+def kernel_lines(rep: dict) -> list[str]:
+    rows = rep["kernels"]
+    if not rows:
+        return ["kernel paths: no layer has several"]
+    head = ["name", "path", "forward", "backward", "why"]
+    body = [[r[k] for k in head] for r in rows]
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+
+    def fmt(row):
+        return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+
+    return (["kernel paths (cost: estimated vector operations per sample, forward and backward):", fmt(head),
+             "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
+
+
+def build_report(net: Network, batch_size: int = 64, dtype: str = "float32", optimizer: str = "adam",
+                 kernels: bool = False) -> dict:
     first = reads_network_input(net.layers)
     fused = fused_relus(net.layers)
     no_slot = without_slot(net.layers)
@@ -159,6 +188,7 @@ def build_report(net: Network, batch_size: int = 64, dtype: str = "float32", opt
         "batch_size": batch_size,
         "optimizer": optimizer,
         "training_memory": mem,
+        **({"kernels": kernel_rows(net.layers)} if kernels else {}),
     }
 
 
@@ -265,8 +295,15 @@ def format_report(rep: dict, fmt: str = "text") -> str:
             lines.append("| " + " | ".join(_cell(k, r[k]) for k, _ in cols) + " |")
         lines.append("")
         lines += [f"- {s}" for s in summary_lines(rep)]
+        if rep.get("kernels"):
+            lines += ["", "| name | kernel path | forward | backward | why |", "|---|---|---|---|---|"]
+            lines += [f"| {r['name']} | {r['path']} | {r['forward']} | {r['backward']} | {r['why']} |"
+                      for r in rep["kernels"]]
         lines += ["", f"_{CONVENTIONS}_"]
         return "\n".join(lines) + "\n"
     lines = [f"{rep['name']}: {rep['spec']} (input {fmt_shape(tuple(rep['input']))}, loss {rep['loss']})", ""]
-    lines += table_lines(rep) + [""] + summary_lines(rep) + ["", CONVENTIONS]
+    lines += table_lines(rep) + [""] + summary_lines(rep)
+    if "kernels" in rep:
+        lines += [""] + kernel_lines(rep)
+    lines += ["", CONVENTIONS]
     return "\n".join(lines) + "\n"

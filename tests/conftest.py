@@ -37,11 +37,12 @@ def spec(input_shape, layers, loss: str = "cross_entropy", name: str | None = No
     return f"{head}input: {list(input_shape)}\nlayers:\n{body}loss: {loss}\n"
 
 
-def compile_spec(spec_text: str, dtype: str = "float64", file: str = "case.yaml"):
-    key = (spec_text, dtype, file)
+def compile_spec(spec_text: str, dtype: str = "float64", file: str = "case.yaml", kernels: dict | None = None):
+    """The compiled net of `spec_text` (cached), its layers' kernel paths forced as `kernels` says."""
+    key = (spec_text, dtype, file, tuple(sorted((kernels or {}).items())))
     net = _BUILT.get(key)
     if net is None:
-        net = _BUILT[key] = nc.compile(check_text(spec_text, file), dtype=dtype, threads=1)
+        net = _BUILT[key] = nc.compile(check_text(spec_text, file), dtype=dtype, threads=1, kernels=kernels)
     return net
 
 
@@ -53,19 +54,22 @@ def reset(net, threads: int = 1, seed: int = 0):
     return net
 
 
-def build(spec_text: str, dtype: str = "float64", threads: int = 1, file: str = "case.yaml"):
-    """The compiled net of `spec_text` (cached per dtype), reset to init(0)/seed(0)."""
-    return reset(compile_spec(spec_text, dtype, file), threads)
+def build(spec_text: str, dtype: str = "float64", threads: int = 1, file: str = "case.yaml",
+          kernels: dict | None = None):
+    """The compiled net of `spec_text` (cached per dtype and forced kernels), reset to init(0)/seed(0)."""
+    return reset(compile_spec(spec_text, dtype, file, kernels), threads)
 
 
 def prebuild(jobs) -> None:
-    """Compile (spec_text, dtype) pairs concurrently into the cache of `build`."""
-    todo = [j for j in dict.fromkeys(jobs) if (j[0], j[1], "case.yaml") not in _BUILT]
+    """Compile (spec_text, dtype) or (spec_text, dtype, kernels) jobs concurrently into the cache of `build`."""
+    jobs = [(j[0], j[1], j[2] if len(j) > 2 else None) for j in jobs]
+    todo = [j for j in {(t, d, tuple(sorted((k or {}).items()))): (t, d, k) for t, d, k in jobs}.values()
+            if (j[0], j[1], "case.yaml", tuple(sorted((j[2] or {}).items()))) not in _BUILT]
     if not todo:
         return
     workers = max(1, min(len(todo), len(os.sched_getaffinity(0))))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for f in [pool.submit(compile_spec, text, dtype) for text, dtype in todo]:
+        for f in [pool.submit(compile_spec, text, dtype, "case.yaml", kernels) for text, dtype, kernels in todo]:
             f.result()
 
 

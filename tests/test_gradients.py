@@ -309,6 +309,65 @@ CASES: dict[str, str] = {
 }
 
 
+# ---- conv2d kernel paths (layers/conv2d.py CONV_PATHS), each forced on the shape classes it
+# applies to: case -> {layer: path}.  The layer under test is conv2 (conv1 is the layer before
+# it), or conv1 when it reads the network input (no input gradient).
+KERNELS: dict[str, dict[str, str]] = {}
+
+
+def _forced(case: str, path: str, layer, input_shape, pre=PRE_CONV, target: str = "conv2", **kw) -> None:
+    CASES[case] = around(layer, input_shape, pre, **kw)
+    KERNELS[case] = {target: path}
+
+
+def _pre(channels: int) -> str:
+    return f"conv2d: {{out_channels: {channels}, kernel_size: 1}}"
+
+
+# pointwise: 2 vectors of pixels per tile and a cut last vector (35 pixels); whole tiles only, no
+# bias; a single vector after the tiles (48); exactly one vector (16); the first layer; a fused
+# ReLU; a prime channel count (one channel per tile) over 12 inputs; and the GEMM paths on its shape
+_forced("kpath_pointwise_tail", "pointwise", "conv2d: {out_channels: 5, kernel_size: 1}", (3, 5, 7))
+_forced("kpath_pointwise_exact_nobias", "pointwise", "conv2d: {out_channels: 8, kernel_size: 1, bias: false}",
+        (2, 4, 8))
+_forced("kpath_pointwise_single_vectors", "pointwise", "conv2d: {out_channels: 3, kernel_size: 1}", (2, 6, 8))
+_forced("kpath_pointwise_one_vector", "pointwise", "conv2d: {out_channels: 4, kernel_size: 1}", (2, 4, 4))
+_forced("kpath_pointwise_first", "pointwise", "conv2d: {out_channels: 4, kernel_size: 1, in_channels: 2}",
+        (2, 5, 5), pre=None, target="conv1")
+_forced("kpath_pointwise_relu_fused", "pointwise", ["conv2d: {out_channels: 4, kernel_size: 1}", "relu",
+                                                    "maxpool2d: {kernel_size: 2}"], (2, 6, 6))
+_forced("kpath_pointwise_prime", "pointwise", "conv2d: {out_channels: 17, kernel_size: 1}", (12, 5, 4),
+        pre=_pre(12))
+_forced("kpath_pointwise_as_gather", "gather", "conv2d: {out_channels: 5, kernel_size: 1}", (3, 5, 7))
+_forced("kpath_pointwise_as_im2col", "im2col", "conv2d: {out_channels: 5, kernel_size: 1}", (3, 5, 7))
+# depthwise: stride 1 with rows shorter than a vector; a whole vector and a cut one per row (20);
+# whole vectors only, no bias; stride 2 on odd sizes (output rows of 18, input rows of 35);
+# stride 2 on even sizes; the first layer; a fused ReLU; and the GEMM paths on its shapes
+_forced("kpath_depthwise_s1_short", "depthwise", "conv2d: {out_channels: 3, kernel_size: 3, padding: 1, groups: 3}",
+        (3, 7, 6))
+_forced("kpath_depthwise_s1_tail", "depthwise", "conv2d: {out_channels: 4, kernel_size: 3, padding: 1, groups: 4}",
+        (4, 5, 20), pre=_pre(4))
+_forced("kpath_depthwise_s1_exact_nobias", "depthwise",
+        "conv2d: {out_channels: 2, kernel_size: 3, padding: 1, groups: 2, bias: false}", (2, 3, 16), pre=_pre(2))
+_forced("kpath_depthwise_s2_odd", "depthwise",
+        "conv2d: {out_channels: 3, kernel_size: 3, stride: 2, padding: 1, groups: 3}", (3, 9, 35))
+_forced("kpath_depthwise_s2_even", "depthwise",
+        "conv2d: {out_channels: 5, kernel_size: 3, stride: 2, padding: 1, groups: 5}", (5, 8, 8), pre=_pre(5))
+_forced("kpath_depthwise_first", "depthwise",
+        "conv2d: {out_channels: 2, kernel_size: 3, stride: 2, padding: 1, groups: 2, in_channels: 2}", (2, 6, 7),
+        pre=None, target="conv1")
+_forced("kpath_depthwise_relu_fused", "depthwise",
+        ["conv2d: {out_channels: 3, kernel_size: 3, padding: 1, groups: 3}", "relu", "maxpool2d: {kernel_size: 2}"],
+        (3, 6, 6))
+_forced("kpath_depthwise_as_im2col", "im2col",
+        "conv2d: {out_channels: 3, kernel_size: 3, padding: 1, groups: 3}", (3, 7, 6))
+_forced("kpath_depthwise_as_gather", "gather",
+        "conv2d: {out_channels: 4, kernel_size: 3, padding: 1, groups: 4}", (4, 5, 20), pre=_pre(4))
+# the GEMM paths on a Winograd shape (16 channels in and out, 3x3, stride 1)
+_forced("kpath_winograd_as_gather", "gather", "conv2d: {out_channels: 16, kernel_size: 3}", (2, 7, 9), pre=_pre(16))
+_forced("kpath_winograd_as_im2col", "im2col", "conv2d: {out_channels: 16, kernel_size: 3}", (2, 7, 9), pre=_pre(16))
+
+
 def _covered() -> tuple[dict[str, set[str]], dict[tuple[str, str], list], set[str]]:
     """kind -> options set explicitly; (kind, option) -> values used (OMITTED when a case
     leaves the option at its default); the losses used."""
@@ -332,12 +391,13 @@ IDS = list(CASES)
 
 @pytest.fixture(scope="module", autouse=True)
 def _prebuild_all():
-    prebuild([(t, d) for t in CASES.values() for d in ("float64", "float32")])
+    prebuild([(t, d, KERNELS.get(c)) for c, t in CASES.items() for d in ("float64", "float32")])
 
 
 def prepared(case: str, dtype: str = "float64", threads: int = 1):
-    """The case's net with random batch-norm statistics, and a random batch."""
-    net = build(CASES[case], dtype, threads)
+    """The case's net (its kernel paths forced as KERNELS says) with random batch-norm
+    statistics, and a random batch."""
+    net = build(CASES[case], dtype, threads, kernels=KERNELS.get(case))
     rng = np.random.default_rng(sum(map(ord, case)))
     net.init(int(rng.integers(1000)))
     randomize_batchnorm(net, rng)

@@ -26,7 +26,8 @@ from netcompiler.check import check_text, load
 from netcompiler.render import render
 
 DRIVER = ROOT / "tests" / "c" / "driver.c"
-SPECS = sorted((ROOT / "specs").glob("*.yaml"))
+# and the spec whose convolutions take the pointwise and depthwise paths
+SPECS = sorted((ROOT / "specs").glob("*.yaml")) + [ROOT / "tests/specs/mobilenet_tiny.yaml"]
 SANITIZE = ["-std=c11", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
             "-fno-omit-frame-pointer", "-Wall", "-Wextra", "-Werror"]
 SANITIZE_EXTRA: list[str] = []
@@ -141,6 +142,18 @@ SAN_SPECS = {
     # a 1-D network: flatten and activations first, dropout last
     "san_1d": spec([7], ["flatten", "gelu", "linear: {out_features: 6}", "relu", "linear: {out_features: 3}",
                          "dropout: {p: 0.1}"], name="san_1d"),
+    # conv2d's pointwise and depthwise paths (their vector loads reach past rows and planes): a
+    # pointwise first layer with a cut last vector (171 pixels), depthwise stride 1 (rows of 19:
+    # a whole vector and a cut one) and stride 2 (5x10) without bias, pointwise after them
+    "san_paths": spec([3, 9, 19], [
+        "conv2d: {out_channels: 4, kernel_size: 1}",
+        "conv2d: {out_channels: 4, kernel_size: 3, padding: 1, groups: 4}",
+        "relu",
+        "conv2d: {out_channels: 4, kernel_size: 3, stride: 2, padding: 1, groups: 4, bias: false}",
+        "conv2d: {out_channels: 5, kernel_size: 1}",
+        "flatten",
+        "linear: {out_features: 3}",
+    ], name="san_paths"),
     # the kinds of modern small networks
     "san_kinds": spec([3, 9, 8], [
         "conv2d: {out_channels: 4, kernel_size: 3, stride: 2, padding: [0, 1, 0, 1]}",
@@ -162,7 +175,7 @@ CASES = [("san_all", "float32"), ("san_all", "float64"), ("san_mse", "float32"),
          ("san_wino", "float32"), ("san_wino", "float64"), ("san_pool", "float32"), ("san_pool", "float64"),
          ("san_fused", "float32"), ("san_fused", "float64"), ("san_1d", "float64"),
          ("san_kinds", "float32"), ("san_kinds", "float64"),
-         ("san_graph", "float32"), ("san_graph", "float64")]
+         ("san_graph", "float32"), ("san_graph", "float64"), ("san_paths", "float32"), ("san_paths", "float64")]
 
 
 def _write(rendered, directory: Path) -> Path:
@@ -174,6 +187,13 @@ def _write(rendered, directory: Path) -> Path:
 
 def _omp_flags(cc: str) -> list[str]:
     return ["-fopenmp"] if has_openmp(cc) else ["-Wno-unknown-pragmas"]
+
+
+def test_san_paths_takes_the_pointwise_and_depthwise_paths():
+    from netcompiler.plan import make_plan
+
+    paths = [lp.kernel.path.name for lp in make_plan(check_text(SAN_SPECS["san_paths"])).layers if lp.kernel]
+    assert paths == ["pointwise", "depthwise", "depthwise", "pointwise"]
 
 
 def test_san_specs_use_every_layer_kind():

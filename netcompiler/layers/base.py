@@ -191,6 +191,10 @@ class Layer:
     in_shapes: list[Shape] = field(default_factory=list)
     context: str = ""  # "in block 'basic' used as 'layer1.0' at line 40"
     blocks: tuple[tuple[str, str], ...] = ()  # the block uses it is in, outermost first: (name, block)
+    # backward computes the gradient of the first input (graph.mark_input_grads: something
+    # upstream is trainable)
+    grad_input: bool = True
+    kernel: str | None = None  # a forced kernel path (force_kernels); None: the cheapest that applies
 
     @property
     def output(self) -> str:
@@ -326,6 +330,29 @@ class LayerKind:
         derivative of a ReLU before it), as it writes that gradient."""
         return False
 
+    # ---- implementations (kernel paths) ------------------------------------------------
+    def kernel_paths(self) -> tuple[KernelPath, ...]:
+        """The kind's implementations, when it has several (conv2d); the plan picks one per layer."""
+        return ()
+
+    def kernel_choice(self, layer: Layer) -> KernelChoice | None:
+        """The path a layer runs: the forced one, or the cheapest that applies (the first of
+        equal costs); None for kinds with one implementation."""
+        paths = self.kernel_paths()
+        if not paths:
+            return None
+        # made once per layer (and forced path, and input gradient): the plan, the scratch size,
+        # the cache and the render context all ask
+        key = f"kernel_choice:{layer.kernel}:{layer.grad_input}"
+        if key not in layer.derived:
+            costs = {p.name: p.cost(layer) for p in paths if p.applies(layer)}
+            if layer.kernel is not None:
+                path = next(p for p in paths if p.name == layer.kernel)
+            else:
+                path = min((p for p in paths if p.name in costs), key=lambda p: costs[p.name])
+            layer.derived[key] = KernelChoice(path, layer.kernel is not None, costs)
+        return layer.derived[key]
+
     # ---- rendering --------------------------------------------------------------------
     def render_context(self, layer: Layer) -> dict[str, Any]:
         """Numbers the template needs, computed here (templates hold no shape arithmetic)."""
@@ -356,6 +383,39 @@ class LayerKind:
                     v = v[0]
                 parts.append(f"{opt.name}={_fmt_opt(v)}")
         return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class KernelPath:
+    """One implementation of a layer kind: a row of the kind's table of paths.
+
+    `applies(layer)` says whether it can run the layer, `cost(layer)` estimates its work per
+    sample, forward and backward, in one unit for every path of the kind (vector operations),
+    `context(layer)` gives the numbers its template (under templates/layers/) lays out."""
+
+    name: str
+    forward: str  # how its forward runs, for the report
+    backward: str
+    template: str
+    applies: Callable[[Layer], bool]
+    cost: Callable[[Layer], float]
+    context: Callable[[Layer], dict]
+    needs: str = ""  # what `applies` asks for, for the error when it is forced where it does not apply
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    path: KernelPath
+    forced: bool
+    costs: dict[str, float]  # the cost of every path that applies, by name
+
+    @property
+    def why(self) -> str:
+        if self.forced:
+            return "forced"
+        others = [f"{n} {c:,.0f}" for n, c in self.costs.items() if n != self.path.name]
+        return f"cost {self.costs[self.path.name]:,.0f}" + (f" (vs {', '.join(others)})" if others else
+                                                            " (the only path that applies)")
 
 
 def _fmt_opt(v: Any) -> str:

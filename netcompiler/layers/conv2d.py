@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from .base import MAX_ELEMENTS, Layer, Option, Shape, WeightLayer, fmt_shape, side_pads, window_out
+from .base import MAX_ELEMENTS, KernelPath, Layer, Option, Shape, WeightLayer, fmt_shape, side_pads, window_out
 
 
 class Conv2d(WeightLayer):
@@ -88,83 +88,12 @@ class Conv2d(WeightLayer):
         kh, kw = layer.opts["kernel_size"]
         return layer.out_size * (layer.in_shape[0] // layer.opts["groups"]) * kh * kw
 
+    def kernel_paths(self):
+        return CONV_PATHS
+
     def render_context(self, layer: Layer) -> dict:
-        o, d = layer.opts, layer.derived
-        cin, h, w = layer.in_shape
-        cout, oh, ow = layer.out_shape
-        g = o["groups"]
-        kh, kw = o["kernel_size"]
-        gemm = conv_gemm_blocking(cout // g, (cin // g) * kh * kw, oh * ow)
-        # stride 1 and no dilation: col2im sums whole vectors of an input row at a time, with
-        # loads that reach up to KW + VEC - 1 reals either side of a dcol row (masked lanes)
-        row_col2im = (o["stride"], o["dilation"]) == ((1, 1), (1, 1))
-        if row_col2im:
-            gemm["DPAD_OFF"] = _round_up(gemm["DPAD_OFF"] + kw + VEC, VEC)
-            gemm["SCRATCH"] = gemm["DPAD_OFF"] + (gemm["SCRATCH"] - gemm["DCOL_OFF"] - gemm["K"] * gemm["NP"])
-        (pt, pb), (pl, pr) = d["pads"]
-        hp, wp = h + pt + pb, w + pl + pr
-        padded = (pt, pb, pl, pr) != (0, 0, 0, 0)
-        # the padded copy of a group's input planes follows the GEMM scratch
-        xpad_off = _round_up(gemm.pop("SCRATCH"), VEC)
-        scratch = xpad_off + ((cin // g) * hp * wp if padded else 0)
-        wino = winograd_blocking(cin, cout, oh, ow) if uses_winograd(layer) else {}
-        if wino:
-            scratch = max(scratch, wino["WG_SCRATCH"])
-        gather = None if wino else pixel_gather(oh, ow, o["stride"][0], o["stride"][1], wp, gemm["NP"])
-        if gather and gemm["NV"] == 1:
-            # every gathered vector of pixels serves up to 16 channels (16 accumulators)
-            gemm["MB"] = _largest_divisor(cout // g, 16)
-        # the weight gradient from gathered pixel vectors too (no im2row), when the lane sums it
-        # then needs (one per weight) are few next to its FMAs: at least 16 vectors of pixels
-        dwg = {}
-        if gather and gemm["NP"] >= 16 * VEC:
-            k = (cin // g) * kh * kw
-            mb = _largest_divisor(cout // g, 8)
-            kb = max(1, min(8, k, (30 - mb) // mb))  # mb x kb accumulators, mb output-gradient vectors, 2 more
-            dwg = dict(DWG_MB=mb, DWG_KB=kb, DWG_K_MAIN=k - k % kb, DWG_K_TAIL=k % kb,
-                       DWG_TAPS=[(ic * hp + ky * o["dilation"][0]) * wp + kx * o["dilation"][1]
-                                 for ic in range(cin // g) for ky in range(kh) for kx in range(kw)])
-        tail = dot_tail(gemm, gather is not None)
-        if tail:
-            tail["TAIL_OFF"] = [tap0(p, ow, o["stride"][0], o["stride"][1], wp) for p in range(gemm["N_FULL"], oh * ow)]
-        m, k, np_, kp = gemm["M"], gemm["K"], gemm["NP"], gemm["KP"]
-        # the per-thread scratch regions this layer's paths use: name -> (offset, shape)
-        regions = {}
-        if wino:
-            regions.update(
-                V=(0, f"V [16][{wino['WG_VPS']}]"), YT=(0, f"yt [{2 * wino['WG_TH']}][{2 * wino['WG_TW']}][{wino['WG_COUTP']}]"),
-                M=(wino["WG_M_OFF"], f"M [16][{wino['WG_MPS']}]"),
-                XT=(wino["WG_XT_OFF"], f"xt [{wino['WG_HT']}][{wino['WG_WT']}][{wino['WG_CINP']}]"))
-        elif tail:
-            regions["TAIL"] = (0, f"tail rows of taps [{tail['TAIL_R']}][{tail['TAIL_KT']}]")
-        elif not gather:
-            regions["COL"] = (0, f"col [{kp}][{np_}]")
-        if not dwg:
-            regions["COLT"] = (0, f"colT [{gemm['N']}][{kp}]")
-        needs_din = layer.index > 0  # a convolution is never fused; the first one reads the network input
-        if needs_din:
-            regions["DCOL"] = (gemm["DCOL_OFF"], f"dcol [{k}][{np_}]")
-        if needs_din and np_ != gemm["N"]:
-            regions["DPAD"] = (gemm["DPAD_OFF"], f"d [{m}][{np_}]")
-        if padded:
-            regions["XPAD"] = (xpad_off, f"xpad [{cin // g}][{hp}][{wp}]")
-        prefix = f"{layer.cname.upper()}_SCRATCH_"
-        scr = {key: prefix + key for key in regions}
-        return dict(
-            SCR=scr, SCRATCH_DEFS=[(prefix + key, off, shape) for key, (off, shape) in regions.items()],
-            # the forward uses scratch (an im2col, a padded input, tail rows or Winograd's buffers)
-            FWD_SCRATCH=bool(wino) or padded or bool(tail) or not gather,
-            CIN=cin, H=h, W=w, COUT=cout, OH=oh, OW=ow,
-            KH=kh, KW=kw, SH=o["stride"][0], SW=o["stride"][1],
-            DH=o["dilation"][0], DW=o["dilation"][1], PT=d["pad_top"], PL=d["pad_left"],
-            GROUPS=g, CIN_G=cin // g, COUT_G=cout // g, bias=o["bias"],
-            PADDED=padded, HP=hp, WP=wp, XPAD_OFF=xpad_off, SCRATCH=scratch, **gemm,
-            WINO=bool(wino), **wino, ROW_COL2IM=row_col2im, W_FULL=w - w % VEC,
-            GATHER=gather is not None, GATHER_START=gather and gather[0], GATHER_LANES=gather and gather[1],
-            GATHER_DW=bool(dwg), **dwg, DOT_TAIL=bool(tail), **tail,
-            # a partial last block of pixels needs only this many of its vectors
-            NV_TAIL=-(-(oh * ow - gemm["N_FULL"]) // VEC),
-        )
+        choice = self.kernel_choice(layer)
+        return dict(choice.path.context(layer), PATH=choice.path.name, TEMPLATE=choice.path.template)
 
     def scratch(self, layer: Layer) -> int:
         c = self.render_context(layer)
@@ -174,7 +103,7 @@ class Conv2d(WeightLayer):
         return True
 
     def cache_shapes(self, layer: Layer) -> dict[str, Shape]:
-        if not uses_winograd(layer):
+        if self.kernel_choice(layer).path.name != "winograd":
             return {}
         cin, (cout, oh, ow) = layer.in_shape[0], layer.out_shape
         # the weights the transformed ones were made from, and the transformed weights
@@ -208,16 +137,242 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def uses_winograd(layer: Layer) -> bool:
-    """The forward pass runs as Winograd F(2x2, 3x3) for 3x3 convolutions with stride 1, no
-    dilation and one group, when both channel counts fill a vector and the 2x2 output tiles
-    need at least a quarter fewer multiplies than the direct convolution."""
+# ---- kernel paths ----------------------------------------------------------------------
+# Each path is a row of CONV_PATHS: applies(layer), cost(layer) (vector operations per sample,
+# forward and backward, one unit for every path), its render context and its template.  The
+# plan runs the cheapest that applies (the first of equal costs) unless one is forced
+# (check.force_kernels); `netc report --kernels` shows the choice.
+
+def _sizes(layer: Layer) -> tuple[int, int, int, int]:
+    """(groups, M channels per group, K taps per group, N output pixels)"""
     o = layer.opts
-    if (o["kernel_size"], o["stride"], o["dilation"], o["groups"]) != ((3, 3), (1, 1), (1, 1), 1):
-        return False
+    g = o["groups"]
+    kh, kw = o["kernel_size"]
+    return g, layer.out_shape[0] // g, layer.in_shape[0] // g * kh * kw, layer.out_shape[1] * layer.out_shape[2]
+
+
+def _gather(layer: Layer) -> tuple[list, list] | None:
+    o = layer.opts
+    (pt, pb), (pl, pr) = layer.derived["pads"]
+    g, m, k, n = _sizes(layer)
+    np_ = conv_gemm_blocking(m, k, n)["NP"]
+    return pixel_gather(layer.out_shape[1], layer.out_shape[2], o["stride"][0], o["stride"][1],
+                        layer.in_shape[2] + pl + pr, np_)
+
+
+def _gemm_forward(layer: Layer, loads: int, copies: bool) -> float:
+    """FMAs of the per-group GEMM, plus `loads` operations per tap and vector of pixels for
+    every block of channels (a load from an im2col buffer or the input planes 1, a gather of
+    two loads and a shuffle 2), plus half a cycle per tap copied into an im2col buffer."""
+    g, m, k, n = _sizes(layer)
+    blocks = -(-m // _largest_divisor(m, 8))
+    return g * k * -(-n // VEC) * (m + loads * blocks) + (g * k * n / 2 if copies else 0)
+
+
+def _gemm_backward(layer: Layer) -> float:
+    """The GEMM paths' backward: the weight gradient over rows of taps (copied: im2row), the
+    input gradient's GEMM and its col2im."""
+    g, m, k, n = _sizes(layer)
+    dw = g * n * -(-k // VEC) * (m + 1) + g * k * n / 2
+    din = g * k * -(-n // VEC) * (m + 1) + g * k * n / VEC if layer.grad_input else 0
+    return dw + din
+
+
+def _is_winograd_shape(layer: Layer) -> bool:
+    o = layer.opts
+    return ((o["kernel_size"], o["stride"], o["dilation"], o["groups"]) == ((3, 3), (1, 1), (1, 1), 1)
+            and layer.in_shape[0] >= VEC and layer.out_shape[0] >= VEC)
+
+
+def _winograd_cost(layer: Layer) -> float:
+    """The direct forward it replaces, times the multiplies it keeps (16 per 2x2 tile instead
+    of 36), over 3/4 for its transforms; the GEMM backward."""
     cout, oh, ow = layer.out_shape
     tiles = -(-oh // 2) * -(-ow // 2)
-    return layer.in_shape[0] >= VEC and cout >= VEC and 16 * tiles <= 0.75 * 9 * oh * ow
+    direct = _gemm_forward(layer, 2, False) if _gather(layer) else _gemm_forward(layer, 1, True)
+    return direct * 16 * tiles / (0.75 * 9 * oh * ow) + _gemm_backward(layer)
+
+
+def _is_pointwise(layer: Layer) -> bool:
+    o = layer.opts
+    return ((o["kernel_size"], o["stride"], o["dilation"], o["groups"]) == ((1, 1), (1, 1), (1, 1), 1)
+            and layer.derived["pads"] == ((0, 0), (0, 0)) and layer.out_shape[1] * layer.out_shape[2] >= VEC)
+
+
+def _pointwise_cost(layer: Layer) -> float:
+    """Forward, input gradient and weight gradient: each a GEMM of vector loads from the planes."""
+    fwd = _gemm_forward(layer, 1, False)
+    return fwd * (3 if layer.grad_input else 2)
+
+
+def _is_depthwise(layer: Layer) -> bool:
+    o = layer.opts
+    c = layer.in_shape[0]
+    return (o["groups"] == c == layer.out_shape[0] and o["kernel_size"] == (3, 3) and o["dilation"] == (1, 1)
+            and o["stride"] in ((1, 1), (2, 2)) and layer.derived["pads"] == ((1, 1), (1, 1)))
+
+
+def _depthwise_cost(layer: Layer) -> float:
+    """Per channel and vector of output pixels, 9 FMAs fed by vector loads (stride 2: gathers, 2),
+    for the forward and for the weight gradient; the input gradient is 9 FMAs per vector of
+    input pixels over the output gradient spread onto a zero plane (stride 2: half a cycle per
+    value spread); the copies into zero-bordered planes."""
+    c, oh, ow = layer.out_shape
+    h, w = layer.in_shape[1:]
+    per = 1 if layer.opts["stride"] == (1, 1) else 2
+    copies = c * h * -(-w // VEC)
+    din = c * (h * -(-w // VEC) * 9 + (0 if per == 1 else oh * ow / 2)) + copies if layer.grad_input else 0
+    return 2 * c * oh * -(-ow // VEC) * 9 * per + copies + din
+
+
+def pointwise_context(layer: Layer) -> dict:
+    """1x1, stride 1, no padding, one group: out = W x over the input planes, a GEMM of
+    M = out channels, K = in channels, N = pixels; no im2col, no gather.  Blocks of MB
+    channels x NV vectors of pixels; the last VEC pixels are one more vector that overlaps the
+    one before (N >= VEC), recomputing the same values."""
+    cin, h, w = layer.in_shape
+    cout = layer.out_shape[0]
+    n = h * w
+    mb = _largest_divisor(cout, 8)
+    nv = 2 if n >= 2 * VEC else 1
+    kb = _largest_divisor(cin, 8)  # input-gradient tiles: KB channels x NV vectors
+    # weight gradient: DMB x DKB lane sums, the tile with the fewest loads per FMA (DMB + DKB per
+    # DMB x DKB) among those that fit the registers (DMB x DKB accumulators, DMB output-gradient
+    # vectors, one input vector: at most 30)
+    dmb, dkb = max(((a, b) for a in range(1, 9) for b in range(1, 9)
+                    if cout % a == 0 and cin % b == 0 and a * b + a + 1 <= 30 and a * b <= 24),
+                   key=lambda t: (t[0] * t[1] / (t[0] + t[1]), t[0] * t[1]))
+    return dict(CIN=cin, COUT=cout, N=n, MB=mb, NV=nv, NB=nv * VEC, N_MAIN=n - n % (nv * VEC),
+                N_VEC=n - n % VEC, N_LAST=n - VEC, N_REM=n % VEC, N_DONE=(VEC - n % VEC) % VEC, KB=kb, DMB=dmb, DKB=dkb, DW_ACC=_round_up(dmb * dkb, 16), DW_SUMS=list(range(0, dmb * dkb, 16)),
+                bias=layer.opts["bias"], SCRATCH=0, VEC=VEC)
+
+
+def depthwise_context(layer: Layer) -> dict:
+    """groups = in = out channels, 3x3, stride 1 or 2, padding 1: per channel, direct loops
+    over vectors of output pixels of a zero-bordered copy of the input plane (xp, HP x WP);
+    stride 2 gathers the even lanes of two vectors.  The input gradient correlates the
+    output gradient, spread onto a zero plane dz (dz[S oy + 1][S ox + 1] = d[oy][ox], HP x WP),
+    with the flipped kernel, one vector of input pixels at a time."""
+    c, h, w = layer.in_shape
+    _, oh, ow = layer.out_shape
+    s = layer.opts["stride"][0]
+    hp, wp = h + 2, w + 2
+    # loads reach up to 2 VEC reals past the last pixel a vector starts at: slack after each plane
+    plane = _round_up(hp * wp + 2 * VEC + 2, VEC)
+    prefix = f"{layer.cname.upper()}_SCRATCH_"
+    regions = {"XPAD": (0, f"xp [{hp}][{wp}] + slack")}
+    if layer.grad_input:
+        regions["DZ"] = (plane, f"dz [{hp}][{wp}] + slack")
+    return dict(C=c, H=h, W=w, OH=oh, OW=ow, S=s, HP=hp, WP=wp, PLANE=plane, IN_PLANE=h * w, OUT_PLANE=oh * ow,
+                ROW_STEP=s * wp, OW_FULL=ow - ow % VEC, OW_REM=ow % VEC, OW_FULL_IN=s * (ow - ow % VEC),
+                W_FULL=w - w % VEC, W_REM=w % VEC,
+                bias=layer.opts["bias"], VEC=VEC, EVEN=list(range(0, 2 * VEC, 2)),
+                SCR={k: prefix + k for k in regions},
+                SCRATCH_DEFS=[(prefix + k, off, shape) for k, (off, shape) in regions.items()],
+                SCRATCH=plane * len(regions))
+
+
+CONV_PATHS = (
+    KernelPath("pointwise", "GEMM over the input planes", "GEMMs over the planes (dW: lane sums)",
+               "conv2d_pointwise.c.j2", _is_pointwise, _pointwise_cost, pointwise_context,
+               needs="1x1, stride 1, no padding, no dilation, one group, at least 16 output pixels"),
+    KernelPath("depthwise", "direct 3x3 per channel over vectors of pixels", "direct per channel",
+               "conv2d_depthwise.c.j2", _is_depthwise, _depthwise_cost, depthwise_context,
+               needs="groups = in_channels = out_channels, 3x3, stride 1 or 2, padding 1, no dilation"),
+    KernelPath("winograd", "Winograd F(2x2, 3x3)", "GEMM (im2row dW, dcol col2im)", "conv2d_winograd.c.j2",
+               _is_winograd_shape, _winograd_cost, lambda layer: gemm_context(layer, "winograd"),
+               needs="3x3, stride 1, no dilation, one group, at least 16 channels in and out"),
+    KernelPath("gather", "GEMM over gathered pixel vectors (im2col on the fly)", "GEMM",
+               "conv2d_gemm.c.j2", lambda layer: _gather(layer) is not None,
+               lambda layer: _gemm_forward(layer, 2, False) + _gemm_backward(layer),
+               lambda layer: gemm_context(layer, "gather"),
+               needs="the taps of every 16 output pixels within 32 reals of an input row, at most 1024 "
+                     "vectors of pixels"),
+    KernelPath("im2col", "GEMM over an im2col buffer", "GEMM", "conv2d_gemm.c.j2", lambda layer: True,
+               lambda layer: _gemm_forward(layer, 1, True) + _gemm_backward(layer),
+               lambda layer: gemm_context(layer, "im2col")),
+)
+
+
+def gemm_context(layer: Layer, path: str) -> dict:
+    """The render context of the GEMM paths: im2col, gather (pixel_gather, with dot_tail) and
+    winograd (its forward; its backward is the GEMM one)."""
+    o, d = layer.opts, layer.derived
+    cin, h, w = layer.in_shape
+    cout, oh, ow = layer.out_shape
+    g = o["groups"]
+    kh, kw = o["kernel_size"]
+    gemm = conv_gemm_blocking(cout // g, (cin // g) * kh * kw, oh * ow)
+    # stride 1 and no dilation: col2im sums whole vectors of an input row at a time, with
+    # loads that reach up to KW + VEC - 1 reals either side of a dcol row (masked lanes)
+    row_col2im = (o["stride"], o["dilation"]) == ((1, 1), (1, 1))
+    if row_col2im:
+        gemm["DPAD_OFF"] = _round_up(gemm["DPAD_OFF"] + kw + VEC, VEC)
+        gemm["SCRATCH"] = gemm["DPAD_OFF"] + (gemm["SCRATCH"] - gemm["DCOL_OFF"] - gemm["K"] * gemm["NP"])
+    (pt, pb), (pl, pr) = d["pads"]
+    hp, wp = h + pt + pb, w + pl + pr
+    padded = (pt, pb, pl, pr) != (0, 0, 0, 0)
+    # the padded copy of a group's input planes follows the GEMM scratch
+    xpad_off = _round_up(gemm.pop("SCRATCH"), VEC)
+    scratch = xpad_off + ((cin // g) * hp * wp if padded else 0)
+    wino = winograd_blocking(cin, cout, oh, ow) if path == "winograd" else {}
+    if wino:
+        scratch = max(scratch, wino["WG_SCRATCH"])
+    gather = _gather(layer) if path == "gather" else None
+    if gather and gemm["NV"] == 1:
+        # every gathered vector of pixels serves up to 16 channels (16 accumulators)
+        gemm["MB"] = _largest_divisor(cout // g, 16)
+    # the weight gradient from gathered pixel vectors too (no im2row), when the lane sums it
+    # then needs (one per weight) are few next to its FMAs: at least 16 vectors of pixels
+    dwg = {}
+    if gather and gemm["NP"] >= 16 * VEC:
+        k = (cin // g) * kh * kw
+        mb = _largest_divisor(cout // g, 8)
+        kb = max(1, min(8, k, (30 - mb) // mb))  # mb x kb accumulators, mb output-gradient vectors, 2 more
+        dwg = dict(DWG_MB=mb, DWG_KB=kb, DWG_K_MAIN=k - k % kb, DWG_K_TAIL=k % kb,
+                   DWG_TAPS=[(ic * hp + ky * o["dilation"][0]) * wp + kx * o["dilation"][1]
+                             for ic in range(cin // g) for ky in range(kh) for kx in range(kw)])
+    tail = dot_tail(gemm, gather is not None)
+    if tail:
+        tail["TAIL_OFF"] = [tap0(p, ow, o["stride"][0], o["stride"][1], wp) for p in range(gemm["N_FULL"], oh * ow)]
+    m, k, np_, kp = gemm["M"], gemm["K"], gemm["NP"], gemm["KP"]
+    # the per-thread scratch regions this layer's paths use: name -> (offset, shape)
+    regions = {}
+    if wino:
+        regions.update(
+            V=(0, f"V [16][{wino['WG_VPS']}]"), YT=(0, f"yt [{2 * wino['WG_TH']}][{2 * wino['WG_TW']}][{wino['WG_COUTP']}]"),
+            M=(wino["WG_M_OFF"], f"M [16][{wino['WG_MPS']}]"),
+            XT=(wino["WG_XT_OFF"], f"xt [{wino['WG_HT']}][{wino['WG_WT']}][{wino['WG_CINP']}]"))
+    elif tail:
+        regions["TAIL"] = (0, f"tail rows of taps [{tail['TAIL_R']}][{tail['TAIL_KT']}]")
+    elif not gather:
+        regions["COL"] = (0, f"col [{kp}][{np_}]")
+    if not dwg:
+        regions["COLT"] = (0, f"colT [{gemm['N']}][{kp}]")
+    needs_din = layer.grad_input
+    if needs_din:
+        regions["DCOL"] = (gemm["DCOL_OFF"], f"dcol [{k}][{np_}]")
+    if needs_din and np_ != gemm["N"]:
+        regions["DPAD"] = (gemm["DPAD_OFF"], f"d [{m}][{np_}]")
+    if padded:
+        regions["XPAD"] = (xpad_off, f"xpad [{cin // g}][{hp}][{wp}]")
+    prefix = f"{layer.cname.upper()}_SCRATCH_"
+    scr = {key: prefix + key for key in regions}
+    return dict(
+        SCR=scr, SCRATCH_DEFS=[(prefix + key, off, shape) for key, (off, shape) in regions.items()],
+        # the forward uses scratch (an im2col, a padded input, tail rows or Winograd's buffers)
+        FWD_SCRATCH=bool(wino) or padded or bool(tail) or not gather,
+        CIN=cin, H=h, W=w, COUT=cout, OH=oh, OW=ow,
+        KH=kh, KW=kw, SH=o["stride"][0], SW=o["stride"][1],
+        DH=o["dilation"][0], DW=o["dilation"][1], PT=d["pad_top"], PL=d["pad_left"],
+        GROUPS=g, CIN_G=cin // g, COUT_G=cout // g, bias=o["bias"],
+        PADDED=padded, HP=hp, WP=wp, XPAD_OFF=xpad_off, SCRATCH=scratch, **gemm,
+        WINO=bool(wino), **wino, ROW_COL2IM=row_col2im, W_FULL=w - w % VEC,
+        GATHER=gather is not None, GATHER_START=gather and gather[0], GATHER_LANES=gather and gather[1],
+        GATHER_DW=bool(dwg), **dwg, DOT_TAIL=bool(tail), **tail,
+        # a partial last block of pixels needs only this many of its vectors
+        NV_TAIL=-(-(oh * ow - gemm["N_FULL"]) // VEC),
+    )
 
 
 def winograd_blocking(cin: int, cout: int, oh: int, ow: int) -> dict:

@@ -1,0 +1,124 @@
+"""conv2d's kernel paths as data (layers/conv2d.py CONV_PATHS): the default choice per shape,
+forcing a path and the errors for one that does not apply, the report's listing, and the
+input gradient taken from the graph.  Every path against PyTorch and finite differences:
+the `kpath_*` cases of tests/test_gradients.py."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import spec
+from netcompiler.check import check_text, force_kernels, load
+from netcompiler.errors import KernelError
+from netcompiler.plan import make_plan
+from netcompiler.render import render
+from netcompiler.report import build_report, format_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _net(layer: str, input_shape=(4, 8, 8)):
+    return check_text(spec(input_shape, ["conv2d: {out_channels: 4, kernel_size: 1}", layer, "flatten",
+                                         "linear: {out_features: 3}"]))
+
+
+def _path(net, name: str = "conv2") -> str:
+    return next(lp.kernel.path.name for lp in make_plan(net).layers if lp.layer.name == name)
+
+
+@pytest.mark.parametrize("layer, input_shape, path", [
+    ("conv2d: {out_channels: 8, kernel_size: 1}", (4, 8, 8), "pointwise"),
+    ("conv2d: {out_channels: 4, kernel_size: 3, padding: 1, groups: 4}", (4, 16, 16), "depthwise"),
+    ("conv2d: {out_channels: 4, kernel_size: 3, stride: 2, padding: 1, groups: 4}", (4, 32, 32), "depthwise"),
+    ("conv2d: {out_channels: 16, kernel_size: 3, padding: 1}", (4, 16, 16), "gather"),
+    ("conv2d: {out_channels: 4, kernel_size: 1, stride: 2}", (4, 8, 8), "im2col"),  # a stride: not pointwise
+    ("conv2d: {out_channels: 8, kernel_size: 1}", (4, 3, 3), "im2col"),  # under 16 pixels
+])
+def test_default_kernel_paths(layer, input_shape, path):
+    """The cheapest path that applies is the default: pointwise for 1x1 convolutions, depthwise
+    for 3x3 per-channel ones (stride 1 and 2), the GEMMs otherwise."""
+    assert _path(_net(layer, input_shape)) == path
+
+
+def test_specs_keep_their_paths():
+    """lenet5, alphabet and resnet20 run the paths they ran before the table (their C is
+    unchanged); the first conv of each reads the network input: no input gradient."""
+    def paths(name):
+        return [(lp.layer.name, lp.kernel.path.name) for lp in make_plan(load(ROOT / f"specs/{name}.yaml")).layers
+                if lp.kernel]
+
+    assert paths("lenet5") == [("conv1", "gather"), ("conv2", "gather")]
+    assert paths("alphabet") == [("conv1", "gather"), ("conv2", "winograd"), ("conv3", "winograd")]
+    r20 = dict(paths("resnet20"))
+    assert r20["layer1.0.conv1"] == "winograd" and r20["layer3.0.downsample.0"] == "im2col"
+    assert [l.grad_input for l in load(ROOT / "specs/lenet5.yaml").layers if l.kind.kind == "conv2d"] == [False, True]
+
+
+def test_forcing_a_path_changes_the_plan_and_the_c():
+    net = _net("conv2d: {out_channels: 8, kernel_size: 1}")
+    forced = force_kernels(net, {"conv2": "im2col"})
+    assert _path(forced) == "im2col" and _path(net) == "pointwise"  # the original is left as it was
+    assert "conv2_im2col(" in render(forced).source and "conv2_im2col(" not in render(net).source
+    lp = next(lp for lp in make_plan(forced).layers if lp.layer.name == "conv2")
+    assert lp.kernel.forced and lp.kernel.why == "forced"
+
+
+def test_forcing_a_path_that_does_not_apply_is_refused():
+    net = _net("conv2d: {out_channels: 8, kernel_size: 3, padding: 1}")
+    with pytest.raises(KernelError) as exc:
+        force_kernels(net, {"conv2": "depthwise"})
+    assert str(exc.value) == ("kernels: conv2d 'conv2': kernel path 'depthwise' does not apply (groups = "
+                              "in_channels = out_channels, 3x3, stride 1 or 2, padding 1, no dilation); paths "
+                              "that apply: gather, im2col")
+    with pytest.raises(KernelError, match=r"unknown kernel path 'im2cool' \(did you mean 'im2col'\?\); paths "
+                                          r"that apply: gather, im2col"):
+        force_kernels(net, {"conv2": "im2cool"})
+    with pytest.raises(KernelError, match=r"no layer 'conv3' in 'net' \(did you mean 'conv2'\?\); layers with "
+                                          r"kernel paths: conv1, conv2"):
+        force_kernels(check_text("name: net\n" + spec((4, 8, 8), ["conv2d: {out_channels: 4, kernel_size: 1}",
+                                                                  "conv2d: {out_channels: 4, kernel_size: 1}",
+                                                                  "flatten", "linear: {out_features: 3}"])),
+                      {"conv3": "im2col"})
+    with pytest.raises(KernelError, match=r"linear 'fc1' has one implementation"):
+        force_kernels(net, {"fc1": "im2col"})
+
+
+def test_compile_takes_kernels():
+    import netcompiler as nc
+
+    with pytest.raises(KernelError, match="paths that apply: gather, im2col"):
+        nc.compile(_net("conv2d: {out_channels: 8, kernel_size: 3, padding: 1}"), kernels={"conv2": "pointwise"})
+
+
+def test_report_names_each_convs_path_and_why():
+    path = ROOT / "tests/specs/mobilenet_tiny.yaml"
+    rep = build_report(load(path), kernels=True)
+    rows = {r["name"]: r for r in rep["kernels"]}
+    assert rows["block1.conv1"]["path"] == "pointwise" and rows["block1.conv2"]["path"] == "depthwise"
+    assert rows["conv1"]["backward"].endswith("(no input gradient)")
+    assert rows["block1.conv2"]["why"].startswith("cost ") and "gather" in rows["block1.conv2"]["why"]
+    assert "kernels" not in build_report(load(path))  # only when asked
+    out = subprocess.run([sys.executable, "-m", "netcompiler", "report", str(path), "--kernels"],
+                         capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if l.startswith("block1.conv2 "))
+    assert line.split()[1] == "depthwise" and "cost" in line
+    assert "kernel paths (cost: estimated vector operations per sample" in out
+    assert "kernel paths" not in format_report(build_report(load(path)))
+    md = format_report(build_report(load(path), kernels=True), "markdown")
+    assert "| block1.conv2 | depthwise | direct 3x3 per channel" in md
+
+
+def test_input_gradient_comes_from_the_graph():
+    """A conv that is not first but has nothing trainable upstream computes no input gradient
+    (and reserves no scratch for one); the first conv of a chain after a trainable layer does."""
+    net = check_text(spec((2, 8, 8), ["maxpool2d: {kernel_size: 2}", "conv2d: {out_channels: 4, kernel_size: 3}",
+                                      "flatten", "linear: {out_features: 3}"]))
+    conv = net.layers[1]
+    assert conv.index > 0 and not conv.grad_input
+    c = conv.kind.render_context(conv)
+    assert "DCOL" not in c["SCR"]
+    lp = make_plan(net).layers[1]
+    assert not lp.need_din
