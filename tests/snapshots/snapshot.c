@@ -413,20 +413,40 @@ static void fc1_forward(real_t *acts, int lo, int hi, const real_t *restrict wei
             for (int s = 0; s < 4; s++) x[s] = X_(s0 + s);
             vreal acc[16] = {0};
             for (int i = 0; i < 32; i += VEC) {
-                vreal xv[4];
-                #pragma GCC unroll 4
-                for (int s = 0; s < 4; s++) {
-                    vreal t = vload(x[s] + i);
-                    vkeep(t); /* one load, used for 3 outputs */
-                    xv[s] = t;
-                }
-                #pragma GCC unroll 4
-                for (int j = 0; j < 3; j++) {
-                    vreal w = vload(weight + j * 32 + i);
+                /* unrolled by hand, in named variables: gcc keeps arrays of vectors indexed in a loop in memory */
+                vreal x0 = vload(x[0] + i);
+                vkeep(x0); /* one load, used for 3 outputs */
+                vreal x1 = vload(x[1] + i);
+                vkeep(x1); /* one load, used for 3 outputs */
+                vreal x2 = vload(x[2] + i);
+                vkeep(x2); /* one load, used for 3 outputs */
+                vreal x3 = vload(x[3] + i);
+                vkeep(x3); /* one load, used for 3 outputs */
+                {
+                    vreal w = vload(weight + i);
                     vkeep(w); /* one load, used for 4 samples */
-                    #pragma GCC unroll 4
-                    for (int s = 0; s < 4; s++)
-                        acc[j * 4 + s] += w * xv[s];
+                    acc[0] += w * x0;
+                    acc[1] += w * x1;
+                    acc[2] += w * x2;
+                    acc[3] += w * x3;
+                }
+            vkeep(x0); vkeep(x1); vkeep(x2); vkeep(x3); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                {
+                    vreal w = vload(weight + i + 32);
+                    vkeep(w); /* one load, used for 4 samples */
+                    acc[4] += w * x0;
+                    acc[5] += w * x1;
+                    acc[6] += w * x2;
+                    acc[7] += w * x3;
+                }
+            vkeep(x0); vkeep(x1); vkeep(x2); vkeep(x3); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                {
+                    vreal w = vload(weight + i + 64);
+                    vkeep(w); /* one load, used for 4 samples */
+                    acc[8] += w * x0;
+                    acc[9] += w * x1;
+                    acc[10] += w * x2;
+                    acc[11] += w * x3;
                 }
             }
             real_t y[VEC];
@@ -442,20 +462,30 @@ static void fc1_forward(real_t *acts, int lo, int hi, const real_t *restrict wei
             for (int s = 0; s < 2; s++) x[s] = X_(s0 + s);
             vreal acc[16] = {0};
             for (int i = 0; i < 32; i += VEC) {
-                vreal xv[2];
-                #pragma GCC unroll 4
-                for (int s = 0; s < 2; s++) {
-                    vreal t = vload(x[s] + i);
-                    vkeep(t); /* one load, used for 3 outputs */
-                    xv[s] = t;
-                }
-                #pragma GCC unroll 4
-                for (int j = 0; j < 3; j++) {
-                    vreal w = vload(weight + j * 32 + i);
+                /* unrolled by hand, in named variables: gcc keeps arrays of vectors indexed in a loop in memory */
+                vreal x0 = vload(x[0] + i);
+                vkeep(x0); /* one load, used for 3 outputs */
+                vreal x1 = vload(x[1] + i);
+                vkeep(x1); /* one load, used for 3 outputs */
+                {
+                    vreal w = vload(weight + i);
                     vkeep(w); /* one load, used for 2 samples */
-                    #pragma GCC unroll 4
-                    for (int s = 0; s < 2; s++)
-                        acc[j * 2 + s] += w * xv[s];
+                    acc[0] += w * x0;
+                    acc[1] += w * x1;
+                }
+            vkeep(x0); vkeep(x1); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                {
+                    vreal w = vload(weight + i + 32);
+                    vkeep(w); /* one load, used for 2 samples */
+                    acc[2] += w * x0;
+                    acc[3] += w * x1;
+                }
+            vkeep(x0); vkeep(x1); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                {
+                    vreal w = vload(weight + i + 64);
+                    vkeep(w); /* one load, used for 2 samples */
+                    acc[4] += w * x0;
+                    acc[5] += w * x1;
                 }
             }
             real_t y[VEC];
@@ -472,17 +502,25 @@ static void fc1_forward(real_t *acts, int lo, int hi, const real_t *restrict wei
             x[0] = X_(s0);
             vreal acc[16] = {0};
             for (int i = 0; i < 32; i += VEC) {
-                vreal xv[1];
+                /* unrolled by hand, in named variables: gcc keeps arrays of vectors indexed in a loop in memory */
+                vreal x0 = vload(x[0] + i);
+                vkeep(x0); /* one load, used for 3 outputs */
                 {
-                    vreal t = vload(x[0] + i);
-                    vkeep(t); /* one load, used for 3 outputs */
-                    xv[0] = t;
-                }
-                #pragma GCC unroll 4
-                for (int j = 0; j < 3; j++) {
-                    vreal w = vload(weight + j * 32 + i);
+                    vreal w = vload(weight + i);
                     vkeep(w); /* one load, used for 1 sample */
-                        acc[j] += w * xv[0];
+                    acc[0] += w * x0;
+                }
+            vkeep(x0); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                {
+                    vreal w = vload(weight + i + 32);
+                    vkeep(w); /* one load, used for 1 sample */
+                    acc[1] += w * x0;
+                }
+            vkeep(x0); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                {
+                    vreal w = vload(weight + i + 64);
+                    vkeep(w); /* one load, used for 1 sample */
+                    acc[2] += w * x0;
                 }
             }
             real_t y[VEC];
