@@ -415,9 +415,11 @@ def make_plan(net: Network) -> Plan:
 
 
 # Below this much work (FLOPs of a call), one thread does it all: a parallel region wakes
-# the other threads (with the short OpenMP spin set by netcompiler/__init__.py they sleep),
-# which costs about as much as this work takes one thread (see README, "Threads").
-PARALLEL_MIN_FLOPS = 2_000_000
+# the other threads (with the short OpenMP spin set by netcompiler/__init__.py they sleep).
+# About 60 us of one core's lenet5 work; on a loaded 2-core machine a team of 2 cost 20-30 us
+# more per evaluation call, and lenet5's evaluation broke even between 12 and 16 samples
+# (README, "Threads").
+PARALLEL_MIN_FLOPS = 8_000_000
 
 
 def parallel_min(flops_per_sample: int) -> int:

@@ -33,8 +33,8 @@ typedef float snapshot_real;
 #define SNAPSHOT_SCRATCH_PER_THREAD 1732
 #define SNAPSHOT_OUT_OFFSET 224
 /* batches smaller than this run on one thread (no parallel region): the ctx's parallel_min_* */
-#define SNAPSHOT_PARALLEL_MIN_EVAL 702
-#define SNAPSHOT_PARALLEL_MIN_TRAIN 246
+#define SNAPSHOT_PARALLEL_MIN_EVAL 2807
+#define SNAPSHOT_PARALLEL_MIN_TRAIN 984
 
 /* Everything a call works on; the caller allocates every array. */
 typedef struct {
