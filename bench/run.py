@@ -287,7 +287,8 @@ class Bench:
         errors = []
         # torch >= 2.9 defaults to the dynamo exporter, which needs onnxscript; the TorchScript
         # exporter (dynamo=False) needs only onnx and handles these nets.
-        for kw in ({"dynamo": False}, {}):
+        # the batch axis is dynamic, so one file serves batch 1 and the --infer-batch sizes
+        for kw in ({"dynamo": False, "dynamic_axes": {"x": {0: "batch"}, "logits": {0: "batch"}}}, {}):
             try:
                 with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
                     warnings.simplefilter("ignore")
@@ -299,16 +300,39 @@ class Bench:
         return None, "; ".join(errors)
 
     def ort_latency(self, path: str, x1, threads: int) -> dict:
+        sess = self.ort_session(path, threads)
+        name = sess.get_inputs()[0].name
+        feed = {name: x1}
+        return stat([1e6 / r for r in self.timer.rates(lambda: sess.run(None, feed), 1)])
+
+    # -- inference throughput, batch > 1 (images/s) --
+    def infer_rates(self, net, model, sess, xb) -> dict:
+        """Eval-mode forward of the batch xb: Net.forward, torch under inference_mode, ONNX Runtime."""
+        n = xb.shape[0]
+        out = {"netc": stat(self.timer.rates(lambda: net.forward(xb), n))}
+        if model is not None:
+            torch = self.torch
+            model.eval()
+            xt = torch.from_numpy(xb)
+
+            def run():
+                with torch.inference_mode():
+                    model(xt)
+
+            out["torch"] = stat(self.timer.rates(run, n))
+        if sess is not None:
+            feed = {sess.get_inputs()[0].name: xb}
+            out["onnx"] = stat(self.timer.rates(lambda: sess.run(None, feed), n))
+        return out
+
+    def ort_session(self, path: str, threads: int):
         ort = self.ort
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        feed = {name: x1}
-        return stat([1e6 / r for r in self.timer.rates(lambda: sess.run(None, feed), 1)])
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
     # -- profile (API level) --
     def api_profile(self, net, x, y, bs: int) -> dict | None:
@@ -439,6 +463,13 @@ class Bench:
                 except Exception as exc:  # noqa: BLE001
                     res["onnx_note"] = f"onnxruntime failed: {type(exc).__name__}: {exc}"
             run["infer"] = inf
+            run["infer_batch"] = {}
+            for bs in [b for b in self.args.infer_batch if b > 1]:
+                progress(f"{name}: {threads} thread(s), inference batch {bs}")
+                sess = None
+                if onnx_path is not None and "onnx" in inf:
+                    sess = self.ort_session(onnx_path, threads)
+                run["infer_batch"][bs] = self.infer_rates(net, model, sess, np.ascontiguousarray(x[:bs]))
             if self.args.profile:
                 progress(f"{name}: {threads} thread(s), profile")
                 run["api_profile"] = self.api_profile(net, x, y, self.args.batch[0])
@@ -571,6 +602,22 @@ def report(results: dict, args) -> str:
     for r in results["nets"]:
         if r.get("onnx_note"):
             L.append(f"note ({r['name']}): {r['onnx_note']}")
+    for bs in [b for b in args.infer_batch if b > 1]:
+        L += ["", f"Inference throughput, batch {bs}, eval mode (images/s; higher is better)"]
+        rows = []
+        for r in results["nets"]:
+            for run in r["runs"]:
+                i = run.get("infer_batch", {}).get(bs)
+                if not i:
+                    continue
+                nf, tt, oo = med(i["netc"]), med(i.get("torch")), med(i.get("onnx"))
+                g = nf * r["total_flops"] / 1e9
+                rows.append([r["name"], str(run["threads"]), f0(nf), f0(tt), f0(oo) if "onnx" in i else "skipped",
+                             fx(ratio(nf, tt)), fx(ratio(nf, oo)), f1(g), pct(100 * g / (run["threads"] * peak1))])
+        L += table(["net", "thr", "netc forward", "torch eager", "onnxruntime", "netc/torch", "netc/ort",
+                    "netc GFLOP/s", "netc %peak"], rows, left=1)
+        L.append(f"netc forward = Net.forward of {bs} images; onnxruntime runs the same export with a dynamic batch "
+                 "axis; ratios > 1 mean netc is faster")
 
     # build
     if any("build" in r for r in results["nets"]):
@@ -658,6 +705,9 @@ def parse_args(argv=None):
                     help="comma-separated spec names under specs/ or .yaml paths (default: lenet5,alphabet)")
     ap.add_argument("--threads", type=int_list, default=[1, 2], help="thread counts (default: 1,2)")
     ap.add_argument("--batch", type=int_list, default=[64, 1], help="training batch sizes (default: 64,1)")
+    ap.add_argument("--infer-batch", type=int_list, default=[1, 64],
+                    help="inference batch sizes: 1 is the latency table, larger ones a throughput table "
+                         "(default: 1,64)")
     ap.add_argument("--quick", action="store_true", help="short runs (smoke test / CI): less time, fewer reps")
     ap.add_argument("--min-time", type=float, help="seconds per repetition (default 0.2; --quick 0.03)")
     ap.add_argument("--reps", type=int, help="repetitions per measurement, median reported (default 5; --quick 3)")

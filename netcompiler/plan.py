@@ -14,8 +14,15 @@
   first gradient writer in that walk stores, every later one adds (`Edge.add`, for kinds
   whose template can add), or stores into a slot of its own that is then added
   (`LayerPlan.grad_sums`).  Tensors with no trainable parameter upstream get no gradient.
-- Stages: consecutive layers that work sample by sample run inside one parallel loop over
-  the batch; a layer that needs the whole batch (batch norm in training) is its own stage.
+- Stages: a call runs as one team of threads (one OpenMP parallel region), each thread on
+  its own share of the batch (the split of schedule(static)).  Consecutive layers that work
+  sample by sample form one stage, a loop over the thread's samples; a layer that runs on a
+  range of samples at once (linear: one GEMM over the thread's samples) is a stage of its
+  own, and so is a layer that needs the whole batch (batch norm in training), which runs
+  between barriers.  The weight gradients of range layers are summed over the whole batch
+  after backward, threads owning rows (the sums do not depend on the thread count).
+- Small calls run on one thread (no parallel region): below `parallel_min_eval` samples in
+  evaluation and `parallel_min_train` in training, computed from the FLOPs per sample.
 """
 from __future__ import annotations
 
@@ -86,6 +93,7 @@ class LayerPlan:
     cache: dict[str, Tensor] = field(default_factory=dict)  # derived from params, kept between calls
     stats: Tensor | None = None  # per-batch saved statistics
     batch_level_in_training: bool = False
+    sample_range: bool = False  # forward and input gradient on a range of samples; weight gradient after backward
     aliases: bool = False
     relu_out: bool = False  # forward stores max(0, output): the ReLU after it is fused
     relu_din: bool = False  # backward zeroes din where the input is not positive (a fused ReLU before it)
@@ -97,6 +105,7 @@ class LayerPlan:
 class Stage:
     batch_level: bool
     layers: list[LayerPlan]
+    ranged: bool = False  # one layer called on the thread's range of samples (sample_range kinds)
     param_lo: int = 0  # range of parameter offsets the stage's layers write gradients to
     param_hi: int = 0
 
@@ -140,6 +149,20 @@ class Plan:
     eval_stages: list[Stage]
     views: list[Tensor] = field(default_factory=list)  # tensors inside another's slot (concat parts)
     tensors: dict[str, Any] = field(default_factory=dict)  # graph.Tensor by name, with storage and offset
+    parallel_min_eval: int = 1  # fewer samples than this: an evaluation forward runs on one thread
+    parallel_min_train: int = 1  # the same for training calls (forward, backward, steps)
+
+    @property
+    def range_grads(self) -> list[LayerPlan]:
+        """Layers whose weight gradients are summed over the whole batch after backward."""
+        return [lp for lp in self.layers if lp.sample_range and lp.params]
+
+    @property
+    def tls_ranges(self) -> list[tuple[int, int]]:
+        """Parameter ranges [lo, hi) of the per-sample stages: with several threads, each sums
+        its samples' gradients there privately (grads_tls), then the sums are added in thread order."""
+        return [(st.param_lo, st.param_hi) for st in self.train_stages
+                if not st.batch_level and not st.ranged and st.param_hi > st.param_lo]
 
     @property
     def last(self) -> LayerPlan:
@@ -359,7 +382,8 @@ def make_plan(net: Network) -> Plan:
             out=own.get(layer.output), out_macro=macro[layer.output], in_macro=ins[0].macro,
             need_din=ins[0].din is not None, din_macro=ins[0].din or ins[0].macro, ins=ins,
             inputs=list(layer.inputs), grad_sums=sums.get(layer.index, []),
-            batch_level_in_training=kind.batch_level_in_training, aliases=aliases,
+            batch_level_in_training=kind.batch_level_in_training, sample_range=kind.sample_range,
+            aliases=aliases,
             relu_out=any(b is layer for b, _ in fused.values()),
             relu_din=any(a is layer for _, a in fused.values()),
             fused_into=(fused[layer.index][0].cname, fused[layer.index][1].cname) if layer.index in fused else None,
@@ -385,7 +409,23 @@ def make_plan(net: Network) -> Plan:
         in_size=math.prod(net.input_shape), out_size=math.prod(net.output_shape),
         train_stages=_stages(plans, training=True), eval_stages=_stages(plans, training=False),
         views=view_tensors, tensors=graph,
+        parallel_min_eval=parallel_min(sum(l.kind.flops(l)[0] for l in layers)),
+        parallel_min_train=parallel_min(sum(sum(l.kind.flops(l)) + l.kind.train_forward_extra_flops(l)
+                                            for l in layers)),
     )
+
+
+# Below this much work (FLOPs of a call), one thread does it all: a parallel region wakes
+# the other threads (with the short OpenMP spin set by netcompiler/__init__.py they sleep).
+# About 60 us of one core's lenet5 work; on a loaded 2-core machine a team of 2 cost 20-30 us
+# more per evaluation call, and lenet5's evaluation broke even between 12 and 16 samples
+# (README, "Threads").
+PARALLEL_MIN_FLOPS = 8_000_000
+
+
+def parallel_min(flops_per_sample: int) -> int:
+    """The fewest samples a call needs to run on several threads."""
+    return max(1, -(-PARALLEL_MIN_FLOPS // max(flops_per_sample, 1)))
 
 
 def _default_input(layers: list[Layer], layer: Layer) -> str:
@@ -407,8 +447,10 @@ def _stages(plans: list[LayerPlan], training: bool) -> list[Stage]:
         if lp.aliases:
             continue  # nothing runs
         batch = training and lp.batch_level_in_training
-        if batch or not stages or stages[-1].batch_level or len(stages[-1].layers) == MAX_STAGE_LAYERS:
-            stages.append(Stage(batch, []))
+        alone = batch or lp.sample_range
+        if (alone or not stages or stages[-1].batch_level or stages[-1].ranged
+                or len(stages[-1].layers) == MAX_STAGE_LAYERS):
+            stages.append(Stage(batch, [], ranged=lp.sample_range and not batch))
         stages[-1].layers.append(lp)
     if not stages:  # only reinterpreting layers (flatten): one stage that copies the input in
         stages.append(Stage(False, []))

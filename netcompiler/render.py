@@ -2,7 +2,8 @@
 
 Python computes every number and name here and in plan.py; the templates only lay them
 out.  Each layer kind's template (templates/layers/<kind>.c.j2) defines four macros:
-forward_def, backward_def, forward_call and backward_call.
+forward_def, backward_def, forward_call and backward_call (and prepare_call for kinds with
+a cache, param_grad_call for sample_range kinds).
 """
 from __future__ import annotations
 

@@ -150,6 +150,9 @@ class Net:
                            ("cache", self._cache)):
             self._bind(field, arr)
         self._capacity = 0
+        # batches smaller than these run on one thread (plan.py, parallel_min)
+        self._ctx.parallel_min_eval = self.plan.parallel_min_eval
+        self._ctx.parallel_min_train = self.plan.parallel_min_train
         self._fast_forward = None  # set by _reserve when the fastcall extension builds here
         self._threads = 0
         threads = check_threads(threads)
@@ -167,7 +170,8 @@ class Net:
     # ---- memory ------------------------------------------------------------------------
     def _bind(self, field: str, arr: np.ndarray) -> None:
         self._keep[field] = arr
-        ctype = "int32_t *" if arr.dtype == np.int32 else f"{self.name}_real *"
+        ctype = ("int32_t *" if arr.dtype == np.int32 else f"{self.name}_real *" if arr.dtype == self.dtype
+                 else "double *")
         setattr(self._ctx, field, self._ffi.cast(ctype, arr.ctypes.data))
 
     @_locked
@@ -191,6 +195,7 @@ class Net:
                 keep=(self._lib, self._ctx, self._keep, self._acts)).run  # _keep: the arrays ctx points into
         self._bind("dacts", self._dacts)
         self._bind("ints", self._ints)
+        self._bind("losses", np.zeros(n, np.float64))
         self._capacity = self._ctx.capacity = n
 
     @property

@@ -88,8 +88,10 @@ def test_long_chains_are_split_into_stages():
     from netcompiler.plan import MAX_STAGE_LAYERS, make_plan
 
     plan = make_plan(check_text(DEEP, "deep.yaml"))
-    assert [len(st.layers) for st in plan.eval_stages] == [16, 10]  # flatten runs nothing
-    assert [len(st.layers) for st in plan.train_stages] == [16, 9, 1]  # linear: batch level
+    # flatten runs nothing; linear runs on each thread's range of samples, a stage of its own
+    assert [len(st.layers) for st in plan.eval_stages] == [16, 9, 1]
+    assert [len(st.layers) for st in plan.train_stages] == [16, 9, 1]
+    assert [st.ranged for st in plan.train_stages] == [False, False, True]
     assert all(len(st.layers) <= MAX_STAGE_LAYERS for st in plan.eval_stages + plan.train_stages)
 
 

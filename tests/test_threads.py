@@ -195,3 +195,96 @@ def test_default_count_is_the_affinity_capped_by_the_quota(monkeypatch):
     net.threads = None
     assert net.threads == 1
     net.threads = 1
+
+
+# ---- one team of threads per call ---------------------------------------------------------
+# batch norm (batch-level, between barriers), dropout, a conv whose gradients each thread sums
+# apart, and linear layers on each thread's samples
+TEAM = spec([1, 6, 6], ["conv2d: {out_channels: 3, kernel_size: 3, padding: 1}", "batchnorm2d", "relu",
+                        "dropout: {p: 0.25}", "flatten", "linear: {out_features: 9}", "relu",
+                        "linear: {out_features: 4}"], name="threads_team")
+
+
+def _data(n, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 1, 6, 6)).astype(np.float32), rng.integers(0, 4, n).astype(np.int32)
+
+
+def _trained(threads, count=37, batch=8):
+    """Parameters and losses after train_batches over `count` rows (the last batch smaller
+    than the team when count % batch < threads)."""
+    import numpy as np
+
+    net = build(TEAM, "float32", threads)
+    net.set_optimizer("sgd", lr=0.05, momentum=0.9)
+    x, y = _data(count)
+    losses, correct = net.train_batches(x, y, np.arange(count, dtype=np.int64), batch)
+    return {k: v.copy() for k, v in net.state_dict().items()}, losses, correct
+
+
+def test_a_thread_count_gives_the_same_bits_on_every_run():
+    import numpy as np
+
+    a, la, ca = _trained(2)
+    b, lb, cb = _trained(2)
+    assert np.array_equal(la, lb) and np.array_equal(ca, cb)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+def test_one_and_two_threads_agree_within_rounding():
+    import numpy as np
+
+    one, l1, _ = _trained(1)
+    two, l2, _ = _trained(2)
+    np.testing.assert_allclose(l1, l2, rtol=1e-4)
+    for k in one:
+        np.testing.assert_allclose(one[k], two[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+def test_train_batches_is_train_step_batch_by_batch():
+    """One parallel region for all the batches gives what one call per batch gives, the last
+    batch (5 rows, 1 in the second case) included."""
+    import numpy as np
+
+    for count in (37, 33):
+        many, losses, correct = _trained(2, count)
+        net = build(TEAM, "float32", 2)
+        net.set_optimizer("sgd", lr=0.05, momentum=0.9)
+        x, y = _data(count)
+        steps = [net.train_step(x[i:i + 8], y[i:i + 8]) for i in range(0, count, 8)]
+        assert np.array_equal(losses, np.array(steps)), count
+        for k, v in net.state_dict().items():
+            assert np.array_equal(v, many[k]), (count, k)
+        assert net._optim.step == len(steps) and net._ctx.counter == len(steps)
+
+
+def test_small_batches_run_on_one_thread():
+    """Below plan.parallel_min_train samples a call does not wake a second thread: 2 threads
+    give the bits of 1; forced onto a team of 2, the conv gradients (each thread sums its own
+    samples) round differently."""
+    import numpy as np
+
+    net = build(TEAM, "float32", 2)
+    n = 8
+    assert net.plan.parallel_min_train > n and net.plan.parallel_min_eval > n
+    x, y = _data(n, 3)
+    grads = {}
+    for threads, forced in ((1, False), (2, False), (2, True)):
+        net.threads = threads
+        net.seed(0)
+        net._ctx.parallel_min_train = 1 if forced else net.plan.parallel_min_train
+        grads[threads, forced] = net.loss_and_grad(x, y)[1]["conv1.weight"].copy()
+    assert np.array_equal(grads[1, False], grads[2, False])
+    assert not np.array_equal(grads[1, False], grads[2, True])
+
+
+def test_parallel_min_follows_the_flops_per_sample():
+    from netcompiler.plan import PARALLEL_MIN_FLOPS, parallel_min
+
+    assert parallel_min(PARALLEL_MIN_FLOPS) == 1
+    assert parallel_min(PARALLEL_MIN_FLOPS // 4) == 4
+    assert parallel_min(PARALLEL_MIN_FLOPS // 4 + 1) == 4 and parallel_min(PARALLEL_MIN_FLOPS // 4 - 1) == 5
+    assert parallel_min(10 * PARALLEL_MIN_FLOPS) == 1

@@ -248,10 +248,13 @@ class LayerKind:
     # what Keras or PyTorch call this kind, beyond case and '_' (matched case-insensitively,
     # ignoring '_'): an unknown kind that is one of these gets "did you mean" this kind
     aliases: ClassVar[tuple[str, ...]] = ()
-    # C code runs a layer either once per sample (inside the parallel loop over the batch)
-    # or once over the whole batch in training (batch norm needs batch statistics; linear
-    # layers reuse each weight across samples and own their gradient rows per thread).
+    # C code runs a layer once per sample (inside each thread's loop over its share of the
+    # batch), once on each thread's range of samples (sample_range: linear layers reuse each
+    # weight across samples; their weight gradients are summed over the whole batch after
+    # backward, threads owning rows; templates define param_grad_call), or once over the whole
+    # batch in training, between barriers (batch norm needs batch statistics).
     batch_level_in_training: ClassVar[bool] = False
+    sample_range: ClassVar[bool] = False
     # how many tensors the layer reads (add and concat: two or more)
     min_inputs: ClassVar[int] = 1
     max_inputs: ClassVar[float] = 1

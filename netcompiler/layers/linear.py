@@ -12,7 +12,7 @@ class Linear(WeightLayer):
     doc = "fully connected layer, as torch.nn.Linear"
     template = "linear.c.j2"
     aliases = ("dense", "fc", "fully_connected")
-    batch_level_in_training = True
+    sample_range = True
     options = (
         Option("out_features", "int", doc="number of outputs"),
         Option("bias", "bool", True, "add a learnable bias"),
@@ -44,22 +44,16 @@ class Linear(WeightLayer):
         ob = max(d for d in range(1, 5) if fout % d == 0)  # outputs per block, dividing OUT
         in_v = fin - fin % 16  # inputs in whole vectors (VEC = 16); the IN_TAIL rest one by one
         nvi = max(d for d in range(1, 6) if (in_v // 16) % d == 0)  # vectors per block, dividing IN_V
-        outp = -(-fout // 16) * 16  # outputs padded to whole vectors (training forward)
-        nvo = max(d for d in range(1, 5) if (outp // 16) % d == 0)  # output vectors per block
+        nvo = max(d for d in range(1, 5) if -(-fout // 16) % d == 0)  # vectors of outputs, in blocks of up to 4
         return dict(IN=fin, OUT=fout, bias=layer.opts["bias"], OB=ob, IN_V=in_v, IN_TAIL=fin % 16,
-                    NVI=nvi, OUTP=outp, NVO=nvo, VEC=16,
-                    OUT_PARTIAL=fout % 16 != 0,  # the last vector of outputs is partly padding
-                    SB=4 if nvo > 2 else 8)  # SB: samples per register tile in training
+                    NVI=nvi, VEC=16,
+                    SB=4 if nvo > 2 else 8)  # SB: samples per register tile of the input gradient
 
     def applies_relu(self, layer: Layer) -> bool:
         return True
 
     def masks_relu_grad(self, layer: Layer) -> bool:
         return True
-
-    def scratch(self, layer: Layer) -> int:
-        c = self.render_context(layer)
-        return (c["IN"] + 1) * c["OUTP"]  # the transposed weights and the bias (training forward)
 
     def torch_module(self, layer: Layer):
         import torch.nn as nn

@@ -104,9 +104,11 @@ static void run(int cap, int threads)
     c.grads_tls = alloc(sizeof(real) * (size_t)threads * M(NUM_PARAMS), 1);
     c.scratch = alloc(sizeof(real) * AT_LEAST_1((size_t)threads * M(SCRATCH_PER_THREAD)), 1);
     c.cache = alloc(sizeof(real) * AT_LEAST_1(M(CACHE_SIZE)), 1);
+    c.losses = alloc(sizeof(double) * (size_t)cap, 1);
     c.cache_valid = 0;
     c.capacity = cap;
     c.threads = threads;
+    c.parallel_min_eval = c.parallel_min_train = 1; /* every batch size runs on all the threads */
     c.seed = 42;
     c.counter = 0;
 
@@ -232,6 +234,7 @@ static void run(int cap, int threads)
     free(c.grads_tls);
     free(c.scratch);
     free(c.cache);
+    free(c.losses);
 }
 
 int main(int argc, char **argv)

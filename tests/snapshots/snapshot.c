@@ -50,7 +50,7 @@ typedef snapshot_real real_t;
 #define ACTS_PER_SAMPLE SNAPSHOT_ACTS_PER_SAMPLE
 #define INTS_PER_SAMPLE SNAPSHOT_INTS_PER_SAMPLE
 #define SCRATCH_PER_THREAD SNAPSHOT_SCRATCH_PER_THREAD
-/* loops with less work than this (elements, or multiply-adds) run on one thread (waking threads costs more) */
+/* an optimizer_step over fewer parameters than this runs on one thread (waking threads costs more) */
 #define PARALLEL_MIN 262144
 
 /* ---- parameter layout: offsets into params (gradients and optimizer state alike) ------ */
@@ -396,230 +396,253 @@ static void pool1_backward(real_t *restrict din, const real_t *restrict dout, co
 
 /* flatten1: flatten 'flatten1', tests/specs/snapshot.yaml:9: [2][4][4] -> [32] is a reinterpretation, no code */
 
-/* fc1 forward: linear 'fc1', tests/specs/snapshot.yaml:10: out_features=3
+/* fc1 forward, samples lo .. hi - 1: linear 'fc1', tests/specs/snapshot.yaml:10: out_features=3
  * in [32] -> out [3], weight [3][32], bias [3] */
-static void fc1_forward(real_t *restrict out, const real_t *restrict in,
-        const real_t *restrict weight, const real_t *restrict bias)
+/* y[s][o] = b[o] + sum_i W[o][i] x[s][i]: tiles of 4 outputs x 4 samples (then 2, then 1),
+ * each pair a vector of partial sums over 32 inputs, reduced together.
+ * The samples stream past each block of 4 rows of W, which stays in cache. */
+static void fc1_forward(real_t *acts, int lo, int hi, const real_t *restrict weight,
+        const real_t *restrict bias)
 {
-    /* 4 outputs at a time (more streams of weights at once run slower), each a vector of partial
-     * sums over 32 inputs, reduced together */
-    { /* the last 3 output(s) */
-        vreal acc[16] = {0};
-        for (int i = 0; i < 32; i += VEC) {
-            const vreal x = vload(in + i);
-            #pragma GCC unroll 16
-            for (int j = 0; j < 3; j++)
-                acc[j] += vload(weight + j * 32 + i) * x;
-        }
-        real_t y[VEC];
-        vsum16(y, acc);
-        for (int j = 0; j < 3; j++) {
-            real_t s = y[j] + bias[j];
-            out[j] = s;
-        }
-    }
-}
-
-/* fc1 training forward, whole batch: linear 'fc1', tests/specs/snapshot.yaml:10: out_features=3
- * in [32] -> out [3], weight [3][32], bias [3] */
-/* y[s][o] = b[o] + sum_i x[s][i] W[o][i] with W transposed into wt (32 rows of 16 outputs, then the
- * bias): 8 samples (the last ones one by one) x 1 vectors of outputs per register tile. */
-static void fc1_forward_batch(real_t *acts, int n, const real_t *restrict weight,
-        const real_t *restrict bias, real_t *restrict wt, int threads)
-{
-    (void)threads; /* read only by OMP(), which is empty without OpenMP */
-    if (n < 8 * 2) { /* too few samples to pay for the transpose: the evaluation kernel */
-        for (int s = 0; s < n; s++)
-            fc1_forward(acts + (size_t)s * ACTS_PER_SAMPLE + OFF_fc1_out, acts + (size_t)s * ACTS_PER_SAMPLE + OFF_pool1_out,
-                    weight, bias);
-        return;
-    }
-    /* transpose in 16 x 16 tiles; padded outputs get zero weights */
-        for (int i0 = 0; i0 < 32; i0 += 16)
-            for (int i = i0; i < imin(i0 + 16, 32); i++)
-                for (int o = 0; o < 16; o++)
-                    wt[i * 16 + o] = o < 3 ? weight[o * 32 + i] : 0;
-    for (int o = 0; o < 16; o++)
-        wt[32 * 16 + o] = o < 3 ? bias[o] : 0;
-    OMP(omp parallel for num_threads(imin(threads, (n + 8 - 1) / 8)) schedule(static))
-    for (int s0 = 0; s0 < n; s0 += 8) {
-        if (s0 + 8 <= n) {
-            const real_t *x[8];
-            for (int s = 0; s < 8; s++)
-                x[s] = acts + (size_t)(s0 + s) * ACTS_PER_SAMPLE + OFF_pool1_out;
-            {
-                vreal acc[8][1];
-                {
-                    const vreal b0 = vload(wt + 512);
-                    #pragma GCC unroll 8
-                    for (int s = 0; s < 8; s++)
-                        acc[s][0] = b0;
-                }
-                for (int i = 0; i < 32; i++) {
-                    vreal w[1];
-                    {
-                        vreal t = vload(wt + i * 16);
-                        vkeep(t); /* one load, used for 8 samples */
-                        w[0] = t;
-                    }
-                    #pragma GCC unroll 8
-                    for (int s = 0; s < 8; s++)
-                            acc[s][0] += x[s][i] * w[0];
-                }
-                for (int s = 0; s < 8; s++) {
-                    real_t *y = acts + (size_t)(s0 + s) * ACTS_PER_SAMPLE + OFF_fc1_out;
-                    {
-                        if (VEC <= 3)
-                            vstore(y, acc[s][0]);
-                        else
-                            for (int j = 0; j < VEC && j < 3; j++)
-                                y[j] = acc[s][0][j];
-                    }
-                }
-            }
-        } else {
-            for (int s1 = s0; s1 < n; s1++) {
-                const real_t *x[1];
-
-                    x[0] = acts + (size_t)(s1) * ACTS_PER_SAMPLE + OFF_pool1_out;
-                {
-                    vreal acc[1][1];
-                    {
-                        const vreal b0 = vload(wt + 512);
-                            acc[0][0] = b0;
-                    }
-                    for (int i = 0; i < 32; i++) {
-                        vreal w[1];
-                        {
-                            vreal t = vload(wt + i * 16);
-                            vkeep(t); /* one load, used for 1 sample */
-                            w[0] = t;
-                        }
-                                acc[0][0] += x[0][i] * w[0];
-                    }
-                    {
-                        real_t *y = acts + (size_t)(s1) * ACTS_PER_SAMPLE + OFF_fc1_out;
-                        {
-                            if (VEC <= 3)
-                                vstore(y, acc[0][0]);
-                            else
-                                for (int j = 0; j < VEC && j < 3; j++)
-                                    y[j] = acc[0][0][j];
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/* fc1 backward, whole batch: linear 'fc1', tests/specs/snapshot.yaml:10: out_features=3
- * in [32] -> out [3], weight [3][32], bias [3] */
-/* dW[o][i] += sum_s dy[s][o] x[s][i] and db[o] += sum_s dy[s][o]: threads own blocks of 3 rows of dW
- * (3 rows x 2 vectors of inputs per register tile), so no reduction is needed and the sums
- * do not depend on the thread count.
- * dx[s][i] = sum_o dy[s][o] W[o][i]: 8 samples (the last ones one by one) x 2 vectors of
- * inputs per tile.
- */
-static void fc1_backward(real_t *dacts, const real_t *acts, int n, real_t *restrict dweight,
-        real_t *restrict dbias,
-        const real_t *restrict weight, int threads)
-{
-    (void)threads; /* read only by OMP(), which is empty without OpenMP */
 #define X_(s) (acts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_pool1_out)
+#define Y_(s) (acts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_fc1_out)
+    { /* the last 3 output(s) */
+        int s0 = lo;
+        for (; s0 + 4 <= hi; s0 += 4) {
+            const real_t *x[4];
+            for (int s = 0; s < 4; s++) x[s] = X_(s0 + s);
+            vreal acc[16] = {0};
+            for (int i = 0; i < 32; i += VEC) {
+                /* unrolled by hand, in named variables: gcc keeps arrays of vectors indexed in a loop in memory */
+                vreal x0 = vload(x[0] + i);
+                vkeep(x0); /* one load, used for 3 outputs */
+                vreal x1 = vload(x[1] + i);
+                vkeep(x1); /* one load, used for 3 outputs */
+                vreal x2 = vload(x[2] + i);
+                vkeep(x2); /* one load, used for 3 outputs */
+                vreal x3 = vload(x[3] + i);
+                vkeep(x3); /* one load, used for 3 outputs */
+                {
+                    vreal w = vload(weight + i);
+                    vkeep(w); /* one load, used for 4 samples */
+                    acc[0] += w * x0;
+                    acc[1] += w * x1;
+                    acc[2] += w * x2;
+                    acc[3] += w * x3;
+                }
+            vkeep(x0); vkeep(x1); vkeep(x2); vkeep(x3); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                {
+                    vreal w = vload(weight + i + 32);
+                    vkeep(w); /* one load, used for 4 samples */
+                    acc[4] += w * x0;
+                    acc[5] += w * x1;
+                    acc[6] += w * x2;
+                    acc[7] += w * x3;
+                }
+            vkeep(x0); vkeep(x1); vkeep(x2); vkeep(x3); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                {
+                    vreal w = vload(weight + i + 64);
+                    vkeep(w); /* one load, used for 4 samples */
+                    acc[8] += w * x0;
+                    acc[9] += w * x1;
+                    acc[10] += w * x2;
+                    acc[11] += w * x3;
+                }
+            }
+            real_t y[VEC];
+            vsum16(y, acc);
+            for (int j = 0; j < 3; j++)
+                for (int s = 0; s < 4; s++) {
+                    real_t v = y[j * 4 + s] + bias[j];
+                    Y_(s0 + s)[j] = v;
+                }
+        }
+        if (s0 + 2 <= hi) {
+            const real_t *x[2];
+            for (int s = 0; s < 2; s++) x[s] = X_(s0 + s);
+            vreal acc[16] = {0};
+            for (int i = 0; i < 32; i += VEC) {
+                /* unrolled by hand, in named variables: gcc keeps arrays of vectors indexed in a loop in memory */
+                vreal x0 = vload(x[0] + i);
+                vkeep(x0); /* one load, used for 3 outputs */
+                vreal x1 = vload(x[1] + i);
+                vkeep(x1); /* one load, used for 3 outputs */
+                {
+                    vreal w = vload(weight + i);
+                    vkeep(w); /* one load, used for 2 samples */
+                    acc[0] += w * x0;
+                    acc[1] += w * x1;
+                }
+            vkeep(x0); vkeep(x1); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                {
+                    vreal w = vload(weight + i + 32);
+                    vkeep(w); /* one load, used for 2 samples */
+                    acc[2] += w * x0;
+                    acc[3] += w * x1;
+                }
+            vkeep(x0); vkeep(x1); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                {
+                    vreal w = vload(weight + i + 64);
+                    vkeep(w); /* one load, used for 2 samples */
+                    acc[4] += w * x0;
+                    acc[5] += w * x1;
+                }
+            }
+            real_t y[VEC];
+            vsum16(y, acc);
+            for (int j = 0; j < 3; j++)
+                for (int s = 0; s < 2; s++) {
+                    real_t v = y[j * 2 + s] + bias[j];
+                    Y_(s0 + s)[j] = v;
+                }
+            s0 += 2;
+        }
+        if (s0 < hi) {
+            const real_t *x[1];
+            x[0] = X_(s0);
+            vreal acc[16] = {0};
+            for (int i = 0; i < 32; i += VEC) {
+                /* unrolled by hand, in named variables: gcc keeps arrays of vectors indexed in a loop in memory */
+                vreal x0 = vload(x[0] + i);
+                vkeep(x0); /* one load, used for 3 outputs */
+                {
+                    vreal w = vload(weight + i);
+                    vkeep(w); /* one load, used for 1 sample */
+                    acc[0] += w * x0;
+                }
+            vkeep(x0); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                {
+                    vreal w = vload(weight + i + 32);
+                    vkeep(w); /* one load, used for 1 sample */
+                    acc[1] += w * x0;
+                }
+            vkeep(x0); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                {
+                    vreal w = vload(weight + i + 64);
+                    vkeep(w); /* one load, used for 1 sample */
+                    acc[2] += w * x0;
+                }
+            }
+            real_t y[VEC];
+            vsum16(y, acc);
+            for (int j = 0; j < 3; j++)
+                {
+                    real_t v = y[j] + bias[j];
+                    Y_(s0)[j] = v;
+                }
+        }
+    }
+#undef X_
+#undef Y_
+}
+
+/* fc1 input gradient, samples lo .. hi - 1: linear 'fc1', tests/specs/snapshot.yaml:10: out_features=3
+ * in [32] -> out [3], weight [3][32], bias [3] */
+/* dx[s][i] = sum_o dy[s][o] W[o][i]: 8 samples (the last ones one by one) x 2 vectors of
+ * inputs per tile. */
+static void fc1_backward(real_t *dacts, int lo, int hi, const real_t *restrict weight)
+{
 #define DX_(s) (dacts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_pool1_out)
 #define DY_(s) (dacts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_fc1_out)
-    /* small batches stay on one thread: waking a second one costs more than it saves */
-    OMP(omp parallel num_threads(threads) if ((double)n * 32 * 3 >= PARALLEL_MIN))
-    {
-        OMP(omp single) /* one block of 3 rows */
-        {
-            for (int j = 0; j < 3; j++) {
-                real_t db = 0;
-                for (int s = 0; s < n; s++)
-                    db += DY_(s)[j];
-                dbias[j] += db;
-            }
+    for (int s0 = lo; s0 < hi; s0 += 8) {
+        if (s0 + 8 <= hi) {
+            const real_t *dy[8];
+            for (int s = 0; s < 8; s++)
+                dy[s] = DY_(s0 + s);
             {
-                vreal acc[3][2] = {0};
-                for (int s = 0; s < n; s++) {
-                    const real_t *xs = X_(s), *dy = DY_(s);
-                    vreal xv[2];
+                vreal acc[8][2] = {0};
+                for (int o = 0; o < 3; o++) {
+                    vreal wv[2];
                     #pragma GCC unroll 8
                     for (int v = 0; v < 2; v++) {
-                        vreal t = vload(xs + v * VEC);
-                        vkeep(t); /* one load, used 3 times */
-                        xv[v] = t;
+                        vreal t = vload(weight + o * 32 + v * VEC);
+                        vkeep(t); /* one load, used for 8 samples */
+                        wv[v] = t;
                     }
                     #pragma GCC unroll 8
-                    for (int j = 0; j < 3; j++)
+                    for (int s = 0; s < 8; s++)
                         #pragma GCC unroll 8
                         for (int v = 0; v < 2; v++)
-                            acc[j][v] += dy[j] * xv[v];
+                            acc[s][v] += dy[s][o] * wv[v];
                 }
-                for (int j = 0; j < 3; j++)
-                    for (int v = 0; v < 2; v++) {
-                        real_t *dw = dweight + j * 32 + v * VEC;
-                        vstore(dw, vload(dw) + acc[j][v]);
-                    }
-            }
-        }
-        OMP(omp for schedule(static))
-        for (int s0 = 0; s0 < n; s0 += 8) {
-            if (s0 + 8 <= n) {
-                const real_t *dy[8];
                 for (int s = 0; s < 8; s++)
-                    dy[s] = DY_(s0 + s);
+                    for (int v = 0; v < 2; v++)
+                        vstore(DX_(s0 + s) + v * VEC, acc[s][v]);
+            }
+
+        } else {
+            for (int s1 = s0; s1 < hi; s1++) {
+                const real_t *dy[1];
+
+                    dy[0] = DY_(s1);
                 {
-                    vreal acc[8][2] = {0};
+                    vreal acc[1][2] = {0};
                     for (int o = 0; o < 3; o++) {
                         vreal wv[2];
                         #pragma GCC unroll 8
                         for (int v = 0; v < 2; v++) {
                             vreal t = vload(weight + o * 32 + v * VEC);
-                            vkeep(t); /* one load, used for 8 samples */
+                            vkeep(t); /* one load, used for 1 sample */
                             wv[v] = t;
                         }
-                        #pragma GCC unroll 8
-                        for (int s = 0; s < 8; s++)
                             #pragma GCC unroll 8
                             for (int v = 0; v < 2; v++)
-                                acc[s][v] += dy[s][o] * wv[v];
+                                acc[0][v] += dy[0][o] * wv[v];
                     }
-                    for (int s = 0; s < 8; s++)
                         for (int v = 0; v < 2; v++)
-                            vstore(DX_(s0 + s) + v * VEC, acc[s][v]);
+                            vstore(DX_(s1) + v * VEC, acc[0][v]);
                 }
 
-            } else {
-                for (int s1 = s0; s1 < n; s1++) {
-                    const real_t *dy[1];
-
-                        dy[0] = DY_(s1);
-                    {
-                        vreal acc[1][2] = {0};
-                        for (int o = 0; o < 3; o++) {
-                            vreal wv[2];
-                            #pragma GCC unroll 8
-                            for (int v = 0; v < 2; v++) {
-                                vreal t = vload(weight + o * 32 + v * VEC);
-                                vkeep(t); /* one load, used for 1 sample */
-                                wv[v] = t;
-                            }
-                                #pragma GCC unroll 8
-                                for (int v = 0; v < 2; v++)
-                                    acc[0][v] += dy[0][o] * wv[v];
-                        }
-                            for (int v = 0; v < 2; v++)
-                                vstore(DX_(s1) + v * VEC, acc[0][v]);
-                    }
-
-                }
             }
         }
     }
-#undef X_
 #undef DX_
+#undef DY_
+}
+
+/* fc1 weight gradient, whole batch: linear 'fc1', tests/specs/snapshot.yaml:10: out_features=3
+ * in [32] -> out [3], weight [3][32], bias [3] */
+/* dW[o][i] += sum_s dy[s][o] x[s][i] and db[o] += sum_s dy[s][o], summed in sample order: the team's threads
+ * share out blocks of 3 rows (omp for, no barrier after it; 3 rows x 2 vectors of inputs per
+ * register tile), so the sums do not depend on the thread count. */
+static void fc1_weight_grad(const real_t *dacts, const real_t *acts, int n, real_t *restrict dweight,
+        real_t *restrict dbias)
+{
+#define X_(s) (acts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_pool1_out)
+#define DY_(s) (dacts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_fc1_out)
+    OMP(omp single nowait) /* one block of 3 rows */
+    {
+        for (int j = 0; j < 3; j++) {
+            real_t db = 0;
+            for (int s = 0; s < n; s++)
+                db += DY_(s)[j];
+            dbias[j] += db;
+        }
+        {
+            vreal acc[3][2] = {0};
+            for (int s = 0; s < n; s++) {
+                const real_t *xs = X_(s), *dy = DY_(s);
+                vreal xv[2];
+                #pragma GCC unroll 8
+                for (int v = 0; v < 2; v++) {
+                    vreal t = vload(xs + v * VEC);
+                    vkeep(t); /* one load, used 3 times */
+                    xv[v] = t;
+                }
+                #pragma GCC unroll 8
+                for (int j = 0; j < 3; j++)
+                    #pragma GCC unroll 8
+                    for (int v = 0; v < 2; v++)
+                        acc[j][v] += dy[j] * xv[v];
+            }
+            for (int j = 0; j < 3; j++)
+                for (int v = 0; v < 2; v++) {
+                    real_t *dw = dweight + j * 32 + v * VEC;
+                    vstore(dw, vload(dw) + acc[j][v]);
+                }
+        }
+    }
+#undef X_
 #undef DY_
 }
 
@@ -702,29 +725,51 @@ static double loss_sample(real_t *restrict dlogits, const real_t *restrict logit
 #define TARGET(y, j) ((y)[j])
 
 /* ==== network ============================================================================ */
-/* forward in evaluation mode: 1 stage(s) */
-static void forward_eval(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n)
+/* A call runs as one team of threads (one OpenMP parallel region), or on the calling thread alone,
+ * with no region at all, when the batch is smaller than c->parallel_min_eval or
+ * c->parallel_min_train samples (computed from the FLOPs per sample in plan.py: waking a sleeping
+ * thread would cost more than it saves).  In a team, each of `workers` threads works on its share
+ * of the samples, the split of schedule(static); layers that need the whole batch run between
+ * barriers with their work shared out.  For a fixed thread count the results are the same bit for
+ * bit on every run. */
+static inline int team_size(const snapshot_ctx *c, int n, int min)
+{
+    return n < min ? 1 : imin(c->threads, n);
+}
+
+/* the samples [*lo, *hi) of this thread among `workers` (a thread past them gets none) */
+static inline void share(int n, int workers, int *lo, int *hi)
+{
+    const int t = THREAD_ID(), q = n / workers, r = n % workers;
+    *lo = t < workers ? t * q + imin(t, r) : n;
+    *hi = t < workers ? *lo + q + (t < r) : n;
+}
+
+/* forward in evaluation mode (2 stage(s)), by every thread of the team on its samples */
+static void forward_eval(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n, int workers)
 {
     const real_t *p = c->params;
-    OMP(omp parallel for num_threads(imin(c->threads, n)) schedule(static))
-    for (int s = 0; s < n; s++) {
+    int lo, hi;
+    share(n, workers, &lo, &hi);
+    for (int s = lo; s < hi; s++) {
         real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
         real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
         memcpy(a + OFF_input, x + (size_t)(idx ? idx[s] : s) * IN_SIZE, sizeof(real_t) * IN_SIZE);
         conv1_forward(a + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, p + OFF_conv1_bias, ws);
         pool1_forward_eval(a + OFF_pool1_out, a + OFF_conv1_out);
-        fc1_forward(a + OFF_fc1_out, a + OFF_pool1_out, p + OFF_fc1_weight, p + OFF_fc1_bias);
 
     }
+    fc1_forward(c->acts, lo, hi, p + OFF_fc1_weight, p + OFF_fc1_bias);
 
 }
 
-/* forward in training mode: 2 stage(s) */
-static void forward_train(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n)
+/* forward in training mode (2 stage(s)), by every thread of the team on its samples */
+static void forward_train(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n, int workers)
 {
     const real_t *p = c->params;
-    OMP(omp parallel for num_threads(imin(c->threads, n)) schedule(static))
-    for (int s = 0; s < n; s++) {
+    int lo, hi;
+    share(n, workers, &lo, &hi);
+    for (int s = lo; s < hi; s++) {
         real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
         int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
         real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
@@ -733,7 +778,7 @@ static void forward_train(snapshot_ctx *c, const real_t *x, const int64_t *idx, 
         pool1_forward(a + OFF_pool1_out, ai + OFF_pool1_argmax, a + OFF_conv1_out);
 
     }
-    fc1_forward_batch(c->acts, n, p + OFF_fc1_weight, p + OFF_fc1_bias, c->scratch, c->threads);
+    fc1_forward(c->acts, lo, hi, p + OFF_fc1_weight, p + OFF_fc1_bias);
 
 }
 
@@ -741,56 +786,97 @@ int snapshot_forward(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n
 {
     if (n < 1 || n > c->capacity)
         return -1;
+    const int team = team_size(c, n, training ? c->parallel_min_train : c->parallel_min_eval);
     if (training) {
-        forward_train(c, x, idx, n);
+        if (team > 1) {
+            OMP(omp parallel num_threads(team))
+            {
+                forward_train(c, x, idx, n, team);
+            }
+        } else {
+            forward_train(c, x, idx, n, team);
+        }
         c->counter++;
     } else {
-        forward_eval(c, x, idx, n);
+        if (team > 1) {
+            OMP(omp parallel num_threads(team))
+            {
+                forward_eval(c, x, idx, n, team);
+            }
+        } else {
+            forward_eval(c, x, idx, n, team);
+        }
     }
     return 0;
 }
 
-double snapshot_backward(snapshot_ctx *c, const int32_t *y, const int64_t *idx, int n)
+/* loss and backward of the last training forward, by every thread of the team: each computes its
+ * samples' losses and input gradients and sums its samples' parameter gradients privately (in
+ * grads_tls, when the team has several threads); after a barrier the weight gradients of the
+ * range layers (over the whole batch, in sample order) and the private sums (added in thread
+ * order) go into grads, and a barrier ends it.  Returns the batch's loss, the same to every thread. */
+static double backward_team(snapshot_ctx *c, const int32_t *y, const int64_t *idx, int n, int workers)
 {
     const real_t *p = c->params;
-    double loss = 0;
-    for (int s = 0; s < n; s++) {
+    int lo, hi;
+    share(n, workers, &lo, &hi);
+    /* with several threads each sums its samples' gradients privately, so results do not depend on timing */
+    real_t *g = NUM_THREADS() > 1 ? c->grads_tls + (size_t)THREAD_ID() * NUM_PARAMS : c->grads;
+    if (NUM_THREADS() > 1) {
+        memset(g, 0, sizeof(real_t) * 20);
+    }
+    for (int s = lo; s < hi; s++) {
         const size_t off = (size_t)s * ACTS_PER_SAMPLE + SNAPSHOT_OUT_OFFSET;
-        loss += loss_sample(c->dacts + off, c->acts + off, TARGET(y, idx ? idx[s] : s), (real_t)(1.0 / n),
-                            c->label_smoothing);
+        c->losses[s] = loss_sample(c->dacts + off, c->acts + off, TARGET(y, idx ? idx[s] : s), (real_t)(1.0 / n),
+                                   c->label_smoothing);
     }
-    fc1_backward(c->dacts, c->acts, n, c->grads + OFF_fc1_weight, c->grads + OFF_fc1_bias, p + OFF_fc1_weight, c->threads);
-    OMP(omp parallel num_threads(imin(c->threads, n)))
-    {
-        /* each thread accumulates its samples' gradients privately, then the sums are added
-         * in thread order, so results do not depend on timing */
-        const int t = THREAD_ID();
-        const int nt = NUM_THREADS();
-        real_t *g = nt > 1 ? c->grads_tls + (size_t)t * NUM_PARAMS : c->grads;
-        if (nt > 1)
-            memset(g, 0, sizeof(real_t) * 20);
-        OMP(omp for schedule(static))
-        for (int s = 0; s < n; s++) {
-            real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
-            real_t *da = c->dacts + (size_t)s * ACTS_PER_SAMPLE;
-            const int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
-            real_t *ws = c->scratch + (size_t)t * SCRATCH_PER_THREAD;
-            pool1_backward(da + OFF_conv1_out, da + OFF_pool1_out, a + OFF_pool1_out, ai + OFF_pool1_argmax);
-            conv1_backward(g + OFF_conv1_weight, g + OFF_conv1_bias, da + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, ws);
+    fc1_backward(c->dacts, lo, hi, p + OFF_fc1_weight);
+    for (int s = lo; s < hi; s++) {
+        real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
+        real_t *da = c->dacts + (size_t)s * ACTS_PER_SAMPLE;
+        const int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
+        real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
+        pool1_backward(da + OFF_conv1_out, da + OFF_pool1_out, a + OFF_pool1_out, ai + OFF_pool1_argmax);
+        conv1_backward(g + OFF_conv1_weight, g + OFF_conv1_bias, da + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, ws);
 
-        }
-        if (nt > 1) {
-            OMP(omp for schedule(static))
-            for (int i = 0; i < 20; i++) {
-                real_t sum = 0;
-                for (int k = 0; k < nt; k++)
-                    sum += c->grads_tls[(size_t)k * NUM_PARAMS + i];
-                c->grads[i] += sum;
-            }
+    }
+    OMP(omp barrier) /* every sample's gradients are in */
+    fc1_weight_grad(c->dacts, c->acts, n, c->grads + OFF_fc1_weight, c->grads + OFF_fc1_bias);
+    if (NUM_THREADS() > 1) {
+        const int nt = NUM_THREADS();
+        OMP(omp for schedule(static) nowait)
+        for (int i = 0; i < 20; i++) {
+            real_t sum = 0;
+            for (int k = 0; k < nt; k++)
+                sum += c->grads_tls[(size_t)k * NUM_PARAMS + i];
+            c->grads[i] += sum;
         }
     }
+    double loss = 0;
+    for (int s = 0; s < n; s++)
+        loss += c->losses[s];
+    OMP(omp barrier) /* the parameter gradients are complete */
     return loss / n;
 
+}
+
+double snapshot_backward(snapshot_ctx *c, const int32_t *y, const int64_t *idx, int n)
+{
+    const int team = team_size(c, n, c->parallel_min_train);
+    double loss = 0;
+    if (team > 1) {
+        OMP(omp parallel num_threads(team))
+        {
+            const double l = backward_team(c, y, idx, n, team);
+            OMP(omp master)
+            loss = l;
+        }
+    } else {
+        const double l = backward_team(c, y, idx, n, team);
+        OMP(omp master)
+        loss = l;
+    }
+    return loss;
 }
 
 void snapshot_zero_grad(snapshot_ctx *c)
@@ -798,28 +884,37 @@ void snapshot_zero_grad(snapshot_ctx *c)
     memset(c->grads, 0, sizeof(real_t) * NUM_PARAMS);
 }
 
+/* grads = 0, shared out among the team with no barrier after it: nothing writes grads before
+ * backward_team's first barrier (alone, a thread writes them only after zeroing them itself) */
+static void zero_grad_team(snapshot_ctx *c)
+{
+    OMP(omp for schedule(static) nowait)
+    for (int i = 0; i < NUM_PARAMS; i++)
+        c->grads[i] = 0;
+}
+
 /* SGD as torch.optim.SGD (g += wd * p; buf = momentum * buf + g; p -= lr * buf, or with nesterov
  * p -= lr * (g + momentum * buf)), or Adam with decoupled weight decay as torch.optim.AdamW
- * (p *= 1 - lr * wd, then the Adam update).  Only parameters in o->ranges change (all when NULL);
- * o->clip_norm > 0 first scales their gradients as torch.nn.utils.clip_grad_norm_. */
-static void update_range(snapshot_ctx *c, const snapshot_optim *o, int lo, int hi, real_t gscale)
+ * (p *= 1 - lr * wd, then the Adam update), at learning rate lr and step number `step` (Adam's
+ * bias correction).  Parameters [lo, hi) shared out among the team, with no barrier after them. */
+static void update_range(snapshot_ctx *c, const snapshot_optim *o, double learning_rate, int64_t step, int lo, int hi, real_t gscale)
 {
     real_t *restrict p = c->params, *restrict g = c->grads, *restrict m = c->opt_m, *restrict v = c->opt_v;
     if (o->kind == 0) {
-        const real_t lr = (real_t)o->lr, mu = (real_t)o->momentum, wd = (real_t)o->weight_decay;
+        const real_t lr = (real_t)learning_rate, mu = (real_t)o->momentum, wd = (real_t)o->weight_decay;
         const int nesterov = o->nesterov && mu != 0;
-        OMP(omp parallel for num_threads(c->threads) schedule(static) if (hi - lo >= PARALLEL_MIN))
+        OMP(omp for schedule(static) nowait)
         for (int i = lo; i < hi; i++) {
             const real_t gi = gscale * g[i] + wd * p[i];
             m[i] = mu * m[i] + gi;
             p[i] -= lr * (nesterov ? gi + mu * m[i] : mu != 0 ? m[i] : gi);
         }
     } else {
-        const real_t lr = (real_t)o->lr, b1 = (real_t)o->beta1, b2 = (real_t)o->beta2, eps = (real_t)o->eps;
-        const real_t decay = (real_t)(1 - o->lr * o->weight_decay);
-        const real_t c1 = (real_t)(1 - pow(o->beta1, (double)o->step));
-        const real_t c2sqrt = (real_t)sqrt(1 - pow(o->beta2, (double)o->step));
-        OMP(omp parallel for num_threads(c->threads) schedule(static) if (hi - lo >= PARALLEL_MIN))
+        const real_t lr = (real_t)learning_rate, b1 = (real_t)o->beta1, b2 = (real_t)o->beta2, eps = (real_t)o->eps;
+        const real_t decay = (real_t)(1 - learning_rate * o->weight_decay);
+        const real_t c1 = (real_t)(1 - pow(o->beta1, (double)step));
+        const real_t c2sqrt = (real_t)sqrt(1 - pow(o->beta2, (double)step));
+        OMP(omp for schedule(static) nowait)
         for (int i = lo; i < hi; i++) {
             const real_t gi = gscale * g[i];
             p[i] *= decay;
@@ -830,12 +925,14 @@ static void update_range(snapshot_ctx *c, const snapshot_optim *o, int lo, int h
     }
 }
 
-void snapshot_optimizer_step(snapshot_ctx *c, snapshot_optim *o)
+/* The optimizer update by every thread of the team, a barrier at the end.  Only parameters in
+ * o->ranges change (all when NULL); o->clip_norm > 0 first scales their gradients as
+ * torch.nn.utils.clip_grad_norm_ (every thread sums the squares itself, in the same order). */
+static void optimizer_team(snapshot_ctx *c, const snapshot_optim *o, double lr, int64_t step)
 {
     static const int64_t all[2] = {0, NUM_PARAMS};
     const int64_t *r = o->ranges ? o->ranges : all;
     const int nr = o->ranges ? o->nranges : 1;
-    o->step++;
     real_t gscale = 1;
     if (o->clip_norm > 0) {
         double sq = 0;
@@ -846,19 +943,24 @@ void snapshot_optimizer_step(snapshot_ctx *c, snapshot_optim *o)
         gscale = coef < 1 ? (real_t)coef : 1;
     }
     for (int k = 0; k < nr; k++)
-        update_range(c, o, (int)r[2 * k], (int)r[2 * k + 1], gscale);
+        update_range(c, o, lr, step, (int)r[2 * k], (int)r[2 * k + 1], gscale);
+    OMP(omp barrier) /* every parameter is updated */
 }
 
-double snapshot_train_step(snapshot_ctx *c, const real_t *x, const int32_t *y, const int64_t *idx, int n,
-                          snapshot_optim *opt)
+void snapshot_optimizer_step(snapshot_ctx *c, snapshot_optim *o)
 {
-    if (snapshot_forward(c, x, idx, n, 1) != 0)
-        return NAN;
-    snapshot_zero_grad(c);
-    const double loss = snapshot_backward(c, y, idx, n);
-    if (isfinite(loss))
-        snapshot_optimizer_step(c, opt);
-    return loss;
+    /* small parameter arrays: on this thread alone */
+    const int team = NUM_PARAMS >= PARALLEL_MIN ? c->threads : 1;
+    const int64_t step = o->step + 1;
+    if (team > 1) {
+        OMP(omp parallel num_threads(team))
+        {
+            optimizer_team(c, o, o->lr, step);
+        }
+    } else {
+        optimizer_team(c, o, o->lr, step);
+    }
+    o->step = step;
 }
 
 static int64_t count_correct(const snapshot_ctx *c, const int32_t *y, const int64_t *idx, int n)
@@ -874,19 +976,93 @@ static int64_t count_correct(const snapshot_ctx *c, const int32_t *y, const int6
     return correct;
 }
 
-int64_t snapshot_train_batches(snapshot_ctx *c, const real_t *x, const int32_t *y, const int64_t *order,
-                              int64_t count, int batch, snapshot_optim *opt, const double *lrs, double *losses,
-                              int64_t *correct)
+/* one training step by every thread of the team: forward, zero_grad, backward, and the update
+ * at (lr, step) when the loss is finite; the count of correct predictions into *correct when not
+ * NULL (before the update's barrier, after which the next step may overwrite the logits) */
+static double step_team(snapshot_ctx *c, const real_t *x, const int32_t *y, const int64_t *idx, int n, int workers,
+                        const snapshot_optim *opt, double lr, int64_t step, uint64_t counter, int64_t *correct)
+{
+    forward_train(c, x, idx, n, workers);
+    (void)counter; /* no dropout: the forward draws nothing */
+    zero_grad_team(c);
+    const double loss = backward_team(c, y, idx, n, workers);
+    if (correct) {
+        OMP(omp master)
+        *correct = count_correct(c, y, idx, n);
+    }
+    if (isfinite(loss))
+        optimizer_team(c, opt, lr, step);
+    return loss;
+}
+
+double snapshot_train_step(snapshot_ctx *c, const real_t *x, const int32_t *y, const int64_t *idx, int n,
+                          snapshot_optim *opt)
+{
+    if (n < 1 || n > c->capacity)
+        return NAN;
+    const int team = team_size(c, n, c->parallel_min_train);
+    double loss = 0;
+    if (team > 1) {
+        OMP(omp parallel num_threads(team))
+        {
+            const double l = step_team(c, x, y, idx, n, team, opt, opt->lr, opt->step + 1, c->counter, NULL);
+            OMP(omp master)
+            loss = l;
+        }
+    } else {
+        const double l = step_team(c, x, y, idx, n, team, opt, opt->lr, opt->step + 1, c->counter, NULL);
+        OMP(omp master)
+        loss = l;
+    }
+    c->counter++;
+    if (isfinite(loss))
+        opt->step++;
+    return loss;
+}
+
+/* train_step over the batches by every thread of the team: one parallel region for all of them.
+ * Returns the batches whose update was made (every thread the same). */
+static int64_t batches_team(snapshot_ctx *c, const real_t *x, const int32_t *y, const int64_t *order, int64_t count,
+                            int batch, const snapshot_optim *opt, const double *lrs, double *losses, int64_t *correct)
 {
     int64_t k = 0;
     for (int64_t start = 0; start < count; start += batch, k++) {
         const int n = (int)(count - start < batch ? count - start : batch);
-        if (lrs)
-            opt->lr = lrs[k];
-        losses[k] = snapshot_train_step(c, x, y, order + start, n, opt);
-        correct[k] = count_correct(c, y, order + start, n);
-        if (!isfinite(losses[k]))
-            return k;
+        const double loss = step_team(c, x, y, order + start, n, team_size(c, n, c->parallel_min_train), opt,
+                                      lrs ? lrs[k] : opt->lr, opt->step + k + 1, c->counter + (uint64_t)k, correct + k);
+        OMP(omp master)
+        losses[k] = loss;
+        if (!isfinite(loss))
+            break;
     }
     return k;
+}
+
+int64_t snapshot_train_batches(snapshot_ctx *c, const real_t *x, const int32_t *y, const int64_t *order,
+                              int64_t count, int batch, snapshot_optim *opt, const double *lrs, double *losses,
+                              int64_t *correct)
+{
+    if (count < 1 || batch < 1)
+        return 0;
+    const int64_t batches = (count + batch - 1) / batch;
+    const int team = team_size(c, (int)(count < batch ? count : batch), c->parallel_min_train);
+    int64_t done = 0;
+    if (team > 1) {
+        OMP(omp parallel num_threads(team))
+        {
+            const int64_t k = batches_team(c, x, y, order, count, batch, opt, lrs, losses, correct);
+            OMP(omp master)
+            done = k;
+        }
+    } else {
+        const int64_t k = batches_team(c, x, y, order, count, batch, opt, lrs, losses, correct);
+        OMP(omp master)
+        done = k;
+    }
+    const int64_t tried = done < batches ? done + 1 : done; /* the last one's loss was not finite */
+    c->counter += (uint64_t)tried;
+    opt->step += done;
+    if (lrs)
+        opt->lr = lrs[tried - 1];
+    return done;
 }

@@ -32,6 +32,9 @@ typedef float snapshot_real;
 #define SNAPSHOT_CACHE_SIZE 0
 #define SNAPSHOT_SCRATCH_PER_THREAD 1732
 #define SNAPSHOT_OUT_OFFSET 224
+/* batches smaller than this run on one thread (no parallel region): the ctx's parallel_min_* */
+#define SNAPSHOT_PARALLEL_MIN_EVAL 2807
+#define SNAPSHOT_PARALLEL_MIN_TRAIN 984
 
 /* Everything a call works on; the caller allocates every array. */
 typedef struct {
@@ -47,9 +50,12 @@ typedef struct {
     snapshot_real *grads_tls; /* threads * SNAPSHOT_NUM_PARAMS: per-thread gradient accumulators */
     snapshot_real *scratch;   /* threads * SNAPSHOT_SCRATCH_PER_THREAD (at least 1): im2col buffers */
     snapshot_real *cache;     /* SNAPSHOT_CACHE_SIZE (at least 1): derived from params (Winograd weights) */
+    double *losses;          /* capacity (at least 1): each sample's loss in the last backward */
     int cache_valid;         /* 0: remake the cache on the next forward; set by forward */
     int capacity;            /* samples acts, dacts and ints hold */
     int threads;             /* threads to use (>= 1) */
+    int parallel_min_eval;   /* an evaluation forward of fewer samples runs on one thread (SNAPSHOT_PARALLEL_MIN_EVAL) */
+    int parallel_min_train;  /* the same for training calls (SNAPSHOT_PARALLEL_MIN_TRAIN) */
     uint64_t seed;           /* dropout seed */
     uint64_t counter;        /* training forwards so far (dropout draws differ per call) */
     double label_smoothing;  /* cross_entropy: torch's CrossEntropyLoss(label_smoothing) */
