@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from netcompiler.check import load
+from netcompiler.cli import main
 from netcompiler.report import build_report, format_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +157,6 @@ def test_batchnorm_buffers_count_in_memory_not_params():
 
 
 def test_cli_report_batch_size(capsys):
-    from netcompiler.cli import main
 
     totals = []
     for b in (1, 2, 3):
@@ -170,7 +170,6 @@ def test_cli_report_batch_size(capsys):
 
 @pytest.mark.parametrize("fmt", ["text", "markdown", "json", "csv"])
 def test_cli_report_formats(fmt, capsys):
-    from netcompiler.cli import main
 
     assert main(["report", str(ROOT / "specs/cifar.yaml"), "--format", fmt]) == 0
     out = capsys.readouterr().out
@@ -183,8 +182,16 @@ def test_cli_report_formats(fmt, capsys):
 
 
 def test_cli_report_bad_spec_is_an_error(capsys):
-    from netcompiler.cli import main
 
     assert main(["report", str(ROOT / "tests/specs/cifar_first.yaml")]) == 1
     err = capsys.readouterr().err
     assert "expected output 10, but it is 40" in err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "specs").glob("*.yaml")) + sorted((ROOT / "tests/specs").glob("export_*.yaml")),
+                         ids=lambda p: p.stem)
+def test_cli_report_runs_on_every_spec_with_export_estimates(path, capsys):
+    assert main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    # every spec here exports in float32 and int8: both have flash and RAM estimates
+    assert "float32" in out and "int8" in out, out[-800:]

@@ -45,7 +45,10 @@ MATH_CODE_BYTES = {"EXP": 200, "ERF": 350, "TANH": 200}
 STACK_BYTES = 128  # the deepest call: NAME_infer and one step's function, spills included
 # int8 (the same compiler and flags; code of NAME.o: lenet5 4,266 B generic, 6,072 B with
 # SMLAD; alphabet 5,270 B and 6,050 B; stack of NAME_infer_int8 up to 260 B)
-CODE_BYTES_INT8 = {"conv": 1300, "linear": 450, "maxpool": 250, "avgpool": 300, "elementwise": 100}
+CODE_BYTES_INT8 = {"conv": 1300, "linear": 450, "maxpool": 250, "avgpool": 300, "elementwise": 100,
+                   # export_graph.yaml's int8 NAME.o (-O2 -fno-inline): add 104-116 B, a concat's copy
+                   # 12 B (60 B with a table), adaptive_avgpool2d 244 B (global: 80 B), upsample 70 B
+                   "add": 140, "concat": 20, "adaptive_avgpool": 250, "upsample": 70}
 CODE_BYTES_INT8_DSP_CONV = 1500
 CODE_BYTES_INT8_BASE = 1000  # requant, NAME_infer_int8 and the float wrapper
 STACK_BYTES_INT8 = 288
