@@ -27,6 +27,27 @@ from netcompiler.verify import random_batch  # noqa: F401 (used by the test modu
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A spec whose C takes long to compile: hundreds of layers or large maps (densenet_cifar,
+# mobilenetv2_cifar, squeezenet1_1). Tests that compile every spec several times (both
+# compilers, both dtypes, export targets) run it only with -m slow; the default run still
+# builds each once (test_onnx_export: netc's forward against ONNX Runtime).
+HEAVY_LAYERS = 100
+HEAVY_MACS = 50_000_000
+
+
+def heavy_spec(path: Path) -> bool:
+    from netcompiler.check import load
+    from netcompiler.report import build_report
+
+    network = load(path)
+    return len(network.layers) > HEAVY_LAYERS or build_report(network)["total_macs"] > HEAVY_MACS
+
+
+def spec_params(paths, value=lambda p: p) -> list:
+    """pytest params of spec files, id'd by stem; heavy specs marked slow."""
+    return [pytest.param(value(p), id=p.stem, marks=[pytest.mark.slow] if heavy_spec(p) else []) for p in paths]
+
+
 _BUILT: dict[tuple[str, str, str], Any] = {}
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import netcompiler as nc
-from conftest import ROOT, assert_close, randomize_batchnorm, spec
+from conftest import ROOT, assert_close, randomize_batchnorm, spec, spec_params
 from netcompiler.check import check_text, load
 from netcompiler.cli import main
 from netcompiler.errors import SpecErrors
@@ -169,7 +169,7 @@ def _check(spec_path: Path, tmp_path: Path, capsys, target: str = "generic", n: 
     return dict(network=network, out=out, printed=printed)
 
 
-@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+@pytest.mark.parametrize("path", spec_params(SPECS))
 def test_specs_match_forward(path, tmp_path, capsys):
     _check(path, tmp_path, capsys)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import netcompiler as nc
-from conftest import ROOT, randomize_batchnorm
+from conftest import ROOT, randomize_batchnorm, spec_params
 from netcompiler.check import check_text, load
 from netcompiler.cli import main
 from netcompiler.export import export_int8
@@ -87,7 +87,7 @@ def test_kinds_without_int8_kernel_are_refused_in_one_line(monkeypatch):
                               "'add' (the float32 export has)")
 
 
-@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+@pytest.mark.parametrize("path", spec_params(SPECS))
 def test_specs_match_reference(path, tmp_path):
     r = _check(load(path), tmp_path)
     # and the int8 network computes roughly the float one: within 5% of the outputs' range
@@ -104,7 +104,7 @@ def test_odd_shapes_match_reference(name, tmp_path):
 ARM_GCC = shutil.which("arm-none-eabi-gcc")
 
 
-@pytest.mark.parametrize("name", [p.stem for p in SPECS] + sorted(ODD))
+@pytest.mark.parametrize("name", spec_params(SPECS, lambda p: p.stem) + sorted(ODD))
 def test_cortex_m4_target_matches_reference(name, tmp_path):
     """--target cortex-m4: convolutions in the DSP weight order; on the host (no
     __ARM_FEATURE_DSP) their plain-C form must equal the reference, and the SMLAD form

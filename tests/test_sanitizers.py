@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, spec
+from conftest import ROOT, heavy_spec, spec
 from netcompiler.build import BASE_FLAGS, WARNINGS, compiler, default_flags, has_openmp
 from netcompiler.check import check_text, load
 from netcompiler.render import render
@@ -233,7 +233,7 @@ def test_sanitizers_clean(name, dtype, tmp_path):
 def _compile_only(cc: str, flags: list[str], rendered, directory: Path) -> subprocess.CompletedProcess:
     c_file = _write(rendered, directory)
     cmd = [cc, *flags, "-Werror", "-fPIC", "-c", str(c_file), "-o", str(directory / f"{rendered.name}.o")]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
 
 
 def _compile_all(cc: str, flags: list[str], tmp_path: Path, sources) -> list[str]:
@@ -250,9 +250,10 @@ def _compile_all(cc: str, flags: list[str], tmp_path: Path, sources) -> list[str
         return [r for r in pool.map(one, sources) if r]
 
 
-def _project_sources(flags):
+def _project_sources(flags, heavy: bool = False):
+    """Both dtypes of every spec of SPECS (light ones, or with heavy=True the heavy ones)."""
     out = []
-    for path in SPECS:
+    for path in (p for p in SPECS if heavy_spec(p) == heavy):
         net = load(path)
         for dtype in ("float32", "float64"):
             out.append((f"{path.stem}_{dtype}", render(net, dtype, flags)))
@@ -269,6 +270,14 @@ def test_project_specs_compile_without_warnings(cc_name, tmp_path):
         pytest.skip(f"{cc_name} is not installed")
     flags = default_flags(cc)
     failures = _compile_all(cc, flags, tmp_path, _project_sources(flags))
+    assert not failures, "warnings with the default flags + -Werror:\n" + "\n".join(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cc_name", COMPILERS)
+def test_heavy_project_specs_compile_without_warnings(cc_name, tmp_path):
+    flags = default_flags(shutil.which(cc_name))
+    failures = _compile_all(shutil.which(cc_name), flags, tmp_path, _project_sources(flags, heavy=True))
     assert not failures, "warnings with the default flags + -Werror:\n" + "\n".join(failures)
 
 
