@@ -151,6 +151,7 @@ def run_torch(network, state, s: dict, X, Y, TX, TY, threads: int, fill: float) 
                 correct += int((model(tx[k:k + 256]).argmax(1) == ty[k:k + 256]).sum())
         acc.append(correct / len(tx))
         clock.append(time.perf_counter() - t0)
+        print(f"torch epoch {epoch + 1}/{epochs}: test acc {100 * acc[-1]:.2f}% | {clock[-1]:.1f} s", flush=True)
     return {"acc": acc, "clock": clock, "wall": clock[-1], "total_wall": clock[-1], "cpu": cpu_seconds() - cpu0}
 
 
@@ -191,6 +192,8 @@ def main(argv=None) -> int:
     opts = TrainOptions(spec=str(path), data=data, out=str(Path(tmp.name) / "run"), epochs=args.epochs,
                         batch_size=args.batch_size, threads=args.threads, limit=args.limit, force=True)
     s = resolve_settings(network, opts)
+    if s["normalize"] != "global":
+        raise SystemExit("error: time to accuracy normalises with one mean and std (normalize: global)")
     if s["val_split"]:
         raise SystemExit("error: the spec's train: section sets val_split; time to accuracy evaluates on the test set")
     raw_x = ds.train_x[:args.limit] if args.limit else ds.train_x
