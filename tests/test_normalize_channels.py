@@ -243,3 +243,17 @@ def test_shift_fills_each_channel_with_its_own_black():
     assert filled > 0  # some samples were shifted
     with pytest.raises(ValueError, match=r"one per channel \(3\)"):
         net.set_augment(shift=1, fill=[0.0, 1.0])
+
+
+def test_export_says_it_leaves_a_per_channel_normalisation_out(tmp_path):
+    from netcompiler.errors import NetcWarning
+    from netcompiler.export import load_state
+
+    network = load_text(tmp_path, COLOUR)
+    net = nc.compile(network, threads=1)
+    net.set_normalization([0.1, 0.5, 0.3], [0.2, 0.25, 0.5])
+    net.save_weights(tmp_path / "w.npz")
+    with pytest.warns(NetcWarning, match=r"per-channel input normalisation \(mean \[0.1, 0.5, 0.3\] std "
+                                         r"\[0.2, 0.25, 0.5\]\) is not written to the export"):
+        state, norm = load_state(network, tmp_path / "w.npz")
+    assert norm is None and set(state) == set(net.state_dict())
