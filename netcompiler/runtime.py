@@ -418,9 +418,9 @@ class Net:
                     fill: float | Sequence[float] = 0.0, seed: int = 0, epoch: int = 0) -> None:
         """Augment training inputs in C (training forwards only): a random shift by up to `shift`
         pixels (`fill` outside: one value, or one per input channel), a left-right flip with
-        probability 1/2, and with probability
-        `erase` a zeroed rectangle (torchvision RandomErasing's defaults), each drawn from
-        (seed, epoch, sample row), so any chunking or resume draws the same."""
+        probability 1/2, and with probability `erase` a zeroed rectangle (torchvision
+        RandomErasing's defaults), each drawn from (seed, epoch, sample row), so any chunking
+        or resume draws the same."""
         if (shift or hflip or erase) and len(self.network.input_shape) != 3:
             raise ValueError("augmentation needs an image input (C, H, W)")
         h, w = self.network.input_shape[1:] if len(self.network.input_shape) == 3 else (1, 1)
