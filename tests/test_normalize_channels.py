@@ -132,6 +132,12 @@ def test_eval_predict_and_net_predict_apply_the_stored_statistics(colour_run, ca
     got = np.array([r["probabilities"] for r in json.loads(capsys.readouterr().out)["predictions"]])
     np.testing.assert_allclose(got, probs[:5], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(net.predict(tx[:5]), probs[:5], rtol=1e-4, atol=1e-6)
+    Image = pytest.importorskip("PIL.Image")
+    Image.fromarray(tx[0].transpose(1, 2, 0), "RGB").save(d / "one.png")  # an RGB PNG: the same pixels
+    assert main(["predict", str(d / "colour.yaml"), str(run / "weights.npz"), str(d / "one.png"),
+                 "--format", "json", "--threads", "1"]) == 0
+    got = json.loads(capsys.readouterr().out)["predictions"][0]["probabilities"]
+    np.testing.assert_allclose(got, probs[0], rtol=1e-4, atol=1e-6)
     assert main(["eval", str(d / "colour.yaml"), str(run / "weights.npz"), "--data", str(d / "colour.npz"),
                  "--threads", "1"]) == 0
     assert "normalisation: mean [" in capsys.readouterr().out
