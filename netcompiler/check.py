@@ -48,6 +48,7 @@ TRAIN_KEYS: dict[str, tuple[str, Any]] = {
     "val_split": ("float", 0.0),
     "mean": ("float", None),
     "std": ("float", None),
+    "normalize": ("choice", "global"),  # global: one mean/std; channel: one per input channel
     # recipes (netcompiler/recipe.py): torch's names and defaults
     "lr_schedule": ("choice", "none"),
     "step_size": ("int", None),
@@ -67,7 +68,8 @@ TRAIN_KEYS: dict[str, tuple[str, Any]] = {
 }
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")  # adam and adamw: one optimizer (see runtime.Net.set_optimizer)
 SCHEDULES = ("none", "step", "multistep", "cosine", "onecycle")
-CHOICES = {"optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES}
+NORMALIZE_MODES = ("global", "channel")
+CHOICES = {"optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES, "normalize": NORMALIZE_MODES}
 MAX_TRAIN_INT = 1 << 20  # epochs and batch_size: far beyond any run, and within the C int
 # (lowest, highest) of the train: options that are not 1..MAX_TRAIN_INT; val_split < 1 and
 # std > 0 are checked on their own

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .check import OPTIMIZERS, SCHEDULES, TRAIN_KEYS, Network, load, train_value
+from .check import NORMALIZE_MODES, OPTIMIZERS, SCHEDULES, TRAIN_KEYS, Network, load, train_value
 from .cli import DTYPE_HELP, FORMAT_HELP, int_at_least
 from .errors import DataError, NetcError
 from .perturb import PERTURB_HELP
@@ -21,7 +21,8 @@ from .train import TARGETS
 
 NORMALISATION_HELP = (
     "Normalisation: inputs are pixels/255 (uint8 images), then (x - mean) / std.  netc train takes mean/std "
-    "from the spec's train: section, else computes them on the training images; it records them in "
+    "from the spec's train: section, else computes them on the training images (--normalize channel: one "
+    "mean and std per input channel, as torchvision's Normalize); it records them in "
     "RUN_DIR/normalization.json and inside weights.npz and checkpoint.npz (as '__meta__/mean' and "
     "'__meta__/std'), where netc eval and netc predict find them.")
 WEIGHTS_HELP = ("weights.npz or checkpoint.npz written by netc train (any .npz with the spec's parameter names "
@@ -132,6 +133,9 @@ def register(sub) -> None:
     t.add_argument("--pad", action="store_true", default=None,
                    help="zero-pad images smaller than the spec's input (e.g. 28x28 -> 32x32)")
     t.add_argument("--dtype", choices=["float32", "float64"], help=DTYPE_HELP)
+    t.add_argument("--normalize", choices=NORMALIZE_MODES,
+                   help=f"global: one mean/std over all pixels; channel: one per input channel (colour "
+                        f"images) (default {d['normalize']})")
     t.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     t.add_argument("--distributed", action="store_true",
                    help="one rank of a data-parallel run over MPI (implied under mpirun or srun with more than "
@@ -234,7 +238,7 @@ def cmd_train(args) -> int:
                         weight_decay=args.weight_decay, seed=args.seed, val_split=args.val_split, limit=args.limit,
                         pad=args.pad, dtype=args.dtype, threads=args.threads, resume=args.resume, force=args.force,
                         init=args.init, freeze=args.freeze, plot=args.plot, target=args.target,
-                        perturb=args.perturb,
+                        perturb=args.perturb, normalize=args.normalize,
                         **{k: getattr(args, k) for k in RECIPE_KEYS})
     train(opts, progress=False if args.no_progress else None)
     return 0
@@ -283,8 +287,9 @@ class Model:
     def norm_text(self) -> str:
         if self.mean is None and self.std is None:
             return f"normalisation: {self.norm_source}"
-        return (f"normalisation: mean {self.mean if self.mean is not None else 0:.4f} "
-                f"std {self.std if self.std is not None else 1:.4f} ({self.norm_source})")
+        from .data import norm_text
+
+        return f"normalisation: {norm_text(self.mean, self.std)} ({self.norm_source})"
 
     def class_name(self, c: int, names: list[str] | None = None) -> str | None:
         names = names or self.class_names

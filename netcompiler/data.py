@@ -44,9 +44,12 @@ __all__ = [
     "prepare_inputs",
     "train_val_split",
     "dataset_stats",
+    "norm_values",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: A normalisation mean or std: one value for all pixels, or a list of one per channel.
+Norm = Union[float, "list[float]"]
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs the four gzipped IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -691,7 +694,7 @@ def _chw_text(shape: tuple[int, ...]) -> str:
 
 
 def prepare_inputs(x: np.ndarray, input_shape: tuple[int, int, int], *,
-                   mean: float | None = None, std: float | None = None,
+                   mean: Norm | None = None, std: Norm | None = None,
                    pad: bool = False, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
     """Turn images into the (N, C, H, W) float tensor a network with `input_shape` takes.
 
@@ -702,6 +705,7 @@ def prepare_inputs(x: np.ndarray, input_shape: tuple[int, int, int], *,
     `input_shape`, except that with ``pad=True`` smaller images are zero-padded, centered,
     up to the spec's size; finally ``(x - mean) / std`` is applied when given (after
     padding, so the padding becomes ``-mean / std`` like torchvision's Pad+Normalize).
+    `mean` and `std` are one number, or a list of one per channel (torchvision's Normalize).
 
     Returns a C-contiguous array of `dtype`.  Raises `DataError` on a shape mismatch,
     e.g. "data images are 1x28x28 but the spec's input is 1x32x32 (use --pad to zero-pad)".
@@ -745,13 +749,9 @@ def prepare_inputs(x: np.ndarray, input_shape: tuple[int, int, int], *,
         out = padded
 
     if mean is not None:
-        if not math.isfinite(mean):
-            raise DataError(f"normalisation mean must be finite, got {mean}")
-        out -= np.asarray(mean, dtype=out.dtype)
+        out -= norm_values(mean, "mean", out.shape[1], out.dtype)
     if std is not None:
-        if not (math.isfinite(std) and std > 0):
-            raise DataError(f"normalisation std must be a positive number, got {std}")
-        out /= np.asarray(std, dtype=out.dtype)
+        out /= norm_values(std, "std", out.shape[1], out.dtype)
     return np.ascontiguousarray(out, dtype=dtype)
 
 
@@ -783,8 +783,10 @@ def train_val_split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int
     return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
 
 
-def dataset_stats(x: np.ndarray) -> tuple[float, float]:
-    """Mean and (population) standard deviation of all pixels, on the [0, 1] scale.
+def dataset_stats(x: np.ndarray, per_channel: bool = False) -> tuple[Norm, Norm]:
+    """Mean and (population) standard deviation of all pixels, on the [0, 1] scale: two
+    floats, or with `per_channel` two lists of one value per channel (axis 1 of (N, C, H, W)
+    images; (N, H, W) images have one channel).
 
     uint8 images are divided by 255; float images are taken as they are.  Computed in
     float64, in chunks, so it does not materialise a float copy of the whole dataset.
@@ -795,15 +797,40 @@ def dataset_stats(x: np.ndarray) -> tuple[float, float]:
     if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"data images must be uint8 or floating point, got dtype {x.dtype}")
     scale = 255.0 if x.dtype == np.uint8 else 1.0
-    flat = x.reshape(len(x), -1) if x.ndim > 1 else x.reshape(-1, 1)
-    total = 0.0
-    total_sq = 0.0
-    chunk = max(1, (1 << 22) // max(1, flat.shape[1]))
+    channels = x.shape[1] if per_channel and x.ndim == 4 else 1
+    flat = x.reshape(len(x), channels, -1) if x.ndim > 1 else x.reshape(-1, 1, 1)
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    chunk = max(1, (1 << 22) // max(1, flat.shape[1] * flat.shape[2]))
     for start in range(0, len(flat), chunk):
         part = flat[start:start + chunk].astype(np.float64) / scale
-        total += float(part.sum())
-        total_sq += float(np.square(part).sum())
-    count = x.size
+        total += part.sum(axis=(0, 2))
+        total_sq += np.square(part).sum(axis=(0, 2))
+    count = x.size // channels
     mean = total / count
-    var = max(0.0, total_sq / count - mean * mean)
-    return mean, math.sqrt(var)
+    std = np.sqrt(np.maximum(0.0, total_sq / count - mean * mean))
+    if not per_channel:
+        return float(mean[0]), float(std[0])
+    return [float(m) for m in mean], [float(d) for d in std]
+
+
+def norm_values(v: Norm, what: str, channels: int, dtype: npt.DTypeLike = np.float64) -> np.ndarray:
+    """A normalisation mean or std (one number, or one per channel) as an array that
+    broadcasts over (N, C, H, W): shape () or (C, 1, 1).  `DataError` when a value is not
+    finite (std: not > 0) or a list does not have one value per channel."""
+    arr = np.asarray(v, dtype=np.float64)
+    if arr.ndim > 1 or (arr.ndim == 1 and len(arr) != channels):
+        raise DataError(f"normalisation {what} has {arr.size} values for images of {channels} "
+                        f"channel{'s' if channels != 1 else ''}")
+    if not np.all(np.isfinite(arr)) or (what == "std" and not np.all(arr > 0)):
+        want = "a positive number" if what == "std" else "finite"
+        raise DataError(f"normalisation {what} must be {want}, got {v}")
+    return arr.astype(dtype).reshape(-1, 1, 1) if arr.ndim else arr.astype(dtype)
+
+
+def norm_text(mean: Norm | None, std: Norm | None) -> str:
+    """'mean 0.2860 std 0.3530', or per channel 'mean [0.4914, 0.4822] std [...]'."""
+    def show(v: Norm | None, default: float) -> str:
+        v = default if v is None else v
+        return f"[{', '.join(f'{x:.4f}' for x in v)}]" if isinstance(v, (list, tuple)) else f"{v:.4f}"
+    return f"mean {show(mean, 0.0)} std {show(std, 1.0)}"

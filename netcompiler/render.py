@@ -91,6 +91,7 @@ def render(net, dtype: str = "float32", flags: list[str] | None = None) -> Rende
                   math=set().union(*(lp.c.get("math", ()) for lp in plan.layers))),
         banner=banner(plan, dtype, flags or []),
         image=dict(zip("chw", net.input_shape)) if len(net.input_shape) == 3 else None,  # augmentation's sizes
+        fill_channels=net.input_shape[0] if len(net.input_shape) == 3 else 1,  # augmentation's fill values
     )
     api = env.get_template("api.h.j2").render(ctx)
     header = env.get_template("header.h.j2").render(ctx, api=api)

@@ -17,7 +17,7 @@ import os
 import threading
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -299,22 +299,31 @@ class Net:
 
         meta: dict[str, Any] = {"pad": np.bool_(self._norm_pad), "spec_hash": np.array(self.network.spec_hash)}
         if self._norm_mean is not None and self._norm_std is not None:
-            meta.update(mean=np.float64(self._norm_mean), std=np.float64(self._norm_std))
+            meta.update(mean=np.asarray(self._norm_mean, np.float64), std=np.asarray(self._norm_std, np.float64))
         if self.class_names:
             meta["class_names"] = np.array(self.class_names)
         W.save_weights(path, self, meta)
 
     @_locked
-    def set_normalization(self, mean: float | None = None, std: float | None = None, pad: bool = False) -> None:
+    def set_normalization(self, mean: float | Sequence[float] | None = None,
+                          std: float | Sequence[float] | None = None, pad: bool = False) -> None:
         """The input normalisation of `predict`: x = (pixels/255 - mean) / std (None: skip
-        that step); pad=True zero-pads smaller images, centred, to the input size."""
+        that step), each one number or a sequence of one per input channel (as torchvision's
+        Normalize); pad=True zero-pads smaller images, centred, to the input size."""
+        shape = self.network.input_shape
+        values = []
         for what, v in (("mean", mean), ("std", std)):
-            if v is not None and not (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(
-                    v, (bool, np.bool_)) and math.isfinite(v) and (what == "mean" or v > 0)):
-                raise ValueError(f"normalisation {what} must be a finite number{' > 0' if what == 'std' else ''} "
-                                 f"or None, got {v!r}")
-        self._norm_mean = None if mean is None else float(mean)
-        self._norm_std = None if std is None else float(std)
+            per_channel = isinstance(v, (list, tuple, np.ndarray)) and np.ndim(v) == 1
+            items = list(v) if per_channel else [v]
+            ok = v is None or (all(isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(
+                x, (bool, np.bool_)) and math.isfinite(x) and (what == "mean" or x > 0) for x in items)
+                and (not per_channel or (len(shape) == 3 and len(items) == shape[0])))
+            if not ok:
+                each = f" (one per channel: {shape[0]})" if len(shape) == 3 else ""
+                raise ValueError(f"normalisation {what} must be a finite number{' > 0' if what == 'std' else ''}, "
+                                 f"a list of them{each} or None, got {v!r}")
+            values.append(None if v is None else [float(x) for x in items] if per_channel else float(v))
+        self._norm_mean, self._norm_std = values
         self._norm_pad = bool(pad)
 
     @property
@@ -410,21 +419,29 @@ class Net:
         self._ctx.label_smoothing = eps
 
     @_locked
-    def set_augment(self, shift: int = 0, hflip: bool = False, erase: float = 0.0, fill: float = 0.0,
-                    seed: int = 0, epoch: int = 0) -> None:
+    def set_augment(self, shift: int = 0, hflip: bool = False, erase: float = 0.0,
+                    fill: float | Sequence[float] = 0.0, seed: int = 0, epoch: int = 0) -> None:
         """Augment training inputs in C (training forwards only): a random shift by up to `shift`
-        pixels (`fill` outside), a left-right flip with probability 1/2, and with probability
-        `erase` a zeroed rectangle (torchvision RandomErasing's defaults), each drawn from
-        (seed, epoch, sample row), so any chunking or resume draws the same."""
+        pixels (`fill` outside: one value, or one per input channel), a left-right flip with
+        probability 1/2, and with probability `erase` a zeroed rectangle (torchvision
+        RandomErasing's defaults), each drawn from (seed, epoch, sample row), so any chunking
+        or resume draws the same."""
         if (shift or hflip or erase) and len(self.network.input_shape) != 3:
             raise ValueError("augmentation needs an image input (C, H, W)")
         h, w = self.network.input_shape[1:] if len(self.network.input_shape) == 3 else (1, 1)
         if not (isinstance(shift, (int, np.integer)) and 0 <= shift < min(h, w)):
             raise ValueError(f"augment shift must be an integer in 0..{min(h, w) - 1}, got {shift!r}")
-        if not (0 <= erase <= 1) or not math.isfinite(fill):
+        if not (0 <= erase <= 1):
             raise ValueError(f"augment erase must be a probability in [0, 1], got {erase!r}")
         c = self._ctx
-        c.aug_shift, c.aug_hflip, c.aug_erase, c.aug_fill = int(shift), int(bool(hflip)), float(erase), float(fill)
+        channels = len(c.aug_fill)
+        fills = np.broadcast_to(np.asarray(fill, np.float64), (channels,)) if np.ndim(fill) == 0 or (
+            np.ndim(fill) == 1 and len(fill) == channels) else None
+        if fills is None or not np.all(np.isfinite(fills)):
+            raise ValueError(f"augment fill must be a finite number or one per channel ({channels}), got {fill!r}")
+        c.aug_shift, c.aug_hflip, c.aug_erase = int(shift), int(bool(hflip)), float(erase)
+        for ch in range(channels):
+            c.aug_fill[ch] = float(fills[ch])
         c.aug_seed, c.aug_epoch = int(seed) & (2**64 - 1), int(epoch)
 
     @_locked

@@ -46,7 +46,7 @@ import numpy as np
 from . import recipe
 from . import weights as W
 from .check import TRAIN_KEYS, Network, load, train_value
-from .data import Dataset, dataset_stats, load_dataset, prepare_inputs, train_val_split
+from .data import Dataset, Norm, dataset_stats, load_dataset, norm_text, prepare_inputs, train_val_split
 from .errors import DataError, NetcError, WeightsError
 from .fileio import locked_directory, remove_stale_temps
 from .progress import Progress, emit, fmt_seconds
@@ -67,7 +67,7 @@ RECIPE_KEYS = ("lr_schedule", "step_size", "gamma", "milestones", "min_lr", "max
                "final_div_factor", "warmup_epochs", "nesterov", "label_smoothing", "clip_grad_norm", "patience",
                "augment")
 FIXED_ON_RESUME = ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "seed", "val_split", "limit",
-                   "pad", "dtype", "mean", "std", "init", "freeze", "target", "perturb",
+                   "pad", "dtype", "mean", "std", "normalize", "init", "freeze", "target", "perturb",
                    *(k for k in RECIPE_KEYS if k != "patience"))
 
 
@@ -113,6 +113,7 @@ class TrainOptions:
     clip_grad_norm: float | None = None
     patience: int | None = None
     augment: str | None = None
+    normalize: str | None = None  # global | channel (one mean/std per input channel)
     init: str | None = None  # weights to start from (a fresh run only)
     freeze: list[str] | None = None  # layers whose parameters stay fixed
     plot: bool = False  # write curves.png
@@ -150,7 +151,7 @@ def resolve_settings(network: Network, opts: TrainOptions) -> dict[str, Any]:
     s = {k: default for k, (_, default) in TRAIN_KEYS.items()}
     s.update(network.train)
     for k in ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "seed", "val_split",
-              *RECIPE_KEYS):
+              "normalize", *RECIPE_KEYS):
         if getattr(opts, k) is not None:
             s[k] = getattr(opts, k)
     s["init"] = str(opts.init) if opts.init else None
@@ -169,6 +170,9 @@ def resolve_settings(network: Network, opts: TrainOptions) -> dict[str, Any]:
             parse_perturb(s["perturb"])
         except ValueError as exc:
             raise NetcError(f"--perturb: {exc}") from None
+    if s["normalize"] == "channel" and len(network.input_shape) != 3:
+        raise NetcError(f"--normalize channel needs an image input (C, H, W); '{network.name}' takes "
+                        f"{network.input_shape[0]} features")
     if not 0 <= s["val_split"] < 1:
         raise NetcError(f"--val-split must be in [0, 1), got {s['val_split']}")
     for k in ("lr", "momentum", "weight_decay"):
@@ -194,7 +198,7 @@ def resolve_settings(network: Network, opts: TrainOptions) -> dict[str, Any]:
 
 
 # ---- data -------------------------------------------------------------------------------
-def to_inputs(network: Network, images: np.ndarray, mean: float | None, std: float | None, pad: bool,
+def to_inputs(network: Network, images: np.ndarray, mean: Norm | None, std: Norm | None, pad: bool,
               dtype: str) -> np.ndarray:
     """Images (N,H,W)/(N,C,H,W), uint8 or float -> the (N, *input) tensor of the network.
     A 1-D input ([features]) takes images of C*H*W == features, flattened."""
@@ -495,11 +499,13 @@ class Run:
             s["mean"], s["std"] = (init[k] if s[k] is None else s[k] for k in ("mean", "std"))
             self.norm_source = f"from --init {s['init']}"
         else:
-            mean, std = dataset_stats(self.raw_train[0])
+            mean, std = dataset_stats(self.raw_train[0], per_channel=s["normalize"] == "channel")
+            std = [d if d > 0 else 1.0 for d in std] if isinstance(std, list) else (std if std > 0 else 1.0)
             s["mean"] = s["mean"] if s["mean"] is not None else mean
-            s["std"] = s["std"] if s["std"] is not None else (std if std > 0 else 1.0)
-            self.norm_source = f"computed on the {len(self.raw_train[0])} training images"
-        if not s["std"] > 0:
+            s["std"] = s["std"] if s["std"] is not None else std
+            per = " per channel" if s["normalize"] == "channel" else ""
+            self.norm_source = f"computed{per} on the {len(self.raw_train[0])} training images"
+        if not np.all(np.asarray(s["std"]) > 0):
             raise NetcError(f"normalisation std must be positive, got {s['std']}")
         s["norm_source"] = self.norm_source
 
@@ -624,7 +630,8 @@ class Run:
 
     # ---- files ----
     def _meta(self) -> dict[str, Any]:
-        meta = {"mean": np.float64(self.s["mean"]), "std": np.float64(self.s["std"]), "pad": np.bool_(self.s["pad"]),
+        meta = {"mean": np.asarray(self.s["mean"], np.float64), "std": np.asarray(self.s["std"], np.float64),
+                "pad": np.bool_(self.s["pad"]),
                 "spec_hash": np.array(self.network.spec_hash), "epoch": np.int64(len(self.history))}
         if self.class_names:
             meta["class_names"] = np.array(self.class_names)
@@ -685,7 +692,7 @@ class Run:
                  + (f", perturbed once ({s['perturb']})" if s["perturb"] else "")
                  + ("; targets: the clean input images" if s["target"] == "input" else "")
                  + f"; validating on {self.val_desc}")
-        self.say(f"normalisation: mean {s['mean']:.4f} std {s['std']:.4f} ({self.norm_source})")
+        self.say(f"normalisation: {norm_text(s['mean'], s['std'])} ({self.norm_source})")
         p = self.position
         if self.opts.resume:
             where = f"epoch {p.epoch + 1}, sample {p.pos}/{self.n_used}" if p.pos else f"after epoch {p.epoch}"
@@ -752,7 +759,8 @@ class Run:
             p.order = self.rng.permutation(len(self.X))[:n]
             p.losses, p.correct, p.train_seconds, p.seconds = np.zeros(0), 0, 0.0, 0.0
         a = self.augment
-        net.set_augment(a["shift"], a["hflip"], a["erase"], fill=-s["mean"] / s["std"], seed=s["seed"], epoch=p.epoch)
+        fill = -np.asarray(s["mean"], np.float64) / np.asarray(s["std"], np.float64)  # black, normalised
+        net.set_augment(a["shift"], a["hflip"], a["erase"], fill=fill.tolist(), seed=s["seed"], epoch=p.epoch)
         scheduled = not recipe.constant(s)
         label = f"epoch {p.epoch + 1}/{s['epochs']}"
         bar = Progress(n, label, self.out, enabled=self.progress, start_done=p.pos)

@@ -34,6 +34,8 @@ from .errors import WeightsError
 from .fileio import FILE_MODE, atomic_write, atomic_write_text  # noqa: F401 (part of this module's API)
 from .npyfile import MAX_META_BYTES, Header, open_regular, read_npz
 
+MAX_NORM_CHANNELS = 4096  # values of a per-channel mean or std (far beyond any image input)
+
 META = "__meta__/"
 OPTIM = "__optim__/"
 
@@ -176,8 +178,8 @@ def apply_state(net, state: dict[str, np.ndarray], path) -> None:
 class Meta:
     """The '__meta__/' facts of a weights or checkpoint file, each checked."""
 
-    mean: float | None = None
-    std: float | None = None
+    mean: float | list[float] | None = None  # one value, or one per input channel
+    std: float | list[float] | None = None
     pad: bool = False
     class_names: list[str] | None = None
     spec_hash: str | None = None
@@ -197,9 +199,10 @@ def read_meta(meta: dict[str, np.ndarray], path, num_classes: int | None = None)
         v = meta.get(key)
         if v is None:
             continue
-        if v.shape != () or v.dtype.kind not in "fiu" or not math.isfinite(float(v)) or (key == "std" and v <= 0):
-            raise bad(key, "a finite number" + (" > 0" if key == "std" else ""))
-        setattr(out, key, float(v))
+        if (v.ndim > 1 or (v.ndim == 1 and not 1 <= len(v) <= MAX_NORM_CHANNELS) or v.dtype.kind not in "fiu"
+                or not np.all(np.isfinite(v)) or (key == "std" and not np.all(v > 0))):
+            raise bad(key, "a finite number" + (" > 0" if key == "std" else "") + " or a list of one per channel")
+        setattr(out, key, float(v) if v.ndim == 0 else [float(x) for x in v])
     if (v := meta.get("pad")) is not None:
         if v.shape != () or v.dtype.kind != "b":
             raise bad("pad", "a boolean")
@@ -223,11 +226,32 @@ def read_meta(meta: dict[str, np.ndarray], path, num_classes: int | None = None)
     return out
 
 
-def normalisation(path, meta: Meta, network) -> tuple[float | None, float | None, str]:
+def _norm_fits(where, mean, std, network) -> None:
+    """A per-channel mean or std must have one value per channel of the network's image input."""
+    shape = network.input_shape
+    for what, v in (("mean", mean), ("std", std)):
+        if isinstance(v, list) and (len(shape) != 3 or len(v) != shape[0]):
+            takes = f"{shape[0]} channels" if len(shape) == 3 else f"{shape[0]} features, not images"
+            raise WeightsError(f"{where}: the normalisation {what} has {len(v)} values (one per channel), but "
+                               f"network '{network.name}' takes {takes}")
+
+
+def _json_norm(v):
+    """A mean or std of normalization.json: a number, or a list of numbers (per channel)."""
+    if isinstance(v, list):
+        if not 1 <= len(v) <= MAX_NORM_CHANNELS:
+            raise ValueError(f"{len(v)} values")
+        return [float(x) for x in v]
+    return float(v)
+
+
+def normalisation(path, meta: Meta, network) -> tuple[float | list[float] | None, float | list[float] | None, str]:
     """(mean, std, where from) for weights at `path`: the values stored in the file, else
-    normalization.json next to it, else the spec's train: section, else none."""
+    normalization.json next to it, else the spec's train: section, else none.  Each is one
+    number or a list of one per input channel."""
     path = Path(path)
     if meta.mean is not None and meta.std is not None:
+        _norm_fits(path, meta.mean, meta.std, network)
         return meta.mean, meta.std, f"stored in {path.name}"
     side = path.parent / "normalization.json"
     if side.is_file():
@@ -235,11 +259,13 @@ def normalisation(path, meta: Meta, network) -> tuple[float | None, float | None
             with open_regular(side, WeightsError, "normalisation file") as f:
                 text = f.read(1 << 16)  # netc train writes a few lines
             info = json.loads(text)
-            mean, std = float(info["mean"]), float(info["std"])
+            mean, std = _json_norm(info["mean"]), _json_norm(info["std"])
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise WeightsError(f"{side}: unreadable normalisation file ({exc})") from None
-        if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        m, d = np.asarray(mean), np.asarray(std)
+        if not (np.all(np.isfinite(m)) and np.all(np.isfinite(d)) and np.all(d > 0)):
             raise WeightsError(f"{side}: normalisation must be a finite mean and a std > 0, got {mean}, {std}")
+        _norm_fits(side, mean, std, network)
         return mean, std, f"from {side}"
     t = network.train
     if t.get("mean") is not None or t.get("std") is not None:
@@ -288,6 +314,12 @@ def _is_real(v) -> bool:
     return type(v) in (int, float)
 
 
+def _real_or_list(v, ok: Callable[[float], bool]) -> bool:
+    """A number, or a non-empty list of numbers (one per channel), each passing `ok`."""
+    vals = v if isinstance(v, list) and 1 <= len(v) <= MAX_NORM_CHANNELS else [v]
+    return all(_is_real(x) and ok(x) for x in vals)
+
+
 def check_settings(settings: Any, path) -> dict[str, Any]:
     """The run settings of a checkpoint, each checked by the rule its command-line option
     (or spec train: key) has; `WeightsError` naming the first bad one."""
@@ -296,6 +328,7 @@ def check_settings(settings: Any, path) -> dict[str, Any]:
 
     if not isinstance(settings, dict):
         raise _damaged(path, f"settings are {type(settings).__name__}, not a mapping")
+    settings.setdefault("normalize", "global")  # checkpoints written before per-channel normalisation
     missing = [k for k in (*TRAIN_KEYS, "limit", "pad", "dtype", "norm_source", "init", "freeze") if k not in settings]
     if missing:
         raise _damaged(path, f"settings lack {', '.join(missing)}")
@@ -308,8 +341,9 @@ def check_settings(settings: Any, path) -> dict[str, Any]:
             raise _damaged(path, f"setting '{key}' is {json.dumps(settings[key])}: {exc}") from None
     rules = {
         "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
-        "mean": (lambda v: _is_real(v) and math.isfinite(v), "a finite number"),
-        "std": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "a finite number > 0"),
+        "mean": (lambda v: _real_or_list(v, lambda x: math.isfinite(x)), "a finite number or a list of them"),
+        "std": (lambda v: _real_or_list(v, lambda x: math.isfinite(x) and x > 0),
+                "a finite number > 0 or a list of them"),
         "limit": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
         "pad": (lambda v: type(v) is bool, "true or false"),
         "dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),

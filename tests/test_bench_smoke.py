@@ -45,3 +45,26 @@ def test_busy_mode_runs_and_kills_its_busy_process(tmp_path):
     pid = rows[1]["busy_pid"]
     cmdline = Path(f"/proc/{pid}/cmdline")
     assert not cmdline.exists() or b"getppid" not in cmdline.read_bytes()  # (unless the pid was reused)
+
+
+def test_time_to_accuracy_quick_runs(tmp_path):
+    """bench/tta.py --quick on a synthetic 28x28 data set: both sides train, both accuracies
+    and wall times are printed and written.  No time or accuracy is asserted."""
+    pytest.importorskip("torch")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "tiny.npz", x=rng.integers(0, 256, (600, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 600),
+             x_test=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 300))
+    env = dict(os.environ, NETC_CACHE_DIR=str(tmp_path / "cache"))
+    cmd = [sys.executable, str(ROOT / "bench" / "tta.py"), "--quick", "--net", "lenet5", "--threads", "1",
+           "--data", str(tmp_path / "tiny.npz"), "--json", str(tmp_path / "tta.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final test accuracy: netc " in proc.stdout and "wall: netc " in proc.stdout
+    got = json.loads((tmp_path / "tta.json").read_text())
+    assert got["epochs"] == 1 and got["threads"] == 1
+    for side in ("netc", "torch"):
+        r = got[side]
+        assert len(r["acc"]) == 1 and 0 <= r["acc"][0] <= 1 and r["wall"] > 0
+    assert "512 training and 256 test images" in proc.stdout  # --quick's limits

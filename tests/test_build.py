@@ -137,8 +137,9 @@ def test_show_prints_whole_source():
 
 
 # ResNet-20's verify takes minutes (65 tensors; 1 m 46 s at --batch-size 2 --samples 2 on a
-# shared 2-core machine): tests/test_graph.py runs it among the slow tests
-SLOW_VERIFY = {"resnet20.yaml"}
+# shared 2-core machine): tests/test_graph.py runs it among the slow tests; fashion_resnet's
+# (1 m 44 s at the same sizes, load average 10) is among tests/test_fashion_resnet.py's
+SLOW_VERIFY = {"resnet20.yaml", "fashion_resnet.yaml"}
 # verified with a smaller batch among the slow tests of tests/test_model_zoo.py (minutes each)
 OWN_VERIFY = {"mobilenetv2_cifar.yaml", "densenet_cifar.yaml", "squeezenet1_1.yaml"}
 

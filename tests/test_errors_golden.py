@@ -331,7 +331,7 @@ GOLDEN = {
         "loss: mse\n"
         "train: {epoch: 3}\n",
         "net.yaml:5:9: error: unknown train option 'epoch' (did you mean 'epochs'?); expected one of epochs, "
-        "batch_size, optimizer, lr, momentum, weight_decay, seed, val_split, mean, std, lr_schedule, step_size, "
+        "batch_size, optimizer, lr, momentum, weight_decay, seed, val_split, mean, std, normalize, lr_schedule, step_size, "
         "gamma, milestones, min_lr, max_lr, pct_start, div_factor, final_div_factor, warmup_epochs, nesterov, "
         "label_smoothing, clip_grad_norm, patience, augment"),
     "bad_train_recipe_options": (

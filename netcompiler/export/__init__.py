@@ -13,12 +13,13 @@ Stages: lower (lower.py: layers -> steps, with fusions) -> plan memory -> render
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import WeightsError
+from ..errors import NetcWarning, WeightsError
 from ..fileio import atomic_write_text
 from .lower import Step, lower, vectorise_channels
 from .memory import MemoryPlan, plan_memory
@@ -116,6 +117,11 @@ def load_state(network, path) -> tuple[dict[str, np.ndarray], tuple[float, float
 
     state, meta, _ = split(load_npz(path, cap=network_cap(network)))
     mean, std = meta_float(meta, "mean"), meta_float(meta, "std")
+    per_channel = {k: meta[k] for k in ("mean", "std") if k in meta and meta[k].ndim == 1}
+    if per_channel:
+        shown = " ".join(f"{k} [{', '.join(f'{v:.6g}' for v in a)}]" for k, a in per_channel.items())
+        warnings.warn(f"{path}: the per-channel input normalisation ({shown}) is not written to the export; "
+                      f"apply (x - mean[c]) / std[c] to each channel yourself", NetcWarning, stacklevel=2)
     if not state and (network.param_shapes() or network.buffer_shapes()):
         raise WeightsError(f"{path}: holds no weights (only metadata)")
     check_state(network, state, path)

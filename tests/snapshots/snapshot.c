@@ -669,9 +669,9 @@ static void input_sample(const snapshot_ctx *c, real_t *restrict dst, const real
     const int dy = c->aug_shift ? (int)(mix64(key + 1) % (uint64_t)span) - c->aug_shift : 0;
     const int dx = c->aug_shift ? (int)(mix64(key + 2) % (uint64_t)span) - c->aug_shift : 0;
     const int flip = c->aug_hflip && (mix64(key + 3) & 1);
-    const real_t fill = (real_t)c->aug_fill;
     for (int ch = 0; ch < IMAGE_CHANNELS; ch++)
         for (int i = 0; i < IMAGE_HEIGHT; i++) {
+            const real_t fill = (real_t)c->aug_fill[ch];
             const int si = i + dy;
             real_t *restrict d = dst + ((size_t)ch * IMAGE_HEIGHT + i) * IMAGE_WIDTH;
             if (si < 0 || si >= IMAGE_HEIGHT) {

@@ -63,7 +63,7 @@ typedef struct {
     int aug_shift;           /* random shift by -aug_shift..aug_shift pixels each way, aug_fill outside */
     int aug_hflip;           /* 1: flip left-right with probability 1/2 */
     double aug_erase;        /* probability of erasing (zeroing) one random rectangle, as RandomErasing */
-    double aug_fill;         /* the value of a black pixel (after normalisation) */
+    double aug_fill[1];     /* per input channel: the value of a black pixel (normalised) */
     uint64_t aug_seed;
     int64_t aug_epoch;
 } snapshot_ctx;
