@@ -106,17 +106,37 @@ layers:
   - linear: {out_features: 7}
 loss: cross_entropy
 """,
+    # conv2d on maps of 16 pixels (one vector: pointwise and depthwise loops over pixels run once)
+    "maps_of_16": """
+name: maps_of_16
+input: [8, 4, 4]
+layers:
+  - conv2d: {out_channels: 16, kernel_size: 1, bias: false}
+  - relu
+  - conv2d: {out_channels: 16, kernel_size: 3, padding: 1, groups: 16}
+  - conv2d: {out_channels: 8, kernel_size: 1}
+  - flatten
+  - linear: {out_features: 3}
+loss: cross_entropy
+""",
+    # a last vector of one pixel (17 = 16 + 1) in a 1x1 convolution; depthwise on one row
+    "tail_of_one": """
+name: tail_of_one
+input: [3, 1, 17]
+layers:
+  - conv2d: {out_channels: 4, kernel_size: 1}
+  - relu
+  - conv2d: {out_channels: 4, kernel_size: 1}
+  - conv2d: {out_channels: 4, kernel_size: 3, padding: 1, groups: 4}
+  - flatten
+  - linear: {out_features: 3}
+loss: mse
+""",
 }
 
 SPEC_FILES = sorted((ROOT / "specs").glob("*.yaml")) + [ROOT / "tests/specs/snapshot.yaml"]
-# leftovers of templates/layers/conv2d.c.j2 on shapes that only these specs have (strict: a fix
-# shows as XPASS, and the entry goes)
-LINT_XFAIL = {
-    "mobilenetv2_cifar": "conv2d.c.j2:620, depthwise weight gradient with one output per group: "
-                         "'for (int a = 0; a < 1; a++)' with 'a % 1', 'a / 1'",
-    "squeezenet1_1": "conv2d.c.j2:580, a tail of one pixel (55x55 = 3025 = 189*16 + 1) in a 1x1 conv's backward: "
-                     "'sizeof(real_t) * 1'",
-}
+# specs whose leftovers are known (strict: a fix shows as XPASS, and the entry goes)
+LINT_XFAIL: dict[str, str] = {}
 CASES = [pytest.param(p.read_text(), str(p.relative_to(ROOT)), id=p.stem,
                       marks=[pytest.mark.xfail(reason=LINT_XFAIL[p.stem], strict=True)] if p.stem in LINT_XFAIL else [])
          for p in SPEC_FILES] + [
