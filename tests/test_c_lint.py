@@ -2,7 +2,8 @@
 
 Every spec in specs/, tests/specs/snapshot.yaml and a few odd shapes (stride, padding,
 dilation, groups, ceil-mode and average pools) are rendered in float32 and float64 and the
-C text is searched for:
+C text is searched for (so is the C of every conv2d kernel path forced on the shapes
+tests/test_gradients.py checks it on):
 - loops that run once or never (`for (int j = 0; j < 1; j++)`);
 - multiplications by a literal 1 and additions of a literal 0 (`ky * 1`, `y + 0`);
 - `(void)X;` in a function that then uses X;
@@ -20,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from netcompiler.check import check_text
+from netcompiler.check import check_text, force_kernels
 from netcompiler.render import render
+from test_gradients import CASES as GRAD_CASES, KERNELS
 
 # Odd shapes, each a small network that exercises options the shipped specs do not.
 ODD_SPECS = {
@@ -242,6 +244,14 @@ def lint(src: str) -> list[str]:
 def test_generated_c_has_no_leftovers(text, file, dtype):
     problems = lint(render(check_text(text, file), dtype).source)
     assert not problems, f"{file} ({dtype}): {len(problems)} problems:\n" + "\n".join(problems[:80])
+
+
+@pytest.mark.parametrize("case", sorted(KERNELS))
+def test_forced_kernel_paths_have_no_leftovers(case):
+    """Every conv2d kernel path on each shape class tests/test_gradients.py checks it on."""
+    net = force_kernels(check_text(GRAD_CASES[case], f"{case}.yaml"), KERNELS[case])
+    problems = lint(render(net, "float32").source)
+    assert not problems, f"{case}: {len(problems)} problems:\n" + "\n".join(problems[:80])
 
 
 @pytest.mark.parametrize("snippet, what", [
