@@ -2,7 +2,8 @@
 
 Every spec in specs/, tests/specs/snapshot.yaml and a few odd shapes (stride, padding,
 dilation, groups, ceil-mode and average pools) are rendered in float32 and float64 and the
-C text is searched for:
+C text is searched for (so is the C of every conv2d kernel path forced on the shapes
+tests/test_gradients.py checks it on):
 - loops that run once or never (`for (int j = 0; j < 1; j++)`);
 - multiplications by a literal 1 and additions of a literal 0 (`ky * 1`, `y + 0`);
 - `(void)X;` in a function that then uses X;
@@ -20,8 +21,13 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from netcompiler.check import check_text
+from netcompiler.check import check_text, force_kernels
 from netcompiler.render import render
+
+try:  # the kernel-path cases; test_gradients.py skips itself without torch, which the lint does not need
+    from test_gradients import CASES as GRAD_CASES, KERNELS
+except pytest.skip.Exception:
+    GRAD_CASES, KERNELS = {}, {}
 
 # Odd shapes, each a small network that exercises options the shipped specs do not.
 ODD_SPECS = {
@@ -106,17 +112,37 @@ layers:
   - linear: {out_features: 7}
 loss: cross_entropy
 """,
+    # conv2d on maps of 16 pixels (one vector: pointwise and depthwise loops over pixels run once)
+    "maps_of_16": """
+name: maps_of_16
+input: [8, 4, 4]
+layers:
+  - conv2d: {out_channels: 16, kernel_size: 1, bias: false}
+  - relu
+  - conv2d: {out_channels: 16, kernel_size: 3, padding: 1, groups: 16}
+  - conv2d: {out_channels: 8, kernel_size: 1}
+  - flatten
+  - linear: {out_features: 3}
+loss: cross_entropy
+""",
+    # a last vector of one pixel (17 = 16 + 1) in a 1x1 convolution; depthwise on one row
+    "tail_of_one": """
+name: tail_of_one
+input: [3, 1, 17]
+layers:
+  - conv2d: {out_channels: 4, kernel_size: 1}
+  - relu
+  - conv2d: {out_channels: 4, kernel_size: 1}
+  - conv2d: {out_channels: 4, kernel_size: 3, padding: 1, groups: 4}
+  - flatten
+  - linear: {out_features: 3}
+loss: mse
+""",
 }
 
 SPEC_FILES = sorted((ROOT / "specs").glob("*.yaml")) + [ROOT / "tests/specs/snapshot.yaml"]
-# leftovers of templates/layers/conv2d.c.j2 on shapes that only these specs have (strict: a fix
-# shows as XPASS, and the entry goes)
-LINT_XFAIL = {
-    "mobilenetv2_cifar": "conv2d.c.j2:620, depthwise weight gradient with one output per group: "
-                         "'for (int a = 0; a < 1; a++)' with 'a % 1', 'a / 1'",
-    "squeezenet1_1": "conv2d.c.j2:580, a tail of one pixel (55x55 = 3025 = 189*16 + 1) in a 1x1 conv's backward: "
-                     "'sizeof(real_t) * 1'",
-}
+# specs whose leftovers are known (strict: a fix shows as XPASS, and the entry goes)
+LINT_XFAIL: dict[str, str] = {}
 CASES = [pytest.param(p.read_text(), str(p.relative_to(ROOT)), id=p.stem,
                       marks=[pytest.mark.xfail(reason=LINT_XFAIL[p.stem], strict=True)] if p.stem in LINT_XFAIL else [])
          for p in SPEC_FILES] + [
@@ -222,6 +248,14 @@ def lint(src: str) -> list[str]:
 def test_generated_c_has_no_leftovers(text, file, dtype):
     problems = lint(render(check_text(text, file), dtype).source)
     assert not problems, f"{file} ({dtype}): {len(problems)} problems:\n" + "\n".join(problems[:80])
+
+
+@pytest.mark.parametrize("case", sorted(KERNELS))
+def test_forced_kernel_paths_have_no_leftovers(case):
+    """Every conv2d kernel path on each shape class tests/test_gradients.py checks it on."""
+    net = force_kernels(check_text(GRAD_CASES[case], f"{case}.yaml"), KERNELS[case])
+    problems = lint(render(net, "float32").source)
+    assert not problems, f"{case}: {len(problems)} problems:\n" + "\n".join(problems[:80])
 
 
 @pytest.mark.parametrize("snippet, what", [

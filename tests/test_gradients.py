@@ -338,6 +338,12 @@ _forced("kpath_pointwise_relu_fused", "pointwise", ["conv2d: {out_channels: 4, k
                                                     "maxpool2d: {kernel_size: 2}"], (2, 6, 6))
 _forced("kpath_pointwise_prime", "pointwise", "conv2d: {out_channels: 17, kernel_size: 1}", (12, 5, 4),
         pre=_pre(12))
+# 16 pixels (one vector, no tail) with several blocks of channels and no bias; a tail of one pixel
+# (17 = 16 + 1), also on the im2col path
+_forced("kpath_pointwise_one_vector_blocks", "pointwise",
+        "conv2d: {out_channels: 16, kernel_size: 1, bias: false}", (8, 4, 4), pre=_pre(8))
+_forced("kpath_pointwise_tail_one", "pointwise", "conv2d: {out_channels: 4, kernel_size: 1}", (2, 1, 17))
+_forced("kpath_pointwise_tail_one_as_im2col", "im2col", "conv2d: {out_channels: 4, kernel_size: 1}", (2, 1, 17))
 _forced("kpath_pointwise_as_gather", "gather", "conv2d: {out_channels: 5, kernel_size: 1}", (3, 5, 7))
 _forced("kpath_pointwise_as_im2col", "im2col", "conv2d: {out_channels: 5, kernel_size: 1}", (3, 5, 7))
 # depthwise: stride 1 with rows shorter than a vector; a whole vector and a cut one per row (20);
@@ -359,6 +365,13 @@ _forced("kpath_depthwise_first", "depthwise",
 _forced("kpath_depthwise_relu_fused", "depthwise",
         ["conv2d: {out_channels: 3, kernel_size: 3, padding: 1, groups: 3}", "relu", "maxpool2d: {kernel_size: 2}"],
         (3, 6, 6))
+# one output pixel per channel (stride 2 on 2x2), one input row (rows of 17: one vector and a tail of one)
+_forced("kpath_depthwise_one_pixel", "depthwise",
+        "conv2d: {out_channels: 3, kernel_size: 3, stride: 2, padding: 1, groups: 3}", (3, 2, 2))
+_forced("kpath_depthwise_one_row", "depthwise",
+        "conv2d: {out_channels: 3, kernel_size: 3, padding: 1, groups: 3}", (3, 1, 17))
+_forced("kpath_depthwise_one_pixel_as_im2col", "im2col",
+        "conv2d: {out_channels: 3, kernel_size: 3, stride: 2, padding: 1, groups: 3}", (3, 2, 2))
 _forced("kpath_depthwise_as_im2col", "im2col",
         "conv2d: {out_channels: 3, kernel_size: 3, padding: 1, groups: 3}", (3, 7, 6))
 _forced("kpath_depthwise_as_gather", "gather",
