@@ -126,7 +126,8 @@ def test_show_layer_includes_its_helpers_and_whole_bodies():
     assert names == ["conv1_pad", "conv1_start", "conv1_lanes", "conv1_forward"] and not text.startswith("/* ====")
     assert "static const vlane conv1_lanes[50] = {\n" in text and "\n};\n" in text
     text, names = functions("specs/lenet5.yaml", "--layer", "fc1", "--backward")
-    assert names == ["fc1_backward"] and text.rstrip().endswith("#undef DY_\n}")  # blank lines inside kept
+    # the input gradient per sample, then the weight gradient over the thread's samples
+    assert names == ["fc1_backward", "fc1_weight_grad"] and text.rstrip().endswith("#undef DY_\n}")
 
 
 def test_show_prints_whole_source():
