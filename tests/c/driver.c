@@ -203,7 +203,8 @@ static void run(int cap, int threads)
     c.aug_shift = 1;
     c.aug_hflip = 1;
     c.aug_erase = 0.5;
-    c.aug_fill = -1;
+    for (size_t ch = 0; ch < sizeof c.aug_fill / sizeof c.aug_fill[0]; ch++)
+        c.aug_fill[ch] = -1 - 0.25 * (double)ch; /* a black pixel per channel */
     c.aug_seed = 7;
     c.aug_epoch = 3;
     c.label_smoothing = 0.1;
