@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from .base import Layer, LayerKind, Option, Shape, fmt_shape
+from .conv2d import VEC
 
 
 class BatchNorm2d(LayerKind):
@@ -59,8 +60,9 @@ class BatchNorm2d(LayerKind):
         return 5 * layer.out_size  # dx per element; the reductions feed dgamma/dbeta too
 
     def render_context(self, layer: Layer) -> dict:
-        c = layer.in_shape[0]
-        return dict(C=c, HW=math.prod(layer.in_shape[1:]), eps=repr(layer.opts["eps"]),
+        c, hw = layer.in_shape[0], math.prod(layer.in_shape[1:])
+        # HWV: the whole vectors of a channel's plane, the vector loops' end; a scalar tail does the rest
+        return dict(C=c, HW=hw, HWV=hw - hw % VEC, VEC=VEC, eps=repr(layer.opts["eps"]),
                     momentum=repr(layer.opts["momentum"]))
 
     def torch_module(self, layer: Layer):
