@@ -627,6 +627,30 @@ def test_batchnorm_running_stats_match_torch(case, dtype):
         assert any(not np.allclose(v, state[k]) for k, v in net.buffers.items()), "no running statistic moved"
 
 
+LARGE_MEAN = spec([2, 5, 7], ["batchnorm2d", *HEAD])  # 35 values a plane: two vectors and a tail
+
+
+def test_batchnorm_float32_statistics_of_values_with_a_large_mean_match_torch():
+    """1000 +- 0.01: a sum of squares taken about 0 in float32 would lose the whole variance."""
+    net = build(LARGE_MEAN, "float32")
+    rng = np.random.default_rng(7)
+    net.init(3)
+    x, y = random_batch(net, BATCH, rng)
+    x = (1000 + 0.01 * x).astype(np.float32)
+    state = net.state_dict()
+    loss, grads = net.loss_and_grad(x, y)
+    rl, rg, _, _ = reference_loss_and_grad(net, LARGE_MEAN, x, y, None, state)
+    assert abs(loss - rl) <= 1e-4 * abs(rl), f"loss {loss!r}, torch {rl!r}"
+    for k in rg:
+        assert_close(grads[k], rg[k], 1e-3, f"large mean: d{k} (float32)", atol=_atol(rg, 1e-3))
+    model = reference_model(net, LARGE_MEAN, state).train()
+    with torch.no_grad():
+        model(torch.as_tensor(x.astype(np.float64)))
+    ref = model.state_dict()
+    for k, v in net.buffers.items():
+        assert_close(v, ref[k].numpy(), 1e-4, f"large mean: {k}")
+
+
 def test_batchnorm_eval_forward_uses_running_stats_not_batch_stats():
     net, x, _ = prepared("batchnorm_eps_momentum")
     one = net.forward(x[:1])

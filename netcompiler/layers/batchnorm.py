@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from .base import Layer, LayerKind, Option, Shape, fmt_shape
+from .conv2d import VEC
 
 
 class BatchNorm2d(LayerKind):
@@ -53,14 +54,17 @@ class BatchNorm2d(LayerKind):
         return 4 * layer.out_size
 
     def batch_stats(self, layer: Layer) -> int:
-        return 2 * layer.in_shape[0]  # batch mean and 1/sqrt(var + eps) per channel
+        # per channel: a value of the channel k, batch mean - k, 1/sqrt(var + eps)
+        return 3 * layer.in_shape[0]
 
     def input_grad_flops(self, layer: Layer) -> int:
         return 5 * layer.out_size  # dx per element; the reductions feed dgamma/dbeta too
 
     def render_context(self, layer: Layer) -> dict:
-        c = layer.in_shape[0]
-        return dict(C=c, HW=math.prod(layer.in_shape[1:]), eps=repr(layer.opts["eps"]),
+        c, hw = layer.in_shape[0], math.prod(layer.in_shape[1:])
+        # HWV: the whole vectors of a channel's plane, the vector loops' end; a scalar tail does the rest
+        # C2: where rstd starts in stats (after k and mean - k)
+        return dict(C=c, C2=2 * c, HW=hw, HWV=hw - hw % VEC, VEC=VEC, eps=repr(layer.opts["eps"]),
                     momentum=repr(layer.opts["momentum"]))
 
     def torch_module(self, layer: Layer):
