@@ -29,6 +29,7 @@ F = torch.nn.functional
 
 import netcompiler as nc  # noqa: E402
 from netcompiler.onnx_import import OnnxImportError, import_onnx  # noqa: E402
+from test_model_zoo import Fire  # noqa: E402 (SqueezeNet's module, written once)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",
                                         "ignore::torch.jit.TracerWarning")
@@ -68,24 +69,6 @@ class ResNetish(nn.Module):
     def forward(self, x):
         x = self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-class Fire(nn.Module):
-    """SqueezeNet's fire module: a 1x1 squeeze, then 1x1 and 3x3 expands concatenated."""
-
-    def __init__(self, cin, squeeze, e1, e3):
-        super().__init__()
-        self.squeeze = nn.Conv2d(cin, squeeze, 1)
-        self.squeeze_activation = nn.ReLU()
-        self.expand1x1 = nn.Conv2d(squeeze, e1, 1)
-        self.expand1x1_activation = nn.ReLU()
-        self.expand3x3 = nn.Conv2d(squeeze, e3, 3, padding=1)
-        self.expand3x3_activation = nn.ReLU()
-
-    def forward(self, x):
-        x = self.squeeze_activation(self.squeeze(x))
-        return torch.cat([self.expand1x1_activation(self.expand1x1(x)),
-                          self.expand3x3_activation(self.expand3x3(x))], 1)
 
 
 class SqueezeNetish(nn.Module):
