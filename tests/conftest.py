@@ -384,3 +384,21 @@ def rng():
 
 __all__ = ["ROOT", "assert_close", "build", "dropout_masks", "maxdiff", "prebuild", "random_batch",
            "randomize_batchnorm", "raw_layers", "reference_loss_and_grad", "reference_model", "reset", "spec"]
+
+
+def assert_twin_computes(net, ref, input_shape, rtol: float = 1e-12, atol: float = 1e-12, samples: int = 2) -> None:
+    """The spec's torch twin (torchref.torch_model) loaded with the weights and buffers of `ref`, a
+    PyTorch model written by hand from the published source, computes ref's eval-mode outputs
+    in float64: the graph is wired as the source's forward."""
+    import torch
+
+    from netcompiler.torchref import torch_model
+
+    ref = ref.double().eval()
+    state = {k: v.numpy() for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
+    twin = torch_model(net, state).eval()
+    x = torch.randn(samples, *input_shape, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = ref(x), twin(x)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=rtol, atol=atol), float((got - want).abs().max())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_twin_computes
 from netcompiler.check import load
 
 torch = pytest.importorskip("torch")
@@ -65,18 +66,11 @@ def test_fashion_resnet_is_the_hand_written_model():
     sd = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
     ours = {**net.param_shapes(), **net.buffer_shapes()}
     assert set(ours) == set(sd) and all(ours[k] == sd[k] for k in sd)
-    from netcompiler.torchref import torch_model
-
     for m in ref.modules():  # non-trivial batch-norm statistics, so eval mode tests them too
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    ref = ref.double().eval()
-    twin = torch_model(net, {k: v.numpy() for k, v in ref.state_dict().items()
-                             if not k.endswith("num_batches_tracked")}).eval()
-    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
-    with torch.no_grad():
-        assert torch.allclose(twin(x), ref(x), rtol=1e-12, atol=1e-12)
+    assert_twin_computes(net, ref, (1, 28, 28), samples=3)
 
 
 def test_fashion_resnet_checks_clean():

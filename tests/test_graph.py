@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_close, build, random_batch, spec
+from conftest import ROOT, assert_close, assert_twin_computes, build, random_batch, spec
 from netcompiler.check import check_text, load
 from netcompiler.graph import needs_grad, tensors
 from netcompiler.plan import make_plan
@@ -283,14 +283,7 @@ def test_resnet20_matches_a_pytorch_resnet20():
     ours = {**net.param_shapes(), **net.buffer_shapes()}
     assert set(ours) == set(sd) and all(ours[k] == sd[k] for k in sd)
     # the same function: the spec's torch twin with the reference's weights gives its outputs
-    from netcompiler.torchref import torch_model
-
-    ref = ref.double().eval()
-    twin = torch_model(net, {k: v.numpy() for k, v in ref.state_dict().items()
-                             if not k.endswith("num_batches_tracked")}).eval()
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    with torch.no_grad():
-        assert torch.allclose(twin(x), ref(x), rtol=1e-12, atol=1e-12)
+    assert_twin_computes(net, ref, (3, 32, 32))
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, assert_twin_computes
 from netcompiler.check import load
 
 torch = pytest.importorskip("torch")
@@ -245,8 +245,6 @@ def test_spec_has_the_reference_models_parameters_and_names(name):
 def test_spec_computes_the_reference_models_function(name):
     """The spec's torch twin with the reference's (random) weights and batch-norm statistics
     gives the reference's eval-mode outputs: the graph is wired as the source's forward."""
-    from netcompiler.torchref import torch_model
-
     make, _, shape = MODELS[name]
     torch.manual_seed(0)
     ref = make().double()
@@ -254,15 +252,7 @@ def test_spec_computes_the_reference_models_function(name):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 1.5)
-    ref.eval()
-    state = {k: v.numpy() for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
-    twin = torch_model(load(ROOT / "specs" / f"{name}.yaml"), state).eval()
-    x = torch.randn(2, *shape, dtype=torch.float64)
-    with torch.no_grad():
-        want = ref(x)
-        got = twin(x)
-    assert got.shape == want.shape
-    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), float((got - want).abs().max())
+    assert_twin_computes(load(ROOT / "specs" / f"{name}.yaml"), ref, shape, rtol=1e-10)
 
 
 def _verify(spec: str, *options: str) -> subprocess.CompletedProcess:
