@@ -45,9 +45,16 @@ def _export_onnx(args, net, state, normalisation) -> int:
     print(f"{net.name}: input 'input' [batch, {', '.join(map(str, net.input_shape))}] -> output 'output' "
           f"[batch, {', '.join(map(str, net.output_shape))}], opset 17, evaluation mode")
     if normalisation:
-        print(f"inputs in [0, 1] are normalised outside the model: (x - {normalisation[0]:.6g}) / "
-              f"{normalisation[1]:.6g} (also in the model's metadata netc.mean, netc.std)")
+        mean, std = (_shown(v) for v in normalisation)
+        per = " in channel c" if isinstance(normalisation[0], list) or isinstance(normalisation[1], list) else ""
+        print(f"inputs in [0, 1] are normalised outside the model{per}: (x - {mean}) / {std} "
+              f"(also in the model's metadata netc.mean, netc.std)")
     return 0
+
+
+def _shown(v) -> str:
+    """A mean or std for a message: 0.286, or [0.491, 0.482, 0.447][c] for one per channel."""
+    return f"[{', '.join(f'{x:.6g}' for x in v)}][c]" if isinstance(v, list) else f"{v:.6g}"
 
 
 def _export_torch(args, net, state, normalisation) -> int:

@@ -9,7 +9,8 @@ statistics, dropout is left out.  Opset 17; the input is `input` of shape
 after the layers, initializers after the parameters (`conv1.weight`), so
 `netc import` gives the same spec and weights back.  Each layer kind is one row of
 `EMIT`; the input normalisation stored with the weights (mean, std) is not part of the
-graph and is kept as metadata (`netc.mean`, `netc.std`).
+graph and is kept as metadata (`netc.mean`, `netc.std`: a number each, or a JSON list of one
+per input channel).
 """
 from __future__ import annotations
 
@@ -207,7 +208,14 @@ EMIT: dict[str, Emit | None] = {
 }
 
 
-def onnx_model(network, state: dict[str, np.ndarray], normalisation: tuple[float, float] | None = None,
+def _norm_text(v) -> str:
+    """A mean or std as metadata text: a number (0.286), or a JSON list of one per channel."""
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return "[" + ", ".join(repr(float(x)) for x in v) + "]"
+    return repr(float(v))
+
+
+def onnx_model(network, state: dict[str, np.ndarray], normalisation: tuple | None = None,
                dtype=np.float32):
     """The ONNX model of `network` with weights `state` (by PyTorch name), in `dtype`."""
     import onnx
@@ -242,14 +250,14 @@ def onnx_model(network, state: dict[str, np.ndarray], normalisation: tuple[float
     model.ir_version = 8  # opset 17's IR version: readable by ONNX Runtime 1.13 and later
     props = {"netc.spec_hash": network.spec_hash}
     if normalisation is not None:
-        props.update({"netc.mean": repr(float(normalisation[0])), "netc.std": repr(float(normalisation[1]))})
+        props.update({f"netc.{k}": _norm_text(v) for k, v in zip(("mean", "std"), normalisation)})
     helper.set_model_props(model, props)
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
 def write_onnx(network, state: dict[str, np.ndarray], path: str | os.PathLike,
-               normalisation: tuple[float, float] | None = None) -> None:
+               normalisation: tuple | None = None) -> None:
     from .fileio import atomic_write
 
     model = onnx_model(network, state, normalisation)

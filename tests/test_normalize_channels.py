@@ -251,15 +251,79 @@ def test_shift_fills_each_channel_with_its_own_black():
         net.set_augment(shift=1, fill=[0.0, 1.0])
 
 
-def test_export_says_it_leaves_a_per_channel_normalisation_out(tmp_path):
-    from netcompiler.errors import NetcWarning
-    from netcompiler.export import load_state
+MEAN3, STD3 = [0.1, 0.5, 0.3], [0.2, 0.25, 0.5]
 
+
+def _colour_weights(tmp_path, stored: bool = True):
     network = load_text(tmp_path, COLOUR)
     net = nc.compile(network, threads=1)
-    net.set_normalization([0.1, 0.5, 0.3], [0.2, 0.25, 0.5])
-    net.save_weights(tmp_path / "w.npz")
-    with pytest.warns(NetcWarning, match=r"per-channel input normalisation \(mean \[0.1, 0.5, 0.3\] std "
-                                         r"\[0.2, 0.25, 0.5\]\) is not written to the export"):
-        state, norm = load_state(network, tmp_path / "w.npz")
-    assert norm is None and set(state) == set(net.state_dict())
+    net.set_normalization(MEAN3, STD3)
+    if stored:
+        net.save_weights(tmp_path / "w.npz")
+    else:  # bare weights, the statistics in the normalization.json beside them (as netc train writes)
+        W.save_npz(tmp_path / "w.npz", net.state_dict())
+        (tmp_path / "normalization.json").write_text(json.dumps({"mean": MEAN3, "std": STD3}))
+    return network, net
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "json-beside"])
+def test_export_finds_the_per_channel_normalisation(tmp_path, stored):
+    from netcompiler.export import load_state
+
+    network, net = _colour_weights(tmp_path, stored)
+    state, norm = load_state(network, tmp_path / "w.npz")
+    assert norm == (MEAN3, STD3) and set(state) == set(net.state_dict())
+
+
+def test_exported_header_defines_one_value_per_channel(tmp_path):
+    """The header's initialisers compile and hold the float32 values (read back by a C program)."""
+    import shutil
+    import subprocess
+
+    from netcompiler.export import export_c, export_int8, load_state
+
+    cc = shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.skip("no C compiler")
+    network, _ = _colour_weights(tmp_path)
+    state, norm = load_state(network, tmp_path / "w.npz")
+    floats = export_c(network, state, normalisation=norm)
+    int8 = export_int8(network, state, np.zeros((4, 3, 8, 8), np.float32), normalisation=norm)
+    for kind, e in (("float", floats), ("int8", int8)):
+        d = tmp_path / kind
+        e.write(d)
+        assert "COLOUR_INPUT_CHANNELS 3" in e.header and "in channel c (x - mean[c]) / std[c]" in e.header
+        (d / "main.c").write_text(
+            '#include <stdio.h>\n#include "colour.h"\n'
+            "static const float mean[COLOUR_INPUT_CHANNELS] = COLOUR_INPUT_MEAN;\n"
+            "static const float std_[COLOUR_INPUT_CHANNELS] = COLOUR_INPUT_STD;\n"
+            'int main(void) { for (int c = 0; c < COLOUR_INPUT_CHANNELS; c++) printf("%.9g %.9g\\n", mean[c], std_[c]);'
+            " return 0; }\n")
+        exe = d / "main"
+        r = subprocess.run([cc, "-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror", f"-I{d}", str(d / "main.c"),
+                            "-o", str(exe)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        got = np.loadtxt(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines())
+        assert np.array_equal(got.astype(np.float32), np.float32([MEAN3, STD3]).T)  # %.9g reads back exactly
+
+
+def test_onnx_metadata_holds_the_per_channel_lists(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    import onnx
+
+    _colour_weights(tmp_path)
+    out = tmp_path / "colour.onnx"
+    assert main(["export", str(tmp_path / "net.yaml"), str(tmp_path / "w.npz"), "--format", "onnx", "-o", str(out)]) == 0
+    assert "in channel c: (x - [0.1, 0.5, 0.3][c]) / [0.2, 0.25, 0.5][c]" in capsys.readouterr().out
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["netc.mean"]) == MEAN3 and json.loads(props["netc.std"]) == STD3
+
+
+def test_int8_calibration_images_are_normalised_per_channel(tmp_path):
+    from netcompiler.export import calibration_inputs
+
+    network, _ = _colour_weights(tmp_path)
+    x, y = colour_images(20, np.random.default_rng(3))
+    np.savez(tmp_path / "colour.npz", x=x, y=y, x_test=x[:5], y_test=y[:5])
+    got = calibration_inputs(network, str(tmp_path / "colour.npz"), 8, (MEAN3, STD3))
+    assert np.allclose(got, by_hand(x[:8], MEAN3, STD3), rtol=1e-6, atol=1e-6)

@@ -13,13 +13,12 @@ Stages: lower (lower.py: layers -> steps, with fusions) -> plan memory -> render
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import NetcWarning, WeightsError
+from ..errors import WeightsError
 from ..fileio import atomic_write_text
 from .lower import Step, lower, vectorise_channels
 from .memory import MemoryPlan, plan_memory
@@ -110,27 +109,36 @@ def check_state(network, state: dict[str, np.ndarray], path) -> None:
         raise WeightsError(f"{path}: weights do not fit network '{network.name}':\n  " + "\n  ".join(problems))
 
 
-def load_state(network, path) -> tuple[dict[str, np.ndarray], tuple[float, float] | None]:
-    """The weights file `path` (as netc train writes it), checked against `network`, and the
-    input normalisation (mean, std) stored in it, if any."""
-    from ..weights import load_npz, meta_float, network_cap, split
+Normalisation = tuple  # (mean, std): numbers, or lists of one per input channel
 
-    state, meta, _ = split(load_npz(path, cap=network_cap(network)))
-    mean, std = meta_float(meta, "mean"), meta_float(meta, "std")
-    per_channel = {k: meta[k] for k in ("mean", "std") if k in meta and meta[k].ndim == 1}
-    if per_channel:
-        shown = " ".join(f"{k} [{', '.join(f'{v:.6g}' for v in a)}]" for k, a in per_channel.items())
-        warnings.warn(f"{path}: the per-channel input normalisation ({shown}) is not written to the export; "
-                      f"apply (x - mean[c]) / std[c] to each channel yourself", NetcWarning, stacklevel=2)
+
+def load_state(network, path) -> tuple[dict[str, np.ndarray], Normalisation | None]:
+    """The weights file `path` (as netc train writes it), checked against `network`, and the
+    input normalisation (mean, std) the network was trained with, found as netc eval and netc
+    predict find it: stored in the file, else normalization.json next to it, else the spec's
+    train: section.  Each of mean and std is one number or a list of one per channel."""
+    from ..weights import load_npz, network_cap, normalisation, read_meta, split
+
+    state, raw, _ = split(load_npz(path, cap=network_cap(network)))
+    mean, std, _ = normalisation(path, read_meta(raw, path), network)
     if not state and (network.param_shapes() or network.buffer_shapes()):
         raise WeightsError(f"{path}: holds no weights (only metadata)")
     check_state(network, state, path)
-    return state, (mean, std) if mean is not None and std is not None and std > 0 else None
+    return state, (mean, std) if mean is not None and std is not None else None
+
+
+def per_channel(normalisation: Normalisation | None, channels: int) -> tuple[list[float], list[float]] | None:
+    """(mean, std) as lists of `channels` values (a single number repeated), or None."""
+    if normalisation is None:
+        return None
+    return tuple([float(x) for x in v] if isinstance(v, (list, tuple, np.ndarray)) else [float(v)] * channels
+                 for v in normalisation)
 
 
 def export_c(network, state: dict[str, np.ndarray], target: str = "generic", weights_name: str = "",
-             normalisation: tuple[float, float] | None = None) -> Exported:
-    """`normalisation`: the (mean, std) training scaled inputs with, documented in the header."""
+             normalisation: Normalisation | None = None) -> Exported:
+    """`normalisation`: the (mean, std) training scaled inputs with (numbers, or lists of one per
+    channel), documented in the header."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     check_state(network, state, weights_name or "weights")
@@ -176,8 +184,9 @@ def _int8_scratch(qs) -> None:
     step.scratch_doc = ", ".join(docs)
 
 
-def calibration_inputs(network, data: str, count: int, normalisation: tuple[float, float] | None) -> np.ndarray:
-    """The first `count` training images of `data` (as netc train's --data), scaled as in training."""
+def calibration_inputs(network, data: str, count: int, normalisation: Normalisation | None) -> np.ndarray:
+    """The first `count` training images of `data` (as netc train's --data), scaled as in training
+    (per channel when the normalisation has one value per channel)."""
     from ..data import load_dataset
     from ..train import to_inputs
 
@@ -187,7 +196,7 @@ def calibration_inputs(network, data: str, count: int, normalisation: tuple[floa
 
 
 def export_int8(network, state: dict[str, np.ndarray], calibration: np.ndarray | None, target: str = "generic",
-                weights_name: str = "", normalisation: tuple[float, float] | None = None,
+                weights_name: str = "", normalisation: Normalisation | None = None,
                 calibration_name: str = "", ranges: dict | None = None, render: bool = True) -> Exported:
     """int8 post-training static quantisation (quant.py), calibrated on the float32 inputs
     `calibration` (N, *input shape), or on given `ranges`; the C does integer arithmetic

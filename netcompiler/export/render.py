@@ -29,6 +29,21 @@ def _env():
     return env
 
 
+def _norm(network, normalisation) -> dict | None:
+    """The header's view of the input normalisation (mean, std): C floats, `channels` None for
+    one value each, else the channel count and a value per channel (a number repeated)."""
+    if normalisation is None:
+        return None
+    if not any(isinstance(v, (list, tuple, np.ndarray)) for v in normalisation):
+        return dict(channels=None, mean=c_float(np.float32(normalisation[0])), std=c_float(np.float32(normalisation[1])))
+    from . import per_channel
+
+    channels = network.input_shape[0]
+    mean, std = per_channel(normalisation, channels)
+    return dict(channels=channels, mean=", ".join(c_float(np.float32(v)) for v in mean),
+                std=", ".join(c_float(np.float32(v)) for v in std))
+
+
 def c_float(v: np.float32) -> str:
     """The shortest decimal that reads back as the same float32, as a C float constant."""
     s = str(np.float32(v))
@@ -62,7 +77,7 @@ def describe(step: Step) -> list[str]:
 
 def render(network, steps: list[Step], memory: MemoryPlan, arrays: list[Array], weights_bytes: int,
            target: str, spec_path: str, weights_name: str,
-           normalisation: tuple[float, float] | None = None) -> tuple[str, str]:
+           normalisation: tuple | None = None) -> tuple[str, str]:
     from ..report import build_report, table_lines
     from . import TARGET_DOC
 
@@ -86,7 +101,7 @@ def render(network, steps: list[Step], memory: MemoryPlan, arrays: list[Array], 
         arena_bytes=memory.arena_bytes, weights_bytes=weights_bytes,
         uses=dict(math=math_used, vec=any(s.c.get("VEC") or s.c.get("VECC") for s in steps),
                   vec16=any(s.c.get("VL") == 16 for s in steps)),
-        norm=normalisation and [c_float(np.float32(v)) for v in normalisation],
+        norm=_norm(network, normalisation),
         libc=sorted((LIBC_MATH if math_used else set()) | ({"INFINITY"} if any(s.op == "maxpool" for s in steps) else set())
                     | ({"memcpy"} if any(s.copies for s in steps) else set())),
     )
@@ -175,7 +190,7 @@ def _qdoc(qs) -> list[str]:
 
 def render_int8(network, qnet, memory: MemoryPlan, arrays: list[IntArray], weights_bytes: int, target: str,
                 spec_path: str, weights_name: str, calibration: str,
-                normalisation: tuple[float, float] | None = None) -> tuple[str, str]:
+                normalisation: tuple | None = None) -> tuple[str, str]:
     from ..report import build_report, table_lines
     from . import TARGET_DOC
 
@@ -205,7 +220,7 @@ def render_int8(network, qnet, memory: MemoryPlan, arrays: list[IntArray], weigh
         weights_bytes=weights_bytes,
         in_scale=c_float(np.float32(qnet.input.scale)), in_zero=qnet.input.zero,
         out_scale=c_float(np.float32(qnet.output.scale)), out_zero=qnet.output.zero,
-        norm=normalisation and [c_float(np.float32(v)) for v in normalisation],
+        norm=_norm(network, normalisation),
     )
     source = env.get_template("export/net_int8.c.j2").render(ctx)
     header = env.get_template("export/net_int8.h.j2").render(ctx)
