@@ -38,11 +38,19 @@ class Rendered:
 def jinja_env() -> jinja2.Environment:
     """A Jinja environment over templates/: undefined names are errors, no HTML escaping
     (everything the templates print is checked, see ctext.py), control lines leave no blank."""
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined, autoescape=False,
     )
+    env.filters["items"] = items
+    return env
+
+
+def items(n: int, noun: str) -> str:
+    """A count for a comment: `the last {{ n | items("pixel") }}` reads "the last pixel" for 1
+    and "the last 3 pixels" otherwise."""
+    return noun if n == 1 else f"{n} {noun}s"
 
 
 @functools.lru_cache(maxsize=None)

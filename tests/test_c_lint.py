@@ -8,7 +8,8 @@ tests/test_gradients.py checks it on):
 - multiplications by a literal 1 and additions of a literal 0 (`ky * 1`, `y + 0`);
 - `(void)X;` in a function that then uses X;
 - comparisons of a loop variable with a literal that are always true or always false;
-- comments with runs of spaces or a stray `*;` (template text that lost its line break);
+- comments with runs of spaces or a stray `*;` (template text that lost its line break), or
+  a count of 1 with a plural noun ("the last 1 pixels");
 - offsets into the scratch, activation or cache buffers written as bare numbers
   (`scratch + 34741`) instead of a named macro.
 No compiler is needed: these are properties of the text.
@@ -240,6 +241,8 @@ def lint(src: str) -> list[str]:
             body = re.sub(r"\*/$", "", body)
             if re.search(r"\S {3,}\S", body) or "*;" in body:
                 problems.append(f"comment with a run of spaces or a stray '*;': {line.strip()}")
+            if re.search(r"(?<![\w.])1 [a-z]+s\b", body):
+                problems.append(f"comment counts 1 of a plural (the items filter words it): {line.strip()}")
     return problems
 
 
@@ -271,6 +274,7 @@ def test_forced_kernel_paths_have_no_leftovers(case):
      "always True"),
     ("#define VEC 16\nvoid f(float *o)\n{\n    for (int x0 = 0; x0 < 14; x0 += VEC)\n        g(x0);\n}\n", "at most once"),
     ("void f(void)\n{\n    /* done one by one     *; stores */\n}\n", "comment"),
+    ("void f(void)\n{\n    { /* the last 1 pixels */\n    }\n}\n", "counts 1 of a plural"),
     ("void f(float *scratch)\n{\n    g(scratch + 34741);\n}\n", "unnamed buffer offset"),
 ])
 def test_lint_finds_each_pattern(snippet, what):
