@@ -458,6 +458,13 @@ def _channels_prepare(s: Step) -> None:
         s.scratch += _round4(vl * c["OW"]) - _round4(c["OW"])
         s.scratch_doc = s.scratch_doc.replace(f"one conv output row [{c['OW']}]",
                                               f"{vl} channels' conv output row, pixel-major [{c['OW']}][{vl}]")
+        # ... and the window maxima of one pooled row, pixel-major too, written to the channels'
+        # planes once per pooled row; windows in runs (px0, count, columns): the full ones, a cut last one
+        c["PROW_OFF"] = s.scratch
+        s.scratch_doc += f", their pooled row [{c['POW']}][{vl}] at +{s.scratch}"
+        s.scratch += _round4(vl * c["POW"])
+        c["POOL_RUNS"] = [run for run in ((0, c["POOL_FULL_W"], c["PKW"]), (c["POOL_FULL_W"], 1, c["POOL_EDGE_W"]))
+                          if run[1] and run[2]]
 
 
 # Winograd F(2x2, 3x3): each 2x2 tile of output pixels is Y = A^T [(G g G^T) . (B^T d B)] A of
