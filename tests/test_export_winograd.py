@@ -135,3 +135,15 @@ def test_winograd_under_sanitizers(tmp_path):
     network, out, x, ref = _forced(tmp_path)
     exe = _compile("gcc", out, network.name, ["-O2", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"])
     assert_close(_run(exe, x, ref.shape[1], tmp_path), ref, RTOL, "odd_winograd (sanitizers)", atol=ATOL)
+
+
+def test_report_counts_the_winograd_weights_and_scratch():
+    """netc report's host row is the host export's: its flash holds the 16-value kernels of
+    conv2 and conv3 (7 more values per kernel), its RAM their scratch."""
+    from netcompiler.export import estimates
+
+    network = load(ROOT / "specs" / "alphabet.yaml")
+    e = export_c(network, _state(network), "host")
+    assert e.weights_bytes == 4 * (network.total_params + 7 * (32 * 64 + 64 * 128))
+    rows = {(t, b): (f, r) for t, b, f, r in estimates(network)}
+    assert rows["host", "float32"] == (e.weights_bytes + e.code_bytes_estimate, e.arena_bytes + e.stack_bytes_estimate)
