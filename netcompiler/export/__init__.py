@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import WeightsError
 from ..fileio import atomic_write_text
-from .lower import Step, lower, vectorise_channels
+from .lower import Step, choose_conv_forms, lower
 from .memory import MemoryPlan, plan_memory
 
 TARGETS = ("generic", "host", "cortex-m4", "cortex-m7")
@@ -136,15 +136,15 @@ def per_channel(normalisation: Normalisation | None, channels: int) -> tuple[lis
 
 
 def export_c(network, state: dict[str, np.ndarray], target: str = "generic", weights_name: str = "",
-             normalisation: Normalisation | None = None) -> Exported:
+             normalisation: Normalisation | None = None, forms: dict[str, str] | None = None) -> Exported:
     """`normalisation`: the (mean, std) training scaled inputs with (numbers, or lists of one per
-    channel), documented in the header."""
+    channel), documented in the header.  `forms`: conv step name -> the form of lower.CONV_FORMS
+    to use (default: the cheapest)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     check_state(network, state, weights_name or "weights")
     steps = lower(network.layers, state, target)
-    if target == "host":
-        vectorise_channels(steps)
+    choose_conv_forms(steps, target, forms)
     memory = plan_memory(steps)
     arrays = [a for s in steps for a in s.arrays]
     weights_bytes = 4 * sum(a.values.size for a in arrays)
@@ -248,8 +248,7 @@ def estimates(network) -> list[tuple[str, str, int, int]]:
     rows = []
     for target in TARGETS:
         steps = lower(network.layers, state, target)
-        if target == "host":
-            vectorise_channels(steps)
+        choose_conv_forms(steps, target)
         memory = plan_memory(steps)
         e = Exported(network.name, "", "", steps, memory, 4 * sum(a.values.size for s in steps for a in s.arrays), target)
         rows.append((target, "float32", e.weights_bytes + e.code_bytes_estimate, e.arena_bytes + e.stack_bytes_estimate))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -79,6 +79,7 @@ class Step:
     inputs: list["Step | None"] = field(default_factory=list)  # the steps it reads (None: the network input)
     chan_rank: int = 3  # the rank of the shape whose first index the epilogues' channel c is
     folded: Layer | None = None  # the batch norm folded into the conv's or linear layer's weights
+    form: str = ""  # conv: the row of CONV_FORMS that computes it (choose_conv_forms)
     # filled by the memory plan
     in_ref: str = ""  # the first input's
     in_refs: list[str] = field(default_factory=list)
@@ -97,6 +98,11 @@ class Step:
     @property
     def channels(self) -> int:
         return self.out_shape[0]
+
+    @property
+    def macro(self) -> str:
+        """The template macro that renders it (templates/export/steps.c.j2)."""
+        return f"{self.op}_{self.form}" if self.form else self.op
 
     @property
     def math(self) -> frozenset:
@@ -360,6 +366,7 @@ def lower(layers: list[Layer], state: dict[str, np.ndarray], target: str) -> lis
     return steps
 
 
+# ---- conv forms: the ways a conv step can be computed (a row each; the cheapest that applies) ----
 PIXEL_BLOCK = 8  # host, channels at a time: pixels of a row whose sums stay in registers together
 PIXEL_ROW_MAX = 12  # a row this short is one block (12 sums + a weight vector: within 32 AVX-512 registers)
 PIXEL_CHAINS = 6  # independent sums that keep two multiply-add units busy (latency 4: about 8; 6 with the loads)
@@ -375,45 +382,208 @@ def _pixel_block(ow: int) -> int:
                                                           + (max(ow % pb, PIXEL_CHAINS) if ow % pb else 0)) / ow - pb * 1e-3)
 
 
-def vectorise_channels(steps: list[Step]) -> None:
+@dataclass(frozen=True)
+class ConvForm:
+    """One way to compute a conv step in the float export.  `cost` estimates the vector
+    instructions of one call (multiply-adds and loads; one unit for every form); `prepare`
+    reorders or transforms the weights at export time and sets Step.c and the scratch.  The
+    step's template macro is conv_<name> (templates/export/steps.c.j2)."""
+
+    name: str
+    targets: tuple[str, ...]
+    applies: Callable[[Step], bool]
+    cost: Callable[[Step], float]
+    prepare: Callable[[Step], None]
+    doc: str
+
+
+def _macs(c: dict) -> int:
+    return c["COUT"] * c["OH"] * c["OW"] * c["CIN_G"] * c["KH"] * c["KW"]
+
+
+def _rows_cost(s: Step) -> float:
+    """Row blocks: per tap, a vector of 8 outputs is a load, a weight broadcast and a
+    multiply-add (VEC); in plain C a multiply-add and about one load per output."""
+    return _macs(s.c) * (3 / 8 if s.c["VEC"] else 2)
+
+
+def _channels_applies(s: Step) -> bool:
+    c = s.c
+    # one group whose channels round up to 8 with at most a quarter more: zero channels pad it
+    padded = c["GROUPS"] == 1 and c["COUT"] % 8 and 3 * -(-c["COUT"] // 8) * 8 <= 4 * c["COUT"]
+    return c["COUT_G"] % 8 == 0 or bool(padded)
+
+
+def _channels_vl(c: dict) -> int:
+    return 16 if c["COUT_G"] % 16 == 0 else 8
+
+
+def _channels_cost(s: Step) -> float:
+    """Per tap and block of PB pixels: one weight vector (VL output channels, with the zero
+    channels that pad COUT), and PB multiply-adds with the pixel broadcast from memory."""
+    c = s.c
+    vl = _channels_vl(c)
+    padded = -(-c["COUT"] // vl) * vl
+    return _macs(c) * padded / c["COUT"] / vl * (1 + 1 / _pixel_block(c["OW"]))
+
+
+def _channels_prepare(s: Step) -> None:
     """host, float32: a conv whose groups have a multiple of 8 output channels computes VL =
     16 (when they divide) or 8 output channels at once (one GCC vector), for blocks of
     PIXEL_BLOCK neighbouring pixels of a row (each weight vector loaded once for them, their
     sums independent), its weights reordered to [COUT/VL][CIN_G][KH][KW][VL]; with a fused
     max-pool, its scratch holds the VL channels' conv output row pixel-major [OW][VL], so that
-    the max over a window runs over the channels side by side.  Other convs keep
-    vectors of 8 neighbouring outputs (VEC)."""
+    the max over a window runs over the channels side by side."""
+    c = s.c
+    cout = c["COUT"]
+    vl = _channels_vl(c)
+    cb = -(-cout // vl)
+    w = s.arrays[0]
+    k = c["CIN_G"] * c["KH"] * c["KW"]
+    wp = np.zeros((cb * vl, k), np.float32)
+    wp[:cout] = w.values.reshape(cout, k)
+    w.values = np.ascontiguousarray(wp.reshape(cb, vl, k).transpose(0, 2, 1)).ravel()
+    w.what += (f", reordered [{cb}][{c['CIN_G']}][{c['KH']}][{c['KW']}][{vl}] ({vl} output channels at once"
+               + (f"; channels {cout} to {cb * vl - 1} are zeros" if cb * vl != cout else "") + ")")
+    if cb * vl != cout and c["bias"]:
+        b = s.arrays[1]
+        b.values = np.concatenate([b.values, np.zeros(cb * vl - cout, np.float32)])
+        b.what += f", then {cb * vl - cout} zeros (the padding channels)"
+    pb = _pixel_block(c["OW"])
+    c.update(VECC=True, VEC=False, VEC_TAIL=False, VL=vl, CB=cb, WB=k * vl, PB=pb, CHAINS=PIXEL_CHAINS,
+             PB_FULL=c["OW"] - c["OW"] % pb, PB_TAIL=c["OW"] % pb,
+             # the channels a block stores: the last one only the real ones
+             QN=str(vl) if cb * vl == cout else f"(cb < {cb - 1} ? {vl} : {cout - (cb - 1) * vl})")
+    if c["POOL"]:
+        s.scratch += _round4(vl * c["OW"]) - _round4(c["OW"])
+        s.scratch_doc = s.scratch_doc.replace(f"one conv output row [{c['OW']}]",
+                                              f"{vl} channels' conv output row, pixel-major [{c['OW']}][{vl}]")
+        # ... and the window maxima of one pooled row, pixel-major too, written to the channels'
+        # planes once per pooled row; windows in runs (px0, count, columns): the full ones, a cut last one
+        c["PROW_OFF"] = s.scratch
+        s.scratch_doc += f", their pooled row [{c['POW']}][{vl}] at +{s.scratch}"
+        s.scratch += _round4(vl * c["POW"])
+        c["POOL_RUNS"] = [run for run in ((0, c["POOL_FULL_W"], c["PKW"]), (c["POOL_FULL_W"], 1, c["POOL_EDGE_W"]))
+                          if run[1] and run[2]]
+
+
+# Winograd F(2x2, 3x3): each 2x2 tile of output pixels is Y = A^T [(G g G^T) . (B^T d B)] A of
+# its 4x4 input patch d: 16 multiplies per tile and channel pair instead of 36.
+WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+WINOGRAD_ACC = 24  # tiles x channel vectors of sums in registers (of 32 AVX-512 registers; the rest: weights)
+WINOGRAD_CHAINS = 8  # independent sums that keep two multiply-add units of latency 4 busy
+
+
+def winograd_weights(weight: np.ndarray) -> np.ndarray:
+    """U[co][ci][e] = (G g G^T)[i][j], e = 4 i + j, of each 3x3 kernel g = weight[co][ci]
+    (computed in float64)."""
+    g = np.asarray(weight, np.float64)
+    u = np.einsum("ik,oakl,jl->oaij", WINOGRAD_G, g, WINOGRAD_G)
+    return u.reshape(*g.shape[:2], 16)
+
+
+def _winograd_applies(s: Step) -> bool:
+    """3x3, stride 1, no dilation, one group; channels in and out a multiple of 8 (vectors of
+    channels, no tails) and at least 16; no pool, or a fused 2x2 max-pool (its windows are
+    the 2x2 tiles)."""
+    c = s.c
+    return ((c["KH"], c["KW"], c["SH"], c["SW"], c["DH"], c["DW"], c["GROUPS"]) == (3, 3, 1, 1, 1, 1, 1)
+            and c["CIN"] % 8 == 0 and c["COUT"] % 8 == 0 and min(c["CIN"], c["COUT"]) >= 16
+            and (not c["POOL"] or (c["PKH"], c["PKW"]) == (2, 2)))
+
+
+def _winograd_blocking(c: dict) -> dict:
+    """Tiles TH x TW; output channels in vectors of VL, CB vectors at a time (the largest
+    divisor of COUT / VL up to 4); TB tiles at a time, TB x CB sums in registers, TB chosen
+    for the least cost over the tiles: a block of n tiles as max(n CB, WINOGRAD_CHAINS)
+    multiply-adds plus CB weight loads per input channel."""
+    th, tw = -(-c["OH"] // 2), -(-c["OW"] // 2)
+    t = th * tw
+    vl = 16 if c["COUT"] % 16 == 0 else 8
+    nv = c["COUT"] // vl
+    cb = max(d for d in range(1, 5) if nv % d == 0)
+
+    def cost(tb: int) -> float:
+        blocks = [tb] * (t // tb) + ([t % tb] if t % tb else [])
+        return sum(max(n * cb, WINOGRAD_CHAINS) + cb for n in blocks) - tb * 1e-3
+
+    tb = min(range(1, min(t, WINOGRAD_ACC // cb) + 1), key=cost)
+    return dict(WG_TH=th, WG_TW=tw, WG_T=t, WG_VL=vl, WG_VLI=16 if c["CIN"] % 16 == 0 else 8, WG_CB=cb,
+                WG_CBW=cb * vl, WG_NCB=nv // cb, WG_TB=tb, WG_TB_FULL=t - t % tb, WG_TB_TAIL=t % tb,
+                WG_HT=2 * th + 2, WG_WT=2 * tw + 2)
+
+
+def _winograd_cost(s: Step) -> float:
+    """The 16 products per tile as multiply-adds over vectors of VL output channels, with a
+    weight load per CB x TB of them; the input's copy to channels last (a load and a store
+    per value), its transform (64 vector operations per tile and vector of input channels)
+    and the output transform (about 44 per tile and vector of output channels)."""
+    c = s.c
+    b = _winograd_blocking(c)
+    gemm = b["WG_T"] * 16 * c["CIN"] * c["COUT"] / b["WG_VL"] * (1 + 1 / b["WG_TB"])
+    return (gemm + 2 * b["WG_HT"] * b["WG_WT"] * c["CIN"] + 64 * b["WG_T"] * c["CIN"] / b["WG_VLI"]
+            + 44 * b["WG_T"] * c["COUT"] / b["WG_VL"])
+
+
+def _winograd_prepare(s: Step) -> None:
+    """The weights as U = G g G^T, rounded to float32 once, here, laid out
+    [COUT / (CB VL)][16][CIN][CB VL] (the GEMM of one block of output channels and one e
+    reads CIN x CB VL contiguous values).  Scratch: the input channels last with its zero
+    border XT [HT][WT][CIN], the transformed inputs of TB tiles V [16][TB][CIN] and their
+    products M [16][TB][CB VL] (each rounded to 16 floats).  The output transform writes a
+    tile's 2x2 outputs over its first 4 products, channels last; a last pass writes them to
+    the output planes one channel at a time (contiguous stores: channel planes 4 KB apart
+    alias in the L1 cache, which made storing each tile's 4 x VL values straight to them 38%
+    of a 16-channel 32x32 step)."""
+    c = s.c
+    c.update(_winograd_blocking(c), VEC=False, VEC_TAIL=False)
+    cin, cout, cbw = c["CIN"], c["COUT"], c["WG_CBW"]
+    w = s.arrays[0]
+    u = winograd_weights(w.values.reshape(cout, cin, 3, 3))  # [co][ci][e]
+    u = u.reshape(c["WG_NCB"], cbw, cin, 16).transpose(0, 3, 2, 1)  # [block][e][ci][q]
+    w.values = np.ascontiguousarray(u).astype(np.float32).ravel()
+    w.dims = f"[{c['WG_NCB']}][16][{cin}][{cbw}]"
+    w.what += f" as Winograd weights G g G^T (computed at export), in blocks of {cbw} output channels"
+    r16 = lambda n: -(-n // 16) * 16  # noqa: E731
+    xt, v, m = c["WG_HT"] * c["WG_WT"] * cin, 16 * c["WG_TB"] * cin, 16 * c["WG_TB"] * cbw
+    c.update(WG_XT_OFF=0, WG_V_OFF=r16(xt), WG_M_OFF=r16(xt) + r16(v),
+             WG_PLANE=c["POH"] * c["POW"] if c["POOL"] else c["OH"] * c["OW"])  # an output channel's values
+    s.scratch = r16(xt) + r16(v) + r16(m)
+    s.scratch_doc = (f"the input channels last with a zero border [{c['WG_HT']}][{c['WG_WT']}][{cin}] at +0, "
+                     f"{c['WG_TB']} tiles' transformed inputs [16][{c['WG_TB']}][{cin}] at +{c['WG_V_OFF']}, "
+                     f"their products, then outputs [16][{c['WG_TB']}][{cbw}] at +{c['WG_M_OFF']}")
+
+
+def _no_prepare(s: Step) -> None:
+    pass
+
+
+CONV_FORMS = (
+    ConvForm("winograd", ("host",), _winograd_applies, _winograd_cost, _winograd_prepare,
+             "Winograd F(2x2, 3x3) over vectors of channels, weights transformed at export"),
+    ConvForm("channels", ("host",), _channels_applies, _channels_cost, _channels_prepare,
+             "8 or 16 output channels at a time, over blocks of pixels of a row"),
+    ConvForm("rows", ("generic", "host", "cortex-m4", "cortex-m7"), lambda s: True, _rows_cost, _no_prepare,
+             "blocks of neighbouring outputs of a row, one output channel at a time"),
+)
+FORMS = {f.name: f for f in CONV_FORMS}
+
+
+def choose_conv_forms(steps: list[Step], target: str, force: dict[str, str] | None = None) -> None:
+    """Each conv step's form: the cheapest of CONV_FORMS for the target that applies, or the
+    one `force` names for the step (tests run every form on the shapes it applies to)."""
     for s in steps:
-        c = s.c
         if s.op != "conv":
             continue
-        cout = c["COUT"]
-        # one group whose channels round up to 8 with at most a quarter more: zero channels pad it
-        padded = c["GROUPS"] == 1 and cout % 8 and 3 * -(-cout // 8) * 8 <= 4 * cout
-        if c["COUT_G"] % 8 and not padded:
-            continue
-        vl = 16 if c["COUT_G"] % 16 == 0 else 8
-        cb = -(-cout // vl)
-        w = s.arrays[0]
-        k = c["CIN_G"] * c["KH"] * c["KW"]
-        wp = np.zeros((cb * vl, k), np.float32)
-        wp[:cout] = w.values.reshape(cout, k)
-        w.values = np.ascontiguousarray(wp.reshape(cb, vl, k).transpose(0, 2, 1)).ravel()
-        w.what += (f", reordered [{cb}][{c['CIN_G']}][{c['KH']}][{c['KW']}][{vl}] ({vl} output channels at once"
-                   + (f"; channels {cout} to {cb * vl - 1} are zeros" if cb * vl != cout else "") + ")")
-        if cb * vl != cout and c["bias"]:
-            b = s.arrays[1]
-            b.values = np.concatenate([b.values, np.zeros(cb * vl - cout, np.float32)])
-            b.what += f", then {cb * vl - cout} zeros (the padding channels)"
-        pb = _pixel_block(c["OW"])
-        c.update(VECC=True, VEC=False, VEC_TAIL=False, VL=vl, CB=cb, WB=k * vl, PB=pb, CHAINS=PIXEL_CHAINS,
-                 PB_FULL=c["OW"] - c["OW"] % pb, PB_TAIL=c["OW"] % pb,
-                 # the channels a block stores: the last one only the real ones
-                 QN=str(vl) if cb * vl == cout else f"(cb < {cb - 1} ? {vl} : {cout - (cb - 1) * vl})")
-        if c["POOL"]:
-            s.scratch += _round4(vl * c["OW"]) - _round4(c["OW"])
-            s.scratch_doc = s.scratch_doc.replace(f"one conv output row [{c['OW']}]",
-                                                  f"{vl} channels' conv output row, pixel-major [{c['OW']}][{vl}]")
+        name = (force or {}).get(s.name)
+        if name is not None:
+            form = FORMS[name]
+            if target not in form.targets or not form.applies(s):
+                raise ValueError(f"conv form {name!r} does not apply to {s.name} on {target}")
+        else:
+            form = min((f for f in CONV_FORMS if target in f.targets and f.applies(s)), key=lambda f: f.cost(s))
+        s.form = form.name
+        form.prepare(s)
 
 
 def _round4(n: int) -> int:

@@ -79,6 +79,7 @@ static float conv1_pre(float x)
  *   relu1: relu (spec line 7), [2][8][8] -> [2][8][8]
  *   pool1: maxpool2d kernel_size=2 (spec line 8), [2][8][8] -> [2][4][4]
  *   flatten1: flatten (spec line 9), [2][4][4] -> [32]
+ *   computed as "rows": blocks of neighbouring outputs of a row, one output channel at a time
  *   conv1_weight [2][1][3][3]: conv1.weight
  *   conv1_bias [2]: conv1.bias
  */
