@@ -27,7 +27,7 @@ import pytest
 
 from conftest import (assert_close, build, dropout_masks, prebuild, random_batch, randomize_batchnorm, raw_layers,
                       reference_loss_and_grad, reference_model, spec)
-from netcompiler.check import check_text
+from netcompiler.check import check_text, force_kernels
 from netcompiler.errors import SpecErrors
 from netcompiler.plan import make_plan
 from netcompiler.render import render
@@ -379,6 +379,24 @@ _forced("kpath_depthwise_as_gather", "gather",
 # the GEMM paths on a Winograd shape (16 channels in and out, 3x3, stride 1)
 _forced("kpath_winograd_as_gather", "gather", "conv2d: {out_channels: 16, kernel_size: 3}", (2, 7, 9), pre=_pre(16))
 _forced("kpath_winograd_as_im2col", "im2col", "conv2d: {out_channels: 16, kernel_size: 3}", (2, 7, 9), pre=_pre(16))
+# winograd_dx (the input gradient as a Winograd convolution too; padding 1): three vectors of
+# output channels on an even size; odd sizes with cut last tiles, channels that are not whole
+# vectors (17 in, 20 out) and no bias; one row of pixels; a fused ReLU; a residual block (the
+# input gradient summed with the skip path's); and the GEMM backward on its shape
+_forced("kpath_winograd_dx", "winograd_dx", "conv2d: {out_channels: 48, kernel_size: 3, padding: 1}", (2, 8, 8),
+        pre=_pre(16))
+_forced("kpath_winograd_dx_odd_nobias", "winograd_dx",
+        "conv2d: {out_channels: 20, kernel_size: 3, padding: 1, bias: false}", (2, 7, 9), pre=_pre(17))
+_forced("kpath_winograd_dx_one_row", "winograd_dx", "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
+        (2, 1, 5), pre=_pre(33))
+_forced("kpath_winograd_dx_relu_fused", "winograd_dx",
+        ["conv2d: {out_channels: 16, kernel_size: 3, padding: 1}", "relu", "maxpool2d: {kernel_size: 2}"],
+        (2, 6, 10), pre=_pre(16))
+_forced("kpath_winograd_dx_residual", "winograd_dx",
+        ["conv2d: {out_channels: 16, kernel_size: 3, padding: 1}", "add: {inputs: [conv2, conv1]}", "relu"],
+        (2, 5, 6), pre=_pre(16))
+_forced("kpath_winograd_dx_as_winograd", "winograd", "conv2d: {out_channels: 20, kernel_size: 3, padding: 1}",
+        (2, 7, 9), pre=_pre(17))
 
 
 def _covered() -> tuple[dict[str, set[str]], dict[tuple[str, str], list], set[str]]:
@@ -428,11 +446,21 @@ WINOGRAD_CASES = [c for c in IDS if "winograd" in c]
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES)
 def test_winograd_cases_run_winograd(case):
-    """The cases above exercise the Winograd forward of the layer under test."""
+    """The cases above exercise the Winograd forward of the layer under test (by default, or
+    forced to a Winograd path), and the winograd_dx ones its input gradient too: they need
+    padding 1 ("conv_winograd_pad4" has other padding, "conv_winograd" none)."""
     net = check_text(CASES[case])
+    forced = KERNELS.get(case, {})
+    if all(p.startswith("winograd") for p in forced.values()):
+        net = force_kernels(net, forced)
     plan = make_plan(net)
     assert [lp.c.get("WINO", False) for lp in plan.layers if lp.kind == "conv2d"] == [False, True]
-    assert "_winograd_gemm" in render(net, "float32").source
+    source = render(net, "float32").source
+    assert "_winograd_gemm" in source
+    dx = [lp.kernel.path.name == "winograd_dx" for lp in plan.layers if lp.kind == "conv2d"][1]
+    assert ("conv2_winograd_dx_gemm(" in source) == dx
+    assert dx == (("winograd_dx" in case and "as_winograd" not in case) or case in ("conv_winograd_pad_nobias",
+                                                                                     "conv_winograd_same"))
 
 
 @pytest.mark.parametrize("case, tile", [("conv_gather_pad", (6, 1)), ("conv_gather_dilated_groups", (2, 2)),
