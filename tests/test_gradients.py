@@ -379,6 +379,13 @@ _forced("kpath_depthwise_as_gather", "gather",
 # the GEMM paths on a Winograd shape (16 channels in and out, 3x3, stride 1)
 _forced("kpath_winograd_as_gather", "gather", "conv2d: {out_channels: 16, kernel_size: 3}", (2, 7, 9), pre=_pre(16))
 _forced("kpath_winograd_as_im2col", "im2col", "conv2d: {out_channels: 16, kernel_size: 3}", (2, 7, 9), pre=_pre(16))
+# im2row from vectors of an output row's pixels, transposed (stride 1, rows of 16 or more): 9
+# whole vectors of taps and a cut last vector of pixels; groups and lopsided padding with a cut
+# vector of taps (27 = 16 + 11) and two vectors of pixels and a tail
+_forced("kpath_im2row_vectors", "im2col", "conv2d: {out_channels: 5, kernel_size: 3, padding: 1}", (16, 3, 20),
+        pre=_pre(16))
+_forced("kpath_im2row_vectors_groups", "im2col",
+        "conv2d: {out_channels: 4, kernel_size: 3, groups: 2, padding: [1, 0, 2, 1]}", (6, 4, 33), pre=_pre(6))
 # winograd_dx (the input gradient as a Winograd convolution too; padding 1): three vectors of
 # output channels on an even size; odd sizes with cut last tiles, channels that are not whole
 # vectors (17 in, 20 out) and no bias; one row of pixels; a fused ReLU; a residual block (the
@@ -395,6 +402,8 @@ _forced("kpath_winograd_dx_relu_fused", "winograd_dx",
 _forced("kpath_winograd_dx_residual", "winograd_dx",
         ["conv2d: {out_channels: 16, kernel_size: 3, padding: 1}", "add: {inputs: [conv2, conv1]}", "relu"],
         (2, 5, 6), pre=_pre(16))
+_forced("kpath_winograd_dx_rows16", "winograd_dx", "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
+        (2, 2, 16), pre=_pre(16))
 _forced("kpath_winograd_dx_as_winograd", "winograd", "conv2d: {out_channels: 20, kernel_size: 3, padding: 1}",
         (2, 7, 9), pre=_pre(17))
 
@@ -461,6 +470,20 @@ def test_winograd_cases_run_winograd(case):
     assert ("conv2_winograd_dx_gemm(" in source) == dx
     assert dx == (("winograd_dx" in case and "as_winograd" not in case) or case in ("conv_winograd_pad_nobias",
                                                                                      "conv_winograd_same"))
+
+
+@pytest.mark.parametrize("case, vectors", [("kpath_im2row_vectors", (144, 16)), ("kpath_im2row_vectors_groups", (16, 32)),
+                                           ("kpath_winograd_dx_rows16", (144, 16)), ("relu_fused_pool_columns", (16, 16))])
+def test_im2row_vector_cases_transpose(case, vectors):
+    """The cases above build the weight gradient's rows of taps from vectors of (taps, pixels) of
+    an output row, transposed (vtranspose16); output rows under 16 pixels keep the scalar copy."""
+    net = check_text(CASES[case])
+    net = force_kernels(net, KERNELS[case]) if case in KERNELS else net
+    lp = [lp for lp in make_plan(net).layers if lp.kind == "conv2d"][-1]
+    assert lp.c["IM2ROW_VEC"] and (lp.c["K_VFULL"], lp.c["OW_FULL"]) == vectors
+    assert "vtranspose16(r);" in render(net, "float32").source
+    small = [lp for lp in make_plan(check_text(CASES["conv_basic"])).layers if lp.kind == "conv2d"][-1]
+    assert not small.c["IM2ROW_VEC"] and small.c["OW"] < 16
 
 
 @pytest.mark.parametrize("case, tile", [("conv_gather_pad", (6, 1)), ("conv_gather_dilated_groups", (2, 2)),

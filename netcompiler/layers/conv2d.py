@@ -375,6 +375,14 @@ def gemm_context(layer: Layer, path: str) -> dict:
         dwg = dict(DWG_MB=mb, DWG_KB=kb, DWG_K_MAIN=k - k % kb, DWG_K_TAIL=k % kb,
                    DWG_TAPS=[(ic * hp + ky * o["dilation"][0]) * wp + kx * o["dilation"][1]
                              for ic in range(cin // g) for ky in range(kh) for kx in range(kw)])
+    # im2row (stride 1, no dilation, output rows of at least VEC pixels): VEC taps x VEC pixels
+    # of an output row loaded as vectors from the input rows and transposed; the taps' offsets.
+    # KP is K rounded up to VEC, so the taps after K_VFULL are one vector, zero from K.
+    k_all = (cin // g) * kh * kw
+    assert gemm["KP"] == _round_up(k_all, VEC)
+    im2row_vec = (not dwg and row_col2im and ow >= VEC and dict(
+        ROW_TAPS=[(ic * hp + ky) * wp + kx for ic in range(cin // g) for ky in range(kh) for kx in range(kw)],
+        OW_FULL=ow - ow % VEC, K_VFULL=k_all - k_all % VEC))
     tail = dot_tail(gemm, gather is not None)
     if tail:
         tail["TAIL_OFF"] = [tap0(p, ow, o["stride"][0], o["stride"][1], wp) for p in range(gemm["N_FULL"], oh * ow)]
@@ -418,7 +426,7 @@ def gemm_context(layer: Layer, path: str) -> dict:
         PADDED=padded, HP=hp, WP=wp, XPAD_OFF=xpad_off, SCRATCH=scratch, **gemm,
         WINO=bool(wino), **wino, WINO_DX=bool(wgx), WGX=wgx, GEMM_DIN=needs_din, ROW_COL2IM=row_col2im, W_FULL=w - w % VEC,
         GATHER=gather is not None, GATHER_START=gather and gather[0], GATHER_LANES=gather and gather[1],
-        GATHER_DW=bool(dwg), **dwg, DOT_TAIL=bool(tail), **tail,
+        GATHER_DW=bool(dwg), **dwg, IM2ROW_VEC=bool(im2row_vec), **(im2row_vec or {}), DOT_TAIL=bool(tail), **tail,
         # a partial last block of pixels needs only this many of its vectors
         NV_TAIL=-(-(oh * ow - gemm["N_FULL"]) // VEC),
     )
