@@ -404,6 +404,9 @@ _forced("kpath_winograd_dx_residual", "winograd_dx",
         (2, 5, 6), pre=_pre(16))
 _forced("kpath_winograd_dx_rows16", "winograd_dx", "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
         (2, 2, 16), pre=_pre(16))
+_forced("kpath_winograd_dx_wide_relu", "winograd_dx",
+        ["conv2d: {out_channels: 20, kernel_size: 3, padding: 1}", "relu", "maxpool2d: {kernel_size: 2}"],
+        (2, 4, 18), pre=_pre(17))
 _forced("kpath_winograd_dx_as_winograd", "winograd", "conv2d: {out_channels: 20, kernel_size: 3, padding: 1}",
         (2, 7, 9), pre=_pre(17))
 
@@ -484,6 +487,22 @@ def test_im2row_vector_cases_transpose(case, vectors):
     assert "vtranspose16(r);" in render(net, "float32").source
     small = [lp for lp in make_plan(check_text(CASES["conv_basic"])).layers if lp.kind == "conv2d"][-1]
     assert not small.c["IM2ROW_VEC"] and small.c["OW"] < 16
+
+
+def test_winograd_copies_transpose_whole_vectors():
+    """Rows of 16 or more pixels go between the planes and channels last in 16 x 16 transposes:
+    "kpath_winograd_dx_wide_relu" has 16 of its 18 columns and 16 of its 17 input and 20 output
+    channels in whole vectors (the rest one by one), forward and input gradient alike."""
+    case = "kpath_winograd_dx_wide_relu"
+    net = force_kernels(check_text(CASES[case]), KERNELS[case])
+    c = [lp for lp in make_plan(net).layers if lp.kind == "conv2d"][-1].c
+    x = c["WGX"]
+    assert (c["WG_IN_WFULL"], c["WG_OUT_WFULL"], c["WG_CIN_FULL"], c["WG_COUT_FULL"]) == (16, 16, 16, 16)
+    assert (x["CIN"], x["COUT"], x["WG_IN_WFULL"], x["WG_OUT_WFULL"]) == (20, 17, 16, 16)
+    source = render(net, "float32").source
+    assert source.count("vtranspose16(r);") >= 8  # 2 channel blocks each way, forward and input gradient
+    small = [lp for lp in make_plan(check_text(CASES["conv_winograd_same"])).layers if lp.kind == "conv2d"][-1].c
+    assert small["WG_IN_WFULL"] == small["WG_OUT_WFULL"] == 0  # 8 columns
 
 
 @pytest.mark.parametrize("case, tile", [("conv_gather_pad", (6, 1)), ("conv_gather_dilated_groups", (2, 2)),

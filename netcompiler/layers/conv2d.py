@@ -108,9 +108,9 @@ class Conv2d(WeightLayer):
             return {}
         cin, (cout, oh, ow) = layer.in_shape[0], layer.out_shape
         # the weights the transformed ones were made from, and the transformed weights
-        shapes = {"wino_src": (cout * cin * 9,), "wino_u": (16 * winograd_blocking(cin, cout, oh, ow)["WG_UPS"],)}
+        shapes = {"wino_src": (cout * cin * 9,), "wino_u": (16 * winograd_blocking(cin, cout, oh, ow, layer.in_shape[2])["WG_UPS"],)}
         if path == "winograd_dx":  # and the transformed flipped ones of the input gradient
-            shapes["wino_ut"] = (16 * winograd_blocking(cout, cin, *layer.in_shape[1:])["WG_UPS"],)
+            shapes["wino_ut"] = (16 * winograd_blocking(cout, cin, *layer.in_shape[1:], ow)["WG_UPS"],)
         return shapes
 
     def torch_module(self, layer: Layer):
@@ -351,7 +351,7 @@ def gemm_context(layer: Layer, path: str) -> dict:
     # the padded copy of a group's input planes follows the GEMM scratch
     xpad_off = _round_up(gemm.pop("SCRATCH"), VEC)
     scratch = xpad_off + ((cin // g) * hp * wp if padded else 0)
-    wino = winograd_blocking(cin, cout, oh, ow) if path in WINOGRAD_PATHS else {}
+    wino = winograd_blocking(cin, cout, oh, ow, w) if path in WINOGRAD_PATHS else {}
     if wino:
         scratch = max(scratch, wino["WG_SCRATCH"])
     # winograd_dx: dX = the correlation of dY, with a zero border of 2 - pad = 1, with the
@@ -359,7 +359,7 @@ def gemm_context(layer: Layer, path: str) -> dict:
     wgx = {}
     if path == "winograd_dx":
         wgx = dict(CIN=cout, COUT=cin, H=oh, W=ow, OH=h, OW=w, PT=2 - d["pads"][0][0], PL=2 - d["pads"][1][0],
-                   bias=False, VEC=VEC, **winograd_blocking(cout, cin, h, w))
+                   bias=False, VEC=VEC, **winograd_blocking(cout, cin, h, w, ow))
         scratch = max(scratch, wgx["WG_SCRATCH"])
     gather = _gather(layer) if path == "gather" else None
     if gather and gemm["NV"] == 1:
@@ -432,8 +432,8 @@ def gemm_context(layer: Layer, path: str) -> dict:
     )
 
 
-def winograd_blocking(cin: int, cout: int, oh: int, ow: int) -> dict:
-    """Sizes of the Winograd F(2x2, 3x3) forward of one sample.
+def winograd_blocking(cin: int, cout: int, oh: int, ow: int, w: int) -> dict:
+    """Sizes of the Winograd F(2x2, 3x3) forward of one sample (input w wide).
 
     Tiles of 2x2 output pixels (TH x TW of them, T in all) read 4x4 input patches.  The
     input, the transformed input V[16][tile][ci] and the products M[16][tile][co] keep
@@ -445,6 +445,10 @@ def winograd_blocking(cin: int, cout: int, oh: int, ow: int) -> dict:
     """
     th, tw = -(-oh // 2), -(-ow // 2)
     t = th * tw
+    # the copies between the planes and channels last transpose VEC channels x VEC pixels of a row
+    # at a time: the whole vectors of columns and channels
+    full = dict(WG_IN_WFULL=w - w % VEC, WG_OUT_WFULL=ow - ow % VEC, WG_CIN_FULL=cin - cin % VEC,
+                WG_COUT_FULL=cout - cout % VEC)
     cinp, coutp = _round_up(cin, VEC), _round_up(cout, VEC)
     cb = _largest_divisor(coutp // VEC, 4)
     tb_max = min(8, ACC_MAX // cb)
@@ -456,7 +460,7 @@ def winograd_blocking(cin: int, cout: int, oh: int, ow: int) -> dict:
     # per-thread scratch: V, later the output tiles YT; then M, before it the input XT
     a = max(16 * vps, 2 * th * 2 * tw * coutp)
     b = max(16 * mps, ht * wt * cinp)
-    return dict(WG_TH=th, WG_TW=tw, WG_T=t, WG_TP=tp, WG_TB=tb, WG_CB=cb, WG_CINP=cinp, WG_COUTP=coutp,
+    return dict(**full, WG_TH=th, WG_TW=tw, WG_T=t, WG_TP=tp, WG_TB=tb, WG_CB=cb, WG_CINP=cinp, WG_COUTP=coutp,
                 WG_HT=ht, WG_WT=wt, WG_VPS=vps, WG_MPS=mps, WG_UPS=ups,
                 WG_V_OFF=0, WG_YT_OFF=0, WG_M_OFF=a, WG_XT_OFF=a, WG_SCRATCH=a + b)
 
