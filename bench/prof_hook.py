@@ -77,9 +77,10 @@ def generator_has_hook(rendered) -> bool:
 
 
 def instrument_source(source: str, name: str, layer_names: list[str]) -> str:
-    """Wrap every per-layer call in forward_eval / forward_train / NAME_backward with a timer."""
+    """Wrap every per-layer call in forward_eval / forward_train / backward_team with a timer."""
     index = {n: i for i, n in enumerate(layer_names)}
-    starts = {"static void forward_eval(": 0, "static void forward_train(": 1, f"double {name}_backward(": 2}
+    starts = {"static void forward_eval(": 0, "static void forward_train(": 1, "static double backward_team(": 2,
+              f"double {name}_backward(": 2}
     # <layer>_forward(...), the batch-level variants <layer>_forward_batch / _forward_train, and
     # <layer>_winograd_weights(...) (remaking a conv's cached weights counts as its forward)
     call = re.compile(r"^(\s*)(\w+?)_(forward|backward|winograd_weights)(?:_batch|_train|_eval)?\((.*)\);\s*$")

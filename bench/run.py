@@ -406,7 +406,7 @@ class Bench:
             scale = min(1.0, statistics.median(c / w for c, w in zip(cpus, walls)))
         rows = []
         for i, (lp, _) in enumerate(prof):
-            rows.append({"layer": lp.name, "kind": lp.kind,
+            rows.append({"layer": lp.name, "spec_name": lp.layer.name, "kind": lp.kind,
                          "forward_us": scale * statistics.median(r[i][0] for r in per_rep),
                          "backward_us": scale * statistics.median(r[i][1] for r in per_rep)})
         return {"source": how, "threads": threads, "batch": bs, "reps": len(per_rep), "scale": scale,
@@ -668,7 +668,8 @@ def profile_lines(results: dict, peak1: float) -> list[str]:
             tot = sum(x["forward_us"] + x["backward_us"] for x in lp["layers"])
             rows = []
             for x in lp["layers"]:
-                ff, bf = r["layer_flops"].get(x["layer"], (0, 0))
+                # the report names layers as the spec does (layer1.0.conv1), the C as identifiers
+                ff, bf = r["layer_flops"].get(x.get("spec_name", x["layer"]), (0, 0))
                 fg = ff / (x["forward_us"] * 1e3) if x["forward_us"] > 0 else None
                 bg = bf / (x["backward_us"] * 1e3) if x["backward_us"] > 0 and bf else None
                 rows.append([x["layer"], x["kind"], f"{x['forward_us']:.2f}", f"{x['backward_us']:.2f}",

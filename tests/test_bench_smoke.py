@@ -68,3 +68,22 @@ def test_time_to_accuracy_quick_runs(tmp_path):
         r = got[side]
         assert len(r["acc"]) == 1 and 0 <= r["acc"][0] <= 1 and r["wall"] > 0
     assert "512 training and 256 test images" in proc.stdout  # --quick's limits
+
+
+def test_layer_profile_counts_every_layers_backward():
+    """bench/prof_hook.py wraps each layer call of the forward and of backward_team (where the
+    layer backwards are called) with a timer: after one training step every layer that has a
+    backward has counted calls in the backward column.  No time is asserted."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import prof_hook
+
+    net, _ = prof_hook.profiled_net(str(ROOT / "specs" / "resnet8.yaml"), threads=1)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    net.set_optimizer("sgd", lr=0.0)
+    prof_hook.reset_profile(net)
+    net.train_step(x, np.array([1, 2], np.int32))
+    rows = {lp.layer.name: d for lp, d in prof_hook.read_profile(net)}
+    for name in ("conv1", "stack1.conv1", "stack1.bn1", "stack2.shortcut", "fc"):
+        assert rows[name]["backward"][1] > 0 and rows[name]["train_forward"][1] > 0, name

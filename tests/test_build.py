@@ -117,10 +117,15 @@ def test_show_layer_includes_its_helpers_and_whole_bodies():
                             if l.startswith("static ")]
 
     text, names = functions("specs/alphabet.yaml", "--layer", "conv2")
-    assert names == ["conv2_winograd_weights", "conv2_winograd_input", "conv2_winograd_gemm",
+    assert names == ["conv2_winograd_kernel", "conv2_winograd_weights", "conv2_winograd_input", "conv2_winograd_gemm",
                      "conv2_winograd_output", "conv2_forward"]
     _, names = functions("specs/alphabet.yaml", "--layer", "conv2", "--backward")
     assert names == ["conv2_im2row", "conv2_backward"]
+    # winograd_dx: the input gradient's Winograd steps, the weight gradient, the backward calling both
+    _, names = functions("specs/resnet8.yaml", "--layer", "stack1.conv2", "--backward")
+    n = "stack1_conv2"
+    assert names == [f"{n}_winograd_dx_input", f"{n}_winograd_dx_gemm", f"{n}_winograd_dx_output", f"{n}_row_taps",
+                     f"{n}_im2row", f"{n}_backward_dw", f"{n}_backward"]
     text, names = functions("specs/lenet5.yaml", "--layer", "conv1")
     # the forward gathers its input taps on the fly, by tables of offsets and shuffle lanes
     assert names == ["conv1_pad", "conv1_start", "conv1_lanes", "conv1_forward"] and not text.startswith("/* ====")

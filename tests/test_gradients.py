@@ -27,7 +27,7 @@ import pytest
 
 from conftest import (assert_close, build, dropout_masks, prebuild, random_batch, randomize_batchnorm, raw_layers,
                       reference_loss_and_grad, reference_model, spec)
-from netcompiler.check import check_text
+from netcompiler.check import check_text, force_kernels
 from netcompiler.errors import SpecErrors
 from netcompiler.plan import make_plan
 from netcompiler.render import render
@@ -379,6 +379,36 @@ _forced("kpath_depthwise_as_gather", "gather",
 # the GEMM paths on a Winograd shape (16 channels in and out, 3x3, stride 1)
 _forced("kpath_winograd_as_gather", "gather", "conv2d: {out_channels: 16, kernel_size: 3}", (2, 7, 9), pre=_pre(16))
 _forced("kpath_winograd_as_im2col", "im2col", "conv2d: {out_channels: 16, kernel_size: 3}", (2, 7, 9), pre=_pre(16))
+# im2row from vectors of an output row's pixels, transposed (stride 1, rows of 16 or more): 9
+# whole vectors of taps and a cut last vector of pixels; groups and lopsided padding with a cut
+# vector of taps (27 = 16 + 11) and two vectors of pixels and a tail
+_forced("kpath_im2row_vectors", "im2col", "conv2d: {out_channels: 5, kernel_size: 3, padding: 1}", (16, 3, 20),
+        pre=_pre(16))
+_forced("kpath_im2row_vectors_groups", "im2col",
+        "conv2d: {out_channels: 4, kernel_size: 3, groups: 2, padding: [1, 0, 2, 1]}", (6, 4, 33), pre=_pre(6))
+# winograd_dx (the input gradient as a Winograd convolution too; padding 1): three vectors of
+# output channels on an even size; odd sizes with cut last tiles, channels that are not whole
+# vectors (17 in, 20 out) and no bias; one row of pixels; a fused ReLU; a residual block (the
+# input gradient summed with the skip path's); and the GEMM backward on its shape
+_forced("kpath_winograd_dx", "winograd_dx", "conv2d: {out_channels: 48, kernel_size: 3, padding: 1}", (2, 8, 8),
+        pre=_pre(16))
+_forced("kpath_winograd_dx_odd_nobias", "winograd_dx",
+        "conv2d: {out_channels: 20, kernel_size: 3, padding: 1, bias: false}", (2, 7, 9), pre=_pre(17))
+_forced("kpath_winograd_dx_one_row", "winograd_dx", "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
+        (2, 1, 5), pre=_pre(33))
+_forced("kpath_winograd_dx_relu_fused", "winograd_dx",
+        ["conv2d: {out_channels: 16, kernel_size: 3, padding: 1}", "relu", "maxpool2d: {kernel_size: 2}"],
+        (2, 6, 10), pre=_pre(16))
+_forced("kpath_winograd_dx_residual", "winograd_dx",
+        ["conv2d: {out_channels: 16, kernel_size: 3, padding: 1}", "add: {inputs: [conv2, conv1]}", "relu"],
+        (2, 5, 6), pre=_pre(16))
+_forced("kpath_winograd_dx_rows16", "winograd_dx", "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
+        (2, 2, 16), pre=_pre(16))
+_forced("kpath_winograd_dx_wide_relu", "winograd_dx",
+        ["conv2d: {out_channels: 20, kernel_size: 3, padding: 1}", "relu", "maxpool2d: {kernel_size: 2}"],
+        (2, 4, 18), pre=_pre(17))
+_forced("kpath_winograd_dx_as_winograd", "winograd", "conv2d: {out_channels: 20, kernel_size: 3, padding: 1}",
+        (2, 7, 9), pre=_pre(17))
 
 
 def _covered() -> tuple[dict[str, set[str]], dict[tuple[str, str], list], set[str]]:
@@ -428,11 +458,51 @@ WINOGRAD_CASES = [c for c in IDS if "winograd" in c]
 
 @pytest.mark.parametrize("case", WINOGRAD_CASES)
 def test_winograd_cases_run_winograd(case):
-    """The cases above exercise the Winograd forward of the layer under test."""
+    """The cases above exercise the Winograd forward of the layer under test (by default, or
+    forced to a Winograd path), and the winograd_dx ones its input gradient too: they need
+    padding 1 ("conv_winograd_pad4" has other padding, "conv_winograd" none)."""
     net = check_text(CASES[case])
+    forced = KERNELS.get(case, {})
+    if all(p.startswith("winograd") for p in forced.values()):
+        net = force_kernels(net, forced)
     plan = make_plan(net)
     assert [lp.c.get("WINO", False) for lp in plan.layers if lp.kind == "conv2d"] == [False, True]
-    assert "_winograd_gemm" in render(net, "float32").source
+    source = render(net, "float32").source
+    assert "_winograd_gemm" in source
+    dx = [lp.kernel.path.name == "winograd_dx" for lp in plan.layers if lp.kind == "conv2d"][1]
+    assert ("conv2_winograd_dx_gemm(" in source) == dx
+    assert dx == (("winograd_dx" in case and "as_winograd" not in case) or case in ("conv_winograd_pad_nobias",
+                                                                                     "conv_winograd_same"))
+
+
+@pytest.mark.parametrize("case, vectors", [("kpath_im2row_vectors", (144, 16)), ("kpath_im2row_vectors_groups", (16, 32)),
+                                           ("kpath_winograd_dx_rows16", (144, 16)), ("relu_fused_pool_columns", (16, 16))])
+def test_im2row_vector_cases_transpose(case, vectors):
+    """The cases above build the weight gradient's rows of taps from vectors of (taps, pixels) of
+    an output row, transposed (vtranspose16); output rows under 16 pixels keep the scalar copy."""
+    net = check_text(CASES[case])
+    net = force_kernels(net, KERNELS[case]) if case in KERNELS else net
+    lp = [lp for lp in make_plan(net).layers if lp.kind == "conv2d"][-1]
+    assert lp.c["IM2ROW_VEC"] and (lp.c["K_VFULL"], lp.c["OW_FULL"]) == vectors
+    assert "vtranspose16(r);" in render(net, "float32").source
+    small = [lp for lp in make_plan(check_text(CASES["conv_basic"])).layers if lp.kind == "conv2d"][-1]
+    assert not small.c["IM2ROW_VEC"] and small.c["OW"] < 16
+
+
+def test_winograd_copies_transpose_whole_vectors():
+    """Rows of 16 or more pixels go between the planes and channels last in 16 x 16 transposes:
+    "kpath_winograd_dx_wide_relu" has 16 of its 18 columns and 16 of its 17 input and 20 output
+    channels in whole vectors (the rest one by one), forward and input gradient alike."""
+    case = "kpath_winograd_dx_wide_relu"
+    net = force_kernels(check_text(CASES[case]), KERNELS[case])
+    c = [lp for lp in make_plan(net).layers if lp.kind == "conv2d"][-1].c
+    x = c["WGX"]
+    assert (c["WG_IN_WFULL"], c["WG_OUT_WFULL"], c["WG_CIN_FULL"], c["WG_COUT_FULL"]) == (16, 16, 16, 16)
+    assert (x["CIN"], x["COUT"], x["WG_IN_WFULL"], x["WG_OUT_WFULL"]) == (20, 17, 16, 16)
+    source = render(net, "float32").source
+    assert source.count("vtranspose16(r);") >= 8  # 2 channel blocks each way, forward and input gradient
+    small = [lp for lp in make_plan(check_text(CASES["conv_winograd_same"])).layers if lp.kind == "conv2d"][-1].c
+    assert small["WG_IN_WFULL"] == small["WG_OUT_WFULL"] == 0  # 8 columns
 
 
 @pytest.mark.parametrize("case, tile", [("conv_gather_pad", (6, 1)), ("conv_gather_dilated_groups", (2, 2)),

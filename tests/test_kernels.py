@@ -44,8 +44,9 @@ def test_default_kernel_paths(layer, input_shape, path):
 
 
 def test_specs_keep_their_paths():
-    """lenet5, alphabet and resnet20 run the paths they ran before the table (their C is
-    unchanged); the first conv of each reads the network input: no input gradient."""
+    """lenet5 and alphabet run the paths they ran before the table; resnet20's 3x3 stride-1
+    convolutions (padding 1) take winograd_dx; the first conv of each reads the network input:
+    no input gradient."""
     def paths(name):
         return [(lp.layer.name, lp.kernel.path.name) for lp in make_plan(load(ROOT / f"specs/{name}.yaml")).layers
                 if lp.kernel]
@@ -53,7 +54,8 @@ def test_specs_keep_their_paths():
     assert paths("lenet5") == [("conv1", "gather"), ("conv2", "gather")]
     assert paths("alphabet") == [("conv1", "gather"), ("conv2", "winograd"), ("conv3", "winograd")]
     r20 = dict(paths("resnet20"))
-    assert r20["layer1.0.conv1"] == "winograd" and r20["layer3.0.downsample.0"] == "im2col"
+    assert r20["layer1.0.conv1"] == "winograd_dx" and r20["layer3.0.downsample.0"] == "im2col"
+    assert r20["layer3.2.conv2"] == "winograd_dx" and r20["layer3.0.conv1"] == "im2col"  # stride 2
     assert [l.grad_input for l in load(ROOT / "specs/lenet5.yaml").layers if l.kind.kind == "conv2d"] == [False, True]
 
 
@@ -84,6 +86,45 @@ def test_forcing_a_path_that_does_not_apply_is_refused():
                       {"conv3": "im2col"})
     with pytest.raises(KernelError, match=r"linear 'fc1' has one implementation"):
         force_kernels(net, {"fc1": "im2col"})
+
+
+@pytest.mark.parametrize("layer, input_shape, pre, why", [
+    ("conv2d: {out_channels: 16, kernel_size: 3}", (16, 8, 8), True, "no padding"),
+    ("conv2d: {out_channels: 16, kernel_size: 3, padding: [1, 1, 1, 0]}", (16, 8, 8), True, "padding 0 on one side"),
+    ("conv2d: {out_channels: 16, kernel_size: 3, padding: 2}", (16, 8, 8), True, "padding 2"),
+    ("conv2d: {out_channels: 16, kernel_size: 3, padding: 1}", (16, 8, 8), False, "no input gradient"),
+    ("conv2d: {out_channels: 16, kernel_size: 3, padding: 1}", (1, 8, 8), True, "1 channel in"),
+    ("conv2d: {out_channels: 1, kernel_size: 3, padding: 1}", (16, 8, 8), True, "1 channel out"),
+])
+def test_winograd_dx_needs_padding_1_and_an_input_gradient(layer, input_shape, pre, why):
+    """winograd_dx's input gradient is a 3x3 convolution with padding 1 of the output gradient:
+    other paddings, a layer without an input gradient and the shapes Winograd's forward refuses
+    keep the other paths; forcing it there is refused with what it needs."""
+    layers = ([f"conv2d: {{out_channels: {input_shape[0]}, kernel_size: 1}}"] if pre else []) + [
+        layer, "flatten", "linear: {out_features: 3}"]
+    net = check_text(spec(input_shape, layers))
+    name = "conv2" if pre else "conv1"
+    assert _path(net, name) != "winograd_dx", why
+    with pytest.raises(KernelError, match=r"kernel path 'winograd_dx' does not apply \(3x3, stride 1, padding 1, "
+                                          r"no dilation, one group, at least 16 channels in and out, an input "
+                                          r"gradient\)"):
+        force_kernels(net, {name: "winograd_dx"})
+
+
+def test_winograd_dx_is_the_default_with_padding_1():
+    """With an input gradient and padding 1 the Winograd input gradient is the cheapest; the
+    same convolution as the first layer (no input gradient) keeps winograd."""
+    net = check_text(spec((16, 8, 8), ["conv2d: {out_channels: 16, kernel_size: 1}",
+                                       "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
+                                       "flatten", "linear: {out_features: 3}"]))
+    assert _path(net) == "winograd_dx"
+    lp = next(lp for lp in make_plan(net).layers if lp.layer.name == "conv2")
+    assert "winograd " in lp.kernel.why and set(lp.kernel.costs) == {"winograd_dx", "winograd", "gather", "im2col"}
+    assert "wino_ut" in lp.cache and lp.c["WINO_DX"] and not lp.c["GEMM_DIN"] and "DCOL" not in lp.c["SCR"]
+    first = check_text(spec((16, 8, 8), ["conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
+                                         "flatten", "linear: {out_features: 3}"]))
+    assert _path(first, "conv1") == "winograd"
+    assert "wino_ut" not in next(lp for lp in make_plan(first).layers if lp.layer.name == "conv1").cache
 
 
 def test_compile_takes_kernels():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import netcompiler as nc
-from conftest import assert_close, build, reference_model, spec
+from conftest import assert_close, build, reference_loss_and_grad, reference_model, spec
 from netcompiler.check import check_text
 from netcompiler.errors import WeightsError
 
@@ -499,6 +499,38 @@ def test_winograd_cache_follows_every_change_of_the_weights(dtype):
     expect_torch("after init")
     net.set_optimizer("momentum", lr=0.1)
     net.train_step(x, np.array([0, 2], np.int32))
+    expect_torch("after a train step")
+
+
+WINO_DX = spec([16, 6, 7], [
+    "conv2d: {out_channels: 16, kernel_size: 1}",
+    "conv2d: {out_channels: 20, kernel_size: 3, padding: 1}",
+    "flatten",
+    "linear: {out_features: 3}",
+], name="api_wino_dx")
+
+
+def test_winograd_input_gradient_follows_every_change_of_the_weights():
+    """winograd_dx's input gradient reads transformed flipped weights from the cache: after an
+    in-place change of the weights and after a train step the gradients still match torch (conv1's
+    weight gradient is made from conv2's input gradient)."""
+    net = build(WINO_DX, "float64")
+    assert [lp.kernel.path.name for lp in net.plan.layers if lp.kind == "conv2d"] == ["pointwise", "winograd_dx"]
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((3, 16, 6, 7)), np.array([0, 2, 1], np.int32)
+
+    def expect_torch(what):
+        state = net.state_dict()
+        loss, grads = net.loss_and_grad(x, y)
+        _, ref, _, _ = reference_loss_and_grad(net, WINO_DX, x, y, None, state)
+        for k in ref:
+            assert_close(grads[k], ref[k], 1e-9, f"{what}: d{k}")
+
+    expect_torch("first step")
+    net.params["conv2.weight"][4, 7, 0, 2] += 0.5
+    expect_torch("after one weight changed in place")
+    net.set_optimizer("momentum", lr=0.1)
+    net.train_step(x, y)
     expect_torch("after a train step")
 
 

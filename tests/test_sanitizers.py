@@ -109,6 +109,17 @@ SAN_SPECS = {
         "flatten",
         "linear: {out_features: 3}",
     ], name="san_wino"),
+    # the Winograd input gradient (winograd_dx, padding 1): rows of 18 (one transposed vector of
+    # columns, two one by one), 17 and 20 channels (a cut vector of channels), a fused ReLU, a
+    # full-vector one without bias; their weight gradients' im2row transposed from vectors too
+    "san_wino_dx": spec([16, 4, 18], [
+        "conv2d: {out_channels: 17, kernel_size: 1}",
+        "conv2d: {out_channels: 20, kernel_size: 3, padding: 1}",
+        "relu",
+        "conv2d: {out_channels: 16, kernel_size: 3, padding: 1, bias: false}",
+        "flatten",
+        "linear: {out_features: 3}",
+    ], name="san_wino_dx"),
     # max-pooling's tiled path (pool.py, tiling()) in all its shapes: a row and a column in no
     # window; vector blocks of 16, 8 and 2 columns with cut last windows in scalar code; a row
     # with one whole window; vectors over channels, with only cut windows in a row
@@ -172,7 +183,8 @@ SAN_SPECS = {
 }
 CASES = [("san_all", "float32"), ("san_all", "float64"), ("san_mse", "float32"), ("san_mse", "float64"),
          ("san_gemm", "float32"), ("san_gemm", "float64"),
-         ("san_wino", "float32"), ("san_wino", "float64"), ("san_pool", "float32"), ("san_pool", "float64"),
+         ("san_wino", "float32"), ("san_wino", "float64"), ("san_wino_dx", "float32"), ("san_wino_dx", "float64"),
+         ("san_pool", "float32"), ("san_pool", "float64"),
          ("san_fused", "float32"), ("san_fused", "float64"), ("san_1d", "float64"),
          ("san_kinds", "float32"), ("san_kinds", "float64"),
          ("san_graph", "float32"), ("san_graph", "float64"), ("san_paths", "float32"), ("san_paths", "float64")]
@@ -194,6 +206,15 @@ def test_san_paths_takes_the_pointwise_and_depthwise_paths():
 
     paths = [lp.kernel.path.name for lp in make_plan(check_text(SAN_SPECS["san_paths"])).layers if lp.kernel]
     assert paths == ["pointwise", "depthwise", "depthwise", "pointwise"]
+
+
+def test_san_wino_dx_takes_winograd_dx_with_transposed_copies():
+    from netcompiler.plan import make_plan
+
+    convs = [lp for lp in make_plan(check_text(SAN_SPECS["san_wino_dx"])).layers if lp.kind == "conv2d"]
+    assert [lp.kernel.path.name for lp in convs[1:]] == ["winograd_dx", "winograd_dx"]
+    assert all(lp.c["WG_IN_WFULL"] == 16 and lp.c["WGX"]["WG_IN_WFULL"] == 16 and lp.c["IM2ROW_VEC"]
+               for lp in convs[1:])
 
 
 def test_san_specs_use_every_layer_kind():

@@ -103,11 +103,15 @@ class Conv2d(WeightLayer):
         return True
 
     def cache_shapes(self, layer: Layer) -> dict[str, Shape]:
-        if self.kernel_choice(layer).path.name != "winograd":
+        path = self.kernel_choice(layer).path.name
+        if path not in WINOGRAD_PATHS:
             return {}
         cin, (cout, oh, ow) = layer.in_shape[0], layer.out_shape
         # the weights the transformed ones were made from, and the transformed weights
-        return {"wino_src": (cout * cin * 9,), "wino_u": (16 * winograd_blocking(cin, cout, oh, ow)["WG_UPS"],)}
+        shapes = {"wino_src": (cout * cin * 9,), "wino_u": (16 * winograd_blocking(cin, cout, oh, ow, layer.in_shape[2])["WG_UPS"],)}
+        if path == "winograd_dx":  # and the transformed flipped ones of the input gradient
+            shapes["wino_ut"] = (16 * winograd_blocking(cout, cin, *layer.in_shape[1:], ow)["WG_UPS"],)
+        return shapes
 
     def torch_module(self, layer: Layer):
         import torch.nn as nn
@@ -184,13 +188,36 @@ def _is_winograd_shape(layer: Layer) -> bool:
             and layer.in_shape[0] >= VEC and layer.out_shape[0] >= VEC)
 
 
-def _winograd_cost(layer: Layer) -> float:
-    """The direct forward it replaces, times the multiplies it keeps (16 per 2x2 tile instead
-    of 36), over 3/4 for its transforms; the GEMM backward."""
-    cout, oh, ow = layer.out_shape
-    tiles = -(-oh // 2) * -(-ow // 2)
+def _winograd_factor(oh: int, ow: int) -> float:
+    """Winograd F(2x2, 3x3) over a direct 3x3 convolution with an oh x ow output: the multiplies
+    it keeps (16 per 2x2 tile instead of 36), over 3/4 for its transforms."""
+    return 16 * -(-oh // 2) * -(-ow // 2) / (0.75 * 9 * oh * ow)
+
+
+def _winograd_forward(layer: Layer) -> float:
+    """The direct forward it replaces, times _winograd_factor."""
     direct = _gemm_forward(layer, 2, False) if _gather(layer) else _gemm_forward(layer, 1, True)
-    return direct * 16 * tiles / (0.75 * 9 * oh * ow) + _gemm_backward(layer)
+    return direct * _winograd_factor(*layer.out_shape[1:])
+
+
+def _winograd_cost(layer: Layer) -> float:
+    """The Winograd forward; the GEMM backward."""
+    return _winograd_forward(layer) + _gemm_backward(layer)
+
+
+def _is_winograd_dx(layer: Layer) -> bool:
+    """The input gradient of a 3x3 stride-1 convolution with padding 1 on every side is a 3x3
+    stride-1 convolution with padding 1 of the output gradient (same size as the input)."""
+    return _is_winograd_shape(layer) and layer.grad_input and layer.derived["pads"] == ((1, 1), (1, 1))
+
+
+def _winograd_dx_cost(layer: Layer) -> float:
+    """The Winograd forward; the GEMM weight gradient; the input gradient's GEMM (its FMAs and
+    loads, no col2im) times _winograd_factor."""
+    g, m, k, n = _sizes(layer)
+    dw = g * n * -(-k // VEC) * (m + 1) + g * k * n / 2
+    din = g * k * -(-n // VEC) * (m + 1) * _winograd_factor(*layer.in_shape[1:])
+    return _winograd_forward(layer) + dw + din
 
 
 def _is_pointwise(layer: Layer) -> bool:
@@ -282,6 +309,11 @@ CONV_PATHS = (
     KernelPath("winograd", "Winograd F(2x2, 3x3)", "GEMM (im2row dW, dcol col2im)", "conv2d_winograd.c.j2",
                _is_winograd_shape, _winograd_cost, lambda layer: gemm_context(layer, "winograd"),
                needs="3x3, stride 1, no dilation, one group, at least 16 channels in and out"),
+    KernelPath("winograd_dx", "Winograd F(2x2, 3x3)", "GEMM dW (im2row), Winograd F(2x2, 3x3) dX",
+               "conv2d_winograd.c.j2", _is_winograd_dx, _winograd_dx_cost,
+               lambda layer: gemm_context(layer, "winograd_dx"),
+               needs="3x3, stride 1, padding 1, no dilation, one group, at least 16 channels in and out, "
+                     "an input gradient"),
     KernelPath("gather", "GEMM over gathered pixel vectors (im2col on the fly)", "GEMM",
                "conv2d_gemm.c.j2", lambda layer: _gather(layer) is not None,
                lambda layer: _gemm_forward(layer, 2, False) + _gemm_backward(layer),
@@ -294,9 +326,13 @@ CONV_PATHS = (
 )
 
 
+WINOGRAD_PATHS = ("winograd", "winograd_dx")  # the paths with a Winograd forward (and its cache)
+
+
 def gemm_context(layer: Layer, path: str) -> dict:
-    """The render context of the GEMM paths: im2col, gather (pixel_gather, with dot_tail) and
-    winograd (its forward; its backward is the GEMM one)."""
+    """The render context of the GEMM paths: im2col, gather (pixel_gather, with dot_tail),
+    winograd (its forward; its backward is the GEMM one) and winograd_dx (winograd's, with the
+    input gradient as a Winograd convolution too: WGX, the sizes of that convolution)."""
     o, d = layer.opts, layer.derived
     cin, h, w = layer.in_shape
     cout, oh, ow = layer.out_shape
@@ -315,9 +351,16 @@ def gemm_context(layer: Layer, path: str) -> dict:
     # the padded copy of a group's input planes follows the GEMM scratch
     xpad_off = _round_up(gemm.pop("SCRATCH"), VEC)
     scratch = xpad_off + ((cin // g) * hp * wp if padded else 0)
-    wino = winograd_blocking(cin, cout, oh, ow) if path == "winograd" else {}
+    wino = winograd_blocking(cin, cout, oh, ow, w) if path in WINOGRAD_PATHS else {}
     if wino:
         scratch = max(scratch, wino["WG_SCRATCH"])
+    # winograd_dx: dX = the correlation of dY, with a zero border of 2 - pad = 1, with the
+    # kernels flipped and in and out channels swapped; after the weight gradient, in the same scratch
+    wgx = {}
+    if path == "winograd_dx":
+        wgx = dict(CIN=cout, COUT=cin, H=oh, W=ow, OH=h, OW=w, PT=2 - d["pads"][0][0], PL=2 - d["pads"][1][0],
+                   bias=False, VEC=VEC, **winograd_blocking(cout, cin, h, w, ow))
+        scratch = max(scratch, wgx["WG_SCRATCH"])
     gather = _gather(layer) if path == "gather" else None
     if gather and gemm["NV"] == 1:
         # every gathered vector of pixels serves up to 16 channels (16 accumulators)
@@ -332,6 +375,14 @@ def gemm_context(layer: Layer, path: str) -> dict:
         dwg = dict(DWG_MB=mb, DWG_KB=kb, DWG_K_MAIN=k - k % kb, DWG_K_TAIL=k % kb,
                    DWG_TAPS=[(ic * hp + ky * o["dilation"][0]) * wp + kx * o["dilation"][1]
                              for ic in range(cin // g) for ky in range(kh) for kx in range(kw)])
+    # im2row (stride 1, no dilation, output rows of at least VEC pixels): VEC taps x VEC pixels
+    # of an output row loaded as vectors from the input rows and transposed; the taps' offsets.
+    # KP is K rounded up to VEC, so the taps after K_VFULL are one vector, zero from K.
+    k_all = (cin // g) * kh * kw
+    assert gemm["KP"] == _round_up(k_all, VEC)
+    im2row_vec = (not dwg and row_col2im and ow >= VEC and dict(
+        ROW_TAPS=[(ic * hp + ky) * wp + kx for ic in range(cin // g) for ky in range(kh) for kx in range(kw)],
+        OW_FULL=ow - ow % VEC, K_VFULL=k_all - k_all % VEC))
     tail = dot_tail(gemm, gather is not None)
     if tail:
         tail["TAIL_OFF"] = [tap0(p, ow, o["stride"][0], o["stride"][1], wp) for p in range(gemm["N_FULL"], oh * ow)]
@@ -349,7 +400,13 @@ def gemm_context(layer: Layer, path: str) -> dict:
         regions["COL"] = (0, f"col [{kp}][{np_}]")
     if not dwg:
         regions["COLT"] = (0, f"colT [{gemm['N']}][{kp}]")
-    needs_din = layer.grad_input
+    if wgx:
+        regions.update(
+            DX_V=(0, f"V [16][{wgx['WG_VPS']}]"),
+            DX_YT=(0, f"yt [{2 * wgx['WG_TH']}][{2 * wgx['WG_TW']}][{wgx['WG_COUTP']}]"),
+            DX_M=(wgx["WG_M_OFF"], f"M [16][{wgx['WG_MPS']}]"),
+            DX_XT=(wgx["WG_XT_OFF"], f"dyt [{wgx['WG_HT']}][{wgx['WG_WT']}][{wgx['WG_CINP']}]"))
+    needs_din = layer.grad_input and not wgx  # the GEMM's input gradient (dcol, col2im)
     if needs_din:
         regions["DCOL"] = (gemm["DCOL_OFF"], f"dcol [{k}][{np_}]")
     if needs_din and np_ != gemm["N"]:
@@ -367,16 +424,16 @@ def gemm_context(layer: Layer, path: str) -> dict:
         DH=o["dilation"][0], DW=o["dilation"][1], PT=d["pad_top"], PL=d["pad_left"],
         GROUPS=g, CIN_G=cin // g, COUT_G=cout // g, bias=o["bias"],
         PADDED=padded, HP=hp, WP=wp, XPAD_OFF=xpad_off, SCRATCH=scratch, **gemm,
-        WINO=bool(wino), **wino, ROW_COL2IM=row_col2im, W_FULL=w - w % VEC,
+        WINO=bool(wino), **wino, WINO_DX=bool(wgx), WGX=wgx, GEMM_DIN=needs_din, ROW_COL2IM=row_col2im, W_FULL=w - w % VEC,
         GATHER=gather is not None, GATHER_START=gather and gather[0], GATHER_LANES=gather and gather[1],
-        GATHER_DW=bool(dwg), **dwg, DOT_TAIL=bool(tail), **tail,
+        GATHER_DW=bool(dwg), **dwg, IM2ROW_VEC=bool(im2row_vec), **(im2row_vec or {}), DOT_TAIL=bool(tail), **tail,
         # a partial last block of pixels needs only this many of its vectors
         NV_TAIL=-(-(oh * ow - gemm["N_FULL"]) // VEC),
     )
 
 
-def winograd_blocking(cin: int, cout: int, oh: int, ow: int) -> dict:
-    """Sizes of the Winograd F(2x2, 3x3) forward of one sample.
+def winograd_blocking(cin: int, cout: int, oh: int, ow: int, w: int) -> dict:
+    """Sizes of the Winograd F(2x2, 3x3) forward of one sample (input w wide).
 
     Tiles of 2x2 output pixels (TH x TW of them, T in all) read 4x4 input patches.  The
     input, the transformed input V[16][tile][ci] and the products M[16][tile][co] keep
@@ -388,6 +445,10 @@ def winograd_blocking(cin: int, cout: int, oh: int, ow: int) -> dict:
     """
     th, tw = -(-oh // 2), -(-ow // 2)
     t = th * tw
+    # the copies between the planes and channels last transpose VEC channels x VEC pixels of a row
+    # at a time: the whole vectors of columns and channels
+    full = dict(WG_IN_WFULL=w - w % VEC, WG_OUT_WFULL=ow - ow % VEC, WG_CIN_FULL=cin - cin % VEC,
+                WG_COUT_FULL=cout - cout % VEC)
     cinp, coutp = _round_up(cin, VEC), _round_up(cout, VEC)
     cb = _largest_divisor(coutp // VEC, 4)
     tb_max = min(8, ACC_MAX // cb)
@@ -399,7 +460,7 @@ def winograd_blocking(cin: int, cout: int, oh: int, ow: int) -> dict:
     # per-thread scratch: V, later the output tiles YT; then M, before it the input XT
     a = max(16 * vps, 2 * th * 2 * tw * coutp)
     b = max(16 * mps, ht * wt * cinp)
-    return dict(WG_TH=th, WG_TW=tw, WG_T=t, WG_TP=tp, WG_TB=tb, WG_CB=cb, WG_CINP=cinp, WG_COUTP=coutp,
+    return dict(**full, WG_TH=th, WG_TW=tw, WG_T=t, WG_TP=tp, WG_TB=tb, WG_CB=cb, WG_CINP=cinp, WG_COUTP=coutp,
                 WG_HT=ht, WG_WT=wt, WG_VPS=vps, WG_MPS=mps, WG_UPS=ups,
                 WG_V_OFF=0, WG_YT_OFF=0, WG_M_OFF=a, WG_XT_OFF=a, WG_SCRATCH=a + b)
 
