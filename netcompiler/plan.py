@@ -98,6 +98,12 @@ class LayerPlan:
     relu_out: bool = False  # forward stores max(0, output): the ReLU after it is fused
     relu_din: bool = False  # backward zeroes din where the input is not positive (a fused ReLU before it)
     fused_into: tuple[str, str] | None = None  # a fused ReLU: (the layer doing its forward, its backward)
+    # evaluation mode (plan.py, eval_folds): the batch norm this layer applies, whether it applies the
+    # ReLU after it, and where it then stores; or the layer that computes this one
+    fold_bn: LayerPlan | None = None
+    fold_relu: bool = False
+    fold_out_macro: str = ""
+    eval_folded_into: str | None = None
     kernel: Any = None  # layers.KernelChoice: the kernel path of a kind with several (conv2d), else None
 
 
@@ -206,6 +212,31 @@ def fused_relus(layers: list[Layer]) -> dict[int, tuple[Layer, Layer]]:
         if (before is not None and readers[before.output] == [l] and before.kind.applies_relu(before)
                 and after.inputs == [l.output] and after.kind.masks_relu_grad(after)):
             out[l.index] = (before, after)
+    return out
+
+
+def eval_folds(layers: list[Layer], fused: dict[int, tuple[Layer, Layer]]) -> dict[int, tuple[Layer, Layer | None]]:
+    """Batch norms (and a ReLU after one) computed, in evaluation mode, by the layer before
+    them: that layer's index -> (the batch norm, the ReLU or None).
+
+    A batch norm with running statistics is y = x * scale + shift per channel; when it is the
+    only reader of a layer whose evaluation forward can apply that as it stores (conv2d's
+    pointwise and depthwise paths), the layer stores the batch norm's output itself, and the
+    ReLU's when a ReLU is the batch norm's only reader: two passes over the tensor fewer.  The
+    slots in between are then not written in evaluation mode (training runs every layer)."""
+    readers = consumers(layers)
+    out = {}
+    for l in layers:
+        after = readers[l.output]
+        if len(after) != 1 or not l.kind.folds_eval_affine(l):
+            continue
+        bn = after[0]
+        if bn.inputs != [l.output] or not bn.kind.eval_affine(bn):
+            continue
+        relu = readers[bn.output][0] if len(readers[bn.output]) == 1 else None
+        if relu is not None and (relu.kind.kind != "relu" or relu.index in fused):
+            relu = None
+        out[l.index] = (bn, relu)
     return out
 
 
@@ -400,6 +431,12 @@ def make_plan(net: Network) -> Plan:
         if kind.batch_stats(layer):
             lp.stats = stats.add(f"{layer.name}.stats", (kind.batch_stats(layer),))
         plans.append(lp)
+    for i, (bn, relu) in eval_folds(layers, fused).items():
+        last = relu or bn
+        plans[i].fold_bn, plans[i].fold_relu, plans[i].fold_out_macro = plans[bn.index], relu is not None, \
+            macro[last.output]
+        for l in (bn, relu) if relu else (bn,):
+            plans[l.index].eval_folded_into = plans[i].name
     return Plan(
         net=net, layers=plans, params=params.tensors, buffers=buffers.tensors, activations=acts.tensors,
         int_slots=ints.tensors, stats=stats.tensors, cache=cache.tensors, num_params=params.size,
@@ -444,7 +481,7 @@ MAX_STAGE_LAYERS = 16
 def _stages(plans: list[LayerPlan], training: bool) -> list[Stage]:
     stages: list[Stage] = []
     for lp in plans:
-        if lp.aliases:
+        if lp.aliases or not training and lp.eval_folded_into:
             continue  # nothing runs
         batch = training and lp.batch_level_in_training
         alone = batch or lp.sample_range

@@ -27,7 +27,7 @@ import pytest
 
 from conftest import (assert_close, build, dropout_masks, prebuild, random_batch, randomize_batchnorm, raw_layers,
                       reference_loss_and_grad, reference_model, spec)
-from netcompiler.check import check_text
+from netcompiler.check import check_text, force_kernels
 from netcompiler.errors import SpecErrors
 from netcompiler.plan import make_plan
 from netcompiler.render import render
@@ -376,6 +376,37 @@ _forced("kpath_depthwise_as_im2col", "im2col",
         "conv2d: {out_channels: 3, kernel_size: 3, padding: 1, groups: 3}", (3, 7, 6))
 _forced("kpath_depthwise_as_gather", "gather",
         "conv2d: {out_channels: 4, kernel_size: 3, padding: 1, groups: 4}", (4, 5, 20), pre=_pre(4))
+# a batch norm folded into the evaluation forward of the convolution before it (plan.py, eval_folds),
+# with the ReLU after it: pointwise with a cut last vector, with a bias and no ReLU, one output
+# channel; depthwise stride 2 on odd sizes, stride 1 with a tail and no bias, one channel (groups 1);
+# a batch norm with two readers (folded, the ReLU not); a 3x3 GEMM path (no fold)
+BN_RELU = ["batchnorm2d", "relu"]
+_forced("fold_pointwise_bn_relu", "pointwise", ["conv2d: {out_channels: 5, kernel_size: 1, bias: false}", *BN_RELU],
+        (3, 5, 7))
+_forced("fold_pointwise_bias_bn", "pointwise", ["conv2d: {out_channels: 5, kernel_size: 1}", "batchnorm2d"],
+        (3, 5, 7))
+_forced("fold_pointwise_one_channel", "pointwise",
+        ["conv2d: {out_channels: 1, kernel_size: 1, bias: false}", *BN_RELU], (2, 4, 5))
+_forced("fold_depthwise_s2_bn_relu", "depthwise",
+        ["conv2d: {out_channels: 3, kernel_size: 3, stride: 2, padding: 1, groups: 3, bias: false}", *BN_RELU],
+        (3, 7, 33))
+_forced("fold_depthwise_s1_tail", "depthwise",
+        ["conv2d: {out_channels: 4, kernel_size: 3, padding: 1, groups: 4}", *BN_RELU], (4, 5, 20), pre=_pre(4))
+_forced("fold_depthwise_one_channel", "depthwise",
+        ["conv2d: {out_channels: 1, kernel_size: 3, padding: 1, bias: false}", *BN_RELU], (1, 6, 7),
+        pre="conv2d: {out_channels: 1, kernel_size: 1}")
+_forced("fold_bn_two_readers", "pointwise",
+        ["conv2d: {out_channels: 3, kernel_size: 1, bias: false}", "batchnorm2d: {name: bn}", "relu",
+         "add: {inputs: [relu1, bn]}"], (2, 5, 7))
+_forced("fold_not_on_gemm", "gather", ["conv2d: {out_channels: 4, kernel_size: 3, padding: 1}", *BN_RELU],
+        (2, 6, 6))
+# the folds each case makes: conv layer -> (batch norm, ReLU or None)
+FOLDS = {"fold_pointwise_bn_relu": {"conv2": ("bn1", "relu1")}, "fold_pointwise_bias_bn": {"conv2": ("bn1", None)},
+         "fold_pointwise_one_channel": {"conv2": ("bn1", "relu1")},
+         "fold_depthwise_s2_bn_relu": {"conv2": ("bn1", "relu1")},
+         "fold_depthwise_s1_tail": {"conv2": ("bn1", "relu1")},
+         "fold_depthwise_one_channel": {"conv2": ("bn1", "relu1")}, "fold_bn_two_readers": {"conv2": ("bn", None)},
+         "fold_not_on_gemm": {}}
 # the GEMM paths on a Winograd shape (16 channels in and out, 3x3, stride 1)
 _forced("kpath_winograd_as_gather", "gather", "conv2d: {out_channels: 16, kernel_size: 3}", (2, 7, 9), pre=_pre(16))
 _forced("kpath_winograd_as_im2col", "im2col", "conv2d: {out_channels: 16, kernel_size: 3}", (2, 7, 9), pre=_pre(16))
@@ -518,6 +549,31 @@ def test_relu_not_fused_without_both_neighbours():
     plan = make_plan(check_text((ROOT / "specs" / "lenet5.yaml").read_text(), "specs/lenet5.yaml"))
     assert [lp.fused_into for lp in plan.layers if lp.kind == "relu"] == [
         ("conv1", "pool1"), ("conv2", "pool2"), ("fc1", "fc2"), ("fc2", "fc3")]
+
+
+@pytest.mark.parametrize("case", list(FOLDS))
+def test_fold_cases_fold_the_batch_norm_in_evaluation(case):
+    """Each case folds the batch norms (and ReLUs) FOLDS says into the convolution's evaluation
+    forward: no call of their own in evaluation mode, one in training mode."""
+    plan = make_plan(force_kernels(check_text(CASES[case]), KERNELS[case]))
+    folds = {lp.layer.name: (lp.fold_bn.layer.name, lp.fold_relu) for lp in plan.layers if lp.fold_bn}
+    assert folds == {k: (bn, relu is not None) for k, (bn, relu) in FOLDS[case].items()}
+    gone = {n for bn, relu in FOLDS[case].values() for n in (bn, relu) if n}
+    assert {lp.layer.name for st in plan.eval_stages for lp in st.layers} & gone == set()
+    assert gone <= {lp.layer.name for st in plan.train_stages for lp in st.layers}
+    source = render(plan.net, "float64").source
+    for conv in FOLDS[case]:
+        assert f"{conv}_forward_eval(a + " in source
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", list(FOLDS))
+def test_fold_cases_eval_forward_matches_torch_float32(case, threads):
+    net, x, _ = prepared(case, "float32", threads)
+    model = reference_model(net, CASES[case], net.state_dict()).eval()
+    with torch.no_grad():
+        ref = model(torch.as_tensor(x)).numpy()
+    assert_close(net.forward(x.astype(np.float32)), ref, 1e-5, f"{case}: eval forward (float32)")
 
 
 @pytest.mark.parametrize("case", IDS)

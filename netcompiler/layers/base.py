@@ -333,6 +333,17 @@ class LayerKind:
         derivative of a ReLU before it), as it writes that gradient."""
         return False
 
+    # ---- folding of an evaluation batch norm (plan.py, eval_folds) ---------------------
+    def folds_eval_affine(self, layer: Layer) -> bool:
+        """In evaluation mode the forward can store y * scale + shift per output channel (a
+        batch norm after it, with its running statistics), then max(0, .) (a ReLU after that)."""
+        return False
+
+    def eval_affine(self, layer: Layer) -> bool:
+        """In evaluation mode the layer is y = x * scale[c] + shift[c] per channel, made from its
+        parameters and buffers by its template's eval_affine macro (batchnorm2d)."""
+        return False
+
     # ---- implementations (kernel paths) ------------------------------------------------
     def kernel_paths(self) -> tuple[KernelPath, ...]:
         """The kind's implementations, when it has several (conv2d); the plan picks one per layer."""
@@ -404,6 +415,7 @@ class KernelPath:
     cost: Callable[[Layer], float]
     context: Callable[[Layer], dict]
     needs: str = ""  # what `applies` asks for, for the error when it is forced where it does not apply
+    folds_bn: bool = False  # its evaluation forward can apply a batch norm and a ReLU after it (eval_folds)
 
 
 @dataclass(frozen=True)
