@@ -26,6 +26,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -104,6 +105,9 @@ class LayerPlan:
     fold_relu: bool = False
     fold_out_macro: str = ""
     eval_folded_into: str | None = None
+    # the evaluation forward on another kernel path than training's: this layer with that path's context
+    eval_lp: LayerPlan | None = None
+    eval_alone: bool = False  # this is such an evaluation forward (it renders NAME_forward_eval)
     kernel: Any = None  # layers.KernelChoice: the kernel path of a kind with several (conv2d), else None
 
 
@@ -437,6 +441,10 @@ def make_plan(net: Network) -> Plan:
             macro[last.output]
         for l in (bn, relu) if relu else (bn,):
             plans[l.index].eval_folded_into = plans[i].name
+    for lp in plans:
+        ctx = lp.layer.kind.eval_render_context(lp.layer)
+        if ctx is not None:
+            lp.eval_lp = dataclasses.replace(lp, c=ctx, eval_alone=True)
     return Plan(
         net=net, layers=plans, params=params.tensors, buffers=buffers.tensors, activations=acts.tensors,
         int_slots=ints.tensors, stats=stats.tensors, cache=cache.tensors, num_params=params.size,

@@ -400,8 +400,15 @@ _forced("fold_bn_two_readers", "pointwise",
          "add: {inputs: [relu1, bn]}"], (2, 5, 7))
 _forced("fold_not_on_gemm", "gather", ["conv2d: {out_channels: 4, kernel_size: 3, padding: 1}", *BN_RELU],
         (2, 6, 6))
+# a 1x1 convolution whose training runs a GEMM path (gather, the cheapest forward and backward on
+# 16 -> 24 channels of 6x6) evaluates on the pointwise path: with a batch norm and ReLU folded in,
+# and alone with a fused ReLU
+CASES["evalpath_pointwise_bn_relu"] = around(["conv2d: {out_channels: 24, kernel_size: 1, bias: false}", *BN_RELU],
+                                             (2, 6, 6), pre=_pre(16))
+CASES["evalpath_pointwise_relu_pool"] = around(["conv2d: {out_channels: 24, kernel_size: 1}", "relu",
+                                                "maxpool2d: {kernel_size: 2}"], (2, 6, 6), pre=_pre(16))
 # the folds each case makes: conv layer -> (batch norm, ReLU or None)
-FOLDS = {"fold_pointwise_bn_relu": {"conv2": ("bn1", "relu1")}, "fold_pointwise_bias_bn": {"conv2": ("bn1", None)},
+FOLDS = {"evalpath_pointwise_bn_relu": {"conv2": ("bn1", "relu1")},"fold_pointwise_bn_relu": {"conv2": ("bn1", "relu1")}, "fold_pointwise_bias_bn": {"conv2": ("bn1", None)},
          "fold_pointwise_one_channel": {"conv2": ("bn1", "relu1")},
          "fold_depthwise_s2_bn_relu": {"conv2": ("bn1", "relu1")},
          "fold_depthwise_s1_tail": {"conv2": ("bn1", "relu1")},
@@ -555,7 +562,7 @@ def test_relu_not_fused_without_both_neighbours():
 def test_fold_cases_fold_the_batch_norm_in_evaluation(case):
     """Each case folds the batch norms (and ReLUs) FOLDS says into the convolution's evaluation
     forward: no call of their own in evaluation mode, one in training mode."""
-    plan = make_plan(force_kernels(check_text(CASES[case]), KERNELS[case]))
+    plan = make_plan(force_kernels(check_text(CASES[case]), KERNELS.get(case, {})))
     folds = {lp.layer.name: (lp.fold_bn.layer.name, lp.fold_relu) for lp in plan.layers if lp.fold_bn}
     assert folds == {k: (bn, relu is not None) for k, (bn, relu) in FOLDS[case].items()}
     gone = {n for bn, relu in FOLDS[case].values() for n in (bn, relu) if n}
@@ -566,8 +573,28 @@ def test_fold_cases_fold_the_batch_norm_in_evaluation(case):
         assert f"{conv}_forward_eval(a + " in source
 
 
+@pytest.mark.parametrize("case", ["evalpath_pointwise_bn_relu", "evalpath_pointwise_relu_pool"])
+def test_pointwise_shapes_evaluate_on_the_pointwise_path(case):
+    """Training runs the cheapest path for forward and backward together (here gather); the
+    evaluation forward of a 1x1 convolution runs the pointwise path whenever it applies (it is the
+    same GEMM with no copies), unless a path is forced; the report says so."""
+    net = check_text(CASES[case])
+    plan = make_plan(net)
+    conv = next(lp for lp in plan.layers if lp.layer.name == "conv2")
+    assert conv.kernel.path.name == "gather" and conv.kernel.evaluates.name == "pointwise"
+    assert conv.eval_lp.c["PATH"] == "pointwise" and conv.eval_lp.eval_alone
+    source = render(net, "float64").source
+    assert "static void conv2_forward_eval(" in source and "static void conv2_forward(" in source
+    assert "conv2_forward_eval(a + " in source.split("static void forward_eval(")[1].split("static void forward_train(")[0]
+    forced = make_plan(force_kernels(net, {"conv2": "gather"}))
+    assert next(lp for lp in forced.layers if lp.layer.name == "conv2").eval_lp is None
+    from netcompiler.report import build_report, kernel_lines
+    assert any(l.startswith("conv2 ") and "evaluation: pointwise" in l
+               for l in kernel_lines(build_report(net, kernels=True)))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("case", list(FOLDS))
+@pytest.mark.parametrize("case", [*FOLDS, "evalpath_pointwise_relu_pool"])
 def test_fold_cases_eval_forward_matches_torch_float32(case, threads):
     net, x, _ = prepared(case, "float32", threads)
     model = reference_model(net, CASES[case], net.state_dict()).eval()

@@ -103,7 +103,11 @@ class Conv2d(WeightLayer):
         return True
 
     def folds_eval_affine(self, layer: Layer) -> bool:
-        return self.kernel_choice(layer).path.folds_bn
+        return self.kernel_choice(layer).evaluates.folds_bn
+
+    def eval_render_context(self, layer: Layer) -> dict | None:
+        path = self.kernel_choice(layer).eval_path
+        return path and dict(path.context(layer), PATH=path.name, TEMPLATE=path.template)
 
     def cache_shapes(self, layer: Layer) -> dict[str, Shape]:
         if self.kernel_choice(layer).path.name != "winograd":
@@ -278,7 +282,8 @@ def depthwise_context(layer: Layer) -> dict:
 CONV_PATHS = (
     KernelPath("pointwise", "GEMM over the input planes", "GEMMs over the planes (dW: lane sums)",
                "conv2d_pointwise.c.j2", _is_pointwise, _pointwise_cost, pointwise_context,
-               needs="1x1, stride 1, no padding, no dilation, one group, at least 16 output pixels", folds_bn=True),
+               needs="1x1, stride 1, no padding, no dilation, one group, at least 16 output pixels", folds_bn=True,
+               eval_first=True),
     KernelPath("depthwise", "direct 3x3 per channel over vectors of pixels", "direct per channel",
                "conv2d_depthwise.c.j2", _is_depthwise, _depthwise_cost, depthwise_context,
                needs="groups = in_channels = out_channels, 3x3, stride 1 or 2, padding 1, no dilation",
