@@ -342,6 +342,8 @@ _forced("kpath_pointwise_prime", "pointwise", "conv2d: {out_channels: 17, kernel
 # (17 = 16 + 1), also on the im2col path
 _forced("kpath_pointwise_one_vector_blocks", "pointwise",
         "conv2d: {out_channels: 16, kernel_size: 1, bias: false}", (8, 4, 4), pre=_pre(8))
+# two blocks of 12 channels (the widest forward tile) over 35 pixels
+_forced("kpath_pointwise_blocks_of_12", "pointwise", "conv2d: {out_channels: 24, kernel_size: 1}", (3, 5, 7))
 _forced("kpath_pointwise_tail_one", "pointwise", "conv2d: {out_channels: 4, kernel_size: 1}", (2, 1, 17))
 _forced("kpath_pointwise_tail_one_as_im2col", "im2col", "conv2d: {out_channels: 4, kernel_size: 1}", (2, 1, 17))
 _forced("kpath_pointwise_as_gather", "gather", "conv2d: {out_channels: 5, kernel_size: 1}", (3, 5, 7))

@@ -240,7 +240,7 @@ def pointwise_context(layer: Layer) -> dict:
     cin, h, w = layer.in_shape
     cout = layer.out_shape[0]
     n = h * w
-    mb = _largest_divisor(cout, 8)
+    mb = _largest_divisor(cout, 12)  # 12 x 2 vectors: 24 accumulators, 2 pixel vectors
     nv = 2 if n >= 2 * VEC else 1
     kb = _largest_divisor(cin, 8)  # input-gradient tiles: KB channels x NV vectors
     # weight gradient: DMB x DKB lane sums, the tile with the fewest loads per FMA (DMB + DKB per
