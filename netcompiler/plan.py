@@ -100,7 +100,8 @@ class LayerPlan:
     relu_din: bool = False  # backward zeroes din where the input is not positive (a fused ReLU before it)
     fused_into: tuple[str, str] | None = None  # a fused ReLU: (the layer doing its forward, its backward)
     # evaluation mode (plan.py, eval_folds): the batch norm this layer applies, whether it applies the
-    # ReLU after it, and where it then stores; or the layer that computes this one
+    # ReLU after that (or, for a batch norm, after itself), and where it then stores; or the layer that
+    # computes this one
     fold_bn: LayerPlan | None = None
     fold_relu: bool = False
     fold_out_macro: str = ""
@@ -221,7 +222,8 @@ def fused_relus(layers: list[Layer]) -> dict[int, tuple[Layer, Layer]]:
 
 def eval_folds(layers: list[Layer], fused: dict[int, tuple[Layer, Layer]]) -> dict[int, tuple[Layer, Layer | None]]:
     """Batch norms (and a ReLU after one) computed, in evaluation mode, by the layer before
-    them: that layer's index -> (the batch norm, the ReLU or None).
+    them: that layer's index -> (the batch norm, the ReLU or None); a batch norm that no layer
+    before it takes, with the ReLU it applies itself: its index -> (itself, the ReLU).
 
     A batch norm with running statistics is y = x * scale + shift per channel; when it is the
     only reader of a layer whose evaluation forward can apply that as it stores (conv2d's
@@ -237,11 +239,18 @@ def eval_folds(layers: list[Layer], fused: dict[int, tuple[Layer, Layer]]) -> di
         bn = after[0]
         if bn.inputs != [l.output] or not bn.kind.eval_affine(bn):
             continue
-        relu = readers[bn.output][0] if len(readers[bn.output]) == 1 else None
-        if relu is not None and (relu.kind.kind != "relu" or relu.index in fused):
-            relu = None
-        out[l.index] = (bn, relu)
+        out[l.index] = (bn, _relu_after(bn, readers, fused))
+    taken = {bn.index for bn, _ in out.values()}
+    for l in layers:
+        if l.kind.eval_affine(l) and l.index not in taken and _relu_after(l, readers, fused):
+            out[l.index] = (l, _relu_after(l, readers, fused))
     return out
+
+
+def _relu_after(layer: Layer, readers, fused) -> Layer | None:
+    """The ReLU that is the only reader of layer's output (and not fused into its neighbours)."""
+    relu = readers[layer.output][0] if len(readers[layer.output]) == 1 else None
+    return relu if relu is not None and relu.kind.kind == "relu" and relu.index not in fused else None
 
 
 def concat_views(layers: list[Layer], aliased: dict[str, str]) -> dict[str, tuple[str, int]]:
@@ -437,10 +446,12 @@ def make_plan(net: Network) -> Plan:
         plans.append(lp)
     for i, (bn, relu) in eval_folds(layers, fused).items():
         last = relu or bn
-        plans[i].fold_bn, plans[i].fold_relu, plans[i].fold_out_macro = plans[bn.index], relu is not None, \
-            macro[last.output]
+        plans[i].fold_relu, plans[i].fold_out_macro = relu is not None, macro[last.output]
+        if bn.index != i:  # a batch norm folded into the layer before it (else one applying its ReLU)
+            plans[i].fold_bn = plans[bn.index]
         for l in (bn, relu) if relu else (bn,):
-            plans[l.index].eval_folded_into = plans[i].name
+            if l.index != i:
+                plans[l.index].eval_folded_into = plans[i].name
     for lp in plans:
         ctx = lp.layer.kind.eval_render_context(lp.layer)
         if ctx is not None:

@@ -575,6 +575,19 @@ def test_fold_cases_fold_the_batch_norm_in_evaluation(case):
         assert f"{conv}_forward_eval(a + " in source
 
 
+def test_a_batch_norm_no_layer_takes_applies_its_relu_in_evaluation():
+    """After a GEMM-path convolution the batch norm's evaluation forward stores relu(x * scale +
+    shift) into the ReLU's output; the ReLU runs only in training (fold_not_on_gemm)."""
+    net = force_kernels(check_text(CASES["fold_not_on_gemm"]), KERNELS["fold_not_on_gemm"])
+    plan = make_plan(net)
+    bn = next(lp for lp in plan.layers if lp.layer.name == "bn1")
+    assert bn.fold_relu and bn.fold_bn is None and bn.fold_out_macro == "OFF_relu1_out"
+    assert "relu1" not in {lp.layer.name for st in plan.eval_stages for lp in st.layers}
+    assert "relu1" in {lp.layer.name for st in plan.train_stages for lp in st.layers}
+    source = render(net, "float64").source
+    assert "bn1_forward_eval(a + OFF_relu1_out, a + OFF_conv2_out" in source
+
+
 @pytest.mark.parametrize("case", ["evalpath_pointwise_bn_relu", "evalpath_pointwise_relu_pool"])
 def test_pointwise_shapes_evaluate_on_the_pointwise_path(case):
     """Training runs the cheapest path for forward and backward together (here gather); the
