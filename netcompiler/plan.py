@@ -26,6 +26,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -98,6 +99,16 @@ class LayerPlan:
     relu_out: bool = False  # forward stores max(0, output): the ReLU after it is fused
     relu_din: bool = False  # backward zeroes din where the input is not positive (a fused ReLU before it)
     fused_into: tuple[str, str] | None = None  # a fused ReLU: (the layer doing its forward, its backward)
+    # evaluation mode (plan.py, eval_folds): the batch norm this layer applies, whether it applies the
+    # ReLU after that (or, for a batch norm, after itself), and where it then stores; or the layer that
+    # computes this one
+    fold_bn: LayerPlan | None = None
+    fold_relu: bool = False
+    fold_out_macro: str = ""
+    eval_folded_into: str | None = None
+    # the evaluation forward on another kernel path than training's: this layer with that path's context
+    eval_lp: LayerPlan | None = None
+    eval_alone: bool = False  # this is such an evaluation forward (it renders NAME_forward_eval)
     kernel: Any = None  # layers.KernelChoice: the kernel path of a kind with several (conv2d), else None
 
 
@@ -207,6 +218,39 @@ def fused_relus(layers: list[Layer]) -> dict[int, tuple[Layer, Layer]]:
                 and after.inputs == [l.output] and after.kind.masks_relu_grad(after)):
             out[l.index] = (before, after)
     return out
+
+
+def eval_folds(layers: list[Layer], fused: dict[int, tuple[Layer, Layer]]) -> dict[int, tuple[Layer, Layer | None]]:
+    """Batch norms (and a ReLU after one) computed, in evaluation mode, by the layer before
+    them: that layer's index -> (the batch norm, the ReLU or None); a batch norm that no layer
+    before it takes, with the ReLU it applies itself: its index -> (itself, the ReLU).
+
+    A batch norm with running statistics is y = x * scale + shift per channel; when it is the
+    only reader of a layer whose evaluation forward can apply that as it stores (conv2d's
+    pointwise and depthwise paths), the layer stores the batch norm's output itself, and the
+    ReLU's when a ReLU is the batch norm's only reader: two passes over the tensor fewer.  The
+    slots in between are then not written in evaluation mode (training runs every layer)."""
+    readers = consumers(layers)
+    out = {}
+    for l in layers:
+        after = readers[l.output]
+        if len(after) != 1 or not l.kind.folds_eval_affine(l):
+            continue
+        bn = after[0]
+        if bn.inputs != [l.output] or not bn.kind.eval_affine(bn):
+            continue
+        out[l.index] = (bn, _relu_after(bn, readers, fused))
+    taken = {bn.index for bn, _ in out.values()}
+    for l in layers:
+        if l.kind.eval_affine(l) and l.index not in taken and _relu_after(l, readers, fused):
+            out[l.index] = (l, _relu_after(l, readers, fused))
+    return out
+
+
+def _relu_after(layer: Layer, readers, fused) -> Layer | None:
+    """The ReLU that is the only reader of layer's output (and not fused into its neighbours)."""
+    relu = readers[layer.output][0] if len(readers[layer.output]) == 1 else None
+    return relu if relu is not None and relu.kind.kind == "relu" and relu.index not in fused else None
 
 
 def concat_views(layers: list[Layer], aliased: dict[str, str]) -> dict[str, tuple[str, int]]:
@@ -400,6 +444,18 @@ def make_plan(net: Network) -> Plan:
         if kind.batch_stats(layer):
             lp.stats = stats.add(f"{layer.name}.stats", (kind.batch_stats(layer),))
         plans.append(lp)
+    for i, (bn, relu) in eval_folds(layers, fused).items():
+        last = relu or bn
+        plans[i].fold_relu, plans[i].fold_out_macro = relu is not None, macro[last.output]
+        if bn.index != i:  # a batch norm folded into the layer before it (else one applying its ReLU)
+            plans[i].fold_bn = plans[bn.index]
+        for l in (bn, relu) if relu else (bn,):
+            if l.index != i:
+                plans[l.index].eval_folded_into = plans[i].name
+    for lp in plans:
+        ctx = lp.layer.kind.eval_render_context(lp.layer)
+        if ctx is not None:
+            lp.eval_lp = dataclasses.replace(lp, c=ctx, eval_alone=True)
     return Plan(
         net=net, layers=plans, params=params.tensors, buffers=buffers.tensors, activations=acts.tensors,
         int_slots=ints.tensors, stats=stats.tensors, cache=cache.tensors, num_params=params.size,
@@ -444,7 +500,7 @@ MAX_STAGE_LAYERS = 16
 def _stages(plans: list[LayerPlan], training: bool) -> list[Stage]:
     stages: list[Stage] = []
     for lp in plans:
-        if lp.aliases:
+        if lp.aliases or not training and lp.eval_folded_into:
             continue  # nothing runs
         batch = training and lp.batch_level_in_training
         alone = batch or lp.sample_range

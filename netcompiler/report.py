@@ -128,7 +128,9 @@ def kernel_rows(layers: list[Layer]) -> list[dict[str, Any]]:
         choice = l.kind.kernel_choice(l)
         if choice is not None:
             rows.append({"name": l.name, "kind": l.kind.kind, "path": choice.path.name,
-                         "forward": choice.path.forward, "backward": choice.path.backward
+                         "forward": choice.path.forward + (f"; evaluation: {choice.eval_path.name}, "
+                                                           f"{choice.eval_path.forward}" if choice.eval_path else ""),
+                         "backward": choice.path.backward
                          if l.grad_input else choice.path.backward + " (no input gradient)",
                          "why": choice.why, "costs": choice.costs})
     return rows

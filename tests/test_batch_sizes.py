@@ -24,6 +24,8 @@ CASES = {
                                        "maxpool2d: {kernel_size: 2}", "flatten", "linear: {out_features: 50}",
                                        "gelu", "linear: {out_features: 7}"]),
     "wide_fc": spec([400], ["linear: {out_features: 120}", "relu", "linear: {out_features: 33}"], "mse"),
+    # fewer outputs than one forward tile has rows (5, 1): only the tile of the last outputs
+    "narrow_fc": spec([20], ["linear: {out_features: 5}", "relu", "linear: {out_features: 1}"], "mse"),
 }
 BATCHES = [1, 2, 7, 8, 13, 64]
 

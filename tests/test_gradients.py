@@ -342,6 +342,8 @@ _forced("kpath_pointwise_prime", "pointwise", "conv2d: {out_channels: 17, kernel
 # (17 = 16 + 1), also on the im2col path
 _forced("kpath_pointwise_one_vector_blocks", "pointwise",
         "conv2d: {out_channels: 16, kernel_size: 1, bias: false}", (8, 4, 4), pre=_pre(8))
+# two blocks of 12 channels (the widest forward tile) over 35 pixels
+_forced("kpath_pointwise_blocks_of_12", "pointwise", "conv2d: {out_channels: 24, kernel_size: 1}", (3, 5, 7))
 _forced("kpath_pointwise_tail_one", "pointwise", "conv2d: {out_channels: 4, kernel_size: 1}", (2, 1, 17))
 _forced("kpath_pointwise_tail_one_as_im2col", "im2col", "conv2d: {out_channels: 4, kernel_size: 1}", (2, 1, 17))
 _forced("kpath_pointwise_as_gather", "gather", "conv2d: {out_channels: 5, kernel_size: 1}", (3, 5, 7))
@@ -376,6 +378,44 @@ _forced("kpath_depthwise_as_im2col", "im2col",
         "conv2d: {out_channels: 3, kernel_size: 3, padding: 1, groups: 3}", (3, 7, 6))
 _forced("kpath_depthwise_as_gather", "gather",
         "conv2d: {out_channels: 4, kernel_size: 3, padding: 1, groups: 4}", (4, 5, 20), pre=_pre(4))
+# a batch norm folded into the evaluation forward of the convolution before it (plan.py, eval_folds),
+# with the ReLU after it: pointwise with a cut last vector, with a bias and no ReLU, one output
+# channel; depthwise stride 2 on odd sizes, stride 1 with a tail and no bias, one channel (groups 1);
+# a batch norm with two readers (folded, the ReLU not); a 3x3 GEMM path (no fold)
+BN_RELU = ["batchnorm2d", "relu"]
+_forced("fold_pointwise_bn_relu", "pointwise", ["conv2d: {out_channels: 5, kernel_size: 1, bias: false}", *BN_RELU],
+        (3, 5, 7))
+_forced("fold_pointwise_bias_bn", "pointwise", ["conv2d: {out_channels: 5, kernel_size: 1}", "batchnorm2d"],
+        (3, 5, 7))
+_forced("fold_pointwise_one_channel", "pointwise",
+        ["conv2d: {out_channels: 1, kernel_size: 1, bias: false}", *BN_RELU], (2, 4, 5))
+_forced("fold_depthwise_s2_bn_relu", "depthwise",
+        ["conv2d: {out_channels: 3, kernel_size: 3, stride: 2, padding: 1, groups: 3, bias: false}", *BN_RELU],
+        (3, 7, 33))
+_forced("fold_depthwise_s1_tail", "depthwise",
+        ["conv2d: {out_channels: 4, kernel_size: 3, padding: 1, groups: 4}", *BN_RELU], (4, 5, 20), pre=_pre(4))
+_forced("fold_depthwise_one_channel", "depthwise",
+        ["conv2d: {out_channels: 1, kernel_size: 3, padding: 1, bias: false}", *BN_RELU], (1, 6, 7),
+        pre="conv2d: {out_channels: 1, kernel_size: 1}")
+_forced("fold_bn_two_readers", "pointwise",
+        ["conv2d: {out_channels: 3, kernel_size: 1, bias: false}", "batchnorm2d: {name: bn}", "relu",
+         "add: {inputs: [relu1, bn]}"], (2, 5, 7))
+_forced("fold_not_on_gemm", "gather", ["conv2d: {out_channels: 4, kernel_size: 3, padding: 1}", *BN_RELU],
+        (2, 6, 6))
+# a 1x1 convolution whose training runs a GEMM path (gather, the cheapest forward and backward on
+# 16 -> 24 channels of 6x6) evaluates on the pointwise path: with a batch norm and ReLU folded in,
+# and alone with a fused ReLU
+CASES["evalpath_pointwise_bn_relu"] = around(["conv2d: {out_channels: 24, kernel_size: 1, bias: false}", *BN_RELU],
+                                             (2, 6, 6), pre=_pre(16))
+CASES["evalpath_pointwise_relu_pool"] = around(["conv2d: {out_channels: 24, kernel_size: 1}", "relu",
+                                                "maxpool2d: {kernel_size: 2}"], (2, 6, 6), pre=_pre(16))
+# the folds each case makes: conv layer -> (batch norm, ReLU or None)
+FOLDS = {"evalpath_pointwise_bn_relu": {"conv2": ("bn1", "relu1")},"fold_pointwise_bn_relu": {"conv2": ("bn1", "relu1")}, "fold_pointwise_bias_bn": {"conv2": ("bn1", None)},
+         "fold_pointwise_one_channel": {"conv2": ("bn1", "relu1")},
+         "fold_depthwise_s2_bn_relu": {"conv2": ("bn1", "relu1")},
+         "fold_depthwise_s1_tail": {"conv2": ("bn1", "relu1")},
+         "fold_depthwise_one_channel": {"conv2": ("bn1", "relu1")}, "fold_bn_two_readers": {"conv2": ("bn", None)},
+         "fold_not_on_gemm": {}}
 # the GEMM paths on a Winograd shape (16 channels in and out, 3x3, stride 1)
 _forced("kpath_winograd_as_gather", "gather", "conv2d: {out_channels: 16, kernel_size: 3}", (2, 7, 9), pre=_pre(16))
 _forced("kpath_winograd_as_im2col", "im2col", "conv2d: {out_channels: 16, kernel_size: 3}", (2, 7, 9), pre=_pre(16))
@@ -588,6 +628,64 @@ def test_relu_not_fused_without_both_neighbours():
     plan = make_plan(check_text((ROOT / "specs" / "lenet5.yaml").read_text(), "specs/lenet5.yaml"))
     assert [lp.fused_into for lp in plan.layers if lp.kind == "relu"] == [
         ("conv1", "pool1"), ("conv2", "pool2"), ("fc1", "fc2"), ("fc2", "fc3")]
+
+
+@pytest.mark.parametrize("case", list(FOLDS))
+def test_fold_cases_fold_the_batch_norm_in_evaluation(case):
+    """Each case folds the batch norms (and ReLUs) FOLDS says into the convolution's evaluation
+    forward: no call of their own in evaluation mode, one in training mode."""
+    plan = make_plan(force_kernels(check_text(CASES[case]), KERNELS.get(case, {})))
+    folds = {lp.layer.name: (lp.fold_bn.layer.name, lp.fold_relu) for lp in plan.layers if lp.fold_bn}
+    assert folds == {k: (bn, relu is not None) for k, (bn, relu) in FOLDS[case].items()}
+    gone = {n for bn, relu in FOLDS[case].values() for n in (bn, relu) if n}
+    assert {lp.layer.name for st in plan.eval_stages for lp in st.layers} & gone == set()
+    assert gone <= {lp.layer.name for st in plan.train_stages for lp in st.layers}
+    source = render(plan.net, "float64").source
+    for conv in FOLDS[case]:
+        assert f"{conv}_forward_eval(a + " in source
+
+
+def test_a_batch_norm_no_layer_takes_applies_its_relu_in_evaluation():
+    """After a GEMM-path convolution the batch norm's evaluation forward stores relu(x * scale +
+    shift) into the ReLU's output; the ReLU runs only in training (fold_not_on_gemm)."""
+    net = force_kernels(check_text(CASES["fold_not_on_gemm"]), KERNELS["fold_not_on_gemm"])
+    plan = make_plan(net)
+    bn = next(lp for lp in plan.layers if lp.layer.name == "bn1")
+    assert bn.fold_relu and bn.fold_bn is None and bn.fold_out_macro == "OFF_relu1_out"
+    assert "relu1" not in {lp.layer.name for st in plan.eval_stages for lp in st.layers}
+    assert "relu1" in {lp.layer.name for st in plan.train_stages for lp in st.layers}
+    source = render(net, "float64").source
+    assert "bn1_forward_eval(a + OFF_relu1_out, a + OFF_conv2_out" in source
+
+
+@pytest.mark.parametrize("case", ["evalpath_pointwise_bn_relu", "evalpath_pointwise_relu_pool"])
+def test_pointwise_shapes_evaluate_on_the_pointwise_path(case):
+    """Training runs the cheapest path for forward and backward together (here gather); the
+    evaluation forward of a 1x1 convolution runs the pointwise path whenever it applies (it is the
+    same GEMM with no copies), unless a path is forced; the report says so."""
+    net = check_text(CASES[case])
+    plan = make_plan(net)
+    conv = next(lp for lp in plan.layers if lp.layer.name == "conv2")
+    assert conv.kernel.path.name == "gather" and conv.kernel.evaluates.name == "pointwise"
+    assert conv.eval_lp.c["PATH"] == "pointwise" and conv.eval_lp.eval_alone
+    source = render(net, "float64").source
+    assert "static void conv2_forward_eval(" in source and "static void conv2_forward(" in source
+    assert "conv2_forward_eval(a + " in source.split("static void forward_eval(")[1].split("static void forward_train(")[0]
+    forced = make_plan(force_kernels(net, {"conv2": "gather"}))
+    assert next(lp for lp in forced.layers if lp.layer.name == "conv2").eval_lp is None
+    from netcompiler.report import build_report, kernel_lines
+    assert any(l.startswith("conv2 ") and "evaluation: pointwise" in l
+               for l in kernel_lines(build_report(net, kernels=True)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", [*FOLDS, "evalpath_pointwise_relu_pool"])
+def test_fold_cases_eval_forward_matches_torch_float32(case, threads):
+    net, x, _ = prepared(case, "float32", threads)
+    model = reference_model(net, CASES[case], net.state_dict()).eval()
+    with torch.no_grad():
+        ref = model(torch.as_tensor(x)).numpy()
+    assert_close(net.forward(x.astype(np.float32)), ref, 1e-5, f"{case}: eval forward (float32)")
 
 
 @pytest.mark.parametrize("case", IDS)

@@ -165,6 +165,21 @@ SAN_SPECS = {
         "flatten",
         "linear: {out_features: 3}",
     ], name="san_paths"),
+    # batch norms (and ReLUs) folded into the evaluation forward (plan.py, eval_folds): depthwise
+    # stride 2, pointwise (evaluation only: training runs a GEMM path), then without a ReLU
+    "san_fold": spec([16, 12, 12], [
+        "conv2d: {out_channels: 16, kernel_size: 1}",
+        "conv2d: {out_channels: 16, kernel_size: 3, stride: 2, padding: 1, groups: 16, bias: false}",
+        "batchnorm2d",
+        "relu",
+        "conv2d: {out_channels: 24, kernel_size: 1, bias: false}",
+        "batchnorm2d",
+        "relu",
+        "conv2d: {out_channels: 5, kernel_size: 1}",
+        "batchnorm2d",
+        "flatten",
+        "linear: {out_features: 3}",
+    ], name="san_fold"),
     # the kinds of modern small networks
     "san_kinds": spec([3, 9, 8], [
         "conv2d: {out_channels: 4, kernel_size: 3, stride: 2, padding: [0, 1, 0, 1]}",
@@ -187,7 +202,8 @@ CASES = [("san_all", "float32"), ("san_all", "float64"), ("san_mse", "float32"),
          ("san_pool", "float32"), ("san_pool", "float64"),
          ("san_fused", "float32"), ("san_fused", "float64"), ("san_1d", "float64"),
          ("san_kinds", "float32"), ("san_kinds", "float64"),
-         ("san_graph", "float32"), ("san_graph", "float64"), ("san_paths", "float32"), ("san_paths", "float64")]
+         ("san_graph", "float32"), ("san_graph", "float64"), ("san_paths", "float32"), ("san_paths", "float64"),
+         ("san_fold", "float32"), ("san_fold", "float64")]
 
 
 def _write(rendered, directory: Path) -> Path:
@@ -215,6 +231,17 @@ def test_san_wino_dx_takes_winograd_dx_with_transposed_copies():
     assert [lp.kernel.path.name for lp in convs[1:]] == ["winograd_dx", "winograd_dx"]
     assert all(lp.c["WG_IN_WFULL"] == 16 and lp.c["WGX"]["WG_IN_WFULL"] == 16 and lp.c["IM2ROW_VEC"]
                for lp in convs[1:])
+
+
+def test_san_fold_folds_its_batch_norms():
+    from netcompiler.plan import make_plan
+
+    plan = make_plan(check_text(SAN_SPECS["san_fold"]))
+    convs = [lp for lp in plan.layers if lp.kernel]
+    assert [(lp.kernel.path.name, lp.kernel.evaluates.name) for lp in convs] == [
+        ("pointwise", "pointwise"), ("depthwise", "depthwise"), ("gather", "pointwise"), ("pointwise", "pointwise")]
+    assert [(lp.fold_bn and lp.fold_bn.name, lp.fold_relu) for lp in convs] == [
+        (None, False), ("bn1", True), ("bn2", True), ("bn3", False)]
 
 
 def test_san_specs_use_every_layer_kind():

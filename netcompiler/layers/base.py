@@ -333,6 +333,17 @@ class LayerKind:
         derivative of a ReLU before it), as it writes that gradient."""
         return False
 
+    # ---- folding of an evaluation batch norm (plan.py, eval_folds) ---------------------
+    def folds_eval_affine(self, layer: Layer) -> bool:
+        """In evaluation mode the forward can store y * scale + shift per output channel (a
+        batch norm after it, with its running statistics), then max(0, .) (a ReLU after that)."""
+        return False
+
+    def eval_affine(self, layer: Layer) -> bool:
+        """In evaluation mode the layer is y = x * scale[c] + shift[c] per channel, made from its
+        parameters and buffers by its template's eval_affine macro (batchnorm2d)."""
+        return False
+
     # ---- implementations (kernel paths) ------------------------------------------------
     def kernel_paths(self) -> tuple[KernelPath, ...]:
         """The kind's implementations, when it has several (conv2d); the plan picks one per layer."""
@@ -353,13 +364,20 @@ class LayerKind:
                 path = next(p for p in paths if p.name == layer.kernel)
             else:
                 path = min((p for p in paths if p.name in costs), key=lambda p: costs[p.name])
-            layer.derived[key] = KernelChoice(path, layer.kernel is not None, costs)
+            first = [p for p in paths if p.eval_first and p.name in costs and p is not path]
+            eval_path = first[0] if first and layer.kernel is None else None
+            layer.derived[key] = KernelChoice(path, layer.kernel is not None, costs, eval_path)
         return layer.derived[key]
 
     # ---- rendering --------------------------------------------------------------------
     def render_context(self, layer: Layer) -> dict[str, Any]:
         """Numbers the template needs, computed here (templates hold no shape arithmetic)."""
         return {}
+
+    def eval_render_context(self, layer: Layer) -> dict[str, Any] | None:
+        """The context of the evaluation forward when it runs another kernel path than training
+        (KernelChoice.eval_path), else None."""
+        return None
 
     # ---- reference -------------------------------------------------------------------
     def torch_expression(self, inputs: list[str]) -> str | None:
@@ -404,6 +422,10 @@ class KernelPath:
     cost: Callable[[Layer], float]
     context: Callable[[Layer], dict]
     needs: str = ""  # what `applies` asks for, for the error when it is forced where it does not apply
+    folds_bn: bool = False  # its evaluation forward can apply a batch norm and a ReLU after it (eval_folds)
+    # evaluation runs it wherever it applies, whichever path training runs (unless one is forced): its
+    # forward is never the slower one and it uses no scratch (pointwise: the GEMM with no copies)
+    eval_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -411,6 +433,12 @@ class KernelChoice:
     path: KernelPath
     forced: bool
     costs: dict[str, float]  # the cost of every path that applies, by name
+    eval_path: KernelPath | None = None  # the evaluation forward's path when not `path`
+
+    @property
+    def evaluates(self) -> KernelPath:
+        """The path of the evaluation forward."""
+        return self.eval_path or self.path
 
     @property
     def why(self) -> str:

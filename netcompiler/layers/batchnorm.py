@@ -60,6 +60,9 @@ class BatchNorm2d(LayerKind):
     def input_grad_flops(self, layer: Layer) -> int:
         return 5 * layer.out_size  # dx per element; the reductions feed dgamma/dbeta too
 
+    def eval_affine(self, layer: Layer) -> bool:
+        return True
+
     def render_context(self, layer: Layer) -> dict:
         c, hw = layer.in_shape[0], math.prod(layer.in_shape[1:])
         # HWV: the whole vectors of a channel's plane, the vector loops' end; a scalar tail does the rest

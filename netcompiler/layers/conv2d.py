@@ -102,6 +102,13 @@ class Conv2d(WeightLayer):
     def applies_relu(self, layer: Layer) -> bool:
         return True
 
+    def folds_eval_affine(self, layer: Layer) -> bool:
+        return self.kernel_choice(layer).evaluates.folds_bn
+
+    def eval_render_context(self, layer: Layer) -> dict | None:
+        path = self.kernel_choice(layer).eval_path
+        return path and dict(path.context(layer), PATH=path.name, TEMPLATE=path.template)
+
     def cache_shapes(self, layer: Layer) -> dict[str, Shape]:
         path = self.kernel_choice(layer).path.name
         if path not in WINOGRAD_PATHS:
@@ -260,7 +267,7 @@ def pointwise_context(layer: Layer) -> dict:
     cin, h, w = layer.in_shape
     cout = layer.out_shape[0]
     n = h * w
-    mb = _largest_divisor(cout, 8)
+    mb = _largest_divisor(cout, 12)  # 12 x 2 vectors: 24 accumulators, 2 pixel vectors
     nv = 2 if n >= 2 * VEC else 1
     kb = _largest_divisor(cin, 8)  # input-gradient tiles: KB channels x NV vectors
     # weight gradient: DMB x DKB lane sums, the tile with the fewest loads per FMA (DMB + DKB per
@@ -302,10 +309,12 @@ def depthwise_context(layer: Layer) -> dict:
 CONV_PATHS = (
     KernelPath("pointwise", "GEMM over the input planes", "GEMMs over the planes (dW: lane sums)",
                "conv2d_pointwise.c.j2", _is_pointwise, _pointwise_cost, pointwise_context,
-               needs="1x1, stride 1, no padding, no dilation, one group, at least 16 output pixels"),
+               needs="1x1, stride 1, no padding, no dilation, one group, at least 16 output pixels", folds_bn=True,
+               eval_first=True),
     KernelPath("depthwise", "direct 3x3 per channel over vectors of pixels", "direct per channel",
                "conv2d_depthwise.c.j2", _is_depthwise, _depthwise_cost, depthwise_context,
-               needs="groups = in_channels = out_channels, 3x3, stride 1 or 2, padding 1, no dilation"),
+               needs="groups = in_channels = out_channels, 3x3, stride 1 or 2, padding 1, no dilation",
+               folds_bn=True),
     KernelPath("winograd", "Winograd F(2x2, 3x3)", "GEMM (im2row dW, dcol col2im)", "conv2d_winograd.c.j2",
                _is_winograd_shape, _winograd_cost, lambda layer: gemm_context(layer, "winograd"),
                needs="3x3, stride 1, no dilation, one group, at least 16 channels in and out"),

@@ -6,6 +6,9 @@ import math
 from .base import Layer, Option, Shape, WeightLayer, fmt_shape
 
 
+FORWARD_TILE = (6, 4)  # outputs x samples per register tile of the forward
+
+
 class Linear(WeightLayer):
     kind = "linear"
     prefix = "fc"
@@ -45,7 +48,12 @@ class Linear(WeightLayer):
         in_v = fin - fin % 16  # inputs in whole vectors (VEC = 16); the IN_TAIL rest one by one
         nvi = max(d for d in range(1, 6) if (in_v // 16) % d == 0)  # vectors per block, dividing IN_V
         nvo = max(d for d in range(1, 5) if -(-fout // 16) % d == 0)  # vectors of outputs, in blocks of up to 4
-        return dict(IN=fin, OUT=fout, bias=layer.opts["bias"], OB=ob, IN_V=in_v, IN_TAIL=fin % 16,
+        # forward tiles: FR outputs x FQ samples, a vector accumulator each (at most 24 of the 32
+        # registers, the FQ input vectors beside them); the last OUT_REST outputs and the last
+        # samples (tiles of FQ_TAIL) in smaller tiles
+        fr, fq = FORWARD_TILE
+        return dict(FR=fr, FQ=fq, FQ_TAIL=[q for q in (2, 1) if q < fq], OUT_FULL=fout - fout % fr, OUT_REST=fout % fr,
+                    IN=fin, OUT=fout, bias=layer.opts["bias"], OB=ob, IN_V=in_v, IN_TAIL=fin % 16,
                     NVI=nvi, VEC=16,
                     SB=4 if nvo > 2 else 8)  # SB: samples per register tile of the input gradient
 

@@ -398,9 +398,9 @@ static void pool1_backward(real_t *restrict din, const real_t *restrict dout, co
 
 /* fc1 forward, samples lo .. hi - 1: linear 'fc1', tests/specs/snapshot.yaml:10: out_features=3
  * in [32] -> out [3], weight [3][32], bias [3] */
-/* y[s][o] = b[o] + sum_i W[o][i] x[s][i]: tiles of 4 outputs x 4 samples (then 2, then 1),
+/* y[s][o] = b[o] + sum_i W[o][i] x[s][i]: tiles of 6 outputs x 4 samples (then 2, then 1),
  * each pair a vector of partial sums over 32 inputs, reduced together.
- * The samples stream past each block of 4 rows of W, which stays in cache. */
+ * The samples stream past each block of 6 rows of W, which stays in cache. */
 static void fc1_forward(real_t *acts, int lo, int hi, const real_t *restrict weight,
         const real_t *restrict bias)
 {
