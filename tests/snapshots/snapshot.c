@@ -265,7 +265,7 @@ static void conv1_backward(real_t *restrict dweight, real_t *restrict dbias,
             real_t db = vsum(&s);
             dbias[m] += db;
         }
-        /* weight gradient dW[m][k] += sum_p d[m][p] colT[p][k]: 2 channels x 1 vectors of
+        /* weight gradient dW[m][k] += sum_p d[m][p] colT[p][k]: 2 channels x vector of
          * taps accumulate over the pixels */
         conv1_im2row(colT, conv1_pad(scratch + CONV1_SCRATCH_XPAD, in));
         { /* the last block of taps, 9 of them real */
@@ -406,7 +406,7 @@ static void fc1_forward(real_t *acts, int lo, int hi, const real_t *restrict wei
 {
 #define X_(s) (acts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_pool1_out)
 #define Y_(s) (acts + (size_t)(s) * ACTS_PER_SAMPLE + OFF_fc1_out)
-    { /* the last 3 output(s) */
+    { /* the last 3 outputs */
         int s0 = lo;
         for (; s0 + 4 <= hi; s0 += 4) {
             const real_t *x[4];
