@@ -48,9 +48,8 @@ def jinja_env() -> jinja2.Environment:
 
 
 def items(n: int, noun: str) -> str:
-    """A count for a comment: `the last {{ n | items("pixel") }}` reads "the last pixel" for 1
-    and "the last 3 pixels" otherwise."""
-    return noun if n == 1 else f"{n} {noun}s"
+    """A count for a comment: `{{ n | items("pixel") }}` reads "1 pixel" or "3 pixels"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 @functools.lru_cache(maxsize=None)

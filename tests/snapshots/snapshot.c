@@ -265,7 +265,7 @@ static void conv1_backward(real_t *restrict dweight, real_t *restrict dbias,
             real_t db = vsum(&s);
             dbias[m] += db;
         }
-        /* weight gradient dW[m][k] += sum_p d[m][p] colT[p][k]: 2 channels x vector of
+        /* weight gradient dW[m][k] += sum_p d[m][p] colT[p][k]: 2 channels x 1 vector of
          * taps accumulate over the pixels */
         conv1_im2row(colT, conv1_pad(scratch + CONV1_SCRATCH_XPAD, in));
         { /* the last block of taps, 9 of them real */
