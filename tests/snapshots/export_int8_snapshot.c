@@ -124,8 +124,8 @@ static const uint8_t fc1_shift[3] = {
  *   input scale 0.0156863 zero 0; output scale 0.00588235 zero -128
  *   accumulator requantised per channel to scale 0.00588235 zero -128 (the ReLU is the clamp at the zero point)
  */
-#define CONV1_PROW_OFF 432 /* bytes into the scratch */
-#define CONV1_ROW_OFF 400 /* bytes into the scratch */
+#define conv1_PROW_OFF 432 /* bytes into the scratch */
+#define conv1_ROW_OFF 400 /* bytes into the scratch */
 static void conv1_forward(int8_t *restrict out, const int8_t *restrict in, int8_t *restrict scratch)
 {
 #if NETC_DSP
@@ -142,8 +142,8 @@ static void conv1_forward(int8_t *restrict out, const int8_t *restrict in, int8_
     const int16_t *x = x16;
     /* the max-pool runs on the accumulators (requantisation is monotonic): one conv output
      * row of them [8], and the row of window maxima so far [4] */
-    int32_t *row = (int32_t *)(void *)(scratch + CONV1_ROW_OFF);
-    int32_t *prow = (int32_t *)(void *)(scratch + CONV1_PROW_OFF);
+    int32_t *row = (int32_t *)(void *)(scratch + conv1_ROW_OFF);
+    int32_t *prow = (int32_t *)(void *)(scratch + conv1_PROW_OFF);
     for (int co = 0; co < 2; co++) {
         const int8_t *wc = conv1_weight + co * 20; /* [1][5 words][4] */
         const int16_t *xg = x;
@@ -213,8 +213,8 @@ static void conv1_forward(int8_t *restrict out, const int8_t *restrict in, int8_
     const int16_t *x = x16;
     /* the max-pool runs on the accumulators (requantisation is monotonic): one conv output
      * row of them [8], and the row of window maxima so far [4] */
-    int32_t *row = (int32_t *)(void *)(scratch + CONV1_ROW_OFF);
-    int32_t *prow = (int32_t *)(void *)(scratch + CONV1_PROW_OFF);
+    int32_t *row = (int32_t *)(void *)(scratch + conv1_ROW_OFF);
+    int32_t *prow = (int32_t *)(void *)(scratch + conv1_PROW_OFF);
     for (int co = 0; co < 2; co++) {
         const int8_t *wc = conv1_weight + co * 20; /* [1][5 words][4] */
         const int16_t *xg = x;

@@ -83,7 +83,7 @@ static float conv1_pre(float x)
  *   conv1_weight [2][1][3][3]: conv1.weight
  *   conv1_bias [2]: conv1.bias
  */
-#define CONV1_ROW_OFF 100 /* floats into the scratch */
+#define conv1_ROW_OFF 100 /* floats into the scratch */
 static void conv1_forward(float *restrict out, const float *restrict in, float *restrict scratch)
 {
     /* the input with its zero padding: [1][10][10] */
@@ -93,7 +93,7 @@ static void conv1_forward(float *restrict out, const float *restrict in, float *
         xpad[(y + 1) * 10 + x + 1] = in[y * 8 + x];
     }
     const float *x = xpad;
-    float *row = scratch + CONV1_ROW_OFF; /* one conv output row [8] */
+    float *row = scratch + conv1_ROW_OFF; /* one conv output row [8] */
     for (int co = 0; co < 2; co++) {
         const float *wc = conv1_weight + co * 9; /* [1][3][3] */
         const float *xg = x;
