@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, spec_params
 from netcompiler.check import check_text, force_kernels
 from netcompiler.render import render
 
@@ -306,3 +306,38 @@ def test_index_expressions_fold_numbers_and_keep_precedence():
     assert not never.runs
     with pytest.raises(ValueError):
         never.head  # noqa: B018 (a loop that never runs has no head to emit)
+
+
+# ---- the exported C (netc export --format c): every spec, both float targets with every conv
+# form that applies, and int8 for the portable and the DSP target
+EXPORT_SPECS = sorted((ROOT / "specs").glob("*.yaml")) + sorted((ROOT / "tests/specs").glob("export_*.yaml"))
+
+
+def _export_builds() -> list[str]:
+    from netcompiler.export.lower import CONV_FORMS
+
+    return (["float32/generic", "float32/host"] + [f"float32/host/{f.name}" for f in CONV_FORMS if "host" in f.targets]
+            + ["int8/generic", "int8/cortex-m4"])
+
+
+@pytest.mark.parametrize("build", _export_builds())
+@pytest.mark.parametrize("path", spec_params(EXPORT_SPECS))
+def test_exported_c_has_no_leftovers(path, build):
+    from netcompiler.check import load
+    from netcompiler.export import _random_state_and_ranges, export_c, export_int8
+    from netcompiler.export.lower import FORMS, lower
+
+    network = load(path)
+    state, ranges = _random_state_and_ranges(network)
+    dtype, target, *form = build.split("/")
+    if dtype == "int8":
+        source = export_int8(network, state, None, target, ranges=ranges).source
+    elif form:
+        steps = [s for s in lower(network.layers, state, target) if s.op == "conv" and FORMS[form[0]].applies(s)]
+        if not steps:
+            pytest.skip(f"the conv form {form[0]} applies to no step of {path.stem}")
+        source = export_c(network, state, target, forms={s.name: form[0] for s in steps}).source
+    else:
+        source = export_c(network, state, target).source
+    problems = lint(source)
+    assert not problems, f"{path.name} ({build}): {len(problems)} problems:\n" + "\n".join(problems[:80])

@@ -620,3 +620,18 @@ def test_kinds_without_export_c_are_a_one_line_error(tmp_path, capsys, monkeypat
     _, _, weights = _net_and_weights(path, tmp_path)
     assert main(["export", str(path), str(weights), "-o", str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err == "netc: error: upsample 'up1': netc export has no C for layer kind 'upsample'\n"
+
+
+def test_scratch_offset_macros_are_distinct_for_names_differing_in_case():
+    """Each step's scratch offsets are macros named for it; `conv` and `CONV` are two layers."""
+    from netcompiler.export import _random_state_and_ranges, export_int8
+
+    network = check_text(spec([1, 8, 8], ["conv2d: {out_channels: 2, kernel_size: 3, padding: 1, name: conv}",
+                                          "maxpool2d: {kernel_size: 2}",
+                                          "conv2d: {out_channels: 2, kernel_size: 3, padding: 1, name: CONV}",
+                                          "maxpool2d: {kernel_size: 2}", "flatten", "linear: {out_features: 3}"],
+                              name="cases"), "cases.yaml")
+    state, ranges = _random_state_and_ranges(network)
+    for source in (export_c(network, state).source, export_int8(network, state, None, ranges=ranges).source):
+        names = re.findall(r"^#define (\w+_OFF) ", source, re.M)
+        assert len(names) >= 2 and len(names) == len(set(names)), names

@@ -31,6 +31,7 @@ from ..graph import consumers
 from ..layers import INPUT, Layer
 from ..layers.activations import MATH_MACROS, Activation, _idents
 from ..layers.batchnorm import BatchNorm2d
+from ..render import items
 
 # floats per register block: output pixels of a conv row, outputs of a linear layer
 BLOCK = {"generic": 4, "host": 8, "cortex-m4": 4, "cortex-m7": 4}
@@ -448,12 +449,12 @@ def _channels_prepare(s: Step) -> None:
     if cb * vl != cout and c["bias"]:
         b = s.arrays[1]
         b.values = np.concatenate([b.values, np.zeros(cb * vl - cout, np.float32)])
-        b.what += f", then {cb * vl - cout} zeros (the padding channels)"
+        b.what += f", then {items(cb * vl - cout, 'zero')} (the padding channels)"
     pb = _pixel_block(c["OW"])
     c.update(VECC=True, VEC=False, VEC_TAIL=False, VL=vl, CB=cb, WB=k * vl, PB=pb, CHAINS=PIXEL_CHAINS,
              PB_FULL=c["OW"] - c["OW"] % pb, PB_TAIL=c["OW"] % pb,
-             # the channels a block stores: the last one only the real ones
-             QN=str(vl) if cb * vl == cout else f"(cb < {cb - 1} ? {vl} : {cout - (cb - 1) * vl})")
+             # the channels a block stores (a number, or a C expression): the last one only the real ones
+             QN=vl if cb * vl == cout else cout if cb == 1 else f"(cb < {cb - 1} ? {vl} : {cout - (cb - 1) * vl})")
     if c["POOL"]:
         s.scratch += _round4(vl * c["OW"]) - _round4(c["OW"])
         s.scratch_doc = s.scratch_doc.replace(f"one conv output row [{c['OW']}]",

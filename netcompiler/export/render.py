@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import __version__
+from ..cexpr import Ix, at, ix, loop, prod
 from ..ctext import comment
-from ..render import _tidy, jinja_env
+from ..render import _tidy, items, jinja_env
 from .lower import CONV_FORMS, Array, Epilogue, Step
 from .memory import MemoryPlan
 
@@ -26,6 +27,7 @@ def _env():
     env = jinja_env()
     env.filters["rstrip"] = str.rstrip  # a macro's text without its last newline
     env.filters["e_fmt"] = lambda v: f"{v:.6g}"
+    env.globals.update(ix=ix, at=at, cint=Ix.of, cloop=loop, prod=prod)  # as netcompiler/render.py's
     return env
 
 
@@ -153,7 +155,7 @@ def int8_arrays(qs) -> list[IntArray]:
                          f"{what}, int8 per output channel {s.arrays[0].dims}") if qs.weight_dsp is None else
                 IntArray(f"{s.name}_weight", "int8_t", qs.weight_dsp.ravel(),
                          f"{what}, int8 per output channel {s.arrays[0].dims}, in the order of the dual "
-                         f"multiply-accumulates: [{s.c['COUT']}][{s.c['CPG']} channel pairs][{len(s.c['WORDS'])} words]"
+                         f"multiply-accumulates: [{s.c['COUT']}][{s.c['CPG']} channel pairs][{items(len(s.c['WORDS']), 'word')}]"
                          "[A.lo, B.lo, A.hi, B.hi]"),
                 IntArray(f"{s.name}_bias", "int32_t", qs.bias,
                          f"{s.arrays[1].what if len(s.arrays) > 1 else 'no bias'}, int32 at input scale x weight scale, "

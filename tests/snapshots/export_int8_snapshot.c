@@ -124,44 +124,44 @@ static const uint8_t fc1_shift[3] = {
  *   input scale 0.0156863 zero 0; output scale 0.00588235 zero -128
  *   accumulator requantised per channel to scale 0.00588235 zero -128 (the ReLU is the clamp at the zero point)
  */
+#define conv1_PROW_OFF 432 /* bytes into the scratch */
+#define conv1_ROW_OFF 400 /* bytes into the scratch */
 static void conv1_forward(int8_t *restrict out, const int8_t *restrict in, int8_t *restrict scratch)
 {
 #if NETC_DSP
     /* the input as int16 with its padding (the zero point 0, the real 0), channels interleaved in
      * pairs: [1][10][10][2] (1 per group, the last one completed by a channel of zero weights) */
     int16_t *x16 = (int16_t *)(void *)scratch;
-    for (int i = 0; i < 200; i++)
-        x16[i] = 0;
-    for (int ci = 0; ci < 1; ci++) {
-        int16_t *xc = x16 + ((ci / 1) * 1 + ci % 1 / 2) * 200 + ci % 1 % 2;
-        for (int y = 0; y < 8; y++)
-            for (int x = 0; x < 8; x++)
-                xc[((y + 1) * 10 + x + 1) * 2] = in[(ci * 8 + y) * 8 + x];
+    for (int i = 0; i < 200; i++) x16[i] = 0;
+    {
+        int16_t *xc = x16;
+        for (int y = 0; y < 8; y++) for (int x = 0; x < 8; x++) {
+            xc[((y + 1) * 10 + x + 1) * 2] = in[y * 8 + x];
+        }
     }
     const int16_t *x = x16;
     /* the max-pool runs on the accumulators (requantisation is monotonic): one conv output
      * row of them [8], and the row of window maxima so far [4] */
-    int32_t *row = (int32_t *)(void *)(scratch + 400);
-    int32_t *prow = (int32_t *)(void *)(scratch + 432);
+    int32_t *row = (int32_t *)(void *)(scratch + conv1_ROW_OFF);
+    int32_t *prow = (int32_t *)(void *)(scratch + conv1_PROW_OFF);
     for (int co = 0; co < 2; co++) {
         const int8_t *wc = conv1_weight + co * 20; /* [1][5 words][4] */
-        const int16_t *xg = x + 0; /* the group's input channel pairs */
+        const int16_t *xg = x;
         const int32_t b = conv1_bias[co], m = conv1_mult[co];
         const int n = conv1_shift[co];
         for (int py = 0; py < 4; py++) {
             int8_t *orow = out + (co * 4 + py) * 4;
             for (int r = 0; r < 2; r++) {
-                const int oy = py * 2 + r;
-                const int16_t *xr = xg + oy * 20;
+                const int16_t *xr = xg + (py * 2 + r) * 20;
                 for (int ox = 0; ox < 8; ox += 4) {
                     const int16_t *xp = xr + ox * 2;
                     int32_t a0 = b, a1 = b, a2 = b, a3 = b;
-                    for (int cp = 0; cp < 1; cp++) { /* input channels 2cp, 2cp+1 */
-                        const int16_t *xk = xp + cp * 200;
-                        const int8_t *wk = wc + cp * 20;
+                    { /* input channels 0, 1 */
+                        const int16_t *xk = xp;
+                        const int8_t *wk = wc;
                         {
-                            const int32_t w = ld4(wk + 0), wa = __sxtb16(w), wb = __sxtb16(ror8(w));
-                            a0 = __smlad(ld2(xk + 0), wa, a0); a1 = __smlad(ld2(xk + 2), wa, a1); a2 = __smlad(ld2(xk + 4), wa, a2); a3 = __smlad(ld2(xk + 6), wa, a3);
+                            const int32_t w = ld4(wk), wa = __sxtb16(w), wb = __sxtb16(ror8(w));
+                            a0 = __smlad(ld2(xk), wa, a0); a1 = __smlad(ld2(xk + 2), wa, a1); a2 = __smlad(ld2(xk + 4), wa, a2); a3 = __smlad(ld2(xk + 6), wa, a3);
                             a0 = __smlad(ld2(xk + 2), wb, a0); a1 = __smlad(ld2(xk + 4), wb, a1); a2 = __smlad(ld2(xk + 6), wb, a2); a3 = __smlad(ld2(xk + 8), wb, a3);
                         }
                         {
@@ -192,48 +192,44 @@ static void conv1_forward(int8_t *restrict out, const int8_t *restrict in, int8_
                 /* max over the row's windows, and over the window rows so far */
                 for (int px = 0; px < 4; px++) {
                     int32_t v = row[px * 2];
-                    for (int k = 1; k < 2; k++)
-                        v = row[px * 2 + k] > v ? row[px * 2 + k] : v;
+                    v = row[px * 2 + 1] > v ? row[px * 2 + 1] : v;
                     prow[px] = r == 0 || v > prow[px] ? v : prow[px];
                 }
             }
-            for (int px = 0; px < 4; px++)
-                orow[px] = requant(prow[px], m, n, -128, -128);
+            for (int px = 0; px < 4; px++) orow[px] = requant(prow[px], m, n, -128, -128);
         }
     }
 #else
     /* the input as int16 with its padding (the zero point 0, the real 0), channels interleaved in
      * pairs: [1][10][10][2] (1 per group, the last one completed by a channel of zero weights) */
     int16_t *x16 = (int16_t *)(void *)scratch;
-    for (int i = 0; i < 200; i++)
-        x16[i] = 0;
-    for (int ci = 0; ci < 1; ci++) {
-        int16_t *xc = x16 + ((ci / 1) * 1 + ci % 1 / 2) * 200 + ci % 1 % 2;
-        for (int y = 0; y < 8; y++)
-            for (int x = 0; x < 8; x++)
-                xc[((y + 1) * 10 + x + 1) * 2] = in[(ci * 8 + y) * 8 + x];
+    for (int i = 0; i < 200; i++) x16[i] = 0;
+    {
+        int16_t *xc = x16;
+        for (int y = 0; y < 8; y++) for (int x = 0; x < 8; x++) {
+            xc[((y + 1) * 10 + x + 1) * 2] = in[y * 8 + x];
+        }
     }
     const int16_t *x = x16;
     /* the max-pool runs on the accumulators (requantisation is monotonic): one conv output
      * row of them [8], and the row of window maxima so far [4] */
-    int32_t *row = (int32_t *)(void *)(scratch + 400);
-    int32_t *prow = (int32_t *)(void *)(scratch + 432);
+    int32_t *row = (int32_t *)(void *)(scratch + conv1_ROW_OFF);
+    int32_t *prow = (int32_t *)(void *)(scratch + conv1_PROW_OFF);
     for (int co = 0; co < 2; co++) {
         const int8_t *wc = conv1_weight + co * 20; /* [1][5 words][4] */
-        const int16_t *xg = x + 0; /* the group's input channel pairs */
+        const int16_t *xg = x;
         const int32_t b = conv1_bias[co], m = conv1_mult[co];
         const int n = conv1_shift[co];
         for (int py = 0; py < 4; py++) {
             int8_t *orow = out + (co * 4 + py) * 4;
             for (int r = 0; r < 2; r++) {
-                const int oy = py * 2 + r;
-                const int16_t *xr = xg + oy * 20;
+                const int16_t *xr = xg + (py * 2 + r) * 20;
                 for (int ox = 0; ox < 8; ox += 4) {
                     const int16_t *xp = xr + ox * 2;
                     int32_t a0 = b, a1 = b, a2 = b, a3 = b;
-                    for (int cp = 0; cp < 1; cp++) { /* input channels 2cp, 2cp+1 */
-                        const int16_t *xk = xp + cp * 200;
-                        const int8_t *wk = wc + cp * 20;
+                    { /* input channels 0, 1 */
+                        const int16_t *xk = xp;
+                        const int8_t *wk = wc;
                         a0 += wk[0] * xk[0] + wk[2] * xk[1]; a1 += wk[0] * xk[2] + wk[2] * xk[3]; a2 += wk[0] * xk[4] + wk[2] * xk[5]; a3 += wk[0] * xk[6] + wk[2] * xk[7];
                         a0 += wk[1] * xk[2] + wk[3] * xk[3]; a1 += wk[1] * xk[4] + wk[3] * xk[5]; a2 += wk[1] * xk[6] + wk[3] * xk[7]; a3 += wk[1] * xk[8] + wk[3] * xk[9];
                         a0 += wk[4] * xk[4] + wk[6] * xk[5]; a1 += wk[4] * xk[6] + wk[6] * xk[7]; a2 += wk[4] * xk[8] + wk[6] * xk[9]; a3 += wk[4] * xk[10] + wk[6] * xk[11];
@@ -252,13 +248,11 @@ static void conv1_forward(int8_t *restrict out, const int8_t *restrict in, int8_
                 /* max over the row's windows, and over the window rows so far */
                 for (int px = 0; px < 4; px++) {
                     int32_t v = row[px * 2];
-                    for (int k = 1; k < 2; k++)
-                        v = row[px * 2 + k] > v ? row[px * 2 + k] : v;
+                    v = row[px * 2 + 1] > v ? row[px * 2 + 1] : v;
                     prow[px] = r == 0 || v > prow[px] ? v : prow[px];
                 }
             }
-            for (int px = 0; px < 4; px++)
-                orow[px] = requant(prow[px], m, n, -128, -128);
+            for (int px = 0; px < 4; px++) orow[px] = requant(prow[px], m, n, -128, -128);
         }
     }
 #endif
@@ -271,19 +265,18 @@ static void conv1_forward(int8_t *restrict out, const int8_t *restrict in, int8_
  */
 static void fc1_forward(int8_t *restrict out, const int8_t *restrict in)
 {
-    {
-        const int o = 0; /* the last 3 outputs, from 0 on */
-        const int8_t *w0 = fc1_weight + (o) * 32;
-        const int8_t *w1 = fc1_weight + (o + 1) * 32;
-        const int8_t *w2 = fc1_weight + (o + 2) * 32;
-        int32_t a0 = fc1_bias[o], a1 = fc1_bias[o + 1], a2 = fc1_bias[o + 2];
+    { /* the last 3 outputs, from 0 on */
+        const int8_t *w0 = fc1_weight;
+        const int8_t *w1 = fc1_weight + 32;
+        const int8_t *w2 = fc1_weight + 64;
+        int32_t a0 = fc1_bias[0], a1 = fc1_bias[1], a2 = fc1_bias[2];
         for (int i = 0; i < 32; i++) {
             const int32_t xi = in[i];
             a0 += w0[i] * xi; a1 += w1[i] * xi; a2 += w2[i] * xi;
         }
-        out[o] = requant(a0, fc1_mult[o], fc1_shift[o], 0, -128);
-        out[o + 1] = requant(a1, fc1_mult[o + 1], fc1_shift[o + 1], 0, -128);
-        out[o + 2] = requant(a2, fc1_mult[o + 2], fc1_shift[o + 2], 0, -128);
+        out[0] = requant(a0, fc1_mult[0], fc1_shift[0], 0, -128);
+        out[1] = requant(a1, fc1_mult[1], fc1_shift[1], 0, -128);
+        out[2] = requant(a2, fc1_mult[2], fc1_shift[2], 0, -128);
     }
 }
 

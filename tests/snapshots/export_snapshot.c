@@ -83,38 +83,35 @@ static float conv1_pre(float x)
  *   conv1_weight [2][1][3][3]: conv1.weight
  *   conv1_bias [2]: conv1.bias
  */
+#define conv1_ROW_OFF 100 /* floats into the scratch */
 static void conv1_forward(float *restrict out, const float *restrict in, float *restrict scratch)
 {
     /* the input with its zero padding: [1][10][10] */
-    float *xpad = scratch + 0;
-    for (int i = 0; i < 100; i++)
-        xpad[i] = 0;
-    for (int ci = 0; ci < 1; ci++)
-        for (int y = 0; y < 8; y++)
-            for (int x = 0; x < 8; x++)
-                xpad[(ci * 10 + y + 1) * 10 + x + 1] = in[(ci * 8 + y) * 8 + x];
+    float *xpad = scratch;
+    for (int i = 0; i < 100; i++) xpad[i] = 0;
+    for (int y = 0; y < 8; y++) for (int x = 0; x < 8; x++) {
+        xpad[(y + 1) * 10 + x + 1] = in[y * 8 + x];
+    }
     const float *x = xpad;
-    float *row = scratch + 100; /* one conv output row [8] */
+    float *row = scratch + conv1_ROW_OFF; /* one conv output row [8] */
     for (int co = 0; co < 2; co++) {
         const float *wc = conv1_weight + co * 9; /* [1][3][3] */
-        const float *xg = x + 0; /* the group's input channels */
+        const float *xg = x;
         const float b = conv1_bias[co];
         for (int py = 0; py < 4; py++) {
             float *orow = out + (co * 4 + py) * 4;
             for (int r = 0; r < 2; r++) {
-                const int oy = py * 2 + r;
-                const float *xr = xg + oy * 10;
+                const float *xr = xg + (py * 2 + r) * 10;
                 for (int ox = 0; ox < 8; ox += 4) {
-                    const float *xp = xr + ox * 1;
+                    const float *xp = xr + ox;
                     float a0 = b, a1 = b, a2 = b, a3 = b;
-                    for (int ci = 0; ci < 1; ci++)
-                        for (int ky = 0; ky < 3; ky++) {
-                            const float *xk = xp + (ci * 10 + ky * 1) * 10;
-                            const float *wk = wc + (ci * 3 + ky) * 3;
-                            a0 += wk[0] * xk[0]; a1 += wk[0] * xk[1]; a2 += wk[0] * xk[2]; a3 += wk[0] * xk[3];
-                            a0 += wk[1] * xk[1]; a1 += wk[1] * xk[2]; a2 += wk[1] * xk[3]; a3 += wk[1] * xk[4];
-                            a0 += wk[2] * xk[2]; a1 += wk[2] * xk[3]; a2 += wk[2] * xk[4]; a3 += wk[2] * xk[5];
-                        }
+                    for (int ky = 0; ky < 3; ky++) {
+                        const float *xk = xp + ky * 10;
+                        const float *wk = wc + ky * 3;
+                        a0 += wk[0] * xk[0]; a1 += wk[0] * xk[1]; a2 += wk[0] * xk[2]; a3 += wk[0] * xk[3];
+                        a0 += wk[1] * xk[1]; a1 += wk[1] * xk[2]; a2 += wk[1] * xk[3]; a3 += wk[1] * xk[4];
+                        a0 += wk[2] * xk[2]; a1 += wk[2] * xk[3]; a2 += wk[2] * xk[4]; a3 += wk[2] * xk[5];
+                    }
                     row[ox] = conv1_pre(a0);
                     row[ox + 1] = conv1_pre(a1);
                     row[ox + 2] = conv1_pre(a2);
@@ -123,8 +120,7 @@ static void conv1_forward(float *restrict out, const float *restrict in, float *
                 /* max over the row's windows, and over the window rows so far */
                 for (int px = 0; px < 4; px++) {
                     float m = row[px * 2];
-                    for (int k = 1; k < 2; k++)
-                        m = row[px * 2 + k] > m ? row[px * 2 + k] : m;
+                    m = row[px * 2 + 1] > m ? row[px * 2 + 1] : m;
                     orow[px] = r == 0 || m > orow[px] ? m : orow[px];
                 }
             }
@@ -139,19 +135,18 @@ static void conv1_forward(float *restrict out, const float *restrict in, float *
  */
 static void fc1_forward(float *restrict out, const float *restrict in)
 {
-    {
-        const int o = 0; /* the last 3 outputs, from 0 on */
-        const float *w0 = fc1_weight + (o) * 32;
-        const float *w1 = fc1_weight + (o + 1) * 32;
-        const float *w2 = fc1_weight + (o + 2) * 32;
-        float a0 = fc1_bias[o], a1 = fc1_bias[o + 1], a2 = fc1_bias[o + 2];
+    { /* the last 3 outputs, from 0 on */
+        const float *w0 = fc1_weight;
+        const float *w1 = fc1_weight + 32;
+        const float *w2 = fc1_weight + 64;
+        float a0 = fc1_bias[0], a1 = fc1_bias[1], a2 = fc1_bias[2];
         for (int i = 0; i < 32; i++) {
             const float xi = in[i];
             a0 += w0[i] * xi; a1 += w1[i] * xi; a2 += w2[i] * xi;
         }
-        out[o] = a0;
-        out[o + 1] = a1;
-        out[o + 2] = a2;
+        out[0] = a0;
+        out[1] = a1;
+        out[2] = a2;
     }
 }
 
