@@ -371,6 +371,10 @@ def lower(layers: list[Layer], state: dict[str, np.ndarray], target: str) -> lis
 PIXEL_BLOCK = 8  # host, channels at a time: pixels of a row whose sums stay in registers together
 PIXEL_ROW_MAX = 12  # a row this short is one block (12 sums + a weight vector: within 32 AVX-512 registers)
 PIXEL_CHAINS = 6  # independent sums that keep two multiply-add units busy (latency 4: about 8; 6 with the loads)
+ROW_WEIGHT_REGS = 26  # host rows: a kernel's broadcast weights in registers (of 32: 4 sums, the input, a spare)
+# host rows: a block's outputs stored one at a time, in multiply-adds' time; 2 matches the forms'
+# measured order on 1-channel 28x28 inputs (rows faster for 6 output channels, channels for 8)
+ROW_BLOCK_STORES = 2
 
 
 def _pixel_block(ow: int) -> int:
@@ -403,9 +407,18 @@ def _macs(c: dict) -> int:
 
 
 def _rows_cost(s: Step) -> float:
-    """Row blocks: per tap, a vector of 8 outputs is a load, a weight broadcast and a
-    multiply-add (VEC); in plain C a multiply-add and about one load per output."""
-    return _macs(s.c) * (3 / 8 if s.c["VEC"] else 2)
+    """Row blocks (VEC): per tap, a vector of BLOCK outputs is one multiply-add with its input
+    read from memory, and a weight broadcast unless the output channel's CIN_G x KH x KW weights
+    fit in ROW_WEIGHT_REGS registers (then the compiler broadcasts them once per channel, as
+    GCC does for lenet5's 5x5 conv1); the row's tail block costs a whole block, and each
+    block's outputs leave one at a time (ROW_BLOCK_STORES).  In plain C a multiply-add and
+    about one load per output."""
+    c = s.c
+    if not c["VEC"]:
+        return _macs(c) * 2
+    blocks = c["COUT"] * c["OH"] * -(-c["OW"] // c["BLOCK"])
+    per_tap = 1 if c["CIN_G"] * c["KH"] * c["KW"] <= ROW_WEIGHT_REGS else 2
+    return blocks * (c["CIN_G"] * c["KH"] * c["KW"] * per_tap + ROW_BLOCK_STORES)
 
 
 def _channels_applies(s: Step) -> bool:
