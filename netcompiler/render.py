@@ -57,7 +57,20 @@ def _env() -> jinja2.Environment:
     env = jinja_env()
     env.globals.update(ix=ix, at=at, cint=Ix.of, cloop=loop, prod=prod)
     env.tests["uses"] = uses
+    env.filters["chunk_runs"] = chunk_runs
     return env
+
+
+def chunk_runs(stages) -> list[list]:
+    """Stages grouped for the C: a batch-level stage alone, and each run of the stages between
+    them together (one loop over the thread's chunks, with no barrier inside)."""
+    runs: list[list] = []
+    for st in stages:
+        if st.batch_level or not runs or runs[-1][0].batch_level:
+            runs.append([st])
+        else:
+            runs[-1].append(st)
+    return runs
 
 
 def banner(plan: Plan, dtype: str, flags: list[str]) -> str:

@@ -155,6 +155,7 @@ class Net:
         self._ctx.parallel_min_train = self.plan.parallel_min_train
         self._fast_forward = None  # set by _reserve when the fastcall extension builds here
         self._threads = 0
+        self._team: int | None = None  # None: one thread per chunk
         threads = check_threads(threads)
         self.threads = available_cores() if threads is None else threads
         self._optim = ffi.new(f"{self.name}_optim *")
@@ -220,6 +221,24 @@ class Net:
         self._scratch = np.zeros(self._threads * max(self.plan.scratch_per_thread, 1), self.dtype)
         self._bind("scratch", self._scratch)
         self._ctx.threads = self._threads
+        self._ctx.team = self._team or 0
+
+    @property
+    def team(self) -> int | None:
+        return self._team
+
+    @team.setter
+    @_locked
+    def team(self, value: int | None) -> None:
+        """Threads that run a call's chunks: None (the default) all of them; an integer
+        forces it (the largest divisor of a call's chunk count not above it).  The chunks, and so
+        the results, are fixed by `threads` alone, whatever the team."""
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                  or not 1 <= value <= MAX_THREADS):
+            raise ValueError(f"team must be an integer from 1 to {MAX_THREADS}, or None (one per chunk), "
+                             f"got {value!r}")
+        self._team = None if value is None else int(value)
+        self._ctx.team = self._team or 0
 
     @_locked
     def seed(self, seed: int) -> None:

@@ -725,60 +725,75 @@ static double loss_sample(real_t *restrict dlogits, const real_t *restrict logit
 #define TARGET(y, j) ((y)[j])
 
 /* ==== network ============================================================================ */
-/* A call runs as one team of threads (one OpenMP parallel region), or on the calling thread alone,
- * with no region at all, when the batch is smaller than c->parallel_min_eval or
- * c->parallel_min_train samples (computed from the FLOPs per sample in plan.py: waking a sleeping
- * thread would cost more than it saves).  In a team, each of `workers` threads works on its share
- * of the samples, the split of schedule(static); layers that need the whole batch run between
- * barriers with their work shared out.  For a fixed thread count the results are the same bit for
- * bit on every run. */
-static inline int team_size(const snapshot_ctx *c, int n, int min)
+/* A call cuts its batch into `chunks` static chunks, fixed by the thread count c->threads alone
+ * (one chunk, and no parallel region at all, when the batch is smaller than c->parallel_min_eval
+ * or c->parallel_min_train samples, computed from the FLOPs per sample in plan.py: waking a
+ * sleeping thread would cost more than it saves).  Chunk k is always the same samples (the split
+ * of schedule(static)) and, in training, sums its parameter gradients into slot k of grads_tls;
+ * the slots are added in chunk order.  The chunks run on a team of threads (one OpenMP parallel
+ * region) whose size divides `chunks`, c->team or all of them: thread i runs chunks i,
+ * i + team, ...; layers that need the whole batch run between barriers with their work shared
+ * out in ways that do not depend on the team.  So for a fixed thread count the results are the
+ * same bit for bit on every run and whatever team runs the chunks (a smaller team helps when
+ * another process holds a core: a barrier then waits for a descheduled thread). */
+static inline int chunk_count(const snapshot_ctx *c, int n, int min)
 {
     return n < min ? 1 : imin(c->threads, n);
 }
 
-/* the samples [*lo, *hi) of this thread among `workers` (a thread past them gets none) */
-static inline void share(int n, int workers, int *lo, int *hi)
+/* the team for `chunks` chunks: c->team (all of them when < 1 or more), down to a divisor */
+static inline int team_for(const snapshot_ctx *c, int chunks)
 {
-    const int t = THREAD_ID(), q = n / workers, r = n % workers;
-    *lo = t < workers ? t * q + imin(t, r) : n;
-    *hi = t < workers ? *lo + q + (t < r) : n;
+    int team = c->team >= 1 && c->team < chunks ? c->team : chunks;
+    while (chunks % team)
+        team--;
+    return team;
+}
+
+/* the samples [*lo, *hi) of chunk k among `chunks` */
+static inline void chunk_range(int n, int chunks, int k, int *lo, int *hi)
+{
+    const int q = n / chunks, r = n % chunks;
+    *lo = k * q + imin(k, r);
+    *hi = *lo + q + (k < r);
 }
 
 /* forward in evaluation mode (2 stage(s)), by every thread of the team on its samples */
-static void forward_eval(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n, int workers)
+static void forward_eval(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n, int chunks)
 {
     const real_t *p = c->params;
-    int lo, hi;
-    share(n, workers, &lo, &hi);
-    for (int s = lo; s < hi; s++) {
-        real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
-        real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
-        memcpy(a + OFF_input, x + (size_t)(idx ? idx[s] : s) * IN_SIZE, sizeof(real_t) * IN_SIZE);
-        conv1_forward(a + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, p + OFF_conv1_bias, ws);
-        pool1_forward_eval(a + OFF_pool1_out, a + OFF_conv1_out);
-
+    for (int chunk = THREAD_ID(); chunk < chunks; chunk += NUM_THREADS()) {
+        int lo, hi;
+        chunk_range(n, chunks, chunk, &lo, &hi);
+        for (int s = lo; s < hi; s++) {
+            real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
+            real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
+            memcpy(a + OFF_input, x + (size_t)(idx ? idx[s] : s) * IN_SIZE, sizeof(real_t) * IN_SIZE);
+            conv1_forward(a + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, p + OFF_conv1_bias, ws);
+            pool1_forward_eval(a + OFF_pool1_out, a + OFF_conv1_out);
+        }
+        fc1_forward(c->acts, lo, hi, p + OFF_fc1_weight, p + OFF_fc1_bias);
     }
-    fc1_forward(c->acts, lo, hi, p + OFF_fc1_weight, p + OFF_fc1_bias);
 
 }
 
 /* forward in training mode (2 stage(s)), by every thread of the team on its samples */
-static void forward_train(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n, int workers)
+static void forward_train(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n, int chunks)
 {
     const real_t *p = c->params;
-    int lo, hi;
-    share(n, workers, &lo, &hi);
-    for (int s = lo; s < hi; s++) {
-        real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
-        int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
-        real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
-        input_sample(c, a + OFF_input, x, idx ? idx[s] : s);
-        conv1_forward(a + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, p + OFF_conv1_bias, ws);
-        pool1_forward(a + OFF_pool1_out, ai + OFF_pool1_argmax, a + OFF_conv1_out);
-
+    for (int chunk = THREAD_ID(); chunk < chunks; chunk += NUM_THREADS()) {
+        int lo, hi;
+        chunk_range(n, chunks, chunk, &lo, &hi);
+        for (int s = lo; s < hi; s++) {
+            real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
+            int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
+            real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
+            input_sample(c, a + OFF_input, x, idx ? idx[s] : s);
+            conv1_forward(a + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, p + OFF_conv1_bias, ws);
+            pool1_forward(a + OFF_pool1_out, ai + OFF_pool1_argmax, a + OFF_conv1_out);
+        }
+        fc1_forward(c->acts, lo, hi, p + OFF_fc1_weight, p + OFF_fc1_bias);
     }
-    fc1_forward(c->acts, lo, hi, p + OFF_fc1_weight, p + OFF_fc1_bias);
 
 }
 
@@ -786,68 +801,74 @@ int snapshot_forward(snapshot_ctx *c, const real_t *x, const int64_t *idx, int n
 {
     if (n < 1 || n > c->capacity)
         return -1;
-    const int team = team_size(c, n, training ? c->parallel_min_train : c->parallel_min_eval);
+    const int chunks = chunk_count(c, n, training ? c->parallel_min_train : c->parallel_min_eval);
+    const int team = team_for(c, chunks);
     if (training) {
         if (team > 1) {
             OMP(omp parallel num_threads(team))
             {
-                forward_train(c, x, idx, n, team);
+                forward_train(c, x, idx, n, chunks);
             }
         } else {
-            forward_train(c, x, idx, n, team);
+            forward_train(c, x, idx, n, chunks);
         }
         c->counter++;
     } else {
         if (team > 1) {
             OMP(omp parallel num_threads(team))
             {
-                forward_eval(c, x, idx, n, team);
+                forward_eval(c, x, idx, n, chunks);
             }
         } else {
-            forward_eval(c, x, idx, n, team);
+            forward_eval(c, x, idx, n, chunks);
         }
     }
     return 0;
 }
 
-/* loss and backward of the last training forward, by every thread of the team: each computes its
- * samples' losses and input gradients and sums its samples' parameter gradients privately (in
- * grads_tls, when the team has several threads); after a barrier the weight gradients of the
- * range layers (over the whole batch, in sample order) and the private sums (added in thread
- * order) go into grads, and a barrier ends it.  Returns the batch's loss, the same to every thread. */
-static double backward_team(snapshot_ctx *c, const int32_t *y, const int64_t *idx, int n, int workers)
+/* loss and backward of the last training forward, by every thread of the team on its chunks: the
+ * samples' losses and input gradients, and each chunk's parameter gradients summed in its own slot
+ * of grads_tls (when there are several chunks); after a barrier the weight gradients of the range
+ * layers (over the whole batch, in sample order) and the slots (added in chunk order) go into
+ * grads, and a barrier ends it.  Returns the batch's loss, the same to every thread. */
+static double backward_team(snapshot_ctx *c, const int32_t *y, const int64_t *idx, int n, int chunks)
 {
     const real_t *p = c->params;
-    int lo, hi;
-    share(n, workers, &lo, &hi);
-    /* with several threads each sums its samples' gradients privately, so results do not depend on timing */
-    real_t *g = NUM_THREADS() > 1 ? c->grads_tls + (size_t)THREAD_ID() * NUM_PARAMS : c->grads;
-    if (NUM_THREADS() > 1) {
-        memset(g, 0, sizeof(real_t) * 20);
+    if (chunks > 1) /* several chunks: each sums its samples' gradients in its own slot */
+        for (int chunk = THREAD_ID(); chunk < chunks; chunk += NUM_THREADS()) {
+            real_t *g = c->grads_tls + (size_t)chunk * NUM_PARAMS;
+            memset(g, 0, sizeof(real_t) * 20);
+        }
+    for (int chunk = THREAD_ID(); chunk < chunks; chunk += NUM_THREADS()) {
+        int lo, hi;
+        chunk_range(n, chunks, chunk, &lo, &hi);
+        for (int s = lo; s < hi; s++) {
+            const size_t off = (size_t)s * ACTS_PER_SAMPLE + SNAPSHOT_OUT_OFFSET;
+            c->losses[s] = loss_sample(c->dacts + off, c->acts + off, TARGET(y, idx ? idx[s] : s), (real_t)(1.0 / n),
+                                       c->label_smoothing);
+        }
     }
-    for (int s = lo; s < hi; s++) {
-        const size_t off = (size_t)s * ACTS_PER_SAMPLE + SNAPSHOT_OUT_OFFSET;
-        c->losses[s] = loss_sample(c->dacts + off, c->acts + off, TARGET(y, idx ? idx[s] : s), (real_t)(1.0 / n),
-                                   c->label_smoothing);
-    }
-    fc1_backward(c->dacts, lo, hi, p + OFF_fc1_weight);
-    for (int s = lo; s < hi; s++) {
-        real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
-        real_t *da = c->dacts + (size_t)s * ACTS_PER_SAMPLE;
-        const int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
-        real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
-        pool1_backward(da + OFF_conv1_out, da + OFF_pool1_out, a + OFF_pool1_out, ai + OFF_pool1_argmax);
-        conv1_backward(g + OFF_conv1_weight, g + OFF_conv1_bias, da + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, ws);
-
+    for (int chunk = THREAD_ID(); chunk < chunks; chunk += NUM_THREADS()) {
+        int lo, hi;
+        chunk_range(n, chunks, chunk, &lo, &hi);
+        real_t *g = chunks > 1 ? c->grads_tls + (size_t)chunk * NUM_PARAMS : c->grads;
+        fc1_backward(c->dacts, lo, hi, p + OFF_fc1_weight);
+        for (int s = lo; s < hi; s++) {
+            real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
+            real_t *da = c->dacts + (size_t)s * ACTS_PER_SAMPLE;
+            const int32_t *ai = c->ints + (size_t)s * INTS_PER_SAMPLE;
+            real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
+            pool1_backward(da + OFF_conv1_out, da + OFF_pool1_out, a + OFF_pool1_out, ai + OFF_pool1_argmax);
+            conv1_backward(g + OFF_conv1_weight, g + OFF_conv1_bias, da + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, ws);
+        }
     }
     OMP(omp barrier) /* every sample's gradients are in */
     fc1_weight_grad(c->dacts, c->acts, n, c->grads + OFF_fc1_weight, c->grads + OFF_fc1_bias);
-    if (NUM_THREADS() > 1) {
-        const int nt = NUM_THREADS();
+    if (chunks > 1) {
         OMP(omp for schedule(static) nowait)
         for (int i = 0; i < 20; i++) {
             real_t sum = 0;
-            for (int k = 0; k < nt; k++)
+            for (int k = 0; k < chunks; k++)
                 sum += c->grads_tls[(size_t)k * NUM_PARAMS + i];
             c->grads[i] += sum;
         }
@@ -862,17 +883,18 @@ static double backward_team(snapshot_ctx *c, const int32_t *y, const int64_t *id
 
 double snapshot_backward(snapshot_ctx *c, const int32_t *y, const int64_t *idx, int n)
 {
-    const int team = team_size(c, n, c->parallel_min_train);
+    const int chunks = chunk_count(c, n, c->parallel_min_train);
+    const int team = team_for(c, chunks);
     double loss = 0;
     if (team > 1) {
         OMP(omp parallel num_threads(team))
         {
-            const double l = backward_team(c, y, idx, n, team);
+            const double l = backward_team(c, y, idx, n, chunks);
             OMP(omp master)
             loss = l;
         }
     } else {
-        const double l = backward_team(c, y, idx, n, team);
+        const double l = backward_team(c, y, idx, n, chunks);
         OMP(omp master)
         loss = l;
     }
@@ -950,7 +972,7 @@ static void optimizer_team(snapshot_ctx *c, const snapshot_optim *o, double lr, 
 void snapshot_optimizer_step(snapshot_ctx *c, snapshot_optim *o)
 {
     /* small parameter arrays: on this thread alone */
-    const int team = NUM_PARAMS >= PARALLEL_MIN ? c->threads : 1;
+    const int team = NUM_PARAMS >= PARALLEL_MIN ? team_for(c, c->threads) : 1;
     const int64_t step = o->step + 1;
     if (team > 1) {
         OMP(omp parallel num_threads(team))
@@ -979,13 +1001,13 @@ static int64_t count_correct(const snapshot_ctx *c, const int32_t *y, const int6
 /* one training step by every thread of the team: forward, zero_grad, backward, and the update
  * at (lr, step) when the loss is finite; the count of correct predictions into *correct when not
  * NULL (before the update's barrier, after which the next step may overwrite the logits) */
-static double step_team(snapshot_ctx *c, const real_t *x, const int32_t *y, const int64_t *idx, int n, int workers,
+static double step_team(snapshot_ctx *c, const real_t *x, const int32_t *y, const int64_t *idx, int n, int chunks,
                         const snapshot_optim *opt, double lr, int64_t step, uint64_t counter, int64_t *correct)
 {
-    forward_train(c, x, idx, n, workers);
+    forward_train(c, x, idx, n, chunks);
     (void)counter; /* no dropout: the forward draws nothing */
     zero_grad_team(c);
-    const double loss = backward_team(c, y, idx, n, workers);
+    const double loss = backward_team(c, y, idx, n, chunks);
     if (correct) {
         OMP(omp master)
         *correct = count_correct(c, y, idx, n);
@@ -1000,17 +1022,18 @@ double snapshot_train_step(snapshot_ctx *c, const real_t *x, const int32_t *y, c
 {
     if (n < 1 || n > c->capacity)
         return NAN;
-    const int team = team_size(c, n, c->parallel_min_train);
+    const int chunks = chunk_count(c, n, c->parallel_min_train);
+    const int team = team_for(c, chunks);
     double loss = 0;
     if (team > 1) {
         OMP(omp parallel num_threads(team))
         {
-            const double l = step_team(c, x, y, idx, n, team, opt, opt->lr, opt->step + 1, c->counter, NULL);
+            const double l = step_team(c, x, y, idx, n, chunks, opt, opt->lr, opt->step + 1, c->counter, NULL);
             OMP(omp master)
             loss = l;
         }
     } else {
-        const double l = step_team(c, x, y, idx, n, team, opt, opt->lr, opt->step + 1, c->counter, NULL);
+        const double l = step_team(c, x, y, idx, n, chunks, opt, opt->lr, opt->step + 1, c->counter, NULL);
         OMP(omp master)
         loss = l;
     }
@@ -1028,7 +1051,7 @@ static int64_t batches_team(snapshot_ctx *c, const real_t *x, const int32_t *y, 
     int64_t k = 0;
     for (int64_t start = 0; start < count; start += batch, k++) {
         const int n = (int)(count - start < batch ? count - start : batch);
-        const double loss = step_team(c, x, y, order + start, n, team_size(c, n, c->parallel_min_train), opt,
+        const double loss = step_team(c, x, y, order + start, n, chunk_count(c, n, c->parallel_min_train), opt,
                                       lrs ? lrs[k] : opt->lr, opt->step + k + 1, c->counter + (uint64_t)k, correct + k);
         OMP(omp master)
         losses[k] = loss;
@@ -1045,7 +1068,7 @@ int64_t snapshot_train_batches(snapshot_ctx *c, const real_t *x, const int32_t *
     if (count < 1 || batch < 1)
         return 0;
     const int64_t batches = (count + batch - 1) / batch;
-    const int team = team_size(c, (int)(count < batch ? count : batch), c->parallel_min_train);
+    const int team = team_for(c, chunk_count(c, (int)(count < batch ? count : batch), c->parallel_min_train));
     int64_t done = 0;
     if (team > 1) {
         OMP(omp parallel num_threads(team))

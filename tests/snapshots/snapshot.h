@@ -47,13 +47,14 @@ typedef struct {
     snapshot_real *dacts;     /* capacity * SNAPSHOT_ACTS_PER_SAMPLE: gradients of those */
     int32_t *ints;           /* capacity * SNAPSHOT_INTS_PER_SAMPLE (at least 1): max-pool argmax */
     snapshot_real *stats;     /* SNAPSHOT_STATS_SIZE (at least 1): batch statistics for backward */
-    snapshot_real *grads_tls; /* threads * SNAPSHOT_NUM_PARAMS: per-thread gradient accumulators */
+    snapshot_real *grads_tls; /* threads * SNAPSHOT_NUM_PARAMS: per-chunk gradient sums */
     snapshot_real *scratch;   /* threads * SNAPSHOT_SCRATCH_PER_THREAD (at least 1): im2col buffers */
     snapshot_real *cache;     /* SNAPSHOT_CACHE_SIZE (at least 1): derived from params (Winograd weights) */
     double *losses;          /* capacity (at least 1): each sample's loss in the last backward */
     int cache_valid;         /* 0: remake the cache on the next forward; set by forward */
     int capacity;            /* samples acts, dacts and ints hold */
-    int threads;             /* threads to use (>= 1) */
+    int threads;             /* threads (>= 1): a call cuts its batch into this many chunks, which fixes its results */
+    int team;                /* threads that run the chunks, a divisor of them (< 1: one per chunk); results do not depend on it */
     int parallel_min_eval;   /* an evaluation forward of fewer samples runs on one thread (SNAPSHOT_PARALLEL_MIN_EVAL) */
     int parallel_min_train;  /* the same for training calls (SNAPSHOT_PARALLEL_MIN_TRAIN) */
     uint64_t seed;           /* dropout seed */
