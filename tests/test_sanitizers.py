@@ -31,11 +31,11 @@ SPECS = sorted((ROOT / "specs").glob("*.yaml")) + [ROOT / "tests/specs/mobilenet
 SANITIZE = ["-std=c11", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
             "-fno-omit-frame-pointer", "-Wall", "-Wextra", "-Werror"]
 SANITIZE_EXTRA: list[str] = []
-RUNS = ["1:1", "3:1", "1:2", "3:2"]  # capacity:threads (batch sizes 1 and 3)
+RUNS = ["1:1", "3:1", "1:2", "3:2", "3:2:1"]  # capacity:threads[:team] (batch sizes 1 and 3)
 # batchnorm1d has one value per feature and sample: training needs 2 samples in every batch
 # (Python refuses fewer, Net.check_training_batch), so san_kinds runs capacities 3 and 5 (the
 # driver's train_batches splits its 5 rows into batches of the capacity: 3 + 2, or 5)
-RUNS_OF = {"san_kinds": ["3:1", "5:1", "3:2", "5:2"]}
+RUNS_OF = {"san_kinds": ["3:1", "5:1", "3:2", "5:2", "5:2:1"]}
 
 SAN_SPECS = {
     # every kind, cross-entropy

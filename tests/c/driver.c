@@ -88,7 +88,7 @@ static int outputs_finite(const F(ctx) *c, int n)
     return 1;
 }
 
-static void run(int cap, int threads)
+static void run(int cap, int threads, int team)
 {
     F(ctx) c;
     memset(&c, 0, sizeof c);
@@ -108,6 +108,7 @@ static void run(int cap, int threads)
     c.cache_valid = 0;
     c.capacity = cap;
     c.threads = threads;
+    c.team = team; /* 0: one thread per chunk */
     c.parallel_min_eval = c.parallel_min_train = 1; /* every batch size runs on all the threads */
     c.seed = 42;
     c.counter = 0;
@@ -240,14 +241,14 @@ static void run(int cap, int threads)
 
 int main(int argc, char **argv)
 {
-    /* usage: driver CAPACITY:THREADS ... */
+    /* usage: driver CAPACITY:THREADS[:TEAM] ... */
     for (int i = 1; i < argc; i++) {
-        int cap = 0, threads = 0;
-        if (sscanf(argv[i], "%d:%d", &cap, &threads) != 2 || cap < 1 || threads < 1) {
-            fprintf(stderr, "bad argument '%s' (want CAPACITY:THREADS)\n", argv[i]);
+        int cap = 0, threads = 0, team = 0;
+        if (sscanf(argv[i], "%d:%d:%d", &cap, &threads, &team) < 2 || cap < 1 || threads < 1 || team < 0) {
+            fprintf(stderr, "bad argument '%s' (want CAPACITY:THREADS[:TEAM])\n", argv[i]);
             return 2;
         }
-        run(cap, threads);
+        run(cap, threads, team);
     }
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
