@@ -1,6 +1,10 @@
 """The team that runs a call's chunks: results independent of it."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import build, spec
@@ -63,3 +67,24 @@ def test_team_values_are_checked():
     assert net.team == 1 and net._ctx.team == 1
     net.team = None
     assert net.team is None and net._ctx.team == 0
+
+
+def test_fewer_threads_than_asked_still_compute_every_sample(tmp_path):
+    """OpenMP may give a parallel region fewer threads than it asks for (OMP_THREAD_LIMIT, a
+    nested region): the threads it gets run every chunk, so a 2-thread net computes the same bits
+    under OMP_THREAD_LIMIT=1 (before, the missing thread's samples were left as they were)."""
+    script = tmp_path / "limit.py"
+    script.write_text(
+        "import sys, numpy as np\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "import test_teams\n"
+        "state, losses, correct, logits, _ = test_teams._train(test_teams.SMALL_CHAIN, 'float32', 2, None)\n"
+        "np.savez(sys.argv[1], losses=losses, logits=logits, **{k.replace('.', '/'): v for k, v in state.items()})\n")
+    out = tmp_path / "limited.npz"
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    subprocess.run([sys.executable, str(script), str(out)], env=env, check=True, cwd=tmp_path)
+    state, losses, _, logits, _ = _train(SMALL_CHAIN, "float32", 2, None)
+    got = np.load(out)
+    assert np.array_equal(got["losses"], losses) and np.array_equal(got["logits"], logits)
+    for k, v in state.items():
+        assert np.array_equal(got[k.replace(".", "/")], v), k
