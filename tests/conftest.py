@@ -69,7 +69,7 @@ def compile_spec(spec_text: str, dtype: str = "float64", file: str = "case.yaml"
 
 def reset(net, threads: int = 1, seed: int = 0):
     net.threads = threads
-    net.team = None  # chosen at run time
+    net.team = None  # one thread per chunk
     # every batch runs on all the threads, however small (by default a batch of fewer samples
     # than plan.parallel_min_* runs on one): the tests with 2 threads check the team code
     net._ctx.parallel_min_eval = net._ctx.parallel_min_train = 1
