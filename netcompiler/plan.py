@@ -242,8 +242,9 @@ def eval_folds(layers: list[Layer], fused: dict[int, tuple[Layer, Layer]]) -> di
         out[l.index] = (bn, _relu_after(bn, readers, fused))
     taken = {bn.index for bn, _ in out.values()}
     for l in layers:
-        if l.kind.eval_affine(l) and l.index not in taken and _relu_after(l, readers, fused):
-            out[l.index] = (l, _relu_after(l, readers, fused))
+        relu = _relu_after(l, readers, fused) if l.kind.eval_affine(l) and l.index not in taken else None
+        if relu is not None:
+            out[l.index] = (l, relu)
     return out
 
 
