@@ -374,24 +374,23 @@ def gemm_context(layer: Layer, path: str) -> dict:
     if gather and gemm["NV"] == 1:
         # every gathered vector of pixels serves up to 16 channels (16 accumulators)
         gemm["MB"] = _largest_divisor(cout // g, 16)
+    # a group's K = CIN_G x KH x KW taps, and each one's offset in the (padded) input planes
+    k_all = (cin // g) * kh * kw
+    taps = [(ic * hp + ky * o["dilation"][0]) * wp + kx * o["dilation"][1]
+            for ic in range(cin // g) for ky in range(kh) for kx in range(kw)]
     # the weight gradient from gathered pixel vectors too (no im2row), when the lane sums it
     # then needs (one per weight) are few next to its FMAs: at least 16 vectors of pixels
     dwg = {}
     if gather and gemm["NP"] >= 16 * VEC:
-        k = (cin // g) * kh * kw
         mb = _largest_divisor(cout // g, 8)
-        kb = max(1, min(8, k, (30 - mb) // mb))  # mb x kb accumulators, mb output-gradient vectors, 2 more
-        dwg = dict(DWG_MB=mb, DWG_KB=kb, DWG_K_MAIN=k - k % kb, DWG_K_TAIL=k % kb,
-                   DWG_TAPS=[(ic * hp + ky * o["dilation"][0]) * wp + kx * o["dilation"][1]
-                             for ic in range(cin // g) for ky in range(kh) for kx in range(kw)])
+        kb = max(1, min(8, k_all, (30 - mb) // mb))  # mb x kb accumulators, mb output-gradient vectors, 2 more
+        dwg = dict(DWG_MB=mb, DWG_KB=kb, DWG_K_MAIN=k_all - k_all % kb, DWG_K_TAIL=k_all % kb, DWG_TAPS=taps)
     # im2row (stride 1, no dilation, output rows of at least VEC pixels): VEC taps x VEC pixels
     # of an output row loaded as vectors from the input rows and transposed; the taps' offsets.
     # KP is K rounded up to VEC, so the taps after K_VFULL are one vector, zero from K.
-    k_all = (cin // g) * kh * kw
     assert gemm["KP"] == _round_up(k_all, VEC)
     im2row_vec = (not dwg and row_col2im and ow >= VEC and dict(
-        ROW_TAPS=[(ic * hp + ky) * wp + kx for ic in range(cin // g) for ky in range(kh) for kx in range(kw)],
-        OW_FULL=ow - ow % VEC, K_VFULL=k_all - k_all % VEC))
+        ROW_TAPS=taps, OW_FULL=ow - ow % VEC, K_VFULL=k_all - k_all % VEC))
     tail = dot_tail(gemm, gather is not None)
     if tail:
         tail["TAIL_OFF"] = [tap0(p, ow, o["stride"][0], o["stride"][1], wp) for p in range(gemm["N_FULL"], oh * ow)]
