@@ -62,8 +62,10 @@ def cmd_show(args) -> int:
     fused = fused_relus(net.layers).get(index)
     if fused:
         by = fused[1] if args.backward else fused[0]
+        grad = ("its output gradient only where its output" if fused[1] is fused[0]
+                else "its input gradient only where its input")
         print(f"/* {args.layer}: fused, no function of its own: {by.name}'s "
-              + ("backward keeps its input gradient only where its input is positive */" if args.backward
+              + (f"backward keeps {grad} is positive */" if args.backward
                  else "forward stores max(0, y) as its output */"))
         layer = by.cname
     chunks = _layer_functions(src, layer, cnames, args.backward)

@@ -98,6 +98,7 @@ class LayerPlan:
     aliases: bool = False
     relu_out: bool = False  # forward stores max(0, output): the ReLU after it is fused
     relu_din: bool = False  # backward zeroes din where the input is not positive (a fused ReLU before it)
+    relu_dout: bool = False  # backward zeroes dout where the output is not positive (its own fused ReLU)
     fused_into: tuple[str, str] | None = None  # a fused ReLU: (the layer doing its forward, its backward)
     # evaluation mode (plan.py, eval_folds): the batch norm this layer applies, whether it applies the
     # ReLU after that (or, for a batch norm, after itself), and where it then stores; or the layer that
@@ -199,24 +200,30 @@ class _Allocator:
 
 
 def fused_relus(layers: list[Layer]) -> dict[int, tuple[Layer, Layer]]:
-    """ReLUs computed inside their neighbours: index -> (the layer before, the layer after).
+    """ReLUs computed inside their neighbours: index -> (the layer whose forward applies it,
+    the layer whose backward applies its derivative).
 
     A ReLU that is the only reader of a tensor written by a layer that can store max(0, y)
-    (conv2d, linear, add), and whose own output is read only by one layer whose backward can
-    zero its input gradient where its input is not positive (maxpool2d, linear), costs no
-    pass of its own: the first applies it as it stores its output, the second applies its
-    derivative (input > 0, the same as the ReLU's own input > 0) as it writes its input
-    gradient.  The ReLU's output is then its input, like flatten's: no slot, no call."""
+    (conv2d, linear, add, batch norm) costs no pass of its own: that layer applies it as it
+    stores its output, and the derivative (output > 0) is applied either
+    - by the ReLU's one reader, when its backward can zero its input gradient where its input
+      is not positive (maxpool2d, linear) as it writes that gradient: (before, after);
+    - or else by the layer before itself, when its backward can zero its own output gradient
+      where its output is not positive before using it (add, batch norm): (before, before);
+      the ReLU may then have any readers, whose gradients meet in its output's gradient.
+    The ReLU's output is then its input, like flatten's: no slot, no call."""
     readers = consumers(layers)
     by_name = {l.name: l for l in layers}
     out = {}
     for l in layers:
-        if l.kind.kind != "relu" or len(readers[l.output]) != 1:
+        before = by_name.get(l.inputs[0]) if l.kind.kind == "relu" else None
+        if before is None or readers[before.output] != [l] or not before.kind.applies_relu(before):
             continue
-        before, after = by_name.get(l.inputs[0]), readers[l.output][0]
-        if (before is not None and readers[before.output] == [l] and before.kind.applies_relu(before)
-                and after.inputs == [l.output] and after.kind.masks_relu_grad(after)):
-            out[l.index] = (before, after)
+        after = readers[l.output]
+        if len(after) == 1 and after[0].inputs == [l.output] and after[0].kind.masks_relu_grad(after[0]):
+            out[l.index] = (before, after[0])
+        elif after and before.kind.masks_relu_dout(before):
+            out[l.index] = (before, before)
     return out
 
 
@@ -249,9 +256,12 @@ def eval_folds(layers: list[Layer], fused: dict[int, tuple[Layer, Layer]]) -> di
 
 
 def _relu_after(layer: Layer, readers, fused) -> Layer | None:
-    """The ReLU that is the only reader of layer's output (and not fused into its neighbours)."""
+    """The ReLU that is the only reader of layer's output, unless it is fused into other
+    neighbours (one that layer's own forward applies is its ReLU in evaluation mode too)."""
     relu = readers[layer.output][0] if len(readers[layer.output]) == 1 else None
-    return relu if relu is not None and relu.kind.kind == "relu" and relu.index not in fused else None
+    if relu is None or relu.kind.kind != "relu":
+        return None
+    return relu if relu.index not in fused or fused[relu.index][0] is layer else None
 
 
 def concat_views(layers: list[Layer], aliased: dict[str, str]) -> dict[str, tuple[str, int]]:
@@ -430,7 +440,8 @@ def make_plan(net: Network) -> Plan:
             batch_level_in_training=kind.batch_level_in_training, sample_range=kind.sample_range,
             aliases=aliases,
             relu_out=any(b is layer for b, _ in fused.values()),
-            relu_din=any(a is layer for _, a in fused.values()),
+            relu_din=any(a is layer and b is not layer for b, a in fused.values()),
+            relu_dout=any(a is layer and b is layer for b, a in fused.values()),
             fused_into=(fused[layer.index][0].cname, fused[layer.index][1].cname) if layer.index in fused else None,
         )
         for pname, shape in layer.param_shapes().items():

@@ -107,6 +107,20 @@ def test_show_layer_forward_and_backward():
     assert bad.returncode == 1 and "conv1" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_show_fused_relu_names_the_layers_doing_its_work():
+    """A fused ReLU shows the function that does its work, and says whose: lenet5's relu1 is
+    conv1's forward and pool1's backward; resnet8's relu1 both of bn1's."""
+    for spec, fwd_by, bwd_by, grad in (("lenet5", "conv1", "pool1", "its input gradient only where its input"),
+                                       ("resnet8", "bn1", "bn1", "its output gradient only where its output")):
+        fwd = netc("show", f"specs/{spec}.yaml", "--layer", "relu1")
+        bwd = netc("show", f"specs/{spec}.yaml", "--layer", "relu1", "--backward")
+        assert fwd.returncode == 0 and bwd.returncode == 0
+        assert fwd.stdout.startswith(f"/* relu1: fused, no function of its own: {fwd_by}'s forward stores max(0, y)")
+        assert bwd.stdout.startswith(f"/* relu1: fused, no function of its own: {bwd_by}'s backward keeps {grad} "
+                                     "is positive */")
+        assert f"static void {bwd_by}_backward(" in bwd.stdout
+
+
 def test_show_layer_includes_its_helpers_and_whole_bodies():
     """A layer's forward is its helpers (padding, im2col or the Winograd steps) and its forward
     function(s); its backward the helpers after them and the backward, each body complete."""

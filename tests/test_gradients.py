@@ -272,6 +272,21 @@ CASES: dict[str, str] = {
                                          "conv2d: {out_channels: 3, kernel_size: 3, padding: 1, bias: false}",
                                          "batchnorm2d: {name: bn}", "add: {inputs: [bn, x]}", "relu",
                                          "maxpool2d: {kernel_size: 2}"]),
+    # ReLUs fused into the layer before them alone (batch norm, add: their backward masks their
+    # own output gradient): r read by three layers (two convolutions and an add), r2 after the
+    # add by two (a convolution and an add), the last ReLU's by flatten, which masks nothing
+    "graph_relu_self_masked_fanout": around(["conv2d: {name: a, out_channels: 4, kernel_size: 3, padding: 1}",
+                                             "batchnorm2d: {name: bn}", "relu: {name: r}",
+                                             "conv2d: {name: b, out_channels: 4, kernel_size: 3, padding: 1}",
+                                             "conv2d: {name: c, out_channels: 4, kernel_size: 1, inputs: [r]}",
+                                             "add: {name: s, inputs: [b, c, r]}", "relu: {name: r2}",
+                                             "conv2d: {name: d, out_channels: 4, kernel_size: 1}",
+                                             "add: {name: t, inputs: [d, r2]}", "relu: {name: r3}"]),
+    # 1-D: batchnorm1d's ReLU read by two linear layers (so not the one reader masking it)
+    "graph_bn1d_relu_two_readers": spec([5], ["linear: {name: x, out_features: 6}", "batchnorm1d: {name: bn}",
+                                              "relu: {name: r}", "linear: {name: p, out_features: 4}",
+                                              "linear: {name: q, out_features: 4, inputs: [r]}",
+                                              "add: {inputs: [p, q]}", "linear: {out_features: 3}"]),
     # 1-D: a ReLU fused between two linear layers inside the branch, three inputs to one add
     "graph_add_three_1d": spec([6], ["linear: {name: x, out_features: 5}", "linear: {name: h, out_features: 5}",
                                      "relu", "linear: {name: y, out_features: 5}", "add: {inputs: [y, x, h]}",
@@ -617,6 +632,30 @@ def test_relu_fused_cases_fuse(case, pool_path):
     assert "vrelu(" in source and "relu1_forward" not in source and "relu1_backward" not in source
 
 
+@pytest.mark.parametrize("case, fused", [
+    ("graph_relu_self_masked_fanout", {"r": ("bn", "bn"), "r2": ("s", "s"), "r3": ("t", "t")}),
+    ("graph_bn1d_relu_two_readers", {"r": ("bn", "bn")}),
+    ("batchnorm1d", {"relu1": ("bn1", "fc2")}),  # one linear reader: it masks, as after a linear
+])
+def test_relu_fused_into_the_layer_before_alone(case, fused):
+    """A ReLU after a batch norm or an add, whatever reads it, is applied by that layer's
+    forward and its derivative by that layer's backward (masking its own output gradient):
+    no slot, no pass; the eval forward applies it too."""
+    plan = make_plan(check_text(CASES[case]))
+    relus = {lp.layer.name: lp for lp in plan.layers if lp.kind == "relu"}
+    names = {lp.layer.name: lp.name for lp in plan.layers}
+    assert {k: lp.fused_into for k, lp in relus.items()} == {k: (names[a], names[b]) for k, (a, b) in fused.items()}
+    for relu, (before, after) in fused.items():
+        b = _lp_named(plan, before)
+        assert relus[relu].aliases and relus[relu].out is None
+        assert b.relu_out and b.relu_dout == (before == after) and not b.relu_din
+        if before != after:
+            assert _lp_named(plan, after).relu_din
+    source = render(plan.net, "float64").source
+    assert not any(f"{names[r]}_forward(" in source or f"{names[r]}_backward(" in source for r in fused)
+    assert "its output gradient" in source or "batchnorm1d" in case
+
+
 def test_relu_not_fused_without_both_neighbours():
     # "relu": first layer after a 1x1 conv, then between conv2d (no gradient mask) and flatten
     plan = make_plan(check_text(CASES["relu"]))
@@ -630,16 +669,24 @@ def test_relu_not_fused_without_both_neighbours():
         ("conv1", "pool1"), ("conv2", "pool2"), ("fc1", "fc2"), ("fc2", "fc3")]
 
 
+def _lp_named(plan, name):
+    return next(lp for lp in plan.layers if lp.layer.name == name)
+
+
 @pytest.mark.parametrize("case", list(FOLDS))
 def test_fold_cases_fold_the_batch_norm_in_evaluation(case):
     """Each case folds the batch norms (and ReLUs) FOLDS says into the convolution's evaluation
-    forward: no call of their own in evaluation mode, one in training mode."""
+    forward: no call of their own in evaluation mode, one in training mode (the ReLU: applied
+    by the batch norm in training, plan.fused_relus)."""
     plan = make_plan(force_kernels(check_text(CASES[case]), KERNELS.get(case, {})))
     folds = {lp.layer.name: (lp.fold_bn.layer.name, lp.fold_relu) for lp in plan.layers if lp.fold_bn}
     assert folds == {k: (bn, relu is not None) for k, (bn, relu) in FOLDS[case].items()}
     gone = {n for bn, relu in FOLDS[case].values() for n in (bn, relu) if n}
     assert {lp.layer.name for st in plan.eval_stages for lp in st.layers} & gone == set()
-    assert gone <= {lp.layer.name for st in plan.train_stages for lp in st.layers}
+    trained = {lp.layer.name for st in plan.train_stages for lp in st.layers}
+    for bn, relu in FOLDS[case].values():
+        assert bn in trained
+        assert relu is None or _lp_named(plan, relu).fused_into == (_lp_named(plan, bn).name,) * 2
     source = render(plan.net, "float64").source
     for conv in FOLDS[case]:
         assert f"{conv}_forward_eval(a + " in source
@@ -651,11 +698,12 @@ def test_a_batch_norm_no_layer_takes_applies_its_relu_in_evaluation():
     net = force_kernels(check_text(CASES["fold_not_on_gemm"]), KERNELS["fold_not_on_gemm"])
     plan = make_plan(net)
     bn = next(lp for lp in plan.layers if lp.layer.name == "bn1")
-    assert bn.fold_relu and bn.fold_bn is None and bn.fold_out_macro == "OFF_relu1_out"
-    assert "relu1" not in {lp.layer.name for st in plan.eval_stages for lp in st.layers}
-    assert "relu1" in {lp.layer.name for st in plan.train_stages for lp in st.layers}
+    # the ReLU is fused into the batch norm (its output is the batch norm's): no pass in either mode
+    assert bn.fold_relu and bn.fold_bn is None and bn.fold_out_macro == "OFF_bn1_out"
+    assert bn.relu_out and bn.relu_dout and _lp_named(plan, "relu1").fused_into == ("bn1", "bn1")
+    assert "relu1" not in {lp.layer.name for st in plan.eval_stages + plan.train_stages for lp in st.layers}
     source = render(net, "float64").source
-    assert "bn1_forward_eval(a + OFF_relu1_out, a + OFF_conv2_out" in source
+    assert "bn1_forward_eval(a + OFF_bn1_out, a + OFF_conv2_out" in source
 
 
 @pytest.mark.parametrize("case", ["evalpath_pointwise_bn_relu", "evalpath_pointwise_relu_pool"])

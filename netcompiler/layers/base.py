@@ -333,6 +333,12 @@ class LayerKind:
         derivative of a ReLU before it), as it writes that gradient."""
         return False
 
+    def masks_relu_dout(self, layer: Layer) -> bool:
+        """The backward can zero its own output gradient where its (rectified) output is not
+        positive (the derivative of a ReLU after it that it applies), before it uses it: the
+        ReLU then fuses whatever reads it, several readers included."""
+        return False
+
     # ---- folding of an evaluation batch norm (plan.py, eval_folds) ---------------------
     def folds_eval_affine(self, layer: Layer) -> bool:
         """In evaluation mode the forward can store y * scale + shift per output channel (a

@@ -63,6 +63,12 @@ class BatchNorm2d(LayerKind):
     def eval_affine(self, layer: Layer) -> bool:
         return True
 
+    def applies_relu(self, layer: Layer) -> bool:
+        return True
+
+    def masks_relu_dout(self, layer: Layer) -> bool:
+        return True
+
     def render_context(self, layer: Layer) -> dict:
         c, hw = layer.in_shape[0], math.prod(layer.in_shape[1:])
         # HWV: the whole vectors of a channel's plane, the vector loops' end; a scalar tail does the rest

@@ -37,6 +37,9 @@ class Add(LayerKind):
     def applies_relu(self, layer: Layer) -> bool:
         return True
 
+    def masks_relu_dout(self, layer: Layer) -> bool:
+        return True
+
     def render_context(self, layer: Layer) -> dict:
         return dict(N=layer.out_size, SUM=" + ".join(f"in{i}[i]" for i in range(len(layer.inputs))))
 
