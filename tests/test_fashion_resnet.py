@@ -44,25 +44,27 @@ class Down(nn.Module):
 
 class FashionResNet(nn.Module):
     """1x28x28 -> stem conv 32 + max pool to 14x14 -> one basic block of 32 -> a halving block
-    to 64x7x7 and one basic block of 64 -> global average pool -> 10 logits."""
+    to 64x7x7 and one basic block of 64 -> a halving block to 128x4x4 -> global average pool
+    -> 10 logits."""
 
     def __init__(self):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
         self.layer1 = nn.Sequential(Basic(32))
         self.layer2 = nn.Sequential(Down(32, 64), Basic(64))
-        self.fc = nn.Linear(64, 10)
+        self.layer3 = nn.Sequential(Down(64, 128))
+        self.fc = nn.Linear(128, 10)
 
     def forward(self, x):
         x = nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 2)
-        x = self.layer2(self.layer1(x))
+        x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(x.mean(dim=(2, 3)))
 
 
 def test_fashion_resnet_is_the_hand_written_model():
     net = load(SPEC)
     ref = FashionResNet()
-    assert net.total_params == sum(p.numel() for p in ref.parameters()) == 151_274
+    assert net.total_params == sum(p.numel() for p in ref.parameters()) == 382_058
     sd = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
     ours = {**net.param_shapes(), **net.buffer_shapes()}
     assert set(ours) == set(sd) and all(ours[k] == sd[k] for k in sd)
@@ -77,7 +79,7 @@ def test_fashion_resnet_checks_clean():
     out = subprocess.run([sys.executable, "-m", "netcompiler", "check", str(SPEC)], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0 and out.stderr == "", out.stderr
-    assert "fashion_resnet.yaml: ok (fashion_resnet: 1x28x28 -> 10, 151,274 parameters)" in out.stdout
+    assert "fashion_resnet.yaml: ok (fashion_resnet: 1x28x28 -> 10, 382,058 parameters)" in out.stdout
 
 
 @pytest.mark.slow
