@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Training throughput on a busy machine: the default thread count against --threads 1,
-with and without a competing busy process pinned to one core.  See bench/README.md.
+"""Training throughput on a busy machine: the default thread count against --threads 1 and
+all cores, with and without a competing busy process pinned to one core.  See bench/README.md.
 
     python bench/busy.py                          # lenet5 + fashion_convnet, batch 64
     python bench/busy.py --libgomp-default        # the same with libgomp's own (long) spin
     python bench/busy.py --nets lenet5 --seconds 0.05 --reps 1 --samples 128    # smoke run
 
 Every figure is the median images/s of `--reps` timed `Net.train_batches` calls of about
-`--seconds` each (random images and labels, SGD with momentum), wall clock.  The two thread
-counts are measured alternately in one process, so they see the same load; the load average
-is printed with every row.  Nothing here asserts a time.
+`--seconds` each (random images and labels, SGD with momentum), wall clock.  The default
+thread count is chosen anew under each load (as a net made at that moment gets it:
+runtime.default_threads leaves out the cores other processes keep busy); it, all available
+cores and 1 thread are measured alternately in one process, so they see the same load; the
+load average is printed with every row.  Nothing here asserts a time.
 """
 from __future__ import annotations
 
@@ -113,6 +115,7 @@ def main(argv=None) -> int:
     if args.libgomp_default and not any(k in os.environ for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
         os.environ.update(LIBGOMP_DEFAULT)  # before netcompiler's import, which sets its own otherwise
     import netcompiler as nc
+    from netcompiler import runtime
     from netcompiler.runtime import available_cores
 
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
@@ -123,10 +126,9 @@ def main(argv=None) -> int:
           f"batch {args.batch}, {args.reps} x {args.seconds:g} s per figure")
     print(f"OpenMP wait settings in this process: {wait_env}")
     rows, results = [], []
+    cores_all = available_cores()
     for name in args.nets.split(","):
         net = nc.compile(str(spec_path(name)))
-        default = net.threads
-        threads = sorted({default, 1}, reverse=True)
         x = net.check_x(rng.standard_normal((args.samples, *net.network.input_shape)).astype(np.float32))
         y = net.check_y(rng.integers(0, net.network.num_classes, args.samples).astype(np.int32), args.samples)
         net.set_optimizer("momentum", lr=0.01, momentum=0.9, weight_decay=0.0)
@@ -134,13 +136,19 @@ def main(argv=None) -> int:
             if load not in ("none", "busy"):
                 raise SystemExit(f"bench: --loads takes 'none' and 'busy', got '{load}'")
             with busy_process(busy_core if load == "busy" else None) as proc:
+                runtime._load_seen = None  # the default as a net made now gets it
+                net.threads = None
+                default = net.threads
+                threads = sorted({cores_all, default, 1}, reverse=True)
                 r = measure(net, x, y, args.batch, threads, args)
                 la = loadavg()
             where = "none" if load == "none" else f"core {busy_core}"
-            rows.append([name, where, f"{r[default]:,.0f}", f"{r[1]:,.0f}", f"{r[default] / r[1]:.2f}", la])
-            results.append({"net": name, "load": load, "default_threads": default, "img_s": {str(k): v for k, v in
+            rows.append([name, where, str(default), f"{r[default]:,.0f}", f"{r[cores_all]:,.0f}", f"{r[1]:,.0f}",
+                         f"{r[default] / r[1]:.2f}", la])
+            results.append({"net": name, "load": load, "default_threads": default, "all_threads": cores_all, "img_s": {str(k): v for k, v in
                             r.items()}, "loadavg": la, "busy_pid": proc.pid if proc else None})
-    head = ["network", "busy process", f"default ({default} thr) img/s", "1 thread img/s", "default/1", "loadavg"]
+    head = ["network", "busy process", "default threads", "default img/s", f"{cores_all} threads img/s",
+            "1 thread img/s", "default/1", "loadavg"]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
     for i, row in enumerate([head, *rows]):
         print("  ".join(str(c).ljust(w) if j < 2 else str(c).rjust(w) for j, (c, w) in enumerate(zip(row, widths))))

@@ -35,9 +35,10 @@ def compile(spec, dtype: str = "float32", threads: int | None = None, flags: lis
     """Check, generate, build (cached) and load a spec; return a `runtime.Net`.
 
     `spec` is a path or an already checked `check.Network`; `threads` is as for `Net.threads`
-    (1 to runtime.MAX_THREADS, None: all available cores).  `kernels` forces kernel paths,
-    layer name -> path (`{"conv1": "im2col"}`; `netc report --kernels` lists the choices); a
-    path that does not apply to its layer is an `errors.KernelError`."""
+    (1 to runtime.MAX_THREADS; None: runtime.default_threads(), the available cores not busy
+    with other work).  `kernels` forces kernel paths, layer name -> path (`{"conv1": "im2col"}`;
+    `netc report --kernels` lists the choices); a path that does not apply to its layer is an
+    `errors.KernelError`."""
     import cffi
 
     from .build import compile_rendered, default_flags

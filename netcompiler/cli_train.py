@@ -39,7 +39,8 @@ TARGET_HELP = ("what the outputs are trained towards: labels (default): the data
                ".npz, float targets of the output's shape (N, *output; (N, H, W) for one channel), for loss mse or "
                "binary_cross_entropy; input: the input images themselves on the 0..1 scale (pixels/255, not "
                "normalised), for a network whose output has the input's shape (an autoencoder)")
-THREADS_HELP = f"threads of the C code, 1 to {MAX_THREADS} (default: all available cores, within any CPU quota)"
+THREADS_HELP = (f"threads of the C code, 1 to {MAX_THREADS} (default: the available cores, within any CPU quota, "
+                "less those other processes keep busy when the run starts)")
 
 
 def thread_count(text: str) -> int:

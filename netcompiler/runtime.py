@@ -15,6 +15,7 @@ import functools
 import math
 import os
 import threading
+import time
 import types
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,6 +56,75 @@ def available_cores() -> int:
     return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 
+# The default thread count leaves out the cores other processes keep busy when it is chosen:
+# a thread sharing a core with another process is descheduled for whole time slices (ms), and
+# every barrier then waits for it, so 2 threads with one core busy ran at 0.86-0.98x the
+# 1-thread speed (bench/busy.py; README, Threads).  /proc/stat is read twice, LOAD_WINDOW apart;
+# the result is kept for LOAD_CACHE seconds, so making many nets in a row measures once.
+LOAD_WINDOW = 0.05
+LOAD_CACHE = 10.0
+_load_seen: tuple[float, int] | None = None  # (time.monotonic() of the measurement, the count)
+
+
+def _cpu_ticks(cpus: set[int], stat: str) -> tuple[int, int] | None:
+    """(busy, total) clock ticks of `cpus` since boot from /proc/stat's cpuN lines (busy: user,
+    nice, system, irq, softirq, steal; total adds idle and iowait), or None when unreadable."""
+    busy = total = 0
+    seen = 0
+    try:
+        with open(stat, "rb") as f:
+            text = f.read(1 << 20).decode("ascii", "replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+            continue
+        fields = rest.split()
+        if len(fields) < 8 or not all(v.isdigit() for v in fields[:8]):
+            return None
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[:8])
+        busy += user + nice + system + irq + softirq + steal
+        total += user + nice + system + idle + iowait + irq + softirq + steal
+        seen += 1
+    return (busy, total) if seen == len(cpus) else None
+
+
+def busy_cores(window: float = LOAD_WINDOW, stat: str = "/proc/stat", sleep=time.sleep,
+               cpus: set[int] | None = None) -> float:
+    """Cores' worth of time that other processes used, over the next `window` seconds, on the
+    cores this process may run on: their busy time in /proc/stat less this process's own CPU
+    time.  0.0 where /proc/stat cannot be read (not Linux)."""
+    try:
+        cpus = set(os.sched_getaffinity(0)) if cpus is None else cpus
+    except AttributeError:  # pragma: no cover - not Linux
+        return 0.0
+    t0 = os.times()
+    a = _cpu_ticks(cpus, stat)
+    if a is None:
+        return 0.0
+    sleep(window)
+    b = _cpu_ticks(cpus, stat)
+    t1 = os.times()
+    if b is None or b[1] <= a[1]:
+        return 0.0
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    own = (t1.user + t1.system - t0.user - t0.system) * hz
+    per_cpu = (b[1] - a[1]) / len(cpus)  # ticks that passed on each core
+    return max(0.0, (b[0] - a[0] - own) / per_cpu)
+
+
+def default_threads() -> int:
+    """The thread count when none is given: available_cores() less the cores other processes
+    keep busy now (busy_cores(), rounded half up), at least 1.  Measured at most once every
+    LOAD_CACHE seconds."""
+    global _load_seen
+    now = time.monotonic()
+    if _load_seen is None or now - _load_seen[0] > LOAD_CACHE:
+        _load_seen = (now, int(busy_cores() + 0.5))
+    return max(1, available_cores() - _load_seen[1])
+
+
 def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> float | None:
     """CPUs' worth of time this process's own cgroup may use (cgroup v2 `cpu.max`, or v1
     `cpu.cfs_quota_us` / `cpu.cfs_period_us`), or None when unlimited or unreadable.  A quota
@@ -82,13 +152,13 @@ def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/sel
 
 def check_threads(value) -> int | None:
     """The one rule for a thread count, wherever it is given (`Net.threads`, `compile(threads=)`,
-    `--threads`): an integer from 1 to MAX_THREADS, or None for the default (available_cores()).
+    `--threads`): an integer from 1 to MAX_THREADS, or None for the default (default_threads()).
     0 is refused like any other count out of range, never read as "the default"."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_THREADS:
         raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS}, got {value!r} (leave it unset "
-                         f"for the default: all available cores, {available_cores()} here)")
+                         f"for the default: the available cores that are not busy, {default_threads()} here now)")
     return int(value)
 
 
@@ -157,7 +227,7 @@ class Net:
         self._threads = 0
         self._team: int | None = None  # None: one thread per chunk
         threads = check_threads(threads)
-        self.threads = available_cores() if threads is None else threads
+        self.threads = threads
         self._optim = ffi.new(f"{self.name}_optim *")
         self.frozen: list[str] = []  # layers whose parameters stay fixed (freeze)
         train = self.network.train
@@ -206,10 +276,11 @@ class Net:
     @threads.setter
     @_locked
     def threads(self, value: int | None) -> None:
-        """Threads of the C code; None: the default, all available cores.  Each thread has its
-        own gradient sums and scratch: their size is checked before anything is allocated."""
+        """Threads of the C code; None: the default, the available cores that other processes do
+        not keep busy now (default_threads()).  Each thread has its own gradient sums and
+        scratch: their size is checked before anything is allocated."""
         value = check_threads(value)
-        value = available_cores() if value is None else value
+        value = default_threads() if value is None else value
         per_thread = (max(self.plan.num_params, 1) + max(self.plan.scratch_per_thread, 1)) * self.dtype.itemsize
         if value * per_thread > THREAD_MEMORY_LIMIT:
             raise ValueError(f"threads={value} needs {value * per_thread / 2**30:.1f} GiB of per-thread gradient "

@@ -623,7 +623,12 @@ class Run:
             self.say(f"note: the run used {saved_ranks} process{'es' if saved_ranks != 1 else ''}, this session "
                      f"{self.ranks}: batch-norm statistics and dropout masks differ from an uninterrupted run")
         saved_threads = pos.get("threads")
-        if saved_threads and saved_threads != self.net.threads:
+        if saved_threads and saved_threads != self.net.threads and self.opts.threads is None:
+            # no --threads: the run's own count, so the run continues exactly
+            self.say(f"resuming on {saved_threads} thread{'s' if saved_threads > 1 else ''} as the run did "
+                     f"(the default here now would be {self.net.threads}; --threads chooses)")
+            self.net.threads = saved_threads
+        elif saved_threads and saved_threads != self.net.threads:
             self.say(f"note: the run used {saved_threads} threads, this session {self.net.threads}: the gradient "
                      f"sums round differently, so the weights will drift from an uninterrupted run's (--threads "
                      f"{saved_threads} repeats it exactly)")

@@ -30,7 +30,7 @@ def test_bench_quick_runs(tmp_path):
 
 
 def test_busy_mode_runs_and_kills_its_busy_process(tmp_path):
-    """bench/busy.py at minimal size: both thread counts, with and without the busy process,
+    """bench/busy.py at minimal size: the default, all cores and 1 thread, with and without the busy process,
     and the busy process gone afterwards.  No time is asserted."""
     env = dict(os.environ, NETC_CACHE_DIR=str(tmp_path / "cache"))
     cmd = [sys.executable, str(ROOT / "bench" / "busy.py"), "--nets", "lenet5", "--seconds", "0.01", "--reps", "1",
@@ -39,7 +39,8 @@ def test_busy_mode_runs_and_kills_its_busy_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "busy.json").read_text())["results"]
     assert [r["load"] for r in rows] == ["none", "busy"]
-    assert all(set(r["img_s"]) == {str(r["default_threads"]), "1"} and all(v > 0 for v in r["img_s"].values())
+    assert all(set(r["img_s"]) == {str(r["default_threads"]), str(r["all_threads"]), "1"}
+               and 1 <= r["default_threads"] <= r["all_threads"] and all(v > 0 for v in r["img_s"].values())
                for r in rows)
     assert "default/1" in proc.stdout and "loadavg" in proc.stdout
     pid = rows[1]["busy_pid"]

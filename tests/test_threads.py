@@ -38,7 +38,13 @@ def test_one_rule_refuses_the_same_values_everywhere(bad, monkeypatch):
     assert net.threads == 1  # unchanged by the refused values
 
 
-def test_none_means_all_available_cores_and_the_cap_is_accepted():
+def _no_load(monkeypatch):
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 0.0)
+    monkeypatch.setattr(runtime, "_load_seen", None)
+
+
+def test_none_means_all_available_cores_and_the_cap_is_accepted(monkeypatch):
+    _no_load(monkeypatch)
     net = build(TINY)
     net.threads = None
     assert net.threads == len(os.sched_getaffinity(0))
@@ -46,6 +52,80 @@ def test_none_means_all_available_cores_and_the_cap_is_accepted():
     assert net.threads == 1024
     net.threads = 1
     assert nc.compile(check_text(TINY, "tiny.yaml"), dtype="float64").threads == len(os.sched_getaffinity(0))
+
+
+def _stat(rows: dict[int, tuple[int, int]], extra: str = "") -> str:
+    """/proc/stat text: cpuN lines with (busy, idle) ticks (busy as user time)."""
+    lines = ["cpu  1 2 3 4 5 6 7 8 0 0"] + [f"cpu{n} {b} 0 0 {i} 0 0 0 0 0 0" for n, (b, i) in rows.items()]
+    return "\n".join(lines) + "\n" + extra + "intr 12345\n"
+
+
+def test_busy_cores_reads_other_processes_load_from_proc_stat(tmp_path):
+    """busy_cores: the busy ticks of this process's cores over the window, as cores' worth
+    (100 ticks passed on each core: one core busy throughout is 1.0, another half busy 0.5);
+    cores outside the affinity are not counted; an unreadable or damaged file is no load."""
+    stat = tmp_path / "stat"
+    stat.write_text(_stat({0: (1000, 5000), 1: (2000, 5000), 2: (0, 0)}))
+
+    def after(_window):  # the window passes: core 0 busy throughout, core 1 half, core 2 (not ours) busy
+        stat.write_text(_stat({0: (1100, 5000), 1: (2050, 5050), 2: (100, 0)}))
+
+    got = runtime.busy_cores(stat=str(stat), sleep=after, cpus={0, 1})
+    assert got == pytest.approx(1.5, abs=0.02)  # less this process's own few ticks, if any
+    stat.write_text(_stat({0: (1000, 5000)}))
+    assert runtime.busy_cores(stat=str(stat), sleep=lambda w: None, cpus={0}) == 0.0  # no time passed
+    assert runtime.busy_cores(stat=str(tmp_path / "missing"), sleep=lambda w: None, cpus={0}) == 0.0
+    stat.write_text("cpu0 a b c d e f g h\n")
+    assert runtime.busy_cores(stat=str(stat), sleep=lambda w: None, cpus={0}) == 0.0
+    stat.write_text(_stat({0: (1000, 5000)}))  # core 1 missing
+    assert runtime.busy_cores(stat=str(stat), sleep=lambda w: None, cpus={0, 1}) == 0.0
+
+
+@pytest.mark.parametrize("busy, cores, expect", [(0.0, 2, 2), (0.4, 2, 2), (0.6, 2, 1), (1.0, 2, 1), (1.7, 2, 1),
+                                                 (1.0, 4, 3), (2.5, 4, 1), (3.9, 4, 1), (0.0, 1, 1), (1.0, 1, 1)])
+def test_default_threads_leaves_out_busy_cores(busy, cores, expect, monkeypatch):
+    """The default count is the available cores less the busy ones (rounded half up), at
+    least 1; a net made with threads=None, and `threads = None` later, take it."""
+    monkeypatch.setattr(runtime, "busy_cores", lambda: busy)
+    monkeypatch.setattr(runtime, "available_cores", lambda: cores)
+    monkeypatch.setattr(runtime, "_load_seen", None)
+    assert runtime.default_threads() == expect
+    net = build(TINY)
+    net.threads = None
+    assert net.threads == expect
+    assert nc.compile(check_text(TINY, "tiny.yaml"), dtype="float64").threads == expect
+
+
+def test_default_threads_measures_once_per_load_cache(monkeypatch):
+    calls = []
+    monkeypatch.setattr(runtime, "busy_cores", lambda: calls.append(1) or 1.0)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    monkeypatch.setattr(runtime, "_load_seen", None)
+    clock = [100.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    assert [runtime.default_threads() for _ in range(5)] == [1] * 5 and len(calls) == 1
+    clock[0] += runtime.LOAD_CACHE + 1
+    monkeypatch.setattr(runtime, "busy_cores", lambda: calls.append(1) or 0.0)
+    assert runtime.default_threads() == 2 and len(calls) == 2
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_a_busy_process_on_one_core_lowers_the_default(monkeypatch):
+    """A real spinning process pinned to one of this process's cores: busy_cores sees about
+    a core of load and the default leaves that core out (other load on the machine can only
+    lower it further)."""
+    cores = sorted(os.sched_getaffinity(0))
+    monkeypatch.setattr(runtime, "_load_seen", None)
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(proc.pid, {cores[-1]})
+        import time
+        time.sleep(0.3)
+        assert runtime.busy_cores(window=0.2) >= 0.7
+        assert runtime.default_threads() <= runtime.available_cores() - 1
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_per_thread_memory_is_bounded_before_allocating(monkeypatch):
@@ -161,6 +241,39 @@ def test_resume_with_another_thread_count_says_what_happens(tmp_path, capsys, mo
     assert main([*args, "--threads", "2", "--resume"]) == 0
     out = " ".join(capsys.readouterr())
     assert "the run used 1 threads, this session 2" in out and "--threads 1 repeats it exactly" in out, out
+
+
+def test_resume_without_threads_takes_the_runs_count(tmp_path, capsys, monkeypatch):
+    """--resume without --threads continues on the run's own thread count, whatever the default
+    is now (a busy core may have lowered it), so the weights are those of an uninterrupted run."""
+    import numpy as np
+
+    import netcompiler.train
+    from test_train import make_case
+
+    spec_path, data = make_case(tmp_path)
+    update = netcompiler.train.Progress.update
+    calls = {"n": 0}
+
+    def interrupting_update(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return update(self, *a, **kw)
+
+    whole = ["train", spec_path, "--data", data, "--out", str(tmp_path / "whole"), "--threads", "2"]
+    assert main(whole) == 0
+    monkeypatch.setattr(netcompiler.train.Progress, "update", interrupting_update)
+    args = ["train", spec_path, "--data", data, "--out", str(tmp_path / "run")]
+    assert main([*args, "--threads", "2"]) == 130
+    monkeypatch.setattr(netcompiler.train.Progress, "update", update)
+    monkeypatch.setattr(runtime, "default_threads", lambda: 1)  # the default here now: 1
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    out = " ".join(capsys.readouterr())
+    assert "resuming on 2 threads as the run did (the default here now would be 1" in out, out
+    a, b = np.load(tmp_path / "whole" / "weights.npz"), np.load(tmp_path / "run" / "weights.npz")
+    assert all(np.array_equal(a[k], b[k]) for k in a.files if not k.startswith("__meta__/"))
 
 
 # ---- the default count --------------------------------------------------------------------------
