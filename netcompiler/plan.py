@@ -111,6 +111,10 @@ class LayerPlan:
     eval_lp: LayerPlan | None = None
     eval_alone: bool = False  # this is such an evaluation forward (it renders NAME_forward_eval)
     kernel: Any = None  # layers.KernelChoice: the kernel path of a kind with several (conv2d), else None
+    # where the backward's sums over a chunk's samples start in the per-thread scratch (after what
+    # every layer shares), and how many floats (Kind.chunk_accum); 0: none
+    accum: int = 0
+    accum_size: int = 0
 
 
 @dataclass
@@ -464,6 +468,14 @@ def make_plan(net: Network) -> Plan:
         for l in (bn, relu) if relu else (bn,):
             if l.index != i:
                 plans[l.index].eval_folded_into = plans[i].name
+    # per-thread scratch: what any layer's call uses (shared, not kept), then the chunk sums
+    scratch = max([l.kind.scratch(l) for l in net.layers] + [0])
+    for lp in plans:
+        size = lp.layer.kind.chunk_accum(lp.layer)
+        if size:
+            lp.accum = -(-scratch // ACCUM_ALIGN) * ACCUM_ALIGN
+            lp.accum_size = size
+            scratch = lp.accum + size
     for lp in plans:
         ctx = lp.layer.kind.eval_render_context(lp.layer)
         if ctx is not None:
@@ -473,7 +485,7 @@ def make_plan(net: Network) -> Plan:
         int_slots=ints.tensors, stats=stats.tensors, cache=cache.tensors, num_params=params.size,
         num_buffers=buffers.size, acts_per_sample=acts.size, ints_per_sample=ints.size, stats_size=stats.size,
         cache_size=cache.size,
-        scratch_per_thread=max([l.kind.scratch(l) for l in net.layers] + [0]),
+        scratch_per_thread=scratch,
         in_size=math.prod(net.input_shape), out_size=math.prod(net.output_shape),
         train_stages=_stages(plans, training=True), eval_stages=_stages(plans, training=False),
         views=view_tensors, tensors=graph,
@@ -489,6 +501,7 @@ def make_plan(net: Network) -> Plan:
 # more per evaluation call, and lenet5's evaluation broke even between 12 and 16 samples
 # (README, "Threads").
 PARALLEL_MIN_FLOPS = 8_000_000
+ACCUM_ALIGN = 16  # the chunk sums start at whole vectors of floats
 
 
 def parallel_min(flops_per_sample: int) -> int:

@@ -29,6 +29,7 @@ from conftest import (assert_close, build, dropout_masks, prebuild, random_batch
                       reference_loss_and_grad, reference_model, spec)
 from netcompiler.check import check_text, force_kernels
 from netcompiler.errors import SpecErrors
+from netcompiler.layers.conv2d import WINOGRAD_DW_PATHS, WINOGRAD_DX_PATHS
 from netcompiler.plan import make_plan
 from netcompiler.render import render
 
@@ -464,6 +465,30 @@ _forced("kpath_winograd_dx_wide_relu", "winograd_dx",
         (2, 4, 18), pre=_pre(17))
 _forced("kpath_winograd_dx_as_winograd", "winograd", "conv2d: {out_channels: 20, kernel_size: 3, padding: 1}",
         (2, 7, 9), pre=_pre(17))
+# winograd_dw and winograd_dw_dx (the weight gradient as Winograd's transposed): with the GEMM
+# input gradient, three vectors of output channels (a tile of 8 input channels x 3 vectors);
+# odd sizes, lopsided padding, channels that are not whole vectors and no bias; the first layer
+# (no input gradient); 64 channels (4 x 4 vectors); with the Winograd input gradient too: odd
+# sizes, one row, a fused ReLU over rows of 16 or more pixels (whole-vector copies), a residual
+# block, and a tail of output channels after a whole vector (17 -> 20)
+_forced("kpath_winograd_dw", "winograd_dw", "conv2d: {out_channels: 48, kernel_size: 3, padding: 1}", (2, 8, 8),
+        pre=_pre(16))
+_forced("kpath_winograd_dw_odd_pad4", "winograd_dw",
+        "conv2d: {out_channels: 20, kernel_size: 3, padding: [1, 0, 2, 1], bias: false}", (2, 7, 9), pre=_pre(17))
+_forced("kpath_winograd_dw_first", "winograd_dw", "conv2d: {out_channels: 16, kernel_size: 3, in_channels: 16}",
+        (16, 5, 7), pre=None, target="conv1")
+_forced("kpath_winograd_dw_64", "winograd_dw", "conv2d: {out_channels: 64, kernel_size: 3, padding: 1}", (2, 6, 5),
+        pre=_pre(64))
+_forced("kpath_winograd_dw_dx_odd_nobias", "winograd_dw_dx",
+        "conv2d: {out_channels: 20, kernel_size: 3, padding: 1, bias: false}", (2, 7, 9), pre=_pre(17))
+_forced("kpath_winograd_dw_dx_one_row", "winograd_dw_dx", "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
+        (2, 1, 5), pre=_pre(33))
+_forced("kpath_winograd_dw_dx_wide_relu", "winograd_dw_dx",
+        ["conv2d: {out_channels: 20, kernel_size: 3, padding: 1}", "relu", "maxpool2d: {kernel_size: 2}"],
+        (2, 4, 18), pre=_pre(17))
+_forced("kpath_winograd_dw_dx_residual", "winograd_dw_dx",
+        ["conv2d: {out_channels: 16, kernel_size: 3, padding: 1}", "add: {inputs: [conv2, conv1]}", "relu"],
+        (2, 5, 6), pre=_pre(16))
 
 
 def _covered() -> tuple[dict[str, set[str]], dict[tuple[str, str], list], set[str]]:
@@ -514,20 +539,39 @@ WINOGRAD_CASES = [c for c in IDS if "winograd" in c]
 @pytest.mark.parametrize("case", WINOGRAD_CASES)
 def test_winograd_cases_run_winograd(case):
     """The cases above exercise the Winograd forward of the layer under test (by default, or
-    forced to a Winograd path), and the winograd_dx ones its input gradient too: they need
-    padding 1 ("conv_winograd_pad4" has other padding, "conv_winograd" none)."""
+    forced to a Winograd path; those forced to a GEMM path run Winograd by default), and the
+    Winograd gradients their paths name: the weight gradient (winograd_dw*) and the input
+    gradient (*_dx; it needs padding 1: "conv_winograd_pad4" has other padding,
+    "conv_winograd" none).  The defaults are the cheapest by the table's costs."""
     net = check_text(CASES[case])
     forced = KERNELS.get(case, {})
-    if all(p.startswith("winograd") for p in forced.values()):
+    target = next(iter(forced), "conv2")
+    wino = all(p.startswith("winograd") for p in forced.values())
+    if wino:
         net = force_kernels(net, forced)
     plan = make_plan(net)
-    assert [lp.c.get("WINO", False) for lp in plan.layers if lp.kind == "conv2d"] == [False, True]
+    convs = [lp for lp in plan.layers if lp.kind == "conv2d"]
+    assert [lp.c.get("WINO", False) for lp in convs] == [lp.layer.name == target for lp in convs]
     source = render(net, "float32").source
-    assert "_winograd_gemm" in source
-    dx = [lp.kernel.path.name == "winograd_dx" for lp in plan.layers if lp.kind == "conv2d"][1]
-    assert ("conv2_winograd_dx_gemm(" in source) == dx
-    assert dx == (("winograd_dx" in case and "as_winograd" not in case) or case in ("conv_winograd_pad_nobias",
-                                                                                     "conv_winograd_same"))
+    assert f"{target}_winograd_gemm(" in source
+    path = next(lp.kernel.path.name for lp in convs if lp.layer.name == target)
+    dx, dw = path in WINOGRAD_DX_PATHS, path in WINOGRAD_DW_PATHS
+    assert (f"{target}_winograd_dx_gemm(" in source) == dx and (f"{target}_winograd_dw_gemm(" in source) == dw
+    if forced and wino:
+        assert path == forced[target]
+    else:  # 17 channels in, padded to 32, make the Winograd weight gradient's GEMM the dearer one
+        assert path == {"conv_winograd_pad_nobias": "winograd_dx", "conv_winograd_same": "winograd_dw_dx"}.get(
+            case, "winograd_dw"), path
+
+
+@pytest.mark.parametrize("case, tile", [("kpath_winograd_dw", (8, 3)), ("kpath_winograd_dw_odd_pad4", (8, 2)),
+                                        ("kpath_winograd_dw_first", (16, 1)), ("kpath_winograd_dw_64", (4, 4))])
+def test_winograd_dw_register_tiles(case, tile):
+    """The Winograd weight gradient's GEMM tile (input channels x vectors of output channels):
+    the most FMAs per load that fits, over channels padded to vectors (17 -> 32)."""
+    net = force_kernels(check_text(CASES[case]), KERNELS[case])
+    lp = next(lp for lp in make_plan(net).layers if lp.layer.name in KERNELS[case])
+    assert (lp.c["DW_IB"], lp.c["DW_CB"]) == tile
 
 
 @pytest.mark.parametrize("case, vectors", [("kpath_im2row_vectors", (144, 16)), ("kpath_im2row_vectors_groups", (16, 32)),

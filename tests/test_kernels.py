@@ -44,18 +44,18 @@ def test_default_kernel_paths(layer, input_shape, path):
 
 
 def test_specs_keep_their_paths():
-    """lenet5 and alphabet run the paths they ran before the table; resnet20's 3x3 stride-1
-    convolutions (padding 1) take winograd_dx; the first conv of each reads the network input:
-    no input gradient."""
+    """lenet5 runs the paths it ran before the table; alphabet's 3x3 convolutions (no padding)
+    have the Winograd weight gradient and the GEMM input gradient; resnet20's 3x3 stride-1 convolutions (padding 1) take both Winograd
+    gradients; the first conv of each reads the network input: no input gradient."""
     def paths(name):
         return [(lp.layer.name, lp.kernel.path.name) for lp in make_plan(load(ROOT / f"specs/{name}.yaml")).layers
                 if lp.kernel]
 
     assert paths("lenet5") == [("conv1", "gather"), ("conv2", "gather")]
-    assert paths("alphabet") == [("conv1", "gather"), ("conv2", "winograd"), ("conv3", "winograd")]
+    assert paths("alphabet") == [("conv1", "gather"), ("conv2", "winograd_dw"), ("conv3", "winograd_dw")]
     r20 = dict(paths("resnet20"))
-    assert r20["layer1.0.conv1"] == "winograd_dx" and r20["layer3.0.downsample.0"] == "im2col"
-    assert r20["layer3.2.conv2"] == "winograd_dx" and r20["layer3.0.conv1"] == "im2col"  # stride 2
+    assert r20["layer1.0.conv1"] == "winograd_dw_dx" and r20["layer3.0.downsample.0"] == "im2col"
+    assert r20["layer3.2.conv2"] == "winograd_dw_dx" and r20["layer3.0.conv1"] == "im2col"  # stride 2
     assert [l.grad_input for l in load(ROOT / "specs/lenet5.yaml").layers if l.kind.kind == "conv2d"] == [False, True]
 
 
@@ -111,19 +111,23 @@ def test_winograd_dx_needs_padding_1_and_an_input_gradient(layer, input_shape, p
         force_kernels(net, {name: "winograd_dx"})
 
 
-def test_winograd_dx_is_the_default_with_padding_1():
-    """With an input gradient and padding 1 the Winograd input gradient is the cheapest; the
-    same convolution as the first layer (no input gradient) keeps winograd."""
+def test_winograd_gradients_are_the_default_with_padding_1():
+    """With an input gradient and padding 1 both Winograd gradients are the cheapest; the same
+    convolution as the first layer (no input gradient) takes the Winograd weight gradient alone."""
     net = check_text(spec((16, 8, 8), ["conv2d: {out_channels: 16, kernel_size: 1}",
                                        "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
                                        "flatten", "linear: {out_features: 3}"]))
-    assert _path(net) == "winograd_dx"
+    assert _path(net) == "winograd_dw_dx"
     lp = next(lp for lp in make_plan(net).layers if lp.layer.name == "conv2")
-    assert "winograd " in lp.kernel.why and set(lp.kernel.costs) == {"winograd_dx", "winograd", "gather", "im2col"}
-    assert "wino_ut" in lp.cache and lp.c["WINO_DX"] and not lp.c["GEMM_DIN"] and "DCOL" not in lp.c["SCR"]
+    assert "winograd_dx " in lp.kernel.why and set(lp.kernel.costs) == {
+        "winograd_dw_dx", "winograd_dw", "winograd_dx", "winograd", "gather", "im2col"}
+    assert "wino_ut" in lp.cache and lp.c["WINO_DX"] and lp.c["WINO_DW"] and not lp.c["GEMM_DIN"]
+    assert "DCOL" not in lp.c["SCR"] and "COLT" not in lp.c["SCR"]  # no dcol, no im2row
     first = check_text(spec((16, 8, 8), ["conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
                                          "flatten", "linear: {out_features: 3}"]))
-    assert _path(first, "conv1") == "winograd"
+    assert _path(first, "conv1") == "winograd_dw"
+    lp = next(lp for lp in make_plan(first).layers if lp.layer.name == "conv1")
+    assert "wino_ut" not in lp.cache and lp.c["WINO_DW"] and not lp.c["WINO_DX"] and "COLT" not in lp.c["SCR"]
     assert "wino_ut" not in next(lp for lp in make_plan(first).layers if lp.layer.name == "conv1").cache
 
 

@@ -511,11 +511,11 @@ WINO_DX = spec([16, 6, 7], [
 
 
 def test_winograd_input_gradient_follows_every_change_of_the_weights():
-    """winograd_dx's input gradient reads transformed flipped weights from the cache: after an
-    in-place change of the weights and after a train step the gradients still match torch (conv1's
-    weight gradient is made from conv2's input gradient)."""
+    """The Winograd input gradient (winograd_dw_dx here) reads transformed flipped weights from the
+    cache: after an in-place change of the weights and after a train step the gradients still
+    match torch (conv1's weight gradient is made from conv2's input gradient)."""
     net = build(WINO_DX, "float64")
-    assert [lp.kernel.path.name for lp in net.plan.layers if lp.kind == "conv2d"] == ["pointwise", "winograd_dx"]
+    assert [lp.kernel.path.name for lp in net.plan.layers if lp.kind == "conv2d"] == ["pointwise", "winograd_dw_dx"]
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((3, 16, 6, 7)), np.array([0, 2, 1], np.int32)
 

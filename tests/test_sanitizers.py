@@ -120,6 +120,18 @@ SAN_SPECS = {
         "flatten",
         "linear: {out_features: 3}",
     ], name="san_wino_dx"),
+    # the Winograd weight gradient: the first layer (winograd_dw, no input gradient, 16 x 1 vector
+    # tiles), lopsided padding with the GEMM input gradient (winograd_dw, 8 x 2) and both Winograd
+    # gradients (winograd_dw_dx, 8 x 3), over rows of 20 and 21 pixels (one transposed vector of
+    # columns, the rest one by one)
+    "san_wino_dw": spec([16, 6, 20], [
+        "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
+        "relu",
+        "conv2d: {out_channels: 32, kernel_size: 3, padding: [1, 0, 2, 1], bias: false}",
+        "conv2d: {out_channels: 48, kernel_size: 3, padding: 1}",
+        "flatten",
+        "linear: {out_features: 3}",
+    ], name="san_wino_dw"),
     # max-pooling's tiled path (pool.py, tiling()) in all its shapes: a row and a column in no
     # window; vector blocks of 16, 8 and 2 columns with cut last windows in scalar code; a row
     # with one whole window; vectors over channels, with only cut windows in a row
@@ -199,6 +211,7 @@ SAN_SPECS = {
 CASES = [("san_all", "float32"), ("san_all", "float64"), ("san_mse", "float32"), ("san_mse", "float64"),
          ("san_gemm", "float32"), ("san_gemm", "float64"),
          ("san_wino", "float32"), ("san_wino", "float64"), ("san_wino_dx", "float32"), ("san_wino_dx", "float64"),
+         ("san_wino_dw", "float32"), ("san_wino_dw", "float64"),
          ("san_pool", "float32"), ("san_pool", "float64"),
          ("san_fused", "float32"), ("san_fused", "float64"), ("san_1d", "float64"),
          ("san_kinds", "float32"), ("san_kinds", "float64"),
@@ -228,9 +241,18 @@ def test_san_wino_dx_takes_winograd_dx_with_transposed_copies():
     from netcompiler.plan import make_plan
 
     convs = [lp for lp in make_plan(check_text(SAN_SPECS["san_wino_dx"])).layers if lp.kind == "conv2d"]
-    assert [lp.kernel.path.name for lp in convs[1:]] == ["winograd_dx", "winograd_dx"]
-    assert all(lp.c["WG_IN_WFULL"] == 16 and lp.c["WGX"]["WG_IN_WFULL"] == 16 and lp.c["IM2ROW_VEC"]
-               for lp in convs[1:])
+    assert [lp.kernel.path.name for lp in convs[1:]] == ["winograd_dx", "winograd_dw_dx"]
+    assert all(lp.c["WG_IN_WFULL"] == 16 and lp.c["WGX"]["WG_IN_WFULL"] == 16 for lp in convs[1:])
+    assert convs[1].c["IM2ROW_VEC"] and convs[2].c["DWY"]["WG_IN_WFULL"] == 16
+
+
+def test_san_wino_dw_takes_the_winograd_weight_gradient():
+    from netcompiler.plan import make_plan
+
+    convs = [lp for lp in make_plan(check_text(SAN_SPECS["san_wino_dw"])).layers if lp.kind == "conv2d"]
+    assert [lp.kernel.path.name for lp in convs] == ["winograd_dw", "winograd_dw", "winograd_dw_dx"]
+    assert [(lp.c["DW_IB"], lp.c["DW_CB"]) for lp in convs] == [(16, 1), (8, 2), (8, 3)]
+    assert [lp.c["DWY"]["WG_IN_WFULL"] for lp in convs] == [16, 16, 16]
 
 
 def test_san_fold_folds_its_batch_norms():

@@ -299,6 +299,12 @@ class LayerKind:
         """Per-thread scratch floats a call needs (im2col buffers); not kept between calls."""
         return 0
 
+    def chunk_accum(self, layer: Layer) -> int:
+        """Per-thread floats the backward keeps across the samples of a chunk (the Winograd weight
+        gradient's sums, transformed into the weight gradient once a chunk); 0: none.  A kind
+        with some defines the template macros backward_begin (zero them) and backward_end."""
+        return 0
+
     def cache_shapes(self, layer: Layer) -> dict[str, Shape]:
         """Arrays derived from the parameters and kept between calls (Winograd-transformed
         weights): name -> shape.  Remade when the parameters they came from change."""

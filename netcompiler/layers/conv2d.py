@@ -99,6 +99,13 @@ class Conv2d(WeightLayer):
         c = self.render_context(layer)
         return c["SCRATCH"]
 
+    def chunk_accum(self, layer: Layer) -> int:
+        """The Winograd weight gradient's M[16][CINP][COUTP], summed over a chunk's samples."""
+        if self.kernel_choice(layer).path.name not in WINOGRAD_DW_PATHS:
+            return 0
+        cin, (cout, oh, ow) = layer.in_shape[0], layer.out_shape
+        return 16 * winograd_dw_blocking(cin, cout, oh, ow)["DW_MPS"]
+
     def applies_relu(self, layer: Layer) -> bool:
         return True
 
@@ -116,7 +123,7 @@ class Conv2d(WeightLayer):
         cin, (cout, oh, ow) = layer.in_shape[0], layer.out_shape
         # the weights the transformed ones were made from, and the transformed weights
         shapes = {"wino_src": (cout * cin * 9,), "wino_u": (16 * winograd_blocking(cin, cout, oh, ow, layer.in_shape[2])["WG_UPS"],)}
-        if path == "winograd_dx":  # and the transformed flipped ones of the input gradient
+        if path in WINOGRAD_DX_PATHS:  # and the transformed flipped ones of the input gradient
             shapes["wino_ut"] = (16 * winograd_blocking(cout, cin, *layer.in_shape[1:], ow)["WG_UPS"],)
         return shapes
 
@@ -180,13 +187,21 @@ def _gemm_forward(layer: Layer, loads: int, copies: bool) -> float:
     return g * k * -(-n // VEC) * (m + loads * blocks) + (g * k * n / 2 if copies else 0)
 
 
-def _gemm_backward(layer: Layer) -> float:
-    """The GEMM paths' backward: the weight gradient over rows of taps (copied: im2row), the
-    input gradient's GEMM and its col2im."""
+def _gemm_dw(layer: Layer) -> float:
+    """The GEMM paths' weight gradient over rows of taps (copied: im2row)."""
     g, m, k, n = _sizes(layer)
-    dw = g * n * -(-k // VEC) * (m + 1) + g * k * n / 2
-    din = g * k * -(-n // VEC) * (m + 1) + g * k * n / VEC if layer.grad_input else 0
-    return dw + din
+    return g * n * -(-k // VEC) * (m + 1) + g * k * n / 2
+
+
+def _gemm_din(layer: Layer) -> float:
+    """The GEMM paths' input gradient: its GEMM and its col2im (none without an input gradient)."""
+    g, m, k, n = _sizes(layer)
+    return g * k * -(-n // VEC) * (m + 1) + g * k * n / VEC if layer.grad_input else 0
+
+
+def _gemm_backward(layer: Layer) -> float:
+    """The GEMM paths' backward: the weight gradient, the input gradient."""
+    return _gemm_dw(layer) + _gemm_din(layer)
 
 
 def _is_winograd_shape(layer: Layer) -> bool:
@@ -207,9 +222,32 @@ def _winograd_forward(layer: Layer) -> float:
     return direct * _winograd_factor(*layer.out_shape[1:])
 
 
+# samples a chunk is taken to hold, for costs paid once a chunk (a batch of 64 on 2 threads)
+CHUNK_SAMPLES = 32
+
+
+def _winograd_dw(layer: Layer) -> float:
+    """The Winograd weight gradient of one sample (winograd_dw_blocking): the 16 GEMMs over the
+    tiles (FMAs and vector loads, and their sums' loads), the two transforms into them and their
+    copies to channels last; once a chunk (CHUNK_SAMPLES), the sums zeroed and G^T m G of every
+    kernel added into dW one weight at a time."""
+    (cin, h, w), (cout, oh, ow) = layer.in_shape, layer.out_shape
+    b = winograd_dw_blocking(cin, cout, oh, ow)
+    cinp, coutp, t, ib, cb = b["DW_CINP"], b["DW_COUTP"], b["DW_T"], b["DW_IB"], b["DW_CB"]
+    gemm = 16 * (cinp // ib) * (coutp // (cb * VEC)) * (t * (ib * cb + cb) + 2 * ib * cb)
+    transforms = 3 * 16 * t * (cinp + coutp) / VEC + (cin * h * w + cout * oh * ow) / VEC * 2
+    per_chunk = 16 * cinp * coutp / VEC + cin * coutp / VEC * 40 + 9 * cin * cout
+    return gemm + transforms + per_chunk / CHUNK_SAMPLES
+
+
 def _winograd_cost(layer: Layer) -> float:
     """The Winograd forward; the GEMM backward."""
     return _winograd_forward(layer) + _gemm_backward(layer)
+
+
+def _winograd_dw_cost(layer: Layer) -> float:
+    """The Winograd forward and weight gradient; the GEMM input gradient."""
+    return _winograd_forward(layer) + _winograd_dw(layer) + _gemm_din(layer)
 
 
 def _is_winograd_dx(layer: Layer) -> bool:
@@ -218,13 +256,21 @@ def _is_winograd_dx(layer: Layer) -> bool:
     return _is_winograd_shape(layer) and layer.grad_input and layer.derived["pads"] == ((1, 1), (1, 1))
 
 
-def _winograd_dx_cost(layer: Layer) -> float:
-    """The Winograd forward; the GEMM weight gradient; the input gradient's GEMM (its FMAs and
-    loads, no col2im) times _winograd_factor."""
+def _winograd_din(layer: Layer) -> float:
+    """The Winograd input gradient: the input gradient's GEMM (its FMAs and loads, no col2im)
+    times _winograd_factor."""
     g, m, k, n = _sizes(layer)
-    dw = g * n * -(-k // VEC) * (m + 1) + g * k * n / 2
-    din = g * k * -(-n // VEC) * (m + 1) * _winograd_factor(*layer.in_shape[1:])
-    return _winograd_forward(layer) + dw + din
+    return g * k * -(-n // VEC) * (m + 1) * _winograd_factor(*layer.in_shape[1:])
+
+
+def _winograd_dx_cost(layer: Layer) -> float:
+    """The Winograd forward and input gradient; the GEMM weight gradient."""
+    return _winograd_forward(layer) + _gemm_dw(layer) + _winograd_din(layer)
+
+
+def _winograd_dw_dx_cost(layer: Layer) -> float:
+    """The Winograd forward, weight gradient and input gradient."""
+    return _winograd_forward(layer) + _winograd_dw(layer) + _winograd_din(layer)
 
 
 def _is_pointwise(layer: Layer) -> bool:
@@ -306,6 +352,15 @@ def depthwise_context(layer: Layer) -> dict:
                 SCRATCH=plane * len(regions))
 
 
+WINOGRAD_NEEDS = "3x3, stride 1, no dilation, one group, at least 16 channels in and out"
+WINOGRAD_DX_NEEDS = ("3x3, stride 1, padding 1, no dilation, one group, at least 16 channels in and out, "
+                     "an input gradient")
+
+
+def _gemm_paths_context(path: str):
+    return lambda layer: gemm_context(layer, path)
+
+
 CONV_PATHS = (
     KernelPath("pointwise", "GEMM over the input planes", "GEMMs over the planes (dW: lane sums)",
                "conv2d_pointwise.c.j2", _is_pointwise, _pointwise_cost, pointwise_context,
@@ -316,32 +371,41 @@ CONV_PATHS = (
                needs="groups = in_channels = out_channels, 3x3, stride 1 or 2, padding 1, no dilation",
                folds_bn=True),
     KernelPath("winograd", "Winograd F(2x2, 3x3)", "GEMM (im2row dW, dcol col2im)", "conv2d_winograd.c.j2",
-               _is_winograd_shape, _winograd_cost, lambda layer: gemm_context(layer, "winograd"),
-               needs="3x3, stride 1, no dilation, one group, at least 16 channels in and out"),
+               _is_winograd_shape, _winograd_cost, _gemm_paths_context("winograd"), needs=WINOGRAD_NEEDS),
     KernelPath("winograd_dx", "Winograd F(2x2, 3x3)", "GEMM dW (im2row), Winograd F(2x2, 3x3) dX",
-               "conv2d_winograd.c.j2", _is_winograd_dx, _winograd_dx_cost,
-               lambda layer: gemm_context(layer, "winograd_dx"),
-               needs="3x3, stride 1, padding 1, no dilation, one group, at least 16 channels in and out, "
-                     "an input gradient"),
+               "conv2d_winograd.c.j2", _is_winograd_dx, _winograd_dx_cost, _gemm_paths_context("winograd_dx"),
+               needs=WINOGRAD_DX_NEEDS),
+    KernelPath("winograd_dw", "Winograd F(2x2, 3x3)", "Winograd F(2x2, 3x3) dW, GEMM dX (col2im)",
+               "conv2d_winograd.c.j2", _is_winograd_shape, _winograd_dw_cost, _gemm_paths_context("winograd_dw"),
+               needs=WINOGRAD_NEEDS),
+    KernelPath("winograd_dw_dx", "Winograd F(2x2, 3x3)", "Winograd F(2x2, 3x3) dW and dX",
+               "conv2d_winograd.c.j2", _is_winograd_dx, _winograd_dw_dx_cost, _gemm_paths_context("winograd_dw_dx"),
+               needs=WINOGRAD_DX_NEEDS),
     KernelPath("gather", "GEMM over gathered pixel vectors (im2col on the fly)", "GEMM",
                "conv2d_gemm.c.j2", lambda layer: _gather(layer) is not None,
                lambda layer: _gemm_forward(layer, 2, False) + _gemm_backward(layer),
-               lambda layer: gemm_context(layer, "gather"),
+               _gemm_paths_context("gather"),
                needs="the taps of every 16 output pixels within 32 reals of an input row, at most 1024 "
                      "vectors of pixels"),
     KernelPath("im2col", "GEMM over an im2col buffer", "GEMM", "conv2d_gemm.c.j2", lambda layer: True,
                lambda layer: _gemm_forward(layer, 1, True) + _gemm_backward(layer),
-               lambda layer: gemm_context(layer, "im2col")),
+               _gemm_paths_context("im2col")),
 )
 
 
-WINOGRAD_PATHS = ("winograd", "winograd_dx")  # the paths with a Winograd forward (and its cache)
+# the paths with a Winograd forward (and its cache); those with a Winograd input gradient (and the
+# flipped kernels' transforms in the cache); those with a Winograd weight gradient
+WINOGRAD_PATHS = ("winograd", "winograd_dx", "winograd_dw", "winograd_dw_dx")
+WINOGRAD_DX_PATHS = ("winograd_dx", "winograd_dw_dx")
+WINOGRAD_DW_PATHS = ("winograd_dw", "winograd_dw_dx")
 
 
 def gemm_context(layer: Layer, path: str) -> dict:
     """The render context of the GEMM paths: im2col, gather (pixel_gather, with dot_tail),
-    winograd (its forward; its backward is the GEMM one) and winograd_dx (winograd's, with the
-    input gradient as a Winograd convolution too: WGX, the sizes of that convolution)."""
+    winograd (its forward; its backward is the GEMM one), winograd_dx (winograd's, with the
+    input gradient as a Winograd convolution too: WGX, the sizes of that convolution),
+    winograd_dw (winograd's, with the weight gradient as Winograd's transposed: DW_*, DWY the
+    output gradient's copy to channels last) and winograd_dw_dx (both)."""
     o, d = layer.opts, layer.derived
     cin, h, w = layer.in_shape
     cout, oh, ow = layer.out_shape
@@ -356,7 +420,9 @@ def gemm_context(layer: Layer, path: str) -> dict:
         gemm["SCRATCH"] = gemm["DPAD_OFF"] + (gemm["SCRATCH"] - gemm["DCOL_OFF"] - gemm["K"] * gemm["NP"])
     (pt, pb), (pl, pr) = d["pads"]
     hp, wp = h + pt + pb, w + pl + pr
-    padded = (pt, pb, pl, pr) != (0, 0, 0, 0)
+    # a zero-bordered copy of the input for the GEMMs that read taps (the forward's and the weight
+    # gradient's; Winograd's transforms make their own borders)
+    padded = (pt, pb, pl, pr) != (0, 0, 0, 0) and path not in WINOGRAD_DW_PATHS
     # the padded copy of a group's input planes follows the GEMM scratch
     xpad_off = _round_up(gemm.pop("SCRATCH"), VEC)
     scratch = xpad_off + ((cin // g) * hp * wp if padded else 0)
@@ -366,10 +432,21 @@ def gemm_context(layer: Layer, path: str) -> dict:
     # winograd_dx: dX = the correlation of dY, with a zero border of 2 - pad = 1, with the
     # kernels flipped and in and out channels swapped; after the weight gradient, in the same scratch
     wgx = {}
-    if path == "winograd_dx":
+    if path in WINOGRAD_DX_PATHS:
         wgx = dict(CIN=cout, COUT=cin, H=oh, W=ow, OH=h, OW=w, PT=2 - d["pads"][0][0], PL=2 - d["pads"][1][0],
                    bias=False, VEC=VEC, **winograd_blocking(cout, cin, h, w, ow))
         scratch = max(scratch, wgx["WG_SCRATCH"])
+    # winograd_dw: dW from the forward's V and the output gradient's tiles, in the same scratch
+    wdw = winograd_dw_blocking(cin, cout, oh, ow) if path in WINOGRAD_DW_PATHS else {}
+    if wdw:
+        wdw["DWY"] = dict(CIN=cout, H=oh, W=ow, PT=0, PL=0, WG_HT=2 * wino["WG_TH"], WG_WT=2 * wino["WG_TW"],
+                          WG_CINP=wdw["DW_COUTP"], WG_IN_WFULL=ow - ow % VEC, WG_CIN_FULL=cout - cout % VEC, VEC=VEC)
+        wdw["DW_V_OFF"] = 0
+        wdw["DW_D_OFF"] = 16 * wino["WG_VPS"]
+        wdw["DW_R_OFF"] = wdw["DW_D_OFF"] + 16 * wdw["DW_DPS"]  # xt, then dyt (M is the chunk's sums)
+        wdw["DW_COUT_FULL"] = cout - cout % VEC
+        scratch = max(scratch, wdw["DW_R_OFF"] + max(wino["WG_HT"] * wino["WG_WT"] * wino["WG_CINP"],
+                                                     4 * wino["WG_TH"] * wino["WG_TW"] * wdw["DW_COUTP"]))
     gather = _gather(layer) if path == "gather" else None
     if gather and gemm["NV"] == 1:
         # every gathered vector of pixels serves up to 16 channels (16 accumulators)
@@ -406,7 +483,13 @@ def gemm_context(layer: Layer, path: str) -> dict:
         regions["TAIL"] = (0, f"tail rows of taps [{tail['TAIL_R']}][{tail['TAIL_KT']}]")
     elif not gather:
         regions["COL"] = (0, f"col [{kp}][{np_}]")
-    if not dwg:
+    if wdw:
+        r = wdw["DW_R_OFF"]
+        regions.update(
+            DW_V=(0, f"V [16][{wino['WG_VPS']}]"), DW_D=(wdw["DW_D_OFF"], f"D [16][{wdw['DW_DPS']}]"),
+            DW_XT=(r, f"xt [{wino['WG_HT']}][{wino['WG_WT']}][{wino['WG_CINP']}]"),
+            DW_DYT=(r, f"dyt [{2 * wino['WG_TH']}][{2 * wino['WG_TW']}][{wdw['DW_COUTP']}]"))
+    elif not dwg:
         regions["COLT"] = (0, f"colT [{gemm['N']}][{kp}]")
     if wgx:
         regions.update(
@@ -432,7 +515,8 @@ def gemm_context(layer: Layer, path: str) -> dict:
         DH=o["dilation"][0], DW=o["dilation"][1], PT=d["pad_top"], PL=d["pad_left"],
         GROUPS=g, CIN_G=cin // g, COUT_G=cout // g, bias=o["bias"],
         PADDED=padded, HP=hp, WP=wp, XPAD_OFF=xpad_off, SCRATCH=scratch, **gemm,
-        WINO=bool(wino), **wino, WINO_DX=bool(wgx), WGX=wgx, GEMM_DIN=needs_din, ROW_COL2IM=row_col2im, W_FULL=w - w % VEC,
+        WINO=bool(wino), **wino, WINO_DX=bool(wgx), WGX=wgx, WINO_DW=bool(wdw), **wdw,
+        GEMM_DIN=needs_din, ROW_COL2IM=row_col2im, W_FULL=w - w % VEC,
         GATHER=gather is not None, GATHER_START=gather and gather[0], GATHER_LANES=gather and gather[1],
         GATHER_DW=bool(dwg), **dwg, IM2ROW_VEC=bool(im2row_vec), **(im2row_vec or {}), DOT_TAIL=bool(tail), **tail,
         # a partial last block of pixels needs only this many of its vectors
@@ -471,6 +555,24 @@ def winograd_blocking(cin: int, cout: int, oh: int, ow: int, w: int) -> dict:
     return dict(**full, WG_TH=th, WG_TW=tw, WG_T=t, WG_TP=tp, WG_TB=tb, WG_CB=cb, WG_CINP=cinp, WG_COUTP=coutp,
                 WG_HT=ht, WG_WT=wt, WG_VPS=vps, WG_MPS=mps, WG_UPS=ups,
                 WG_V_OFF=0, WG_YT_OFF=0, WG_M_OFF=a, WG_XT_OFF=a, WG_SCRATCH=a + b)
+
+
+def winograd_dw_blocking(cin: int, cout: int, oh: int, ow: int) -> dict:
+    """Sizes of the Winograd weight gradient of one sample: Winograd F(2x2, 3x3) transposed.
+
+    The forward is Y = A^T [U . V] A per tile, U = G g G^T, so dL/dU[e][ci][co] = sum over the
+    T tiles of D[e][t][co] V[e][t][ci], D = A dY A^T of the tile's 2x2 output gradient, and
+    dL/dg = G^T (dL/dU) G.  V is the forward's (planes of WG_VPS); D[16][T][COUTP] and
+    M[16][CINP][COUTP] keep channels last (planes DPS and MPS, a vector longer than they need,
+    as the forward's), and the 16 GEMMs accumulate IB input channels x CB vectors of output
+    channels over the tiles: the tile with the most FMAs per load among those that fit."""
+    t = -(-oh // 2) * -(-ow // 2)
+    cinp, coutp = _round_up(cin, VEC), _round_up(cout, VEC)
+    ib, cb = max(((i, j) for i in range(1, ACC_MAX + 1) for j in range(1, 5)
+                  if cinp % i == 0 and (coutp // VEC) % j == 0 and i * j <= ACC_MAX),
+                 key=lambda p: (p[0] * p[1] / (p[0] + p[1]), p[0] * p[1]))
+    return dict(DW_T=t, DW_CINP=cinp, DW_COUTP=coutp, DW_IB=ib, DW_CB=cb,
+                DW_DPS=t * coutp + VEC, DW_MPS=cinp * coutp + VEC)
 
 
 def tap0(p: int, ow: int, sh: int, sw: int, wp: int) -> int:
