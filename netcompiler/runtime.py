@@ -58,12 +58,12 @@ def available_cores() -> int:
 
 # The default thread count leaves out the cores other processes keep busy when it is chosen:
 # a thread sharing a core with another process is descheduled for whole time slices (ms), and
-# every barrier then waits for it, so 2 threads with one core busy ran at 0.86-0.98x the
-# 1-thread speed (bench/busy.py; README, Threads).  /proc/stat is read twice, LOAD_WINDOW apart;
+# every barrier then waits for it, so 2 threads with one core busy ran at 0.86-1.02x the
+# 1-thread speed, median 0.96x (bench/busy.py; README, Threads).  /proc/stat is read twice, LOAD_WINDOW apart;
 # the result is kept for LOAD_CACHE seconds, so making many nets in a row measures once.
 LOAD_WINDOW = 0.05
 LOAD_CACHE = 10.0
-_load_seen: tuple[float, int] | None = None  # (time.monotonic() of the measurement, the count)
+_load_seen: tuple[float, int] | None = None  # (time.monotonic() of the measurement, busy cores)
 
 
 def _cpu_ticks(cpus: set[int], stat: str) -> tuple[int, int] | None:
