@@ -104,9 +104,10 @@ def test_default_threads_measures_once_per_load_cache(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
     assert [runtime.default_threads() for _ in range(5)] == [1] * 5 and len(calls) == 1
+    assert runtime.default_threads(fresh=True) == 1 and len(calls) == 2  # measured again when asked
     clock[0] += runtime.LOAD_CACHE + 1
     monkeypatch.setattr(runtime, "busy_cores", lambda: calls.append(1) or 0.0)
-    assert runtime.default_threads() == 2 and len(calls) == 2
+    assert runtime.default_threads() == 2 and len(calls) == 3
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
@@ -219,11 +220,10 @@ def test_the_cli_sets_it_too(tmp_path):
     assert "GOMP_SPINCOUNT = '100'" in proc.stderr, proc.stderr[-2000:]  # libgomp's report of what it read
 
 
-def test_resume_with_another_thread_count_says_what_happens(tmp_path, capsys, monkeypatch):
+def _interrupted(argv: list[str], monkeypatch) -> int:
+    """`netc` run with argv, interrupted (Ctrl-C) at its third progress update."""
     import netcompiler.train
-    from test_train import make_case
 
-    spec_path, data = make_case(tmp_path)
     update = netcompiler.train.Progress.update
     calls = {"n": 0}
 
@@ -234,9 +234,18 @@ def test_resume_with_another_thread_count_says_what_happens(tmp_path, capsys, mo
         return update(self, *a, **kw)
 
     monkeypatch.setattr(netcompiler.train.Progress, "update", interrupting_update)
+    try:
+        return main(argv)
+    finally:
+        monkeypatch.setattr(netcompiler.train.Progress, "update", update)
+
+
+def test_resume_with_another_thread_count_says_what_happens(tmp_path, capsys, monkeypatch):
+    from test_train import make_case
+
+    spec_path, data = make_case(tmp_path)
     args = ["train", spec_path, "--data", data, "--out", str(tmp_path / "run")]
-    assert main([*args, "--threads", "1"]) == 130
-    monkeypatch.setattr(netcompiler.train.Progress, "update", update)
+    assert _interrupted([*args, "--threads", "1"], monkeypatch) == 130
     capsys.readouterr()
     assert main([*args, "--threads", "2", "--resume"]) == 0
     out = " ".join(capsys.readouterr())
@@ -248,25 +257,13 @@ def test_resume_without_threads_takes_the_runs_count(tmp_path, capsys, monkeypat
     is now (a busy core may have lowered it), so the weights are those of an uninterrupted run."""
     import numpy as np
 
-    import netcompiler.train
     from test_train import make_case
 
     spec_path, data = make_case(tmp_path)
-    update = netcompiler.train.Progress.update
-    calls = {"n": 0}
-
-    def interrupting_update(self, *a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return update(self, *a, **kw)
-
     whole = ["train", spec_path, "--data", data, "--out", str(tmp_path / "whole"), "--threads", "2"]
     assert main(whole) == 0
-    monkeypatch.setattr(netcompiler.train.Progress, "update", interrupting_update)
     args = ["train", spec_path, "--data", data, "--out", str(tmp_path / "run")]
-    assert main([*args, "--threads", "2"]) == 130
-    monkeypatch.setattr(netcompiler.train.Progress, "update", update)
+    assert _interrupted([*args, "--threads", "2"], monkeypatch) == 130
     monkeypatch.setattr(runtime, "default_threads", lambda: 1)  # the default here now: 1
     capsys.readouterr()
     assert main([*args, "--resume"]) == 0
