@@ -136,8 +136,7 @@ def main(argv=None) -> int:
             if load not in ("none", "busy"):
                 raise SystemExit(f"bench: --loads takes 'none' and 'busy', got '{load}'")
             with busy_process(busy_core if load == "busy" else None) as proc:
-                runtime._load_seen = None  # the default as a net made now gets it
-                net.threads = None
+                net.threads = runtime.default_threads(fresh=True)  # the default a net made now gets
                 default = net.threads
                 threads = sorted({cores_all, default, 1}, reverse=True)
                 r = measure(net, x, y, args.batch, threads, args)

@@ -114,13 +114,13 @@ def busy_cores(window: float = LOAD_WINDOW, stat: str = "/proc/stat", sleep=time
     return max(0.0, (b[0] - a[0] - own) / per_cpu)
 
 
-def default_threads() -> int:
+def default_threads(fresh: bool = False) -> int:
     """The thread count when none is given: available_cores() less the cores other processes
     keep busy now (busy_cores(), rounded half up), at least 1.  Measured at most once every
-    LOAD_CACHE seconds."""
+    LOAD_CACHE seconds, unless `fresh`."""
     global _load_seen
     now = time.monotonic()
-    if _load_seen is None or now - _load_seen[0] > LOAD_CACHE:
+    if fresh or _load_seen is None or now - _load_seen[0] > LOAD_CACHE:
         _load_seen = (now, int(busy_cores() + 0.5))
     return max(1, available_cores() - _load_seen[1])
 
