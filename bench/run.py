@@ -531,7 +531,8 @@ def report(results: dict, args) -> str:
     L.append(f"netcompiler benchmark: {env['cpu']}, {env['cores']} core(s) available, Python {env['python']}, "
              f"numpy {env['numpy']}, torch {env['torch'] or ('skipped' if args.no_torch else 'not installed')}, "
              f"onnxruntime {env['onnxruntime'] or '-'}")
-    L.append(f"C compiler: {env['cc']}; netc flags: {' '.join(env['flags'])}; Net.forward: {env.get('fastcall')}")
+    L.append(f"C compiler: {env['cc']}; netc flags: {' '.join(env['flags'])}; vectors: {env.get('vec')} reals; "
+             f"Net.forward: {env.get('fastcall')}")
     L.append(f"timing: warm-up {args.warmup:g} s, then median of {args.reps} repetitions of >= {args.min_time:g} s "
              f"each ({'thread CPU time for 1-thread runs, wall time otherwise' if args.clock == 'cpu' else 'wall time'}); load average {env['loadavg_start']} at start, {env['loadavg_end']} at end "
              f"(other load on the {env['cores']} cores makes numbers noisy, multi-thread ones most)")
@@ -753,6 +754,7 @@ def main(argv=None) -> int:
     if max(args.threads) > (cores := available_cores()):
         notes.append(f"more threads requested ({max(args.threads)}) than cores available ({cores})")
     from netcompiler.build import default_flags
+    from netcompiler.target import detect
 
     args.flags = default_flags() + shlex.split(args.cflags)
     progress("measuring FP32 peak")
@@ -762,7 +764,8 @@ def main(argv=None) -> int:
                                clock=time.thread_time if args.clock == "cpu" else time.perf_counter)
     env = {"cpu": cpu_name(), "cores": available_cores(), "python": platform.python_version(), "numpy": np.__version__,
            "torch": torch.__version__ if torch else None, "onnxruntime": ort.__version__ if ort else None,
-           "cc": cc_version(), "flags": args.flags, "fastcall": fastcall_state(), "loadavg_start": loadavg(),
+           "cc": cc_version(), "flags": args.flags, "vec": detect(args.flags).vec, "fastcall": fastcall_state(),
+           "loadavg_start": loadavg(),
            "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))}}
     bench = Bench(args, torch, ort)
     nets = [bench.run_net(n) for n in args.nets]

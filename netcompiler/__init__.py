@@ -31,14 +31,16 @@ if not any(k in _os.environ for k in OPENMP_WAIT):
 
 
 def compile(spec, dtype: str = "float32", threads: int | None = None, flags: list[str] | None = None,
-            out_dir=None, memory_budget: int | None = None, kernels: dict[str, str] | None = None):
+            out_dir=None, memory_budget: int | None = None, kernels: dict[str, str] | None = None,
+            vec: int | None = None):
     """Check, generate, build (cached) and load a spec; return a `runtime.Net`.
 
     `spec` is a path or an already checked `check.Network`; `threads` is as for `Net.threads`
     (1 to runtime.MAX_THREADS; None: runtime.default_threads(), the available cores not busy
     with other work).  `kernels` forces kernel paths, layer name -> path (`{"conv1": "im2col"}`;
     `netc report --kernels` lists the choices); a path that does not apply to its layer is an
-    `errors.KernelError`."""
+    `errors.KernelError`.  `vec` (4, 8 or 16) sets the reals per vector of the generated C instead
+    of the build target's (see `target`): any width runs anywhere, the target's runs fastest."""
     import cffi
 
     from .build import compile_rendered, default_flags
@@ -46,12 +48,16 @@ def compile(spec, dtype: str = "float32", threads: int | None = None, flags: lis
     from .render import render
     from .runtime import Net, check_threads
 
+    from .target import TARGETS, check_vec, detect, using
+
     threads = check_threads(threads)  # before the build: a bad count fails at once
-    net = spec if isinstance(spec, Network) else load(spec, memory_budget or DEFAULT_MEMORY_BUDGET)
-    if kernels:
-        net = force_kernels(net, kernels)
     flags = list(flags) if flags is not None else default_flags()
-    rendered = render(net, dtype, flags)
+    tg = TARGETS[check_vec(vec)] if vec is not None else detect(flags)
+    net = spec if isinstance(spec, Network) else load(spec, memory_budget or DEFAULT_MEMORY_BUDGET)
+    with using(tg):  # where a forced path applies depends on the vector width
+        if kernels:
+            net = force_kernels(net, kernels)
+        rendered = render(net, dtype, flags, vec=tg.vec)
     built = compile_rendered(rendered, out_dir=out_dir, flags=flags)
     ffi = cffi.FFI()
     ffi.cdef(rendered.api)

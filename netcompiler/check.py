@@ -187,7 +187,7 @@ def force_kernels(net: Network, kernels: dict[str, str]) -> Network:
             raise KernelError(f"kernels: {layer.where()}: unknown kernel path '{path}'"
                               f"{did_you_mean(str(path), [p.name for p in paths])}; paths that apply: {', '.join(ok)}")
         if path not in ok:
-            raise KernelError(f"kernels: {layer.where()}: kernel path '{path}' does not apply ({known.needs}); "
+            raise KernelError(f"kernels: {layer.where()}: kernel path '{path}' does not apply ({known.needs_text()}); "
                               f"paths that apply: {', '.join(ok)}")
         forced[name] = path
     layers = [dataclasses.replace(l, kernel=forced.get(l.name, l.kernel)) for l in net.layers]

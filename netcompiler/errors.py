@@ -51,6 +51,10 @@ class KernelError(NetcError, ValueError):
     """A forced kernel path that names no layer, no path of it, or one that does not apply."""
 
 
+class TargetError(NetcError, ValueError):
+    """A vector width that is not one of the targets' (NETC_VEC, `compile(vec=...)`)."""
+
+
 class BuildError(NetcError):
     """The C compiler failed on generated code."""
 

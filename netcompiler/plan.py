@@ -36,6 +36,7 @@ from .check import Network
 from .ctext import comment
 from .graph import consumers, needs_grad, tensors
 from .layers import INPUT, Layer, fmt_shape
+from .target import current
 
 
 @dataclass
@@ -167,6 +168,7 @@ class Plan:
     tensors: dict[str, Any] = field(default_factory=dict)  # graph.Tensor by name, with storage and offset
     parallel_min_eval: int = 1  # fewer samples than this: an evaluation forward runs on one thread
     parallel_min_train: int = 1  # the same for training calls (forward, backward, steps)
+    vec: int = 16  # reals per vreal of the target the plan was made for (target.current())
 
     @property
     def range_grads(self) -> list[LayerPlan]:
@@ -473,7 +475,7 @@ def make_plan(net: Network) -> Plan:
     for lp in plans:
         size = lp.layer.kind.chunk_accum(lp.layer)
         if size:
-            lp.accum = -(-scratch // ACCUM_ALIGN) * ACCUM_ALIGN
+            lp.accum = -(-scratch // current().vec) * current().vec  # the chunk sums start at whole vectors
             lp.accum_size = size
             scratch = lp.accum + size
     for lp in plans:
@@ -485,7 +487,7 @@ def make_plan(net: Network) -> Plan:
         int_slots=ints.tensors, stats=stats.tensors, cache=cache.tensors, num_params=params.size,
         num_buffers=buffers.size, acts_per_sample=acts.size, ints_per_sample=ints.size, stats_size=stats.size,
         cache_size=cache.size,
-        scratch_per_thread=scratch,
+        scratch_per_thread=scratch, vec=current().vec,
         in_size=math.prod(net.input_shape), out_size=math.prod(net.output_shape),
         train_stages=_stages(plans, training=True), eval_stages=_stages(plans, training=False),
         views=view_tensors, tensors=graph,
@@ -501,7 +503,6 @@ def make_plan(net: Network) -> Plan:
 # more per evaluation call, and lenet5's evaluation broke even between 12 and 16 samples
 # (README, "Threads").
 PARALLEL_MIN_FLOPS = 8_000_000
-ACCUM_ALIGN = 16  # the chunk sums start at whole vectors of floats
 
 
 def parallel_min(flops_per_sample: int) -> int:

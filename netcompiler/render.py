@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jinja2
 
-from . import __version__
+from . import __version__, target
 from .cexpr import Ix, at, ix, loop, prod, uses
 from .ctext import assert_plan, comment
 from .plan import Plan, make_plan
@@ -81,6 +81,7 @@ def banner(plan: Plan, dtype: str, flags: list[str]) -> str:
         f"Network '{net.name}': input {'x'.join(map(str, net.input_shape))}, loss {net.loss}, "
         f"real_t = {CTYPES[dtype]} ({dtype}).",
         f"Compiler flags: {' '.join(flags) if flags else '(not compiled yet)'}",
+        f"Vectors: {plan.vec} reals (VEC), tiles for {TARGET_NAME[plan.vec]} registers.",
         "",
         *table_lines(rep),
         "",
@@ -90,9 +91,39 @@ def banner(plan: Plan, dtype: str, flags: list[str]) -> str:
     return "/*\n" + "\n".join((" * " + comment(l)).rstrip() for l in lines) + "\n */"
 
 
-def render(net, dtype: str = "float32", flags: list[str] | None = None) -> Rendered:
+def render(net, dtype: str = "float32", flags: list[str] | None = None, vec: int | None = None) -> Rendered:
+    """The C of `net` for the target of a build with `flags` (target.detect), or with vectors of
+    `vec` reals when given."""
     if dtype not in CTYPES:
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    tg = target.TARGETS[target.check_vec(vec)] if vec is not None else target.detect(flags)
+    with target.using(tg):
+        return _render(net, dtype, flags, tg)
+
+
+def shuffle_levels(vec: int) -> list[tuple[int, list[int]]]:
+    """The two-vector shuffles of vsumN and vtransposeN, from blocks of vec / 2 lanes down to
+    1: lane l of block b = l // w takes lane l % w of block 2 (b // 2) of the first vector (b
+    even) or of the second (b odd, lanes VEC and up)."""
+    levels, w = [], vec // 2
+    while w >= 1:
+        levels.append((w, [(l // w // 2) * 2 * w + l % w + (vec if (l // w) % 2 else 0) for l in range(vec)]))
+        w //= 2
+    return levels
+
+
+def bit_reversed(vec: int) -> list[int]:
+    bits = vec.bit_length() - 1
+    return [int(format(i, f"0{bits}b")[::-1], 2) for i in range(vec)]
+
+
+# per vector width: the compiler macro of the instruction set where a vreal of floats is one
+# register (vkeep's asm constraint needs that), and its name for the C's comments
+VEC_MACRO = {16: "__AVX512F__", 8: "__AVX__", 4: "__SSE__"}
+TARGET_NAME = {16: "AVX-512", 8: "AVX/AVX2", 4: "128-bit vectors"}
+
+
+def _render(net, dtype: str, flags: list[str] | None, tg) -> Rendered:
     plan = make_plan(net)
     assert_plan(plan)  # names and sizes only: anything else from outside is in comments, escaped
     env = _env()
@@ -112,6 +143,8 @@ def render(net, dtype: str = "float32", flags: list[str] | None = None) -> Rende
         banner=banner(plan, dtype, flags or []),
         image=dict(zip("chw", net.input_shape)) if len(net.input_shape) == 3 else None,  # augmentation's sizes
         fill_channels=net.input_shape[0] if len(net.input_shape) == 3 else 1,  # augmentation's fill values
+        vec=tg.vec, vec_macro=VEC_MACRO[tg.vec], target_name=TARGET_NAME[tg.vec],
+        shuffle_levels=shuffle_levels(tg.vec), shuffle_leaves=bit_reversed(tg.vec),
     )
     api = env.get_template("api.h.j2").render(ctx)
     header = env.get_template("header.h.j2").render(ctx, api=api)

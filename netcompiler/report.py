@@ -29,6 +29,7 @@ from .check import Network
 from .graph import needs_grad
 from .layers import INPUT, Layer, fmt_shape
 from .plan import fused_relus, gradient_add_flops, gradient_sum_slots, without_slot
+from .target import current
 
 OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state tensors per parameter
 
@@ -147,7 +148,9 @@ def kernel_lines(rep: dict) -> list[str]:
     def fmt(row):
         return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
 
-    return (["kernel paths (cost: estimated vector operations per sample, forward and backward):", fmt(head),
+    vec = rep.get("kernel_vec")
+    width = f" for vectors of {vec} reals" if vec else ""
+    return ([f"kernel paths{width} (cost: estimated vector operations per sample, forward and backward):", fmt(head),
              "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
 
 
@@ -190,7 +193,7 @@ def build_report(net: Network, batch_size: int = 64, dtype: str = "float32", opt
         "batch_size": batch_size,
         "optimizer": optimizer,
         "training_memory": mem,
-        **({"kernels": kernel_rows(net.layers)} if kernels else {}),
+        **({"kernels": kernel_rows(net.layers), "kernel_vec": current().vec} if kernels else {}),
     }
 
 
@@ -298,7 +301,8 @@ def format_report(rep: dict, fmt: str = "text") -> str:
         lines.append("")
         lines += [f"- {s}" for s in summary_lines(rep)]
         if rep.get("kernels"):
-            lines += ["", "| name | kernel path | forward | backward | why |", "|---|---|---|---|---|"]
+            lines += ["", f"Kernel paths for vectors of {rep['kernel_vec']} reals:", "",
+                      "| name | kernel path | forward | backward | why |", "|---|---|---|---|---|"]
             lines += [f"| {r['name']} | {r['path']} | {r['forward']} | {r['backward']} | {r['why']} |"
                       for r in rep["kernels"]]
         lines += ["", f"_{CONVENTIONS}_"]

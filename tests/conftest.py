@@ -27,6 +27,12 @@ from netcompiler.verify import random_batch  # noqa: F401 (used by the test modu
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The generated C's vector width follows the build target (netcompiler/target.py: 16 reals with
+# AVX-512, 8 with AVX2).  The tests expect the tiles of one width whatever the machine, 16 unless
+# NETC_VEC says otherwise (the netc processes they start inherit it); test_vector_widths.py builds
+# the other widths explicitly.
+os.environ.setdefault("NETC_VEC", "16")
+
 # A spec whose C takes long to compile: hundreds of layers or large maps (densenet_cifar,
 # mobilenetv2_cifar, squeezenet1_1). Tests that compile every spec several times (both
 # compilers, both dtypes, export targets) run it only with -m slow; the default run still
@@ -48,7 +54,7 @@ def spec_params(paths, value=lambda p: p) -> list:
     return [pytest.param(value(p), id=p.stem, marks=[pytest.mark.slow] if heavy_spec(p) else []) for p in paths]
 
 
-_BUILT: dict[tuple[str, str, str], Any] = {}
+_BUILT: dict[tuple, Any] = {}
 
 
 def spec(input_shape, layers, loss: str = "cross_entropy", name: str | None = None) -> str:
@@ -58,12 +64,15 @@ def spec(input_shape, layers, loss: str = "cross_entropy", name: str | None = No
     return f"{head}input: {list(input_shape)}\nlayers:\n{body}loss: {loss}\n"
 
 
-def compile_spec(spec_text: str, dtype: str = "float64", file: str = "case.yaml", kernels: dict | None = None):
-    """The compiled net of `spec_text` (cached), its layers' kernel paths forced as `kernels` says."""
-    key = (spec_text, dtype, file, tuple(sorted((kernels or {}).items())))
+def compile_spec(spec_text: str, dtype: str = "float64", file: str = "case.yaml", kernels: dict | None = None,
+                 vec: int | None = None):
+    """The compiled net of `spec_text` (cached), its layers' kernel paths forced as `kernels` says,
+    with vectors of `vec` reals (None: NETC_VEC's)."""
+    key = (spec_text, dtype, file, tuple(sorted((kernels or {}).items())), vec)
     net = _BUILT.get(key)
     if net is None:
-        net = _BUILT[key] = nc.compile(check_text(spec_text, file), dtype=dtype, threads=1, kernels=kernels)
+        net = _BUILT[key] = nc.compile(check_text(spec_text, file), dtype=dtype, threads=1, kernels=kernels,
+                                       vec=vec)
     return net
 
 
@@ -80,21 +89,26 @@ def reset(net, threads: int = 1, seed: int = 0):
 
 
 def build(spec_text: str, dtype: str = "float64", threads: int = 1, file: str = "case.yaml",
-          kernels: dict | None = None):
-    """The compiled net of `spec_text` (cached per dtype and forced kernels), reset to init(0)/seed(0)."""
-    return reset(compile_spec(spec_text, dtype, file, kernels), threads)
+          kernels: dict | None = None, vec: int | None = None):
+    """The compiled net of `spec_text` (cached per dtype, forced kernels and vector width), reset
+    to init(0)/seed(0)."""
+    return reset(compile_spec(spec_text, dtype, file, kernels, vec), threads)
 
 
 def prebuild(jobs) -> None:
-    """Compile (spec_text, dtype) or (spec_text, dtype, kernels) jobs concurrently into the cache of `build`."""
-    jobs = [(j[0], j[1], j[2] if len(j) > 2 else None) for j in jobs]
-    todo = [j for j in {(t, d, tuple(sorted((k or {}).items()))): (t, d, k) for t, d, k in jobs}.values()
-            if (j[0], j[1], "case.yaml", tuple(sorted((j[2] or {}).items()))) not in _BUILT]
+    """Compile (spec_text, dtype[, kernels[, vec]]) jobs concurrently into the cache of `build`."""
+    jobs = [(j[0], j[1], j[2] if len(j) > 2 else None, j[3] if len(j) > 3 else None) for j in jobs]
+
+    def key(t, d, k, v):
+        return t, d, "case.yaml", tuple(sorted((k or {}).items())), v
+
+    todo = [j for j in {key(*j): j for j in jobs}.values() if key(*j) not in _BUILT]
     if not todo:
         return
     workers = max(1, min(len(todo), len(os.sched_getaffinity(0))))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for f in [pool.submit(compile_spec, text, dtype, "case.yaml", kernels) for text, dtype, kernels in todo]:
+        for f in [pool.submit(compile_spec, text, dtype, "case.yaml", kernels, vec)
+                  for text, dtype, kernels, vec in todo]:
             f.result()
 
 

@@ -2,8 +2,9 @@
 
 Every spec in specs/, tests/specs/snapshot.yaml and a few odd shapes (stride, padding,
 dilation, groups, ceil-mode and average pools) are rendered in float32 and float64 and the
-C text is searched for (so is the C of every conv2d kernel path forced on the shapes
-tests/test_gradients.py checks it on):
+C text is searched for (so is the C of every case tests/test_gradients.py checks, each
+conv2d kernel path forced on the shapes it is checked on there; tests/test_vector_widths.py
+lints the narrower vector widths):
 - loops that run once or never (`for (int j = 0; j < 1; j++)`);
 - multiplications by a literal 1 and additions of a literal 0 (`ky * 1`, `y + 0`);
 - `(void)X;` in a function that then uses X;
@@ -253,10 +254,13 @@ def test_generated_c_has_no_leftovers(text, file, dtype):
     assert not problems, f"{file} ({dtype}): {len(problems)} problems:\n" + "\n".join(problems[:80])
 
 
-@pytest.mark.parametrize("case", sorted(KERNELS))
-def test_forced_kernel_paths_have_no_leftovers(case):
-    """Every conv2d kernel path on each shape class tests/test_gradients.py checks it on."""
-    net = force_kernels(check_text(GRAD_CASES[case], f"{case}.yaml"), KERNELS[case])
+@pytest.mark.parametrize("case", sorted(GRAD_CASES))
+def test_gradient_cases_have_no_leftovers(case):
+    """Every case tests/test_gradients.py checks (each kernel path forced on the shape
+    classes it is checked on there)."""
+    net = check_text(GRAD_CASES[case], f"{case}.yaml")
+    if case in KERNELS:
+        net = force_kernels(net, KERNELS[case])
     problems = lint(render(net, "float32").source)
     assert not problems, f"{case}: {len(problems)} problems:\n" + "\n".join(problems[:80])
 

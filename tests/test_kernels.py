@@ -150,7 +150,8 @@ def test_report_names_each_convs_path_and_why():
                          capture_output=True, text=True, check=True).stdout
     line = next(l for l in out.splitlines() if l.startswith("block1.conv2 "))
     assert line.split()[1] == "depthwise" and "cost" in line
-    assert "kernel paths (cost: estimated vector operations per sample" in out
+    # NETC_VEC (conftest) sets the width the paths are chosen for
+    assert "kernel paths for vectors of 16 reals (cost: estimated vector operations per sample" in out
     assert "kernel paths" not in format_report(build_report(load(path)))
     md = format_report(build_report(load(path), kernels=True), "markdown")
     assert "| block1.conv2 | depthwise | direct 3x3 per channel" in md

@@ -275,16 +275,23 @@ def test_san_specs_use_every_layer_kind():
 
 @pytest.mark.parametrize("name, dtype", CASES)
 def test_sanitizers_clean(name, dtype, tmp_path):
+    run_sanitized(name, dtype, tmp_path)
+
+
+def run_sanitized(name: str, dtype: str, tmp_path: Path, vec: int | None = None,
+                  march: tuple[str, ...] = ()) -> None:
+    """SAN_SPECS[name] rendered (with vectors of `vec` reals when given), built with the
+    sanitizers (and `march`) against the driver, run clean."""
     cc = shutil.which("gcc") or compiler()
     text = SAN_SPECS[name]
     net = check_text(text, f"{name}.yaml")
-    rendered = render(net, dtype, SANITIZE)
+    rendered = render(net, dtype, SANITIZE, vec=vec)
     c_file = _write(rendered, tmp_path)
     exe = tmp_path / f"{name}_driver"
     defines = [f"-DNET={name}", f"-DNETU={name.upper()}", f'-DNET_HEADER="{name}.h"',
                f"-DNET_CE={int(net.loss == 'cross_entropy')}"]
-    cmd = [cc, *SANITIZE, *SANITIZE_EXTRA, *_omp_flags(cc), f"-I{tmp_path}", *defines, str(c_file), str(DRIVER),
-           "-o", str(exe), "-lm"]
+    cmd = [cc, *SANITIZE, *march, *SANITIZE_EXTRA, *_omp_flags(cc), f"-I{tmp_path}", *defines, str(c_file),
+           str(DRIVER), "-o", str(exe), "-lm"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "sanitize" in proc.stderr and "cannot find" in proc.stderr:
         pytest.skip(f"the sanitizer runtime is not installed: {proc.stderr.strip()[:200]}")
@@ -320,13 +327,14 @@ def _compile_all(cc: str, flags: list[str], tmp_path: Path, sources) -> list[str
         return [r for r in pool.map(one, sources) if r]
 
 
-def _project_sources(flags, heavy: bool = False):
-    """Both dtypes of every spec of SPECS (light ones, or with heavy=True the heavy ones)."""
+def _project_sources(flags, heavy: bool = False, vec: int | None = None):
+    """Both dtypes of every spec of SPECS (light ones, or with heavy=True the heavy ones), with
+    vectors of `vec` reals when given."""
     out = []
     for path in (p for p in SPECS if heavy_spec(p) == heavy):
         net = load(path)
         for dtype in ("float32", "float64"):
-            out.append((f"{path.stem}_{dtype}", render(net, dtype, flags)))
+            out.append((f"{path.stem}_{dtype}", render(net, dtype, flags, vec=vec)))
     return out
 
 

@@ -16,7 +16,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+from ..errors import KernelError
 from ..spec import Node
+from ..target import current
 
 Shape = tuple[int, ...]
 REQUIRED = object()
@@ -369,10 +371,16 @@ class LayerKind:
             return None
         # made once per layer (and forced path, and input gradient): the plan, the scratch size,
         # the cache and the render context all ask
-        key = f"kernel_choice:{layer.kernel}:{layer.grad_input}"
+        # the vector width too: costs and where a path applies depend on it
+        key = f"kernel_choice:{layer.kernel}:{layer.grad_input}:{current().vec}"
         if key not in layer.derived:
             costs = {p.name: p.cost(layer) for p in paths if p.applies(layer)}
             if layer.kernel is not None:
+                if layer.kernel not in costs:
+                    known = next(p for p in paths if p.name == layer.kernel)
+                    raise KernelError(f"kernels: {layer.where()}: kernel path '{layer.kernel}' does not apply "
+                                      f"with vectors of {current().vec} reals ({known.needs_text()}); paths that "
+                                      f"apply: {', '.join(costs)}")
                 path = next(p for p in paths if p.name == layer.kernel)
             else:
                 path = min((p for p in paths if p.name in costs), key=lambda p: costs[p.name])
@@ -434,10 +442,16 @@ class KernelPath:
     cost: Callable[[Layer], float]
     context: Callable[[Layer], dict]
     needs: str = ""  # what `applies` asks for, for the error when it is forced where it does not apply
+    # ({vec}, {vec2}: the reals of one vector and of two at the target's width)
     folds_bn: bool = False  # its evaluation forward can apply a batch norm and a ReLU after it (eval_folds)
     # evaluation runs it wherever it applies, whichever path training runs (unless one is forced): its
     # forward is never the slower one and it uses no scratch (pointwise: the GEMM with no copies)
     eval_first: bool = False
+
+    def needs_text(self) -> str:
+        """`needs` at the width plans are made for now."""
+        vec = current().vec
+        return self.needs.format(vec=vec, vec2=2 * vec)
 
 
 @dataclass(frozen=True)

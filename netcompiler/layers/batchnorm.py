@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from .base import Layer, LayerKind, Option, Shape, fmt_shape
-from .conv2d import VEC
+from ..target import current
 
 
 class BatchNorm2d(LayerKind):
@@ -73,7 +73,8 @@ class BatchNorm2d(LayerKind):
         c, hw = layer.in_shape[0], math.prod(layer.in_shape[1:])
         # HWV: the whole vectors of a channel's plane, the vector loops' end; a scalar tail does the rest
         # C2: where rstd starts in stats (after k and mean - k)
-        return dict(C=c, C2=2 * c, HW=hw, HWV=hw - hw % VEC, VEC=VEC, eps=repr(layer.opts["eps"]),
+        vec = current().vec
+        return dict(C=c, C2=2 * c, HW=hw, HWV=hw - hw % vec, VEC=vec, eps=repr(layer.opts["eps"]),
                     momentum=repr(layer.opts["momentum"]))
 
     def torch_module(self, layer: Layer):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from ..target import current
 from .base import MAX_ELEMENTS, KernelPath, Layer, Option, Shape, WeightLayer, fmt_shape, side_pads, window_out
 
 
@@ -142,9 +143,7 @@ class Conv2d(WeightLayer):
         return PaddedConv2d(*args, pads=pads, **kw)
 
 
-VEC = 16  # floats per AVX-512 register; blocks are multiples of it
 GATHER_MAX_VECTORS = 1024  # pixel vectors of a gathered im2col (its tables: 17 ints each)
-ACC_MAX = 24  # vector accumulators of a backward register tile (AVX-512 has 32 registers)
 
 
 def _largest_divisor(n: int, limit: int) -> int:
@@ -182,6 +181,7 @@ def _gemm_forward(layer: Layer, loads: int, copies: bool) -> float:
     """FMAs of the per-group GEMM, plus `loads` operations per tap and vector of pixels for
     every block of channels (a load from an im2col buffer or the input planes 1, a gather of
     two loads and a shuffle 2), plus half a cycle per tap copied into an im2col buffer."""
+    VEC = current().vec
     g, m, k, n = _sizes(layer)
     blocks = -(-m // _largest_divisor(m, 8))
     return g * k * -(-n // VEC) * (m + loads * blocks) + (g * k * n / 2 if copies else 0)
@@ -189,12 +189,14 @@ def _gemm_forward(layer: Layer, loads: int, copies: bool) -> float:
 
 def _gemm_dw(layer: Layer) -> float:
     """The GEMM paths' weight gradient over rows of taps (copied: im2row)."""
+    VEC = current().vec
     g, m, k, n = _sizes(layer)
     return g * n * -(-k // VEC) * (m + 1) + g * k * n / 2
 
 
 def _gemm_din(layer: Layer) -> float:
     """The GEMM paths' input gradient: its GEMM and its col2im (none without an input gradient)."""
+    VEC = current().vec
     g, m, k, n = _sizes(layer)
     return g * k * -(-n // VEC) * (m + 1) + g * k * n / VEC if layer.grad_input else 0
 
@@ -205,6 +207,7 @@ def _gemm_backward(layer: Layer) -> float:
 
 
 def _is_winograd_shape(layer: Layer) -> bool:
+    VEC = current().vec
     o = layer.opts
     return ((o["kernel_size"], o["stride"], o["dilation"], o["groups"]) == ((3, 3), (1, 1), (1, 1), 1)
             and layer.in_shape[0] >= VEC and layer.out_shape[0] >= VEC)
@@ -231,6 +234,7 @@ def _winograd_dw(layer: Layer) -> float:
     tiles (FMAs and vector loads, and their sums' loads), the two transforms into them and their
     copies to channels last; once a chunk (CHUNK_SAMPLES), the sums zeroed and G^T m G of every
     kernel added into dW one weight at a time."""
+    VEC = current().vec
     (cin, h, w), (cout, oh, ow) = layer.in_shape, layer.out_shape
     b = winograd_dw_blocking(cin, cout, oh, ow)
     cinp, coutp, t, ib, cb = b["DW_CINP"], b["DW_COUTP"], b["DW_T"], b["DW_IB"], b["DW_CB"]
@@ -259,6 +263,7 @@ def _is_winograd_dx(layer: Layer) -> bool:
 def _winograd_din(layer: Layer) -> float:
     """The Winograd input gradient: the input gradient's GEMM (its FMAs and loads, no col2im)
     times _winograd_factor."""
+    VEC = current().vec
     g, m, k, n = _sizes(layer)
     return g * k * -(-n // VEC) * (m + 1) * _winograd_factor(*layer.in_shape[1:])
 
@@ -274,6 +279,7 @@ def _winograd_dw_dx_cost(layer: Layer) -> float:
 
 
 def _is_pointwise(layer: Layer) -> bool:
+    VEC = current().vec
     o = layer.opts
     return ((o["kernel_size"], o["stride"], o["dilation"], o["groups"]) == ((1, 1), (1, 1), (1, 1), 1)
             and layer.derived["pads"] == ((0, 0), (0, 0)) and layer.out_shape[1] * layer.out_shape[2] >= VEC)
@@ -297,6 +303,7 @@ def _depthwise_cost(layer: Layer) -> float:
     for the forward and for the weight gradient; the input gradient is 9 FMAs per vector of
     input pixels over the output gradient spread onto a zero plane (stride 2: half a cycle per
     value spread); the copies into zero-bordered planes."""
+    VEC = current().vec
     c, oh, ow = layer.out_shape
     h, w = layer.in_shape[1:]
     per = 1 if layer.opts["stride"] == (1, 1) else 2
@@ -310,20 +317,23 @@ def pointwise_context(layer: Layer) -> dict:
     M = out channels, K = in channels, N = pixels; no im2col, no gather.  Blocks of MB
     channels x NV vectors of pixels; the last VEC pixels are one more vector that overlaps the
     one before (N >= VEC), recomputing the same values."""
+    tg = current()
+    VEC = tg.vec
     cin, h, w = layer.in_shape
     cout = layer.out_shape[0]
     n = h * w
-    mb = _largest_divisor(cout, 12)  # 12 x 2 vectors: 24 accumulators, 2 pixel vectors
+    mb = _largest_divisor(cout, tg.acc_max // 2)  # AVX-512: 12 x 2 vectors, 24 accumulators, 2 pixel vectors
     nv = 2 if n >= 2 * VEC else 1
     kb = _largest_divisor(cin, 8)  # input-gradient tiles: KB channels x NV vectors
     # weight gradient: DMB x DKB lane sums, the tile with the fewest loads per FMA (DMB + DKB per
     # DMB x DKB) among those that fit the registers (DMB x DKB accumulators, DMB output-gradient
-    # vectors, one input vector: at most 30)
+    # vectors, one input vector: at most tile_regs)
     dmb, dkb = max(((a, b) for a in range(1, 9) for b in range(1, 9)
-                    if cout % a == 0 and cin % b == 0 and a * b + a + 1 <= 30 and a * b <= 24),
+                    if cout % a == 0 and cin % b == 0 and a * b + a + 1 <= tg.tile_regs and a * b <= tg.acc_max),
                    key=lambda t: (t[0] * t[1] / (t[0] + t[1]), t[0] * t[1]))
     return dict(CIN=cin, COUT=cout, N=n, MB=mb, NV=nv, NB=nv * VEC, N_MAIN=n - n % (nv * VEC),
-                N_VEC=n - n % VEC, N_LAST=n - VEC, N_REM=n % VEC, N_DONE=(VEC - n % VEC) % VEC, KB=kb, DMB=dmb, DKB=dkb, DW_ACC=_round_up(dmb * dkb, 16), DW_SUMS=list(range(0, dmb * dkb, 16)),
+                N_VEC=n - n % VEC, N_LAST=n - VEC, N_REM=n % VEC, N_DONE=(VEC - n % VEC) % VEC, KB=kb, DMB=dmb, DKB=dkb, DW_ACC=_round_up(dmb * dkb, VEC),
+                DW_SUMS=list(range(0, dmb * dkb, VEC)),
                 bias=layer.opts["bias"], SCRATCH=0, VEC=VEC)
 
 
@@ -333,6 +343,7 @@ def depthwise_context(layer: Layer) -> dict:
     stride 2 gathers the even lanes of two vectors.  The input gradient correlates the
     output gradient, spread onto a zero plane dz (dz[S oy + 1][S ox + 1] = d[oy][ox], HP x WP),
     with the flipped kernel, one vector of input pixels at a time."""
+    VEC = current().vec
     c, h, w = layer.in_shape
     _, oh, ow = layer.out_shape
     s = layer.opts["stride"][0]
@@ -347,13 +358,15 @@ def depthwise_context(layer: Layer) -> dict:
                 ROW_STEP=s * wp, OW_FULL=ow - ow % VEC, OW_REM=ow % VEC, OW_FULL_IN=s * (ow - ow % VEC),
                 W_FULL=w - w % VEC, W_REM=w % VEC,
                 bias=layer.opts["bias"], VEC=VEC, EVEN=list(range(0, 2 * VEC, 2)),
+                # the weight gradient's 9 tap sums, in whole vectors of accumulators
+                TAP_ACC=_round_up(9, VEC), TAP_SUMS=list(range(0, 9, VEC)),
                 SCR={k: prefix + k for k in regions},
                 SCRATCH_DEFS=[(prefix + k, off, shape) for k, (off, shape) in regions.items()],
                 SCRATCH=plane * len(regions))
 
 
-WINOGRAD_NEEDS = "3x3, stride 1, no dilation, one group, at least 16 channels in and out"
-WINOGRAD_DX_NEEDS = ("3x3, stride 1, padding 1, no dilation, one group, at least 16 channels in and out, "
+WINOGRAD_NEEDS = "3x3, stride 1, no dilation, one group, at least {vec} channels in and out"
+WINOGRAD_DX_NEEDS = ("3x3, stride 1, padding 1, no dilation, one group, at least {vec} channels in and out, "
                      "an input gradient")
 
 
@@ -364,7 +377,7 @@ def _gemm_paths_context(path: str):
 CONV_PATHS = (
     KernelPath("pointwise", "GEMM over the input planes", "GEMMs over the planes (dW: lane sums)",
                "conv2d_pointwise.c.j2", _is_pointwise, _pointwise_cost, pointwise_context,
-               needs="1x1, stride 1, no padding, no dilation, one group, at least 16 output pixels", folds_bn=True,
+               needs="1x1, stride 1, no padding, no dilation, one group, at least {vec} output pixels", folds_bn=True,
                eval_first=True),
     KernelPath("depthwise", "direct 3x3 per channel over vectors of pixels", "direct per channel",
                "conv2d_depthwise.c.j2", _is_depthwise, _depthwise_cost, depthwise_context,
@@ -385,7 +398,7 @@ CONV_PATHS = (
                "conv2d_gemm.c.j2", lambda layer: _gather(layer) is not None,
                lambda layer: _gemm_forward(layer, 2, False) + _gemm_backward(layer),
                _gemm_paths_context("gather"),
-               needs="the taps of every 16 output pixels within 32 reals of an input row, at most 1024 "
+               needs="the taps of every {vec} output pixels within {vec2} reals of an input row, at most 1024 "
                      "vectors of pixels"),
     KernelPath("im2col", "GEMM over an im2col buffer", "GEMM", "conv2d_gemm.c.j2", lambda layer: True,
                lambda layer: _gemm_forward(layer, 1, True) + _gemm_backward(layer),
@@ -406,6 +419,8 @@ def gemm_context(layer: Layer, path: str) -> dict:
     input gradient as a Winograd convolution too: WGX, the sizes of that convolution),
     winograd_dw (winograd's, with the weight gradient as Winograd's transposed: DW_*, DWY the
     output gradient's copy to channels last) and winograd_dw_dx (both)."""
+    tg = current()
+    VEC = tg.vec
     o, d = layer.opts, layer.derived
     cin, h, w = layer.in_shape
     cout, oh, ow = layer.out_shape
@@ -449,8 +464,8 @@ def gemm_context(layer: Layer, path: str) -> dict:
                                                      4 * wino["WG_TH"] * wino["WG_TW"] * wdw["DW_COUTP"]))
     gather = _gather(layer) if path == "gather" else None
     if gather and gemm["NV"] == 1:
-        # every gathered vector of pixels serves up to 16 channels (16 accumulators)
-        gemm["MB"] = _largest_divisor(cout // g, 16)
+        # every gathered vector of pixels serves up to half the registers' channels (accumulators)
+        gemm["MB"] = _largest_divisor(cout // g, tg.regs // 2)
     # a group's K = CIN_G x KH x KW taps, and each one's offset in the (padded) input planes
     k_all = (cin // g) * kh * kw
     taps = [(ic * hp + ky * o["dilation"][0]) * wp + kx * o["dilation"][1]
@@ -459,8 +474,9 @@ def gemm_context(layer: Layer, path: str) -> dict:
     # then needs (one per weight) are few next to its FMAs: at least 16 vectors of pixels
     dwg = {}
     if gather and gemm["NP"] >= 16 * VEC:
-        mb = _largest_divisor(cout // g, 8)
-        kb = max(1, min(8, k_all, (30 - mb) // mb))  # mb x kb accumulators, mb output-gradient vectors, 2 more
+        mb = _largest_divisor(cout // g, tg.regs // 4)
+        # mb x kb accumulators, mb output-gradient vectors, 2 more
+        kb = max(1, min(8, k_all, (tg.tile_regs - mb) // mb))
         dwg = dict(DWG_MB=mb, DWG_KB=kb, DWG_K_MAIN=k_all - k_all % kb, DWG_K_TAIL=k_all % kb, DWG_TAPS=taps)
     # im2row (stride 1, no dilation, output rows of at least VEC pixels): VEC taps x VEC pixels
     # of an output row loaded as vectors from the input rows and transposed; the taps' offsets.
@@ -535,6 +551,8 @@ def winograd_blocking(cin: int, cout: int, oh: int, ow: int, w: int) -> dict:
     16 planes is one vector longer than it needs to be, so the 16 values of one tile do not
     all land in the same cache set.
     """
+    tg = current()
+    VEC, ACC_MAX = tg.vec, tg.acc_max
     th, tw = -(-oh // 2), -(-ow // 2)
     t = th * tw
     # the copies between the planes and channels last transpose VEC channels x VEC pixels of a row
@@ -566,6 +584,8 @@ def winograd_dw_blocking(cin: int, cout: int, oh: int, ow: int) -> dict:
     M[16][CINP][COUTP] keep channels last (planes DPS and MPS, a vector longer than they need,
     as the forward's), and the 16 GEMMs accumulate IB input channels x CB vectors of output
     channels over the tiles: the tile with the most FMAs per load among those that fit."""
+    tg = current()
+    VEC, ACC_MAX = tg.vec, tg.acc_max
     t = -(-oh // 2) * -(-ow // 2)
     cinp, coutp = _round_up(cin, VEC), _round_up(cout, VEC)
     ib, cb = max(((i, j) for i in range(1, ACC_MAX + 1) for j in range(1, 5)
@@ -590,6 +610,7 @@ def pixel_gather(oh: int, ow: int, sh: int, sw: int, wp: int, np_: int) -> tuple
     past the last real one (padding of the last block) repeat it, and the last vectors start
     early enough that no load passes the last input a real pixel reads.  None when some vector
     spans more than 2 x VEC reals (narrow output rows in wide inputs, large strides)."""
+    VEC = current().vec
     n = oh * ow
     if np_ > GATHER_MAX_VECTORS * VEC:  # the tables grow with the pixels: large maps keep im2col
         return None
@@ -618,10 +639,11 @@ def dot_tail(gemm: dict, gather: bool) -> dict:
     Each of the R pixels gets a row of its K taps (an im2row of R rows, KT reals each); the
     weight rows are read as they are, so a row's last vector is the weights' last VEC reals
     and the taps row puts its last K % VEC taps in the top lanes of its last vector, zeros
-    below.  OB channels x R pixels accumulate together and one vsum16 reduces them.
+    below.  OB channels x R pixels accumulate together and one vsumN reduces them.
     Taken when it costs under 70% of the vector it replaces (M x K FMAs), counting its FMAs,
     half a cycle per tap copied (lenet5's conv2: 600 taps in 0.09 us) and about 40 per
-    vsum16 (15 adds, 30 shuffles): few tail pixels, many channels, K >= VEC."""
+    vsum16 (15 adds, 30 shuffles; fewer for narrower vectors): few tail pixels, many channels, K >= VEC."""
+    VEC = current().vec
     m, k, n, n_full = gemm["M"], gemm["K"], gemm["N"], gemm["N_FULL"]
     r = n - n_full
     if not gather or gemm["NV"] != 1 or r == 0 or k < VEC:
@@ -641,15 +663,17 @@ def conv_gemm_blocking(m: int, k: int, n: int) -> dict:
     N=n output pixels.  `col` rows are padded to NP pixels (a multiple of the pixel block
     NB) and to KP rows (a multiple of the tap blocks) with zeros, so every block is full and its
     loops have literal bounds; padded results are never stored.
-    - MB output channels x NB pixels are accumulated at once (<= 16 vector registers).
+    - MB output channels x NB pixels are accumulated at once (at most half the vector registers).
     The backward tiles use up to ACC_MAX accumulators:
     - weight gradient: MBW channels x NVW vectors of taps, over colT (im2row: rows of KP taps).
     - input gradient: KB2 taps x NB pixels, straight from the weights (K_MAIN taps in whole
       blocks, then a tail block of K_TAIL).
     """
+    tg = current()
+    VEC, ACC_MAX = tg.vec, tg.acc_max
     mb = _largest_divisor(m, 8)
     nv = 2 if mb <= 8 and _round_up(n, 2 * VEC) <= 1.10 * _round_up(n, VEC) else 1
-    if mb * nv > 16:
+    if mb * nv > tg.regs // 2:
         nv = 1
     nb = nv * VEC
     np_ = _round_up(n, nb)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 
+from ..target import current
 from .base import Layer, Option, Shape, WeightLayer, fmt_shape
 
 
-FORWARD_TILE = (6, 4)  # outputs x samples per register tile of the forward
+# outputs x samples per register tile of the forward, with 32 vector registers and with 16
+FORWARD_TILE = {True: (6, 4), False: (4, 3)}
 
 
 class Linear(WeightLayer):
@@ -43,19 +45,24 @@ class Linear(WeightLayer):
         return layer.in_shape[0] * layer.opts["out_features"]
 
     def render_context(self, layer: Layer) -> dict:
+        tg = current()
+        vec = tg.vec
+        wide = tg.regs >= 32
         fin, fout = layer.in_shape[0], layer.out_shape[0]
         ob = max(d for d in range(1, 5) if fout % d == 0)  # outputs per block, dividing OUT
-        in_v = fin - fin % 16  # inputs in whole vectors (VEC = 16); the IN_TAIL rest one by one
-        nvi = max(d for d in range(1, 6) if (in_v // 16) % d == 0)  # vectors per block, dividing IN_V
-        nvo = max(d for d in range(1, 5) if -(-fout // 16) % d == 0)  # vectors of outputs, in blocks of up to 4
-        # forward tiles: FR outputs x FQ samples, a vector accumulator each (at most 24 of the 32
-        # registers, the FQ input vectors beside them); the last OUT_REST outputs and the last
-        # samples (tiles of FQ_TAIL) in smaller tiles
-        fr, fq = FORWARD_TILE
+        in_v = fin - fin % vec  # inputs in whole vectors; the IN_TAIL rest one by one
+        # vectors per block, dividing IN_V: OB x NVI accumulators of the weight gradient, SB x NVI
+        # of the input gradient
+        nvi = max(d for d in range(1, 6 if wide else 3) if (in_v // vec) % d == 0)
+        nvo = max(d for d in range(1, 5) if -(-fout // vec) % d == 0)  # vectors of outputs, in blocks of up to 4
+        # forward tiles: FR outputs x FQ samples, a vector accumulator each (24 of AVX-512's 32
+        # registers, 12 of 16), the FQ input vectors beside them; the last OUT_REST outputs and the
+        # last samples (tiles of FQ_TAIL) in smaller tiles
+        fr, fq = FORWARD_TILE[wide]
         return dict(FR=fr, FQ=fq, FQ_TAIL=[q for q in (2, 1) if q < fq], OUT_FULL=fout - fout % fr, OUT_REST=fout % fr,
-                    IN=fin, OUT=fout, bias=layer.opts["bias"], OB=ob, IN_V=in_v, IN_TAIL=fin % 16,
-                    NVI=nvi, VEC=16,
-                    SB=4 if nvo > 2 else 8)  # SB: samples per register tile of the input gradient
+                    IN=fin, OUT=fout, bias=layer.opts["bias"], OB=ob, IN_V=in_v, IN_TAIL=fin % vec,
+                    NVI=nvi, VEC=vec,
+                    SB=4 if nvo > 2 or not wide else 8)  # SB: samples per register tile of the input gradient
 
     def applies_relu(self, layer: Layer) -> bool:
         return True
