@@ -97,8 +97,13 @@ def detect(flags: list[str] | None = None, cc: str | None = None) -> Target:
     if v is not None:
         return TARGETS[v]
     from .build import compiler, default_flags
+    from .errors import BuildError
 
-    cc = cc or compiler()
+    if cc is None:
+        try:
+            cc = compiler()
+        except BuildError:  # no compiler (checks and reports still plan): the narrowest width
+            return TARGETS[4]
     return TARGETS[_compiler_vec(cc, tuple(flags if flags is not None else default_flags(cc)))]
 
 

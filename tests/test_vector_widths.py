@@ -67,6 +67,17 @@ def test_an_unusable_compiler_gets_the_narrowest_width(monkeypatch):
     assert target.detect(["-O2"], cc="/nonexistent/cc").vec == 4
 
 
+def test_without_a_compiler_plans_are_made_for_the_narrowest_width(monkeypatch, capsys):
+    """`netc report --kernels` needs no compiler: with none, it plans for 4 reals."""
+    monkeypatch.delenv(target.ENV)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert target.detect().vec == 4
+    from netcompiler.cli import main
+
+    assert main(["report", str(ROOT / "tests/specs/mobilenet_tiny.yaml"), "--kernels"]) == 0
+    assert "kernel paths for vectors of 4 reals" in capsys.readouterr().out
+
+
 def test_netc_vec_overrides_the_detection(monkeypatch):
     monkeypatch.setenv(target.ENV, "8")
     assert target.detect(["-march=x86-64-v4"]).vec == 8
