@@ -48,11 +48,11 @@ def compile(spec, dtype: str = "float32", threads: int | None = None, flags: lis
     from .render import render
     from .runtime import Net, check_threads
 
-    from .target import TARGETS, check_vec, detect, using
+    from .target import resolve, using
 
     threads = check_threads(threads)  # before the build: a bad count fails at once
     flags = list(flags) if flags is not None else default_flags()
-    tg = TARGETS[check_vec(vec)] if vec is not None else detect(flags)
+    tg = resolve(vec, flags)
     net = spec if isinstance(spec, Network) else load(spec, memory_budget or DEFAULT_MEMORY_BUDGET)
     with using(tg):  # where a forced path applies depends on the vector width
         if kernels:

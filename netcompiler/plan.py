@@ -375,6 +375,7 @@ def gradient_add_flops(layers: list[Layer]) -> dict[int, int]:
 
 
 def make_plan(net: Network) -> Plan:
+    vec = current().vec  # the width the layers' kernels are planned for
     params, buffers, acts, ints, stats = (_Allocator() for _ in range(5))
     cache = _Allocator("CACHE_")
     layers = net.layers
@@ -475,7 +476,7 @@ def make_plan(net: Network) -> Plan:
     for lp in plans:
         size = lp.layer.kind.chunk_accum(lp.layer)
         if size:
-            lp.accum = -(-scratch // current().vec) * current().vec  # the chunk sums start at whole vectors
+            lp.accum = -(-scratch // vec) * vec  # the chunk sums start at whole vectors
             lp.accum_size = size
             scratch = lp.accum + size
     for lp in plans:
@@ -487,7 +488,7 @@ def make_plan(net: Network) -> Plan:
         int_slots=ints.tensors, stats=stats.tensors, cache=cache.tensors, num_params=params.size,
         num_buffers=buffers.size, acts_per_sample=acts.size, ints_per_sample=ints.size, stats_size=stats.size,
         cache_size=cache.size,
-        scratch_per_thread=scratch, vec=current().vec,
+        scratch_per_thread=scratch, vec=vec,
         in_size=math.prod(net.input_shape), out_size=math.prod(net.output_shape),
         train_stages=_stages(plans, training=True), eval_stages=_stages(plans, training=False),
         views=view_tensors, tensors=graph,

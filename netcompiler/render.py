@@ -96,9 +96,8 @@ def render(net, dtype: str = "float32", flags: list[str] | None = None, vec: int
     `vec` reals when given."""
     if dtype not in CTYPES:
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
-    tg = target.TARGETS[target.check_vec(vec)] if vec is not None else target.detect(flags)
-    with target.using(tg):
-        return _render(net, dtype, flags, tg)
+    with target.using(target.resolve(vec, flags)):
+        return _render(net, dtype, flags)
 
 
 def shuffle_levels(vec: int) -> list[tuple[int, list[int]]]:
@@ -123,7 +122,7 @@ VEC_MACRO = {16: "__AVX512F__", 8: "__AVX__", 4: "__SSE__"}
 TARGET_NAME = {16: "AVX-512", 8: "AVX/AVX2", 4: "128-bit vectors"}
 
 
-def _render(net, dtype: str, flags: list[str] | None, tg) -> Rendered:
+def _render(net, dtype: str, flags: list[str] | None) -> Rendered:
     plan = make_plan(net)
     assert_plan(plan)  # names and sizes only: anything else from outside is in comments, escaped
     env = _env()
@@ -143,8 +142,8 @@ def _render(net, dtype: str, flags: list[str] | None, tg) -> Rendered:
         banner=banner(plan, dtype, flags or []),
         image=dict(zip("chw", net.input_shape)) if len(net.input_shape) == 3 else None,  # augmentation's sizes
         fill_channels=net.input_shape[0] if len(net.input_shape) == 3 else 1,  # augmentation's fill values
-        vec=tg.vec, vec_macro=VEC_MACRO[tg.vec], target_name=TARGET_NAME[tg.vec],
-        shuffle_levels=shuffle_levels(tg.vec), shuffle_leaves=bit_reversed(tg.vec),
+        vec=plan.vec, vec_macro=VEC_MACRO[plan.vec], target_name=TARGET_NAME[plan.vec],
+        shuffle_levels=shuffle_levels(plan.vec), shuffle_leaves=bit_reversed(plan.vec),
     )
     api = env.get_template("api.h.j2").render(ctx)
     header = env.get_template("header.h.j2").render(ctx, api=api)

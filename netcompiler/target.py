@@ -73,7 +73,6 @@ def _env_vec() -> int | None:
         raise TargetError(f"{ENV} must be one of {', '.join(map(str, VEC_CHOICES))}, got {v!r}") from None
 
 
-@functools.lru_cache(maxsize=None)
 def _compiler_vec(cc: str, flags: tuple[str, ...]) -> int:
     """The vector width of what `cc flags` builds for, from its predefined macros; 4 when they
     cannot be read (an unknown compiler still builds correct C with it)."""
@@ -91,20 +90,33 @@ def _compiler_vec(cc: str, flags: tuple[str, ...]) -> int:
     return 4
 
 
-def detect(flags: list[str] | None = None, cc: str | None = None) -> Target:
-    """The target of a build with these flags (default: the default build flags)."""
-    v = _env_vec()
-    if v is not None:
-        return TARGETS[v]
+@functools.lru_cache(maxsize=None)
+def _build_vec(cc: str | None, cc_env: str | None, flags: tuple[str, ...] | None) -> int:
+    """_compiler_vec of the build with `cc` (None: build.compiler(), which reads $CC: `cc_env`
+    keys the cache) and `flags` (None: the default flags); 4 without a compiler (checks and
+    reports still plan)."""
     from .build import compiler, default_flags
     from .errors import BuildError
 
     if cc is None:
         try:
             cc = compiler()
-        except BuildError:  # no compiler (checks and reports still plan): the narrowest width
-            return TARGETS[4]
-    return TARGETS[_compiler_vec(cc, tuple(flags if flags is not None else default_flags(cc)))]
+        except BuildError:
+            return 4
+    return _compiler_vec(cc, flags if flags is not None else tuple(default_flags(cc)))
+
+
+def detect(flags: list[str] | None = None, cc: str | None = None) -> Target:
+    """The target of a build with these flags (default: the default build flags)."""
+    v = _env_vec()
+    if v is not None:
+        return TARGETS[v]
+    return TARGETS[_build_vec(cc, os.environ.get("CC"), None if flags is None else tuple(flags))]
+
+
+def resolve(vec: int | None = None, flags: list[str] | None = None) -> Target:
+    """The target of vectors of `vec` reals when given, else detect(flags)'s."""
+    return TARGETS[check_vec(vec)] if vec is not None else detect(flags)
 
 
 def current() -> Target:
@@ -114,11 +126,9 @@ def current() -> Target:
 
 
 @contextlib.contextmanager
-def using(target: Target | int | None):
-    """Plans made inside are made for `target` (a Target or a vector width; None: current())."""
-    if target is None:
-        target = current()
-    elif not isinstance(target, Target):
+def using(target: Target | int):
+    """Plans made inside are made for `target` (a Target or a vector width)."""
+    if not isinstance(target, Target):
         target = TARGETS[check_vec(target)]
     token = _forced.set(target)
     try:

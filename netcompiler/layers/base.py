@@ -376,12 +376,11 @@ class LayerKind:
         if key not in layer.derived:
             costs = {p.name: p.cost(layer) for p in paths if p.applies(layer)}
             if layer.kernel is not None:
-                if layer.kernel not in costs:
-                    known = next(p for p in paths if p.name == layer.kernel)
-                    raise KernelError(f"kernels: {layer.where()}: kernel path '{layer.kernel}' does not apply "
-                                      f"with vectors of {current().vec} reals ({known.needs_text()}); paths that "
-                                      f"apply: {', '.join(costs)}")
                 path = next(p for p in paths if p.name == layer.kernel)
+                if path.name not in costs:
+                    raise KernelError(f"kernels: {layer.where()}: kernel path '{path.name}' does not apply "
+                                      f"with vectors of {current().vec} reals ({path.needs_text()}); paths that "
+                                      f"apply: {', '.join(costs)}")
             else:
                 path = min((p for p in paths if p.name in costs), key=lambda p: costs[p.name])
             first = [p for p in paths if p.eval_first and p.name in costs and p is not path]
