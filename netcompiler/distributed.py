@@ -196,6 +196,10 @@ class DistributedRun(Run):
         except (NetcError, ValueError, OSError) as exc:
             error = exc
         self.agree(error)
+        widths = self.comm.gather(self.net.plan.vec)  # it sets the layout the gradients are summed in
+        self.agree(None if len(set(widths)) == 1 else NetcError(
+            f"the ranks built the network for different vector widths ({', '.join(map(str, widths))} reals, by "
+            f"rank), so their parameter arrays do not line up: set NETC_VEC to one of them on every rank"))
         state = self.net.optimizer_state()  # rank 0's dropout stream (fresh or from the checkpoint)
         state["dropout_seed"] = np.array(rank_seed(int(state["dropout_seed"]), self.comm.rank), np.uint64)
         self.net.load_optimizer_state(state)

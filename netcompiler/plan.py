@@ -193,14 +193,15 @@ class Plan:
 
 
 class _Allocator:
-    def __init__(self, prefix: str = "OFF_"):
+    def __init__(self, prefix: str = "OFF_", align: int = 1):
         self.tensors: list[Tensor] = []
         self.size = 0
         self.prefix = prefix
+        self.align = align
 
     def add(self, name: str, shape: tuple[int, ...]) -> Tensor:
         t = Tensor(name, self.prefix + name.replace(".", "_"), tuple(shape), self.size)
-        self.size += t.size
+        self.size = -(-(self.size + t.size) // self.align) * self.align
         self.tensors.append(t)
         return t
 
@@ -376,8 +377,9 @@ def gradient_add_flops(layers: list[Layer]) -> dict[int, int]:
 
 def make_plan(net: Network) -> Plan:
     vec = current().vec  # the width the layers' kernels are planned for
-    params, buffers, acts, ints, stats = (_Allocator() for _ in range(5))
-    cache = _Allocator("CACHE_")
+    params, buffers, acts, stats = (_Allocator(align=vec) for _ in range(4))
+    ints = _Allocator()
+    cache = _Allocator("CACHE_", align=vec)
     layers = net.layers
     fused = fused_relus(layers)
     # tensors that are another's memory: flatten's output and a fused ReLU's are their input
@@ -488,7 +490,8 @@ def make_plan(net: Network) -> Plan:
         int_slots=ints.tensors, stats=stats.tensors, cache=cache.tensors, num_params=params.size,
         num_buffers=buffers.size, acts_per_sample=acts.size, ints_per_sample=ints.size, stats_size=stats.size,
         cache_size=cache.size,
-        scratch_per_thread=scratch, vec=vec,
+        scratch_per_thread=-(-scratch // vec) * vec,  # each thread's scratch starts at whole vectors
+        vec=vec,
         in_size=math.prod(net.input_shape), out_size=math.prod(net.output_shape),
         train_stages=_stages(plans, training=True), eval_stages=_stages(plans, training=False),
         views=view_tensors, tensors=graph,

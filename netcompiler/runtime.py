@@ -181,6 +181,20 @@ def optimizer_value(what: str, value: Any, below: float | None = None) -> float:
     return float(value)
 
 
+ALIGN = 64  # bytes
+
+
+def _zeros(shape, dtype) -> np.ndarray:
+    """np.zeros, its data at an address that is a multiple of 64 (a cache line): the C's vector
+    loads of parameters and activations then never straddle two lines."""
+    dtype = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.zeros(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 class Net:
     """A compiled network: parameters as numpy views, forward/backward/train in C."""
 
@@ -200,16 +214,16 @@ class Net:
         self._c = types.SimpleNamespace(**{f: getattr(lib, f"{self.name}_{f}") for f in (
             "forward", "backward", "zero_grad", "optimizer_step", "train_step", "train_batches")})
         P = self.plan.num_params
-        self._params = np.zeros(max(P, 1), self.dtype)
+        self._params = _zeros(max(P, 1), self.dtype)
         # the gradients, then two spare slots: a data-parallel step (distributed.py) reduces the
         # batch's loss and correct count across processes in the same call as the gradients
-        self._grad_ext = np.zeros(self._params.size + 2, self.dtype)
+        self._grad_ext = _zeros(self._params.size + 2, self.dtype)
         self._grads = self._grad_ext[:self._params.size]
-        self._opt_m = np.zeros_like(self._params)
-        self._opt_v = np.zeros_like(self._params)
-        self._buffers = np.zeros(max(self.plan.num_buffers, 1), self.dtype)
-        self._stats = np.zeros(max(self.plan.stats_size, 1), self.dtype)
-        self._cache = np.zeros(max(self.plan.cache_size, 1), self.dtype)
+        self._opt_m = _zeros(self._params.size, self.dtype)
+        self._opt_v = _zeros(self._params.size, self.dtype)
+        self._buffers = _zeros(max(self.plan.num_buffers, 1), self.dtype)
+        self._stats = _zeros(max(self.plan.stats_size, 1), self.dtype)
+        self._cache = _zeros(max(self.plan.cache_size, 1), self.dtype)
         self.params = {t.name: self._params[t.offset:t.offset + t.size].reshape(t.shape) for t in self.plan.params}
         self.buffers = {t.name: self._buffers[t.offset:t.offset + t.size].reshape(t.shape)
                         for t in self.plan.buffers}
@@ -250,9 +264,9 @@ class Net:
         if n <= self._capacity:
             return
         p = self.plan
-        self._acts = np.zeros((n, max(p.acts_per_sample, 1)), self.dtype)
-        self._dacts = np.zeros_like(self._acts)
-        self._ints = np.zeros((n, max(p.ints_per_sample, 1)), np.int32)
+        self._acts = _zeros((n, max(p.acts_per_sample, 1)), self.dtype)
+        self._dacts = _zeros(self._acts.shape, self.dtype)
+        self._ints = _zeros((n, max(p.ints_per_sample, 1)), np.int32)
         self._bind("acts", self._acts)
         off = p.out_offset
         self._out_view = self._acts[:, off:off + p.out_size]  # the outputs (logits) of every sample
@@ -266,7 +280,7 @@ class Net:
                 keep=(self._lib, self._ctx, self._keep, self._acts)).run  # _keep: the arrays ctx points into
         self._bind("dacts", self._dacts)
         self._bind("ints", self._ints)
-        self._bind("losses", np.zeros(n, np.float64))
+        self._bind("losses", _zeros(n, np.float64))
         self._capacity = self._ctx.capacity = n
 
     @property
@@ -287,9 +301,9 @@ class Net:
                              f"sums and scratch ({per_thread:,} bytes a thread), over the "
                              f"{THREAD_MEMORY_LIMIT // 2**30} GiB limit: use fewer threads")
         self._threads = value
-        self._grads_tls = np.zeros(self._threads * max(self.plan.num_params, 1), self.dtype)
+        self._grads_tls = _zeros(self._threads * max(self.plan.num_params, 1), self.dtype)
         self._bind("grads_tls", self._grads_tls)
-        self._scratch = np.zeros(self._threads * max(self.plan.scratch_per_thread, 1), self.dtype)
+        self._scratch = _zeros(self._threads * max(self.plan.scratch_per_thread, 1), self.dtype)
         self._bind("scratch", self._scratch)
         self._ctx.threads = self._threads
         self._ctx.team = self._team or 0
@@ -549,9 +563,32 @@ class Net:
     def lr(self, value: float) -> None:
         self._optim.lr = optimizer_value("lr", value)
 
+    @property
+    def optimizer_shape(self) -> tuple[int]:
+        """The shape of the moments `optimizer_state` returns: every parameter's, back to back in
+        plan order (without the gaps that align each in memory, which depend on the vector width
+        of the build), so a checkpoint resumes on any target."""
+        return (max(sum(t.size for t in self.plan.params), 1),)
+
+    def _pack(self, flat: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.optimizer_shape, flat.dtype)
+        at = 0
+        for t in self.plan.params:
+            out[at:at + t.size] = flat[t.offset:t.offset + t.size]
+            at += t.size
+        return out
+
+    def _unpack(self, packed: np.ndarray, flat: np.ndarray) -> None:
+        at = 0
+        for t in self.plan.params:
+            flat[t.offset:t.offset + t.size] = packed[at:at + t.size]
+            at += t.size
+
     @_locked
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        return {"step": np.array(self._optim.step, np.int64), "m": self._opt_m.copy(), "v": self._opt_v.copy(),
+        """The optimizer's moments (packed: `optimizer_shape`), step count and dropout stream."""
+        return {"step": np.array(self._optim.step, np.int64), "m": self._pack(self._opt_m),
+                "v": self._pack(self._opt_v),
                 "dropout_seed": np.array(self._ctx.seed, np.uint64),
                 "dropout_counter": np.array(self._ctx.counter, np.uint64)}
 
@@ -560,8 +597,8 @@ class Net:
         """What `optimizer_state` returned; every entry is checked (KeyError when one is missing)."""
         for k in ("m", "v"):
             a = np.asarray(state[k])
-            if a.shape != self._opt_m.shape:
-                raise WeightsError(f"optimizer state '{k}' has shape {a.shape}, expected {self._opt_m.shape}")
+            if a.shape != self.optimizer_shape:
+                raise WeightsError(f"optimizer state '{k}' has shape {a.shape}, expected {self.optimizer_shape}")
             if a.dtype.kind not in "fiu" or not np.all(np.abs(a) <= np.finfo(self.dtype).max):
                 raise WeightsError(f"optimizer state '{k}' must hold real numbers finite in {self.dtype}")
         ints = {}
@@ -571,8 +608,8 @@ class Net:
                 raise WeightsError(f"optimizer state '{k}' must be one integer in 0..{top}, got {a.dtype} "
                                    f"{a.shape}")
             ints[k] = int(a)
-        self._opt_m[:] = state["m"]
-        self._opt_v[:] = state["v"]
+        self._unpack(np.asarray(state["m"]), self._opt_m)
+        self._unpack(np.asarray(state["v"]), self._opt_v)
         self._optim.step = ints["step"]
         self._ctx.seed = ints["dropout_seed"]
         self._ctx.counter = ints["dropout_counter"]

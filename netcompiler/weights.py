@@ -124,9 +124,9 @@ def header_check(net, path, optim: bool = False) -> Callable[[dict[str, Header]]
         if optim:
             for k in ("m", "v"):
                 h = headers.get(OPTIM + k)
-                if h is not None and h.shape != net._opt_m.shape:
+                if h is not None and h.shape != net.optimizer_shape:
                     problems.append(f"optimizer state '{OPTIM + k}' has shape {h.shape}, the network needs "
-                                    f"{net._opt_m.shape}")
+                                    f"{net.optimizer_shape}")
         if problems:
             raise WeightsError(f"{path}: {net.misfit(problems)}")
     return check
@@ -136,7 +136,7 @@ def size_cap(net) -> Callable[[str], int]:
     """Bytes allowed per member: a parameter's or moment's own size (at 16 bytes per value,
     the widest real dtype), `MAX_META_BYTES` for metadata and anything unknown."""
     sizes = {k: v.size for k, v in {**net.params, **net.buffers}.items()}
-    sizes[OPTIM + "m"] = sizes[OPTIM + "v"] = net._opt_m.size
+    sizes[OPTIM + "m"] = sizes[OPTIM + "v"] = net.optimizer_shape[0]
     return lambda name: 16 * sizes[name] if name in sizes else MAX_META_BYTES
 
 

@@ -187,6 +187,10 @@ from netcompiler.train import TrainOptions
 spec, data, out, mode = sys.argv[1:5]
 opts = TrainOptions(spec=spec, data=data, out=out, threads=1, dtype="float64", chunk_batches=1,
                     epochs=int(sys.argv[5]), resume=mode == "resume")
+if mode == "widths":  # one rank builds for 4-real vectors, the other for 8
+    import os
+    from mpi4py import MPI
+    os.environ["NETC_VEC"] = "4" if MPI.COMM_WORLD.Get_rank() == 1 else "8"
 
 def on_chunk(info):
     from mpi4py import MPI
@@ -230,6 +234,17 @@ def test_parameters_that_differ_across_ranks_stop_the_run(case, script):
     assert "error: the parameters differ across ranks after epoch 1 (ranks 1 differ from rank 0" in r.stderr, \
         r.stderr
     assert not (d / "skew" / "weights.npz").exists()
+
+
+def test_ranks_built_for_different_vector_widths_stop_before_training(case, script):
+    """The gradients are summed over the flat parameter arrays, whose layout (each tensor at whole
+    vectors) follows the vector width: ranks that disagree on it say so before the first step."""
+    d, spec, data = case
+    r = mpirun(2, script, spec, data, d / "widths", "widths", 1, ok=False)
+    assert r.returncode != 0
+    assert "error: the ranks built the network for different vector widths (8, 4 reals, by rank)" in r.stderr, \
+        r.stderr
+    assert "Traceback" not in r.stderr and not (d / "widths" / "weights.npz").exists()
 
 
 def test_an_error_on_one_rank_aborts_the_job(case, script):

@@ -347,7 +347,10 @@ def test_report_counts_the_plans_activation_slots(case):
     net = load(ROOT / "specs" / f"{case}.yaml") if case in ("resnet20", "lenet5") else check_text(CASES[case])
     plan = make_plan(net)
     rep = build_report(net)
-    assert plan.acts_per_sample == plan.in_size + rep["saved_activations"]
+    assert sum(t.size for t in plan.activations) == plan.in_size + rep["saved_activations"]
+    # each slot starts at whole vectors: the block is larger only by the gaps that align them
+    assert [t.offset % plan.vec for t in plan.activations] == [0] * len(plan.activations)
+    assert 0 <= plan.acts_per_sample - sum(t.size for t in plan.activations) < plan.vec * len(plan.activations)
     assert plan.ints_per_sample == rep["saved_indices"]
 
 

@@ -379,3 +379,70 @@ def test_sanitizers_clean_at_narrower_widths(name, vec, tmp_path):
     # AVX2 where the machine has it (the width's own instructions), else the baseline's
     march = ("-march=x86-64-v3",) if vec == 8 and X86 and _native_vec() >= 8 else ()
     test_sanitizers.run_sanitized(name, "float32", tmp_path, vec=vec, march=march)
+
+
+# ---- memory layout: every tensor at whole vectors ------------------------------------------------
+ODD_SIZES = """
+name: odd_sizes
+input: [3, 7, 7]
+layers:
+  - conv2d: {out_channels: 5, kernel_size: 3}
+  - batchnorm2d
+  - relu: {name: trunk}
+  - conv2d: {name: side, out_channels: 5, kernel_size: 3, inputs: [input]}
+  - add: {inputs: [trunk, side]}
+  - maxpool2d: {kernel_size: 2, stride: 2, ceil_mode: true}
+  - flatten
+  - linear: {out_features: 13}
+  - relu
+  - linear: {out_features: 3}
+loss: cross_entropy
+"""
+
+
+@pytest.mark.parametrize("vec", (16, 8, 4))
+def test_every_slot_starts_at_whole_vectors(vec):
+    """Parameters, buffers, activations, statistics, caches and each thread's scratch start at
+    multiples of VEC reals (sizes here are odd: 135 weights, 5 biases, 3x7x7 inputs), so the
+    C's vector loads of a slot start where a vector does."""
+    with target.using(vec):
+        plan = make_plan(check_text(ODD_SIZES))
+    for group in (plan.params, plan.buffers, plan.activations, plan.stats, plan.cache):
+        assert [t.offset % vec for t in group] == [0] * len(group), [(t.name, t.offset) for t in group]
+    for size in (plan.num_params, plan.num_buffers, plan.acts_per_sample, plan.stats_size, plan.cache_size,
+                 plan.scratch_per_thread):
+        assert size % vec == 0, size
+    assert [t.size for t in plan.params][:2] == [135, 5]  # the gaps are not counted as parameters
+    assert sum(t.size for t in plan.params) == check_text(ODD_SIZES).total_params
+
+
+def test_the_runtime_arrays_start_at_cache_lines():
+    """Every array the C reads or writes through a vector starts at a multiple of 64 bytes
+    (numpy gives 16): with the slots at whole vectors, no vector load straddles two lines."""
+    net = build(ODD_SIZES, "float32", threads=2)
+    net.forward(np.zeros((3, 3, 7, 7), np.float32))
+    arrays = {"params": net._params, "grads": net._grad_ext, "m": net._opt_m, "v": net._opt_v,
+              "buffers": net._buffers, "stats": net._stats, "cache": net._cache, "acts": net._acts,
+              "dacts": net._dacts, "ints": net._ints, "grads_tls": net._grads_tls, "scratch": net._scratch}
+    assert {k: a.ctypes.data % 64 for k, a in arrays.items()} == dict.fromkeys(arrays, 0)
+
+
+def test_optimizer_state_moves_between_vector_widths():
+    """Checkpointed moments are packed (no alignment gaps, whose size depends on VEC): Adam
+    state saved by a VEC = 16 build resumes in a VEC = 4 build to the same next step."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 3, 7, 7)), np.array([0, 1, 2, 1])
+    wide, narrow = build(ODD_SIZES, vec=16), build(ODD_SIZES, vec=4)
+    for net in (wide, narrow):
+        net.set_optimizer("adam", lr=0.01)
+    wide.train_step(x, y)
+    state = wide.optimizer_state()
+    assert state["m"].shape == (check_text(ODD_SIZES).total_params,) and np.any(state["m"])
+    narrow.load_state_dict(wide.state_dict())
+    narrow.load_optimizer_state(state)
+    for k in ("m", "v", "step"):
+        np.testing.assert_array_equal(narrow.optimizer_state()[k], state[k])
+    wide.train_step(x, y)
+    narrow.train_step(x, y)
+    for name, p in wide.params.items():
+        assert_close(narrow.params[name], p, 1e-10, f"{name} after a resumed step", atol=1e-12)

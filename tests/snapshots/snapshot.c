@@ -56,9 +56,9 @@ typedef snapshot_real real_t;
 
 /* ---- parameter layout: offsets into params (gradients and optimizer state alike) ------ */
 #define OFF_conv1_weight 0 /* conv1.weight [2][1][3][3] */
-#define OFF_conv1_bias 18 /* conv1.bias [2] */
-#define OFF_fc1_weight 20 /* fc1.weight [3][32] */
-#define OFF_fc1_bias 116 /* fc1.bias [3] */
+#define OFF_conv1_bias 32 /* conv1.bias [2] */
+#define OFF_fc1_weight 48 /* fc1.weight [3][32] */
+#define OFF_fc1_bias 144 /* fc1.bias [3] */
 
 /* ---- activation layout: offsets into one sample's block of acts (and dacts) ----------- */
 #define OFF_input 0 /* input [1][8][8] */
@@ -431,7 +431,7 @@ static void fc1_forward(real_t *acts, int lo, int hi, const real_t *restrict wei
                     acc[2] += w * x2;
                     acc[3] += w * x3;
                 }
-            vkeep(x0); vkeep(x1); vkeep(x2); vkeep(x3); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                vkeep(x0); vkeep(x1); vkeep(x2); vkeep(x3); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
                 {
                     vreal w = vload(weight + i + 32);
                     vkeep(w); /* one load, used for 4 samples */
@@ -440,7 +440,7 @@ static void fc1_forward(real_t *acts, int lo, int hi, const real_t *restrict wei
                     acc[6] += w * x2;
                     acc[7] += w * x3;
                 }
-            vkeep(x0); vkeep(x1); vkeep(x2); vkeep(x3); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                vkeep(x0); vkeep(x1); vkeep(x2); vkeep(x3); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
                 {
                     vreal w = vload(weight + i + 64);
                     vkeep(w); /* one load, used for 4 samples */
@@ -474,14 +474,14 @@ static void fc1_forward(real_t *acts, int lo, int hi, const real_t *restrict wei
                     acc[0] += w * x0;
                     acc[1] += w * x1;
                 }
-            vkeep(x0); vkeep(x1); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                vkeep(x0); vkeep(x1); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
                 {
                     vreal w = vload(weight + i + 32);
                     vkeep(w); /* one load, used for 2 samples */
                     acc[2] += w * x0;
                     acc[3] += w * x1;
                 }
-            vkeep(x0); vkeep(x1); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                vkeep(x0); vkeep(x1); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
                 {
                     vreal w = vload(weight + i + 64);
                     vkeep(w); /* one load, used for 2 samples */
@@ -511,13 +511,13 @@ static void fc1_forward(real_t *acts, int lo, int hi, const real_t *restrict wei
                     vkeep(w); /* one load, used for 1 sample */
                     acc[0] += w * x0;
                 }
-            vkeep(x0); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                vkeep(x0); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
                 {
                     vreal w = vload(weight + i + 32);
                     vkeep(w); /* one load, used for 1 sample */
                     acc[1] += w * x0;
                 }
-            vkeep(x0); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
+                vkeep(x0); /* still in registers (gcc would fold reloads of a spill into the FMAs) */
                 {
                     vreal w = vload(weight + i + 64);
                     vkeep(w); /* one load, used for 1 sample */
@@ -838,7 +838,7 @@ static double backward_team(snapshot_ctx *c, const int32_t *y, const int64_t *id
     if (chunks > 1) /* several chunks: each sums its samples' gradients in its own slot */
         for (int chunk = THREAD_ID(); chunk < chunks; chunk += NUM_THREADS()) {
             real_t *g = c->grads_tls + (size_t)chunk * NUM_PARAMS;
-            memset(g, 0, sizeof(real_t) * 20);
+            memset(g, 0, sizeof(real_t) * 34);
         }
     for (int chunk = THREAD_ID(); chunk < chunks; chunk += NUM_THREADS()) {
         int lo, hi;
@@ -867,7 +867,7 @@ static double backward_team(snapshot_ctx *c, const int32_t *y, const int64_t *id
     fc1_weight_grad(c->dacts, c->acts, n, c->grads + OFF_fc1_weight, c->grads + OFF_fc1_bias);
     if (chunks > 1) {
         OMP(omp for schedule(static) nowait)
-        for (int i = 0; i < 20; i++) {
+        for (int i = 0; i < 34; i++) {
             real_t sum = 0;
             for (int k = 0; k < chunks; k++)
                 sum += c->grads_tls[(size_t)k * NUM_PARAMS + i];
