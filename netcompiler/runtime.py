@@ -568,7 +568,7 @@ class Net:
         """The shape of the moments `optimizer_state` returns: every parameter's, back to back in
         plan order (without the gaps that align each in memory, which depend on the vector width
         of the build), so a checkpoint resumes on any target."""
-        return (max(sum(t.size for t in self.plan.params), 1),)
+        return (max(self.plan.net.total_params, 1),)
 
     def _pack(self, flat: np.ndarray) -> np.ndarray:
         out = np.zeros(self.optimizer_shape, flat.dtype)
