@@ -78,6 +78,11 @@ def assert_plan(plan) -> None:
             identifier(dst, "offset macro")
             identifier(src, "offset macro")
             number(size, "size")
+    for st in plan.eval_stages:
+        for macro, at, size in st.copy_in + st.copy_out:
+            identifier(macro, "offset macro")
+            number(at, "offset")
+            number(size, "size")
     for group in (plan.params, plan.buffers, plan.activations, plan.int_slots, plan.stats, plan.cache, plan.views):
         for t in group:
             identifier(t.macro, "offset macro")
@@ -87,5 +92,5 @@ def assert_plan(plan) -> None:
             for d in t.shape:
                 number(d, "size")
     for v in (plan.num_params, plan.num_buffers, plan.acts_per_sample, plan.ints_per_sample, plan.stats_size,
-              plan.cache_size, plan.scratch_per_thread, plan.in_size, plan.out_size):
+              plan.cache_size, plan.scratch_per_thread, plan.eval_work, plan.in_size, plan.out_size):
         number(v, "plan size")

@@ -125,6 +125,11 @@ class Stage:
     ranged: bool = False  # one layer called on the thread's range of samples (sample_range kinds)
     param_lo: int = 0  # range of parameter offsets the stage's layers write gradients to
     param_hi: int = 0
+    # evaluation, a per-sample stage run in the thread's work block (eval_work): the pieces of a
+    # sample's activations it reads from the sample's block, and those it writes that a later
+    # stage reads (or the network output), copied back; each (slot macro, offset in it, size)
+    copy_in: list[tuple[str, int, int]] = field(default_factory=list)
+    copy_out: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def param_count(self) -> int:
@@ -159,7 +164,7 @@ class Plan:
     ints_per_sample: int
     stats_size: int
     cache_size: int
-    scratch_per_thread: int  # floats of per-thread scratch (im2col buffers)
+    scratch_per_thread: int  # floats of per-thread scratch (im2col buffers, then the work block)
     in_size: int
     out_size: int
     train_stages: list[Stage]
@@ -169,6 +174,8 @@ class Plan:
     parallel_min_eval: int = 1  # fewer samples than this: an evaluation forward runs on one thread
     parallel_min_train: int = 1  # the same for training calls (forward, backward, steps)
     vec: int = 16  # reals per vreal of the target the plan was made for (target.current())
+    # where each thread's evaluation work block (acts_per_sample reals) starts in its scratch
+    eval_work: int = 0
 
     @property
     def range_grads(self) -> list[LayerPlan]:
@@ -485,6 +492,11 @@ def make_plan(net: Network) -> Plan:
         ctx = lp.layer.kind.eval_render_context(lp.layer)
         if ctx is not None:
             lp.eval_lp = dataclasses.replace(lp, c=ctx, eval_alone=True)
+    eval_stages = _stages(plans, training=False)
+    out_slot = next(t for t in acts.tensors + view_tensors if t.macro == plans[-1].out_macro)
+    _eval_copies(eval_stages, acts.tensors, view_tensors, own[INPUT], (out_slot.offset, out_slot.offset + out_slot.size))
+    eval_work = -(-scratch // vec) * vec
+    scratch = eval_work + acts.size
     return Plan(
         net=net, layers=plans, params=params.tensors, buffers=buffers.tensors, activations=acts.tensors,
         int_slots=ints.tensors, stats=stats.tensors, cache=cache.tensors, num_params=params.size,
@@ -493,7 +505,7 @@ def make_plan(net: Network) -> Plan:
         scratch_per_thread=-(-scratch // vec) * vec,  # each thread's scratch starts at whole vectors
         vec=vec,
         in_size=math.prod(net.input_shape), out_size=math.prod(net.output_shape),
-        train_stages=_stages(plans, training=True), eval_stages=_stages(plans, training=False),
+        train_stages=_stages(plans, training=True), eval_stages=eval_stages, eval_work=eval_work,
         views=view_tensors, tensors=graph,
         parallel_min_eval=parallel_min(sum(l.kind.flops(l)[0] for l in layers)),
         parallel_min_train=parallel_min(sum(sum(l.kind.flops(l)) + l.kind.train_forward_extra_flops(l)
@@ -545,6 +557,81 @@ def _stages(plans: list[LayerPlan], training: bool) -> list[Stage]:
         if offs:
             st.param_lo, st.param_hi = min(o[0] for o in offs), max(o[1] for o in offs)
     return stages
+
+
+# Evaluation keeps nothing for a backward, so a per-sample stage runs each of a chunk's samples
+# in one block of the thread's scratch, which stays in cache, instead of in the sample's own
+# block of acts (a fresh ACTS_PER_SAMPLE reals per sample, which at batch 64 go out to memory and
+# back).  It copies in what it reads that an earlier stage wrote, and copies out what a later
+# stage reads.  Sets of offsets are sorted lists of disjoint [lo, hi) intervals.
+Intervals = list[tuple[int, int]]
+
+
+def _union(a: Intervals, b: Intervals) -> Intervals:
+    out: Intervals = []
+    for lo, hi in sorted(a + b):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _subtract(a: Intervals, b: Intervals) -> Intervals:
+    out: Intervals = []
+    for lo, hi in a:
+        for blo, bhi in b:
+            if bhi <= lo or blo >= hi:
+                continue
+            if blo > lo:
+                out.append((lo, blo))
+            lo = max(lo, bhi)
+            if lo >= hi:
+                break
+        if lo < hi:
+            out.append((lo, hi))
+    return out
+
+
+def _intersect(a: Intervals, b: Intervals) -> Intervals:
+    return _subtract(a, _subtract(a, b))
+
+
+def _eval_copies(stages: list[Stage], slots: list[Tensor], views: list[Tensor], input_slot: Tensor,
+                 output: tuple[int, int]) -> None:
+    """Stage.copy_in and copy_out of the evaluation stages that run sample by sample; `slots`
+    are the disjoint slots of a sample's activations, `views` tensors inside them."""
+    at = {t.macro: t.offset for t in slots + views}
+
+    def reads(lp: LayerPlan) -> Intervals:
+        return _union([], [(at[e.macro], at[e.macro] + e.size) for e in lp.ins if not e.view])
+
+    def writes(lp: LayerPlan) -> Intervals:
+        lo = at[lp.fold_out_macro or lp.out_macro]
+        full = [(lo, lo + math.prod(lp.layer.out_shape))]
+        return _subtract(full, _union([], [(lo + e.at, lo + e.at + e.size) for e in lp.ins if e.view]))
+
+    later_reads: list[Intervals] = [[output]] * len(stages)  # what stages after k (or the caller) read
+    for k in range(len(stages) - 2, -1, -1):
+        later_reads[k] = later_reads[k + 1]
+        for lp in stages[k + 1].layers:
+            later_reads[k] = _union(later_reads[k], reads(lp))
+    for k, st in enumerate(stages):
+        if st.ranged or st.batch_level:
+            continue
+        written: Intervals = [(input_slot.offset, input_slot.offset + input_slot.size)] if k == 0 else []
+        needed: Intervals = []
+        for lp in st.layers:
+            needed = _union(needed, _subtract(reads(lp), written))
+            written = _union(written, writes(lp))
+        st.copy_in = _pieces(needed, slots)
+        st.copy_out = _pieces(_intersect(written, later_reads[k]), slots)
+
+
+def _pieces(intervals: Intervals, slots: list[Tensor]) -> list[tuple[str, int, int]]:
+    """Intervals cut at slot boundaries, each named by its slot: (macro, offset in it, size)."""
+    return [(t.macro, lo - t.offset, hi - lo) for t in sorted(slots, key=lambda t: t.offset)
+            for lo, hi in _intersect(intervals, [(t.offset, t.offset + t.size)])]
 
 
 def shape_str(shape) -> str:

@@ -51,6 +51,7 @@ typedef snapshot_real real_t;
 #define ACTS_PER_SAMPLE SNAPSHOT_ACTS_PER_SAMPLE
 #define INTS_PER_SAMPLE SNAPSHOT_INTS_PER_SAMPLE
 #define SCRATCH_PER_THREAD SNAPSHOT_SCRATCH_PER_THREAD
+#define EVAL_WORK 1744 /* where a thread's evaluation work block (ACTS_PER_SAMPLE) starts in its scratch */
 /* an optimizer_step over fewer parameters than this runs on one thread (waking threads costs more) */
 #define PARALLEL_MIN 262144
 
@@ -767,11 +768,16 @@ static void forward_eval(snapshot_ctx *c, const real_t *x, const int64_t *idx, i
         int lo, hi;
         chunk_range(n, chunks, chunk, &lo, &hi);
         for (int s = lo; s < hi; s++) {
-            real_t *a = c->acts + (size_t)s * ACTS_PER_SAMPLE;
+            real_t *const own = c->acts + (size_t)s * ACTS_PER_SAMPLE;
+            /* two or more samples: each runs in this thread's work block, which stays in cache */
+            real_t *const a = hi - lo > 1 ? c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD + EVAL_WORK : own;
             real_t *ws = c->scratch + (size_t)THREAD_ID() * SCRATCH_PER_THREAD;
             memcpy(a + OFF_input, x + (size_t)(idx ? idx[s] : s) * IN_SIZE, sizeof(real_t) * IN_SIZE);
             conv1_forward(a + OFF_conv1_out, a + OFF_input, p + OFF_conv1_weight, p + OFF_conv1_bias, ws);
             pool1_forward_eval(a + OFF_pool1_out, a + OFF_conv1_out);
+            if (a != own) { /* what later stages read */
+                memcpy(own + OFF_pool1_out, a + OFF_pool1_out, sizeof(real_t) * 32);
+            }
         }
         fc1_forward(c->acts, lo, hi, p + OFF_fc1_weight, p + OFF_fc1_bias);
     }

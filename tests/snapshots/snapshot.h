@@ -34,7 +34,7 @@ typedef float snapshot_real;
 #define SNAPSHOT_INTS_PER_SAMPLE 32
 #define SNAPSHOT_STATS_SIZE 0
 #define SNAPSHOT_CACHE_SIZE 0
-#define SNAPSHOT_SCRATCH_PER_THREAD 1744
+#define SNAPSHOT_SCRATCH_PER_THREAD 1984
 #define SNAPSHOT_OUT_OFFSET 224
 /* batches smaller than this run on one thread (no parallel region): the ctx's parallel_min_* */
 #define SNAPSHOT_PARALLEL_MIN_EVAL 2807
@@ -52,7 +52,7 @@ typedef struct {
     int32_t *ints;           /* capacity * SNAPSHOT_INTS_PER_SAMPLE (at least 1): max-pool argmax */
     snapshot_real *stats;     /* SNAPSHOT_STATS_SIZE (at least 1): batch statistics for backward */
     snapshot_real *grads_tls; /* threads * SNAPSHOT_NUM_PARAMS: per-chunk gradient sums */
-    snapshot_real *scratch;   /* threads * SNAPSHOT_SCRATCH_PER_THREAD (at least 1): im2col buffers */
+    snapshot_real *scratch;   /* threads * SNAPSHOT_SCRATCH_PER_THREAD (at least 1): im2col buffers, an evaluation sample's activations */
     snapshot_real *cache;     /* SNAPSHOT_CACHE_SIZE (at least 1): derived from params (Winograd weights) */
     double *losses;          /* capacity (at least 1): each sample's loss in the last backward */
     int cache_valid;         /* 0: remake the cache on the next forward; set by forward */
