@@ -388,6 +388,11 @@ _forced("kpath_depthwise_one_pixel", "depthwise",
         "conv2d: {out_channels: 3, kernel_size: 3, stride: 2, padding: 1, groups: 3}", (3, 2, 2))
 _forced("kpath_depthwise_one_row", "depthwise",
         "conv2d: {out_channels: 3, kernel_size: 3, padding: 1, groups: 3}", (3, 1, 17))
+# rows of WP = 10 and 6 pixels run as one flat run of vectors across rows (8x8: 78 outputs, 4x4: 22)
+_forced("kpath_depthwise_s1_flat_8x8", "depthwise",
+        "conv2d: {out_channels: 5, kernel_size: 3, padding: 1, groups: 5}", (5, 8, 8), pre=_pre(5))
+_forced("kpath_depthwise_s1_flat_4x4", "depthwise",
+        "conv2d: {out_channels: 6, kernel_size: 3, padding: 1, groups: 6}", (6, 4, 4), pre=_pre(6))
 _forced("kpath_depthwise_one_pixel_as_im2col", "im2col",
         "conv2d: {out_channels: 3, kernel_size: 3, stride: 2, padding: 1, groups: 3}", (3, 2, 2))
 _forced("kpath_depthwise_as_im2col", "im2col",
@@ -410,6 +415,8 @@ _forced("fold_depthwise_s2_bn_relu", "depthwise",
         (3, 7, 33))
 _forced("fold_depthwise_s1_tail", "depthwise",
         ["conv2d: {out_channels: 4, kernel_size: 3, padding: 1, groups: 4}", *BN_RELU], (4, 5, 20), pre=_pre(4))
+_forced("fold_depthwise_s1_flat_4x4", "depthwise",
+        ["conv2d: {out_channels: 6, kernel_size: 3, padding: 1, groups: 6}", *BN_RELU], (6, 4, 4), pre=_pre(6))
 _forced("fold_depthwise_one_channel", "depthwise",
         ["conv2d: {out_channels: 1, kernel_size: 3, padding: 1, bias: false}", *BN_RELU], (1, 6, 7),
         pre="conv2d: {out_channels: 1, kernel_size: 1}")
@@ -429,7 +436,7 @@ CASES["evalpath_pointwise_relu_pool"] = around(["conv2d: {out_channels: 24, kern
 FOLDS = {"evalpath_pointwise_bn_relu": {"conv2": ("bn1", "relu1")},"fold_pointwise_bn_relu": {"conv2": ("bn1", "relu1")}, "fold_pointwise_bias_bn": {"conv2": ("bn1", None)},
          "fold_pointwise_one_channel": {"conv2": ("bn1", "relu1")},
          "fold_depthwise_s2_bn_relu": {"conv2": ("bn1", "relu1")},
-         "fold_depthwise_s1_tail": {"conv2": ("bn1", "relu1")},
+         "fold_depthwise_s1_tail": {"conv2": ("bn1", "relu1")}, "fold_depthwise_s1_flat_4x4": {"conv2": ("bn1", "relu1")},
          "fold_depthwise_one_channel": {"conv2": ("bn1", "relu1")}, "fold_bn_two_readers": {"conv2": ("bn", None)},
          "fold_not_on_gemm": {}}
 # the GEMM paths on a Winograd shape (16 channels in and out, 3x3, stride 1)

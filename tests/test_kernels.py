@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _net(layer: str, input_shape=(4, 8, 8)):
-    return check_text(spec(input_shape, ["conv2d: {out_channels: 4, kernel_size: 1}", layer, "flatten",
-                                         "linear: {out_features: 3}"]))
+    """`layer` after a 1x1 convolution to as many channels as the input has"""
+    return check_text(spec(input_shape, [f"conv2d: {{out_channels: {input_shape[0]}, kernel_size: 1}}", layer,
+                                         "flatten", "linear: {out_features: 3}"]))
 
 
 def _path(net, name: str = "conv2") -> str:
@@ -33,6 +34,10 @@ def _path(net, name: str = "conv2") -> str:
     ("conv2d: {out_channels: 8, kernel_size: 1}", (4, 8, 8), "pointwise"),
     ("conv2d: {out_channels: 4, kernel_size: 3, padding: 1, groups: 4}", (4, 16, 16), "depthwise"),
     ("conv2d: {out_channels: 4, kernel_size: 3, stride: 2, padding: 1, groups: 4}", (4, 32, 32), "depthwise"),
+    # many groups on small planes: each group costs the GEMM paths a set-up (GROUP_COST); measured
+    # on this shape (mobilenetv2_cifar's layers.13.conv2), im2col took 75.8 us forward, depthwise 25.1
+    ("conv2d: {out_channels: 576, kernel_size: 3, stride: 2, padding: 1, groups: 576}", (576, 8, 8), "depthwise"),
+    ("conv2d: {out_channels: 960, kernel_size: 3, padding: 1, groups: 960}", (960, 4, 4), "depthwise"),
     ("conv2d: {out_channels: 16, kernel_size: 3, padding: 1}", (4, 16, 16), "gather"),
     ("conv2d: {out_channels: 4, kernel_size: 1, stride: 2}", (4, 8, 8), "im2col"),  # a stride: not pointwise
     ("conv2d: {out_channels: 8, kernel_size: 1}", (4, 3, 3), "im2col"),  # under 16 pixels

@@ -177,28 +177,37 @@ def _gather(layer: Layer) -> tuple[list, list] | None:
                         layer.in_shape[2] + pl + pr, np_)
 
 
+# What a GEMM path spends on each group in each pass beyond its FMAs, loads and copies (the
+# group's im2col and GEMM set-up), in the same units: mobilenetv2_cifar's layers.13.conv2 (576
+# groups of one channel, 3x3, stride 2, 8x8 -> 4x4) took 75.8 us forward on the im2col path,
+# where 51,840 operations and 576 groups at this cost make 363,000 at the 0.54 cycles an
+# operation of resnet8's stack3.conv1 (one group, the same path: 19.2 us).
+GROUP_COST = 540
+
+
 def _gemm_forward(layer: Layer, loads: int, copies: bool) -> float:
     """FMAs of the per-group GEMM, plus `loads` operations per tap and vector of pixels for
     every block of channels (a load from an im2col buffer or the input planes 1, a gather of
-    two loads and a shuffle 2), plus half a cycle per tap copied into an im2col buffer."""
+    two loads and a shuffle 2), plus half a cycle per tap copied into an im2col buffer, plus
+    GROUP_COST a group."""
     VEC = current().vec
     g, m, k, n = _sizes(layer)
     blocks = -(-m // _largest_divisor(m, 8))
-    return g * k * -(-n // VEC) * (m + loads * blocks) + (g * k * n / 2 if copies else 0)
+    return g * k * -(-n // VEC) * (m + loads * blocks) + (g * k * n / 2 if copies else 0) + g * GROUP_COST
 
 
 def _gemm_dw(layer: Layer) -> float:
     """The GEMM paths' weight gradient over rows of taps (copied: im2row)."""
     VEC = current().vec
     g, m, k, n = _sizes(layer)
-    return g * n * -(-k // VEC) * (m + 1) + g * k * n / 2
+    return g * n * -(-k // VEC) * (m + 1) + g * k * n / 2 + g * GROUP_COST
 
 
 def _gemm_din(layer: Layer) -> float:
     """The GEMM paths' input gradient: its GEMM and its col2im (none without an input gradient)."""
     VEC = current().vec
     g, m, k, n = _sizes(layer)
-    return g * k * -(-n // VEC) * (m + 1) + g * k * n / VEC if layer.grad_input else 0
+    return g * k * -(-n // VEC) * (m + 1) + g * k * n / VEC + g * GROUP_COST if layer.grad_input else 0
 
 
 def _gemm_backward(layer: Layer) -> float:
@@ -298,18 +307,30 @@ def _is_depthwise(layer: Layer) -> bool:
             and o["stride"] in ((1, 1), (2, 2)) and layer.derived["pads"] == ((1, 1), (1, 1)))
 
 
+def _depthwise_flat(layer: Layer) -> int:
+    """Outputs the depthwise forward computes as one run of vectors across rows of the bordered
+    plane (output (oy, ox) at oy WP + ox, its taps at the same offset in xp, the 2 pixels after
+    each row unused): stride 1 with rows that are not whole vectors (8x8, 4x4, 28x28 planes);
+    0 for the others, which run row by row."""
+    _, oh, ow = layer.out_shape
+    return (oh - 1) * (layer.in_shape[2] + 2) + ow if layer.opts["stride"] == (1, 1) and ow % current().vec else 0
+
+
 def _depthwise_cost(layer: Layer) -> float:
     """Per channel and vector of output pixels, 9 FMAs fed by vector loads (stride 2: gathers, 2),
-    for the forward and for the weight gradient; the input gradient is 9 FMAs per vector of
+    for the forward (stride 1 with rows that are not whole vectors: vectors across rows of the
+    bordered plane) and for the weight gradient; the input gradient is 9 FMAs per vector of
     input pixels over the output gradient spread onto a zero plane (stride 2: half a cycle per
     value spread); the copies into zero-bordered planes."""
     VEC = current().vec
     c, oh, ow = layer.out_shape
     h, w = layer.in_shape[1:]
     per = 1 if layer.opts["stride"] == (1, 1) else 2
+    row_vectors = oh * -(-ow // VEC)
+    forward_vectors = -(-_depthwise_flat(layer) // VEC) or row_vectors
     copies = c * h * -(-w // VEC)
     din = c * (h * -(-w // VEC) * 9 + (0 if per == 1 else oh * ow / 2)) + copies if layer.grad_input else 0
-    return 2 * c * oh * -(-ow // VEC) * 9 * per + copies + din
+    return c * (forward_vectors + row_vectors) * 9 * per + copies + din
 
 
 def pointwise_context(layer: Layer) -> dict:
@@ -337,6 +358,10 @@ def pointwise_context(layer: Layer) -> dict:
                 bias=layer.opts["bias"], SCRATCH=0, VEC=VEC)
 
 
+# the most floats of bordered input planes the depthwise forward fills at a time (16 KiB of float32)
+DEPTHWISE_PAD_FLOATS = 4096
+
+
 def depthwise_context(layer: Layer) -> dict:
     """groups = in = out channels, 3x3, stride 1 or 2, padding 1: per channel, direct loops
     over vectors of output pixels of a zero-bordered copy of the input plane (xp, HP x WP);
@@ -351,10 +376,25 @@ def depthwise_context(layer: Layer) -> dict:
     # loads reach up to 2 VEC reals past the last pixel a vector starts at: slack after each plane
     plane = _round_up(hp * wp + 2 * VEC + 2, VEC)
     prefix = f"{layer.cname.upper()}_SCRATCH_"
-    regions = {"XPAD": (0, f"xp [{hp}][{wp}] + slack")}
-    if layer.grad_input:
-        regions["DZ"] = (plane, f"dz [{hp}][{wp}] + slack")
+    regions = {}
+    # flat (_depthwise_flat): the forward computes rows of WP pixels into yp, then copies the
+    # rows out: (OH - 1) WP + OW outputs in whole vectors instead of OH whole and partial ones
+    flat_n = _depthwise_flat(layer)
+    flat = flat_n > 0
+    # the forward copies the rows of CB input planes into their bordered planes before it reads
+    # any: vector loads right after the small stores that wrote their lanes would wait for them
+    # (no store forwarding across stores), and the borders are zeroed once a call
+    cb = _largest_divisor(c, max(1, DEPTHWISE_PAD_FLOATS // plane))
+    planes = f"[{hp}][{wp}] + slack" if cb == 1 else f"[{cb}][{plane}]: {cb} planes [{hp}][{wp}] + slack"
+    regions["XPAD"] = (0, f"xp {planes}")
+    if layer.grad_input:  # and the output gradients of CB planes spread onto zero planes
+        regions["DZ"] = (cb * plane, f"dz {planes}")
+    end = cb * plane * (2 if layer.grad_input else 1)
+    if flat:
+        regions["YPAD"] = (end, f"yp [{oh}][{wp}] rounded up to whole vectors")
+        end += _round_up(flat_n, VEC)
     return dict(C=c, H=h, W=w, OH=oh, OW=ow, S=s, HP=hp, WP=wp, PLANE=plane, IN_PLANE=h * w, OUT_PLANE=oh * ow,
+                FLAT=flat, FLAT_N=_round_up(flat_n, VEC), CB=cb,
                 ROW_STEP=s * wp, OW_FULL=ow - ow % VEC, OW_REM=ow % VEC, OW_FULL_IN=s * (ow - ow % VEC),
                 W_FULL=w - w % VEC, W_REM=w % VEC,
                 bias=layer.opts["bias"], VEC=VEC, EVEN=list(range(0, 2 * VEC, 2)),
@@ -362,7 +402,7 @@ def depthwise_context(layer: Layer) -> dict:
                 TAP_ACC=_round_up(9, VEC), TAP_SUMS=list(range(0, 9, VEC)),
                 SCR={k: prefix + k for k in regions},
                 SCRATCH_DEFS=[(prefix + k, off, shape) for k, (off, shape) in regions.items()],
-                SCRATCH=plane * len(regions))
+                SCRATCH=end)
 
 
 WINOGRAD_NEEDS = "3x3, stride 1, no dilation, one group, at least {vec} channels in and out"
