@@ -358,7 +358,7 @@ def pointwise_context(layer: Layer) -> dict:
                 bias=layer.opts["bias"], SCRATCH=0, VEC=VEC)
 
 
-# the most floats of bordered input planes the depthwise forward fills at a time (16 KiB of float32)
+# the most floats of bordered input planes the depthwise kernels fill at a time (16 KiB of float32)
 DEPTHWISE_PAD_FLOATS = 4096
 
 
@@ -376,17 +376,17 @@ def depthwise_context(layer: Layer) -> dict:
     # loads reach up to 2 VEC reals past the last pixel a vector starts at: slack after each plane
     plane = _round_up(hp * wp + 2 * VEC + 2, VEC)
     prefix = f"{layer.cname.upper()}_SCRATCH_"
-    regions = {}
     # flat (_depthwise_flat): the forward computes rows of WP pixels into yp, then copies the
     # rows out: (OH - 1) WP + OW outputs in whole vectors instead of OH whole and partial ones
     flat_n = _depthwise_flat(layer)
     flat = flat_n > 0
-    # the forward copies the rows of CB input planes into their bordered planes before it reads
-    # any: vector loads right after the small stores that wrote their lanes would wait for them
-    # (no store forwarding across stores), and the borders are zeroed once a call
+    # forward and backward copy the rows of CB input planes (and the backward the output
+    # gradients of CB channels) into their bordered planes before they read any: vector loads
+    # right after the small stores that wrote their lanes would wait for them (no store
+    # forwarding across stores); the borders are zeroed once a call
     cb = _largest_divisor(c, max(1, DEPTHWISE_PAD_FLOATS // plane))
     planes = f"[{hp}][{wp}] + slack" if cb == 1 else f"[{cb}][{plane}]: {cb} planes [{hp}][{wp}] + slack"
-    regions["XPAD"] = (0, f"xp {planes}")
+    regions = {"XPAD": (0, f"xp {planes}")}
     if layer.grad_input:  # and the output gradients of CB planes spread onto zero planes
         regions["DZ"] = (cb * plane, f"dz {planes}")
     end = cb * plane * (2 if layer.grad_input else 1)
