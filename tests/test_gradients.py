@@ -402,7 +402,9 @@ _forced("kpath_depthwise_as_gather", "gather",
 # a batch norm folded into the evaluation forward of the convolution before it (plan.py, eval_folds),
 # with the ReLU after it: pointwise with a cut last vector, with a bias and no ReLU, one output
 # channel; depthwise stride 2 on odd sizes, stride 1 with a tail and no bias, one channel (groups 1);
-# a batch norm with two readers (folded, the ReLU not); a 3x3 GEMM path (no fold)
+# a batch norm with two readers (folded, the ReLU not); Winograd with whole vectors of pixels
+# and a scalar tail (rows of 20), with a cut vector of channels (20) and rows of 17, with no bias
+# and only scalar stores (rows of 5); a 3x3 GEMM path (no fold)
 BN_RELU = ["batchnorm2d", "relu"]
 _forced("fold_pointwise_bn_relu", "pointwise", ["conv2d: {out_channels: 5, kernel_size: 1, bias: false}", *BN_RELU],
         (3, 5, 7))
@@ -423,6 +425,12 @@ _forced("fold_depthwise_one_channel", "depthwise",
 _forced("fold_bn_two_readers", "pointwise",
         ["conv2d: {out_channels: 3, kernel_size: 1, bias: false}", "batchnorm2d: {name: bn}", "relu",
          "add: {inputs: [relu1, bn]}"], (2, 5, 7))
+_forced("fold_winograd_bn_relu", "winograd_dw_dx",
+        ["conv2d: {out_channels: 16, kernel_size: 3, padding: 1}", *BN_RELU], (2, 5, 20), pre=_pre(16))
+_forced("fold_winograd_dx_cut_channels", "winograd_dx",
+        ["conv2d: {out_channels: 20, kernel_size: 3, padding: 1}", *BN_RELU], (2, 4, 17), pre=_pre(16))
+_forced("fold_winograd_nobias_bn", "winograd",
+        ["conv2d: {out_channels: 20, kernel_size: 3, bias: false}", "batchnorm2d"], (2, 6, 7), pre=_pre(16))
 _forced("fold_not_on_gemm", "gather", ["conv2d: {out_channels: 4, kernel_size: 3, padding: 1}", *BN_RELU],
         (2, 6, 6))
 # a 1x1 convolution whose training runs a GEMM path (gather, the cheapest forward and backward on
@@ -438,6 +446,9 @@ FOLDS = {"evalpath_pointwise_bn_relu": {"conv2": ("bn1", "relu1")},"fold_pointwi
          "fold_depthwise_s2_bn_relu": {"conv2": ("bn1", "relu1")},
          "fold_depthwise_s1_tail": {"conv2": ("bn1", "relu1")}, "fold_depthwise_s1_flat_4x4": {"conv2": ("bn1", "relu1")},
          "fold_depthwise_one_channel": {"conv2": ("bn1", "relu1")}, "fold_bn_two_readers": {"conv2": ("bn", None)},
+         "fold_winograd_bn_relu": {"conv2": ("bn1", "relu1")},
+         "fold_winograd_dx_cut_channels": {"conv2": ("bn1", "relu1")},
+         "fold_winograd_nobias_bn": {"conv2": ("bn1", None)},
          "fold_not_on_gemm": {}}
 # the GEMM paths on a Winograd shape (16 channels in and out, 3x3, stride 1)
 _forced("kpath_winograd_as_gather", "gather", "conv2d: {out_channels: 16, kernel_size: 3}", (2, 7, 9), pre=_pre(16))
