@@ -131,17 +131,18 @@ def test_show_layer_includes_its_helpers_and_whole_bodies():
                             if l.startswith("static ")]
 
     text, names = functions("specs/alphabet.yaml", "--layer", "conv2")
-    assert names == ["conv2_winograd_kernel", "conv2_winograd_weights", "conv2_winograd_input", "conv2_winograd_gemm",
-                     "conv2_winograd_output", "conv2_forward"]
-    # winograd_dw: the weight gradient's Winograd steps and function, the GEMM input gradient, the
-    # backward calling both
+    assert names == ["conv2_winograd_kernel", "conv2_winograd_weights", "conv2_winograd_layout", "conv2_winograd_input",
+                     "conv2_winograd_gemm", "conv2_winograd_tiles", "conv2_winograd_output", "conv2_forward"]
+    # winograd_dw: the weight gradient's Winograd steps (V of all the tiles, not the forward's
+    # blocks) and function, the GEMM input gradient, the backward calling both
     _, names = functions("specs/alphabet.yaml", "--layer", "conv2", "--backward")
-    assert names == ["conv2_winograd_dw_dout", "conv2_winograd_dw_gemm", "conv2_winograd_dw_output",
-                     "conv2_backward_dw", "conv2_backward_dx", "conv2_backward"]
+    assert names == ["conv2_winograd_dw_input", "conv2_winograd_dw_dout", "conv2_winograd_dw_gemm",
+                     "conv2_winograd_dw_output", "conv2_backward_dw", "conv2_backward_dx", "conv2_backward"]
     # winograd_dw_dx: the input gradient's Winograd steps, the weight gradient's, the backward calling both
     _, names = functions("specs/resnet8.yaml", "--layer", "stack1.conv2", "--backward")
     n = "stack1_conv2"
-    assert names == [f"{n}_winograd_dx_input", f"{n}_winograd_dx_gemm", f"{n}_winograd_dx_output",
+    assert names == [f"{n}_winograd_dx_layout", f"{n}_winograd_dx_input", f"{n}_winograd_dx_gemm",
+                     f"{n}_winograd_dx_tiles", f"{n}_winograd_dx_output", f"{n}_winograd_dw_input",
                      f"{n}_winograd_dw_dout", f"{n}_winograd_dw_gemm", f"{n}_winograd_dw_output",
                      f"{n}_backward_dw", f"{n}_backward"]
     text, names = functions("specs/lenet5.yaml", "--layer", "conv1")

@@ -504,6 +504,10 @@ _forced("kpath_winograd_dw_dx_one_row", "winograd_dw_dx", "conv2d: {out_channels
 _forced("kpath_winograd_dw_dx_wide_relu", "winograd_dw_dx",
         ["conv2d: {out_channels: 20, kernel_size: 3, padding: 1}", "relu", "maxpool2d: {kernel_size: 2}"],
         (2, 4, 18), pre=_pre(17))
+# one tile column (outputs 2 wide), 9 tiles in GEMM blocks of 5: the Winograd blocks (conv2d.py
+# winograd_blocking) of the forward and of the input gradient, the last one partial
+_forced("kpath_winograd_dw_dx_one_column", "winograd_dw_dx", "conv2d: {out_channels: 16, kernel_size: 3, padding: 1}",
+        (2, 18, 2), pre=_pre(16))
 _forced("kpath_winograd_dw_dx_residual", "winograd_dw_dx",
         ["conv2d: {out_channels: 16, kernel_size: 3, padding: 1}", "add: {inputs: [conv2, conv1]}", "relu"],
         (2, 5, 6), pre=_pre(16))
