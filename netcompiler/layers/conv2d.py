@@ -531,10 +531,7 @@ def gemm_context(layer: Layer, path: str) -> dict:
     # the per-thread scratch regions this layer's paths use: name -> (offset, shape)
     regions = {}
     if wino:
-        regions.update(
-            V=(0, f"V [16][{wino['WG_VPSB']}]"), M=(wino["WG_M_OFF"], f"M [16][{wino['WG_MPSB']}]"),
-            XT=(wino["WG_XT_OFF"], f"xt [{wino['WG_HT']}][{wino['WG_WT']}][{wino['WG_CINP']}]"),
-            YT=(wino["WG_YT_OFF"], f"yt [{2 * wino['WG_TH']}][{2 * wino['WG_TW']}][{wino['WG_COUTP']}]"))
+        regions.update(_winograd_regions(wino, "", "xt"))
     elif tail:
         regions["TAIL"] = (0, f"tail rows of taps [{tail['TAIL_R']}][{tail['TAIL_KT']}]")
     elif not gather:
@@ -548,10 +545,7 @@ def gemm_context(layer: Layer, path: str) -> dict:
     elif not dwg:
         regions["COLT"] = (0, f"colT [{gemm['N']}][{kp}]")
     if wgx:
-        regions.update(
-            DX_V=(0, f"V [16][{wgx['WG_VPSB']}]"), DX_M=(wgx["WG_M_OFF"], f"M [16][{wgx['WG_MPSB']}]"),
-            DX_XT=(wgx["WG_XT_OFF"], f"dyt [{wgx['WG_HT']}][{wgx['WG_WT']}][{wgx['WG_CINP']}]"),
-            DX_YT=(wgx["WG_YT_OFF"], f"yt [{2 * wgx['WG_TH']}][{2 * wgx['WG_TW']}][{wgx['WG_COUTP']}]"))
+        regions.update(_winograd_regions(wgx, "DX_", "dyt"))
     needs_din = layer.grad_input and not wgx  # the GEMM's input gradient (dcol, col2im)
     if needs_din:
         regions["DCOL"] = (gemm["DCOL_OFF"], f"dcol [{k}][{np_}]")
@@ -579,10 +573,21 @@ def gemm_context(layer: Layer, path: str) -> dict:
     )
 
 
-# a Winograd block's V and M together (reals): a quarter of a 48 KB first-level data cache,
-# so U's planes and the rows of XT the block reads fit beside them (resnet8's 16-channel
+# a Winograd block's V and M together (reals): a third of a 48 KB first-level data cache in
+# float32, so U's planes and the rows of XT the block reads fit beside them (resnet8's 16-channel
 # convolution took about 26 us per sample in blocks of 8 tiles, 29 in blocks of 16, 33 in 32)
 BLOCK_REALS = 4096
+
+
+def _winograd_regions(w: dict, prefix: str, xt_name: str) -> dict:
+    """The scratch regions of one Winograd pipeline (winograd_blocking's sizes w): a block's V
+    and M, the channels-last input (named xt_name in the C's comment) and the output tiles."""
+    return {
+        prefix + "V": (w["WG_V_OFF"], f"V [16][{w['WG_VPSB']}]"),
+        prefix + "M": (w["WG_M_OFF"], f"M [16][{w['WG_MPSB']}]"),
+        prefix + "XT": (w["WG_XT_OFF"], f"{xt_name} [{w['WG_HT']}][{w['WG_WT']}][{w['WG_CINP']}]"),
+        prefix + "YT": (w["WG_YT_OFF"], f"yt [{2 * w['WG_TH']}][{2 * w['WG_TW']}][{w['WG_COUTP']}]"),
+    }
 
 
 def winograd_blocking(cin: int, cout: int, oh: int, ow: int, w: int) -> dict:
@@ -600,8 +605,8 @@ def winograd_blocking(cin: int, cout: int, oh: int, ow: int, w: int) -> dict:
     GEMM and output transform one block after the other, so that a block's V and M (planes
     VPSB, MPSB) stay in the first-level cache between them: BT is the largest multiple of TB
     dividing TP whose V and M fit BLOCK_REALS (resnet8's 16-channel 32x32 convolutions, whose V
-    and M of all 256 tiles are 526 KB: about 33 -> 25 us per sample in evaluation).  The weight gradient reads
-    V of all the tiles at once (planes VPS, TP tiles).
+    and M of all 256 tiles are 526 KB: about 33 -> 25 us per sample in evaluation).  The weight
+    gradient reads V of all the tiles at once (planes VPS, TP tiles).
     """
     tg = current()
     VEC, ACC_MAX = tg.vec, tg.acc_max
