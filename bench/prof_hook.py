@@ -81,9 +81,12 @@ def instrument_source(source: str, name: str, layer_names: list[str]) -> str:
     index = {n: i for i, n in enumerate(layer_names)}
     starts = {"static void forward_eval(": 0, "static void forward_train(": 1, "static double backward_team(": 2,
               f"double {name}_backward(": 2}
-    # <layer>_forward(...), the batch-level variants <layer>_forward_batch / _forward_train, and
-    # <layer>_winograd_weights(...) (remaking a conv's cached weights counts as its forward)
-    call = re.compile(r"^(\s*)(\w+?)_(forward|backward|winograd_weights)(?:_batch|_train|_eval)?\((.*)\);\s*$")
+    # <layer>_forward(...), the batch-level variants <layer>_forward_batch / _forward_train, a
+    # split layer's per-sample passes _forward_sums / _apply (and _backward_...), each with its
+    # comment, and <layer>_winograd_weights(...) (remaking a conv's cached weights counts as its
+    # forward)
+    call = re.compile(r"^(\s*)(\w+?)_(forward|backward|winograd_weights)(?:_batch|_train|_eval|_sums|_apply)?"
+                      r"\((.*)\);\s*(?:/\*.*\*/)?\s*$")
     out, direction, wrapped = [], None, 0
     lines = source.splitlines()
     # the prelude needs THREAD_ID() and the includes: put it just before the first network function

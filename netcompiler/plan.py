@@ -19,8 +19,11 @@
   sample by sample form one stage, a loop over the thread's samples; a layer that runs on a
   range of samples at once (linear: one GEMM over the thread's samples) is a stage of its
   own, and so is a layer that needs the whole batch (batch norm in training), which runs
-  between barriers.  The weight gradients of range layers are summed over the whole batch
-  after backward, threads owning rows (the sums do not depend on the thread count).
+  between barriers; one between two per-sample stages that can (batch norm) runs split: its
+  per-sample passes run in those stages' loops, and between the barriers it only combines each
+  sample's partial sums (split_layers).  The weight gradients of range layers are
+  summed over the whole batch after backward, threads owning rows (the sums do not depend on
+  the thread count).
 - Small calls run on one thread (no parallel region): below `parallel_min_eval` samples in
   evaluation and `parallel_min_train` in training, computed from the FLOPs per sample.
 """
@@ -95,6 +98,7 @@ class LayerPlan:
     cache: dict[str, Tensor] = field(default_factory=dict)  # derived from params, kept between calls
     stats: Tensor | None = None  # per-batch saved statistics
     batch_level_in_training: bool = False
+    split: bool = False  # a batch-level layer whose per-sample passes run in the stages around it (split_layers)
     sample_range: bool = False  # forward and input gradient on a range of samples; weight gradient after backward
     aliases: bool = False
     relu_out: bool = False  # forward stores max(0, output): the ReLU after it is fused
@@ -130,6 +134,12 @@ class Stage:
     # stage reads (or the network output), copied back; each (slot macro, offset in it, size)
     copy_in: list[tuple[str, int, int]] = field(default_factory=list)
     copy_out: list[tuple[str, int, int]] = field(default_factory=list)
+    # training, a per-sample stage next to split batch-level layers (split_layers): those
+    # whose input side it runs (forward: the partial sums at the end of a sample; backward: the
+    # input gradient first), and those whose output side it runs (forward: the output first;
+    # backward: the partial sums at the end)
+    split_in: list[LayerPlan] = field(default_factory=list)
+    split_out: list[LayerPlan] = field(default_factory=list)
 
     @property
     def param_count(self) -> int:
@@ -440,7 +450,7 @@ def make_plan(net: Network) -> Plan:
     for layer in layers:
         kind = layer.kind
         ins = edges[layer.index]
-        aliases = layer.output in aliased or bool(ins) and all(e.view for e in ins)
+        aliases = _runs_nothing(layer, aliased, ins)
         lp = LayerPlan(
             layer=layer, name=layer.cname, kind=kind.kind, template=kind.template,
             c=kind.render_context(layer), kernel=kind.kernel_choice(layer),
@@ -469,9 +479,14 @@ def make_plan(net: Network) -> Plan:
             lp.slot_types[sname] = ctype
         for cname, shape in kind.cache_shapes(layer).items():
             lp.cache[cname] = cache.add(f"{layer.name}.{cname}", shape)
-        if kind.batch_stats(layer):
-            lp.stats = stats.add(f"{layer.name}.stats", (kind.batch_stats(layer),))
         plans.append(lp)
+    train_stages = _stages(plans, training=True)
+    for lp in _wire_split(train_stages, split_layers(layers, aliased, edges)):
+        lp.slots["sums"] = acts.add(f"{lp.layer.name}.sums", (lp.layer.kind.split_sums(lp.layer),))
+        lp.slot_types["sums"] = "real_t"
+    for lp in plans:
+        if lp.layer.kind.batch_stats(lp.layer, lp.split):
+            lp.stats = stats.add(f"{lp.layer.name}.stats", (lp.layer.kind.batch_stats(lp.layer, lp.split),))
     for i, (bn, relu) in eval_folds(layers, fused).items():
         last = relu or bn
         plans[i].fold_relu, plans[i].fold_out_macro = relu is not None, macro[last.output]
@@ -505,7 +520,7 @@ def make_plan(net: Network) -> Plan:
         scratch_per_thread=-(-scratch // vec) * vec,  # each thread's scratch starts at whole vectors
         vec=vec,
         in_size=math.prod(net.input_shape), out_size=math.prod(net.output_shape),
-        train_stages=_stages(plans, training=True), eval_stages=eval_stages, eval_work=eval_work,
+        train_stages=train_stages, eval_stages=eval_stages, eval_work=eval_work,
         views=view_tensors, tensors=graph,
         parallel_min_eval=parallel_min(sum(l.kind.flops(l)[0] for l in layers)),
         parallel_min_train=parallel_min(sum(sum(l.kind.flops(l)) + l.kind.train_forward_extra_flops(l)
@@ -557,6 +572,54 @@ def _stages(plans: list[LayerPlan], training: bool) -> list[Stage]:
         if offs:
             st.param_lo, st.param_hi = min(o[0] for o in offs), max(o[1] for o in offs)
     return stages
+
+
+def _runs_nothing(layer: Layer, aliased: dict[str, str], ins: list[Edge]) -> bool:
+    """An alias of its input (flatten, a fused ReLU), or a concat of parts all in place."""
+    return layer.output in aliased or bool(ins) and all(e.view for e in ins)
+
+
+def split_layers(layers: list[Layer], aliased: dict[str, str], edges: dict[int, list[Edge]]) -> set[int]:
+    """The batch-level training layers that run split: those that can (Kind.split_sums) and
+    sit between two per-sample stages, that is, whose nearest running layers on both sides
+    work sample by sample (neither batch-level nor on a range of samples).  Their per-sample
+    passes move into those stages' loops (Stage.split_in of the stage before, split_out of the
+    one after), and their batch-level step only combines each sample's partial sums.  A batch
+    norm then reads a sample's input right after the layer before made it, and writes its
+    output right before the layer after reads it, instead of in three passes over the whole
+    batch's tensors, which at batch 64 do not fit in cache.  The order of every write is kept:
+    a per-sample pass runs for each sample after the stage's layers (before them in backward)
+    that ran before it."""
+    running = [l for l in layers if not _runs_nothing(l, aliased, edges[l.index])]
+
+    def per_sample(l: Layer) -> bool:
+        return not l.kind.batch_level_in_training and not l.kind.sample_range
+
+    return {l.index for before, l, after in zip(running, running[1:], running[2:])
+            if l.kind.batch_level_in_training and l.kind.split_sums(l) and per_sample(before) and per_sample(after)}
+
+
+def split_sums_per_sample(layers: list[Layer]) -> int:
+    """The reals per sample of the split layers' partial sums (the report counts them)."""
+    aliased = aliased_outputs(layers, fused_relus(layers))
+    return sum(layers[i].kind.split_sums(layers[i]) for i in split_layers(layers, aliased, _edges_of(layers)[0]))
+
+
+def _wire_split(stages: list[Stage], split: set[int]) -> list[LayerPlan]:
+    """Marks the split layers' plans and hands their per-sample passes to the stages on either
+    side (each a batch-level stage of its own between two per-sample ones); returns them."""
+    out = []
+    for k, st in enumerate(stages):
+        if st.batch_level and st.layers[0].layer.index in split:
+            lp = st.layers[0]
+            before, after = stages[k - 1], stages[k + 1]
+            assert len(st.layers) == 1 and not (before.batch_level or before.ranged or after.batch_level
+                                                or after.ranged), f"{lp.name}: split between per-sample stages only"
+            lp.split = True
+            before.split_in.append(lp)
+            after.split_out.append(lp)
+            out.append(lp)
+    return out
 
 
 # Evaluation keeps nothing for a backward, so a per-sample stage runs each of a chunk's samples

@@ -28,7 +28,7 @@ from typing import Any
 from .check import Network
 from .graph import needs_grad
 from .layers import INPUT, Layer, fmt_shape
-from .plan import fused_relus, gradient_add_flops, gradient_sum_slots, without_slot
+from .plan import fused_relus, gradient_add_flops, gradient_sum_slots, split_sums_per_sample, without_slot
 from .target import current
 
 OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # state tensors per parameter
@@ -98,6 +98,8 @@ def saved_per_sample(layers: list[Layer]) -> tuple[int, int]:
                 reals += n
     # a tensor's gradient written by a second reader that cannot add in place: a slot of its own
     reals += sum(math.prod(s) for s in gradient_sum_slots(layers).values())
+    # a batch norm run split (plan.split_layers): each sample's partial sums
+    reals += split_sums_per_sample(layers)
     return reals, ints
 
 

@@ -88,3 +88,6 @@ def test_layer_profile_counts_every_layers_backward():
     rows = {lp.layer.name: d for lp, d in prof_hook.read_profile(net)}
     for name in ("conv1", "stack1.conv1", "stack1.bn1", "stack2.shortcut", "fc"):
         assert rows[name]["backward"][1] > 0 and rows[name]["train_forward"][1] > 0, name
+    # a split batch norm (plan.split_layers): its two per-sample passes a direction, on each of
+    # the 2 samples, and the step that combines their sums, all counted as its own
+    assert rows["stack1.bn1"]["train_forward"][1] == rows["stack1.bn1"]["backward"][1] == 2 * 2 + 1

@@ -25,7 +25,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from conftest import (assert_close, build, dropout_masks, prebuild, random_batch, randomize_batchnorm, raw_layers,
+from conftest import (ROOT, assert_close, build, dropout_masks, prebuild, random_batch, randomize_batchnorm, raw_layers,
                       reference_loss_and_grad, reference_model, spec)
 from netcompiler.check import check_text, force_kernels
 from netcompiler.errors import SpecErrors
@@ -237,6 +237,18 @@ CASES: dict[str, str] = {
                                             "maxpool2d: {kernel_size: 2}"]),
     "batchnorm_last_mse": around(["conv2d: {out_channels: 2, kernel_size: 3}", "batchnorm2d"], head=[],
                                  loss="mse"),
+    # split (plan.py, split_layers): between two per-sample stages its passes run in their
+    # loops, per sample; the cases above sit next to a batch-level or a ranged stage (linear)
+    "batchnorm_split_relu": around(["batchnorm2d", "relu", "conv2d: {out_channels: 2, kernel_size: 1}"]),
+    "batchnorm_split_eps_momentum": around(["batchnorm2d: {eps: 0.001, momentum: 0.3}",
+                                            "conv2d: {out_channels: 2, kernel_size: 3}"]),
+    "batchnorm_split_1x1_maps": around(["conv2d: {out_channels: 4, kernel_size: [7, 6]}", "batchnorm2d",
+                                        "conv2d: {out_channels: 2, kernel_size: 1}"]),
+    "batchnorm_split_one_channel": around(["conv2d: {out_channels: 1, kernel_size: 3}", "batchnorm2d", "relu",
+                                           "conv2d: {out_channels: 2, kernel_size: 1}"]),
+    # no trainable parameter before it: no input gradient, so no per-sample dx pass
+    "batchnorm_split_no_input_grad": around(["batchnorm2d", "relu", "conv2d: {out_channels: 2, kernel_size: 1}"],
+                                            pre="maxpool2d: {kernel_size: 2, ceil_mode: true}"),
     # ---- batchnorm1d --------------------------------------------------------------------------
     "batchnorm1d": spec([5], ["linear: {out_features: 6}", "batchnorm1d", "relu", "linear: {out_features: 3}"]),
     "batchnorm1d_eps_momentum_after_pool": around(["relu", "global_avgpool2d", "flatten",
@@ -729,7 +741,6 @@ def test_relu_not_fused_without_both_neighbours():
     assert len(relus) == 2 and not any(lp.fused_into or lp.aliases for lp in relus)
     assert "relu1_forward" in render(plan.net, "float64").source
     # lenet5: all four (conv -> relu -> pool twice, linear -> relu -> linear twice)
-    from conftest import ROOT
     plan = make_plan(check_text((ROOT / "specs" / "lenet5.yaml").read_text(), "specs/lenet5.yaml"))
     assert [lp.fused_into for lp in plan.layers if lp.kind == "relu"] == [
         ("conv1", "pool1"), ("conv2", "pool2"), ("fc1", "fc2"), ("fc2", "fc3")]
@@ -916,23 +927,50 @@ def test_batchnorm_running_stats_match_torch(case, dtype):
         assert any(not np.allclose(v, state[k]) for k, v in net.buffers.items()), "no running statistic moved"
 
 
-LARGE_MEAN = spec([2, 5, 7], ["batchnorm2d", *HEAD])  # 35 values a plane: two vectors and a tail
+@pytest.mark.parametrize("name", ["resnet8", "resnet20", "mobilenetv2_cifar", "densenet_cifar", "fashion_resnet"])
+def test_every_batch_norm_of_the_residual_and_dense_specs_runs_split(name):
+    """Each of their batch norms sits between a convolution and a per-sample ReLU, add or concat:
+    its passes run inside those stages' loops (the cases above check that form's gradients)."""
+    plan = make_plan(check_text((ROOT / "specs" / f"{name}.yaml").read_text(), f"specs/{name}.yaml"))
+    norms = [lp for lp in plan.layers if lp.kind == "batchnorm2d"]
+    assert norms and [lp.layer.name for lp in norms if not lp.split] == []
 
 
-def test_batchnorm_float32_statistics_of_values_with_a_large_mean_match_torch():
-    """1000 +- 0.01: a sum of squares taken about 0 in float32 would lose the whole variance."""
-    net = build(LARGE_MEAN, "float32")
+@pytest.mark.parametrize("case, split", [("batchnorm", [False]), ("batchnorm_split_relu", [True]),
+                                         ("batchnorm_split_no_input_grad", [True])])
+def test_a_batch_norm_runs_split_only_between_two_per_sample_stages(case, split):
+    """First in the net (its input comes from outside) or before a ranged linear: whole batch."""
+    assert [lp.split for lp in make_plan(check_text(CASES[case])).layers if lp.kind == "batchnorm2d"] == split
+
+
+# 35 values a plane: two vectors and a tail; the batch norm first (batch-level passes), or
+# between two per-sample stages (split: per-sample sums combined): a ReLU before it (the values
+# are positive: it keeps them), a 1x1 convolution after it.  (A convolution before it would make
+# its own weight gradient ill-conditioned: sums of dx x over values of 1000 +- 0.01.)
+LARGE_MEAN = {"whole_batch": spec([2, 5, 7], ["batchnorm2d", *HEAD]),
+              "split": spec([2, 5, 7], ["relu", "batchnorm2d", "conv2d: {out_channels: 2, kernel_size: 1}", *HEAD])}
+
+
+@pytest.mark.parametrize("form", list(LARGE_MEAN))
+@pytest.mark.parametrize("spread", [0.01, "per sample"])
+def test_batchnorm_float32_statistics_of_values_with_a_large_mean_match_torch(form, spread):
+    """1000 +- 0.01: a sum of squares taken about 0 in float32 would lose the whole variance.
+    Per sample: each sample about its own large mean (1000 s), +- 0.01 within it."""
+    text = LARGE_MEAN[form]
+    assert [lp.split for lp in make_plan(check_text(text)).layers if lp.kind == "batchnorm2d"] == [form == "split"]
+    net = build(text, "float32")
     rng = np.random.default_rng(7)
     net.init(3)
     x, y = random_batch(net, BATCH, rng)
-    x = (1000 + 0.01 * x).astype(np.float32)
+    base = 1000 if spread == 0.01 else 1000 * np.arange(1, BATCH + 1).reshape(-1, 1, 1, 1)
+    x = (base + 0.01 * x).astype(np.float32)
     state = net.state_dict()
     loss, grads = net.loss_and_grad(x, y)
-    rl, rg, _, _ = reference_loss_and_grad(net, LARGE_MEAN, x, y, None, state)
+    rl, rg, _, _ = reference_loss_and_grad(net, text, x, y, None, state)
     assert abs(loss - rl) <= 1e-4 * abs(rl), f"loss {loss!r}, torch {rl!r}"
     for k in rg:
         assert_close(grads[k], rg[k], 1e-3, f"large mean: d{k} (float32)", atol=_atol(rg, 1e-3))
-    model = reference_model(net, LARGE_MEAN, state).train()
+    model = reference_model(net, text, state).train()
     with torch.no_grad():
         model(torch.as_tensor(x.astype(np.float64)))
     ref = model.state_dict()

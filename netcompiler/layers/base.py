@@ -312,8 +312,20 @@ class LayerKind:
         weights): name -> shape.  Remade when the parameters they came from change."""
         return {}
 
-    def batch_stats(self, layer: Layer) -> int:
-        """Per-batch (not per-sample) scratch floats forward saves for backward."""
+    def batch_stats(self, layer: Layer, split: bool = False) -> int:
+        """Per-batch (not per-sample) scratch floats forward saves for backward (`split`: for the
+        split form, see split_sums)."""
+        return 0
+
+    def split_sums(self, layer: Layer) -> int:
+        """A batch-level kind that can run split in training (plan.py, split_layers): reals
+        per sample of the partial sums its per-sample passes leave for its batch-level step; 0:
+        it cannot.  Split, its per-sample passes run inside the per-sample stages around it:
+        forward_sums_call at the end of the stage before (its input just made), the batch-level
+        forward_call combines them, forward_apply_call at the start of the stage after; in
+        backward, backward_sums_call at the end of the stage after, backward_call combines,
+        backward_apply_call at the start of the stage before.  So each sample's tensors are
+        read while they are in cache instead of in passes over the whole batch."""
         return 0
 
     def aliases_input(self, layer: Layer) -> bool:

@@ -3,7 +3,12 @@ and torch.nn.BatchNorm1d.
 
 Training mode normalises with the batch statistics (biased variance) and updates the
 running statistics (unbiased variance) with `momentum`; evaluation mode uses the running
-statistics.  Training mode needs the whole batch, so it runs as a batch-level step.
+statistics.  Training mode needs the whole batch, so it runs as a batch-level step: over
+the whole batch's tensors when a batch-level or ranged stage is next to it, else split
+(plan.py, split_layers): the stage before sums each sample's plane as it finishes the
+sample, the batch-level step combines those sums into the batch statistics, and the stage
+after normalises each sample before it reads it (backward the same in reverse, the input
+gradient's coefficients kept in the stats).
 batchnorm1d is the same computation on (features,) samples: each feature a channel of
 one value per sample (the template's HW is 1).
 """
@@ -53,9 +58,15 @@ class BatchNorm2d(LayerKind):
         # batch mean (1 add) and variance (sub, square, add) per element
         return 4 * layer.out_size
 
-    def batch_stats(self, layer: Layer) -> int:
-        # per channel: a value of the channel k, batch mean - k, 1/sqrt(var + eps)
-        return 3 * layer.in_shape[0]
+    def batch_stats(self, layer: Layer, split: bool = False) -> int:
+        # per channel: a value of the channel k, batch mean - k, 1/sqrt(var + eps); split, also the
+        # input gradient's coefficients a, b, e (the template's backward) for the per-sample dx pass
+        return (6 if split else 3) * layer.in_shape[0]
+
+    def split_sums(self, layer: Layer) -> int:
+        # per channel: the sample's two sums (forward: of x - k_s and its square, k_s the sample's
+        # first value of the channel; backward: of dy and of dy (x - mean))
+        return 2 * layer.in_shape[0]
 
     def input_grad_flops(self, layer: Layer) -> int:
         return 5 * layer.out_size  # dx per element; the reductions feed dgamma/dbeta too
